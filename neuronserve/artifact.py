@@ -1,0 +1,303 @@
+"""The artifact: a directory of traced stages plus manifest.json, the contract between compile and runtime.
+
+compile/ writes it (write_manifest); the runtime reads it (load_manifest), which verifies the schema
+and the sha256 of every file and refuses a tampered, truncated or incompatible artifact with an
+ArtifactError naming the file. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from neuronserve.errors import ArtifactError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+REFERENCE_NAME = "reference.npz"
+STAGE_NAMES: Tuple[str, ...] = ("user_tower", "peer_tower", "pair_scorer")
+TARGETS: Tuple[str, ...] = ("cpu", "neuron")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The two-tower scorer's shape: features F_u/F_p -> MLP (hidden) -> E -> K projections of D."""
+
+    user_features: int = 64
+    peer_features: int = 64
+    hidden_sizes: Tuple[int, ...] = (256,)
+    embedding_dim: int = 128
+    num_labels: int = 4
+    label_dim: int = 64
+    label_names: Tuple[str, ...] = ("like", "chat", "match", "report")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
+        object.__setattr__(self, "label_names", tuple(str(n) for n in self.label_names))
+        for name in ("user_features", "peer_features", "embedding_dim", "num_labels", "label_dim"):
+            if int(getattr(self, name)) < 1:
+                raise ArtifactError(f"model config: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if any(h < 1 for h in self.hidden_sizes):
+            raise ArtifactError(f"model config: hidden_sizes must be positive, got {list(self.hidden_sizes)}")
+        if len(self.label_names) != self.num_labels:
+            raise ArtifactError(
+                f"model config: {len(self.label_names)} label_names for num_labels={self.num_labels}; give one name per label"
+            )
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["hidden_sizes"] = list(self.hidden_sizes)
+        data["label_names"] = list(self.label_names)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "model config") -> "ModelConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ArtifactError(f"{source}: unknown keys {unknown}; expected some of {sorted(known)}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise ArtifactError(f"{source}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a stage. Shape uses -1 for the batch dimension."""
+
+    name: str
+    dtype: str
+    shape: Tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TensorSpec":
+        return cls(name=str(data["name"]), dtype=str(data["dtype"]), shape=tuple(int(d) for d in data["shape"]))
+
+
+@dataclass(frozen=True)
+class BucketEntry:
+    """A stage traced at one batch size."""
+
+    batch_size: int
+    file: str
+    parity_max_abs_err: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    inputs: Tuple[TensorSpec, ...]
+    outputs: Tuple[TensorSpec, ...]
+    buckets: Tuple[BucketEntry, ...]  # ascending batch size
+
+    @property
+    def batch_sizes(self) -> Tuple[int, ...]:
+        return tuple(b.batch_size for b in self.buckets)
+
+    def bucket(self, batch_size: int) -> BucketEntry:
+        for entry in self.buckets:
+            if entry.batch_size == batch_size:
+                return entry
+        raise ArtifactError(f"stage {self.name} has no bucket of batch size {batch_size}; compiled: {list(self.batch_sizes)}")
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "buckets": [b.to_dict() for b in self.buckets],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StageSpec":
+        buckets = tuple(
+            sorted(
+                (BucketEntry(int(b["batch_size"]), str(b["file"]), float(b["parity_max_abs_err"])) for b in data["buckets"]),
+                key=lambda b: b.batch_size,
+            )
+        )
+        return cls(
+            name=str(data["name"]),
+            inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
+            outputs=tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
+            buckets=buckets,
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json, parsed. `directory` is where the artifact lives (not stored in the file)."""
+
+    model_name: str
+    model_version: str
+    target: str  # cpu | neuron
+    model_config: ModelConfig
+    stages: Dict[str, StageSpec]
+    files: Dict[str, str]  # file name -> sha256, every file of the artifact but the manifest
+    compiler_args: Tuple[str, ...] = ()
+    pipeline_cores: int = 1
+    torch_version: str = ""
+    torch_neuron_version: Optional[str] = None
+    reference_file: str = REFERENCE_NAME  # fixed inputs and the eager model's outputs (npz)
+    parity_tolerance: float = 1e-5
+    schema_version: int = SCHEMA_VERSION
+    directory: Path = field(default=Path("."), compare=False)
+
+    @property
+    def label_names(self) -> Tuple[str, ...]:
+        return self.model_config.label_names
+
+    def stage(self, name: str) -> StageSpec:
+        try:
+            return self.stages[name]
+        except KeyError:
+            raise ArtifactError(f"artifact {self.directory} has no stage {name!r}; it has {sorted(self.stages)}") from None
+
+    def path(self, file_name: str) -> Path:
+        return self.directory / file_name
+
+    def max_parity_error(self) -> float:
+        return max(b.parity_max_abs_err for s in self.stages.values() for b in s.buckets)
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": self.schema_version,
+            "model": {"name": self.model_name, "version": self.model_version},
+            "target": self.target,
+            "model_config": self.model_config.to_dict(),
+            "label_names": list(self.label_names),
+            "stages": {name: spec.to_dict() for name, spec in self.stages.items()},
+            "files": dict(sorted(self.files.items())),
+            "compiler_args": list(self.compiler_args),
+            "pipeline_cores": self.pipeline_cores,
+            "torch_version": self.torch_version,
+            "torch_neuron_version": self.torch_neuron_version,
+            "reference_file": self.reference_file,
+            "parity_tolerance": self.parity_tolerance,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, directory: Path) -> "Manifest":
+        where = directory / MANIFEST_NAME
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ArtifactError(
+                f"{where}: schema_version {version!r} is not supported (this neuronserve reads {SCHEMA_VERSION}); recompile the artifact"
+            )
+        try:
+            manifest = cls(
+                model_name=str(data["model"]["name"]),
+                model_version=str(data["model"]["version"]),
+                target=str(data["target"]),
+                model_config=ModelConfig.from_dict(data["model_config"], source=str(where)),
+                stages={name: StageSpec.from_dict(spec) for name, spec in data["stages"].items()},
+                files={str(k): str(v) for k, v in data["files"].items()},
+                compiler_args=tuple(str(a) for a in data.get("compiler_args", ())),
+                pipeline_cores=int(data.get("pipeline_cores", 1)),
+                torch_version=str(data.get("torch_version", "")),
+                torch_neuron_version=data.get("torch_neuron_version"),
+                reference_file=str(data.get("reference_file", REFERENCE_NAME)),
+                parity_tolerance=float(data.get("parity_tolerance", 1e-5)),
+                schema_version=int(version),
+                directory=directory,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ArtifactError(f"{where}: malformed manifest ({type(exc).__name__}: {exc}); recompile the artifact") from None
+        if manifest.target not in TARGETS:
+            raise ArtifactError(f"{where}: unknown target {manifest.target!r}; expected one of {', '.join(TARGETS)}")
+        missing = [s for s in STAGE_NAMES if s not in manifest.stages]
+        if missing:
+            raise ArtifactError(f"{where}: missing stages {missing}; recompile the artifact")
+        for spec in manifest.stages.values():
+            if not spec.buckets:
+                raise ArtifactError(f"{where}: stage {spec.name} has no buckets")
+            for bucket in spec.buckets:
+                if bucket.file not in manifest.files:
+                    raise ArtifactError(f"{where}: stage file {bucket.file} has no sha256 entry")
+        if manifest.reference_file not in manifest.files:
+            raise ArtifactError(f"{where}: reference file {manifest.reference_file} has no sha256 entry")
+        return manifest
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(manifest: Manifest) -> Path:
+    """Write manifest.json atomically into manifest.directory (after every listed file is written)."""
+    path = manifest.directory / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_manifest(directory, verify: bool = True) -> Manifest:
+    """Read DIR/manifest.json; with verify, check every file's sha256. Errors name the file."""
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not directory.is_dir():
+        raise ArtifactError(f"artifact directory {directory} does not exist; compile one with `neuronserve compile --out {directory}`")
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: {directory} is not a neuronserve artifact (compile one with `neuronserve compile`)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc}); the artifact is damaged, recompile it") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path} is not a JSON object; the artifact is damaged, recompile it")
+    manifest = Manifest.from_dict(data, directory)
+    if verify:
+        verify_files(manifest)
+    return manifest
+
+
+def verify_files(manifest: Manifest) -> None:
+    for name, expected in manifest.files.items():
+        path = manifest.path(name)
+        if not path.is_file():
+            raise ArtifactError(f"artifact file {path} is missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ArtifactError(
+                f"artifact file {path} fails its checksum (sha256 {actual[:12]}..., manifest says {expected[:12]}...): "
+                "it was changed or truncated; recompile or restore the artifact"
+            )
+
+
+def summary_lines(manifest: Manifest) -> List[str]:
+    """Human-readable summary, for `neuronserve inspect` and the compile report."""
+    cfg = manifest.model_config
+    lines = [
+        f"artifact   {manifest.directory}",
+        f"model      {manifest.model_name} version {manifest.model_version} (schema {manifest.schema_version})",
+        f"target     {manifest.target}  pipeline_cores={manifest.pipeline_cores}  compiler_args={' '.join(manifest.compiler_args) or '-'}",
+        f"torch      {manifest.torch_version}" + (f"  torch-neuron {manifest.torch_neuron_version}" if manifest.torch_neuron_version else ""),
+        f"config     F_u={cfg.user_features} F_p={cfg.peer_features} hidden={list(cfg.hidden_sizes)} E={cfg.embedding_dim} K={cfg.num_labels} D={cfg.label_dim}",
+        f"labels     {', '.join(manifest.label_names)}",
+    ]
+    for name in STAGE_NAMES:
+        spec = manifest.stages[name]
+        ins = ", ".join(f"{t.name}{list(t.shape)}" for t in spec.inputs)
+        outs = ", ".join(f"{t.name}{list(t.shape)}" for t in spec.outputs)
+        lines.append(f"stage      {name}: ({ins}) -> ({outs})")
+        for b in spec.buckets:
+            lines.append(f"             batch {b.batch_size:>5}  {b.file}  parity max|err|={b.parity_max_abs_err:.2e}")
+    lines.append(f"parity     max |err| {manifest.max_parity_error():.2e} (tolerance {manifest.parity_tolerance:.0e})")
+    lines.append(f"files      {len(manifest.files) + 1} verified by sha256")
+    return lines

@@ -1,0 +1,65 @@
+"""The one Backend interface: load a stage on a core group, run a batch at a compiled bucket.
+
+The pipeline (above) calls a StageRunner from the executor thread that owns its core group;
+everything below (torch, torch-neuron, the simulated device) stays behind this interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Sequence, Tuple
+
+import numpy as np
+
+from neuronserve.artifact import Manifest
+from neuronserve.config import CoreGroup
+
+
+class StageRunner(ABC):
+    """One traced stage loaded on one core group, at every compiled bucket.
+
+    `run` is blocking and is called from the group's executor thread(s); at most `max_in_flight`
+    calls run at once (1, or N for a graph compiled with --neuroncore-pipeline-cores N).
+    Inputs are C-contiguous float32 arrays whose first dimension is exactly one of `batch_sizes`;
+    any other shape is an InvalidInput error, as on the device. Returns a float32 array.
+    """
+
+    stage: str
+    cores: CoreGroup
+    batch_sizes: Tuple[int, ...]
+    max_in_flight: int = 1
+
+    @abstractmethod
+    def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray: ...
+
+    def warmup(self) -> None:
+        """Run every bucket once on zeros (loads the graph onto the core)."""
+        spec_shapes = self.input_shapes()
+        for batch in self.batch_sizes:
+            self.run([np.zeros((batch,) + shape, dtype=np.float32) for shape in spec_shapes])
+
+    @abstractmethod
+    def input_shapes(self) -> Tuple[Tuple[int, ...], ...]:
+        """Per input, the shape without the batch dimension."""
+
+    def close(self) -> None:
+        """Release the core group (default: nothing to release)."""
+
+
+class Backend(ABC):
+    """A way to run an artifact's stages: cpu (torch.jit), neuron (torch-neuron), sim (simulated cores)."""
+
+    name: str
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+
+    @abstractmethod
+    def load(self, stage: str, cores: CoreGroup) -> StageRunner:
+        """Load `stage` at every compiled bucket onto `cores`."""
+
+    def buckets(self, stage: str) -> Tuple[int, ...]:
+        return self.manifest.stage(stage).batch_sizes
+
+    def close(self) -> None:
+        """Release everything the backend holds."""

@@ -1,0 +1,49 @@
+"""The `neuronserve` console command: compile | inspect | serve | bench.
+
+Each subcommand lives with its code (compile/, server.py, bench/) and registers itself here through
+`register(subparsers)`, which sets `func(args) -> int`. Heavy imports (torch, grpc) happen inside
+`func`, so `neuronserve --help` is fast. Every NeuronServeError becomes one line on stderr and a
+non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from neuronserve.errors import NeuronServeError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from neuronserve.bench import cli as bench_cli
+    from neuronserve.compile import cli as compile_cli
+    from neuronserve import server
+
+    parser = argparse.ArgumentParser(
+        prog="neuronserve",
+        description="Serve a two-tower match scorer on AWS Inferentia NeuronCores (or the CPU / simulated cores).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    compile_cli.register(sub)  # compile, inspect
+    server.register(sub)  # serve
+    bench_cli.register(sub)  # bench
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except NeuronServeError as exc:
+        print(f"neuronserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"neuronserve {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

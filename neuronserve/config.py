@@ -1,0 +1,189 @@
+"""Frozen settings for cores, placement, batching and the server, validated with clear messages.
+
+A leaf module: parsed once at start-up (server.py, the CLI) and handed down the request path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+from neuronserve.errors import ConfigError
+
+STAGES: Tuple[str, ...] = ("user_tower", "peer_tower", "pair_scorer")
+
+
+@dataclass(frozen=True)
+class CoreGroup:
+    """A contiguous range of NeuronCores, written as NEURON_RT_VISIBLE_CORES does: "2" or "0-3"."""
+
+    first: int
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.first < 0 or self.count < 1:
+            raise ConfigError(f"core group needs first >= 0 and count >= 1, got first={self.first} count={self.count}")
+
+    @property
+    def last(self) -> int:
+        return self.first + self.count - 1
+
+    @property
+    def cores(self) -> range:
+        return range(self.first, self.first + self.count)
+
+    def visible_cores(self) -> str:
+        """The value for NEURON_RT_VISIBLE_CORES."""
+        return str(self.first) if self.count == 1 else f"{self.first}-{self.last}"
+
+    def overlaps(self, other: "CoreGroup") -> bool:
+        return self.first <= other.last and other.first <= self.last
+
+    @classmethod
+    def parse(cls, text: str) -> "CoreGroup":
+        text = text.strip()
+        try:
+            if "-" in text:
+                lo, hi = (int(part) for part in text.split("-", 1))
+            else:
+                lo = hi = int(text)
+        except ValueError:
+            raise ConfigError(
+                f"core group {text!r} is not a contiguous range: write it as NEURON_RT_VISIBLE_CORES does, e.g. '2' or '0-3'"
+            ) from None
+        if hi < lo:
+            raise ConfigError(f"core group {text!r} runs backwards: write the lower core first, e.g. '0-3'")
+        return cls(first=lo, count=hi - lo + 1)
+
+    def __str__(self) -> str:
+        return self.visible_cores()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which core groups run each stage. Several groups for one stage = data parallel replicas."""
+
+    groups: Dict[str, Tuple[CoreGroup, ...]]
+
+    @classmethod
+    def data_parallel(cls, num_cores: int, group_size: int = 1) -> "Placement":
+        """Default: every stage on every group (each group runs whichever stage comes next)."""
+        if num_cores < 1:
+            raise ConfigError(f"--cores must be at least 1, got {num_cores}")
+        if group_size < 1 or num_cores % group_size:
+            raise ConfigError(f"{num_cores} cores cannot be split into groups of {group_size} (pipeline cores)")
+        groups = tuple(CoreGroup(first, group_size) for first in range(0, num_cores, group_size))
+        return cls({stage: groups for stage in STAGES})
+
+    @classmethod
+    def parse(cls, text: str, num_cores: int) -> "Placement":
+        """Parse "user_tower=0,peer_tower=1-2,pair_scorer=3" (a stage may repeat: replicas).
+
+        Stages placed on distinct groups must not overlap; every group must lie inside the cores.
+        """
+        groups: Dict[str, Tuple[CoreGroup, ...]] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            stage, sep, group_text = item.partition("=")
+            stage = stage.strip()
+            if not sep or stage not in STAGES:
+                raise ConfigError(f"placement item {item!r} must be STAGE=CORES with STAGE one of {', '.join(STAGES)}")
+            groups[stage] = groups.get(stage, ()) + (CoreGroup.parse(group_text),)
+        missing = [stage for stage in STAGES if stage not in groups]
+        if missing:
+            raise ConfigError(f"placement {text!r} places no core group for {', '.join(missing)}")
+        placement = cls(groups)
+        placement.validate(num_cores)
+        return placement
+
+    def validate(self, num_cores: int) -> None:
+        seen: list = []
+        for stage, stage_groups in self.groups.items():
+            for group in stage_groups:
+                if group.last >= num_cores:
+                    raise ConfigError(
+                        f"placement puts {stage} on cores {group}, but only cores 0-{num_cores - 1} exist (--cores {num_cores})"
+                    )
+                for other_stage, other in seen:
+                    if group != other and group.overlaps(other):
+                        raise ConfigError(
+                            f"placement overlaps: {stage} on cores {group} and {other_stage} on cores {other}"
+                        )
+                seen.append((stage, group))
+
+    def all_groups(self) -> Tuple[CoreGroup, ...]:
+        """Distinct core groups, in core order."""
+        return tuple(sorted({g for gs in self.groups.values() for g in gs}, key=lambda g: g.first))
+
+    def __str__(self) -> str:
+        return ",".join(f"{stage}={group}" for stage in STAGES for group in self.groups.get(stage, ()))
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Dynamic batching knobs (Triton's names where they exist)."""
+
+    max_queue_delay_ms: float = 2.0
+    max_queue_rows: int = 65536
+    max_batch_rows: Optional[int] = None  # None: the largest compiled bucket
+    max_in_flight_batches: Optional[int] = None  # None: one per core-group executor slot
+
+    def __post_init__(self) -> None:
+        if self.max_queue_delay_ms < 0:
+            raise ConfigError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
+        if self.max_queue_rows < 1:
+            raise ConfigError(f"max_queue_rows must be >= 1, got {self.max_queue_rows}")
+        if self.max_batch_rows is not None and self.max_batch_rows < 1:
+            raise ConfigError(f"max_batch_rows must be >= 1, got {self.max_batch_rows}")
+        if self.max_in_flight_batches is not None and self.max_in_flight_batches < 1:
+            raise ConfigError(f"max_in_flight_batches must be >= 1, got {self.max_in_flight_batches}")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Settings of the simulated NeuronCores (the `sim` backend)."""
+
+    num_cores: int = 4  # one Inferentia chip: inf1.xlarge / inf1.2xlarge
+    latency_scale: float = 1.0  # multiplies the latency model (0 = as fast as the CPU runs)
+    core_timeout_s: float = 5.0  # an execution past this is a hung core
+    reset_s: float = 0.5  # a failed core is back in rotation after this
+
+    def __post_init__(self) -> None:
+        if self.num_cores < 1:
+            raise ConfigError(f"sim num_cores must be >= 1, got {self.num_cores}")
+        if self.latency_scale < 0:
+            raise ConfigError(f"sim latency_scale must be >= 0, got {self.latency_scale}")
+        if self.core_timeout_s <= 0 or self.reset_s < 0:
+            raise ConfigError("sim core_timeout_s must be > 0 and reset_s >= 0")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `neuronserve serve` needs; flags > config file > NEURONSERVE_* env > defaults."""
+
+    artifact: Optional[str] = None  # None: compile the demo model into the cache on first run
+    backend: str = "auto"  # auto | cpu | sim | neuron
+    cores: int = 4
+    placement: Optional[str] = None  # None: data parallel over all cores
+    host: str = "127.0.0.1"
+    port: int = 8001
+    metrics_port: Optional[int] = 8002
+    max_peers: int = 4096
+    max_message_bytes: int = 64 * 1024 * 1024
+    grace_period_s: float = 10.0
+    cache_max_rows: int = 1_000_000
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("auto", "cpu", "sim", "neuron"):
+            raise ConfigError(f"backend must be one of auto, cpu, sim, neuron; got {self.backend!r}")
+        for name in ("port",):
+            value = getattr(self, name)
+            if not 0 <= value <= 65535:
+                raise ConfigError(f"{name} must be 0-65535, got {value}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be 0-65535, got {self.metrics_port}")
+        if self.cores < 1:
+            raise ConfigError(f"cores must be >= 1, got {self.cores}")
+        if self.max_peers < 1:
+            raise ConfigError(f"max_peers must be >= 1, got {self.max_peers}")

@@ -1,0 +1,63 @@
+"""Error classes that carry the gRPC status they map to.
+
+A leaf module: every layer raises these; only service.py turns `status` (a grpc.StatusCode
+name) into a real gRPC status, and the CLI turns them into a one-line message and exit code.
+"""
+
+from __future__ import annotations
+
+
+class NeuronServeError(Exception):
+    """Base class. `status` is the name of the grpc.StatusCode the service answers with."""
+
+    status = "INTERNAL"
+
+
+class InvalidInput(NeuronServeError):
+    """A request or a setting is malformed: wrong shape, dtype, size, value."""
+
+    status = "INVALID_ARGUMENT"
+
+
+class ConfigError(InvalidInput):
+    """A configuration value (CLI flag, file, environment variable) is invalid."""
+
+
+class NotFound(NeuronServeError):
+    """An unknown model, version or entity id."""
+
+    status = "NOT_FOUND"
+
+
+class Overloaded(NeuronServeError):
+    """The queue is full: rejected at once rather than waiting silently."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+class DeadlineExceeded(NeuronServeError):
+    """The request's deadline has passed or cannot be met."""
+
+    status = "DEADLINE_EXCEEDED"
+
+
+class Unavailable(NeuronServeError):
+    """The server is draining or not ready, or the core running the request failed."""
+
+    status = "UNAVAILABLE"
+
+
+class CoreFault(Unavailable):
+    """A NeuronCore (real or simulated) failed or hung while running a batch."""
+
+
+class ArtifactError(NeuronServeError):
+    """An artifact is missing, tampered with, truncated or incompatible."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class BackendUnavailable(NeuronServeError):
+    """A backend cannot run here (e.g. torch-neuron or a NeuronCore is missing)."""
+
+    status = "FAILED_PRECONDITION"
