@@ -145,6 +145,7 @@ class Manifest:
     model_config: ModelConfig
     stages: Dict[str, StageSpec]
     files: Dict[str, str]  # file name -> sha256, every file of the artifact but the manifest
+    label_bias: Tuple[float, ...] = ()  # b_k, K values: what pair_scorer adds, for the cached-embedding fast path
     compiler_args: Tuple[str, ...] = ()
     pipeline_cores: int = 1
     torch_version: str = ""
@@ -179,6 +180,7 @@ class Manifest:
             "label_names": list(self.label_names),
             "stages": {name: spec.to_dict() for name, spec in self.stages.items()},
             "files": dict(sorted(self.files.items())),
+            "label_bias": list(self.label_bias),
             "compiler_args": list(self.compiler_args),
             "pipeline_cores": self.pipeline_cores,
             "torch_version": self.torch_version,
@@ -203,6 +205,7 @@ class Manifest:
                 model_config=ModelConfig.from_dict(data["model_config"], source=str(where)),
                 stages={name: StageSpec.from_dict(spec) for name, spec in data["stages"].items()},
                 files={str(k): str(v) for k, v in data["files"].items()},
+                label_bias=tuple(float(b) for b in data["label_bias"]),
                 compiler_args=tuple(str(a) for a in data.get("compiler_args", ())),
                 pipeline_cores=int(data.get("pipeline_cores", 1)),
                 torch_version=str(data.get("torch_version", "")),
@@ -216,6 +219,8 @@ class Manifest:
             raise ArtifactError(f"{where}: malformed manifest ({type(exc).__name__}: {exc}); recompile the artifact") from None
         if manifest.target not in TARGETS:
             raise ArtifactError(f"{where}: unknown target {manifest.target!r}; expected one of {', '.join(TARGETS)}")
+        if len(manifest.label_bias) != manifest.model_config.num_labels:
+            raise ArtifactError(f"{where}: label_bias has {len(manifest.label_bias)} values for {manifest.model_config.num_labels} labels")
         missing = [s for s in STAGE_NAMES if s not in manifest.stages]
         if missing:
             raise ArtifactError(f"{where}: missing stages {missing}; recompile the artifact")
