@@ -28,8 +28,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     compile_cli.register(sub)  # compile, inspect
     server.register(sub)  # serve
+    sub.choices["serve"].set_defaults(func=_serve)
     bench_cli.register(sub)  # bench
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """`serve`, plus the embedded default: with no artifact configured, compile the demo model for
+    the CPU into the cache directory on first run (reused afterwards) and serve that."""
+    import dataclasses
+
+    from neuronserve import server
+
+    config = server.resolve_config(args)
+    if config.artifact is None:
+        from neuronserve.compile.demo import ensure_demo_artifact
+
+        config = dataclasses.replace(config, artifact=str(ensure_demo_artifact(progress=True)))
+    return server.run(config)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
