@@ -6,15 +6,19 @@ torch-neuron and a NeuronCore are present, else cpu.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from neuronserve.artifact import Manifest
 from neuronserve.backends.base import Backend, StageRunner
-from neuronserve.config import SimConfig
+from neuronserve.config import CoreGroup, SimConfig
 from neuronserve.errors import ConfigError
 
 BACKEND_NAMES = ("auto", "cpu", "sim", "neuron")
 
 
-def make_backend(name: str, manifest: Manifest, sim: SimConfig = SimConfig()) -> Backend:
+def make_backend(name: str, manifest: Manifest, sim: SimConfig = SimConfig(), num_cores: Optional[int] = None) -> Backend:
+    """`num_cores`: the NeuronCores this process serves (0..num_cores-1); the neuron runtime pins that span
+    at the first load (NEURON_RT_VISIBLE_CORES), unless the environment already pins one."""
     if name == "auto":
         from neuronserve.backends import neuron
 
@@ -30,7 +34,7 @@ def make_backend(name: str, manifest: Manifest, sim: SimConfig = SimConfig()) ->
     if name == "neuron":
         from neuronserve.backends.neuron import NeuronBackend
 
-        return NeuronBackend(manifest)
+        return NeuronBackend(manifest, visible_cores=CoreGroup(0, num_cores) if num_cores else None)
     raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
 
 

@@ -7,7 +7,7 @@ everything below (torch, torch-neuron, the simulated device) stays behind this i
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -41,6 +41,15 @@ class StageRunner(ABC):
     @abstractmethod
     def input_shapes(self) -> Tuple[Tuple[int, ...], ...]:
         """Per input, the shape without the batch dimension."""
+
+    def healthy(self) -> bool:
+        """False while the core group is out of rotation (faulted, resetting): the pipeline routes around it."""
+        return True
+
+    def latency_s(self, batch_size: int) -> Optional[float]:
+        """Expected seconds of one execution at `batch_size` (a bucket) if the backend models its device
+        (sim); None: unknown, and the pipeline times one run per bucket at start-up instead."""
+        return None
 
     def close(self) -> None:
         """Release the core group (default: nothing to release)."""

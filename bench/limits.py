@@ -1,0 +1,145 @@
+"""The limits reported beside a benchmark result: the model alone, and gRPC alone, on this machine.
+
+Outside the server's request path; run by `neuronserve bench` after the load, on the same machine.
+- compute limit: the artifact's stages run in-process, flat out, for a few seconds (one thread and
+  one torch thread per core). This is the one part of bench that imports the runtime
+  (neuronserve.backends, hence torch): the server is measured as a black box, its model is not.
+  `score`/`oip` run the whole model (user tower, peer tower at the largest compiled bucket, pair
+  scorer); `score-ids`/`matrix` run what the server does for cached embeddings, the per-label dot
+  product of tower outputs (numpy), at the workload's shape.
+- transport limit: a no-op gRPC server (echo.py, a subprocess) answering the same request bytes
+  with a reply of the real reply's size, driven closed-loop flat out by the same load generator.
+Served throughput is reported as a fraction of each.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from neuronserve.bench.loadgen import LoadSpec, run_load
+from neuronserve.bench.workloads import Workload
+from neuronserve.errors import Unavailable
+
+
+@dataclass(frozen=True)
+class Limit:
+    requests_per_s: float
+    pairs_per_s: float
+    how: str
+
+    def to_dict(self, served_rate_per_s: Optional[float]) -> dict:
+        fraction = served_rate_per_s / self.requests_per_s if served_rate_per_s and self.requests_per_s else None
+        return {
+            "requests_per_s": round(self.requests_per_s, 2),
+            "pairs_per_s": round(self.pairs_per_s, 1),
+            "how": self.how,
+            "served_fraction": None if fraction is None else round(fraction, 4),
+        }
+
+
+def compute_limit(artifact_dir: str, workload: Workload, seconds: float = 3.0, backend: str = "cpu", threads: int = 0) -> Limit:
+    import torch
+
+    from neuronserve.artifact import load_manifest
+    from neuronserve.backends import make_backend
+    from neuronserve.config import CoreGroup
+
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(1)
+    manifest = load_manifest(artifact_dir)
+    cfg = manifest.model_config
+    m = workload.spec.peers
+    if workload.spec.name in ("score", "oip"):
+        engine = make_backend(backend, manifest)
+        stages = [{s: engine.load(s, CoreGroup(i)) for s in ("user_tower", "peer_tower", "pair_scorer")} for i in range(threads)]
+        rows = max(stages[0]["peer_tower"].batch_sizes)  # the largest batch the server can form
+        user_buckets = stages[0]["user_tower"].batch_sizes
+        user_rows = min([b for b in user_buckets if b >= -(-rows // m)] or [max(user_buckets)])  # one user per request in the batch
+
+        def make_step(runners):
+            user = np.zeros((user_rows, cfg.user_features), np.float32)
+            peers = np.zeros((rows, cfg.peer_features), np.float32)
+
+            def step() -> int:
+                u = runners["user_tower"].run([user])
+                p = runners["peer_tower"].run([peers])
+                u_rows = np.ascontiguousarray(np.repeat(u[:1], rows, axis=0))  # each peer row meets its user
+                runners["pair_scorer"].run([u_rows, p])
+                return rows
+
+            return step
+
+        steps = [make_step(r) for r in stages]
+        how = f"{backend} backend in-process, {threads} thread(s), user+peer tower+pair scorer at batch {rows}"
+    else:
+        n = workload.spec.users if workload.spec.name == "matrix" else 1
+        k, d = cfg.num_labels, cfg.label_dim
+        rng = np.random.default_rng(0)
+        bias = np.asarray(manifest.label_bias, np.float32)
+
+        def make_step(_):
+            users = rng.standard_normal((n, k, d), dtype=np.float32)
+            peers = rng.standard_normal((m, k, d), dtype=np.float32)
+
+            def step() -> int:
+                np.einsum("nkd,mkd->nmk", users, peers, optimize=True) + bias
+                return n * m
+
+            return step
+
+        steps = [make_step(i) for i in range(threads)]
+        how = f"numpy dot product of cached tower outputs in-process, {threads} thread(s), {n}x{m} pairs"
+    for step in steps:
+        step()  # warm up
+    pairs = [0] * threads
+    deadline = time.monotonic() + seconds
+
+    def loop(i: int) -> None:
+        while time.monotonic() < deadline:
+            pairs[i] += steps[i]()
+
+    start = time.monotonic()
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    pairs_per_s = sum(pairs) / (time.monotonic() - start)
+    return Limit(pairs_per_s / workload.pairs_per_request, pairs_per_s, how)
+
+
+def transport_limit(workload: Workload, seconds: float = 3.0, clients: int = 2, channels: int = 2, concurrency: int = 32) -> Limit:
+    echo = subprocess.Popen(
+        [sys.executable, "-m", "neuronserve.bench.echo", "--port", "0", "--reply-bytes", str(workload.response_bytes)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = echo.stdout.readline()
+        if "port=" not in line:
+            raise Unavailable(f"transport limit: the echo server did not start (said {line.strip()!r}, exit {echo.poll()})")
+        spec = LoadSpec(
+            target=f"127.0.0.1:{int(line.split('port=')[1])}",
+            method=workload.method,
+            payloads=workload.payloads,
+            duration_s=seconds,
+            warmup_s=1.0,
+            concurrency=concurrency,
+            clients=clients,
+            channels=channels,
+        )
+        result = run_load(spec)
+    finally:
+        echo.terminate()
+        echo.wait(timeout=10)
+    how = f"no-op gRPC echo subprocess, same request bytes, {workload.response_bytes} B replies, closed loop {clients}x{concurrency} in flight"
+    return Limit(result.achieved_rate_per_s, result.achieved_rate_per_s * workload.pairs_per_request, how)
+

@@ -1,0 +1,263 @@
+"""Trace the two-tower scorer's stages at every batch bucket into a verified, versioned artifact.
+
+compile_artifact: model (checkpoint or seeded random) -> per stage and bucket, a traced graph
+(torch.jit.trace for cpu, torch.neuron.trace for neuron) -> parity against the eager model ->
+reference outputs -> manifest.json with sha256 of every file. The artifact is written into a
+temporary directory beside `out_dir` and moved into place only when complete, so a failed compile
+never leaves a half artifact behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from neuronserve.artifact import (
+    REFERENCE_NAME,
+    STAGE_NAMES,
+    BucketEntry,
+    Manifest,
+    ModelConfig,
+    StageSpec,
+    TensorSpec,
+    sha256_file,
+    write_manifest,
+)
+from neuronserve.compile.model import TwoTowerScorer, random_model
+from neuronserve.errors import ArtifactError, ConfigError
+
+DEFAULT_BATCH_SIZES: Tuple[int, ...] = (1, 8, 32, 128, 512, 1024)
+# Max |traced - eager| allowed. CPU tracing replays the same float32 kernels; neuron casts matmuls to
+# BF16 by default (8-bit mantissa: ~4e-3 relative), so its tolerance is looser.
+PARITY_TOLERANCE = {"cpu": 1e-5, "neuron": 5e-2}
+REFERENCE_ROWS = 5
+
+
+def stage_specs(config: ModelConfig) -> Dict[str, Tuple[Tuple[TensorSpec, ...], Tuple[TensorSpec, ...]]]:
+    """Inputs and outputs of each stage; -1 is the batch dimension."""
+    k, d = config.num_labels, config.label_dim
+    return {
+        "user_tower": ((TensorSpec("user_features", "float32", (-1, config.user_features)),), (TensorSpec("user_embeddings", "float32", (-1, k, d)),)),
+        "peer_tower": ((TensorSpec("peer_features", "float32", (-1, config.peer_features)),), (TensorSpec("peer_embeddings", "float32", (-1, k, d)),)),
+        "pair_scorer": (
+            (TensorSpec("user_embeddings", "float32", (-1, k, d)), TensorSpec("peer_embeddings", "float32", (-1, k, d))),
+            (TensorSpec("scores", "float32", (-1, k)),),
+        ),
+    }
+
+
+def check_batch_sizes(batch_sizes: Iterable[int]) -> Tuple[int, ...]:
+    sizes = tuple(sorted(set(int(b) for b in batch_sizes)))
+    if not sizes or sizes[0] < 1:
+        raise ConfigError(f"batch sizes must be a non-empty list of positive integers, e.g. 1,8,32,128; got {list(batch_sizes)}")
+    return sizes
+
+
+def load_checkpoint(path, config: ModelConfig) -> TwoTowerScorer:
+    """A state_dict file (torch.save(model.state_dict())) for a model of `config`; mismatches are one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist; pass the state_dict file saved from the trained two-tower model")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged or non-torch file
+        raise ConfigError(f"checkpoint {path} is not a readable torch state_dict file ({type(exc).__name__}); pass the file saved with torch.save(model.state_dict())") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"checkpoint {path} holds a {type(state).__name__}, not a state_dict; save model.state_dict()")
+    model = TwoTowerScorer(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} vs config {tuple(v.shape)}" for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        problems = "; ".join(
+            part
+            for part in (
+                f"missing {', '.join(missing[:3])}" if missing else "",
+                f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+                f"shape {', '.join(wrong[:3])}" if wrong else "",
+            )
+            if part
+        )
+        raise ConfigError(f"checkpoint {path} does not match the model config ({problems}); pass the --model-config it was trained with")
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def content_version(model: TwoTowerScorer) -> str:
+    """Content version: the first 12 hex digits of sha256(config + weights), so equal weights give equal versions."""
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def _example_inputs(specs: Sequence[TensorSpec], batch_size: int, generator: torch.Generator) -> Tuple[torch.Tensor, ...]:
+    return tuple(torch.randn((batch_size,) + tuple(s.shape[1:]), generator=generator) for s in specs)
+
+
+def _trace(module: torch.nn.Module, inputs: Tuple[torch.Tensor, ...], target: str, pipeline_cores: int, fast_math: Optional[str]):
+    """(traced module, compiler args) for the target."""
+    if target == "cpu":
+        return torch.jit.trace(module, inputs), ()
+    from neuronserve.compile.neuron import trace_neuron
+
+    return trace_neuron(module, inputs, pipeline_cores=pipeline_cores, fast_math=fast_math)
+
+
+def _parity(traced, module: torch.nn.Module, inputs: Tuple[torch.Tensor, ...], where: str) -> float:
+    """Max |traced - eager|, or NaN when the traced graph cannot run here (a neuron graph on a host without NeuronCores)."""
+    with torch.no_grad():
+        expected = module(*inputs)
+        try:
+            actual = traced(*inputs)
+        except RuntimeError as exc:
+            print(f"warning: parity not checked for {where}: the traced graph does not run here ({str(exc).splitlines()[0]})", file=sys.stderr)
+            return float("nan")
+    return float((actual - expected).abs().max())
+
+
+def _prepare_out_dir(out_dir: Path, force: bool) -> Path:
+    """A fresh temporary directory beside out_dir; refuses to clobber an existing artifact unless force."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} exists and is not a directory; choose another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise ConfigError(f"--out {out_dir} exists and is not empty; pass --force to replace it or choose another --out")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as exc:
+        raise ConfigError(f"cannot write the artifact to {out_dir} ({exc.strerror}); choose a writable --out") from None
+
+
+def compile_artifact(
+    out_dir,
+    *,
+    config: ModelConfig = ModelConfig(),
+    batch_sizes: Iterable[int] = DEFAULT_BATCH_SIZES,
+    seed: int = 0,
+    checkpoint=None,
+    target: str = "cpu",
+    pipeline_cores: int = 1,
+    fast_math: Optional[str] = None,
+    model_name: str = "twotower-demo",
+    model_version: Optional[str] = None,
+    force: bool = False,
+    progress: bool = False,
+) -> Manifest:
+    """Compile the two-tower scorer into `out_dir`; returns the (written, verified) manifest."""
+    if target not in PARITY_TOLERANCE:
+        raise ConfigError(f"target must be cpu or neuron, got {target!r}")
+    if pipeline_cores < 1:
+        raise ConfigError(f"pipeline cores must be >= 1, got {pipeline_cores}")
+    if target == "cpu" and (pipeline_cores > 1 or fast_math):
+        raise ConfigError("--pipeline-cores and --fast-math apply to --target neuron only")
+    sizes = check_batch_sizes(batch_sizes)
+    model = load_checkpoint(checkpoint, config) if checkpoint is not None else random_model(config, seed)
+    version = model_version or content_version(model)
+    out_dir = Path(out_dir)
+    work = _prepare_out_dir(out_dir, force)
+    try:
+        _compile_into(work, model, sizes, target, pipeline_cores, fast_math, model_name, version, progress)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(work, out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    from neuronserve.artifact import load_manifest
+
+    return load_manifest(out_dir, verify=True)
+
+
+def _compile_into(work: Path, model: TwoTowerScorer, sizes, target, pipeline_cores, fast_math, name, version, progress) -> None:
+    from tqdm import tqdm
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    specs = stage_specs(model.config)
+    modules = model.stages()
+    generator = torch.Generator().manual_seed(1234)
+    tolerance = PARITY_TOLERANCE[target]
+    stages: Dict[str, StageSpec] = {}
+    files: Dict[str, str] = {}
+    compiler_args: Tuple[str, ...] = ()
+    bar = tqdm(total=len(STAGE_NAMES) * len(sizes), desc=f"compile {target}", unit="graph", disable=not progress, file=sys.stderr)
+    with bar:
+        for stage in STAGE_NAMES:
+            inputs_spec, outputs_spec = specs[stage]
+            entries = []
+            for batch in sizes:
+                bar.set_postfix_str(f"{stage} batch {batch}")
+                inputs = _example_inputs(inputs_spec, batch, generator)
+                with torch.no_grad():
+                    traced, compiler_args = _trace(modules[stage], inputs, target, pipeline_cores, fast_math)
+                fresh = _example_inputs(inputs_spec, batch, generator)  # not the trace inputs: catches baked-in values
+                error = _parity(traced, modules[stage], fresh, f"{stage} batch {batch}")
+                if error > tolerance:
+                    raise ArtifactError(
+                        f"parity check failed: {stage} at batch {batch} differs from the eager model by {error:.2e} "
+                        f"(tolerance {tolerance:.0e} for {target}); the traced graph is wrong, do not ship it"
+                    )
+                file_name = f"{stage}_b{batch}.pt"
+                torch.jit.save(traced, str(work / file_name))
+                files[file_name] = sha256_file(work / file_name)
+                entries.append(BucketEntry(batch, file_name, error))
+                bar.update(1)
+            stages[stage] = StageSpec(stage, inputs_spec, outputs_spec, tuple(entries))
+    if target == "neuron":
+        from neuronserve.compile.neuron import torch_neuron_version
+
+        neuron_version = torch_neuron_version()
+    else:
+        neuron_version = None
+    files[REFERENCE_NAME] = _write_reference(work / REFERENCE_NAME, model, generator)
+    for stage, spec in stages.items():
+        worst = max(b.parity_max_abs_err for b in spec.buckets)
+        if progress:
+            print(f"parity {stage:<12} max |traced - eager| = {worst:.2e} over {len(spec.buckets)} buckets", file=sys.stderr)
+    manifest = Manifest(
+        model_name=name,
+        model_version=version,
+        target=target,
+        model_config=model.config,
+        stages=stages,
+        files=files,
+        label_bias=tuple(float(b) for b in model.label_bias.detach()),
+        compiler_args=tuple(compiler_args),
+        pipeline_cores=pipeline_cores,
+        torch_version=torch.__version__,
+        torch_neuron_version=neuron_version,
+        parity_tolerance=tolerance,
+        directory=work,
+    )
+    write_manifest(manifest)
+
+
+def _write_reference(path: Path, model: TwoTowerScorer, generator: torch.Generator) -> str:
+    """Fixed inputs and the eager model's outputs: the runtime's and a user's check that an artifact scores right."""
+    cfg = model.config
+    user = torch.randn(REFERENCE_ROWS, cfg.user_features, generator=generator)
+    peer = torch.randn(REFERENCE_ROWS, cfg.peer_features, generator=generator)
+    with torch.no_grad():
+        stages = model.stages()
+        user_emb = stages["user_tower"](user)
+        peer_emb = stages["peer_tower"](peer)
+        scores = model(user, peer)
+    np.savez(
+        path,
+        user_features=user.numpy(),
+        peer_features=peer.numpy(),
+        user_embeddings=user_emb.numpy(),
+        peer_embeddings=peer_emb.numpy(),
+        scores=scores.numpy(),
+    )
+    return sha256_file(path)

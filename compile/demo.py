@@ -1,0 +1,37 @@
+"""The embedded default of `neuronserve serve`: the demo model compiled for the CPU on first run, then reused.
+
+The artifact lives in $NEURONSERVE_CACHE_DIR (default ~/.cache/neuronserve), one directory per
+torch version (a traced graph is tied to the torch that traced it). An artifact that fails
+verification there is recompiled.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from neuronserve.artifact import ModelConfig, load_manifest
+from neuronserve.compile.build import compile_artifact
+from neuronserve.errors import ArtifactError
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("NEURONSERVE_CACHE_DIR") or Path.home() / ".cache" / "neuronserve")
+
+
+def ensure_demo_artifact(cache_dir: Optional[Path] = None, progress: bool = True) -> Path:
+    """The demo artifact's directory: verified if present, compiled (seed 0, default config) if not."""
+    directory = Path(cache_dir or cache_root()) / f"demo-cpu-torch{torch.__version__.split('+')[0]}"
+    try:
+        load_manifest(directory, verify=True)
+        return directory
+    except ArtifactError:
+        pass
+    if progress:
+        print(f"neuronserve: compiling the demo model for the CPU into {directory} (first run only)", file=sys.stderr)
+    compile_artifact(directory, config=ModelConfig(), seed=0, target="cpu", force=True, progress=progress)
+    return directory

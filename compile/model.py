@@ -1,0 +1,99 @@
+"""The two-tower scorer: the only place the architecture lives (compile side; the runtime never imports it).
+
+    user features [B, F_u] -> MLP -> u [B, E] -> K projections -> u_k [B, K, D]
+    peer features [B, F_p] -> MLP -> p [B, E] -> K projections -> p_k [B, K, D]
+    score_k = w_k * <u_k, p_k> + b_k            probability_k = sigmoid(score_k)
+
+`stages()` splits a model into the three graphs the artifact holds: user_tower (w_k folded into u_k,
+so scoring is a plain dot product), peer_tower and pair_scorer (sum(u * p, -1) + b).
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from torch import nn
+
+from neuronserve.artifact import ModelConfig
+
+
+class Tower(nn.Module):
+    """MLP over dense float32 features, then K linear projections of size D (one Linear of K*D outputs)."""
+
+    def __init__(self, in_features: int, config: ModelConfig) -> None:
+        super().__init__()
+        layers = []
+        width = in_features
+        for hidden in config.hidden_sizes:
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        layers.append(nn.Linear(width, config.embedding_dim))
+        self.mlp = nn.Sequential(*layers)
+        self.projections = nn.Linear(config.embedding_dim, config.num_labels * config.label_dim)
+        self.num_labels = config.num_labels
+        self.label_dim = config.label_dim
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        projected = self.projections(self.mlp(features))
+        return projected.reshape(features.shape[0], self.num_labels, self.label_dim)
+
+
+class TwoTowerScorer(nn.Module):
+    """The trained model as a checkpoint holds it: two towers plus per-label weight w and bias b."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.user_tower = Tower(config.user_features, config)
+        self.peer_tower = Tower(config.peer_features, config)
+        self.label_weight = nn.Parameter(torch.ones(config.num_labels))
+        self.label_bias = nn.Parameter(torch.zeros(config.num_labels))
+
+    def forward(self, user_features: torch.Tensor, peer_features: torch.Tensor) -> torch.Tensor:
+        """Logits [B, K] for B (user, peer) pairs."""
+        u = self.user_tower(user_features)
+        p = self.peer_tower(peer_features)
+        return self.label_weight * (u * p).sum(-1) + self.label_bias
+
+    def stages(self) -> Dict[str, nn.Module]:
+        return {
+            "user_tower": _ScaledTower(self.user_tower, self.label_weight),
+            "peer_tower": self.peer_tower,
+            "pair_scorer": PairScorer(self.label_bias),
+        }
+
+
+class _ScaledTower(nn.Module):
+    """The user tower with w_k folded in: u_k * w_k."""
+
+    def __init__(self, tower: Tower, label_weight: nn.Parameter) -> None:
+        super().__init__()
+        self.tower = tower
+        self.label_weight = label_weight
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.tower(features) * self.label_weight.unsqueeze(-1)
+
+
+class PairScorer(nn.Module):
+    """([B, K, D], [B, K, D]) -> [B, K]: per-label dot product plus bias (w_k is already in u_k)."""
+
+    def __init__(self, label_bias: nn.Parameter) -> None:
+        super().__init__()
+        self.label_bias = label_bias
+
+    def forward(self, user: torch.Tensor, peer: torch.Tensor) -> torch.Tensor:
+        return (user * peer).sum(-1) + self.label_bias
+
+
+def random_model(config: ModelConfig, seed: int) -> TwoTowerScorer:
+    """A randomly initialised model (demos and tests); label weights and biases random too, so they matter."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = TwoTowerScorer(config)
+    with torch.no_grad():
+        model.label_weight.copy_(torch.rand(config.num_labels, generator=generator) + 0.5)
+        model.label_bias.copy_(torch.randn(config.num_labels, generator=generator) * 0.1)
+    return model.eval()

@@ -1,0 +1,339 @@
+"""DynamicBatcher: queues requests in rows and hands batches to an injected `run_batch`.
+
+On the request path between the service (above: `await submit(payload, rows)` per request) and the
+pipeline (below: `run_batch(slices)` runs one batch). Generic: it never looks inside a payload; a
+Slice names rows [start, stop) of one request's payload and run_batch returns one array holding those
+rows in slice order, which the batcher cuts back per request (concatenating the parts of a split one).
+
+The firing rule (one dispatcher task on the event loop; Triton's dynamic batcher, made work-conserving):
+  A batch can form only while a slot is free (fewer than max_in_flight batches running) and a row is
+  queued. It then forms at once when (a) no batch is running at all (an idle device never waits:
+  at low load a lone request goes straight to a core), or (b) the queue holds a full batch
+  (max_batch_rows), or (c) the OLDEST queued request has waited max_queue_delay_ms since its arrival,
+  or (d) the head of the queue is the rest of a request split across batches (already running).
+  Otherwise (some batch is running, so the device is busy anyway) it holds the free slot until one of
+  those comes true, to let more rows join: bigger batches amortise the per-execution cost of a
+  NeuronCore. The delay is measured from the oldest request's arrival, never from when a collector
+  started (the TorchServe/MLServer flaw), so no request waits more than the delay for batching
+  (plus any wait for a slot). max_queue_delay_ms = 0 makes the batcher purely work-conserving.
+  A batch takes what is queued, in order (lowest priority value first, FIFO within a priority), up to
+  max_batch_rows; a request larger than the room left is split and its first part fills the batch,
+  the rest stays at the head of the queue. stats().queue_s_total sums every request's wait.
+
+Admission: rows >= 1 (InvalidInput); queued rows + rows <= config.max_queue_rows, else Overloaded at
+once; a deadline (absolute, on `clock`) already passed, or that `estimate_latency_s` says cannot be met,
+is DeadlineExceeded at submit and checked again as the request joins a batch: it joins only if
+clock() + estimate_latency_s(rows of the batch with it) <= its deadline and every earlier member's
+(otherwise it is rejected, or, if only an earlier member would miss, it waits for the next batch).
+Failure: an exception in run_batch (or a result with the wrong number of rows) fails exactly the
+requests of that batch, once each (a split request as a whole), and the batcher keeps serving.
+A caller cancelled while waiting is dropped: its rows not yet batched never run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+
+from neuronserve.config import BatchingConfig
+from neuronserve.errors import ConfigError, DeadlineExceeded, InvalidInput, NeuronServeError, Overloaded, Unavailable
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Rows [start, stop) of one request's payload, as handed to run_batch."""
+
+    payload: Any
+    start: int
+    stop: int
+
+
+RunBatch = Callable[[Sequence[Slice]], Awaitable[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class BatcherStats:
+    queued_rows: int
+    queued_requests: int
+    in_flight_batches: int
+    batches: int  # cumulative: batches fired
+    batch_rows: int  # cumulative: rows in them
+    rejected_overload: int
+    rejected_deadline: int
+    cancelled: int
+    failed: int  # requests failed by run_batch (or by close(drain=False))
+    queue_s_total: float  # sum over requests of (first batch start - arrival)
+
+
+@dataclass(eq=False)
+class _Request:
+    payload: Any
+    rows: int
+    priority: int
+    arrival_s: float
+    deadline_s: Optional[float]
+    future: asyncio.Future
+    taken: int = 0  # rows already put in batches
+    received: int = 0  # rows whose results are back
+    parts: List[Tuple[int, np.ndarray]] = field(default_factory=list)  # (start, rows) of a split request
+
+
+# A batch member: the request and the rows [start, stop) of it in this batch.
+_Member = Tuple[_Request, int, int]
+
+
+class DynamicBatcher:
+    """One queue of requests in rows for one run_batch; see the module docstring for the rules.
+
+    max_batch_rows: the largest batch (config.max_batch_rows, if set, caps it lower). max_in_flight:
+    batches running at once (config.max_in_flight_batches, if set, overrides it). estimate_latency_s:
+    rows -> seconds a batch of that many rows takes; it runs on the dispatcher, so it must be cheap
+    and must not raise. clock: seconds, the clock every deadline_s is on.
+    """
+
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        *,
+        max_batch_rows: int,
+        config: BatchingConfig,
+        max_in_flight: int = 1,
+        estimate_latency_s: Optional[Callable[[int], float]] = None,
+        clock: Callable[[], float] = time.monotonic,
+        name: str = "batcher",
+    ) -> None:
+        if max_batch_rows < 1 or max_in_flight < 1:
+            raise ConfigError(f"{name}: max_batch_rows and max_in_flight must be >= 1, got {max_batch_rows} and {max_in_flight}")
+        self.name = name
+        self._run_batch = run_batch
+        self._max_rows = min(max_batch_rows, config.max_batch_rows or max_batch_rows)
+        self._max_in_flight = config.max_in_flight_batches or max_in_flight
+        self._max_queue_rows = config.max_queue_rows
+        self._delay_s = config.max_queue_delay_ms / 1e3
+        self._estimate_s = estimate_latency_s
+        self._clock = clock
+        self._queues: Dict[int, Deque[_Request]] = {}  # priority -> FIFO
+        self._queued_rows = 0
+        self._running: Set[asyncio.Task] = set()
+        self._wake: Optional[asyncio.Event] = None
+        self._dispatcher: Optional[asyncio.Task] = None
+        self._closing = False
+        self._batches = self._batch_rows = 0
+        self._rejected_overload = self._rejected_deadline = self._cancelled = self._failed = 0
+        self._queue_s_total = 0.0
+
+    def start(self) -> None:
+        """Create the dispatcher task on the running loop."""
+        if self._dispatcher is not None:
+            return
+        self._wake = asyncio.Event()
+        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch(), name=f"{self.name}-dispatcher")
+
+    async def close(self, drain: bool = True) -> None:
+        """Refuse new requests; drain=True answers every queued one first, drain=False fails them with
+        Unavailable. Either way, returns once no batch is running."""
+        self._closing = True
+        if not drain:
+            for queue in list(self._queues.values()):
+                for request in list(queue):
+                    self._failed += self._fail(request, Unavailable(f"{self.name} closed before the request ran"))
+        if self._dispatcher is not None:
+            self._wake.set()
+            await asyncio.wait({self._dispatcher})  # wait, not await: cancelling close must not stop the drain
+        while self._running:
+            await asyncio.wait(set(self._running))
+
+    async def submit(self, payload: Any, rows: int, *, deadline_s: Optional[float] = None, priority: int = 0) -> np.ndarray:
+        """Queue `rows` rows of `payload`; the result holds this request's rows of run_batch's output, in order."""
+        if self._closing or self._dispatcher is None:
+            raise Unavailable(f"{self.name} is {'closed' if self._closing else 'not started'}: not accepting requests")
+        if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
+            raise InvalidInput(f"rows must be an integer >= 1, got {rows!r}")
+        rows = int(rows)
+        now = self._clock()
+        if deadline_s is not None:
+            shortfall_s = self._shortfall_s(now, min(rows, self._max_rows), deadline_s)
+            if shortfall_s > 0:
+                self._rejected_deadline += 1
+                raise self._deadline_error(rows, min(rows, self._max_rows), shortfall_s)
+        if self._queued_rows + rows > self._max_queue_rows:
+            self._rejected_overload += 1
+            raise Overloaded(
+                f"{self.name}: queue holds {self._queued_rows} rows; {rows} more would pass max_queue_rows={self._max_queue_rows}"
+            )
+        request = _Request(payload, rows, priority, now, deadline_s, asyncio.get_running_loop().create_future())
+        self._queues.setdefault(priority, deque()).append(request)
+        self._queued_rows += rows
+        self._wake.set()
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            self._cancelled += 1
+            self._unqueue(request)
+            raise
+
+    def stats(self) -> BatcherStats:
+        return BatcherStats(
+            queued_rows=self._queued_rows,
+            queued_requests=sum(len(q) for q in self._queues.values()),
+            in_flight_batches=len(self._running),
+            batches=self._batches,
+            batch_rows=self._batch_rows,
+            rejected_overload=self._rejected_overload,
+            rejected_deadline=self._rejected_deadline,
+            cancelled=self._cancelled,
+            failed=self._failed,
+            queue_s_total=self._queue_s_total,
+        )
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        while True:
+            while self._queued_rows == 0 or len(self._running) >= self._max_in_flight:
+                if self._closing and self._queued_rows == 0:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+            hold_s = self._hold_s()
+            if hold_s > 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), hold_s)
+                except asyncio.TimeoutError:
+                    pass
+                continue  # re-evaluate: a batch finished, rows arrived, or the delay is up
+            members = self._form()
+            if members:
+                task = asyncio.get_running_loop().create_task(self._run(members))
+                self._running.add(task)
+                task.add_done_callback(self._finished)
+
+    def _hold_s(self) -> float:
+        """Seconds to hold a free slot for more rows (rule (a)-(c) in the module docstring); <= 0: fire now."""
+        if not self._running or self._closing or self._queued_rows >= self._max_rows:
+            return 0.0
+        heads = [queue[0] for queue in self._queues.values() if queue]
+        if any(request.taken for request in heads):
+            return 0.0  # the rest of a split request: it is already running, holding its tail only delays it
+        return min(request.arrival_s for request in heads) + self._delay_s - self._clock()
+
+    def _form(self) -> List[_Member]:
+        """Take queued rows for one batch, per the rule in the module docstring."""
+        now = self._clock()
+        members: List[_Member] = []
+        rows = 0
+        members_deadline_s = float("inf")
+        for priority in sorted(self._queues):
+            queue = self._queues[priority]
+            while queue and rows < self._max_rows:
+                request = queue[0]
+                if request.future.done():  # caller cancelled in this loop iteration; submit's handler not run yet
+                    self._unqueue(request)
+                    continue
+                part = min(request.rows - request.taken, self._max_rows - rows)
+                if request.deadline_s is not None:
+                    shortfall_s = self._shortfall_s(now, rows + part, request.deadline_s)
+                    if shortfall_s > 0:
+                        error = self._deadline_error(request.rows, rows + part, shortfall_s)
+                        self._rejected_deadline += self._fail(request, error)
+                        continue
+                if members and self._shortfall_s(now, rows + part, members_deadline_s) > 0:
+                    return self._count(members, rows)  # it would make an earlier member late: next batch
+                if request.taken == 0:
+                    self._queue_s_total += now - request.arrival_s
+                members.append((request, request.taken, request.taken + part))
+                request.taken += part
+                self._queued_rows -= part
+                rows += part
+                if request.deadline_s is not None:
+                    members_deadline_s = min(members_deadline_s, request.deadline_s)
+                if request.taken == request.rows:
+                    queue.popleft()
+            if not queue:
+                del self._queues[priority]
+            if rows == self._max_rows:
+                break
+        return self._count(members, rows)
+
+    def _count(self, members: List[_Member], rows: int) -> List[_Member]:
+        if members:
+            self._batches += 1
+            self._batch_rows += rows
+        return members
+
+    async def _run(self, members: List[_Member]) -> None:
+        rows = sum(stop - start for _, start, stop in members)
+        try:
+            out = await self._run_batch([Slice(request.payload, start, stop) for request, start, stop in members])
+            if not isinstance(out, np.ndarray) or out.ndim < 1 or out.shape[0] != rows:
+                got = f"shape {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+                raise NeuronServeError(f"internal: {self.name} run_batch returned {got} for a batch of {rows} rows")
+            offset = 0
+            for request, start, stop in members:
+                self._deliver(request, start, out[offset : offset + stop - start])
+                offset += stop - start
+        except asyncio.CancelledError:
+            self._fail_batch(members, Unavailable(f"{self.name}: batch of {rows} rows was cancelled"))
+            raise
+        except Exception as exc:
+            if not isinstance(exc, NeuronServeError):
+                exc = NeuronServeError(f"{self.name}: run_batch failed: {type(exc).__name__}: {exc}")
+            self._fail_batch(members, exc)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._wake.set()
+
+    # -- results --------------------------------------------------------------------------------
+
+    def _deliver(self, request: _Request, start: int, rows: np.ndarray) -> None:
+        if request.future.done():  # cancelled, or failed through another part
+            return
+        if len(rows) == request.rows:
+            request.future.set_result(rows)
+            return
+        request.parts.append((start, rows))
+        request.received += len(rows)
+        if request.received == request.rows:
+            request.parts.sort(key=lambda part: part[0])
+            request.future.set_result(np.concatenate([part for _, part in request.parts], axis=0))
+            request.parts.clear()
+
+    def _fail_batch(self, members: List[_Member], exc: BaseException) -> None:
+        for request, _, _ in members:
+            self._failed += self._fail(request, exc)
+
+    def _fail(self, request: _Request, exc: BaseException) -> bool:
+        """Fail a request once, as a whole (True if this call failed it); its rows not yet batched leave the queue."""
+        self._unqueue(request)
+        if request.future.done():
+            return False
+        request.future.set_exception(exc)
+        return True
+
+    def _unqueue(self, request: _Request) -> None:
+        """Drop a request's rows not yet batched (an emptied priority queue is removed by _form)."""
+        if request.taken == request.rows:
+            return
+        self._queues[request.priority].remove(request)
+        self._queued_rows -= request.rows - request.taken
+        request.taken = request.rows
+
+    # -- deadlines ------------------------------------------------------------------------------
+
+    def _shortfall_s(self, now: float, batch_rows: int, deadline_s: float) -> float:
+        """How far past `deadline_s` a batch of `batch_rows` started now would finish (> 0: too late)."""
+        estimate_s = self._estimate_s(batch_rows) if self._estimate_s is not None else 0.0
+        return now + estimate_s - deadline_s
+
+    def _deadline_error(self, rows: int, batch_rows: int, shortfall_s: float) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"{self.name}: a request of {rows} rows cannot meet its deadline: a batch of {batch_rows} rows "
+            f"started now would finish {shortfall_s * 1e3:.3f} ms after it"
+        )

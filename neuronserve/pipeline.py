@@ -1,0 +1,305 @@
+"""The pipeline: the three stages on NeuronCore groups, bucket padding and splitting, dispatch.
+
+On the request path between the batcher (above, which hands it whole batches as run_batch) and a
+backend (below, which runs one traced graph at one compiled bucket on one core group). Each distinct
+core group of the Placement owns a ThreadPoolExecutor with one thread per execution it may hold
+(`runner.max_in_flight`: 1, or N for a graph compiled with --neuroncore-pipeline-cores N); torch
+releases the GIL, so groups run in parallel.
+
+- Data parallel: a stage placed on several groups goes to the least-loaded healthy one.
+- Model pipelining: stages placed on different groups overlap across batches (batch i+1's towers run
+  while batch i is scored); the hand-off between stages is bounded because a stage execution waits
+  for a free slot on its groups, and the batcher keeps at most `concurrency` batches in flight.
+- Buckets: see `_plan`; padding rows never leave this module.
+- Faults: a CoreFault fails only the batch that hit it; the runner reports its group unhealthy until
+  the core is reset, and dispatch routes around it; with no healthy group left: Unavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Deque, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from neuronserve.backends.base import Backend, StageRunner
+from neuronserve.config import STAGES, CoreGroup, Placement
+from neuronserve.errors import CoreFault, InvalidInput, Unavailable
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    cores: str  # NEURON_RT_VISIBLE_CORES syntax
+    stages: Tuple[str, ...]
+    executions: int
+    busy_s: float  # wall seconds spent in runner.run
+    faults: int
+    healthy: bool
+
+
+@dataclass(frozen=True)
+class StageStats:
+    executions: int
+    rows: int  # caller rows
+    padded_rows: int  # padding rows added to reach compiled buckets
+
+
+@dataclass(frozen=True)
+class PipelineStats:
+    stages: Dict[str, StageStats]
+    groups: Tuple[GroupStats, ...]
+
+    @property
+    def faults(self) -> int:
+        return sum(g.faults for g in self.groups)
+
+
+class _Group:
+    """One core group: its runners (one per stage placed on it), executor and load. Loop-thread only."""
+
+    def __init__(self, index: int, cores: CoreGroup, stages: Tuple[str, ...]) -> None:
+        self.index = index
+        self.cores = cores
+        self.stages = stages
+        self.runners: Dict[str, StageRunner] = {}
+        self.capacity = 1
+        self.executor: Optional[ThreadPoolExecutor] = None  # set by Pipeline.start
+        self.in_flight = 0
+        self.dispatched = 0
+        self.executions = 0
+        self.busy_s = 0.0
+        self.faults = 0
+
+    def healthy(self) -> bool:
+        return all(runner.healthy() for runner in self.runners.values())
+
+
+def _plan_table(buckets: Tuple[int, ...], cost_s: Dict[int, float], limit: int) -> List[Tuple[int, ...]]:
+    """table[r] = the chunks (bucket sizes) covering r rows at least total device time, for r <= limit.
+
+    Dynamic programming over the bucket costs: best(r) = min over buckets b of cost(b) + best(r - b),
+    with best(r <= 0) = 0, i.e. the last chunk is padded up. Ties go to fewer chunks, then fewer rows.
+    """
+    best: List[Tuple[float, int, int]] = [(0.0, 0, 0)] * (limit + 1)
+    table: List[Tuple[int, ...]] = [()] * (limit + 1)
+    for rows in range(1, limit + 1):
+        options = []
+        for b in buckets:
+            cost, chunks, total = best[max(rows - b, 0)]
+            options.append(((cost + cost_s[b], chunks + 1, total + b), b))
+        key, b = min(options)
+        best[rows] = key
+        table[rows] = (b,) + table[max(rows - b, 0)]
+    return table
+
+
+class Pipeline:
+    def __init__(self, backend: Backend, placement: Placement) -> None:
+        self.backend = backend
+        self.placement = placement
+        groups = placement.all_groups()
+        self._groups = [
+            _Group(i, cores, tuple(s for s in STAGES if cores in placement.groups.get(s, ()))) for i, cores in enumerate(groups)
+        ]
+        self._stage_groups: Dict[str, List[_Group]] = {
+            stage: [g for g in self._groups if stage in g.stages] for stage in STAGES if placement.groups.get(stage)
+        }
+        self._shapes: Dict[str, Tuple[Tuple[int, ...], ...]] = {}
+        self._buckets: Dict[str, Tuple[int, ...]] = {}
+        self._cost_s: Dict[str, Dict[int, float]] = {}
+        self._plans: Dict[str, List[Tuple[int, ...]]] = {}
+        self._stage_counts = {stage: [0, 0, 0] for stage in STAGES}  # executions, rows, padded rows
+        self._waiters: Deque[asyncio.Future] = deque()
+        self._started = False
+
+    def start(self) -> None:
+        """Load every stage on its groups and run every bucket once (blocking), then plan buckets.
+
+        gc.freeze() is deliberately not called here: the server calls it once everything is built."""
+        for group in self._groups:
+            for stage in group.stages:
+                runner = self.backend.load(stage, group.cores)
+                runner.warmup()
+                group.runners[stage] = runner
+            group.capacity = max(r.max_in_flight for r in group.runners.values())
+            group.executor = ThreadPoolExecutor(max_workers=group.capacity, thread_name_prefix=f"cores-{group.cores}")
+        for stage, groups in self._stage_groups.items():
+            runner = groups[0].runners[stage]
+            self._shapes[stage] = tuple(runner.input_shapes())
+            self._buckets[stage] = tuple(sorted(runner.batch_sizes))
+            self._cost_s[stage] = {b: self._bucket_cost_s(runner, b) for b in self._buckets[stage]}
+            largest = self._buckets[stage][-1]
+            self._plans[stage] = _plan_table(self._buckets[stage], self._cost_s[stage], 2 * largest)
+        self._started = True
+
+    @staticmethod
+    def _bucket_cost_s(runner: StageRunner, batch_size: int) -> float:
+        modelled = runner.latency_s(batch_size)
+        if modelled is not None:
+            return modelled
+        inputs = [np.zeros((batch_size,) + shape, dtype=np.float32) for shape in runner.input_shapes()]
+        start = time.perf_counter()
+        runner.run(inputs)
+        return time.perf_counter() - start
+
+    @property
+    def max_batch_rows(self) -> int:
+        return min(buckets[-1] for buckets in self._buckets.values())
+
+    @property
+    def concurrency(self) -> int:
+        """Batches worth keeping in flight: one per executor slot of every core group."""
+        return sum(group.capacity for group in self._groups)
+
+    def _plan(self, stage: str, rows: int) -> Tuple[int, ...]:
+        """Chunks for `rows`: full largest buckets while more than two of them remain, then the cheapest
+        cover of the rest by the latency model (_plan_table): pad up when one bigger bucket costs less
+        device time than splitting, split when it does not (e.g. 513 rows -> 512 + 1, not 1024)."""
+        largest = self._buckets[stage][-1]
+        full = max(0, rows - largest) // largest
+        return (largest,) * full + self._plans[stage][rows - full * largest]
+
+    def plan_cost_s(self, stage: str, rows: int) -> float:
+        return sum(self._cost_s[stage][b] for b in self._plan(stage, rows))
+
+    def estimate_latency_s(self, rows: int) -> float:
+        """Device time of a score batch of `rows` peers (and up to as many users): the towers (in
+        parallel when they can run on two groups) then the scorer; chunks counted one after another."""
+        rows = max(1, rows)
+        user, peer = self.plan_cost_s("user_tower", rows), self.plan_cost_s("peer_tower", rows)
+        tower_groups = {g.index for stage in ("user_tower", "peer_tower") for g in self._stage_groups[stage]}
+        towers = max(user, peer) if len(tower_groups) > 1 else user + peer
+        return towers + self.plan_cost_s("pair_scorer", rows)
+
+    async def run_stage(self, stage: str, inputs: Sequence[np.ndarray]) -> np.ndarray:
+        """Run `stage` on any number of rows >= 1: pad/split to compiled buckets, unpad the output."""
+        if not self._started:
+            raise Unavailable("the pipeline is not started: call start() first")
+        if stage not in self._stage_groups:
+            raise InvalidInput(f"stage {stage!r} is not placed on any core group; placed: {', '.join(self._stage_groups)}")
+        arrays, rows = self._check(stage, inputs)
+        chunks = self._plan(stage, rows)
+        if len(chunks) == 1:
+            return await self._run_chunk(stage, arrays, 0, rows, chunks[0])
+        starts = np.cumsum((0,) + chunks[:-1])
+        parts = await asyncio.gather(
+            *(self._run_chunk(stage, arrays, int(s), min(b, rows - int(s)), b) for s, b in zip(starts, chunks))
+        )
+        return np.concatenate(parts, axis=0)
+
+    async def score(self, user_features: np.ndarray, peer_features: np.ndarray, user_index: np.ndarray) -> np.ndarray:
+        """Row i of the result [N, K] scores user user_index[i] against peer i (logits, float32)."""
+        user_index = np.asarray(user_index)
+        users = np.shape(user_features)[0] if np.ndim(user_features) else 0
+        peers = np.shape(peer_features)[0] if np.ndim(peer_features) else 0
+        if user_index.shape != (peers,) or user_index.dtype.kind not in "iu":
+            raise InvalidInput(
+                f"user_index must be {peers} integers (one per peer row), got shape {user_index.shape} dtype {user_index.dtype}"
+            )
+        if peers and (user_index.min() < 0 or user_index.max() >= users):
+            raise InvalidInput(f"user_index values must be in [0, {users}) (the user rows), got {user_index.min()}..{user_index.max()}")
+        user, peer = await asyncio.gather(
+            self.run_stage("user_tower", [user_features]), self.run_stage("peer_tower", [peer_features])
+        )
+        return await self.run_stage("pair_scorer", [np.take(user, user_index, axis=0), peer])
+
+    def stats(self) -> PipelineStats:
+        return PipelineStats(
+            stages={stage: StageStats(*counts) for stage, counts in self._stage_counts.items()},
+            groups=tuple(
+                GroupStats(str(g.cores), g.stages, g.executions, g.busy_s, g.faults, g.healthy()) for g in self._groups
+            ),
+        )
+
+    def close(self) -> None:
+        """Wait for running executions, then release every runner."""
+        for group in self._groups:
+            if group.executor is not None:
+                group.executor.shutdown(wait=True)
+            for runner in group.runners.values():
+                runner.close()
+            group.runners.clear()
+        self._started = False
+
+    def _check(self, stage: str, inputs: Sequence[np.ndarray]) -> Tuple[List[np.ndarray], int]:
+        shapes = self._shapes[stage]
+        if len(inputs) != len(shapes):
+            raise InvalidInput(f"{stage} takes {len(shapes)} input(s), got {len(inputs)}")
+        arrays = [np.ascontiguousarray(x, dtype=np.float32) for x in inputs]
+        rows = arrays[0].shape[0] if arrays[0].ndim else 0
+        for i, (array, shape) in enumerate(zip(arrays, shapes)):
+            if array.shape != (rows,) + shape:
+                raise InvalidInput(
+                    f"{stage} input {i} must have shape (rows, {', '.join(map(str, shape))}) with the same rows "
+                    f"for every input, got {tuple(array.shape)}"
+                )
+        if rows < 1:
+            raise InvalidInput(f"{stage} needs at least 1 row, got 0")
+        return arrays, rows
+
+    async def _run_chunk(self, stage: str, arrays: List[np.ndarray], start: int, rows: int, bucket: int) -> np.ndarray:
+        """Rows [start, start+rows) padded to `bucket`, on the least-loaded healthy group; unpadded output."""
+        chunk = []
+        for array in arrays:
+            if rows == bucket:
+                chunk.append(array[start : start + rows])  # a contiguous view, no copy
+            else:
+                padded = np.empty((bucket,) + array.shape[1:], dtype=np.float32)
+                padded[:rows] = array[start : start + rows]
+                padded[rows:] = 0.0
+                chunk.append(padded)
+        group = await self._acquire(stage)
+        future = asyncio.get_running_loop().run_in_executor(group.executor, _timed_run, group.runners[stage], chunk)
+        future.add_done_callback(functools.partial(self._finish, group, stage, rows, bucket))
+        out, _ = await asyncio.shield(future)  # a cancelled caller must not free a slot still running
+        return out[:rows]
+
+    async def _acquire(self, stage: str) -> _Group:
+        """A slot on the least-loaded healthy group for `stage`; waits (FIFO) while all are busy."""
+        while True:
+            healthy = [g for g in self._stage_groups[stage] if g.healthy()]
+            if not healthy:
+                cores = ", ".join(str(g.cores) for g in self._stage_groups[stage])
+                raise Unavailable(
+                    f"no healthy core group for {stage}: cores {cores} are all out of rotation after faults; retry after their reset"
+                )
+            free = [g for g in healthy if g.in_flight < g.capacity]
+            if free:
+                group = min(free, key=lambda g: (g.in_flight / g.capacity, g.dispatched, g.index))
+                group.in_flight += 1
+                group.dispatched += 1
+                return group
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+
+    def _finish(self, group: _Group, stage: str, rows: int, bucket: int, future: asyncio.Future) -> None:
+        """Done callback (loop thread): free the slot, wake waiters, count."""
+        group.in_flight -= 1
+        waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        if future.cancelled():
+            return
+        error = future.exception()
+        if isinstance(error, CoreFault):
+            group.faults += 1
+        if error is None:
+            group.executions += 1
+            group.busy_s += future.result()[1]
+            counts = self._stage_counts[stage]
+            counts[0] += 1
+            counts[1] += rows
+            counts[2] += bucket - rows
+
+
+def _timed_run(runner: StageRunner, inputs: List[np.ndarray]) -> Tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    out = runner.run(inputs)
+    return out, time.perf_counter() - start

@@ -1,0 +1,397 @@
+"""The Neuron path (torch.neuron.trace at compile time, the neuron backend at run time) against a stand-in
+torch_neuron (tests/standin) that checks every call against AWS's documented torch-neuron API.
+
+No Inferentia here: the stand-in compiles with torch.jit.trace, so outputs are real, and a faked
+/dev/neuron* list stands for the device. What these tests prove is the calls and their order: keyword
+arguments and neuron-cc flags as documented, `import torch_neuron` before torch.jit.load,
+NEURON_RT_VISIBLE_CORES pinned before the first load, groups placed relative to the pinned range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SMALL_CONFIG
+from neuronserve.artifact import load_manifest
+from neuronserve.backends import make_backend
+from neuronserve.backends import neuron as neuron_backend
+from neuronserve.config import CoreGroup
+from neuronserve.errors import ArtifactError, BackendUnavailable, ConfigError, CoreFault, InvalidInput
+
+pytestmark = [pytest.mark.neuron_standin, pytest.mark.timeout(120)]
+
+STANDIN_DIR = Path(__file__).parent / "standin"
+STANDIN_MODULES = ("torch_neuron", "torch_neuron.experimental", "torch.neuron")
+ENV = neuron_backend.VISIBLE_CORES_ENV
+FAST_MATH = "fp32-cast-matmult no-fast-relayout"
+
+
+def _forget_standin() -> None:
+    for name in STANDIN_MODULES:
+        sys.modules.pop(name, None)
+    if hasattr(torch, "neuron"):
+        delattr(torch, "neuron")
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    """Makes `import torch_neuron` find the stand-in for one test; a fresh import each time (fresh records)."""
+    _forget_standin()
+    monkeypatch.syspath_prepend(str(STANDIN_DIR))
+    yield
+    _forget_standin()
+
+
+@pytest.fixture
+def no_torch_neuron(monkeypatch):
+    """`import torch_neuron` fails, whatever is installed."""
+    _forget_standin()
+    monkeypatch.setitem(sys.modules, "torch_neuron", None)
+
+
+@pytest.fixture
+def device(monkeypatch):
+    """A host with one Inferentia chip; the process's Neuron runtime not yet initialised."""
+    monkeypatch.setattr(neuron_backend, "neuron_devices", lambda: ["/dev/neuron0"])
+    monkeypatch.setattr(neuron_backend, "_PROCESS", neuron_backend._ProcessCores())
+    monkeypatch.delenv(ENV, raising=False)
+
+
+@pytest.fixture(scope="module")
+def neuron_artifact(tmp_path_factory):
+    """compile_artifact(target="neuron", pipeline_cores=2, fast_math=...) through the stand-in, plus its trace calls."""
+    from neuronserve.compile import compile_artifact
+
+    _forget_standin()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(STANDIN_DIR))
+        manifest = compile_artifact(
+            tmp_path_factory.mktemp("neuron") / "artifact",
+            config=SMALL_CONFIG,
+            batch_sizes=(1, 4),
+            seed=3,
+            target="neuron",
+            pipeline_cores=2,
+            fast_math=FAST_MATH,
+        )
+        import torch_neuron
+
+        calls = list(torch_neuron.trace_calls)
+        version = torch_neuron.__version__
+    _forget_standin()
+    return manifest, calls, version
+
+
+def record_loads(monkeypatch):
+    """Wrap torch.jit.load: record, per call, whether torch_neuron was imported, the env var and the placement."""
+    seen = []
+    real_load = torch.jit.load
+
+    def load(path, *args, **kwargs):
+        standin = sys.modules.get("torch_neuron")
+        seen.append(
+            {
+                "torch_neuron_imported": standin is not None,
+                "visible_cores": os.environ.get(ENV),
+                "placement": getattr(standin, "current_placement", None),
+                "path": str(path),
+            }
+        )
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch.jit, "load", load)
+    return seen
+
+
+def pair_inputs(manifest, batch: int, seed: int = 0):
+    cfg = manifest.model_config
+    rng = np.random.default_rng(seed)
+    shape = (batch, cfg.num_labels, cfg.label_dim)
+    return rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+
+
+# --- compile side: trace_neuron ---------------------------------------------------------------
+
+
+def test_trace_neuron_one_core_passes_documented_keywords_and_no_flag(standin):
+    from neuronserve.compile.neuron import trace_neuron
+
+    module = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU())
+    x = torch.randn(2, 8)
+    traced, args = trace_neuron(module, (x,))
+    import torch_neuron
+
+    (call,) = torch_neuron.trace_calls
+    assert args == ()
+    assert call["model"] is module
+    assert call["kwargs"]["compiler_args"] == []
+    assert call["kwargs"]["fallback"] is False and call["kwargs"]["dynamic_batch_size"] is False
+    assert set(call["kwargs"]) <= torch_neuron.TRACE_KEYWORDS
+    assert isinstance(traced, torch.jit.ScriptModule)
+    torch.testing.assert_close(traced(x), module(x))
+
+
+def test_trace_neuron_pipeline_cores_and_fast_math_flags(standin, tmp_path):
+    from neuronserve.compile.neuron import trace_neuron
+
+    module = torch.nn.Linear(8, 4)
+    _, args = trace_neuron(module, (torch.randn(1, 8),), pipeline_cores=4, fast_math="none", workdir=str(tmp_path))
+    assert args == ("--neuroncore-pipeline-cores", "4", "--fast-math", "none")
+    _, args = trace_neuron(module, (torch.randn(1, 8),), fast_math=FAST_MATH)
+    assert args == ("--fast-math", "fp32-cast-matmult", "no-fast-relayout")
+    import torch_neuron
+
+    first, second = torch_neuron.trace_calls
+    assert first["kwargs"]["compiler_args"] == ["--neuroncore-pipeline-cores", "4", "--fast-math", "none"]
+    assert first["kwargs"]["compiler_workdir"] == str(tmp_path)
+    assert second["kwargs"]["compiler_args"] == ["--fast-math", "fp32-cast-matmult", "no-fast-relayout"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"pipeline_cores": 0}, "--pipeline-cores"),
+        ({"pipeline_cores": 65}, "--pipeline-cores"),
+        ({"fast_math": "fastest"}, "fastest"),
+        ({"fast_math": "all none"}, "mutually exclusive"),
+        ({"fast_math": "fp32-cast-all fp32-cast-matmult"}, "mutually exclusive"),
+        ({"fast_math": " "}, "empty"),
+    ],
+)
+def test_trace_neuron_rejects_bad_settings_before_compiling(standin, kwargs, needle):
+    from neuronserve.compile.neuron import trace_neuron
+
+    with pytest.raises(ConfigError, match=needle):
+        trace_neuron(torch.nn.Linear(2, 2), (torch.randn(1, 2),), **kwargs)
+    assert "torch_neuron" not in sys.modules  # validated before torch-neuron is even imported
+
+
+def test_trace_neuron_turns_a_compiler_failure_into_an_artifact_error(standin, monkeypatch):
+    from neuronserve.compile.neuron import trace_neuron
+
+    import torch_neuron
+
+    def failing_trace(model, example_inputs, **kwargs):
+        raise AttributeError("Neuron does not support aten::foo")
+
+    monkeypatch.setattr(torch_neuron, "trace", failing_trace)
+    with pytest.raises(ArtifactError, match="aten::foo"):
+        trace_neuron(torch.nn.Linear(2, 2), (torch.randn(1, 2),))
+
+
+def test_missing_torch_neuron_says_what_to_do(no_torch_neuron):
+    from neuronserve.compile.neuron import torch_neuron_version, trace_neuron
+
+    with pytest.raises(BackendUnavailable) as info:
+        trace_neuron(torch.nn.Linear(2, 2), (torch.randn(1, 2),))
+    message = str(info.value)
+    assert "\n" not in message
+    assert "pip install torch-neuron" in message and "https://pip.repos.neuron.amazonaws.com" in message
+    assert "--target cpu" in message
+    assert torch_neuron_version() is None
+
+
+# --- the stand-in's own checks: they must be able to fail --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"compiler_args": "--neuroncore-pipeline-cores 4"}, TypeError),  # a string, not a list
+        ({"compiler_args": ["--neuroncore-pipeline-cores", 4]}, TypeError),  # an int in the list
+        ({"compiler_args": ["--neuroncore-pipeline-cores", "four"]}, ValueError),
+        ({"compiler_args": ["--neuroncore-pipeline-cores"]}, ValueError),
+        ({"compiler_args": ["--pipeline-cores", "4"]}, ValueError),  # not a neuron-cc flag
+        ({"compiler_args": ["--fast-math", "fast"]}, ValueError),
+        ({"compile_args": []}, TypeError),  # misspelt keyword
+        ({"fallback": "no"}, TypeError),
+        ({"compiler_timeout": "60"}, TypeError),
+    ],
+)
+def test_standin_rejects_undocumented_calls(standin, kwargs, error):
+    import torch_neuron
+
+    with pytest.raises(error):
+        torch.neuron.trace(torch.nn.Linear(2, 2), (torch.randn(1, 2),), **kwargs)
+    assert torch_neuron.trace_calls == []
+
+
+def test_standin_accepts_documented_calls_and_forwards_jit_keywords(standin):
+    import torch_neuron
+
+    assert torch.neuron is torch_neuron
+    module = torch.nn.Linear(2, 2)
+    traced = torch.neuron.trace(
+        module,
+        torch.randn(1, 2),  # a single tensor is documented as allowed
+        compiler_args=["--neuroncore-pipeline-cores", "2", "--fast-math", "fp32-cast-matmult", "no-fast-relayout"],
+        compiler_timeout=600,
+        minimum_segment_size=2,
+        optimizations=[],
+        check_trace=False,  # a torch.jit.trace keyword: forwarded
+    )
+    assert isinstance(traced, torch.jit.ScriptModule)
+    assert len(torch_neuron.trace_calls) == 1
+
+
+# --- compile_artifact(target="neuron") end to end ------------------------------------------------
+
+
+def test_compile_artifact_neuron_target_records_the_neuron_build(neuron_artifact):
+    manifest, calls, version = neuron_artifact
+    assert manifest.target == "neuron"
+    assert manifest.pipeline_cores == 2
+    assert manifest.compiler_args == ("--neuroncore-pipeline-cores", "2", "--fast-math", "fp32-cast-matmult", "no-fast-relayout")
+    assert manifest.torch_neuron_version == version
+    assert len(calls) == 3 * 2  # every stage at every bucket went through torch.neuron.trace
+    for call in calls:
+        assert call["kwargs"]["compiler_args"] == list(manifest.compiler_args)
+    pair_call = [c for c in calls if len(c["example_inputs"]) == 2]
+    assert {c["example_inputs"][0].shape[0] for c in pair_call} == {1, 4}
+    assert load_manifest(manifest.directory, verify=True).target == "neuron"
+    assert manifest.max_parity_error() <= manifest.parity_tolerance
+
+
+# --- run side: the neuron backend ------------------------------------------------------------------
+
+
+def test_neuron_backend_pins_cores_imports_torch_neuron_first_and_runs_buckets(standin, device, monkeypatch, neuron_artifact):
+    manifest = neuron_artifact[0]
+    loads = record_loads(monkeypatch)
+    backend = neuron_backend.NeuronBackend(manifest)
+    runner = backend.load("pair_scorer", CoreGroup(1, 2))
+
+    import torch_neuron
+
+    assert os.environ[ENV] == "1-2"
+    assert torch_neuron.runtime_visible_cores == "1-2"  # set before the runtime initialised
+    assert len(loads) == len(manifest.stage("pair_scorer").buckets)
+    assert all(load["torch_neuron_imported"] for load in loads)
+    assert all(load["visible_cores"] == "1-2" for load in loads)
+    assert all(load["placement"] == (0, 2) for load in loads)  # relative to the pinned range
+    assert runner.batch_sizes == (1, 4)
+    assert runner.max_in_flight == 2
+    cfg = manifest.model_config
+    assert runner.input_shapes() == ((cfg.num_labels, cfg.label_dim), (cfg.num_labels, cfg.label_dim))
+
+    u, p = pair_inputs(manifest, 4)
+    out = runner.run([u, p])
+    assert out.dtype == np.float32 and out.shape == (4, cfg.num_labels)
+    expected = (u * p).sum(-1) + np.asarray(manifest.label_bias, dtype=np.float32)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    runner.warmup()
+
+
+def test_neuron_runner_rejects_uncompiled_shapes(standin, device, neuron_artifact):
+    manifest = neuron_artifact[0]
+    runner = neuron_backend.NeuronBackend(manifest).load("user_tower", CoreGroup(0, 2))
+    features = np.zeros((3, manifest.model_config.user_features), dtype=np.float32)
+    with pytest.raises(InvalidInput, match=r"B in \[1, 4\]"):
+        runner.run([features])
+    with pytest.raises(InvalidInput, match="float32"):
+        runner.run([np.zeros((4, manifest.model_config.user_features), dtype=np.float64)])
+    with pytest.raises(InvalidInput, match="takes 1 input"):
+        runner.run([features, features])
+    assert runner.run([np.zeros((1, manifest.model_config.user_features), dtype=np.float32)]).shape == (
+        1,
+        manifest.model_config.num_labels,
+        manifest.model_config.label_dim,
+    )
+
+
+def test_neuron_backend_places_several_groups_inside_the_pinned_span(standin, device, monkeypatch, neuron_artifact):
+    manifest = neuron_artifact[0]
+    loads = record_loads(monkeypatch)
+    backend = neuron_backend.NeuronBackend(manifest, visible_cores=CoreGroup(0, 4))
+    backend.load("user_tower", CoreGroup(2, 2))
+    backend.load("peer_tower", CoreGroup(0, 2))
+
+    import torch_neuron
+
+    assert os.environ[ENV] == "0-3"
+    assert torch_neuron.runtime_visible_cores == "0-3"
+    assert [load["placement"] for load in loads] == [(2, 2), (2, 2), (0, 2), (0, 2)]
+
+
+def test_neuron_backend_refuses_cores_outside_the_range_its_process_pinned(standin, device, neuron_artifact):
+    manifest = neuron_artifact[0]
+    backend = neuron_backend.NeuronBackend(manifest)
+    backend.load("user_tower", CoreGroup(0, 2))
+    with pytest.raises(ConfigError, match="holds only cores 0-1"):
+        backend.load("peer_tower", CoreGroup(2, 2))
+    with pytest.raises(ConfigError, match="multiple of 2"):
+        backend.load("peer_tower", CoreGroup(0, 1))
+
+
+def test_neuron_backend_keeps_a_range_the_operator_set(standin, device, monkeypatch, neuron_artifact):
+    manifest = neuron_artifact[0]
+    monkeypatch.setenv(ENV, "4,5,6,7")
+    loads = record_loads(monkeypatch)
+    neuron_backend.NeuronBackend(manifest).load("pair_scorer", CoreGroup(6, 2))
+    assert os.environ[ENV] == "4-7"
+    assert {load["placement"] for load in loads} == {(2, 2)}
+    with pytest.raises(ConfigError, match="holds only cores 4-7"):
+        neuron_backend.NeuronBackend(manifest).load("pair_scorer", CoreGroup(0, 2))
+
+
+def test_runtime_error_during_run_is_a_core_fault_naming_the_cores(standin, device, neuron_artifact):
+    manifest = neuron_artifact[0]
+    runner = neuron_backend.NeuronBackend(manifest).load("pair_scorer", CoreGroup(0, 2))
+
+    def failing(*tensors):
+        raise RuntimeError("nrt_execute status=1002\nmore detail")
+
+    runner._modules[4] = failing
+    with pytest.raises(CoreFault, match="NeuronCores 0-1 failed running pair_scorer at batch 4: nrt_execute status=1002$"):
+        runner.run(list(pair_inputs(manifest, 4)))
+
+
+def test_neuron_backend_refuses_a_cpu_artifact(standin, device, neuron_artifact):
+    cpu_manifest = dataclasses.replace(neuron_artifact[0], target="cpu")
+    with pytest.raises(BackendUnavailable, match="recompile with --target neuron"):
+        neuron_backend.NeuronBackend(cpu_manifest)
+
+
+def test_neuron_backend_without_torch_neuron_says_what_to_do(no_torch_neuron, device, neuron_artifact):
+    with pytest.raises(BackendUnavailable, match="needs torch-neuron.*pip install torch-neuron"):
+        neuron_backend.NeuronBackend(neuron_artifact[0])
+
+
+def test_neuron_backend_without_a_neuroncore_says_what_to_do(standin, monkeypatch, neuron_artifact):
+    monkeypatch.setattr(neuron_backend, "neuron_devices", lambda: [])
+    with pytest.raises(BackendUnavailable, match="no NeuronCore.*/dev/neuron"):
+        neuron_backend.NeuronBackend(neuron_artifact[0])
+
+
+def test_available_needs_torch_neuron_and_a_device(standin, monkeypatch):
+    if not glob.glob("/dev/neuron*"):
+        assert neuron_backend.available() is False  # this host: the stand-in imports, but there is no device
+    monkeypatch.setattr(neuron_backend, "neuron_devices", lambda: ["/dev/neuron0"])
+    assert neuron_backend.available() is True
+    monkeypatch.setattr(neuron_backend, "neuron_devices", lambda: [])
+    assert neuron_backend.available() is False
+
+
+def test_available_is_false_without_torch_neuron_and_never_raises(no_torch_neuron, monkeypatch):
+    monkeypatch.setattr(neuron_backend, "neuron_devices", lambda: ["/dev/neuron0"])
+    assert neuron_backend.available() is False
+
+    def broken():
+        raise PermissionError("/dev")
+
+    monkeypatch.setattr(neuron_backend, "neuron_devices", broken)
+    assert neuron_backend.available() is False
+
+
+def test_auto_backend_picks_neuron_for_a_neuron_artifact_on_an_inf1_host(standin, device, neuron_artifact):
+    backend = make_backend("auto", neuron_artifact[0])
+    assert isinstance(backend, neuron_backend.NeuronBackend)
+    assert backend.name == "neuron"

@@ -1,0 +1,273 @@
+"""The pipeline over simulated NeuronCores: exact outputs through padding and splitting, data
+parallelism and stage pipelining measured on the simulated clock, fault isolation and recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+
+from neuronserve.artifact import Manifest, load_manifest
+from neuronserve.backends.cpu import CpuBackend
+from neuronserve.backends.sim import LatencyModel, SimBackend, StageLatency
+from neuronserve.config import STAGES, CoreGroup, Placement, SimConfig
+from neuronserve.errors import CoreFault, InvalidInput, Unavailable
+from neuronserve.pipeline import Pipeline
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def manifest(small_artifact):
+    """The small artifact (conftest): buckets like (1, 4, 16), so splitting is cheap to exercise."""
+    return small_artifact if isinstance(small_artifact, Manifest) else load_manifest(small_artifact)
+
+
+def latency(fixed_s: float, per_row_s: float = 0.0, **per_stage_fixed_s: float) -> LatencyModel:
+    return LatencyModel(
+        {stage: StageLatency(per_stage_fixed_s.get(stage, fixed_s), per_row_s) for stage in STAGES}
+    )
+
+
+def sim_pipeline(manifest, placement: Placement, model: LatencyModel, **sim_settings) -> tuple:
+    sim = SimBackend(manifest, SimConfig(**sim_settings), latency=model)
+    pipeline = Pipeline(sim, placement)
+    pipeline.start()
+    return pipeline, sim
+
+
+def rows(manifest, count: int, features: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((count, features)).astype(np.float32)
+
+
+def direct(runner, x_list):
+    """The CPU reference: every 16-or-fewer-row piece padded to the largest bucket, run, unpadded."""
+    largest = max(runner.batch_sizes)
+    parts = []
+    for start in range(0, x_list[0].shape[0], largest):
+        piece = [x[start : start + largest] for x in x_list]
+        n = piece[0].shape[0]
+        padded = [np.concatenate([p, np.zeros((largest - n,) + p.shape[1:], np.float32)]) for p in piece]
+        parts.append(runner.run(padded)[:n])
+    return np.concatenate(parts)
+
+
+def test_scores_equal_direct_cpu_outputs_for_mixed_sizes(manifest):
+    cfg = manifest.model_config
+    cpu = CpuBackend(manifest)
+    ref = {stage: cpu.load(stage, CoreGroup(0)) for stage in STAGES}
+    pipeline, _ = sim_pipeline(manifest, Placement.data_parallel(4), latency(0.0), latency_scale=0.0)
+    largest = pipeline.max_batch_rows
+    assert largest < 40  # the small artifact: sizes below exceed its largest bucket
+
+    async def main():
+        for i, (users, peers) in enumerate([(1, 1), (3, 5), (2, largest), (7, largest + 1), (largest + 3, 40), (5, 3 * largest + 7)]):
+            user_x = rows(manifest, users, cfg.user_features, seed=i)
+            peer_x = rows(manifest, peers, cfg.peer_features, seed=100 + i)
+            index = np.random.default_rng(i).integers(0, users, size=peers)
+            got = await pipeline.score(user_x, peer_x, index)
+            u = direct(ref["user_tower"], [user_x])
+            p = direct(ref["peer_tower"], [peer_x])
+            expected = direct(ref["pair_scorer"], [u[index], p])
+            assert got.shape == (peers, cfg.num_labels) and got.dtype == np.float32
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(await pipeline.run_stage("peer_tower", [peer_x]), p, rtol=1e-5, atol=1e-6)
+
+    asyncio.run(main())
+    stats = pipeline.stats()
+    assert stats.stages["peer_tower"].padded_rows > 0 and stats.faults == 0
+    pipeline.close()
+
+
+def test_the_cpu_backend_runs_under_the_pipeline_too(manifest):
+    """No latency model: the pipeline times each bucket at start-up and plans with that."""
+    pipeline = Pipeline(CpuBackend(manifest), Placement.data_parallel(1))
+    pipeline.start()
+    x = rows(manifest, pipeline.max_batch_rows * 2 + 1, manifest.model_config.peer_features, seed=3)
+    expected = direct(CpuBackend(manifest).load("peer_tower", CoreGroup(0)), [x])
+    np.testing.assert_allclose(asyncio.run(pipeline.run_stage("peer_tower", [x])), expected, rtol=1e-5, atol=1e-6)
+    assert pipeline.estimate_latency_s(10) > 0
+    pipeline.close()
+
+
+def test_pad_up_or_split_by_the_latency_model(manifest):
+    buckets = manifest.stage("peer_tower").batch_sizes  # e.g. (1, 4, 16)
+    small, largest = buckets[0], buckets[-1]
+    assert small == 1 and buckets[1] > 2
+    features = manifest.model_config.peer_features
+
+    def run(model, count):
+        pipeline, sim = sim_pipeline(manifest, Placement.data_parallel(1), model, num_cores=1)
+        before = sim.stats().executions["peer_tower"]
+        asyncio.run(pipeline.run_stage("peer_tower", [rows(manifest, count, features, seed=count)]))
+        stats = pipeline.stats().stages["peer_tower"]
+        pipeline.close()
+        return sim.stats().executions["peer_tower"] - before, stats.padded_rows
+
+    overhead_bound = LatencyModel({s: StageLatency(1e-3, 1e-7) for s in STAGES})
+    row_bound = LatencyModel({s: StageLatency(1e-7, 1e-3) for s in STAGES})
+    # largest + 1 rows: one more full bucket plus the smallest one, never padding up
+    assert run(overhead_bound, largest + small) == (2, 0)
+    # two rows: when the fixed cost dominates, pad up to one bucket; when rows dominate, split
+    assert run(overhead_bound, 2 * small) == (1, buckets[1] - 2 * small)
+    assert run(row_bound, 2 * small) == (2, 0)
+
+
+def test_estimate_latency_follows_the_model_and_placement(manifest):
+    model = latency(0.0, user_tower=1.0, peer_tower=2.0, pair_scorer=3.0)
+    pipelined, _ = sim_pipeline(manifest, Placement.parse("user_tower=0,peer_tower=1,pair_scorer=2", 4), model, latency_scale=0.001)
+    single, _ = sim_pipeline(manifest, Placement.data_parallel(1), model, num_cores=1, latency_scale=0.001)
+    assert pipelined.estimate_latency_s(1) == pytest.approx((2.0 + 3.0) * 0.001)  # towers overlap
+    assert single.estimate_latency_s(1) == pytest.approx((1.0 + 2.0 + 3.0) * 0.001)  # one core: in turn
+    assert pipelined.estimate_latency_s(2 * pipelined.max_batch_rows) == pytest.approx(2 * (2.0 + 3.0) * 0.001)
+    assert pipelined.concurrency == 3 and single.concurrency == 1
+    pipelined.close()
+    single.close()
+
+
+def throughput_rows_per_modelled_s(manifest, cores: int, batches: int) -> tuple:
+    """Run `batches` full buckets of peer_tower on `cores` data-parallel cores; rows per modelled second."""
+    pipeline, sim = sim_pipeline(manifest, Placement.data_parallel(cores), latency(1.0), num_cores=4, latency_scale=0.02)
+    x = rows(manifest, pipeline.max_batch_rows, manifest.model_config.peer_features, seed=0)
+    warm = sim.stats()
+
+    async def main():
+        await asyncio.gather(*(pipeline.run_stage("peer_tower", [x]) for _ in range(batches)))
+
+    asyncio.run(main())
+    stats = sim.stats()
+    busy = [now.busy_s - before.busy_s for now, before in zip(stats.cores, warm.cores)]
+    pipeline.close()
+    return batches * len(x) / max(busy), stats.peak_in_flight
+
+
+def test_data_parallel_on_four_cores_is_close_to_four_times_one(manifest):
+    one, one_peak = throughput_rows_per_modelled_s(manifest, cores=1, batches=24)
+    four, four_peak = throughput_rows_per_modelled_s(manifest, cores=4, batches=24)
+    assert (one_peak, four_peak) == (1, 4)  # the four cores really ran at the same time
+    assert four / one >= 3.3  # 4.0 if dispatch balances perfectly; least-loaded keeps it within a batch or so
+
+
+def test_three_stage_placement_is_paced_by_the_slowest_stage(manifest):
+    model = latency(0.0, user_tower=1.0, peer_tower=2.0, pair_scorer=3.0)  # modelled seconds
+    placement = Placement.parse("user_tower=0,peer_tower=1,pair_scorer=2", 4)
+    pipeline, sim = sim_pipeline(manifest, placement, model, num_cores=4, latency_scale=0.01)
+    cfg = manifest.model_config
+    warm = sim.stats()
+    batches = 8
+
+    async def main():
+        async def one(i):
+            await pipeline.score(rows(manifest, 2, cfg.user_features, i), rows(manifest, 3, cfg.peer_features, i), np.array([0, 1, 1]))
+
+        await asyncio.gather(*(one(i) for i in range(batches)))
+
+    asyncio.run(main())
+    stats = sim.stats()
+    busy = [now.busy_s - before.busy_s for now, before in zip(stats.cores, warm.cores)]
+    runs = [now.executions - before.executions for now, before in zip(stats.cores, warm.cores)]
+    assert runs == [batches, batches, batches, 0]  # each stage on its own core, core 3 unused
+    assert busy[:3] == pytest.approx([1.0 * batches, 2.0 * batches, 3.0 * batches])
+    # towers of a later batch ran while an earlier batch was scored: all three cores at once
+    assert stats.peak_in_flight == 3
+    # so throughput in device time is set by the slowest stage (3 s/batch), not the sum (6 s/batch)
+    assert batches / max(busy) == pytest.approx(1 / 3.0)
+    pipeline.close()
+
+
+def test_pipelined_groups_take_two_in_flight(manifest):
+    pipelined = dataclasses.replace(manifest, pipeline_cores=2)
+    pipeline, sim = sim_pipeline(pipelined, Placement.data_parallel(4, group_size=2), latency(1.0), latency_scale=0.02)
+    assert pipeline.concurrency == 4
+    x = rows(manifest, 1, manifest.model_config.peer_features, seed=0)
+
+    async def main():
+        await asyncio.gather(*(pipeline.run_stage("peer_tower", [x]) for _ in range(12)))
+
+    asyncio.run(main())
+    assert sim.stats().peak_in_flight == 4  # 2 groups x 2 in flight, and never an oversubscription error
+    assert all(g.executions > 0 for g in pipeline.stats().groups)
+    pipeline.close()
+
+
+@pytest.mark.parametrize("kind", ["fail", "hang"])
+def test_a_core_fault_fails_only_its_batch(manifest, kind):
+    pipeline, sim = sim_pipeline(
+        manifest, Placement.data_parallel(2), latency(1.0), num_cores=2, latency_scale=0.01, core_timeout_s=0.3, reset_s=0.5
+    )
+    x = rows(manifest, 3, manifest.model_config.peer_features, seed=0)
+    expected = asyncio.run(pipeline.run_stage("peer_tower", [x]))  # dispatched to core 0 (fewest dispatches)
+    asyncio.run(pipeline.run_stage("peer_tower", [x]))  # and core 1; the tie goes to core 0 next
+    sim.inject_fault(0, kind)
+    before = sim.stats().cores
+
+    async def main():
+        first = asyncio.ensure_future(pipeline.run_stage("peer_tower", [x]))  # takes core 0 and faults
+        await asyncio.sleep(0)
+        others = [pipeline.run_stage("peer_tower", [x]) for _ in range(6)]
+        return await asyncio.gather(first, *others, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert isinstance(results[0], CoreFault)
+    assert ("hung past its timeout" if kind == "hang" else "core 0 failed") in str(results[0])
+    for out in results[1:]:
+        np.testing.assert_array_equal(out, expected)
+    after = sim.stats().cores
+    assert after[0].executions == before[0].executions  # out of rotation: core 1 took every other batch
+    assert after[1].executions - before[1].executions == 6
+    assert pipeline.stats().faults == 1
+
+    time.sleep(0.55)  # the reset
+    assert all(g.healthy for g in pipeline.stats().groups)
+    asyncio.run(pipeline.run_stage("peer_tower", [x]))
+    assert sim.stats().cores[0].executions == before[0].executions + 1  # core 0 is back in rotation
+    pipeline.close()
+
+
+def test_no_healthy_group_is_unavailable(manifest):
+    pipeline, sim = sim_pipeline(manifest, Placement.data_parallel(1), latency(0.0), num_cores=1, latency_scale=0.0, reset_s=5.0)
+    x = rows(manifest, 1, manifest.model_config.peer_features, seed=0)
+    sim.inject_fault(0, "fail")
+    with pytest.raises(CoreFault):
+        asyncio.run(pipeline.run_stage("peer_tower", [x]))
+    with pytest.raises(Unavailable, match="no healthy core group for peer_tower") as info:
+        asyncio.run(pipeline.run_stage("peer_tower", [x]))
+    assert not isinstance(info.value, CoreFault)
+    pipeline.close()
+
+
+def test_a_cancelled_caller_keeps_its_slot_until_the_core_is_done(manifest):
+    pipeline, sim = sim_pipeline(manifest, Placement.data_parallel(1), latency(1.0), num_cores=1, latency_scale=0.1)
+    x = rows(manifest, 1, manifest.model_config.peer_features, seed=0)
+
+    async def main():
+        first = asyncio.ensure_future(pipeline.run_stage("peer_tower", [x]))
+        await asyncio.sleep(0.03)  # running on core 0 now
+        first.cancel()
+        return await pipeline.run_stage("peer_tower", [x])  # must wait for core 0, not oversubscribe it
+
+    assert asyncio.run(main()).shape[0] == 1
+    # the cancelled execution finished on the core and was accounted there (its slot freed only then)
+    assert pipeline.stats().groups[0].executions == 2
+    pipeline.close()
+
+
+def test_inputs_are_validated(manifest):
+    pipeline, _ = sim_pipeline(manifest, Placement.data_parallel(1), latency(0.0), num_cores=1, latency_scale=0.0)
+    cfg = manifest.model_config
+    users = rows(manifest, 2, cfg.user_features, seed=0)
+    peers = rows(manifest, 3, cfg.peer_features, seed=1)
+    with pytest.raises(InvalidInput, match="user_index values must be in"):
+        asyncio.run(pipeline.score(users, peers, np.array([0, 1, 2])))
+    with pytest.raises(InvalidInput, match="one per peer row"):
+        asyncio.run(pipeline.score(users, peers, np.array([0, 1])))
+    with pytest.raises(InvalidInput, match="one per peer row"):
+        asyncio.run(pipeline.score(users, peers, np.array([0.0, 1.0, 1.0])))
+    with pytest.raises(InvalidInput, match=r"peer_tower input 0 must have shape \(rows, "):
+        asyncio.run(pipeline.run_stage("peer_tower", [users[:, :-1]]))
+    with pytest.raises(InvalidInput, match="at least 1 row"):
+        asyncio.run(pipeline.run_stage("peer_tower", [peers[:0]]))
+    pipeline.close()
