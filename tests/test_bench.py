@@ -1,8 +1,7 @@
 """Tests of `neuronserve bench`: the open-loop generator, the search, the limits, the report.
 
-End-to-end tests drive a real server subprocess over gRPC: `neuronserve serve --backend cpu` when
-the server and an artifact fixture exist, else a stand-in scorer in this file (numpy scores, the
-same protos; run with `python tests/test_bench.py --fake-server`). No assertion is about speed.
+End-to-end tests drive a real server subprocess over gRPC (`neuronserve serve --backend cpu` on a
+small artifact). No assertion is about speed.
 """
 
 from __future__ import annotations
@@ -28,15 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- servers under test
-
-
-def _real_server_available() -> bool:
-    try:
-        import neuronserve.server  # noqa: F401
-        from neuronserve.compile import compile_artifact  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class ServerProcess:
@@ -75,9 +65,7 @@ class ServerProcess:
 
 @pytest.fixture(scope="module")
 def artifact_dir(tmp_path_factory):
-    """A small CPU artifact for the real server and the compute limit (None: use the stand-in)."""
-    if not _real_server_available():
-        return None
+    """A small CPU artifact for the real server and the compute limit."""
     from neuronserve.artifact import ModelConfig
     from neuronserve.compile import compile_artifact
 
@@ -89,10 +77,7 @@ def artifact_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(artifact_dir):
-    if artifact_dir is not None:
-        argv = [sys.executable, "-m", "neuronserve", "serve", "--artifact", artifact_dir, "--backend", "cpu", "--port", "0", "--metrics-port", "0"]
-    else:
-        argv = [sys.executable, str(Path(__file__).resolve()), "--fake-server"]
+    argv = [sys.executable, "-m", "neuronserve", "serve", "--artifact", artifact_dir, "--backend", "cpu", "--port", "0", "--metrics-port", "0"]
     srv = ServerProcess(argv)
     yield srv
     srv.stop()
@@ -202,7 +187,7 @@ def test_late_sends_are_counted_and_none_at_a_trivial_rate(echo):
     assert flooded.late_max_ms > 2.0 and flooded.late_p99_ms > 0.0
     trivial = run_load(LoadSpec(duration_s=2.0, rate_per_s=20.0, arrival="constant", **common))
     assert trivial.ok == trivial.sent == 40
-    assert trivial.late_sends <= 1  # timer jitter on a noisy 2-core box; the point is the flood above
+    assert trivial.late_sends <= 4  # at most 10%: timer jitter on a noisy 2-core box; the point is the flood above
 
 
 @pytest.mark.timeout(90)
@@ -242,11 +227,7 @@ def test_search_prints_the_rate_and_the_limits(server, artifact_dir, tmp_path):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     argv = [sys.executable, "-m", "neuronserve.bench", "--target", server.target, "--workload", "score", "--peers", "32", "--search",
             "--search-start-rate", "20", "--search-max-steps", "3", "--duration-s", "1", "--warmup-s", "0.5", "--limit-s", "1",
-            "--json", str(out_json), "--plot", str(out_png), "--quiet"]
-    if artifact_dir:
-        argv += ["--artifact", artifact_dir]
-    if server.metrics_url:
-        argv += ["--metrics-url", server.metrics_url]
+            "--json", str(out_json), "--plot", str(out_png), "--quiet", "--artifact", artifact_dir, "--metrics-url", server.metrics_url]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=110)
     assert done.returncode == 0, done.stderr
     assert "highest rate meeting P99 <= 100 ms:" in done.stdout
@@ -256,87 +237,6 @@ def test_search_prints_the_rate_and_the_limits(server, artifact_dir, tmp_path):
     assert report["search"]["best_rate_per_s"] == max(s["offered_rate_per_s"] for s in report["search"]["steps"] if s["passed"])
     assert report["limits"]["transport"]["requests_per_s"] > 0
     assert report["limits"]["transport"]["served_fraction"] > 0
-    if artifact_dir:
-        assert report["limits"]["compute"]["pairs_per_s"] > 0 and report["limits"]["compute"]["served_fraction"] > 0
-    else:
-        assert "skipped" in report["limits"]["compute"]
-    if server.metrics_url:
-        assert report["server_batches"]["executions"] > 0
+    assert report["limits"]["compute"]["pairs_per_s"] > 0 and report["limits"]["compute"]["served_fraction"] > 0
+    assert report["server_batches"]["executions"] > 0
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-# ---------------------------------------------------------------- the stand-in scorer
-
-
-def _fake_server_main() -> None:
-    """A minimal scorer speaking the same protos: random linear towers in numpy, no batching."""
-    import asyncio
-
-    import grpc
-
-    from neuronserve.protos import open_inference_pb2 as oip
-    from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
-    from neuronserve.protos import scorer_pb2 as pb
-    from neuronserve.protos import scorer_pb2_grpc as pb_grpc
-
-    f, k, d = 64, 4, 16
-    rng = np.random.default_rng(0)
-    w_u, w_p = rng.standard_normal((f, k * d), dtype=np.float32), rng.standard_normal((f, k * d), dtype=np.float32)
-    cache = {pb.USER: {}, pb.PEER: {}}
-
-    def arr(t):
-        return np.frombuffer(t.data, "<f4").reshape(tuple(t.shape))
-
-    def tensor(a):
-        return pb.Tensor(data=np.ascontiguousarray(a, "<f4").tobytes(), shape=list(a.shape))
-
-    def score(u, p):  # u [N,K*D], p [M,K*D] -> [N,M,K]
-        return np.einsum("nkd,mkd->nmk", u.reshape(-1, k, d), p.reshape(-1, k, d))
-
-    class Scorer(pb_grpc.ScorerServicer):
-        async def Score(self, request, context):
-            return pb.ScoreResponse(scores=tensor(score(arr(request.user_features).reshape(1, f) @ w_u, arr(request.peer_features) @ w_p)[0]))
-
-        async def UpsertEmbeddings(self, request, context):
-            rows = arr(request.features) @ (w_u if request.kind == pb.USER else w_p)
-            cache[request.kind].update(zip(request.ids, rows))
-            return pb.UpsertEmbeddingsResponse(upserted=len(request.ids), cache_rows=len(cache[request.kind]))
-
-        async def ScoreByIds(self, request, context):
-            peers = np.stack([cache[pb.PEER][i] for i in request.peer_ids])
-            return pb.ScoreResponse(scores=tensor(score(cache[pb.USER][request.user_id][None], peers)[0]))
-
-        async def ScoreMatrix(self, request, context):
-            users = np.stack([cache[pb.USER][i] for i in request.user_ids])
-            return pb.ScoreMatrixResponse(scores=tensor(score(users, np.stack([cache[pb.PEER][i] for i in request.peer_ids]))))
-
-    class Oip(oip_grpc.GRPCInferenceServiceServicer):
-        async def ModelMetadata(self, request, context):
-            meta = oip.ModelMetadataResponse.TensorMetadata
-            return oip.ModelMetadataResponse(
-                name="twotower",
-                inputs=[meta(name="USER_FEATURES", datatype="FP32", shape=[1, f]), meta(name="PEER_FEATURES", datatype="FP32", shape=[-1, f])],
-                outputs=[meta(name="SCORES", datatype="FP32", shape=[-1, k])],
-            )
-
-        async def ModelInfer(self, request, context):
-            user = np.frombuffer(request.raw_input_contents[0], "<f4").reshape(1, f)
-            peers = np.frombuffer(request.raw_input_contents[1], "<f4").reshape(-1, f)
-            s = score(user @ w_u, peers @ w_p)[0]
-            out = oip.ModelInferResponse.InferOutputTensor(name="SCORES", datatype="FP32", shape=list(s.shape))
-            return oip.ModelInferResponse(model_name="twotower", outputs=[out], raw_output_contents=[s.astype("<f4").tobytes()])
-
-    async def main():
-        server = grpc.aio.server()
-        pb_grpc.add_ScorerServicer_to_server(Scorer(), server)
-        oip_grpc.add_GRPCInferenceServiceServicer_to_server(Oip(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        print(f"neuronserve ready: grpc=127.0.0.1:{port} backend=fake", flush=True)
-        await server.wait_for_termination()
-
-    asyncio.run(main())
-
-
-if __name__ == "__main__" and "--fake-server" in sys.argv:
-    _fake_server_main()

@@ -13,6 +13,7 @@ import numpy as np
 
 from neuronserve.artifact import Manifest
 from neuronserve.config import CoreGroup
+from neuronserve.errors import InvalidInput
 
 
 class StageRunner(ABC):
@@ -41,6 +42,23 @@ class StageRunner(ABC):
     @abstractmethod
     def input_shapes(self) -> Tuple[Tuple[int, ...], ...]:
         """Per input, the shape without the batch dimension."""
+
+    def check_inputs(self, inputs: Sequence[np.ndarray]) -> int:
+        """The batch size, after checking `inputs` are compiled shapes (as the device requires): one
+        C-contiguous float32 array per input, the same batch B for all, B one of `batch_sizes`."""
+        shapes = self.input_shapes()
+        if len(inputs) != len(shapes):
+            raise InvalidInput(f"{self.stage} takes {len(shapes)} input(s), got {len(inputs)}")
+        batch_size = inputs[0].shape[0] if inputs[0].ndim else -1
+        for i, (array, shape) in enumerate(zip(inputs, shapes)):
+            if array.dtype != np.float32 or not array.flags.c_contiguous:
+                raise InvalidInput(f"{self.stage} input {i} must be a C-contiguous float32 array, got {array.dtype}")
+            if array.shape != (batch_size,) + tuple(shape) or batch_size not in self.batch_sizes:
+                raise InvalidInput(
+                    f"{self.stage} input {i} has shape {tuple(array.shape)}; the device runs only compiled shapes "
+                    f"(B, {', '.join(map(str, shape))}) with B in {list(self.batch_sizes)}, the same B for every input"
+                )
+        return batch_size
 
     def healthy(self) -> bool:
         """False while the core group is out of rotation (faulted, resetting): the pipeline routes around it."""

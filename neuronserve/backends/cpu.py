@@ -15,7 +15,7 @@ import torch
 from neuronserve.artifact import Manifest
 from neuronserve.backends.base import Backend, StageRunner
 from neuronserve.config import CoreGroup
-from neuronserve.errors import BackendUnavailable, InvalidInput
+from neuronserve.errors import BackendUnavailable
 
 
 class CpuBackend(Backend):
@@ -51,13 +51,9 @@ class CpuRunner(StageRunner):
         return self._shapes
 
     def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
-        batch = inputs[0].shape[0]
-        graph = self._graphs.get(batch)
-        if graph is None or len(inputs) != len(self._shapes) or any(x.shape != (batch,) + s for x, s in zip(inputs, self._shapes)):
-            raise InvalidInput(
-                f"{self.stage} runs only its compiled shapes: batch in {list(self.batch_sizes)} with inputs "
-                f"{[('B',) + s for s in self._shapes]}; got {[tuple(x.shape) for x in inputs]}"
-            )
+        graph = self._graphs[self.check_inputs(inputs)]
+        # torch wants writable memory; a request's rows may be a read-only view of the message bytes.
+        tensors = [torch.from_numpy(x if x.flags.writeable else x.copy()) for x in inputs]
         with torch.inference_mode():
-            out = graph(*(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) for x in inputs))
+            out = graph(*tensors)
         return out.numpy()

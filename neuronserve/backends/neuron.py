@@ -37,7 +37,7 @@ import torch
 from neuronserve.artifact import Manifest
 from neuronserve.backends.base import Backend, StageRunner
 from neuronserve.config import CoreGroup
-from neuronserve.errors import BackendUnavailable, ConfigError, CoreFault, InvalidInput
+from neuronserve.errors import BackendUnavailable, ConfigError, CoreFault
 
 VISIBLE_CORES_ENV = "NEURON_RT_VISIBLE_CORES"
 INSTALL_HINT = (
@@ -180,7 +180,7 @@ class NeuronRunner(StageRunner):
         return self._shapes
 
     def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
-        batch_size = self._check(inputs)
+        batch_size = self.check_inputs(inputs)
         tensors = [torch.from_numpy(array) for array in inputs]
         try:
             with torch.inference_mode():
@@ -191,20 +191,6 @@ class NeuronRunner(StageRunner):
 
     def close(self) -> None:
         self._modules = {}  # the runtime unloads a graph when its module is freed
-
-    def _check(self, inputs: Sequence[np.ndarray]) -> int:
-        if len(inputs) != len(self._shapes):
-            raise InvalidInput(f"{self.stage} takes {len(self._shapes)} input(s), got {len(inputs)}")
-        batch_size = inputs[0].shape[0] if inputs[0].ndim else -1
-        for i, (array, shape) in enumerate(zip(inputs, self._shapes)):
-            if array.dtype != np.float32 or not array.flags.c_contiguous:
-                raise InvalidInput(f"{self.stage} input {i} must be a C-contiguous float32 array, got {array.dtype}")
-            if array.shape != (batch_size,) + shape or batch_size not in self._modules:
-                raise InvalidInput(
-                    f"{self.stage} input {i} has shape {tuple(array.shape)}; NeuronCores run only compiled shapes "
-                    f"(B, {', '.join(map(str, shape))}) with B in {list(self.batch_sizes)}, the same B for every input"
-                )
-        return batch_size
 
 
 def _first_line(exc: BaseException) -> str:

@@ -263,7 +263,7 @@ class SimRunner(StageRunner):
         return self._shapes
 
     def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
-        batch_size = self._check(inputs)
+        batch_size = self.check_inputs(inputs)
         arrays: List[np.ndarray] = list(inputs)
         return self._device._execute(self.stage, self.cores, batch_size, lambda: self._inner.run(arrays))
 
@@ -275,17 +275,3 @@ class SimRunner(StageRunner):
 
     def close(self) -> None:
         self._inner.close()
-
-    def _check(self, inputs: Sequence[np.ndarray]) -> int:
-        if len(inputs) != len(self._shapes):
-            raise InvalidInput(f"{self.stage} takes {len(self._shapes)} input(s), got {len(inputs)}")
-        batch_size = inputs[0].shape[0] if inputs[0].ndim else -1
-        for i, (array, shape) in enumerate(zip(inputs, self._shapes)):
-            if array.dtype != np.float32 or not array.flags.c_contiguous:
-                raise InvalidInput(f"{self.stage} input {i} must be a C-contiguous float32 array, got {array.dtype}")
-            if array.shape != (batch_size,) + shape or batch_size not in self.batch_sizes:
-                raise InvalidInput(
-                    f"{self.stage} input {i} has shape {tuple(array.shape)}; the device runs only compiled shapes "
-                    f"(B, {', '.join(map(str, shape))}) with B in {list(self.batch_sizes)}, the same B for every input"
-                )
-        return batch_size

@@ -1,0 +1,426 @@
+"""gRPC servicers: the scorer API (neuronserve.v1.Scorer) and the Open Inference Protocol (KServe v2,
+inference.GRPCInferenceService). The top of the request path, and the only place that knows gRPC status codes.
+
+Down: proto -> validated float32 arrays (np.frombuffer, never a Python object per element) -> the
+injected Runtime (batcher -> pipeline -> backend) or the EmbeddingCache, with the gRPC deadline turned
+into the batcher's absolute deadline. Up: array -> little-endian float32 bytes. Errors: a
+NeuronServeError answers with its `status` (a grpc.StatusCode name) and its message; any other
+exception answers INTERNAL with a short message and is logged here with its traceback, never sent.
+Every inference RPC passes the door (ServingState) first: closed while warming up and while draining,
+so a request the server will not finish is refused with UNAVAILABLE instead of accepted and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+
+import grpc
+import numpy as np
+
+from neuronserve import __version__
+from neuronserve.errors import InvalidInput, NeuronServeError, NotFound, Unavailable
+from neuronserve.protos import open_inference_pb2 as oip
+from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
+from neuronserve.protos import scorer_pb2 as pb
+from neuronserve.protos import scorer_pb2_grpc as pb_grpc
+
+INTERNAL_MESSAGE = "internal error in neuronserve; the server log has the details"
+log = logging.getLogger(__name__)
+
+# Model names: the OIP models and the metrics' `model` label.
+TWOTOWER = "twotower"  # Score and OIP twotower: features -> towers -> pair scorer
+TOWERS = ("user_tower", "peer_tower")  # UpsertEmbeddings and the OIP tower models
+CACHED = "twotower_cached"  # ScoreByIds and ScoreMatrix: cached tower outputs, no tower run (metrics only)
+FP32 = "FP32"
+_F32 = np.dtype("<f4")
+_RESPONSE_HEADROOM_BYTES = 4096  # room for a reply's non-tensor fields under max_message_bytes
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the services validate against and report; built by the server from the manifest and config."""
+
+    name: str  # the artifact's model name (ServerMetadata)
+    version: str  # the artifact's model version: the only version served
+    user_features: int
+    peer_features: int
+    num_labels: int
+    label_dim: int
+    label_names: Tuple[str, ...]
+    max_peers: int  # M per Score / ScoreByIds / ScoreMatrix / OIP twotower request
+    max_tower_rows: int  # rows per UpsertEmbeddings / OIP tower request
+    max_message_bytes: int
+    platform: str = "neuronserve"  # ModelMetadata.platform; the server puts the backend in it
+
+
+class Runtime(Protocol):
+    """What the services call below them (server.Runtime: batchers over the pipeline)."""
+
+    async def score(self, user_features: np.ndarray, peer_features: np.ndarray, deadline_s: Optional[float]) -> np.ndarray:
+        """[1, F_u] and [M, F_p] float32 -> logits [M, K]; deadline_s absolute on time.monotonic()."""
+
+    async def embed(self, tower: str, features: np.ndarray, deadline_s: Optional[float]) -> np.ndarray:
+        """`tower` in TOWERS, [N, F] float32 -> tower outputs [N, K, D]."""
+
+
+class ServingState:
+    """The door: open only between the end of warm-up and the start of a drain."""
+
+    def __init__(self) -> None:
+        self.serving = False
+
+    def check(self) -> None:
+        if not self.serving:
+            raise Unavailable("the server is not serving (warming up or shutting down); retry, e.g. on another replica")
+
+
+# ---- tensors: decode and encode, shared by both APIs -------------------------------------------
+
+
+def array_from_bytes(data: bytes, shape: Sequence[int], field: str) -> np.ndarray:
+    """Little-endian float32 bytes + shape -> a read-only array viewing `data` (no copy)."""
+    shape = tuple(int(d) for d in shape)
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"{field}: shape {list(shape)} has a negative dimension")
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(data) != 4 * count:
+        raise InvalidInput(
+            f"{field}: shape {list(shape)} needs {4 * count} bytes of little-endian float32, got {len(data)} bytes"
+        )
+    return np.frombuffer(data, dtype=_F32).reshape(shape)
+
+
+def tensor_array(tensor: pb.Tensor, field: str) -> np.ndarray:
+    if not tensor.shape:
+        raise InvalidInput(f"{field} is missing: send a Tensor with its shape and float32 data")
+    return array_from_bytes(tensor.data, tensor.shape, field)
+
+
+def tensor_proto(array: np.ndarray) -> pb.Tensor:
+    return pb.Tensor(data=np.ascontiguousarray(array, dtype=_F32).tobytes(), shape=array.shape)
+
+
+def fp32_contents(contents: oip.InferTensorContents, field: str) -> np.ndarray:
+    """contents.fp32_contents as an array, without a Python float per element: proto3 packs a repeated
+    float, so an InferTensorContents holding only field 6 serializes as tag 0x32, a varint byte length,
+    then the little-endian float32 values."""
+    others = [f.name for f, _ in contents.ListFields() if f.name != "fp32_contents"]
+    if others:
+        raise InvalidInput(f"{field}: datatype FP32 takes its values in contents.fp32_contents, got {', '.join(others)}")
+    wire = contents.SerializeToString()
+    if not wire:
+        return np.empty(0, dtype=_F32)
+    length, shift, pos = 0, 0, 1
+    while pos < len(wire):
+        byte = wire[pos]
+        length |= (byte & 0x7F) << shift
+        shift, pos = shift + 7, pos + 1
+        if byte < 0x80:
+            break
+    if wire[0] != 0x32 or pos + length != len(wire) or length % 4:
+        return np.asarray(contents.fp32_contents, dtype=_F32)  # not the packed layout: decode the slow way
+    return np.frombuffer(wire, dtype=_F32, offset=pos, count=length // 4)
+
+
+def check_finite(array: np.ndarray, field: str) -> None:
+    if not np.isfinite(array).all():
+        index = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+        raise InvalidInput(f"{field}{list(index)} is {array[index]}: features must be finite (no NaN or Inf)")
+
+
+def feature_rows(array: np.ndarray, field: str, width: int, max_rows: int, limit: str) -> np.ndarray:
+    """A [rows, width] feature matrix with 1 <= rows <= max_rows (`limit` names the setting), all finite."""
+    if array.ndim != 2 or array.shape[1] != width:
+        raise InvalidInput(f"{field} must have shape [rows, {width}], got {list(array.shape)}")
+    rows = array.shape[0]
+    if rows < 1:
+        raise InvalidInput(f"{field} has 0 rows; send between 1 and {max_rows}")
+    if rows > max_rows:
+        raise InvalidInput(f"{field} has {rows} rows, above the server's {limit} of {max_rows}; split the request")
+    check_finite(array, field)
+    return array
+
+
+def one_user(array: np.ndarray, field: str, width: int, allow_vector: bool) -> np.ndarray:
+    """One user's features as [1, width] (the scorer API also takes [width])."""
+    if array.shape != (1, width) and not (allow_vector and array.shape == (width,)):
+        raise InvalidInput(f"{field} must have shape [1, {width}] (one user), got {list(array.shape)}")
+    array = array.reshape(1, width)
+    check_finite(array, field)
+    return array
+
+
+def id_array(values: Sequence[int], field: str, max_ids: int, limit: str) -> np.ndarray:
+    ids = np.fromiter(values, dtype=np.int64, count=len(values))
+    if ids.size < 1:
+        raise InvalidInput(f"{field} is empty; send between 1 and {max_ids} ids")
+    if ids.size > max_ids:
+        raise InvalidInput(f"{field} has {ids.size} ids, above the server's {limit} of {max_ids}; split the request")
+    return ids
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> Optional[float]:
+    """The gRPC deadline as an absolute time.monotonic() value (None: the caller set none)."""
+    remaining_s = context.time_remaining()
+    return None if remaining_s is None else time.monotonic() + remaining_s
+
+
+# ---- the common guard --------------------------------------------------------------------------
+
+
+class _Servicer:
+    def __init__(self, info: ModelInfo, runtime: Runtime, cache, metrics, state: ServingState) -> None:
+        self.info = info
+        self.runtime = runtime
+        self.cache = cache
+        self.metrics = metrics
+        self.state = state
+
+    async def _answer(
+        self,
+        context: grpc.aio.ServicerContext,
+        model: str,
+        handler: Callable[..., Awaitable],
+        request,
+        *,
+        inference: bool = True,
+    ):
+        """Run `handler(request, context)`; map errors to status codes. Inference calls pass the door
+        and are counted in the metrics under `model`."""
+        start = time.perf_counter()
+        try:
+            if inference:
+                self.state.check()
+            reply = await handler(request, context)
+        except NeuronServeError as exc:
+            code = getattr(grpc.StatusCode, exc.status, grpc.StatusCode.INTERNAL)
+            message = str(exc) or type(exc).__name__
+            if code == grpc.StatusCode.INTERNAL:  # a bug below us, reduced to a message: logged, not sent
+                log.error("%s: internal error answering %s: %s", model, type(request).__name__, message, exc_info=True)
+                message = INTERNAL_MESSAGE
+        except asyncio.CancelledError:  # the caller went away or its deadline passed: nobody to answer
+            if inference:
+                self.metrics.request(model, "CANCELLED", time.perf_counter() - start)
+            raise
+        except Exception:
+            log.exception("%s: unexpected error answering %s", model, type(request).__name__)
+            code, message = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+        else:
+            if inference:
+                self.metrics.request(model, "OK", time.perf_counter() - start)
+            return reply
+        if inference:
+            self.metrics.request(model, code.name, time.perf_counter() - start)
+        await context.abort(code, message)
+
+
+# ---- the scorer API ----------------------------------------------------------------------------
+
+
+class ScorerService(_Servicer, pb_grpc.ScorerServicer):
+    """neuronserve.v1.Scorer: score by features (through the towers) or by cached tower outputs."""
+
+    async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
+        return await self._answer(context, TWOTOWER, self._score, request)
+
+    async def UpsertEmbeddings(self, request: pb.UpsertEmbeddingsRequest, context) -> pb.UpsertEmbeddingsResponse:
+        model = {pb.USER: TOWERS[0], pb.PEER: TOWERS[1]}.get(request.kind, TOWERS[0])
+        return await self._answer(context, model, self._upsert, request)
+
+    async def ScoreByIds(self, request: pb.ScoreByIdsRequest, context) -> pb.ScoreResponse:
+        return await self._answer(context, CACHED, self._score_by_ids, request)
+
+    async def ScoreMatrix(self, request: pb.ScoreMatrixRequest, context) -> pb.ScoreMatrixResponse:
+        return await self._answer(context, CACHED, self._score_matrix, request)
+
+    async def _score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
+        info = self.info
+        user = one_user(tensor_array(request.user_features, "user_features"), "user_features", info.user_features, True)
+        peers = feature_rows(
+            tensor_array(request.peer_features, "peer_features"), "peer_features", info.peer_features, info.max_peers, "max_peers"
+        )
+        scores = await self.runtime.score(user, peers, deadline_of(context))
+        return pb.ScoreResponse(scores=tensor_proto(scores), label_names=info.label_names, model_version=info.version)
+
+    async def _upsert(self, request: pb.UpsertEmbeddingsRequest, context) -> pb.UpsertEmbeddingsResponse:
+        info = self.info
+        if request.kind not in (pb.USER, pb.PEER):
+            raise InvalidInput(f"kind must be USER or PEER, got {pb.EntityKind.Name(request.kind)}")
+        kind, tower, width = ("user", TOWERS[0], info.user_features) if request.kind == pb.USER else ("peer", TOWERS[1], info.peer_features)
+        ids = id_array(request.ids, "ids", info.max_tower_rows, "max_tower_rows")
+        features = feature_rows(tensor_array(request.features, "features"), "features", width, info.max_tower_rows, "max_tower_rows")
+        if features.shape[0] != ids.size:
+            raise InvalidInput(f"features has {features.shape[0]} rows for {ids.size} ids; send one row of {width} features per id")
+        vectors = await self.runtime.embed(tower, features, deadline_of(context))
+        rows = self.cache.upsert(kind, ids, vectors, info.version)
+        return pb.UpsertEmbeddingsResponse(upserted=ids.size, cache_rows=rows, model_version=info.version)
+
+    async def _score_by_ids(self, request: pb.ScoreByIdsRequest, context) -> pb.ScoreResponse:
+        peer_ids = id_array(request.peer_ids, "peer_ids", self.info.max_peers, "max_peers")
+        start = time.perf_counter()
+        scores = self.cache.score_by_ids(int(request.user_id), peer_ids)  # [M, K, D] gather + one einsum: ~0.1 ms
+        self.metrics.execution(CACHED, rows=peer_ids.size, requests=1, compute_s=time.perf_counter() - start)
+        return pb.ScoreResponse(scores=tensor_proto(scores), label_names=self.info.label_names, model_version=self.info.version)
+
+    async def _score_matrix(self, request: pb.ScoreMatrixRequest, context) -> pb.ScoreMatrixResponse:
+        """A whole tick, N users x M peers, on the host's BLAS: per label one [N, D] x [D, M] matmul over
+        the cached tower outputs. Not on the cores: pair_scorer scores row-aligned pairs, so it would need
+        N*M rows of [K, D] materialised for both sides (N*M*K*D*8 bytes in, e.g. 100 x 1000 x 4 x 64 x 8 =
+        205 MB) plus the round trip, where the matmul reads (N + M)*K*D floats and does N*M*K*D MACs
+        (26 M for that tick: a few ms on one host core). Runs in a worker thread (BLAS releases the GIL),
+        so the event loop keeps serving; the cache swaps whole arrays on upsert, so readers stay consistent."""
+        info = self.info
+        user_ids = id_array(request.user_ids, "user_ids", info.max_peers, "max_peers")
+        peer_ids = id_array(request.peer_ids, "peer_ids", info.max_peers, "max_peers")
+        reply_bytes = 4 * user_ids.size * peer_ids.size * info.num_labels
+        if reply_bytes > info.max_message_bytes - _RESPONSE_HEADROOM_BYTES:
+            raise InvalidInput(
+                f"{user_ids.size} user_ids x {peer_ids.size} peer_ids x {info.num_labels} labels = {reply_bytes} bytes of scores, "
+                f"above the server's max_message_bytes of {info.max_message_bytes}; split the tick into smaller blocks"
+            )
+        start = time.perf_counter()
+        scores = await asyncio.get_running_loop().run_in_executor(None, self.cache.score_matrix, user_ids, peer_ids)
+        self.metrics.execution(CACHED, rows=user_ids.size * peer_ids.size, requests=1, compute_s=time.perf_counter() - start)
+        return pb.ScoreMatrixResponse(scores=tensor_proto(scores), label_names=info.label_names, model_version=info.version)
+
+
+# ---- the Open Inference Protocol ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OipTensor:
+    name: str
+    shape: Tuple[int, ...]  # -1 marks a variable dimension (ModelMetadata reports it so)
+
+
+@dataclass(frozen=True)
+class OipModel:
+    name: str
+    inputs: Tuple[OipTensor, ...]
+    outputs: Tuple[OipTensor, ...]
+
+
+def oip_models(info: ModelInfo) -> Dict[str, OipModel]:
+    k, d = info.num_labels, info.label_dim
+    return {
+        TWOTOWER: OipModel(
+            TWOTOWER,
+            (OipTensor("USER_FEATURES", (1, info.user_features)), OipTensor("PEER_FEATURES", (-1, info.peer_features))),
+            (OipTensor("SCORES", (-1, k)),),
+        ),
+        TOWERS[0]: OipModel(TOWERS[0], (OipTensor("FEATURES", (-1, info.user_features)),), (OipTensor("EMBEDDINGS", (-1, k, d)),)),
+        TOWERS[1]: OipModel(TOWERS[1], (OipTensor("FEATURES", (-1, info.peer_features)),), (OipTensor("EMBEDDINGS", (-1, k, d)),)),
+    }
+
+
+class InferenceService(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
+    """inference.GRPCInferenceService: models `twotower` (SCORES [M, K] logits) and the two towers."""
+
+    def __init__(self, info: ModelInfo, runtime: Runtime, cache, metrics, state: ServingState) -> None:
+        super().__init__(info, runtime, cache, metrics, state)
+        self.models = oip_models(info)
+
+    async def ServerLive(self, request, context) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context) -> oip.ServerReadyResponse:
+        return oip.ServerReadyResponse(ready=self.state.serving)
+
+    async def ModelReady(self, request: oip.ModelReadyRequest, context) -> oip.ModelReadyResponse:
+        known = request.name in self.models and request.version in ("", self.info.version)
+        return oip.ModelReadyResponse(ready=known and self.state.serving)
+
+    async def ServerMetadata(self, request, context) -> oip.ServerMetadataResponse:
+        return oip.ServerMetadataResponse(name="neuronserve", version=__version__, extensions=[])
+
+    async def ModelMetadata(self, request: oip.ModelMetadataRequest, context) -> oip.ModelMetadataResponse:
+        return await self._answer(context, request.name, self._metadata, request, inference=False)
+
+    async def ModelInfer(self, request: oip.ModelInferRequest, context) -> oip.ModelInferResponse:
+        label = request.model_name if request.model_name in self.models else "_unknown"
+        return await self._answer(context, label, self._infer, request)
+
+    def _model(self, name: str, version: str) -> OipModel:
+        model = self.models.get(name)
+        if model is None:
+            raise NotFound(f"unknown model {name!r}; this server serves {', '.join(self.models)}")
+        if version not in ("", self.info.version):
+            raise NotFound(f"model {name} has no version {version!r}; it serves version {self.info.version!r} (or send none)")
+        return model
+
+    async def _metadata(self, request: oip.ModelMetadataRequest, context) -> oip.ModelMetadataResponse:
+        model = self._model(request.name, request.version)
+        meta = oip.ModelMetadataResponse.TensorMetadata
+        return oip.ModelMetadataResponse(
+            name=model.name,
+            versions=[self.info.version],
+            platform=self.info.platform,
+            inputs=[meta(name=t.name, datatype=FP32, shape=t.shape) for t in model.inputs],
+            outputs=[meta(name=t.name, datatype=FP32, shape=t.shape) for t in model.outputs],
+        )
+
+    async def _infer(self, request: oip.ModelInferRequest, context) -> oip.ModelInferResponse:
+        model = self._model(request.model_name, request.model_version)
+        arrays = self._inputs(model, request)
+        output_names = [o.name for o in request.outputs] or [t.name for t in model.outputs]
+        known = {t.name for t in model.outputs}
+        for name in output_names:
+            if name not in known:
+                raise InvalidInput(f"model {model.name} has no output {name!r}; its outputs are {', '.join(sorted(known))}")
+        deadline_s = deadline_of(context)
+        if model.name == TWOTOWER:
+            out = await self.runtime.score(arrays[0], arrays[1], deadline_s)
+        else:
+            out = await self.runtime.embed(model.name, arrays[0], deadline_s)
+        data = np.ascontiguousarray(out, dtype=_F32).tobytes()
+        response = oip.ModelInferResponse(model_name=model.name, model_version=self.info.version, id=request.id)
+        for name in output_names:  # each model has one output; raw contents, as Triton answers
+            response.outputs.add(name=name, datatype=FP32, shape=out.shape)
+            response.raw_output_contents.append(data)
+        return response
+
+    def _inputs(self, model: OipModel, request: oip.ModelInferRequest) -> List[np.ndarray]:
+        """The request's inputs in the model's order, decoded from raw_input_contents or typed contents."""
+        raw = request.raw_input_contents
+        if raw and len(raw) != len(request.inputs):
+            raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; send one per input, in order")
+        order = {t.name: i for i, t in enumerate(model.inputs)}
+        arrays: List[Optional[np.ndarray]] = [None] * len(model.inputs)
+        for position, tensor in enumerate(request.inputs):
+            field = f"input {tensor.name}"
+            index = order.get(tensor.name)
+            if index is None:
+                raise InvalidInput(f"model {model.name} has no input {tensor.name!r}; its inputs are {', '.join(order)}")
+            if arrays[index] is not None:
+                raise InvalidInput(f"{field} is given twice")
+            if tensor.datatype != FP32:
+                raise InvalidInput(f"{field}: datatype must be FP32, got {tensor.datatype!r}")
+            if raw:
+                if tensor.HasField("contents"):
+                    raise InvalidInput(f"{field}: contents must be empty when raw_input_contents is used (one or the other)")
+                array = array_from_bytes(raw[position], tensor.shape, field)
+            else:
+                flat = fp32_contents(tensor.contents, field)
+                count = int(np.prod(tensor.shape, dtype=np.int64))
+                if any(d < 0 for d in tensor.shape) or flat.size != count:
+                    raise InvalidInput(
+                        f"{field}: shape {list(tensor.shape)} needs {max(count, 0)} values in contents.fp32_contents, got {flat.size}"
+                    )
+                array = flat.reshape(tuple(tensor.shape))
+            arrays[index] = self._check(model.inputs[index], array, field)
+        missing = [t.name for t, a in zip(model.inputs, arrays) if a is None]
+        if missing:
+            raise InvalidInput(f"model {model.name} needs input(s) {', '.join(missing)}")
+        return arrays  # type: ignore[return-value]
+
+    def _check(self, spec: OipTensor, array: np.ndarray, field: str) -> np.ndarray:
+        rows, width = spec.shape
+        if rows == 1:
+            return one_user(array, field, width, allow_vector=False)
+        if spec.name == "PEER_FEATURES":
+            return feature_rows(array, field, width, self.info.max_peers, "max_peers")
+        return feature_rows(array, field, width, self.info.max_tower_rows, "max_tower_rows")

@@ -1,0 +1,636 @@
+"""The gRPC services in process: real grpc.aio servers on 127.0.0.1 (port 0) running on their own event
+loop thread, called through the generated stubs. Scores are checked against the artifact's reference
+(the eager model's tower outputs) and the CPU stages run directly; every bad input gets its status code
+and a message naming the field; overload, deadlines, a core fault and draining are driven by gates,
+never by wall-clock speed."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from neuronserve.backends.cpu import CpuBackend
+from neuronserve.config import STAGES, BatchingConfig, CoreGroup, ServerConfig, SimConfig
+from neuronserve.metrics import Metrics
+from neuronserve.protos import open_inference_pb2 as oip
+from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
+from neuronserve.protos import scorer_pb2 as pb
+from neuronserve.protos import scorer_pb2_grpc as pb_grpc
+from neuronserve.server import Runtime, Server, model_info
+from neuronserve.service import InferenceService, ScorerService, ServingState
+
+pytestmark = pytest.mark.timeout(60)
+
+MAX_PEERS = 64
+
+
+# ---- plumbing -----------------------------------------------------------------------------------
+
+
+class LoopThread:
+    """An event loop on a daemon thread: the servers live there, the tests call them with sync stubs."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout_s: float = 60.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def call(self, fn, *args):
+        async def call():
+            return fn(*args)
+
+        return self.run(call())
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+class Stubs:
+    def __init__(self, port: int) -> None:
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.scorer = pb_grpc.ScorerStub(self.channel)
+        self.oip = oip_grpc.GRPCInferenceServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.reflection = reflection_pb2_grpc.ServerReflectionStub(self.channel)
+
+
+def tensor(array) -> pb.Tensor:
+    array = np.ascontiguousarray(array, dtype="<f4")
+    return pb.Tensor(data=array.tobytes(), shape=array.shape)
+
+
+def array(t: pb.Tensor) -> np.ndarray:
+    return np.frombuffer(t.data, dtype="<f4").reshape(tuple(t.shape))
+
+
+def score_request(user, peers) -> pb.ScoreRequest:
+    return pb.ScoreRequest(user_features=tensor(user), peer_features=tensor(peers))
+
+
+def infer_request(user, peers, *, typed: bool = False, model: str = "twotower", version: str = "") -> oip.ModelInferRequest:
+    tensors = [("USER_FEATURES", np.asarray(user, np.float32)), ("PEER_FEATURES", np.asarray(peers, np.float32))]
+    request = oip.ModelInferRequest(model_name=model, model_version=version, id="req-1")
+    for name, values in tensors:
+        entry = request.inputs.add(name=name, datatype="FP32", shape=values.shape)
+        if typed:
+            entry.contents.fp32_contents.extend(values.ravel().tolist())
+        else:
+            request.raw_input_contents.append(values.astype("<f4").tobytes())
+    return request
+
+
+def rng_features(seed: int, rows: int, width: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, width)).astype(np.float32)
+
+
+def wait_until(predicate, timeout_s: float = 10.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.005)
+
+
+def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, **kwargs)
+    return info.value
+
+
+# ---- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def loop_thread():
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+def start_server(loop_thread: LoopThread, manifest, **settings) -> Server:
+    server = Server(ServerConfig(artifact=str(manifest.directory), port=0, metrics_port=0, max_peers=MAX_PEERS, **settings))
+    loop_thread.run(server.start())
+    return server
+
+
+@pytest.fixture(scope="module")
+def cpu_server(loop_thread, small_artifact):
+    server = start_server(loop_thread, small_artifact, backend="cpu", cores=2)
+    yield server
+    loop_thread.run(server.stop(5.0))
+
+
+@pytest.fixture(scope="module")
+def sim_server(loop_thread, small_artifact):
+    server = start_server(loop_thread, small_artifact, backend="sim", cores=2, sim=SimConfig(latency_scale=0.0, reset_s=2.0))
+    yield server
+    loop_thread.run(server.stop(5.0))
+
+
+@pytest.fixture(scope="module")
+def cpu(cpu_server):
+    stubs = Stubs(cpu_server.port)
+    yield stubs
+    stubs.channel.close()
+
+
+@pytest.fixture(scope="module")
+def sim(sim_server):
+    stubs = Stubs(sim_server.port)
+    yield stubs
+    stubs.channel.close()
+
+
+@pytest.fixture(scope="module")
+def reference(small_artifact):
+    with np.load(small_artifact.path(small_artifact.reference_file)) as data:
+        return {name: data[name] for name in data.files}
+
+
+def direct_scores(manifest, user: np.ndarray, peers: np.ndarray) -> np.ndarray:
+    """The CPU stages run directly (no service, batcher or pipeline): every piece padded to the largest bucket."""
+    backend = CpuBackend(manifest)
+    runners = {stage: backend.load(stage, CoreGroup(0)) for stage in STAGES}
+    largest = max(runners["peer_tower"].batch_sizes)
+
+    def run(stage, *inputs):
+        parts = []
+        for start in range(0, inputs[0].shape[0], largest):
+            piece = [x[start : start + largest] for x in inputs]
+            rows = piece[0].shape[0]
+            padded = [np.concatenate([p, np.zeros((largest - rows,) + p.shape[1:], np.float32)]) for p in piece]
+            parts.append(runners[stage].run(padded)[:rows])
+        return np.concatenate(parts)
+
+    u = run("user_tower", user)
+    p = run("peer_tower", peers)
+    return run("pair_scorer", np.repeat(u, len(peers), axis=0), p)
+
+
+# ---- scores ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["cpu", "sim"])
+def test_score_equals_the_artifacts_reference_outputs(backend, request, reference, small_artifact):
+    stubs = request.getfixturevalue(backend)
+    bias = np.asarray(small_artifact.label_bias, np.float32)
+    for i in range(len(reference["user_features"])):
+        reply = stubs.scorer.Score(score_request(reference["user_features"][i : i + 1], reference["peer_features"]), timeout=10)
+        expected = np.einsum("kd,pkd->pk", reference["user_embeddings"][i], reference["peer_embeddings"]) + bias
+        scores = array(reply.scores)
+        assert scores.shape == expected.shape
+        np.testing.assert_allclose(scores, expected, atol=1e-4)
+        np.testing.assert_allclose(scores[i], reference["scores"][i], atol=1e-4)  # the eager model's own pair (i, i)
+        assert list(reply.label_names) == list(small_artifact.label_names)
+        assert reply.model_version == small_artifact.model_version
+
+
+def test_concurrent_scores_of_mixed_sizes_equal_the_cpu_stages_run_directly(cpu, small_artifact):
+    """Concurrent requests share batches (users stacked, user_index per peer row) and large ones are split."""
+    cfg = small_artifact.model_config
+    cases = [(rng_features(10 + i, 1, cfg.user_features), rng_features(20 + i, m, cfg.peer_features)) for i, m in enumerate((1, 5, 16, 37, 3, 64))]
+    futures = [cpu.scorer.Score.future(score_request(u, p), timeout=20) for u, p in cases]
+    for (user, peers), future in zip(cases, futures):
+        np.testing.assert_allclose(array(future.result().scores), direct_scores(small_artifact, user, peers), atol=1e-5)
+
+
+def test_cpu_and_sim_backends_agree(cpu, sim, small_artifact):
+    cfg = small_artifact.model_config
+    for seed, m in ((1, 1), (2, 17), (3, 40)):
+        request = score_request(rng_features(seed, 1, cfg.user_features), rng_features(seed + 100, m, cfg.peer_features))
+        np.testing.assert_allclose(array(sim.scorer.Score(request, timeout=10).scores), array(cpu.scorer.Score(request, timeout=10).scores), atol=1e-6)
+
+
+def test_user_features_may_be_one_vector(cpu, small_artifact):
+    cfg = small_artifact.model_config
+    user, peers = rng_features(5, 1, cfg.user_features), rng_features(6, 3, cfg.peer_features)
+    as_matrix = cpu.scorer.Score(score_request(user, peers), timeout=10)
+    as_vector = cpu.scorer.Score(score_request(user[0], peers), timeout=10)
+    np.testing.assert_array_equal(array(as_vector.scores), array(as_matrix.scores))
+
+
+def upsert(stubs, kind, ids, features) -> pb.UpsertEmbeddingsResponse:
+    return stubs.scorer.UpsertEmbeddings(pb.UpsertEmbeddingsRequest(kind=kind, ids=list(ids), features=tensor(features)), timeout=10)
+
+
+def test_score_by_ids_equals_score_and_score_matrix_equals_per_user_score(cpu, small_artifact):
+    cfg = small_artifact.model_config
+    user_ids, peer_ids = [10, 11, 12], list(range(100, 137))
+    users, peers = rng_features(31, 3, cfg.user_features), rng_features(32, len(peer_ids), cfg.peer_features)
+    reply = upsert(cpu, pb.USER, user_ids, users)
+    assert (reply.upserted, reply.model_version) == (3, small_artifact.model_version)
+    assert upsert(cpu, pb.PEER, peer_ids, peers).upserted == len(peer_ids)
+    per_user = [array(cpu.scorer.Score(score_request(users[i : i + 1], peers), timeout=10).scores) for i in range(3)]
+
+    by_ids = cpu.scorer.ScoreByIds(pb.ScoreByIdsRequest(user_id=11, peer_ids=peer_ids), timeout=10)
+    np.testing.assert_allclose(array(by_ids.scores), per_user[1], atol=1e-5)
+    assert list(by_ids.label_names) == list(small_artifact.label_names)
+
+    matrix = cpu.scorer.ScoreMatrix(pb.ScoreMatrixRequest(user_ids=user_ids, peer_ids=peer_ids), timeout=10)
+    assert list(matrix.scores.shape) == [3, len(peer_ids), cfg.num_labels]
+    np.testing.assert_allclose(array(matrix.scores), np.stack(per_user), atol=1e-5)
+
+    # a peer subset in another order scores the same pairs
+    subset = [136, 100, 117]
+    reply = cpu.scorer.ScoreByIds(pb.ScoreByIdsRequest(user_id=12, peer_ids=subset), timeout=10)
+    np.testing.assert_allclose(array(reply.scores), per_user[2][[36, 0, 17]], atol=1e-5)
+
+
+def test_upsert_overwrites_an_id(cpu, small_artifact):
+    cfg = small_artifact.model_config
+    first, second = rng_features(41, 1, cfg.user_features), rng_features(42, 1, cfg.user_features)
+    peers = rng_features(43, 4, cfg.peer_features)
+    upsert(cpu, pb.PEER, [900, 901, 902, 903], peers)
+    for features in (first, second):
+        upsert(cpu, pb.USER, [77], features)
+        by_ids = cpu.scorer.ScoreByIds(pb.ScoreByIdsRequest(user_id=77, peer_ids=[900, 901, 902, 903]), timeout=10)
+        np.testing.assert_allclose(array(by_ids.scores), array(cpu.scorer.Score(score_request(features, peers), timeout=10).scores), atol=1e-5)
+
+
+# ---- the Open Inference Protocol ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("typed", [False, True], ids=["raw_input_contents", "fp32_contents"])
+def test_model_infer_equals_score(cpu, small_artifact, typed):
+    cfg = small_artifact.model_config
+    user, peers = rng_features(51, 1, cfg.user_features), rng_features(52, 21, cfg.peer_features)
+    reply = cpu.oip.ModelInfer(infer_request(user, peers, typed=typed), timeout=10)
+    assert (reply.model_name, reply.model_version, reply.id) == ("twotower", small_artifact.model_version, "req-1")
+    (output,) = reply.outputs
+    assert (output.name, output.datatype, list(output.shape)) == ("SCORES", "FP32", [21, cfg.num_labels])
+    scores = np.frombuffer(reply.raw_output_contents[0], "<f4").reshape(tuple(output.shape))
+    np.testing.assert_array_equal(scores, array(cpu.scorer.Score(score_request(user, peers), timeout=10).scores))
+
+
+def test_model_infer_towers_equal_the_reference_embeddings(cpu, reference, small_artifact):
+    for model, features, expected in (
+        ("user_tower", reference["user_features"], reference["user_embeddings"]),
+        ("peer_tower", reference["peer_features"], reference["peer_embeddings"]),
+    ):
+        request = oip.ModelInferRequest(model_name=model, model_version=small_artifact.model_version)
+        request.inputs.add(name="FEATURES", datatype="FP32", shape=features.shape)
+        request.raw_input_contents.append(features.astype("<f4").tobytes())
+        request.outputs.add(name="EMBEDDINGS")
+        reply = cpu.oip.ModelInfer(request, timeout=10)
+        assert list(reply.outputs[0].shape) == list(expected.shape)
+        np.testing.assert_allclose(np.frombuffer(reply.raw_output_contents[0], "<f4").reshape(expected.shape), expected, atol=1e-5)
+
+
+def test_oip_server_and_model_metadata(cpu, small_artifact):
+    cfg = small_artifact.model_config
+    assert cpu.oip.ServerLive(oip.ServerLiveRequest(), timeout=5).live
+    assert cpu.oip.ServerReady(oip.ServerReadyRequest(), timeout=5).ready
+    assert cpu.oip.ModelReady(oip.ModelReadyRequest(name="twotower"), timeout=5).ready
+    assert cpu.oip.ModelReady(oip.ModelReadyRequest(name="peer_tower", version=small_artifact.model_version), timeout=5).ready
+    assert not cpu.oip.ModelReady(oip.ModelReadyRequest(name="nope"), timeout=5).ready
+    assert cpu.oip.ServerMetadata(oip.ServerMetadataRequest(), timeout=5).name == "neuronserve"
+    meta = cpu.oip.ModelMetadata(oip.ModelMetadataRequest(name="twotower"), timeout=5)
+    assert list(meta.versions) == [small_artifact.model_version]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+        ("USER_FEATURES", "FP32", [1, cfg.user_features]),
+        ("PEER_FEATURES", "FP32", [-1, cfg.peer_features]),
+    ]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [("SCORES", "FP32", [-1, cfg.num_labels])]
+    tower = cpu.oip.ModelMetadata(oip.ModelMetadataRequest(name="user_tower"), timeout=5)
+    assert [list(t.shape) for t in tower.outputs] == [[-1, cfg.num_labels, cfg.label_dim]]
+    error = rpc_error(cpu.oip.ModelMetadata, oip.ModelMetadataRequest(name="twotower", version="v0"), timeout=5)
+    assert error.code() == grpc.StatusCode.NOT_FOUND and "v0" in error.details()
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+F = 16  # the small artifact's feature width (conftest.SMALL_CONFIG)
+GOOD_USER, GOOD_PEERS = rng_features(61, 1, F), rng_features(62, 4, F)
+NAN_PEERS = GOOD_PEERS.copy()
+NAN_PEERS[2, 5] = np.nan
+INF_USER = GOOD_USER.copy()
+INF_USER[0, 3] = np.inf
+INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+
+
+def _short_bytes() -> pb.ScoreRequest:
+    request = score_request(GOOD_USER, GOOD_PEERS)
+    request.peer_features.data = request.peer_features.data[:-4]
+    return request
+
+
+def _infer(mutate) -> oip.ModelInferRequest:
+    request = infer_request(GOOD_USER, GOOD_PEERS)
+    mutate(request)
+    return request
+
+
+def _typed_and_raw(request: oip.ModelInferRequest) -> None:
+    request.inputs[0].contents.fp32_contents.extend([0.0] * F)
+
+
+def _typed_wrong_count() -> oip.ModelInferRequest:
+    request = infer_request(GOOD_USER, GOOD_PEERS, typed=True)
+    del request.inputs[1].contents.fp32_contents[-1]
+    return request
+
+
+BAD_INPUTS = [
+    # (id, rpc, request, status, words the message must contain)
+    ("score-no-user", "Score", pb.ScoreRequest(peer_features=tensor(GOOD_PEERS)), INVALID, ["user_features", "missing"]),
+    ("score-two-users", "Score", score_request(rng_features(1, 2, F), GOOD_PEERS), INVALID, ["user_features", f"[1, {F}]", "[2, 16]"]),
+    ("score-peer-width", "Score", score_request(GOOD_USER, rng_features(1, 4, F + 1)), INVALID, ["peer_features", f"[rows, {F}]", "[4, 17]"]),
+    ("score-peer-rank", "Score", score_request(GOOD_USER, np.zeros((2, 2, F), np.float32)), INVALID, ["peer_features", f"[rows, {F}]"]),
+    ("score-bytes", "Score", _short_bytes(), INVALID, ["peer_features", "256 bytes", "252"]),
+    ("score-nan", "Score", score_request(GOOD_USER, NAN_PEERS), INVALID, ["peer_features[2, 5]", "nan", "finite"]),
+    ("score-inf", "Score", score_request(INF_USER, GOOD_PEERS), INVALID, ["user_features[0, 3]", "inf", "finite"]),
+    ("score-zero-peers", "Score", score_request(GOOD_USER, np.zeros((0, F), np.float32)), INVALID, ["peer_features", "0 rows"]),
+    ("score-too-many-peers", "Score", score_request(GOOD_USER, rng_features(1, MAX_PEERS + 1, F)), INVALID, ["peer_features", "65 rows", "max_peers", "64"]),
+    ("upsert-no-kind", "UpsertEmbeddings", pb.UpsertEmbeddingsRequest(ids=[1], features=tensor(GOOD_USER)), INVALID, ["kind", "USER or PEER", "ENTITY_KIND_UNSPECIFIED"]),
+    ("upsert-ids-rows", "UpsertEmbeddings", pb.UpsertEmbeddingsRequest(kind=pb.PEER, ids=[1, 2], features=tensor(GOOD_PEERS)), INVALID, ["4 rows", "2 ids"]),
+    ("upsert-no-ids", "UpsertEmbeddings", pb.UpsertEmbeddingsRequest(kind=pb.PEER, features=tensor(GOOD_PEERS)), INVALID, ["ids", "empty"]),
+    ("upsert-nan", "UpsertEmbeddings", pb.UpsertEmbeddingsRequest(kind=pb.PEER, ids=[1, 2, 3, 4], features=tensor(NAN_PEERS)), INVALID, ["features[2, 5]", "nan"]),
+    ("upsert-duplicate-ids", "UpsertEmbeddings", pb.UpsertEmbeddingsRequest(kind=pb.PEER, ids=[5, 6, 5, 7], features=tensor(GOOD_PEERS)), INVALID, ["5"]),
+    ("by-ids-unknown", "ScoreByIds", pb.ScoreByIdsRequest(user_id=123456, peer_ids=[1]), NOT_FOUND, ["user", "123456"]),
+    ("by-ids-empty", "ScoreByIds", pb.ScoreByIdsRequest(user_id=1), INVALID, ["peer_ids", "empty"]),
+    ("by-ids-too-many", "ScoreByIds", pb.ScoreByIdsRequest(user_id=1, peer_ids=list(range(MAX_PEERS + 1))), INVALID, ["peer_ids", "max_peers"]),
+    ("matrix-no-users", "ScoreMatrix", pb.ScoreMatrixRequest(peer_ids=[1]), INVALID, ["user_ids", "empty"]),
+    ("infer-model", "ModelInfer", _infer(lambda r: setattr(r, "model_name", "threetower")), NOT_FOUND, ["threetower", "twotower"]),
+    ("infer-version", "ModelInfer", _infer(lambda r: setattr(r, "model_version", "9")), NOT_FOUND, ["version", "'9'"]),
+    ("infer-dtype", "ModelInfer", _infer(lambda r: setattr(r.inputs[1], "datatype", "FP64")), INVALID, ["PEER_FEATURES", "FP32", "FP64"]),
+    ("infer-input-name", "ModelInfer", _infer(lambda r: setattr(r.inputs[1], "name", "PEERS")), INVALID, ["PEERS", "USER_FEATURES, PEER_FEATURES"]),
+    ("infer-missing", "ModelInfer", _infer(lambda r: (r.inputs.pop(), r.raw_input_contents.pop())), INVALID, ["PEER_FEATURES"]),
+    ("infer-raw-count", "ModelInfer", _infer(lambda r: r.raw_input_contents.pop()), INVALID, ["raw_input_contents", "1 entries", "2 inputs"]),
+    ("infer-shape-bytes", "ModelInfer", _infer(lambda r: r.inputs[1].shape.__setitem__(0, 5)), INVALID, ["PEER_FEATURES", "320 bytes", "256"]),
+    ("infer-user-shape", "ModelInfer", _infer(lambda r: (r.inputs[0].shape.__setitem__(0, F), r.inputs[0].shape.__setitem__(1, 1))), INVALID, ["USER_FEATURES", f"[1, {F}]"]),
+    ("infer-output", "ModelInfer", _infer(lambda r: r.outputs.add(name="PROBS")), INVALID, ["PROBS", "SCORES"]),
+    ("infer-typed-and-raw", "ModelInfer", _infer(_typed_and_raw), INVALID, ["USER_FEATURES", "raw_input_contents"]),
+    ("infer-typed-count", "ModelInfer", _typed_wrong_count(), INVALID, ["PEER_FEATURES", "64 values", "63"]),
+]
+
+
+@pytest.mark.parametrize("rpc, request_, status, words", [case[1:] for case in BAD_INPUTS], ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_gets_its_status_and_a_message_naming_the_field(cpu, rpc, request_, status, words):
+    stub = cpu.oip if rpc == "ModelInfer" else cpu.scorer
+    error = rpc_error(getattr(stub, rpc), request_, timeout=10)
+    assert error.code() == status, error.details()
+    for word in words:
+        assert word in error.details(), (word, error.details())
+    assert "Traceback" not in error.details()
+    # ... and the server keeps answering
+    assert list(cpu.scorer.Score(score_request(GOOD_USER, GOOD_PEERS), timeout=10).scores.shape) == [4, 3]
+
+
+# ---- the guard, overload, deadlines, draining: services over a gated stand-in pipeline ----------
+
+
+class GatedPipeline:
+    """Stands in for pipeline.Pipeline under the Runtime: every execution waits for `gate`; outputs zeros."""
+
+    max_batch_rows = 16
+    concurrency = 1
+
+    def __init__(self, num_labels: int, label_dim: int, latency_s: float = 0.0) -> None:
+        self.gate = asyncio.Event()
+        self.num_labels, self.label_dim, self.latency_s = num_labels, label_dim, latency_s
+        self.batch_rows: list = []  # rows of every batch that started
+
+    def estimate_latency_s(self, rows: int) -> float:
+        return self.latency_s
+
+    def plan_cost_s(self, stage: str, rows: int) -> float:
+        return self.latency_s
+
+    async def score(self, users, peers, user_index):
+        self.batch_rows.append(peers.shape[0])
+        await self.gate.wait()
+        return np.zeros((peers.shape[0], self.num_labels), np.float32)
+
+    async def run_stage(self, stage, inputs):
+        self.batch_rows.append(inputs[0].shape[0])
+        await self.gate.wait()
+        return np.zeros((inputs[0].shape[0], self.num_labels, self.label_dim), np.float32)
+
+
+class BrokenCache:
+    def score_by_ids(self, user_id, peer_ids):
+        raise RuntimeError("secret internal detail")
+
+
+class Gated:
+    """Scorer + OIP services over a Runtime over a GatedPipeline, on a real grpc.aio server."""
+
+    def __init__(self, loop_thread: LoopThread, manifest, batching: BatchingConfig, latency_s: float = 0.0, cache=None) -> None:
+        cfg = manifest.model_config
+        self.loop_thread = loop_thread
+        self.pipeline = GatedPipeline(cfg.num_labels, cfg.label_dim, latency_s)
+        self.metrics = Metrics(version=manifest.model_version, batch_buckets=(1, 4, 16))
+        self.state = ServingState()
+        info = model_info(manifest, ServerConfig(max_peers=MAX_PEERS, batching=batching), "gated")
+
+        async def start():
+            self.runtime = Runtime(self.pipeline, batching, self.metrics)
+            self.runtime.start()
+            self.server = grpc.aio.server()
+            pb_grpc.add_ScorerServicer_to_server(ScorerService(info, self.runtime, cache, self.metrics, self.state), self.server)
+            oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(info, self.runtime, cache, self.metrics, self.state), self.server)
+            port = self.server.add_insecure_port("127.0.0.1:0")
+            await self.server.start()
+            self.state.serving = True
+            return port
+
+        self.stubs = Stubs(loop_thread.run(start()))
+
+    def open_gate(self) -> None:
+        self.loop_thread.loop.call_soon_threadsafe(self.pipeline.gate.set)
+
+    def queued_rows(self) -> int:
+        return self.loop_thread.call(lambda: self.runtime.batchers["twotower"].stats().queued_rows)
+
+    def close(self) -> None:
+        self.open_gate()
+        self.stubs.channel.close()
+
+        async def stop():
+            await self.runtime.close(timeout_s=5.0)
+            await self.server.stop(1.0)
+
+        self.loop_thread.run(stop())
+
+
+@pytest.fixture
+def gated(loop_thread, small_artifact):
+    made = []
+
+    def make(batching: BatchingConfig = BatchingConfig(), **kwargs) -> Gated:
+        made.append(Gated(loop_thread, small_artifact, batching, **kwargs))
+        return made[-1]
+
+    yield make
+    for g in made:
+        g.close()
+
+
+def peers(rows: int) -> np.ndarray:
+    return rng_features(rows, rows, F)
+
+
+def test_overload_is_resource_exhausted_at_once_and_accepted_requests_still_answer(gated):
+    g = gated(BatchingConfig(max_queue_rows=8))
+    running = g.stubs.scorer.Score.future(score_request(GOOD_USER, peers(4)), timeout=20)
+    wait_until(lambda: g.pipeline.batch_rows == [4])  # in the one batch slot, held by the gate
+    queued = g.stubs.scorer.Score.future(score_request(GOOD_USER, peers(8)), timeout=20)
+    wait_until(lambda: g.queued_rows() == 8)  # the queue is full
+    error = rpc_error(g.stubs.scorer.Score, score_request(GOOD_USER, peers(1)), timeout=20)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_queue_rows=8" in error.details()
+    error = rpc_error(g.stubs.oip.ModelInfer, infer_request(GOOD_USER, peers(2)), timeout=20)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    g.open_gate()
+    assert list(running.result().scores.shape) == [4, 3]
+    assert list(queued.result().scores.shape) == [8, 3]
+    assert g.pipeline.batch_rows == [4, 8]
+
+
+def test_a_deadline_the_latency_model_cannot_meet_is_rejected_before_it_takes_a_core(gated):
+    g = gated(latency_s=30.0)
+    error = rpc_error(g.stubs.scorer.Score, score_request(GOOD_USER, peers(2)), timeout=5)
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "cannot meet its deadline" in error.details()  # the server said so, not the client's timer
+    assert g.pipeline.batch_rows == []
+    g.open_gate()
+    assert list(g.stubs.scorer.Score(score_request(GOOD_USER, peers(2)), timeout=60).scores.shape) == [2, 3]  # no deadline problem
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_never_runs(gated):
+    g = gated()
+    running = g.stubs.scorer.Score.future(score_request(GOOD_USER, peers(3)), timeout=20)
+    wait_until(lambda: g.pipeline.batch_rows == [3])
+    error = rpc_error(g.stubs.scorer.Score, score_request(GOOD_USER, peers(5)), timeout=0.3)
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: g.queued_rows() == 0)  # dropped from the queue
+    g.open_gate()
+    assert list(running.result().scores.shape) == [3, 3]
+    assert list(g.stubs.scorer.Score(score_request(GOOD_USER, peers(2)), timeout=20).scores.shape) == [2, 3]
+    assert g.pipeline.batch_rows == [3, 2]  # the expired request's 5 rows never ran
+
+
+def test_draining_answers_every_accepted_request_and_refuses_new_ones(gated, loop_thread):
+    g = gated()
+    running = g.stubs.scorer.Score.future(score_request(GOOD_USER, peers(3)), timeout=20)
+    wait_until(lambda: g.pipeline.batch_rows == [3])
+    queued = g.stubs.scorer.Score.future(score_request(GOOD_USER, peers(6)), timeout=20)
+    wait_until(lambda: g.queued_rows() == 6)
+
+    async def begin_drain():
+        g.state.serving = False
+        return asyncio.ensure_future(g.runtime.close(timeout_s=20.0))
+
+    draining = loop_thread.run(begin_drain())
+    error = rpc_error(g.stubs.scorer.Score, score_request(GOOD_USER, peers(1)), timeout=20)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in error.details()
+    assert not g.stubs.oip.ServerReady(oip.ServerReadyRequest(), timeout=5).ready
+    assert not draining.done()
+    g.open_gate()
+    assert list(running.result().scores.shape) == [3, 3]
+    assert list(queued.result().scores.shape) == [6, 3]
+    wait_until(draining.done)
+
+
+def test_an_unexpected_error_is_internal_with_a_short_message_and_no_details(gated, caplog):
+    g = gated(cache=BrokenCache())
+    error = rpc_error(g.stubs.scorer.ScoreByIds, pb.ScoreByIdsRequest(user_id=1, peer_ids=[2]), timeout=10)
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert "secret" not in error.details() and "Traceback" not in error.details()
+    assert "secret internal detail" in caplog.text  # logged server-side, with its traceback
+    g.open_gate()
+    assert list(g.stubs.scorer.Score(score_request(GOOD_USER, peers(2)), timeout=10).scores.shape) == [2, 3]
+
+
+# ---- the simulated device: a core fault --------------------------------------------------------
+
+
+def test_a_core_fault_fails_only_the_request_that_hit_it(sim, sim_server, small_artifact):
+    cfg = small_artifact.model_config
+    request = score_request(rng_features(71, 1, cfg.user_features), rng_features(72, 9, cfg.peer_features))
+    expected = array(sim.scorer.Score(request, timeout=10).scores)
+    faults_before = sum(g.faults for g in sim_server.pipeline.stats().groups)
+    sim_server.backend.inject_fault(0, "fail")  # both towers of the next request run at once, one on each core
+    error = rpc_error(sim.scorer.Score, request, timeout=10)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "core 0 failed" in error.details()
+    assert sum(g.faults for g in sim_server.pipeline.stats().groups) == faults_before + 1
+    # the next requests go around the resetting core and get the right answer
+    for _ in range(3):
+        np.testing.assert_array_equal(array(sim.scorer.Score(request, timeout=10).scores), expected)
+    assert sim.health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+
+
+# ---- health, reflection, metrics ---------------------------------------------------------------
+
+
+def test_health_serving_and_reflection_lists_every_service(cpu):
+    for service in ("", "neuronserve.v1.Scorer", "inference.GRPCInferenceService"):
+        assert cpu.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    replies = cpu.reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+    names = {s.name for reply in replies for s in reply.list_services_response.service}
+    assert {"neuronserve.v1.Scorer", "inference.GRPCInferenceService", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+    replies = cpu.reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol="neuronserve.v1.Scorer")]), timeout=5
+    )
+    assert any(reply.file_descriptor_response.file_descriptor_proto for reply in replies)
+
+
+def scrape(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        return response.read().decode()
+
+
+def test_metrics_count_requests_batches_failures_cores_cache_and_process(cpu, cpu_server, small_artifact):
+    from neuronserve.bench.report import scrape_metrics
+
+    before = scrape_metrics(f"http://127.0.0.1:{cpu_server.metrics_port}/metrics")
+    for _ in range(3):
+        cpu.scorer.Score(score_request(GOOD_USER, GOOD_PEERS), timeout=10)
+    rpc_error(cpu.scorer.Score, score_request(GOOD_USER, NAN_PEERS), timeout=10)
+    upsert(cpu, pb.PEER, [5000, 5001], GOOD_PEERS[:2])
+    after = scrape_metrics(f"http://127.0.0.1:{cpu_server.metrics_port}/metrics")
+    assert after["nv_inference_request_success"] - before.get("nv_inference_request_success", 0) == 4
+    assert after["nv_inference_count"] - before.get("nv_inference_count", 0) == 3 * 4 + 2
+    assert after["nv_inference_exec_count"] - before.get("nv_inference_exec_count", 0) >= 4
+    assert after["nv_inference_request_failure"] - before.get("nv_inference_request_failure", 0) == 1
+    assert after["nv_inference_compute_infer_duration_us"] > before.get("nv_inference_compute_infer_duration_us", 0)
+    assert after["nv_inference_queue_duration_us"] >= before.get("nv_inference_queue_duration_us", 0)
+
+    text = scrape(cpu_server.metrics_port)
+    version = small_artifact.model_version
+    assert f'nv_inference_request_failure{{model="twotower",version="{version}",reason="INVALID_ARGUMENT"}}' in text
+    assert "# TYPE nv_inference_request_success counter" in text
+    assert 'neuronserve_batch_rows_bucket{model="twotower",version="' in text and 'le="+Inf"}' in text
+    for name in (
+        'neuronserve_core_group_busy_seconds_total{cores="0",stages="user_tower,peer_tower,pair_scorer"}',
+        'neuronserve_core_group_executions_total{cores="1"',
+        "neuronserve_core_group_faults_total",
+        'neuronserve_cache_rows{version="' + version + '",kind="peer"}',
+        "neuronserve_cache_hits_total",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+    ):
+        assert name in text, name
+    import urllib.error
+
+    with pytest.raises(urllib.error.HTTPError) as info:
+        import urllib.request
+
+        urllib.request.urlopen(f"http://127.0.0.1:{cpu_server.metrics_port}/other", timeout=10)
+    assert info.value.code == 404
