@@ -115,6 +115,7 @@ class Pipeline:
         self._plans: Dict[str, List[Tuple[int, ...]]] = {}
         self._stage_counts = {stage: [0, 0, 0] for stage in STAGES}  # executions, rows, padded rows
         self._waiters: Deque[asyncio.Future] = deque()
+        self._fused = False
         self._started = False
 
     def start(self) -> None:
@@ -135,6 +136,9 @@ class Pipeline:
             self._cost_s[stage] = {b: self._bucket_cost_s(runner, b) for b in self._buckets[stage]}
             largest = self._buckets[stage][-1]
             self._plans[stage] = _plan_table(self._buckets[stage], self._cost_s[stage], 2 * largest)
+        # Data parallel (every group holds all three stages): a score batch runs start to end on one
+        # group in ONE executor job, instead of a thread hop and loop wake-up per stage execution.
+        self._fused = all(set(g.stages) == set(STAGES) for g in self._groups)
         self._started = True
 
     @staticmethod
@@ -143,9 +147,7 @@ class Pipeline:
         if modelled is not None:
             return modelled
         inputs = [np.zeros((batch_size,) + shape, dtype=np.float32) for shape in runner.input_shapes()]
-        start = time.perf_counter()
-        runner.run(inputs)
-        return time.perf_counter() - start
+        return min(_timed_run(runner, inputs)[1] for _ in range(3))  # the best of 3: a noisy host only adds time
 
     @property
     def max_batch_rows(self) -> int:
@@ -163,6 +165,14 @@ class Pipeline:
         largest = self._buckets[stage][-1]
         full = max(0, rows - largest) // largest
         return (largest,) * full + self._plans[stage][rows - full * largest]
+
+    def _chunks(self, stage: str, rows: int) -> Tuple[Tuple[int, int], ...]:
+        """(rows, bucket) of every execution covering `rows` rows, in order."""
+        chunks, start = [], 0
+        for bucket in self._plan(stage, rows):
+            chunks.append((min(bucket, rows - start), bucket))
+            start += bucket
+        return tuple(chunks)
 
     def plan_cost_s(self, stage: str, rows: int) -> float:
         return sum(self._cost_s[stage][b] for b in self._plan(stage, rows))
@@ -203,10 +213,22 @@ class Pipeline:
             )
         if peers and (user_index.min() < 0 or user_index.max() >= users):
             raise InvalidInput(f"user_index values must be in [0, {users}) (the user rows), got {user_index.min()}..{user_index.max()}")
-        user, peer = await asyncio.gather(
-            self.run_stage("user_tower", [user_features]), self.run_stage("peer_tower", [peer_features])
-        )
-        return await self.run_stage("pair_scorer", [np.take(user, user_index, axis=0), peer])
+        if not self._fused:  # stages on their own groups: each overlaps other batches' stages
+            user, peer = await asyncio.gather(
+                self.run_stage("user_tower", [user_features]), self.run_stage("peer_tower", [peer_features])
+            )
+            return await self.run_stage("pair_scorer", [np.take(user, user_index, axis=0), peer])
+        (user,), _ = self._check("user_tower", [user_features])
+        (peer,), _ = self._check("peer_tower", [peer_features])
+        return await self._execute("user_tower", self._score_on, user, peer, user_index)
+
+    def _score_on(self, runners: Dict[str, StageRunner], user: np.ndarray, peer: np.ndarray, user_index: np.ndarray):
+        """Blocking, on one group's executor thread: the three stages one after another (the fused path)."""
+        u, user_s, user_runs = _run_chunks(runners["user_tower"], [user], self._chunks("user_tower", user.shape[0]))
+        p, peer_s, peer_runs = _run_chunks(runners["peer_tower"], [peer], self._chunks("peer_tower", peer.shape[0]))
+        pairs = [np.take(u, user_index, axis=0), p]
+        scores, pair_s, pair_runs = _run_chunks(runners["pair_scorer"], pairs, self._chunks("pair_scorer", peer.shape[0]))
+        return scores, user_s + peer_s + pair_s, user_runs + peer_runs + pair_runs
 
     def stats(self) -> PipelineStats:
         return PipelineStats(
@@ -244,20 +266,17 @@ class Pipeline:
 
     async def _run_chunk(self, stage: str, arrays: List[np.ndarray], start: int, rows: int, bucket: int) -> np.ndarray:
         """Rows [start, start+rows) padded to `bucket`, on the least-loaded healthy group; unpadded output."""
-        chunk = []
-        for array in arrays:
-            if rows == bucket:
-                chunk.append(array[start : start + rows])  # a contiguous view, no copy
-            else:
-                padded = np.empty((bucket,) + array.shape[1:], dtype=np.float32)
-                padded[:rows] = array[start : start + rows]
-                padded[rows:] = 0.0
-                chunk.append(padded)
+        chunk = [array[start : start + rows] for array in arrays]  # contiguous views, no copy
+        return await self._execute(stage, lambda runners: _run_chunks(runners[stage], chunk, ((rows, bucket),)))
+
+    async def _execute(self, stage: str, job, *args) -> np.ndarray:
+        """`job(group.runners, *args)` -> (output, busy seconds, executions) on a slot of the least-loaded
+        healthy group holding `stage`; returns the output."""
         group = await self._acquire(stage)
-        future = asyncio.get_running_loop().run_in_executor(group.executor, _timed_run, group.runners[stage], chunk)
-        future.add_done_callback(functools.partial(self._finish, group, stage, rows, bucket))
-        out, _ = await asyncio.shield(future)  # a cancelled caller must not free a slot still running
-        return out[:rows]
+        future = asyncio.get_running_loop().run_in_executor(group.executor, job, group.runners, *args)
+        future.add_done_callback(functools.partial(self._finish, group))
+        out, _, _ = await asyncio.shield(future)  # a cancelled caller must not free a slot still running
+        return out
 
     async def _acquire(self, stage: str) -> _Group:
         """A slot on the least-loaded healthy group for `stage`; waits (FIFO) while all are busy."""
@@ -278,7 +297,7 @@ class Pipeline:
             self._waiters.append(waiter)
             await waiter
 
-    def _finish(self, group: _Group, stage: str, rows: int, bucket: int, future: asyncio.Future) -> None:
+    def _finish(self, group: _Group, future: asyncio.Future) -> None:
         """Done callback (loop thread): free the slot, wake waiters, count."""
         group.in_flight -= 1
         waiters, self._waiters = self._waiters, deque()
@@ -291,12 +310,35 @@ class Pipeline:
         if isinstance(error, CoreFault):
             group.faults += 1
         if error is None:
-            group.executions += 1
-            group.busy_s += future.result()[1]
-            counts = self._stage_counts[stage]
-            counts[0] += 1
-            counts[1] += rows
-            counts[2] += bucket - rows
+            _, busy_s, executions = future.result()
+            group.busy_s += busy_s
+            for stage, rows, bucket in executions:
+                group.executions += 1
+                counts = self._stage_counts[stage]
+                counts[0] += 1
+                counts[1] += rows
+                counts[2] += bucket - rows
+
+
+def _run_chunks(runner: StageRunner, arrays: Sequence[np.ndarray], chunks: Sequence[Tuple[int, int]]):
+    """Blocking, on the group's executor thread: one execution per (rows, bucket) chunk over the rows of
+    `arrays` in order, each padded with zero rows up to its bucket; -> (unpadded outputs concatenated,
+    busy seconds, [(stage, rows, bucket)] per execution)."""
+    outs, busy_s, start = [], 0.0, 0
+    for rows, bucket in chunks:
+        inputs = []
+        for array in arrays:
+            if rows == bucket:
+                inputs.append(np.ascontiguousarray(array[start : start + rows]))
+            else:
+                padded = np.zeros((bucket,) + array.shape[1:], dtype=np.float32)
+                padded[:rows] = array[start : start + rows]
+                inputs.append(padded)
+        out, seconds = _timed_run(runner, inputs)
+        outs.append(out[:rows])
+        busy_s += seconds
+        start += rows
+    return (outs[0] if len(outs) == 1 else np.concatenate(outs)), busy_s, [(runner.stage, rows, bucket) for rows, bucket in chunks]
 
 
 def _timed_run(runner: StageRunner, inputs: List[np.ndarray]) -> Tuple[np.ndarray, float]:

@@ -55,11 +55,13 @@ def direct(runner, x_list):
     return np.concatenate(parts)
 
 
-def test_scores_equal_direct_cpu_outputs_for_mixed_sizes(manifest):
+@pytest.mark.parametrize("placement", ["data parallel (fused: one job per batch)", "user_tower=0,peer_tower=1-2,pair_scorer=3"])
+def test_scores_equal_direct_cpu_outputs_for_mixed_sizes(manifest, placement):
     cfg = manifest.model_config
     cpu = CpuBackend(manifest)
     ref = {stage: cpu.load(stage, CoreGroup(0)) for stage in STAGES}
-    pipeline, _ = sim_pipeline(manifest, Placement.data_parallel(4), latency(0.0), latency_scale=0.0)
+    layout = Placement.data_parallel(4) if placement.startswith("data") else Placement.parse(placement, 4)
+    pipeline, _ = sim_pipeline(manifest, layout, latency(0.0), latency_scale=0.0)
     largest = pipeline.max_batch_rows
     assert largest < 40  # the small artifact: sizes below exceed its largest bucket
 
