@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 
 from neuronserve import __version__
-from neuronserve.errors import InvalidInput, NeuronServeError, NotFound, Unavailable
+from neuronserve.errors import DeadlineExceeded, InvalidInput, NeuronServeError, NotFound, Unavailable
 from neuronserve.protos import open_inference_pb2 as oip
 from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
 from neuronserve.protos import scorer_pb2 as pb
@@ -195,6 +195,9 @@ class _Servicer:
         try:
             if inference:
                 self.state.check()
+                remaining_s = context.time_remaining()
+                if remaining_s is not None and remaining_s <= 0:  # shed a backlog at the door: nobody waits for it
+                    raise DeadlineExceeded(f"the request's deadline passed {-remaining_s * 1e3:.1f} ms before it was served; the server is overloaded")
             reply = await handler(request, context)
         except NeuronServeError as exc:
             code = getattr(grpc.StatusCode, exc.status, grpc.StatusCode.INTERNAL)
