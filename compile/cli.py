@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from neuronserve.config import read_json_object
 from neuronserve.errors import ConfigError
 
 
@@ -49,15 +49,7 @@ def _model_config(path):
 
     if path is None:
         return ModelConfig()
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"--model-config {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise ConfigError(f"--model-config {path} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--model-config {path} must be a JSON object of model config keys")
-    return ModelConfig.from_dict(data, source=f"--model-config {path}")
+    return ModelConfig.from_dict(read_json_object(path, f"--model-config {path}"), source=f"--model-config {path}")
 
 
 def _compile(args: argparse.Namespace) -> int:

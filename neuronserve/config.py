@@ -5,12 +5,27 @@ A leaf module: parsed once at start-up (server.py, the CLI) and handed down the 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from neuronserve.errors import ConfigError
 
 STAGES: Tuple[str, ...] = ("user_tower", "peer_tower", "pair_scorer")
+
+
+def read_json_object(path, what: str) -> Dict[str, Any]:
+    """A JSON object from a settings file; `what` names it in the one-line error ("--model-config x.json")."""
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read it ({exc.strerror})") from None
+    except ValueError as exc:
+        raise ConfigError(f"{what}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: expected a JSON object of settings, got {type(data).__name__}")
+    return data
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ import asyncio
 import dataclasses
 import functools
 import gc
-import json
 import logging
 import os
 import signal
@@ -31,7 +30,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from neuronserve.config import BatchingConfig, Placement, ServerConfig, SimConfig
+from neuronserve.config import BatchingConfig, Placement, ServerConfig, SimConfig, read_json_object
 from neuronserve.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -182,15 +181,7 @@ def resolve_config(args: argparse.Namespace, environ: Optional[Mapping[str, str]
 
 
 def _read_config_file(path: str) -> Dict[str, Any]:
-    try:
-        with open(path) as handle:
-            data = json.load(handle)
-    except OSError as exc:
-        raise ConfigError(f"config file {path}: cannot read it ({exc.strerror})") from None
-    except ValueError as exc:
-        raise ConfigError(f"config file {path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a JSON object of settings, got {type(data).__name__}")
+    data = read_json_object(path, f"config file {path}")
     known = {s.key for s in SETTINGS}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -342,7 +333,7 @@ class Server:
 
         config = self.config
         self.manifest = manifest = await asyncio.to_thread(load_manifest, config.artifact, True)
-        self.backend = make_backend(config.backend, manifest, dataclasses.replace(config.sim, num_cores=config.cores))
+        self.backend = make_backend(config.backend, manifest, dataclasses.replace(config.sim, num_cores=config.cores), num_cores=config.cores)
         if config.placement:
             placement = Placement.parse(config.placement, config.cores)
         else:
