@@ -67,7 +67,8 @@ class BatcherStats:
     rejected_deadline: int
     cancelled: int
     failed: int  # requests failed by run_batch (or by close(drain=False))
-    queue_s_total: float  # sum over requests of (first batch start - arrival)
+    batched_requests: int  # cumulative: requests that reached a batch
+    queue_s_total: float  # sum over those requests of (first batch start - arrival)
 
 
 @dataclass(eq=False)
@@ -125,6 +126,7 @@ class DynamicBatcher:
         self._closing = False
         self._batches = self._batch_rows = 0
         self._rejected_overload = self._rejected_deadline = self._cancelled = self._failed = 0
+        self._batched_requests = 0
         self._queue_s_total = 0.0
 
     def start(self) -> None:
@@ -188,6 +190,7 @@ class DynamicBatcher:
             rejected_deadline=self._rejected_deadline,
             cancelled=self._cancelled,
             failed=self._failed,
+            batched_requests=self._batched_requests,
             queue_s_total=self._queue_s_total,
         )
 
@@ -246,6 +249,7 @@ class DynamicBatcher:
                 if members and self._shortfall_s(now, rows + part, members_deadline_s) > 0:
                     return self._count(members, rows)  # it would make an earlier member late: next batch
                 if request.taken == 0:
+                    self._batched_requests += 1
                     self._queue_s_total += now - request.arrival_s
                 members.append((request, request.taken, request.taken + part))
                 request.taken += part

@@ -81,6 +81,25 @@ class Sample:
 Collector = Callable[[], Iterable[Sample]]
 
 
+@dataclass(frozen=True)
+class ModelStats:
+    """One model's cumulative counters (Triton's ModelStatistics semantics; durations summed over requests)."""
+
+    model: str
+    version: str
+    last_request_ms: int  # wall clock of the last answered request, ms since the epoch; 0: none yet
+    success: int
+    success_s: float  # request durations in the server
+    failure: int
+    failure_s: float
+    queued: int  # requests that reached a batch
+    queue_s: float  # batch start - arrival, summed over them
+    computed: int  # requests in executed batches (each part of a split request counts)
+    compute_s: float  # run time of each one's batch, summed
+    inferences: int  # rows in executed batches
+    executions: int
+
+
 class _ModelCounters:
     """Cumulative counters of one model (version fixed per server)."""
 
@@ -88,9 +107,12 @@ class _ModelCounters:
         self.success = 0
         self.failure: Dict[str, int] = {}
         self.request_s = 0.0
+        self.failure_s = 0.0
+        self.last_request_ms = 0  # wall clock, milliseconds since the epoch
         self.inferences = 0
         self.executions = 0
-        self.compute_s = 0.0  # summed over requests
+        self.computed = 0  # requests (parts of a split request count once each) in executed batches
+        self.compute_s = 0.0  # summed over them
         self.batch_counts = np.zeros(len(batch_buckets) + 1, dtype=np.int64)  # last: +Inf
         self.batch_rows_sum = 0
 
@@ -105,6 +127,7 @@ class Metrics:
         self._bounds = np.asarray(sorted(set(int(b) for b in batch_buckets)), dtype=np.int64)
         self._models: Dict[str, _ModelCounters] = {}
         self._collectors: List[Collector] = [process_samples]
+        self._queue_sources: Dict[str, Callable[[], float]] = {}
 
     def _model(self, model: str) -> _ModelCounters:
         counters = self._models.get(model)
@@ -115,17 +138,20 @@ class Metrics:
     def request(self, model: str, status: str, duration_s: float) -> None:
         """One request answered: status "OK" or the gRPC status name it failed with."""
         counters = self._model(model)
+        counters.last_request_ms = int(time.time() * 1e3)
         if status == "OK":
             counters.success += 1
             counters.request_s += duration_s
         else:
             counters.failure[status] = counters.failure.get(status, 0) + 1
+            counters.failure_s += duration_s
 
     def execution(self, model: str, *, rows: int, requests: int, compute_s: float) -> None:
         """One batch of `rows` rows for `requests` requests ran in `compute_s` seconds."""
         counters = self._model(model)
         counters.executions += 1
         counters.inferences += rows
+        counters.computed += requests
         counters.compute_s += compute_s * requests
         counters.batch_counts[int(np.searchsorted(self._bounds, rows))] += 1
         counters.batch_rows_sum += rows
@@ -141,6 +167,31 @@ class Metrics:
 
     def add_collector(self, collector: Collector) -> None:
         self._collectors.append(collector)
+
+    def add_queue_source(self, model: str, queue: Callable[[], Tuple[int, float]]) -> None:
+        """Where `model`'s (requests queued, their summed queue seconds) come from (its batcher), for statistics()."""
+        self._queue_sources[model] = queue
+
+    def statistics(self, model: str) -> ModelStats:
+        """`model`'s cumulative counters, as Triton's ModelStatistics reports them (zeros if unseen)."""
+        c = self._models.get(model) or _ModelCounters(self._bounds)
+        source = self._queue_sources.get(model)
+        queued, queue_s = source() if source is not None else (0, 0.0)
+        return ModelStats(
+            model=model,
+            version=self.version,
+            last_request_ms=c.last_request_ms,
+            success=c.success,
+            success_s=c.request_s,
+            failure=sum(c.failure.values()),
+            failure_s=c.failure_s,
+            queued=queued,
+            queue_s=queue_s,
+            computed=c.computed,
+            compute_s=c.compute_s,
+            inferences=c.inferences,
+            executions=c.executions,
+        )
 
     def samples(self) -> List[Sample]:
         out: List[Sample] = []

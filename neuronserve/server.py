@@ -355,6 +355,7 @@ class Server:
         )
         for model, batcher in self.runtime.batchers.items():
             self.metrics.add_collector(lambda m=model, b=batcher: batcher_samples(m, version, b.stats()))
+            self.metrics.add_queue_source(model, lambda b=batcher: (b.stats().batched_requests, b.stats().queue_s_total))
         self.metrics.add_collector(lambda: pipeline_samples(self.pipeline.stats()))
         self.metrics.add_collector(lambda: cache_samples(self.cache.stats()))
 

@@ -36,6 +36,7 @@ TWOTOWER = "twotower"  # Score and OIP twotower: features -> towers -> pair scor
 TOWERS = ("user_tower", "peer_tower")  # UpsertEmbeddings and the OIP tower models
 CACHED = "twotower_cached"  # ScoreByIds and ScoreMatrix: cached tower outputs, no tower run (metrics only)
 FP32 = "FP32"
+TRITON_EXTENSIONS = ("model_configuration", "statistics")  # the Triton RPCs beyond the OIP served here
 _F32 = np.dtype("<f4")
 _RESPONSE_HEADROOM_BYTES = 4096  # room for a reply's non-tensor fields under max_message_bytes
 
@@ -320,8 +321,29 @@ def oip_models(info: ModelInfo) -> Dict[str, OipModel]:
     }
 
 
+def model_statistics(stats) -> oip.ModelStatistics:
+    """From a metrics.ModelStats (injected with the metrics: the service does not import metrics)."""
+    def duration(count: int, seconds: float) -> oip.StatisticDuration:
+        return oip.StatisticDuration(count=count, ns=int(seconds * 1e9))
+
+    return oip.ModelStatistics(
+        name=stats.model,
+        version=stats.version,
+        last_inference=stats.last_request_ms,
+        inference_count=stats.inferences,
+        execution_count=stats.executions,
+        inference_stats=oip.InferStatistics(
+            success=duration(stats.success, stats.success_s),
+            fail=duration(stats.failure, stats.failure_s),
+            queue=duration(stats.queued, stats.queue_s),
+            compute_infer=duration(stats.computed, stats.compute_s),
+        ),
+    )
+
+
 class InferenceService(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
-    """inference.GRPCInferenceService: models `twotower` (SCORES [M, K] logits) and the two towers."""
+    """inference.GRPCInferenceService: models `twotower` (SCORES [M, K] logits) and the two towers;
+    the OIP's six RPCs plus Triton's ModelConfig and ModelStatistics, which perf_analyzer calls."""
 
     def __init__(self, info: ModelInfo, runtime: Runtime, cache, metrics, state: ServingState) -> None:
         super().__init__(info, runtime, cache, metrics, state)
@@ -338,7 +360,7 @@ class InferenceService(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
         return oip.ModelReadyResponse(ready=known and self.state.serving)
 
     async def ServerMetadata(self, request, context) -> oip.ServerMetadataResponse:
-        return oip.ServerMetadataResponse(name="neuronserve", version=__version__, extensions=[])
+        return oip.ServerMetadataResponse(name="neuronserve", version=__version__, extensions=list(TRITON_EXTENSIONS))
 
     async def ModelMetadata(self, request: oip.ModelMetadataRequest, context) -> oip.ModelMetadataResponse:
         return await self._answer(context, request.name, self._metadata, request, inference=False)
@@ -346,6 +368,12 @@ class InferenceService(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: oip.ModelInferRequest, context) -> oip.ModelInferResponse:
         label = request.model_name if request.model_name in self.models else "_unknown"
         return await self._answer(context, label, self._infer, request)
+
+    async def ModelConfig(self, request: oip.ModelConfigRequest, context) -> oip.ModelConfigResponse:
+        return await self._answer(context, request.name, self._config, request, inference=False)
+
+    async def ModelStatistics(self, request: oip.ModelStatisticsRequest, context) -> oip.ModelStatisticsResponse:
+        return await self._answer(context, request.name, self._statistics, request, inference=False)
 
     def _model(self, name: str, version: str) -> OipModel:
         model = self.models.get(name)
@@ -365,6 +393,21 @@ class InferenceService(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
             inputs=[meta(name=t.name, datatype=FP32, shape=t.shape) for t in model.inputs],
             outputs=[meta(name=t.name, datatype=FP32, shape=t.shape) for t in model.outputs],
         )
+
+    async def _config(self, request: oip.ModelConfigRequest, context) -> oip.ModelConfigResponse:
+        """Triton's model configuration: max_batch_size 0 because batching is inside the server, on rows
+        (peers), so shapes are given whole, as in ModelMetadata."""
+        model = self._model(request.name, request.version)
+        config = oip.ModelConfig(name=model.name, platform=self.info.platform, backend="neuronserve", max_batch_size=0)
+        config.input.extend(oip.ModelInput(name=t.name, data_type=oip.TYPE_FP32, dims=t.shape) for t in model.inputs)
+        config.output.extend(oip.ModelOutput(name=t.name, data_type=oip.TYPE_FP32, dims=t.shape) for t in model.outputs)
+        return oip.ModelConfigResponse(config=config)
+
+    async def _statistics(self, request: oip.ModelStatisticsRequest, context) -> oip.ModelStatisticsResponse:
+        """Cumulative counters of one model, or of every OIP model when no name is given. `twotower`
+        counts the scorer API's Score too: it is the same model."""
+        names = [self._model(request.name, request.version).name] if request.name else list(self.models)
+        return oip.ModelStatisticsResponse(model_stats=[model_statistics(self.metrics.statistics(n)) for n in names])
 
     async def _infer(self, request: oip.ModelInferRequest, context) -> oip.ModelInferResponse:
         model = self._model(request.model_name, request.model_version)

@@ -144,7 +144,8 @@ def test_requests_accumulate_while_busy_and_go_when_a_slot_frees():
         assert runner.batches[1] == [("b", 0, 2), ("c", 0, 3)]  # at once, no fresh delay window
         runner.release(1)
         check(await a, "a", 1), check(await b, "b", 2), check(await c, "c", 3)
-        assert batcher.stats().queue_s_total == pytest.approx(4.0 + 3.0)
+        assert batcher.stats().queue_s_total == pytest.approx(4.0 + 3.0)  # a waited 0 s
+        assert batcher.stats().batched_requests == 3
         await batcher.close()
 
     run(body())
@@ -491,7 +492,7 @@ def test_bad_rows_not_started_and_bad_settings():
         for rows in (0, -1, True, 1.5):
             with pytest.raises(InvalidInput, match="rows must be an integer >= 1"):
                 await batcher.submit(payload("a", 1), rows)
-        assert runner.batches == [] and batcher.stats() == BatcherStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0)
+        assert runner.batches == [] and batcher.stats() == BatcherStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0)
         await batcher.close()
         with pytest.raises(ConfigError, match="max_batch_rows"):
             DynamicBatcher(runner, max_batch_rows=0, config=BatchingConfig())

@@ -76,6 +76,14 @@ for case, model, case_inputs in (
         report[case] = None
     except InferenceServerException as exc:
         report[case] = [str(exc.status()), exc.message()]
+# what perf_analyzer asks before and during a run: the model configuration and the statistics
+report["config"] = client.get_model_config("twotower", as_json=True)["config"]
+report["statistics"] = client.get_inference_statistics(as_json=True)["model_stats"]
+try:
+    client.get_inference_statistics("threetower")
+    report["unknown_statistics"] = None
+except InferenceServerException as exc:
+    report["unknown_statistics"] = [str(exc.status()), exc.message()]
 np.savez(outputs_path, scores=scores, embeddings=embeddings)
 print(json.dumps(report))
 '''
@@ -123,6 +131,27 @@ def test_tritonclient_metadata_and_infer_match_the_scorer_api(server, small_arti
     assert report["response"] == {"model_name": "twotower", "model_version": small_artifact.model_version, "id": "triton-1"}
     assert report["unknown_model"][0] == "StatusCode.NOT_FOUND" and "threetower" in report["unknown_model"][1]
     assert report["bad_datatype"][0] == "StatusCode.INVALID_ARGUMENT" and "FP64" in report["bad_datatype"][1]
+
+    # Triton's ModelConfig and ModelStatistics, decoded by Triton's own generated code (int64 as strings in JSON)
+    config = report["config"]
+    assert (config["name"], config["backend"], config.get("max_batch_size", 0)) == ("twotower", "neuronserve", 0)
+    assert [(t["name"], t["data_type"], t["dims"]) for t in config["input"]] == [
+        ("USER_FEATURES", "TYPE_FP32", ["1", str(cfg.user_features)]),
+        ("PEER_FEATURES", "TYPE_FP32", ["-1", str(cfg.peer_features)]),
+    ]
+    assert [(t["name"], t["data_type"], t["dims"]) for t in config["output"]] == [("SCORES", "TYPE_FP32", ["-1", str(cfg.num_labels)])]
+    stats = {m["name"]: m for m in report["statistics"]}
+    assert sorted(stats) == ["peer_tower", "twotower", "user_tower"]
+    twotower = stats["twotower"]
+    infer = twotower["inference_stats"]
+    assert twotower["version"] == small_artifact.model_version
+    assert int(infer["success"]["count"]) >= 1 and int(infer["success"]["ns"]) > 0  # the infer above
+    assert int(infer["fail"]["count"]) >= 1  # the FP64 request
+    assert int(infer["queue"]["count"]) >= 1 and int(infer["compute_infer"]["count"]) >= 1
+    assert int(twotower["inference_count"]) >= 23 and int(twotower["execution_count"]) >= 1
+    assert int(twotower["last_inference"]) > 0
+    assert int(stats["peer_tower"]["inference_count"]) >= 23  # the peer_tower infer
+    assert report["unknown_statistics"][0] == "StatusCode.NOT_FOUND" and "threetower" in report["unknown_statistics"][1]
 
     with np.load(outputs_path) as outputs:
         triton_scores, triton_embeddings = outputs["scores"], outputs["embeddings"]
