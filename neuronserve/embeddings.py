@@ -80,20 +80,26 @@ class EmbeddingCache:
         with self._write_lock:
             self._state = self._empty(model_version)
 
-    def upsert(self, kind: str, ids: np.ndarray, vectors: np.ndarray, model_version: str) -> int:
-        """Store tower outputs for distinct `ids`; existing ids are overwritten. Returns the rows of `kind` now cached."""
+    def check_upsert(self, kind: str, ids: np.ndarray) -> np.ndarray:
+        """`ids` as int64 if upsert() would take them: distinct, at most max_rows. The service calls it
+        before the tower run, so a bad request costs no core time."""
         _check_kind(kind)
         ids = _check_ids(ids, "ids")
-        vectors = np.asarray(vectors)
-        if vectors.shape != (len(ids), self._k, self._d) or vectors.dtype != np.float32:
-            raise InvalidInput(f"vectors must be float32 [{len(ids)}, {self._k}, {self._d}] (one row per id), "
-                               f"got {vectors.dtype} {list(vectors.shape)}")
         if len(ids) > self._max_rows:
             raise InvalidInput(f"cannot upsert {len(ids)} {kind} ids: the cache holds at most max_rows={self._max_rows} per kind")
         sorted_ids = np.sort(ids)
         dup = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]]
         if len(dup):
             raise InvalidInput(f"ids must be distinct; {kind} id {int(dup[0])} appears more than once")
+        return ids
+
+    def upsert(self, kind: str, ids: np.ndarray, vectors: np.ndarray, model_version: str) -> int:
+        """Store tower outputs for distinct `ids`; existing ids are overwritten. Returns the rows of `kind` now cached."""
+        ids = self.check_upsert(kind, ids)
+        vectors = np.asarray(vectors)
+        if vectors.shape != (len(ids), self._k, self._d) or vectors.dtype != np.float32:
+            raise InvalidInput(f"vectors must be float32 [{len(ids)}, {self._k}, {self._d}] (one row per id), "
+                               f"got {vectors.dtype} {list(vectors.shape)}")
         with self._write_lock:
             state = self._state
             if model_version != state.model_version:

@@ -259,6 +259,7 @@ class ScorerService(_Servicer, pb_grpc.ScorerServicer):
         features = feature_rows(tensor_array(request.features, "features"), "features", width, info.max_tower_rows, "max_tower_rows")
         if features.shape[0] != ids.size:
             raise InvalidInput(f"features has {features.shape[0]} rows for {ids.size} ids; send one row of {width} features per id")
+        self.cache.check_upsert(kind, ids)  # before the tower run: a bad request costs no core time
         vectors = await self.runtime.embed(tower, features, deadline_of(context))
         rows = self.cache.upsert(kind, ids, vectors, info.version)
         return pb.UpsertEmbeddingsResponse(upserted=ids.size, cache_rows=rows, model_version=info.version)

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from neuronserve.backends.cpu import CpuBackend
 from neuronserve.config import STAGES, BatchingConfig, CoreGroup, ServerConfig, SimConfig
+from neuronserve.embeddings import EmbeddingCache
 from neuronserve.metrics import Metrics
 from neuronserve.protos import open_inference_pb2 as oip
 from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
@@ -520,6 +521,44 @@ def test_a_request_whose_deadline_passes_in_the_queue_never_runs(gated):
     assert list(running.result().scores.shape) == [3, 3]
     assert list(g.stubs.scorer.Score(score_request(GOOD_USER, peers(2)), timeout=20).scores.shape) == [2, 3]
     assert g.pipeline.batch_rows == [3, 2]  # the expired request's 5 rows never ran
+
+
+def test_duplicate_upsert_ids_are_refused_before_the_tower_runs(gated, small_artifact):
+    cfg = small_artifact.model_config
+    cache = EmbeddingCache(model_version=small_artifact.model_version, num_labels=cfg.num_labels, label_dim=cfg.label_dim,
+                           label_bias=small_artifact.label_bias, max_rows=100)
+    g = gated(cache=cache)
+    request = pb.UpsertEmbeddingsRequest(kind=pb.PEER, ids=[5, 6, 5, 7], features=tensor(GOOD_PEERS))
+    error = rpc_error(g.stubs.scorer.UpsertEmbeddings, request, timeout=10)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "peer id 5 appears more than once" in error.details()
+    assert g.pipeline.batch_rows == []  # no core time spent on it
+
+
+class Aborted(Exception):
+    pass
+
+
+class PastDeadlineContext:
+    """A ServicerContext whose deadline passed before the handler ran (the request waited in the transport)."""
+
+    def time_remaining(self) -> float:
+        return -0.004
+
+    async def abort(self, code, details):
+        raise Aborted(code, details)
+
+
+def test_a_request_whose_deadline_passed_before_it_was_served_is_refused_at_the_door(small_artifact):
+    metrics = Metrics(version=small_artifact.model_version, batch_buckets=(1,))
+    state = ServingState()
+    state.serving = True
+    info = model_info(small_artifact, ServerConfig(max_peers=MAX_PEERS), "none")
+    service = ScorerService(info, runtime=None, cache=None, metrics=metrics, state=state)  # nothing below may be called
+    with pytest.raises(Aborted) as aborted:
+        asyncio.run(service.Score(score_request(GOOD_USER, GOOD_PEERS), PastDeadlineContext()))
+    code, details = aborted.value.args
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "passed 4.0 ms before it was served" in details
+    assert metrics.outcomes() == {"DEADLINE_EXCEEDED": 1}
 
 
 def test_draining_answers_every_accepted_request_and_refuses_new_ones(gated, loop_thread):
