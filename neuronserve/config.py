@@ -177,7 +177,7 @@ class ServerConfig:
 
     artifact: Optional[str] = None  # None: compile the demo model into the cache on first run
     backend: str = "auto"  # auto | cpu | sim | neuron
-    cores: int = 4
+    cores: Optional[int] = None  # None: the backend's default (backends.default_cores)
     placement: Optional[str] = None  # None: data parallel over all cores
     host: str = "127.0.0.1"
     port: int = 8001
@@ -198,7 +198,7 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be 0-65535, got {value}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be 0-65535, got {self.metrics_port}")
-        if self.cores < 1:
+        if self.cores is not None and self.cores < 1:
             raise ConfigError(f"cores must be >= 1, got {self.cores}")
         if self.max_peers < 1:
             raise ConfigError(f"max_peers must be >= 1, got {self.max_peers}")

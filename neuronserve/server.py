@@ -117,7 +117,7 @@ class _Setting:
 SETTINGS: Tuple[_Setting, ...] = (
     _Setting("artifact", _text, "DIR", "compiled artifact directory (default: the demo model, compiled for the CPU on first run)"),
     _Setting("backend", _text, "NAME", "auto | cpu | sim | neuron (auto: neuron when torch-neuron and a NeuronCore are here, else cpu)"),
-    _Setting("cores", _integer, "N", "NeuronCores to use (sim: cores simulated; cpu: executor threads)"),
+    _Setting("cores", _integer, "N", "NeuronCores to use (default 4, one Inferentia chip; sim: cores simulated; cpu: executor threads, default one per usable CPU)"),
     _Setting("placement", _text, "SPEC", "stage placement, e.g. user_tower=0,peer_tower=1-2,pair_scorer=3 (default: data parallel)"),
     _Setting("host", _text, "HOST", "address to listen on"),
     _Setting("port", _integer, "PORT", "gRPC port, 0 = any free port"),
@@ -176,8 +176,7 @@ def resolve_config(args: argparse.Namespace, environ: Optional[Mapping[str, str]
             raise ConfigError(f"{source}: {exc}") from None
         sections[setting.section][setting.field] = parsed
     server = sections["server"]
-    sim = SimConfig(**{**sections["sim"], "num_cores": server.get("cores", ServerConfig.cores)})
-    return ServerConfig(**server, batching=BatchingConfig(**sections["batching"]), sim=sim)
+    return ServerConfig(**server, batching=BatchingConfig(**sections["batching"]), sim=SimConfig(**sections["sim"]))
 
 
 def _read_config_file(path: str) -> Dict[str, Any]:
@@ -302,6 +301,7 @@ class Server:
         self.metrics_port: Optional[int] = None
         self.manifest = None
         self.backend = None
+        self.cores: Optional[int] = None  # resolved at start: config.cores or the backend's default
         self.pipeline = None
         self.runtime: Optional[Runtime] = None
         self.cache = None
@@ -324,7 +324,7 @@ class Server:
         from grpc_reflection.v1alpha import reflection
 
         from neuronserve.artifact import load_manifest
-        from neuronserve.backends import make_backend
+        from neuronserve.backends import default_cores, make_backend, resolve_backend
         from neuronserve.embeddings import EmbeddingCache
         from neuronserve.metrics import Metrics, MetricsServer, batcher_samples, cache_samples, pipeline_samples
         from neuronserve.pipeline import Pipeline
@@ -333,11 +333,13 @@ class Server:
 
         config = self.config
         self.manifest = manifest = await asyncio.to_thread(load_manifest, config.artifact, True)
-        self.backend = make_backend(config.backend, manifest, dataclasses.replace(config.sim, num_cores=config.cores), num_cores=config.cores)
+        backend = resolve_backend(config.backend, manifest)
+        self.cores = cores = config.cores or default_cores(backend)
+        self.backend = make_backend(backend, manifest, dataclasses.replace(config.sim, num_cores=cores), num_cores=cores)
         if config.placement:
-            placement = Placement.parse(config.placement, config.cores)
+            placement = Placement.parse(config.placement, cores)
         else:
-            placement = Placement.data_parallel(config.cores, group_size=manifest.pipeline_cores)
+            placement = Placement.data_parallel(cores, group_size=manifest.pipeline_cores)
         self.pipeline = Pipeline(self.backend, placement)
         await asyncio.to_thread(self.pipeline.start)  # load + warm up every stage at every bucket (blocking)
 
@@ -412,7 +414,7 @@ class Server:
         metrics = f"{self.config.host}:{self.metrics_port}" if self.metrics_port is not None else "-"
         return (
             f"neuronserve ready: grpc={self.config.host}:{self.port} metrics={metrics} backend={self.backend.name} "
-            f"cores={self.config.cores} buckets={','.join(map(str, self.buckets))} "
+            f"cores={self.cores} buckets={','.join(map(str, self.buckets))} "
             f"model={self.manifest.model_name} version={self.manifest.model_version}"
         )
 

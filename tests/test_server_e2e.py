@@ -55,7 +55,7 @@ def test_flags_beat_the_config_file_which_beats_the_environment(tmp_path):
     environ = {"NEURONSERVE_PORT": "9000", "NEURONSERVE_BACKEND": "sim", "NEURONSERVE_CORES": "3", "NEURONSERVE_MAX_QUEUE_ROWS": "99", "NEURONSERVE_VENV": ".venv"}
     config = resolve_config(parse(["--config", str(config_file), "--port", "9200", "--max-batch-rows", "64"]), environ=environ)
     assert config.port == 9200  # flag over file over environment
-    assert config.cores == 2 and config.sim.num_cores == 2  # file over environment
+    assert config.cores == 2  # file over environment
     assert config.backend == "sim"  # environment only
     assert config.metrics_port is None  # file: null = no metrics server
     assert (config.batching.max_queue_rows, config.batching.max_queue_delay_ms, config.batching.max_batch_rows) == (99, 0.5, 64)
@@ -302,9 +302,10 @@ def test_the_readme_main_job_serves_the_demo_model_with_no_artifact(serve, tmp_p
     from neuronserve.protos import open_inference_pb2 as oip
     from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
 
-    process = serve(["--port", "0", "--metrics-port", "off", "--cores", "1"], env={"NEURONSERVE_CACHE_DIR": str(tmp_path)})
+    process = serve(["--port", "0", "--metrics-port", "off"], env={"NEURONSERVE_CACHE_DIR": str(tmp_path)})
     ready = process.ready(timeout_s=80)
     assert ready["metrics"] == "-" and ready["backend"] == "cpu" and ready["buckets"] == "1,8,32,128,512,1024"
+    assert ready["cores"] == str(len(os.sched_getaffinity(0)))  # cpu default: one executor per usable CPU
     with grpc.insecure_channel(f"127.0.0.1:{ready['port']}") as channel:
         stub = oip_grpc.GRPCInferenceServiceStub(channel)
         meta = stub.ModelMetadata(oip.ModelMetadataRequest(name="twotower"), timeout=10)

@@ -6,6 +6,7 @@ torch-neuron and a NeuronCore are present, else cpu.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from neuronserve.artifact import Manifest
@@ -16,13 +17,26 @@ from neuronserve.errors import ConfigError
 BACKEND_NAMES = ("auto", "cpu", "sim", "neuron")
 
 
+def resolve_backend(name: str, manifest: Manifest) -> str:
+    """`auto` -> neuron when torch-neuron and a NeuronCore are present and the artifact targets them, else cpu."""
+    if name != "auto":
+        return name
+    from neuronserve.backends import neuron
+
+    return "neuron" if neuron.available() and manifest.target == "neuron" else "cpu"
+
+
+def default_cores(name: str) -> int:
+    """Cores to serve on when none are configured. neuron and sim: 4, one Inferentia chip (inf1.xlarge,
+    inf1.2xlarge). cpu: one executor per CPU this process may use; more executors than CPUs only
+    contend (measured: docs/benchmarks.md)."""
+    return len(os.sched_getaffinity(0)) if name == "cpu" else SimConfig.num_cores
+
+
 def make_backend(name: str, manifest: Manifest, sim: SimConfig = SimConfig(), num_cores: Optional[int] = None) -> Backend:
     """`num_cores`: the NeuronCores this process serves (0..num_cores-1); the neuron runtime pins that span
     at the first load (NEURON_RT_VISIBLE_CORES), unless the environment already pins one."""
-    if name == "auto":
-        from neuronserve.backends import neuron
-
-        name = "neuron" if neuron.available() and manifest.target == "neuron" else "cpu"
+    name = resolve_backend(name, manifest)
     if name == "cpu":
         from neuronserve.backends.cpu import CpuBackend
 
@@ -38,4 +52,4 @@ def make_backend(name: str, manifest: Manifest, sim: SimConfig = SimConfig(), nu
     raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
 
 
-__all__ = ["Backend", "StageRunner", "make_backend", "BACKEND_NAMES"]
+__all__ = ["Backend", "StageRunner", "make_backend", "resolve_backend", "default_cores", "BACKEND_NAMES"]
