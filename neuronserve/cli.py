@@ -18,12 +18,13 @@ from neuronserve.errors import NeuronServeError
 def build_parser() -> argparse.ArgumentParser:
     from neuronserve.bench import cli as bench_cli
     from neuronserve.compile import cli as compile_cli
-    from neuronserve import server
+    from neuronserve import __version__, server
 
     parser = argparse.ArgumentParser(
         prog="neuronserve",
         description="Serve a two-tower match scorer on AWS Inferentia NeuronCores (or the CPU / simulated cores).",
     )
+    parser.add_argument("--version", action="version", version=f"neuronserve {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     compile_cli.register(sub)  # compile, inspect

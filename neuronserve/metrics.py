@@ -127,7 +127,7 @@ class Metrics:
         self._bounds = np.asarray(sorted(set(int(b) for b in batch_buckets)), dtype=np.int64)
         self._models: Dict[str, _ModelCounters] = {}
         self._collectors: List[Collector] = [process_samples]
-        self._queue_sources: Dict[str, Callable[[], float]] = {}
+        self._batcher_stats: Dict[str, Callable] = {}
 
     def _model(self, model: str) -> _ModelCounters:
         counters = self._models.get(model)
@@ -168,15 +168,16 @@ class Metrics:
     def add_collector(self, collector: Collector) -> None:
         self._collectors.append(collector)
 
-    def add_queue_source(self, model: str, queue: Callable[[], Tuple[int, float]]) -> None:
-        """Where `model`'s (requests queued, their summed queue seconds) come from (its batcher), for statistics()."""
-        self._queue_sources[model] = queue
+    def add_batcher(self, model: str, stats: Callable) -> None:
+        """`model`'s batcher: `stats()` returns its batcher.BatcherStats, read at scrape and by statistics()."""
+        self._batcher_stats[model] = stats
+        self.add_collector(lambda: batcher_samples(model, self.version, stats()))
 
     def statistics(self, model: str) -> ModelStats:
         """`model`'s cumulative counters, as Triton's ModelStatistics reports them (zeros if unseen)."""
         c = self._models.get(model) or _ModelCounters(self._bounds)
-        source = self._queue_sources.get(model)
-        queued, queue_s = source() if source is not None else (0, 0.0)
+        batcher = self._batcher_stats[model]() if model in self._batcher_stats else None
+        queued, queue_s = (batcher.batched_requests, batcher.queue_s_total) if batcher is not None else (0, 0.0)
         return ModelStats(
             model=model,
             version=self.version,

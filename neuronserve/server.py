@@ -326,7 +326,7 @@ class Server:
         from neuronserve.artifact import load_manifest
         from neuronserve.backends import default_cores, make_backend, resolve_backend
         from neuronserve.embeddings import EmbeddingCache
-        from neuronserve.metrics import Metrics, MetricsServer, batcher_samples, cache_samples, pipeline_samples
+        from neuronserve.metrics import Metrics, MetricsServer, cache_samples, pipeline_samples
         from neuronserve.pipeline import Pipeline
         from neuronserve.protos import open_inference_pb2, open_inference_pb2_grpc, scorer_pb2, scorer_pb2_grpc
         from neuronserve.service import InferenceService, ScorerService, ServingState
@@ -356,8 +356,7 @@ class Server:
             max_rows=config.cache_max_rows,
         )
         for model, batcher in self.runtime.batchers.items():
-            self.metrics.add_collector(lambda m=model, b=batcher: batcher_samples(m, version, b.stats()))
-            self.metrics.add_queue_source(model, lambda b=batcher: (b.stats().batched_requests, b.stats().queue_s_total))
+            self.metrics.add_batcher(model, batcher.stats)
         self.metrics.add_collector(lambda: pipeline_samples(self.pipeline.stats()))
         self.metrics.add_collector(lambda: cache_samples(self.cache.stats()))
 

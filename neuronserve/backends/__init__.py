@@ -28,8 +28,8 @@ def resolve_backend(name: str, manifest: Manifest) -> str:
 
 def default_cores(name: str) -> int:
     """Cores to serve on when none are configured. neuron and sim: 4, one Inferentia chip (inf1.xlarge,
-    inf1.2xlarge). cpu: one executor per CPU this process may use; more executors than CPUs only
-    contend (measured: docs/benchmarks.md)."""
+    inf1.2xlarge). cpu: one executor (one torch thread) per CPU this process may use, the usual rule
+    for CPU inference; docs/benchmarks.md compares it with 4 on a 2-CPU host."""
     return len(os.sched_getaffinity(0)) if name == "cpu" else SimConfig.num_cores
 
 
