@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from neuronserve.artifact import (
+    MANIFEST_NAME,
     REFERENCE_NAME,
     STAGE_NAMES,
     BucketEntry,
@@ -39,6 +40,7 @@ DEFAULT_BATCH_SIZES: Tuple[int, ...] = (1, 8, 32, 128, 512, 1024)
 # Max |traced - eager| allowed. CPU tracing replays the same float32 kernels; neuron casts matmuls to
 # BF16 by default (8-bit mantissa: ~4e-3 relative), so its tolerance is looser.
 PARITY_TOLERANCE = {"cpu": 1e-5, "neuron": 5e-2}
+UNCHECKED = float("nan")  # the parity error recorded for a neuron graph that cannot run on the compiling host
 REFERENCE_ROWS = 5
 
 
@@ -73,6 +75,12 @@ def load_checkpoint(path, config: ModelConfig) -> TwoTowerScorer:
         raise ConfigError(f"checkpoint {path} is not a readable torch state_dict file ({type(exc).__name__}); pass the file saved with torch.save(model.state_dict())") from None
     if not isinstance(state, dict):
         raise ConfigError(f"checkpoint {path} holds a {type(state).__name__}, not a state_dict; save model.state_dict()")
+    not_tensors = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise ConfigError(f"checkpoint {path}: {', '.join(map(str, not_tensors[:3]))} is not a tensor; save model.state_dict() only")
+    not_finite = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if not_finite:
+        raise ConfigError(f"checkpoint {path}: {', '.join(not_finite[:3])} holds NaN or Inf; the trained weights are broken")
     model = TwoTowerScorer(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -115,24 +123,34 @@ def _trace(module: torch.nn.Module, inputs: Tuple[torch.Tensor, ...], target: st
     return trace_neuron(module, inputs, pipeline_cores=pipeline_cores, fast_math=fast_math)
 
 
-def _parity(traced, module: torch.nn.Module, inputs: Tuple[torch.Tensor, ...], where: str) -> float:
-    """Max |traced - eager|, or NaN when the traced graph cannot run here (a neuron graph on a host without NeuronCores)."""
+def _parity(traced, module: torch.nn.Module, inputs: Tuple[torch.Tensor, ...], where: str, target: str) -> float:
+    """Max |traced - eager|; NaN (recorded as "not checked") only when a neuron graph cannot run on this
+    host (no NeuronCores). A CPU graph that fails to run is a broken artifact."""
     with torch.no_grad():
         expected = module(*inputs)
         try:
             actual = traced(*inputs)
         except RuntimeError as exc:
-            print(f"warning: parity not checked for {where}: the traced graph does not run here ({str(exc).splitlines()[0]})", file=sys.stderr)
-            return float("nan")
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if target != "neuron":
+                raise ArtifactError(f"parity check failed: the traced {where} does not run ({first_line})") from None
+            print(f"warning: parity not checked for {where}: the traced graph does not run here ({first_line})", file=sys.stderr)
+            return UNCHECKED
     return float((actual - expected).abs().max())
 
 
 def _prepare_out_dir(out_dir: Path, force: bool) -> Path:
-    """A fresh temporary directory beside out_dir; refuses to clobber an existing artifact unless force."""
+    """A fresh temporary directory beside out_dir. An existing non-empty out_dir is replaced only with
+    force and only if it is an artifact (holds manifest.json): --force never deletes anything else."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} exists and is not a directory; choose another --out")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise ConfigError(f"--out {out_dir} exists and is not empty; pass --force to replace it or choose another --out")
+    if out_dir == Path(out_dir.anchor) or out_dir in (Path.cwd(), *Path.cwd().parents):
+        raise ConfigError(f"--out {out_dir} is the current directory or one of its parents; choose a new directory for the artifact")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not force:
+            raise ConfigError(f"--out {out_dir} exists and is not empty; pass --force to replace it or choose another --out")
+        if not (out_dir / MANIFEST_NAME).is_file():
+            raise ConfigError(f"--out {out_dir} is not empty and holds no {MANIFEST_NAME}; --force replaces only an artifact, so choose another --out")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -165,15 +183,17 @@ def compile_artifact(
     sizes = check_batch_sizes(batch_sizes)
     model = load_checkpoint(checkpoint, config) if checkpoint is not None else random_model(config, seed)
     version = model_version or content_version(model)
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
     work = _prepare_out_dir(out_dir, force)
+    old = work.with_name(work.name + "-old")
     try:
         _compile_into(work, model, sizes, target, pipeline_cores, fast_math, model_name, version, progress)
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            os.replace(out_dir, old)  # aside, not deleted, until the new artifact is in place
         os.replace(work, out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     from neuronserve.artifact import load_manifest
 
     return load_manifest(out_dir, verify=True)
@@ -201,8 +221,8 @@ def _compile_into(work: Path, model: TwoTowerScorer, sizes, target, pipeline_cor
                 with torch.no_grad():
                     traced, compiler_args = _trace(modules[stage], inputs, target, pipeline_cores, fast_math)
                 fresh = _example_inputs(inputs_spec, batch, generator)  # not the trace inputs: catches baked-in values
-                error = _parity(traced, modules[stage], fresh, f"{stage} batch {batch}")
-                if error > tolerance:
+                error = _parity(traced, modules[stage], fresh, f"{stage} batch {batch}", target)
+                if error is not UNCHECKED and not error <= tolerance:  # `not <=`: a NaN output fails too
                     raise ArtifactError(
                         f"parity check failed: {stage} at batch {batch} differs from the eager model by {error:.2e} "
                         f"(tolerance {tolerance:.0e} for {target}); the traced graph is wrong, do not ship it"

@@ -81,20 +81,22 @@ class Placement:
     groups: Dict[str, Tuple[CoreGroup, ...]]
 
     @classmethod
-    def data_parallel(cls, num_cores: int, group_size: int = 1) -> "Placement":
-        """Default: every stage on every group (each group runs whichever stage comes next)."""
+    def data_parallel(cls, num_cores: int, group_size: int = 1, first: int = 0) -> "Placement":
+        """Default: every stage on every group of cores first..first+num_cores-1 (each group runs
+        whichever stage comes next)."""
         if num_cores < 1:
             raise ConfigError(f"--cores must be at least 1, got {num_cores}")
         if group_size < 1 or num_cores % group_size:
             raise ConfigError(f"{num_cores} cores cannot be split into groups of {group_size} (pipeline cores)")
-        groups = tuple(CoreGroup(first, group_size) for first in range(0, num_cores, group_size))
+        groups = tuple(CoreGroup(core, group_size) for core in range(first, first + num_cores, group_size))
         return cls({stage: groups for stage in STAGES})
 
     @classmethod
-    def parse(cls, text: str, num_cores: int) -> "Placement":
+    def parse(cls, text: str, num_cores: int, first: int = 0) -> "Placement":
         """Parse "user_tower=0,peer_tower=1-2,pair_scorer=3" (a stage may repeat: replicas).
 
-        Stages placed on distinct groups must not overlap; every group must lie inside the cores.
+        Stages placed on distinct groups must not overlap; every group must lie inside the cores
+        first..first+num_cores-1 (absolute core numbers, as in NEURON_RT_VISIBLE_CORES).
         """
         groups: Dict[str, Tuple[CoreGroup, ...]] = {}
         for item in filter(None, (part.strip() for part in text.split(","))):
@@ -107,17 +109,16 @@ class Placement:
         if missing:
             raise ConfigError(f"placement {text!r} places no core group for {', '.join(missing)}")
         placement = cls(groups)
-        placement.validate(num_cores)
+        placement.validate(num_cores, first)
         return placement
 
-    def validate(self, num_cores: int) -> None:
+    def validate(self, num_cores: int, first: int = 0) -> None:
         seen: list = []
+        span = CoreGroup(first, num_cores)
         for stage, stage_groups in self.groups.items():
             for group in stage_groups:
-                if group.last >= num_cores:
-                    raise ConfigError(
-                        f"placement puts {stage} on cores {group}, but only cores 0-{num_cores - 1} exist (--cores {num_cores})"
-                    )
+                if group.first < span.first or group.last > span.last:
+                    raise ConfigError(f"placement puts {stage} on cores {group}, but this server has only cores {span} ({num_cores} cores)")
                 for other_stage, other in seen:
                     if group != other and group.overlaps(other):
                         raise ConfigError(

@@ -183,7 +183,7 @@ class Pipeline:
         rows = max(1, rows)
         user, peer = self.plan_cost_s("user_tower", rows), self.plan_cost_s("peer_tower", rows)
         tower_groups = {g.index for stage in ("user_tower", "peer_tower") for g in self._stage_groups[stage]}
-        towers = max(user, peer) if len(tower_groups) > 1 else user + peer
+        towers = max(user, peer) if len(tower_groups) > 1 and not self._fused else user + peer  # fused: one job, in turn
         return towers + self.plan_cost_s("pair_scorer", rows)
 
     async def run_stage(self, stage: str, inputs: Sequence[np.ndarray]) -> np.ndarray:

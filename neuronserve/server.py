@@ -324,7 +324,7 @@ class Server:
         from grpc_reflection.v1alpha import reflection
 
         from neuronserve.artifact import load_manifest
-        from neuronserve.backends import default_cores, make_backend, resolve_backend
+        from neuronserve.backends import core_span, make_backend, resolve_backend
         from neuronserve.embeddings import EmbeddingCache
         from neuronserve.metrics import Metrics, MetricsServer, cache_samples, pipeline_samples
         from neuronserve.pipeline import Pipeline
@@ -334,12 +334,13 @@ class Server:
         config = self.config
         self.manifest = manifest = await asyncio.to_thread(load_manifest, config.artifact, True)
         backend = resolve_backend(config.backend, manifest)
-        self.cores = cores = config.cores or default_cores(backend)
-        self.backend = make_backend(backend, manifest, dataclasses.replace(config.sim, num_cores=cores), num_cores=cores)
+        span = core_span(backend, config.cores)
+        self.cores = span.count
+        self.backend = make_backend(backend, manifest, dataclasses.replace(config.sim, num_cores=span.count), visible_cores=span)
         if config.placement:
-            placement = Placement.parse(config.placement, cores)
+            placement = Placement.parse(config.placement, span.count, first=span.first)
         else:
-            placement = Placement.data_parallel(cores, group_size=manifest.pipeline_cores)
+            placement = Placement.data_parallel(span.count, group_size=manifest.pipeline_cores, first=span.first)
         self.pipeline = Pipeline(self.backend, placement)
         await asyncio.to_thread(self.pipeline.start)  # load + warm up every stage at every bucket (blocking)
 

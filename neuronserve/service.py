@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
@@ -87,7 +88,7 @@ def array_from_bytes(data: bytes, shape: Sequence[int], field: str) -> np.ndarra
     shape = tuple(int(d) for d in shape)
     if any(d < 0 for d in shape):
         raise InvalidInput(f"{field}: shape {list(shape)} has a negative dimension")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # Python ints: a huge shape cannot wrap around to a small count
     if len(data) != 4 * count:
         raise InvalidInput(
             f"{field}: shape {list(shape)} needs {4 * count} bytes of little-endian float32, got {len(data)} bytes"
@@ -125,6 +126,13 @@ def fp32_contents(contents: oip.InferTensorContents, field: str) -> np.ndarray:
     if wire[0] != 0x32 or pos + length != len(wire) or length % 4:
         return np.asarray(contents.fp32_contents, dtype=_F32)  # not the packed layout: decode the slow way
     return np.frombuffer(wire, dtype=_F32, offset=pos, count=length // 4)
+
+
+def check_reply_size(values: int, what: str, advice: str, max_message_bytes: int) -> None:
+    """Refuse, before any work, a request whose float32 reply would not fit in one message."""
+    reply_bytes = 4 * values
+    if reply_bytes > max_message_bytes - _RESPONSE_HEADROOM_BYTES:
+        raise InvalidInput(f"{what} = {reply_bytes} bytes of float32 in the reply, above the server's max_message_bytes of {max_message_bytes}; {advice}")
 
 
 def check_finite(array: np.ndarray, field: str) -> None:
@@ -253,7 +261,8 @@ class ScorerService(_Servicer, pb_grpc.ScorerServicer):
     async def _upsert(self, request: pb.UpsertEmbeddingsRequest, context) -> pb.UpsertEmbeddingsResponse:
         info = self.info
         if request.kind not in (pb.USER, pb.PEER):
-            raise InvalidInput(f"kind must be USER or PEER, got {pb.EntityKind.Name(request.kind)}")
+            name = pb.EntityKind.Name(request.kind) if request.kind in pb.EntityKind.values() else str(request.kind)
+            raise InvalidInput(f"kind must be USER or PEER, got {name}")
         kind, tower, width = ("user", TOWERS[0], info.user_features) if request.kind == pb.USER else ("peer", TOWERS[1], info.peer_features)
         ids = id_array(request.ids, "ids", info.max_tower_rows, "max_tower_rows")
         features = feature_rows(tensor_array(request.features, "features"), "features", width, info.max_tower_rows, "max_tower_rows")
@@ -261,7 +270,9 @@ class ScorerService(_Servicer, pb_grpc.ScorerServicer):
             raise InvalidInput(f"features has {features.shape[0]} rows for {ids.size} ids; send one row of {width} features per id")
         self.cache.check_upsert(kind, ids)  # before the tower run: a bad request costs no core time
         vectors = await self.runtime.embed(tower, features, deadline_of(context))
-        rows = self.cache.upsert(kind, ids, vectors, info.version)
+        # in a worker thread: an upsert copies the kind's table (~1 ms per 2,500 cached rows), which must
+        # not stall the event loop; writers take the cache's lock, readers keep their snapshot
+        rows = await asyncio.to_thread(self.cache.upsert, kind, ids, vectors, info.version)
         return pb.UpsertEmbeddingsResponse(upserted=ids.size, cache_rows=rows, model_version=info.version)
 
     async def _score_by_ids(self, request: pb.ScoreByIdsRequest, context) -> pb.ScoreResponse:
@@ -281,12 +292,12 @@ class ScorerService(_Servicer, pb_grpc.ScorerServicer):
         info = self.info
         user_ids = id_array(request.user_ids, "user_ids", info.max_peers, "max_peers")
         peer_ids = id_array(request.peer_ids, "peer_ids", info.max_peers, "max_peers")
-        reply_bytes = 4 * user_ids.size * peer_ids.size * info.num_labels
-        if reply_bytes > info.max_message_bytes - _RESPONSE_HEADROOM_BYTES:
-            raise InvalidInput(
-                f"{user_ids.size} user_ids x {peer_ids.size} peer_ids x {info.num_labels} labels = {reply_bytes} bytes of scores, "
-                f"above the server's max_message_bytes of {info.max_message_bytes}; split the tick into smaller blocks"
-            )
+        check_reply_size(
+            user_ids.size * peer_ids.size * info.num_labels,
+            f"{user_ids.size} user_ids x {peer_ids.size} peer_ids x {info.num_labels} labels",
+            "split the tick into smaller blocks",
+            info.max_message_bytes,
+        )
         start = time.perf_counter()
         scores = await asyncio.get_running_loop().run_in_executor(None, self.cache.score_matrix, user_ids, peer_ids)
         self.metrics.execution(CACHED, rows=user_ids.size * peer_ids.size, requests=1, compute_s=time.perf_counter() - start)
@@ -418,6 +429,9 @@ class InferenceService(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
         for name in output_names:
             if name not in known:
                 raise InvalidInput(f"model {model.name} has no output {name!r}; its outputs are {', '.join(sorted(known))}")
+        rows = arrays[-1].shape[0]  # PEER_FEATURES or FEATURES: the variable dimension of the one output
+        per_row = math.prod(model.outputs[0].shape[1:])
+        check_reply_size(rows * per_row, f"{rows} rows x {per_row} values of {model.outputs[0].name}", "send fewer rows per request", self.info.max_message_bytes)
         deadline_s = deadline_of(context)
         if model.name == TWOTOWER:
             out = await self.runtime.score(arrays[0], arrays[1], deadline_s)
@@ -452,7 +466,7 @@ class InferenceService(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
                 array = array_from_bytes(raw[position], tensor.shape, field)
             else:
                 flat = fp32_contents(tensor.contents, field)
-                count = int(np.prod(tensor.shape, dtype=np.int64))
+                count = math.prod(tensor.shape)
                 if any(d < 0 for d in tensor.shape) or flat.size != count:
                     raise InvalidInput(
                         f"{field}: shape {list(tensor.shape)} needs {max(count, 0)} values in contents.fp32_contents, got {flat.size}"

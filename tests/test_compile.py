@@ -146,6 +146,14 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(tmp_path, small_config_file
     torch.save(random_model(SMALL_CONFIG.__class__(), seed=0).state_dict(), mismatched)
     line = one_line_error(neuronserve("compile", "--out", out, "--model-config", small_config_file, "--checkpoint", mismatched, "--quiet"))
     assert "does not match the model config" in line
+    # broken weights: a NaN would pass a `>` tolerance check and ship; a non-tensor entry would crash
+    state = random_model(SMALL_CONFIG, seed=0).state_dict()
+    name = next(iter(state))
+    for problem, value in (("holds NaN or Inf", state[name].clone().fill_(float("nan"))), ("is not a tensor", "oops")):
+        broken = tmp_path / "broken.pt"
+        torch.save({**state, name: value}, broken)
+        line = one_line_error(neuronserve("compile", "--out", out, "--model-config", small_config_file, "--checkpoint", broken, "--quiet"))
+        assert name in line and problem in line, line
     # --target neuron without torch-neuron (not installable here)
     line = one_line_error(neuronserve("compile", "--out", out, "--target", "neuron", "--model-config", small_config_file, "--quiet"))
     assert "torch-neuron" in line
@@ -166,6 +174,21 @@ def test_existing_out_dir_needs_force(tmp_path):
     with pytest.raises(ConfigError, match="--force"):
         compile_artifact(out, config=SMALL_CONFIG, batch_sizes=(1,), seed=2)
     assert compile_artifact(out, config=SMALL_CONFIG, batch_sizes=(1,), seed=2, force=True).model_version
+
+
+def test_force_replaces_only_an_artifact(tmp_path, monkeypatch):
+    """--force never deletes a directory that is not an artifact, nor the current directory or its parents."""
+    notes = tmp_path / "project"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="holds no manifest.json"):
+        compile_artifact(notes, config=SMALL_CONFIG, batch_sizes=(1,), seed=1, force=True)
+    monkeypatch.chdir(notes)
+    for out in (".", ".."):
+        with pytest.raises(ConfigError, match="current directory or one of its parents"):
+            compile_artifact(out, config=SMALL_CONFIG, batch_sizes=(1,), seed=1, force=True)
+    assert (notes / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]  # no temporary directories left behind
 
 
 def test_out_dir_under_a_file_is_a_clear_error(tmp_path, small_config_file):

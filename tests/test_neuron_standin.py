@@ -21,9 +21,9 @@ import torch
 
 from conftest import SMALL_CONFIG
 from neuronserve.artifact import load_manifest
-from neuronserve.backends import make_backend
+from neuronserve.backends import core_span, make_backend
 from neuronserve.backends import neuron as neuron_backend
-from neuronserve.config import CoreGroup
+from neuronserve.config import CoreGroup, Placement
 from neuronserve.errors import ArtifactError, BackendUnavailable, ConfigError, CoreFault, InvalidInput
 
 pytestmark = [pytest.mark.neuron_standin, pytest.mark.timeout(120)]
@@ -389,6 +389,23 @@ def test_available_is_false_without_torch_neuron_and_never_raises(no_torch_neuro
 
     monkeypatch.setattr(neuron_backend, "neuron_devices", broken)
     assert neuron_backend.available() is False
+
+
+def test_the_server_serves_the_core_range_the_operator_set(monkeypatch):
+    """NEURON_RT_VISIBLE_CORES set for the process (operator, Kubernetes device plugin) is the span the
+    server serves and places its groups in; a --cores that disagrees is a clear error."""
+    monkeypatch.setenv(ENV, "4-5")
+    assert core_span("neuron", None) == CoreGroup(4, 2)
+    assert core_span("neuron", 2) == CoreGroup(4, 2)
+    with pytest.raises(ConfigError, match="--cores 4 disagrees with NEURON_RT_VISIBLE_CORES=4-5"):
+        core_span("neuron", 4)
+    assert core_span("sim", 3) == CoreGroup(0, 3)  # only the neuron runtime reads the variable
+    assert Placement.data_parallel(2, first=4).all_groups() == (CoreGroup(4), CoreGroup(5))
+    assert Placement.parse("user_tower=4,peer_tower=5,pair_scorer=5", 2, first=4).groups["user_tower"] == (CoreGroup(4),)
+    with pytest.raises(ConfigError, match="user_tower on cores 0, but this server has only cores 4-5"):
+        Placement.parse("user_tower=0,peer_tower=5,pair_scorer=5", 2, first=4)
+    monkeypatch.delenv(ENV)
+    assert core_span("neuron", None) == CoreGroup(0, 4)  # one Inferentia chip
 
 
 def test_auto_backend_picks_neuron_for_a_neuron_artifact_on_an_inf1_host(standin, device, neuron_artifact):

@@ -122,12 +122,15 @@ def test_estimate_latency_follows_the_model_and_placement(manifest):
     model = latency(0.0, user_tower=1.0, peer_tower=2.0, pair_scorer=3.0)
     pipelined, _ = sim_pipeline(manifest, Placement.parse("user_tower=0,peer_tower=1,pair_scorer=2", 4), model, latency_scale=0.001)
     single, _ = sim_pipeline(manifest, Placement.data_parallel(1), model, num_cores=1, latency_scale=0.001)
+    fused, _ = sim_pipeline(manifest, Placement.data_parallel(2), model, num_cores=2, latency_scale=0.001)
     assert pipelined.estimate_latency_s(1) == pytest.approx((2.0 + 3.0) * 0.001)  # towers overlap
     assert single.estimate_latency_s(1) == pytest.approx((1.0 + 2.0 + 3.0) * 0.001)  # one core: in turn
+    assert fused.estimate_latency_s(1) == pytest.approx((1.0 + 2.0 + 3.0) * 0.001)  # data parallel: one batch, one group, in turn
     assert pipelined.estimate_latency_s(2 * pipelined.max_batch_rows) == pytest.approx(2 * (2.0 + 3.0) * 0.001)
     assert pipelined.concurrency == 3 and single.concurrency == 1
     pipelined.close()
     single.close()
+    fused.close()
 
 
 def throughput_rows_per_modelled_s(manifest, cores: int, batches: int) -> tuple:

@@ -354,6 +354,8 @@ BAD_INPUTS = [
     ("score-inf", "Score", score_request(INF_USER, GOOD_PEERS), INVALID, ["user_features[0, 3]", "inf", "finite"]),
     ("score-zero-peers", "Score", score_request(GOOD_USER, np.zeros((0, F), np.float32)), INVALID, ["peer_features", "0 rows"]),
     ("score-too-many-peers", "Score", score_request(GOOD_USER, rng_features(1, MAX_PEERS + 1, F)), INVALID, ["peer_features", "65 rows", "max_peers", "64"]),
+    ("score-huge-shape", "Score", pb.ScoreRequest(user_features=tensor(GOOD_USER), peer_features=pb.Tensor(shape=[2**32, 2**32])), INVALID, ["peer_features", "bytes", "got 0"]),
+    ("upsert-unknown-kind", "UpsertEmbeddings", pb.UpsertEmbeddingsRequest(kind=7, ids=[1], features=tensor(GOOD_USER)), INVALID, ["kind", "USER or PEER", "7"]),
     ("upsert-no-kind", "UpsertEmbeddings", pb.UpsertEmbeddingsRequest(ids=[1], features=tensor(GOOD_USER)), INVALID, ["kind", "USER or PEER", "ENTITY_KIND_UNSPECIFIED"]),
     ("upsert-ids-rows", "UpsertEmbeddings", pb.UpsertEmbeddingsRequest(kind=pb.PEER, ids=[1, 2], features=tensor(GOOD_PEERS)), INVALID, ["4 rows", "2 ids"]),
     ("upsert-no-ids", "UpsertEmbeddings", pb.UpsertEmbeddingsRequest(kind=pb.PEER, features=tensor(GOOD_PEERS)), INVALID, ["ids", "empty"]),
@@ -387,6 +389,26 @@ def test_bad_input_gets_its_status_and_a_message_naming_the_field(cpu, rpc, requ
     assert "Traceback" not in error.details()
     # ... and the server keeps answering
     assert list(cpu.scorer.Score(score_request(GOOD_USER, GOOD_PEERS), timeout=10).scores.shape) == [4, 3]
+
+
+def test_a_reply_too_large_for_one_message_is_refused_before_any_work(loop_thread, small_artifact):
+    server = start_server(loop_thread, small_artifact, backend="cpu", cores=1, max_message_bytes=32 * 1024)
+    stubs = Stubs(server.port)
+    try:
+        features = rng_features(5, 400, F)  # 25.6 KB in; out 400 x 3 x 16 float32 = 76.8 KB
+        request = oip.ModelInferRequest(model_name="peer_tower", raw_input_contents=[features.tobytes()])
+        request.inputs.add(name="FEATURES", datatype="FP32", shape=features.shape)
+        error = rpc_error(stubs.oip.ModelInfer, request, timeout=10)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "400 rows x 48 values of EMBEDDINGS = 76800 bytes" in error.details() and "max_message_bytes of 32768" in error.details()
+        matrix = pb.ScoreMatrixRequest(user_ids=list(range(MAX_PEERS)), peer_ids=list(range(MAX_PEERS)))
+        error = rpc_error(stubs.scorer.ScoreMatrix, matrix, timeout=10)  # 64 x 64 x 3 float32 = 49 KB
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "smaller blocks" in error.details()
+        assert server.metrics.statistics("peer_tower").executions == 0  # refused before the cores
+        assert stubs.oip.ModelInfer(infer_request(GOOD_USER, GOOD_PEERS), timeout=10).outputs[0].name == "SCORES"
+    finally:
+        stubs.channel.close()
+        loop_thread.run(server.stop(5.0))
 
 
 # ---- the guard, overload, deadlines, draining: services over a gated stand-in pipeline ----------

@@ -33,9 +33,28 @@ def default_cores(name: str) -> int:
     return len(os.sched_getaffinity(0)) if name == "cpu" else SimConfig.num_cores
 
 
-def make_backend(name: str, manifest: Manifest, sim: SimConfig = SimConfig(), num_cores: Optional[int] = None) -> Backend:
-    """`num_cores`: the NeuronCores this process serves (0..num_cores-1); the neuron runtime pins that span
-    at the first load (NEURON_RT_VISIBLE_CORES), unless the environment already pins one."""
+def core_span(name: str, cores: Optional[int]) -> CoreGroup:
+    """The cores this process serves, as one range. neuron: NEURON_RT_VISIBLE_CORES when the operator
+    (or the Kubernetes device plugin) set it, since other processes hold the other cores; `cores`, if
+    given, must then agree with it. Otherwise 0..cores-1 (`cores` None: the backend's default)."""
+    preset = os.environ.get("NEURON_RT_VISIBLE_CORES", "").strip() if name == "neuron" else ""
+    if preset:
+        from neuronserve.backends.neuron import parse_visible_cores
+
+        span = parse_visible_cores(preset)
+        if cores is not None and cores != span.count:
+            raise ConfigError(
+                f"--cores {cores} disagrees with NEURON_RT_VISIBLE_CORES={preset} ({span.count} cores, set for this "
+                "process); drop --cores or change the variable"
+            )
+        return span
+    return CoreGroup(0, cores or default_cores(name))
+
+
+def make_backend(name: str, manifest: Manifest, sim: SimConfig = SimConfig(), visible_cores: Optional[CoreGroup] = None) -> Backend:
+    """`visible_cores`: the span of NeuronCores this process serves (core_span); the neuron runtime pins
+    it at the first load (NEURON_RT_VISIBLE_CORES). None: the neuron backend pins the environment's
+    value, or the first group it loads."""
     name = resolve_backend(name, manifest)
     if name == "cpu":
         from neuronserve.backends.cpu import CpuBackend
@@ -48,8 +67,8 @@ def make_backend(name: str, manifest: Manifest, sim: SimConfig = SimConfig(), nu
     if name == "neuron":
         from neuronserve.backends.neuron import NeuronBackend
 
-        return NeuronBackend(manifest, visible_cores=CoreGroup(0, num_cores) if num_cores else None)
+        return NeuronBackend(manifest, visible_cores=visible_cores)
     raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
 
 
-__all__ = ["Backend", "StageRunner", "make_backend", "resolve_backend", "default_cores", "BACKEND_NAMES"]
+__all__ = ["Backend", "StageRunner", "make_backend", "resolve_backend", "default_cores", "core_span", "BACKEND_NAMES"]
