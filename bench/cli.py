@@ -60,6 +60,33 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """What would otherwise fail only after the whole run (and lose it): checked before any load."""
+    from urllib.parse import urlsplit
+
+    from neuronserve.errors import ConfigError
+
+    if args.metrics_url:
+        try:
+            url = urlsplit(args.metrics_url)
+            url.port  # raises ValueError on a malformed port
+        except ValueError as exc:
+            raise ConfigError(f"--metrics-url {args.metrics_url!r} is not a URL ({exc}); e.g. http://127.0.0.1:8002/metrics") from None
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ConfigError(f"--metrics-url {args.metrics_url!r} is not an http URL; e.g. http://127.0.0.1:8002/metrics")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        parent = os.path.dirname(os.path.abspath(path)) if path else None
+        if parent and not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+            raise ConfigError(f"{flag} {path}: directory {parent} does not exist or is not writable")
+    if not args.no_limits:
+        if args.limit_s <= 0:
+            raise ConfigError(f"--limit-s must be > 0, got {args.limit_s} (or pass --no-limits)")
+        if args.artifact:
+            from neuronserve.artifact import load_manifest
+
+            load_manifest(args.artifact, verify=True)  # a wrong --artifact is an error now, not after the load
+
+
 def run(args: argparse.Namespace) -> int:
     import platform
     import time
@@ -74,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give either --rate R (a fixed-rate run) or --search (find the highest rate under --latency-bound-ms)")
     if args.rate is not None and args.rate <= 0:
         raise ConfigError(f"--rate must be > 0, got {args.rate}")
+    check_outputs(args)
     progress = None if args.quiet else stderr_progress
     peers = args.peers or DEFAULT_PEERS[args.workload]
     workload = prepare_workload(args.target, WorkloadSpec(name=args.workload, peers=peers, users=args.users, model=args.model, seed=args.seed))

@@ -14,7 +14,6 @@ Served throughput is reported as a fraction of each.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -49,16 +48,16 @@ def compute_limit(artifact_dir: str, workload: Workload, seconds: float = 3.0, b
     import torch
 
     from neuronserve.artifact import load_manifest
-    from neuronserve.backends import make_backend
+    from neuronserve.backends import default_cores, make_backend
     from neuronserve.config import CoreGroup
 
-    threads = threads or os.cpu_count() or 1
     torch.set_num_threads(1)
     manifest = load_manifest(artifact_dir)
     cfg = manifest.model_config
     m = workload.spec.peers
     if workload.spec.name in ("score", "oip"):
         engine = make_backend(backend, manifest)
+        threads = threads or default_cores(engine.name)  # the server's default cores for that backend, a thread each
         stages = [{s: engine.load(s, CoreGroup(i)) for s in ("user_tower", "peer_tower", "pair_scorer")} for i in range(threads)]
         rows = max(stages[0]["peer_tower"].batch_sizes)  # the largest batch the server can form
         user_buckets = stages[0]["user_tower"].batch_sizes
@@ -81,6 +80,7 @@ def compute_limit(artifact_dir: str, workload: Workload, seconds: float = 3.0, b
         how = f"{backend} backend in-process, {threads} thread(s), user+peer tower+pair scorer at batch {rows}"
     else:
         n = workload.spec.users if workload.spec.name == "matrix" else 1
+        threads = threads or default_cores("cpu")  # host CPUs: this path never touches the cores
         k, d = cfg.num_labels, cfg.label_dim
         rng = np.random.default_rng(0)
         bias = np.asarray(manifest.label_bias, np.float32)

@@ -177,7 +177,9 @@ async def _client(index: int, spec: LoadSpec, offsets_s: np.ndarray, start_at, g
     gc.collect()
     gc.freeze()
 
-    async def one(k: int, t_sched: float, measured: bool) -> None:
+    async def one(k: int, t_sched: float, measured: bool, scheduled: bool = False) -> None:
+        if measured and scheduled:  # lateness at the real send, after any backlog of task starts ahead of it
+            late_hist.record_value(min(HIST_MAX_US, max(1, int((time.monotonic() - t_sched) * 1e6))))
         code = None
         try:
             await calls[k % len(calls)](payloads[k % len(payloads)], timeout=timeout_s)
@@ -206,11 +208,9 @@ async def _client(index: int, spec: LoadSpec, offsets_s: np.ndarray, start_at, g
             elif k % 32 == 0:
                 await asyncio.sleep(0)  # behind schedule: send the backlog, but let replies in
             measured = window_start <= t_sched < window_end
-            if measured:
-                late_hist.record_value(min(HIST_MAX_US, max(1, int((time.monotonic() - t_sched) * 1e6))))
             counts["sent"] += measured
             counts["sent_all"] += 1
-            task = loop.create_task(one(k, t_sched, measured))
+            task = loop.create_task(one(k, t_sched, measured, scheduled=True))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         if tasks:

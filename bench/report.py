@@ -8,6 +8,7 @@ from the load generator's results (loadgen.LoadResult) and the limits (limits.py
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import urllib.request
@@ -24,8 +25,8 @@ def scrape_metrics(url: str, timeout_s: float = 5.0) -> Dict[str, float]:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
             text = response.read().decode("utf-8", "replace")
-    except OSError as exc:
-        raise Unavailable(f"--metrics-url {url}: cannot read metrics ({exc})") from None
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # ValueError, InvalidURL: a malformed URL
+        raise Unavailable(f"--metrics-url {url}: cannot read metrics ({type(exc).__name__}: {exc})") from None
     totals: Dict[str, float] = {}
     for line in text.splitlines():
         if not line.startswith(TRITON_PREFIX):

@@ -8,13 +8,14 @@ verification there is recompiled.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from neuronserve.artifact import ModelConfig, load_manifest
+from neuronserve.artifact import MANIFEST_NAME, ModelConfig, load_manifest
 from neuronserve.compile.build import compile_artifact
 from neuronserve.errors import ArtifactError
 
@@ -31,6 +32,8 @@ def ensure_demo_artifact(cache_dir: Optional[Path] = None, progress: bool = True
         return directory
     except ArtifactError:
         pass
+    if directory.is_dir() and not (directory / MANIFEST_NAME).is_file():
+        shutil.rmtree(directory)  # our own cache entry, broken beyond an artifact (compile --force replaces only artifacts)
     if progress:
         print(f"neuronserve: compiling the demo model for the CPU into {directory} (first run only)", file=sys.stderr)
     compile_artifact(directory, config=ModelConfig(), seed=0, target="cpu", force=True, progress=progress)

@@ -1,7 +1,8 @@
 """The artifact: a directory of traced stages plus manifest.json, the contract between compile and runtime.
 
-compile/ writes it (write_manifest); the runtime reads it (load_manifest), which verifies the schema
-and the sha256 of every file and refuses a tampered, truncated or incompatible artifact with an
+compile/ writes it (write_manifest); the runtime reads it (load_manifest), which verifies the schema,
+the manifest's own content hash (`manifest_sha256`: label bias, names and config are served from it)
+and the sha256 of every file, and refuses a tampered, truncated or incompatible artifact with an
 ArtifactError naming the file. Nothing here imports torch.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,11 +18,19 @@ from typing import Dict, List, Optional, Tuple
 
 from neuronserve.errors import ArtifactError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: manifest_sha256
+MANIFEST_HASH_KEY = "manifest_sha256"
 MANIFEST_NAME = "manifest.json"
 REFERENCE_NAME = "reference.npz"
 STAGE_NAMES: Tuple[str, ...] = ("user_tower", "peer_tower", "pair_scorer")
 TARGETS: Tuple[str, ...] = ("cpu", "neuron")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_DIMENSION
+
+
+MAX_DIMENSION = 1 << 20  # a model dimension above it is a typo, not a model
 
 
 @dataclass(frozen=True)
@@ -36,13 +46,14 @@ class ModelConfig:
     label_names: Tuple[str, ...] = ("like", "chat", "match", "report")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
         object.__setattr__(self, "label_names", tuple(str(n) for n in self.label_names))
         for name in ("user_features", "peer_features", "embedding_dim", "num_labels", "label_dim"):
-            if int(getattr(self, name)) < 1:
-                raise ArtifactError(f"model config: {name} must be a positive integer, got {getattr(self, name)!r}")
-        if any(h < 1 for h in self.hidden_sizes):
-            raise ArtifactError(f"model config: hidden_sizes must be positive, got {list(self.hidden_sizes)}")
+            value = getattr(self, name)
+            if not _positive_int(value):
+                raise ArtifactError(f"model config: {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.hidden_sizes, (list, tuple)) or not all(_positive_int(h) for h in self.hidden_sizes):
+            raise ArtifactError(f"model config: hidden_sizes must be a list of positive integers, got {self.hidden_sizes!r}")
+        object.__setattr__(self, "hidden_sizes", tuple(self.hidden_sizes))
         if len(self.label_names) != self.num_labels:
             raise ArtifactError(
                 f"model config: {len(self.label_names)} label_names for num_labels={self.num_labels}; give one name per label"
@@ -169,7 +180,10 @@ class Manifest:
         return self.directory / file_name
 
     def max_parity_error(self) -> float:
-        return max(b.parity_max_abs_err for s in self.stages.values() for b in s.buckets)
+        """The largest parity error over every stage and bucket; NaN if any bucket was not checked
+        (a neuron graph compiled on a host without NeuronCores)."""
+        errors = [b.parity_max_abs_err for s in self.stages.values() for b in s.buckets]
+        return float("nan") if any(math.isnan(e) for e in errors) else max(errors)
 
     def to_dict(self) -> dict:
         return {
@@ -243,11 +257,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def manifest_hash(data: dict) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no whitespace) without its own hash."""
+    body = {k: v for k, v in data.items() if k != MANIFEST_HASH_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def write_manifest(manifest: Manifest) -> Path:
     """Write manifest.json atomically into manifest.directory (after every listed file is written)."""
     path = manifest.directory / MANIFEST_NAME
+    data = json.loads(json.dumps(manifest.to_dict()))  # as it will read back (tuples become lists)
+    data[MANIFEST_HASH_KEY] = manifest_hash(data)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
     return path
 
@@ -268,6 +290,10 @@ def load_manifest(directory, verify: bool = True) -> Manifest:
         raise ArtifactError(f"{path} is not a JSON object; the artifact is damaged, recompile it")
     manifest = Manifest.from_dict(data, directory)
     if verify:
+        if data.get(MANIFEST_HASH_KEY) != manifest_hash(data):
+            raise ArtifactError(
+                f"{path} fails its content hash ({MANIFEST_HASH_KEY}): it was edited after compilation; recompile or restore the artifact"
+            )
         verify_files(manifest)
     return manifest
 

@@ -240,3 +240,25 @@ def test_search_prints_the_rate_and_the_limits(server, artifact_dir, tmp_path):
     assert report["limits"]["compute"]["pairs_per_s"] > 0 and report["limits"]["compute"]["served_fraction"] > 0
     assert report["server_batches"]["executions"] > 0
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--metrics-url", "metrics"], ["--metrics-url", "not an http URL"]),
+        (["--metrics-url", "http://127.0.0.1:abc/metrics"], ["--metrics-url", "not a URL"]),
+        (["--json", "/nonexistent-dir/out.json"], ["--json", "/nonexistent-dir", "does not exist"]),
+        (["--limit-s", "0"], ["--limit-s", "> 0"]),
+        (["--artifact", "/nonexistent-artifact"], ["/nonexistent-artifact", "does not exist"]),
+    ],
+)
+def test_bad_bench_arguments_fail_before_any_load(extra, words):
+    """One line, non-zero exit, and no load sent: the target is a port nothing listens on, so a run
+    that started would fail differently (and only after its whole duration)."""
+    argv = [sys.executable, "-m", "neuronserve.bench", "--target", "127.0.0.1:9", "--rate", "10", "--duration-s", "30", "--quiet", *extra]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])

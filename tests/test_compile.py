@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from neuronserve.artifact import REFERENCE_NAME, load_manifest
+from neuronserve.artifact import REFERENCE_NAME, ModelConfig, load_manifest
 from neuronserve.backends.cpu import CpuBackend
 from neuronserve.compile import compile_artifact
 from neuronserve.compile.model import random_model
@@ -94,6 +94,26 @@ def test_one_changed_byte_is_refused_naming_the_file(tmp_path, small_config_file
     assert "peer_tower_b4.pt" in line and "checksum" in line
     with pytest.raises(ArtifactError, match="peer_tower_b4.pt"):
         load_manifest(out)
+
+
+@pytest.mark.parametrize("field, value", [("label_bias", [5.0, -5.0, 0.0]), ("parity_tolerance", 1.0)])
+def test_an_edited_manifest_is_refused(tmp_path, field, value):
+    """The manifest's own values are served (label_bias scores cached embeddings): editing one is tampering."""
+    out = tmp_path / "artifact"
+    compile_artifact(out, config=SMALL_CONFIG, batch_sizes=(1,), seed=1)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest[field] = value
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    line = one_line_error(neuronserve("inspect", out))
+    assert "manifest.json" in line and "edited after compilation" in line
+    with pytest.raises(ArtifactError, match="manifest.json fails its content hash"):
+        load_manifest(out)
+
+
+@pytest.mark.parametrize("value", ["8", 8.5, 2.0, True, 10**9, 0])
+def test_a_model_config_value_that_is_not_a_positive_integer_is_refused(value):
+    with pytest.raises(ArtifactError, match=f"num_labels must be a positive integer, got {value!r}"):
+        ModelConfig.from_dict({**SMALL_CONFIG.to_dict(), "num_labels": value})
 
 
 def test_truncated_missing_and_incompatible_artifacts_are_refused(tmp_path):
@@ -196,3 +216,15 @@ def test_out_dir_under_a_file_is_a_clear_error(tmp_path, small_config_file):
     blocker.write_text("not a directory")
     line = one_line_error(neuronserve("compile", "--out", blocker / "a", "--model-config", small_config_file, "--quiet"))
     assert "choose a writable --out" in line
+
+
+def test_the_demo_cache_entry_is_recompiled_when_broken(tmp_path):
+    """`neuronserve serve` with no artifact: a cache entry that is not a valid artifact is rebuilt, not fatal."""
+    from neuronserve.compile.demo import ensure_demo_artifact
+
+    entry = ensure_demo_artifact(tmp_path, progress=False)
+    version = load_manifest(entry).model_version
+    (entry / "manifest.json").unlink()  # e.g. a compile killed half-way by an older version
+    (entry / "junk").write_text("x")
+    assert ensure_demo_artifact(tmp_path, progress=False) == entry
+    assert load_manifest(entry).model_version == version and not (entry / "junk").exists()
