@@ -264,8 +264,8 @@ class ScorerService(_Servicer, pb_grpc.ScorerServicer):
             name = pb.EntityKind.Name(request.kind) if request.kind in pb.EntityKind.values() else str(request.kind)
             raise InvalidInput(f"kind must be USER or PEER, got {name}")
         kind, tower, width = ("user", TOWERS[0], info.user_features) if request.kind == pb.USER else ("peer", TOWERS[1], info.peer_features)
-        ids = id_array(request.ids, "ids", info.max_tower_rows, "max_tower_rows")
-        features = feature_rows(tensor_array(request.features, "features"), "features", width, info.max_tower_rows, "max_tower_rows")
+        ids = id_array(request.ids, "ids", info.max_tower_rows, "max_queue_rows")
+        features = feature_rows(tensor_array(request.features, "features"), "features", width, info.max_tower_rows, "max_queue_rows")
         if features.shape[0] != ids.size:
             raise InvalidInput(f"features has {features.shape[0]} rows for {ids.size} ids; send one row of {width} features per id")
         self.cache.check_upsert(kind, ids)  # before the tower run: a bad request costs no core time
@@ -484,4 +484,4 @@ class InferenceService(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
             return one_user(array, field, width, allow_vector=False)
         if spec.name == "PEER_FEATURES":
             return feature_rows(array, field, width, self.info.max_peers, "max_peers")
-        return feature_rows(array, field, width, self.info.max_tower_rows, "max_tower_rows")
+        return feature_rows(array, field, width, self.info.max_tower_rows, "max_queue_rows")

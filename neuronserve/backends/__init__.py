@@ -1,7 +1,8 @@
 """Backends: neuron (torch-neuron on Inf1), cpu (torch.jit), sim (simulated NeuronCores).
 
 `make_backend` is the one place a backend name becomes an object; `auto` picks neuron when
-torch-neuron and a NeuronCore are present, else cpu.
+torch-neuron and a NeuronCore are present and the artifact targets neuron, else cpu. `core_span`
+says which cores a process serves.
 """
 
 from __future__ import annotations

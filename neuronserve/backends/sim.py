@@ -24,7 +24,7 @@ from neuronserve.backends.base import Backend, StageRunner
 from neuronserve.config import STAGES, CoreGroup, SimConfig
 from neuronserve.errors import ConfigError, CoreFault, InvalidInput, NeuronServeError
 
-# Latency model defaults, from published Inf1 figures (reference.md); an estimate, not a measurement.
+# Latency model defaults, from published Inf1 figures (AWS Neuron SDK performance pages); an estimate, not a measurement.
 # - Compute rate: BERT-base data parallel at batch 6 on inf1.xlarge runs 1,181 seq/s over 4 cores,
 #   295 seq/s per core; one 128-token sequence is ~11.2 GMAC (85M encoder weights x 128 tokens plus
 #   attention), so a NeuronCore-v1 sustains ~3.3e12 MAC/s on a large model.
