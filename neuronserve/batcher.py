@@ -157,6 +157,8 @@ class DynamicBatcher:
         if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
             raise InvalidInput(f"rows must be an integer >= 1, got {rows!r}")
         rows = int(rows)
+        if rows > self._max_queue_rows:  # not overload: it would never fit, so retrying cannot help
+            raise InvalidInput(f"{self.name}: a request of {rows} rows can never fit the queue (max_queue_rows={self._max_queue_rows}); split it")
         now = self._clock()
         if deadline_s is not None:
             shortfall_s = self._shortfall_s(now, min(rows, self._max_rows), deadline_s)

@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import gc
 import logging
+import math
 import os
 import signal
 import sys
@@ -55,9 +56,12 @@ def _number(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a number, got {value!r}")
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return number
 
 
 def _text(value: Any) -> str:
@@ -75,11 +79,11 @@ def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return parse_optional
 
 
-def _at_least(parse: Callable[[Any], Any], low: float) -> Callable[[Any], Any]:
+def _between(parse: Callable[[Any], Any], low: float, high: float = math.inf) -> Callable[[Any], Any]:
     def parse_bounded(value: Any) -> Any:
         parsed = parse(value)
-        if parsed < low:
-            raise ValueError(f"must be >= {low:g}, got {parsed}")
+        if not low <= parsed <= high:
+            raise ValueError(f"must be >= {low:g}, got {parsed}" if parsed < low else f"must be <= {high}, got {parsed}")
         return parsed
 
     return parse_bounded
@@ -123,14 +127,14 @@ SETTINGS: Tuple[_Setting, ...] = (
     _Setting("port", _integer, "PORT", "gRPC port, 0 = any free port"),
     _Setting("metrics_port", _optional(_integer), "PORT", "Prometheus /metrics port, 0 = any, 'off' = none"),
     _Setting("max_peers", _integer, "M", "most peers (and users) per scoring request"),
-    _Setting("max_message_bytes", _at_least(_integer, 1024), "BYTES", "gRPC max send/receive message size"),
-    _Setting("grace_period_s", _at_least(_number, 0), "S", "shutdown: seconds to answer accepted requests"),
-    _Setting("cache_max_rows", _at_least(_integer, 1), "ROWS", "embedding cache bound per kind"),
+    _Setting("max_message_bytes", _between(_integer, 1024, 2**31 - 1), "BYTES", "gRPC max send/receive message size (at most 2**31 - 1, gRPC's limit)"),
+    _Setting("grace_period_s", _between(_number, 0), "S", "shutdown: seconds to answer accepted requests"),
+    _Setting("cache_max_rows", _between(_integer, 1), "ROWS", "embedding cache bound per kind"),
     _Setting("max_queue_delay_ms", _number, "MS", "batching delay bound from the oldest queued request"),
     _Setting("max_queue_rows", _integer, "ROWS", "queue bound; past it RESOURCE_EXHAUSTED at once"),
     _Setting("max_batch_rows", _optional(_integer), "ROWS", "rows per batch (default: the largest compiled bucket)"),
     _Setting("max_in_flight_batches", _optional(_integer), "N", "batches in flight per batcher (default: the pipeline's executor slots)"),
-    _Setting("sim_latency_scale", _number, "X", "sim backend: multiply the device latency model (0 = as fast as the CPU)"),
+    _Setting("sim_latency_scale", _between(_number, 0, 1e6), "X", "sim backend: multiply the device latency model (0 = as fast as the CPU)"),
     _Setting("sim_core_timeout_s", _number, "S", "sim backend: an execution past this is a hung core"),
     _Setting("sim_reset_s", _number, "S", "sim backend: a faulted core is back in rotation after this"),
 )

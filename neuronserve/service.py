@@ -135,6 +135,18 @@ def check_reply_size(values: int, what: str, advice: str, max_message_bytes: int
         raise InvalidInput(f"{what} = {reply_bytes} bytes of float32 in the reply, above the server's max_message_bytes of {max_message_bytes}; {advice}")
 
 
+def finite_output(array: np.ndarray, what: str) -> np.ndarray:
+    """Never answer OK with NaN or Inf: finite features far outside the training range can overflow
+    inside the model (e.g. 1e20), and such scores or embeddings must not reach a caller or the cache."""
+    if not np.isfinite(array).all():
+        row = int(np.argwhere(~np.isfinite(array))[0][0])
+        raise InvalidInput(
+            f"the model's {what} for row {row} is not finite (NaN or Inf): its features are far outside the range "
+            "the model was trained on; check their scaling"
+        )
+    return array
+
+
 def check_finite(array: np.ndarray, field: str) -> None:
     if not np.isfinite(array).all():
         index = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
@@ -255,7 +267,7 @@ class ScorerService(_Servicer, pb_grpc.ScorerServicer):
         peers = feature_rows(
             tensor_array(request.peer_features, "peer_features"), "peer_features", info.peer_features, info.max_peers, "max_peers"
         )
-        scores = await self.runtime.score(user, peers, deadline_of(context))
+        scores = finite_output(await self.runtime.score(user, peers, deadline_of(context)), "scores")
         return pb.ScoreResponse(scores=tensor_proto(scores), label_names=info.label_names, model_version=info.version)
 
     async def _upsert(self, request: pb.UpsertEmbeddingsRequest, context) -> pb.UpsertEmbeddingsResponse:
@@ -269,7 +281,7 @@ class ScorerService(_Servicer, pb_grpc.ScorerServicer):
         if features.shape[0] != ids.size:
             raise InvalidInput(f"features has {features.shape[0]} rows for {ids.size} ids; send one row of {width} features per id")
         self.cache.check_upsert(kind, ids)  # before the tower run: a bad request costs no core time
-        vectors = await self.runtime.embed(tower, features, deadline_of(context))
+        vectors = finite_output(await self.runtime.embed(tower, features, deadline_of(context)), f"{tower} output")
         # in a worker thread: an upsert copies the kind's table (~1 ms per 2,500 cached rows), which must
         # not stall the event loop; writers take the cache's lock, readers keep their snapshot
         rows = await asyncio.to_thread(self.cache.upsert, kind, ids, vectors, info.version)
@@ -277,8 +289,11 @@ class ScorerService(_Servicer, pb_grpc.ScorerServicer):
 
     async def _score_by_ids(self, request: pb.ScoreByIdsRequest, context) -> pb.ScoreResponse:
         peer_ids = id_array(request.peer_ids, "peer_ids", self.info.max_peers, "max_peers")
+        labels = self.info.num_labels
+        check_reply_size(peer_ids.size * labels, f"{peer_ids.size} peer_ids x {labels} labels", "send fewer peer_ids", self.info.max_message_bytes)
         start = time.perf_counter()
         scores = self.cache.score_by_ids(int(request.user_id), peer_ids)  # [M, K, D] gather + one einsum: ~0.1 ms
+        finite_output(scores, "scores")
         self.metrics.execution(CACHED, rows=peer_ids.size, requests=1, compute_s=time.perf_counter() - start)
         return pb.ScoreResponse(scores=tensor_proto(scores), label_names=self.info.label_names, model_version=self.info.version)
 
@@ -301,7 +316,7 @@ class ScorerService(_Servicer, pb_grpc.ScorerServicer):
         start = time.perf_counter()
         scores = await asyncio.get_running_loop().run_in_executor(None, self.cache.score_matrix, user_ids, peer_ids)
         self.metrics.execution(CACHED, rows=user_ids.size * peer_ids.size, requests=1, compute_s=time.perf_counter() - start)
-        return pb.ScoreMatrixResponse(scores=tensor_proto(scores), label_names=info.label_names, model_version=info.version)
+        return pb.ScoreMatrixResponse(scores=tensor_proto(finite_output(scores, "scores")), label_names=info.label_names, model_version=info.version)
 
 
 # ---- the Open Inference Protocol ---------------------------------------------------------------
@@ -429,6 +444,8 @@ class InferenceService(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
         for name in output_names:
             if name not in known:
                 raise InvalidInput(f"model {model.name} has no output {name!r}; its outputs are {', '.join(sorted(known))}")
+        if len(set(output_names)) != len(output_names):
+            raise InvalidInput(f"outputs: each output may be requested once, got {output_names[:8]}")
         rows = arrays[-1].shape[0]  # PEER_FEATURES or FEATURES: the variable dimension of the one output
         per_row = math.prod(model.outputs[0].shape[1:])
         check_reply_size(rows * per_row, f"{rows} rows x {per_row} values of {model.outputs[0].name}", "send fewer rows per request", self.info.max_message_bytes)
@@ -437,7 +454,7 @@ class InferenceService(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
             out = await self.runtime.score(arrays[0], arrays[1], deadline_s)
         else:
             out = await self.runtime.embed(model.name, arrays[0], deadline_s)
-        data = np.ascontiguousarray(out, dtype=_F32).tobytes()
+        data = np.ascontiguousarray(finite_output(out, model.outputs[0].name), dtype=_F32).tobytes()
         response = oip.ModelInferResponse(model_name=model.name, model_version=self.info.version, id=request.id)
         for name in output_names:  # each model has one output; raw contents, as Triton answers
             response.outputs.add(name=name, datatype=FP32, shape=out.shape)

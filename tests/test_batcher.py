@@ -284,6 +284,8 @@ def test_queue_is_bounded_and_overload_fails_at_once():
         d = submit(batcher, "d", 4)  # exactly fills the bound
         await settle()
         assert batcher.stats().rejected_overload == 1 and batcher.stats().queued_rows == 10
+        with pytest.raises(InvalidInput, match=r"11 rows can never fit the queue \(max_queue_rows=10\)"):
+            await batcher.submit(payload("huge", 11), 11)  # not a retryable overload: it never fits
         runner.release_all()
         await asyncio.gather(a, b, d)
         assert all("c" not in [n for n, _, _ in batch] for batch in runner.batches)

@@ -78,6 +78,10 @@ def test_flags_beat_the_config_file_which_beats_the_environment(tmp_path):
         ([], {}, [1, 2], ["config file", "JSON object"]),
         (["--grace-period-s", "-2"], {}, None, ["--grace-period-s", ">= 0"]),
         (["--sim-latency-scale", "x"], {}, None, ["--sim-latency-scale", "number"]),
+        (["--grace-period-s", "nan"], {}, None, ["--grace-period-s", "finite", "'nan'"]),
+        (["--sim-latency-scale", "inf"], {}, None, ["--sim-latency-scale", "finite"]),
+        ([], {}, {"max_queue_delay_ms": "Infinity"}, ["'max_queue_delay_ms'", "finite"]),
+        (["--max-message-bytes", str(2**31)], {}, None, ["--max-message-bytes", f"<= {2**31 - 1}"]),
     ],
 )
 def test_a_bad_setting_is_a_config_error_naming_its_source(tmp_path, argv, environ, file_data, words):
