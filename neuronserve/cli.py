@@ -50,15 +50,16 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    command = "neuronserve"
     try:
+        args = build_parser().parse_args(argv)
+        command = f"neuronserve {args.command}"
         return int(args.func(args) or 0)
     except NeuronServeError as exc:
-        print(f"neuronserve {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"neuronserve {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from neuronserve.config import BatchingConfig, Placement, ServerConfig, SimConfig, read_json_object
-from neuronserve.errors import ConfigError
+from neuronserve.errors import ConfigError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,9 @@ class Runtime:
         draining = [asyncio.ensure_future(b.close(drain=True)) for b in self.batchers.values()]
         _, pending = await asyncio.wait(draining, timeout=max(0.0, timeout_s))
         if pending:
-            log.warning("grace period over with requests still queued: failing them with UNAVAILABLE")
+            queued = sum(b.stats().queued_requests + b.stats().in_flight_batches for b in self.batchers.values())
+            if queued:
+                log.warning("grace period over with requests still queued: failing them with UNAVAILABLE")
             pending |= {asyncio.ensure_future(b.close(drain=False)) for b in self.batchers.values()}
             await asyncio.wait(pending, timeout=1.0)
 
@@ -306,6 +308,7 @@ class Server:
         self.manifest = None
         self.backend = None
         self.cores: Optional[int] = None  # resolved at start: config.cores or the backend's default
+        self._abandoned = False  # abandon_start() was called
         self.pipeline = None
         self.runtime: Optional[Runtime] = None
         self.cache = None
@@ -345,11 +348,41 @@ class Server:
             placement = Placement.parse(config.placement, span.count, first=span.first)
         else:
             placement = Placement.data_parallel(span.count, group_size=manifest.pipeline_cores, first=span.first)
-        self.pipeline = Pipeline(self.backend, placement)
-        await asyncio.to_thread(self.pipeline.start)  # load + warm up every stage at every bucket (blocking)
-
         version = manifest.model_version
         self.metrics = Metrics(version=version, batch_buckets=self.buckets)
+        # Both ports before the warm-up (minutes on Inf1): a taken port is an error now, not after it.
+        # gRPC listens but serves nothing until started; /metrics answers (process figures) meanwhile.
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.so_reuseport", 0),  # a second server on a taken port fails instead of sharing it
+            ]
+        )
+        self._grpc = server
+        host = config.host.strip("[]")
+        address = f"[{host}]:{config.port}" if ":" in host else f"{host}:{config.port}"  # an IPv6 literal in brackets
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {address} for gRPC ({exc}); choose another --port or --host") from None
+        if not self.port:
+            raise ConfigError(f"cannot listen on {address} for gRPC; choose another --port or --host")
+        if config.metrics_port is not None:
+            self._metrics_server = MetricsServer(self.metrics)
+            try:
+                self.metrics_port = await self._metrics_server.start(host, config.metrics_port)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on {host}:{config.metrics_port} for metrics ({exc.strerror}); choose another --metrics-port"
+                ) from None
+
+        self.pipeline = Pipeline(self.backend, placement)
+        if self._abandoned:
+            self.pipeline.abort_start()
+        log.info("loading and warming up every stage at every bucket: backend %s, placement %s", backend, placement)
+        await asyncio.to_thread(self.pipeline.start)  # load + warm up every stage at every bucket (blocking)
+
         self.runtime = Runtime(self.pipeline, config.batching, self.metrics)
         self.runtime.start()
         cfg = manifest.model_config
@@ -367,13 +400,6 @@ class Server:
 
         info = model_info(manifest, config, self.backend.name)
         self.state = ServingState()
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_send_message_length", config.max_message_bytes),
-                ("grpc.max_receive_message_length", config.max_message_bytes),
-                ("grpc.so_reuseport", 0),  # a second server on a taken port fails instead of sharing it
-            ]
-        )
         scorer_pb2_grpc.add_ScorerServicer_to_server(ScorerService(info, self.runtime, self.cache, self.metrics, self.state), server)
         open_inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceService(info, self.runtime, self.cache, self.metrics, self.state), server
@@ -388,22 +414,7 @@ class Server:
         for name in ("",) + services:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         reflection.enable_server_reflection(services + (reflection.SERVICE_NAME,), server)
-        try:
-            self.port = server.add_insecure_port(f"{config.host}:{config.port}")
-        except RuntimeError as exc:
-            raise ConfigError(f"cannot listen on {config.host}:{config.port} for gRPC ({exc}); choose another --port or --host") from None
-        if not self.port:
-            raise ConfigError(f"cannot listen on {config.host}:{config.port} for gRPC; choose another --port or --host")
-        self._grpc = server
         await server.start()
-        if config.metrics_port is not None:
-            self._metrics_server = MetricsServer(self.metrics)
-            try:
-                self.metrics_port = await self._metrics_server.start(config.host, config.metrics_port)
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot listen on {config.host}:{config.metrics_port} for metrics ({exc.strerror}); choose another --metrics-port"
-                ) from None
         gc.collect()
         gc.freeze()  # everything built so far lives as long as the server: keep it out of the collector's scans
         self.state.serving = True
@@ -421,6 +432,13 @@ class Server:
             f"cores={self.cores} buckets={','.join(map(str, self.buckets))} "
             f"model={self.manifest.model_name} version={self.manifest.model_version}"
         )
+
+    def abandon_start(self) -> None:
+        """A stop request during start(): the stage loading gives up at its next stage, so start()
+        raises (Unavailable) and cleans up instead of finishing the warm-up first."""
+        self._abandoned = True
+        if self.pipeline is not None:
+            self.pipeline.abort_start()
 
     async def stop(self, grace_period_s: Optional[float] = None) -> None:
         """Drain and stop within `grace_period_s` (default: the config's): health NOT_SERVING, new requests
@@ -467,7 +485,23 @@ async def _serve(config: ServerConfig) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     server = Server(config)
-    await server.start()
+    starting = asyncio.ensure_future(server.start())
+    stop_requested = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({starting, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # SIGTERM during warm-up (minutes on Inf1): stop now, never print ready
+            log.info("stop requested during start-up: abandoning it")
+            server.abandon_start()
+            try:
+                await starting  # raises once the loading thread notices; start() has cleaned up by then
+            except Unavailable:
+                return 0
+            await server.stop()  # it finished in the meantime
+            return 0
+        starting.result()  # a start-up error propagates
+    finally:
+        if not stop_requested.done():
+            stop_requested.cancel()
     print(server.ready_line(), flush=True)
     await stopping.wait()
     log.info("shutting down: draining accepted requests (grace period %.1f s)", config.grace_period_s)

@@ -193,6 +193,22 @@ def artifact_args(manifest, *extra: str) -> List[str]:
     return ["--artifact", str(manifest.directory), "--port", "0", "--metrics-port", "0", *extra]
 
 
+def test_sigterm_during_warm_up_stops_promptly_without_ever_serving(serve, small_artifact):
+    """On Inf1 the warm-up takes minutes; a SIGTERM then must not wait for it (nor print ready)."""
+    # one simulated core, each execution ~2 s: the full warm-up (3 stages x 3 buckets) takes ~18 s
+    process = serve(artifact_args(small_artifact, "--backend", "sim", "--cores", "1", "--sim-latency-scale", "4000"))
+    end = time.monotonic() + 60
+    while not any("loading and warming up" in line for line in process.stderr):
+        assert time.monotonic() < end and process.proc.poll() is None, process.stderr
+        time.sleep(0.05)
+    started = time.monotonic()
+    process.proc.send_signal(signal.SIGTERM)
+    assert process.wait(timeout_s=30) == 0
+    assert time.monotonic() - started < 12  # gave up at the next stage, not after the whole warm-up
+    assert process.lines.empty()  # no ready line
+    assert any("abandoning" in line for line in process.stderr) and not any("Traceback" in line for line in process.stderr)
+
+
 def test_serve_prints_its_ready_line_answers_and_exits_0_on_sigterm(serve, small_artifact):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
