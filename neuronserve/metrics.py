@@ -324,13 +324,19 @@ class MetricsServer:
             await self._server.wait_closed()
             self._server = None
 
+    async def _read_request_line(self, reader: asyncio.StreamReader) -> bytes:
+        """The request line; the headers are read and ignored. Lines are bounded by the reader's limit."""
+        request_line = await reader.readline()
+        while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+            pass
+        return request_line
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request_line = await asyncio.wait_for(reader.readline(), self.READ_TIMEOUT_S)
-            while True:  # headers, ignored
-                line = await asyncio.wait_for(reader.readline(), self.READ_TIMEOUT_S)
-                if line in (b"\r\n", b"\n", b""):
-                    break
+            try:  # one deadline for the whole request: a client dripping header lines is cut off too
+                request_line = await asyncio.wait_for(self._read_request_line(reader), self.READ_TIMEOUT_S)
+            except (ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError):  # a line past the limit
+                request_line = b""
             parts = request_line.decode("latin-1").split()
             path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
             if len(parts) >= 2 and parts[0] in ("GET", "HEAD") and path == "/metrics":

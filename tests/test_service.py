@@ -698,3 +698,24 @@ def test_metrics_count_requests_batches_failures_cores_cache_and_process(cpu, cp
 
         urllib.request.urlopen(f"http://127.0.0.1:{cpu_server.metrics_port}/other", timeout=10)
     assert info.value.code == 404
+
+
+def test_the_metrics_endpoint_survives_oversized_and_garbage_requests(cpu_server, caplog):
+    import socket
+    import urllib.request
+
+    def exchange(data: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", cpu_server.metrics_port), timeout=10) as conn:
+            conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := conn.recv(65536):
+                reply += chunk
+            return reply
+
+    assert exchange(b"GET /" + b"a" * 200_000 + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404")  # past the line limit
+    assert exchange(b"\x00\xff garbage\r\n\r\n").startswith(b"HTTP/1.1 404")
+    assert exchange(b"GET /metrics HTTP/1.1\r\nX-Long: " + b"b" * 200_000 + b"\r\n\r\n").startswith(b"HTTP/1.1 404")
+    assert "Traceback" not in caplog.text and "Unhandled exception" not in caplog.text
+    with urllib.request.urlopen(f"http://127.0.0.1:{cpu_server.metrics_port}/metrics", timeout=10) as reply:
+        assert b"process_cpu_seconds_total" in reply.read()  # still serving
