@@ -335,8 +335,8 @@ class Server:
         from neuronserve.embeddings import EmbeddingCache
         from neuronserve.metrics import Metrics, MetricsServer, cache_samples, pipeline_samples
         from neuronserve.pipeline import Pipeline
-        from neuronserve.protos import open_inference_pb2, open_inference_pb2_grpc, scorer_pb2, scorer_pb2_grpc
-        from neuronserve.service import InferenceService, ScorerService, ServingState
+        from neuronserve.protos import open_inference_pb2, scorer_pb2
+        from neuronserve.service import InferenceService, ScorerService, ServingState, add_service
 
         config = self.config
         self.manifest = manifest = await asyncio.to_thread(load_manifest, config.artifact, True)
@@ -400,17 +400,12 @@ class Server:
 
         info = model_info(manifest, config, self.backend.name)
         self.state = ServingState()
-        scorer_pb2_grpc.add_ScorerServicer_to_server(ScorerService(info, self.runtime, self.cache, self.metrics, self.state), server)
-        open_inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceService(info, self.runtime, self.cache, self.metrics, self.state), server
-        )
+        scorer, inference = (scorer_pb2.DESCRIPTOR.services_by_name["Scorer"], open_inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"])
+        add_service(server, ScorerService(info, self.runtime, self.cache, self.metrics, self.state), scorer, scorer_pb2)
+        add_service(server, InferenceService(info, self.runtime, self.cache, self.metrics, self.state), inference, open_inference_pb2)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        services = (
-            scorer_pb2.DESCRIPTOR.services_by_name["Scorer"].full_name,
-            open_inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        )
+        services = (scorer.full_name, inference.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         for name in ("",) + services:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         reflection.enable_server_reflection(services + (reflection.SERVICE_NAME,), server)

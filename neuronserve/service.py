@@ -21,6 +21,7 @@ from typing import Awaitable, Callable, Dict, List, Optional, Protocol, Sequence
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from neuronserve import __version__
 from neuronserve.errors import DeadlineExceeded, InvalidInput, NeuronServeError, NotFound, Unavailable
@@ -188,6 +189,48 @@ def deadline_of(context: grpc.aio.ServicerContext) -> Optional[float]:
     """The gRPC deadline as an absolute time.monotonic() value (None: the caller set none)."""
     remaining_s = context.time_remaining()
     return None if remaining_s is None else time.monotonic() + remaining_s
+
+
+# ---- registration: a body that is not protobuf is INVALID_ARGUMENT ------------------------------
+
+
+@dataclass(frozen=True)
+class _Malformed:
+    error: str
+
+
+def add_service(server: grpc.aio.Server, servicer, service, messages) -> None:
+    """Register `servicer` for `service` (a ServiceDescriptor; request and response classes from the
+    generated module `messages`) as the generated add_*_to_server does, except that a request body that
+    does not parse is answered INVALID_ARGUMENT with one line. (The generated deserializer raises inside
+    gRPC: the client sees UNKNOWN, and the server logs a traceback per request.)"""
+
+    def lenient(parse):
+        def deserialize(data: bytes):
+            try:
+                return parse(data)
+            except DecodeError as exc:
+                return _Malformed(str(exc))
+
+        return deserialize
+
+    def guarded(handler, type_name: str):
+        async def call(request, context):
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request body is not a valid {type_name} protobuf ({request.error})")
+            return await handler(request, context)
+
+        return call
+
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            guarded(getattr(servicer, method.name), method.input_type.full_name),
+            request_deserializer=lenient(getattr(messages, method.input_type.name).FromString),
+            response_serializer=getattr(messages, method.output_type.name).SerializeToString,
+        )
+        for method in service.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
 # ---- the common guard --------------------------------------------------------------------------

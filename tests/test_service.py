@@ -719,3 +719,13 @@ def test_the_metrics_endpoint_survives_oversized_and_garbage_requests(cpu_server
     assert "Traceback" not in caplog.text and "Unhandled exception" not in caplog.text
     with urllib.request.urlopen(f"http://127.0.0.1:{cpu_server.metrics_port}/metrics", timeout=10) as reply:
         assert b"process_cpu_seconds_total" in reply.read()  # still serving
+
+
+@pytest.mark.parametrize("method", ["/neuronserve.v1.Scorer/Score", "/inference.GRPCInferenceService/ModelInfer"])
+def test_a_body_that_is_not_protobuf_is_invalid_argument(cpu, method, caplog):
+    raw = cpu.channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+    error = rpc_error(raw, b"\xff\xff\xff\xff", timeout=10)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid" in error.details() and "protobuf" in error.details()
+    assert "Traceback" not in caplog.text
+    assert list(cpu.scorer.Score(score_request(GOOD_USER, GOOD_PEERS), timeout=10).scores.shape) == [4, 3]
