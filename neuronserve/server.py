@@ -37,6 +37,7 @@ from neuronserve.errors import ConfigError, Unavailable
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "NEURONSERVE_"
+REPLY_WRITE_S = 1.0  # shutdown: time for gRPC to write answers already given, before it cancels what is left
 _DISABLED = ("", "none", "off", "-", "disabled")
 
 
@@ -448,8 +449,12 @@ class Server:
         if self.runtime is not None:
             await self.runtime.close(timeout_s=end - loop.time())
             self.runtime = None
+        while self.state is not None and self.state.in_flight and loop.time() < end:
+            await asyncio.sleep(0.01)  # calls outside the batchers (ScoreByIds, ScoreMatrix) finishing
         if self._grpc is not None:
-            await self._grpc.stop(max(0.0, end - loop.time()))
+            # Every accepted call has its answer now: give gRPC a moment to write them, then end what is
+            # left, e.g. Health.Watch streams, which would otherwise hold the rest of the grace period.
+            await self._grpc.stop(min(max(0.0, end - loop.time()), REPLY_WRITE_S))
             self._grpc = None
         if self._metrics_server is not None:
             await self._metrics_server.close()

@@ -71,10 +71,12 @@ class Runtime(Protocol):
 
 
 class ServingState:
-    """The door: open only between the end of warm-up and the start of a drain."""
+    """The door: open only between the end of warm-up and the start of a drain. `in_flight` counts the
+    inference calls inside a handler, so a drain knows when every accepted one has its answer."""
 
     def __init__(self) -> None:
         self.serving = False
+        self.in_flight = 0
 
     def check(self) -> None:
         if not self.serving:
@@ -256,6 +258,7 @@ class _Servicer:
         """Run `handler(request, context)`; map errors to status codes. Inference calls pass the door
         and are counted in the metrics under `model`."""
         start = time.perf_counter()
+        self.state.in_flight += inference
         try:
             if inference:
                 self.state.check()
@@ -280,6 +283,8 @@ class _Servicer:
             if inference:
                 self.metrics.request(model, "OK", time.perf_counter() - start)
             return reply
+        finally:
+            self.state.in_flight -= inference
         if inference:
             self.metrics.request(model, code.name, time.perf_counter() - start)
         await context.abort(code, message)

@@ -294,6 +294,38 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(serve, sm
     assert received["CANCELLED"] <= 6  # at most one in-flight call per client thread at the instant of shutdown
 
 
+def test_an_open_health_watch_does_not_hold_the_shutdown(serve, small_artifact):
+    """gRPC client-side health checking keeps a Health.Watch stream open; once every accepted request
+    is answered the server ends it, instead of waiting out the grace period."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    process = serve(artifact_args(small_artifact, "--backend", "cpu", "--cores", "1", "--grace-period-s", "30"))
+    target = f"127.0.0.1:{process.ready()['port']}"
+    seen: List[int] = []
+    with grpc.insecure_channel(target) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+
+        def follow() -> None:
+            try:
+                for reply in watch:
+                    seen.append(reply.status)
+            except grpc.RpcError:
+                pass
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        end = time.monotonic() + 10
+        while not seen and time.monotonic() < end:
+            time.sleep(0.01)
+        started = time.monotonic()
+        process.proc.send_signal(signal.SIGTERM)
+        assert process.wait(timeout_s=30) == 0
+        assert time.monotonic() - started < 10  # not the 30 s grace period
+        follower.join(10)
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    assert seen[0] == serving and not_serving in seen  # the watcher was told before the stream ended
+
+
 def test_cli_errors_are_one_line_and_exit_2(serve, tmp_path):
     process = serve(["--port", "http"])
     assert process.wait() == 2
