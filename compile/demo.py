@@ -17,7 +17,7 @@ import torch
 
 from neuronserve.artifact import MANIFEST_NAME, ModelConfig, load_manifest
 from neuronserve.compile.build import compile_artifact
-from neuronserve.errors import ArtifactError
+from neuronserve.errors import ArtifactError, ConfigError
 
 
 def cache_root() -> Path:
@@ -36,5 +36,8 @@ def ensure_demo_artifact(cache_dir: Optional[Path] = None, progress: bool = True
         shutil.rmtree(directory)  # our own cache entry, broken beyond an artifact (compile --force replaces only artifacts)
     if progress:
         print(f"neuronserve: compiling the demo model for the CPU into {directory} (first run only)", file=sys.stderr)
-    compile_artifact(directory, config=ModelConfig(), seed=0, target="cpu", force=True, progress=progress)
+    try:
+        compile_artifact(directory, config=ModelConfig(), seed=0, target="cpu", force=True, progress=progress)
+    except ConfigError as exc:  # e.g. an unwritable cache: name the setting the user controls here
+        raise ConfigError(f"cannot build the demo artifact in {directory} ({exc}); set NEURONSERVE_CACHE_DIR to a writable directory") from None
     return directory

@@ -278,6 +278,8 @@ def load_manifest(directory, verify: bool = True) -> Manifest:
     """Read DIR/manifest.json; with verify, check every file's sha256. Errors name the file."""
     directory = Path(directory)
     path = directory / MANIFEST_NAME
+    if directory.is_file():
+        raise ArtifactError(f"{directory} is a file; an artifact is the directory `neuronserve compile --out DIR` wrote")
     if not directory.is_dir():
         raise ArtifactError(f"artifact directory {directory} does not exist; compile one with `neuronserve compile --out {directory}`")
     if not path.is_file():

@@ -37,6 +37,7 @@ from neuronserve.errors import ConfigError, Unavailable
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "NEURONSERVE_"
+OTHER_ENV = ("CONFIG", "CACHE_DIR", "VENV")  # NEURONSERVE_* variables that are not settings
 REPLY_WRITE_S = 1.0  # shutdown: time for gRPC to write answers already given, before it cancels what is left
 _DISABLED = ("", "none", "off", "-", "disabled")
 
@@ -120,7 +121,7 @@ class _Setting:
 
 
 SETTINGS: Tuple[_Setting, ...] = (
-    _Setting("artifact", _text, "DIR", "compiled artifact directory (default: the demo model, compiled for the CPU on first run)"),
+    _Setting("artifact", _optional(_text), "DIR", "compiled artifact directory (default: the demo model, compiled for the CPU on first run)"),
     _Setting("backend", _text, "NAME", "auto | cpu | sim | neuron (auto: neuron when torch-neuron and a NeuronCore are here and the artifact was compiled for neuron, else cpu)"),
     _Setting("cores", _integer, "N", "NeuronCores to use (neuron: the NEURON_RT_VISIBLE_CORES range when set, else 4, one Inferentia chip; sim: cores simulated, default 4; cpu: executor threads, default one per usable CPU)"),
     _Setting("placement", _text, "SPEC", "stage placement, e.g. user_tower=0,peer_tower=1-2,pair_scorer=3 (default: data parallel)"),
@@ -161,6 +162,9 @@ def resolve_config(args: argparse.Namespace, environ: Optional[Mapping[str, str]
     for setting in SETTINGS:
         if setting.env in environ:
             values[setting.key] = (environ[setting.env], f"environment variable {setting.env}")
+    known = {s.env for s in SETTINGS} | {ENV_PREFIX + name for name in OTHER_ENV}
+    for name in sorted(n for n in environ if n.startswith(ENV_PREFIX) and n not in known):
+        log.warning("ignoring environment variable %s: not a neuronserve setting (a typo?)", name)
     config_path = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
     if config_path:
         for key, value in _read_config_file(config_path).items():

@@ -369,3 +369,12 @@ def test_the_readme_main_job_serves_the_demo_model_with_no_artifact(serve, tmp_p
     assert any(Path(tmp_path).iterdir())
     process.proc.send_signal(signal.SIGINT)
     assert process.wait() == 0
+
+
+def test_unknown_neuronserve_variables_are_named_and_an_empty_artifact_means_the_demo(caplog):
+    environ = {"NEURONSERVE_PROT": "9000", "NEURONSERVE_VENV": ".venv", "NEURONSERVE_CACHE_DIR": "/tmp", "NEURONSERVE_ARTIFACT": ""}
+    with caplog.at_level("WARNING"):
+        config = resolve_config(parse([]), environ=environ)
+    assert "NEURONSERVE_PROT" in caplog.text and "not a neuronserve setting" in caplog.text
+    assert "NEURONSERVE_VENV" not in caplog.text and "NEURONSERVE_CACHE_DIR" not in caplog.text
+    assert config.artifact is None and config.port == ServerConfig().port
