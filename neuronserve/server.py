@@ -1,13 +1,15 @@
 """The composition root of `neuronserve serve`: settings -> artifact -> backend -> pipeline -> batchers
 -> embedding cache -> gRPC services (+ health, reflection) -> metrics. The only place objects are wired.
 
-Start-up: load and verify the artifact; build the backend and the placement; load and warm up every
-stage at every bucket (in a thread); build the Runtime (one DynamicBatcher for Score, one per tower for
-UpsertEmbeddings and the OIP tower models); start the gRPC server; gc.freeze(); health SERVING; then the
-ready line. Shutdown (SIGTERM/SIGINT, Server.stop): health NOT_SERVING, the door closes (new requests
-UNAVAILABLE), the batchers drain (every accepted request is answered), the gRPC server stops with the
-rest of the grace period, the pipeline closes, and the log's last line tallies the requests the service
-answered, by status. (A call that reaches gRPC's transport in the instant its shutdown begins never
+Start-up: load and verify the artifact; build the backend and the placement; bind the gRPC and metrics
+ports (a taken port fails before the warm-up); load and warm up every stage at every bucket (in a
+thread; a SIGTERM meanwhile abandons it at the next stage, and nothing is served); build the Runtime
+(one DynamicBatcher for Score, one per tower for UpsertEmbeddings and the OIP tower models); start the
+gRPC server; gc.freeze(); health SERVING; then the ready line. Shutdown (SIGTERM/SIGINT, Server.stop):
+health NOT_SERVING, the door closes (new requests UNAVAILABLE), the batchers drain and the calls in the
+service finish (every accepted request is answered, within the grace period), gRPC gets REPLY_WRITE_S
+to write the answers and ends what is left (e.g. Health.Watch streams), the pipeline closes, and the
+log's last line tallies the requests the service answered, by status. (A call that reaches gRPC's transport in the instant its shutdown begins never
 reaches the service: grpc.aio cancels calls it has not yet picked up, and that client sees CANCELLED.
 Clients that heed NOT_SERVING, or a load balancer that does, are gone by then.) Settings: flags > --config FILE.json > NEURONSERVE_*
 environment variables > the dataclass defaults (config.ServerConfig).
