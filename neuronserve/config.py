@@ -104,7 +104,10 @@ class Placement:
             stage = stage.strip()
             if not sep or stage not in STAGES:
                 raise ConfigError(f"placement item {item!r} must be STAGE=CORES with STAGE one of {', '.join(STAGES)}")
-            groups[stage] = groups.get(stage, ()) + (CoreGroup.parse(group_text),)
+            group = CoreGroup.parse(group_text)
+            if group in groups.get(stage, ()):
+                raise ConfigError(f"placement lists {stage}={group} twice; list each replica once")
+            groups[stage] = groups.get(stage, ()) + (group,)
         missing = [stage for stage in STAGES if stage not in groups]
         if missing:
             raise ConfigError(f"placement {text!r} places no core group for {', '.join(missing)}")

@@ -339,7 +339,10 @@ class MetricsServer:
                 request_line = b""
             parts = request_line.decode("latin-1").split()
             path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
-            if len(parts) >= 2 and parts[0] in ("GET", "HEAD") and path == "/metrics":
+            if len(parts) >= 2 and path == "/metrics" and parts[0] not in ("GET", "HEAD"):
+                body = body_out = b"method not allowed: GET /metrics\n"
+                status, ctype = "405 Method Not Allowed\r\nAllow: GET, HEAD", "text/plain; charset=utf-8"
+            elif len(parts) >= 2 and parts[0] in ("GET", "HEAD") and path == "/metrics":
                 start = time.perf_counter()
                 body = self.metrics.render().encode("utf-8")
                 log.debug("rendered metrics in %.1f ms", (time.perf_counter() - start) * 1e3)

@@ -402,6 +402,8 @@ def test_the_server_serves_the_core_range_the_operator_set(monkeypatch):
     assert core_span("sim", 3) == CoreGroup(0, 3)  # only the neuron runtime reads the variable
     assert Placement.data_parallel(2, first=4).all_groups() == (CoreGroup(4), CoreGroup(5))
     assert Placement.parse("user_tower=4,peer_tower=5,pair_scorer=5", 2, first=4).groups["user_tower"] == (CoreGroup(4),)
+    with pytest.raises(ConfigError, match="lists user_tower=4 twice"):
+        Placement.parse("user_tower=4,user_tower=4,peer_tower=5,pair_scorer=5", 2, first=4)
     with pytest.raises(ConfigError, match="user_tower on cores 0, but this server has only cores 4-5"):
         Placement.parse("user_tower=0,peer_tower=5,pair_scorer=5", 2, first=4)
     monkeypatch.delenv(ENV)

@@ -716,6 +716,7 @@ def test_the_metrics_endpoint_survives_oversized_and_garbage_requests(cpu_server
     assert exchange(b"GET /" + b"a" * 200_000 + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404")  # past the line limit
     assert exchange(b"\x00\xff garbage\r\n\r\n").startswith(b"HTTP/1.1 404")
     assert exchange(b"GET /metrics HTTP/1.1\r\nX-Long: " + b"b" * 200_000 + b"\r\n\r\n").startswith(b"HTTP/1.1 404")
+    assert exchange(b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").startswith(b"HTTP/1.1 405 Method Not Allowed\r\nAllow: GET, HEAD")
     assert "Traceback" not in caplog.text and "Unhandled exception" not in caplog.text
     with urllib.request.urlopen(f"http://127.0.0.1:{cpu_server.metrics_port}/metrics", timeout=10) as reply:
         assert b"process_cpu_seconds_total" in reply.read()  # still serving
