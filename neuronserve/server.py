@@ -1,11 +1,12 @@
 """The composition root of `neuronserve serve`: settings -> artifact -> backend -> pipeline -> batchers
 -> embedding cache -> gRPC services (+ health, reflection) -> metrics. The only place objects are wired.
 
-Start-up: load and verify the artifact; build the backend and the placement; bind the gRPC and metrics
-ports (a taken port fails before the warm-up); load and warm up every stage at every bucket (in a
-thread; a SIGTERM meanwhile abandons it at the next stage, and nothing is served); build the Runtime
-(one DynamicBatcher for Score, one per tower for UpsertEmbeddings and the OIP tower models); start the
-gRPC server; gc.freeze(); health SERVING; then the ready line. Shutdown (SIGTERM/SIGINT, Server.stop):
+Start-up: load and verify the artifact; build the backend and the placement; start gRPC (health
+NOT_SERVING, the door closed: inference calls UNAVAILABLE at once) and /metrics, so a taken port fails
+before the warm-up; load and warm up every stage at every bucket (in a thread; a SIGTERM meanwhile
+abandons it at the next stage, and nothing is served); build the Runtime (one DynamicBatcher for Score,
+one per tower for UpsertEmbeddings and the OIP tower models) and attach it to the services;
+gc.freeze(); the door opens, health SERVING; then the ready line. Shutdown (SIGTERM/SIGINT, Server.stop):
 health NOT_SERVING, the door closes (new requests UNAVAILABLE), the batchers drain and the calls in the
 service finish (every accepted request is answered, within the grace period), gRPC gets REPLY_WRITE_S
 to write the answers and ends what is left (e.g. Health.Watch streams), the pipeline closes, and the
@@ -357,8 +358,22 @@ class Server:
             placement = Placement.data_parallel(span.count, group_size=manifest.pipeline_cores, first=span.first)
         version = manifest.model_version
         self.metrics = Metrics(version=version, batch_buckets=self.buckets)
-        # Both ports before the warm-up (minutes on Inf1): a taken port is an error now, not after it.
-        # gRPC listens but serves nothing until started; /metrics answers (process figures) meanwhile.
+        cfg = manifest.model_config
+        self.cache = EmbeddingCache(
+            model_version=version,
+            num_labels=cfg.num_labels,
+            label_dim=cfg.label_dim,
+            label_bias=manifest.label_bias,
+            max_rows=config.cache_max_rows,
+        )
+        self.metrics.add_collector(lambda: cache_samples(self.cache.stats()))
+
+        # gRPC and /metrics serve from before the warm-up (minutes on Inf1): a taken port fails now, not
+        # after it, and meanwhile health says NOT_SERVING and the door (ServingState) answers every
+        # inference call UNAVAILABLE at once, so clients and probes get a fast answer, not a hang.
+        info = model_info(manifest, config, self.backend.name)
+        self.state = ServingState()
+        servicers = (ScorerService(info, None, self.cache, self.metrics, self.state), InferenceService(info, None, self.cache, self.metrics, self.state))
         server = grpc.aio.server(
             options=[
                 ("grpc.max_send_message_length", config.max_message_bytes),
@@ -367,6 +382,15 @@ class Server:
             ]
         )
         self._grpc = server
+        scorer, inference = (scorer_pb2.DESCRIPTOR.services_by_name["Scorer"], open_inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"])
+        add_service(server, servicers[0], scorer, scorer_pb2)
+        add_service(server, servicers[1], inference, open_inference_pb2)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        services = (scorer.full_name, inference.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+        for name in ("",) + services:
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection(services + (reflection.SERVICE_NAME,), server)
         host = config.host.strip("[]")
         address = f"[{host}]:{config.port}" if ":" in host else f"{host}:{config.port}"  # an IPv6 literal in brackets
         try:
@@ -375,6 +399,7 @@ class Server:
             raise ConfigError(f"cannot listen on {address} for gRPC ({exc}); choose another --port or --host") from None
         if not self.port:
             raise ConfigError(f"cannot listen on {address} for gRPC; choose another --port or --host")
+        await server.start()
         if config.metrics_port is not None:
             self._metrics_server = MetricsServer(self.metrics)
             try:
@@ -387,36 +412,16 @@ class Server:
         self.pipeline = Pipeline(self.backend, placement)
         if self._abandoned:
             self.pipeline.abort_start()
-        log.info("loading and warming up every stage at every bucket: backend %s, placement %s", backend, placement)
+        log.info("gRPC port %d NOT_SERVING while loading and warming up every stage at every bucket: backend %s, placement %s", self.port, backend, placement)
         await asyncio.to_thread(self.pipeline.start)  # load + warm up every stage at every bucket (blocking)
 
         self.runtime = Runtime(self.pipeline, config.batching, self.metrics)
         self.runtime.start()
-        cfg = manifest.model_config
-        self.cache = EmbeddingCache(
-            model_version=version,
-            num_labels=cfg.num_labels,
-            label_dim=cfg.label_dim,
-            label_bias=manifest.label_bias,
-            max_rows=config.cache_max_rows,
-        )
         for model, batcher in self.runtime.batchers.items():
             self.metrics.add_batcher(model, batcher.stats)
         self.metrics.add_collector(lambda: pipeline_samples(self.pipeline.stats()))
-        self.metrics.add_collector(lambda: cache_samples(self.cache.stats()))
-
-        info = model_info(manifest, config, self.backend.name)
-        self.state = ServingState()
-        scorer, inference = (scorer_pb2.DESCRIPTOR.services_by_name["Scorer"], open_inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"])
-        add_service(server, ScorerService(info, self.runtime, self.cache, self.metrics, self.state), scorer, scorer_pb2)
-        add_service(server, InferenceService(info, self.runtime, self.cache, self.metrics, self.state), inference, open_inference_pb2)
-        self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        services = (scorer.full_name, inference.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
-        for name in ("",) + services:
-            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        reflection.enable_server_reflection(services + (reflection.SERVICE_NAME,), server)
-        await server.start()
+        for servicer in servicers:
+            servicer.runtime = self.runtime
         gc.collect()
         gc.freeze()  # everything built so far lives as long as the server: keep it out of the collector's scans
         self.state.serving = True

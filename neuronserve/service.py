@@ -239,7 +239,9 @@ def add_service(server: grpc.aio.Server, servicer, service, messages) -> None:
 
 
 class _Servicer:
-    def __init__(self, info: ModelInfo, runtime: Runtime, cache, metrics, state: ServingState) -> None:
+    """`runtime` may be attached after construction (the server serves, door closed, during its warm-up)."""
+
+    def __init__(self, info: ModelInfo, runtime: Optional[Runtime], cache, metrics, state: ServingState) -> None:
         self.info = info
         self.runtime = runtime
         self.cache = cache
@@ -420,7 +422,7 @@ class InferenceService(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService: models `twotower` (SCORES [M, K] logits) and the two towers;
     the OIP's six RPCs plus Triton's ModelConfig and ModelStatistics, which perf_analyzer calls."""
 
-    def __init__(self, info: ModelInfo, runtime: Runtime, cache, metrics, state: ServingState) -> None:
+    def __init__(self, info: ModelInfo, runtime: Optional[Runtime], cache, metrics, state: ServingState) -> None:
         super().__init__(info, runtime, cache, metrics, state)
         self.models = oip_models(info)
 

@@ -201,6 +201,16 @@ def test_sigterm_during_warm_up_stops_promptly_without_ever_serving(serve, small
     while not any("loading and warming up" in line for line in process.stderr):
         assert time.monotonic() < end and process.proc.poll() is None, process.stderr
         time.sleep(0.05)
+    port = re.search(r"gRPC port (\d+) NOT_SERVING", next(line for line in process.stderr if "warming up" in line)).group(1)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # meanwhile: fast answers, not a hang
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        from neuronserve.protos import scorer_pb2_grpc as pb_grpc
+
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.ScorerStub(channel).Score(score_request(1, 16, 3), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "warming up" in refused.value.details()
     started = time.monotonic()
     process.proc.send_signal(signal.SIGTERM)
     assert process.wait(timeout_s=30) == 0
