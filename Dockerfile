@@ -11,7 +11,8 @@ COPY pyproject.toml README.md ./
 COPY neuronserve ./neuronserve
 COPY compile ./compile
 COPY bench ./bench
-RUN pip install --no-cache-dir torch==2.13.0 && pip install --no-cache-dir .
+# the CPU build of torch from PyTorch's CPU index: PyPI's Linux wheel pulls gigabytes of CUDA packages
+RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu && pip install --no-cache-dir .
 EXPOSE 8001 8002
 ENTRYPOINT ["neuronserve"]
 CMD ["serve", "--host", "0.0.0.0"]
