@@ -26,11 +26,11 @@ STAGE_NAMES: Tuple[str, ...] = ("user_tower", "peer_tower", "pair_scorer")
 TARGETS: Tuple[str, ...] = ("cpu", "neuron")
 
 
+MAX_DIMENSION = 1 << 20  # a model dimension above it is a typo, not a model
+
+
 def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_DIMENSION
-
-
-MAX_DIMENSION = 1 << 20  # a model dimension above it is a typo, not a model
 
 
 @dataclass(frozen=True)

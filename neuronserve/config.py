@@ -28,6 +28,9 @@ def read_json_object(path, what: str) -> Dict[str, Any]:
     return data
 
 
+VISIBLE_CORES_ENV = "NEURON_RT_VISIBLE_CORES"  # the Neuron runtime's core range of a process
+
+
 @dataclass(frozen=True)
 class CoreGroup:
     """A contiguous range of NeuronCores, written as NEURON_RT_VISIBLE_CORES does: "2" or "0-3"."""
@@ -72,6 +75,15 @@ class CoreGroup:
 
     def __str__(self) -> str:
         return self.visible_cores()
+
+
+def parse_visible_cores(text: str) -> CoreGroup:
+    """NEURON_RT_VISIBLE_CORES as the runtime accepts it: "2", "0-3" or a contiguous list "3,4,5,6"."""
+    parts = [CoreGroup.parse(part) for part in text.split(",")]
+    for before, after in zip(parts, parts[1:]):
+        if after.first != before.last + 1:
+            raise ConfigError(f"{VISIBLE_CORES_ENV}={text!r} is not contiguous; the Neuron runtime needs a contiguous range such as '0-3'")
+    return CoreGroup(parts[0].first, parts[-1].last - parts[0].first + 1)
 
 
 @dataclass(frozen=True)
@@ -157,6 +169,10 @@ class BatchingConfig:
             raise ConfigError(f"max_in_flight_batches must be >= 1, got {self.max_in_flight_batches}")
 
 
+MAX_SIM_LATENCY_SCALE = 1e6  # beyond it the modelled times overflow the sim's arithmetic
+MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
+
+
 @dataclass(frozen=True)
 class SimConfig:
     """Settings of the simulated NeuronCores (the `sim` backend)."""
@@ -169,8 +185,8 @@ class SimConfig:
     def __post_init__(self) -> None:
         if self.num_cores < 1:
             raise ConfigError(f"sim num_cores must be >= 1, got {self.num_cores}")
-        if self.latency_scale < 0:
-            raise ConfigError(f"sim latency_scale must be >= 0, got {self.latency_scale}")
+        if not 0 <= self.latency_scale <= MAX_SIM_LATENCY_SCALE:
+            raise ConfigError(f"sim latency_scale must be >= 0 and <= {MAX_SIM_LATENCY_SCALE:g}, got {self.latency_scale}")
         if self.core_timeout_s <= 0 or self.reset_s < 0:
             raise ConfigError("sim core_timeout_s must be > 0 and reset_s >= 0")
 
@@ -206,3 +222,9 @@ class ServerConfig:
             raise ConfigError(f"cores must be >= 1, got {self.cores}")
         if self.max_peers < 1:
             raise ConfigError(f"max_peers must be >= 1, got {self.max_peers}")
+        if not 1024 <= self.max_message_bytes <= MAX_GRPC_MESSAGE_BYTES:
+            raise ConfigError(f"max_message_bytes must be >= 1024 and <= {MAX_GRPC_MESSAGE_BYTES} (gRPC's limit), got {self.max_message_bytes}")
+        if self.grace_period_s < 0:
+            raise ConfigError(f"grace_period_s must be >= 0, got {self.grace_period_s}")
+        if self.cache_max_rows < 1:
+            raise ConfigError(f"cache_max_rows must be >= 1, got {self.cache_max_rows}")

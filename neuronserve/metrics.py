@@ -338,20 +338,19 @@ class MetricsServer:
             except (ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError):  # a line past the limit
                 request_line = b""
             parts = request_line.decode("latin-1").split()
-            path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
-            if len(parts) >= 2 and path == "/metrics" and parts[0] not in ("GET", "HEAD"):
-                body = body_out = b"method not allowed: GET /metrics\n"
-                status, ctype = "405 Method Not Allowed\r\nAllow: GET, HEAD", "text/plain; charset=utf-8"
-            elif len(parts) >= 2 and parts[0] in ("GET", "HEAD") and path == "/metrics":
+            method, path = (parts[0], parts[1].split("?", 1)[0]) if len(parts) >= 2 else ("", "")
+            extra, ctype = "", "text/plain; charset=utf-8"
+            if path != "/metrics":
+                status, body = "404 Not Found", b"not found: GET /metrics\n"
+            elif method not in ("GET", "HEAD"):
+                status, body, extra = "405 Method Not Allowed", b"method not allowed: GET /metrics\n", "Allow: GET, HEAD\r\n"
+            else:
                 start = time.perf_counter()
                 body = self.metrics.render().encode("utf-8")
                 log.debug("rendered metrics in %.1f ms", (time.perf_counter() - start) * 1e3)
                 status, ctype = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
-                body_out = b"" if parts[0] == "HEAD" else body
-            else:
-                body = body_out = b"not found: GET /metrics\n"
-                status, ctype = "404 Not Found", "text/plain; charset=utf-8"
-            head = f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            body_out = b"" if method == "HEAD" else body
+            head = f"HTTP/1.1 {status}\r\n{extra}Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
             writer.write(head.encode("latin-1") + body_out)
             await writer.drain()
         except (asyncio.TimeoutError, ConnectionError):

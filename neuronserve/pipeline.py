@@ -118,19 +118,15 @@ class Pipeline:
         self._waiters: Deque[asyncio.Future] = deque()
         self._fused = False
         self._started = False
-        self._abort = threading.Event()
 
-    def abort_start(self) -> None:
-        """Make a start() running in another thread give up before its next stage load (Unavailable)."""
-        self._abort.set()
-
-    def start(self) -> None:
+    def start(self, abort: Optional[threading.Event] = None) -> None:
         """Load every stage on its groups and run every bucket once (blocking), then plan buckets.
+        Once `abort` is set (from another thread), it gives up before the next stage load (Unavailable).
 
         gc.freeze() is deliberately not called here: the server calls it once everything is built."""
         for group in self._groups:
             for stage in group.stages:
-                if self._abort.is_set():
+                if abort is not None and abort.is_set():
                     raise Unavailable("start-up abandoned: the server was asked to stop while loading its stages")
                 runner = self.backend.load(stage, group.cores)
                 runner.warmup()

@@ -28,6 +28,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -84,16 +85,6 @@ def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return parse_optional
 
 
-def _between(parse: Callable[[Any], Any], low: float, high: float = math.inf) -> Callable[[Any], Any]:
-    def parse_bounded(value: Any) -> Any:
-        parsed = parse(value)
-        if not low <= parsed <= high:
-            raise ValueError(f"must be >= {low:g}, got {parsed}" if parsed < low else f"must be <= {high}, got {parsed}")
-        return parsed
-
-    return parse_bounded
-
-
 @dataclass(frozen=True)
 class _Setting:
     """One setting: config-file key `key`, flag --key-with-dashes, environment NEURONSERVE_KEY. It sets
@@ -132,14 +123,14 @@ SETTINGS: Tuple[_Setting, ...] = (
     _Setting("port", _integer, "PORT", "gRPC port, 0 = any free port"),
     _Setting("metrics_port", _optional(_integer), "PORT", "Prometheus /metrics port, 0 = any, 'off' = none"),
     _Setting("max_peers", _integer, "M", "most peers (and users) per scoring request"),
-    _Setting("max_message_bytes", _between(_integer, 1024, 2**31 - 1), "BYTES", "gRPC max send/receive message size (at most 2**31 - 1, gRPC's limit)"),
-    _Setting("grace_period_s", _between(_number, 0), "S", "shutdown: seconds to answer accepted requests"),
-    _Setting("cache_max_rows", _between(_integer, 1), "ROWS", "embedding cache bound per kind"),
+    _Setting("max_message_bytes", _integer, "BYTES", "gRPC max send/receive message size (1024 to 2**31 - 1)"),
+    _Setting("grace_period_s", _number, "S", "shutdown: seconds to answer accepted requests"),
+    _Setting("cache_max_rows", _integer, "ROWS", "embedding cache bound per kind"),
     _Setting("max_queue_delay_ms", _number, "MS", "batching delay bound from the oldest queued request"),
     _Setting("max_queue_rows", _integer, "ROWS", "queue bound; past it RESOURCE_EXHAUSTED at once"),
     _Setting("max_batch_rows", _optional(_integer), "ROWS", "rows per batch (default: the largest compiled bucket)"),
     _Setting("max_in_flight_batches", _optional(_integer), "N", "batches in flight per batcher (default: the pipeline's executor slots)"),
-    _Setting("sim_latency_scale", _between(_number, 0, 1e6), "X", "sim backend: multiply the device latency model (0 = as fast as the CPU)"),
+    _Setting("sim_latency_scale", _number, "X", "sim backend: multiply the device latency model (0 = as fast as the CPU)"),
     _Setting("sim_core_timeout_s", _number, "S", "sim backend: an execution past this is a hung core"),
     _Setting("sim_reset_s", _number, "S", "sim backend: a faulted core is back in rotation after this"),
 )
@@ -270,8 +261,7 @@ class Runtime:
         draining = [asyncio.ensure_future(b.close(drain=True)) for b in self.batchers.values()]
         _, pending = await asyncio.wait(draining, timeout=max(0.0, timeout_s))
         if pending:
-            queued = sum(b.stats().queued_requests + b.stats().in_flight_batches for b in self.batchers.values())
-            if queued:
+            if any(s.queued_requests or s.in_flight_batches for s in (b.stats() for b in self.batchers.values())):
                 log.warning("grace period over with requests still queued: failing them with UNAVAILABLE")
             pending |= {asyncio.ensure_future(b.close(drain=False)) for b in self.batchers.values()}
             await asyncio.wait(pending, timeout=1.0)
@@ -316,7 +306,7 @@ class Server:
         self.manifest = None
         self.backend = None
         self.cores: Optional[int] = None  # resolved at start: config.cores or the backend's default
-        self._abandoned = False  # abandon_start() was called
+        self._abandon = threading.Event()  # set by abandon_start(); read by the stage-loading thread
         self.pipeline = None
         self.runtime: Optional[Runtime] = None
         self.cache = None
@@ -373,7 +363,7 @@ class Server:
         # inference call UNAVAILABLE at once, so clients and probes get a fast answer, not a hang.
         info = model_info(manifest, config, self.backend.name)
         self.state = ServingState()
-        servicers = (ScorerService(info, None, self.cache, self.metrics, self.state), InferenceService(info, None, self.cache, self.metrics, self.state))
+        servicers = [cls(info, None, self.cache, self.metrics, self.state) for cls in (ScorerService, InferenceService)]
         server = grpc.aio.server(
             options=[
                 ("grpc.max_send_message_length", config.max_message_bytes),
@@ -382,7 +372,8 @@ class Server:
             ]
         )
         self._grpc = server
-        scorer, inference = (scorer_pb2.DESCRIPTOR.services_by_name["Scorer"], open_inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"])
+        scorer = scorer_pb2.DESCRIPTOR.services_by_name["Scorer"]
+        inference = open_inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
         add_service(server, servicers[0], scorer, scorer_pb2)
         add_service(server, servicers[1], inference, open_inference_pb2)
         self._health = health.aio.HealthServicer()
@@ -410,10 +401,8 @@ class Server:
                 ) from None
 
         self.pipeline = Pipeline(self.backend, placement)
-        if self._abandoned:
-            self.pipeline.abort_start()
         log.info("gRPC port %d NOT_SERVING while loading and warming up every stage at every bucket: backend %s, placement %s", self.port, backend, placement)
-        await asyncio.to_thread(self.pipeline.start)  # load + warm up every stage at every bucket (blocking)
+        await asyncio.to_thread(self.pipeline.start, self._abandon)  # load + warm up every stage at every bucket
 
         self.runtime = Runtime(self.pipeline, config.batching, self.metrics)
         self.runtime.start()
@@ -443,9 +432,7 @@ class Server:
     def abandon_start(self) -> None:
         """A stop request during start(): the stage loading gives up at its next stage, so start()
         raises (Unavailable) and cleans up instead of finishing the warm-up first."""
-        self._abandoned = True
-        if self.pipeline is not None:
-            self.pipeline.abort_start()
+        self._abandon.set()
 
     async def stop(self, grace_period_s: Optional[float] = None) -> None:
         """Drain and stop within `grace_period_s` (default: the config's): health NOT_SERVING, new requests

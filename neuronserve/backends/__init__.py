@@ -12,7 +12,7 @@ from typing import Optional
 
 from neuronserve.artifact import Manifest
 from neuronserve.backends.base import Backend, StageRunner
-from neuronserve.config import CoreGroup, SimConfig
+from neuronserve.config import VISIBLE_CORES_ENV, CoreGroup, SimConfig, parse_visible_cores
 from neuronserve.errors import ConfigError
 
 BACKEND_NAMES = ("auto", "cpu", "sim", "neuron")
@@ -38,14 +38,12 @@ def core_span(name: str, cores: Optional[int]) -> CoreGroup:
     """The cores this process serves, as one range. neuron: NEURON_RT_VISIBLE_CORES when the operator
     (or the Kubernetes device plugin) set it, since other processes hold the other cores; `cores`, if
     given, must then agree with it. Otherwise 0..cores-1 (`cores` None: the backend's default)."""
-    preset = os.environ.get("NEURON_RT_VISIBLE_CORES", "").strip() if name == "neuron" else ""
+    preset = os.environ.get(VISIBLE_CORES_ENV, "").strip() if name == "neuron" else ""
     if preset:
-        from neuronserve.backends.neuron import parse_visible_cores
-
         span = parse_visible_cores(preset)
         if cores is not None and cores != span.count:
             raise ConfigError(
-                f"--cores {cores} disagrees with NEURON_RT_VISIBLE_CORES={preset} ({span.count} cores, set for this "
+                f"--cores {cores} disagrees with {VISIBLE_CORES_ENV}={preset} ({span.count} cores, set for this "
                 "process); drop --cores or change the variable"
             )
         return span

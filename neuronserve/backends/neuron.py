@@ -36,10 +36,9 @@ import torch
 
 from neuronserve.artifact import Manifest
 from neuronserve.backends.base import Backend, StageRunner
-from neuronserve.config import CoreGroup
+from neuronserve.config import VISIBLE_CORES_ENV, CoreGroup, parse_visible_cores
 from neuronserve.errors import BackendUnavailable, ConfigError, CoreFault
 
-VISIBLE_CORES_ENV = "NEURON_RT_VISIBLE_CORES"
 INSTALL_HINT = (
     "install torch-neuron on an Inf1 host (pip install torch-neuron --extra-index-url=https://pip.repos.neuron.amazonaws.com, "
     "or use an Inf1 Neuron DLAMI or the pytorch-inference-neuron image), or serve a --target cpu artifact with --backend cpu or sim"
@@ -64,15 +63,6 @@ def available() -> bool:
         return _torch_neuron_importable() and bool(neuron_devices())
     except Exception:  # noqa: BLE001 - a probe: any failure means "not available"
         return False
-
-
-def parse_visible_cores(text: str) -> CoreGroup:
-    """NEURON_RT_VISIBLE_CORES as the runtime accepts it: "2", "0-3" or a contiguous list "3,4,5,6"."""
-    parts = [CoreGroup.parse(part) for part in text.split(",")]
-    for before, after in zip(parts, parts[1:]):
-        if after.first != before.last + 1:
-            raise ConfigError(f"{VISIBLE_CORES_ENV}={text!r} is not contiguous; the Neuron runtime needs a contiguous range such as '0-3'")
-    return CoreGroup(parts[0].first, parts[-1].last - parts[0].first + 1)
 
 
 @dataclass
