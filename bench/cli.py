@@ -1,12 +1,17 @@
 """`neuronserve bench`: measure a running server from outside, over gRPC only.
 
 The command that wires the benchmark: workloads.py builds the requests, loadgen.py sends them
-open-loop, search.py picks the rates, limits.py measures the model and gRPC alone, report.py
-prints and writes the results. Imports nothing heavy until the command runs.
+open-loop, search.py picks the rates, limits.py measures the model and gRPC alone, plain.py is the
+reference server of `--reference plain` (measured the same way, right after the target), report.py
+compares, prints and writes the results. Imports nothing heavy until the command runs.
 
     neuronserve bench --target 127.0.0.1:8001 --workload score --rate 500 --duration-s 20
+    neuronserve bench --target 127.0.0.1:8001 --rate 750,1800,4500,750 --duration-s 20 --timeout-ms 100 \
+        --metrics-url http://127.0.0.1:8002/metrics       # half capacity, 1.2x, 3x, half again
     neuronserve bench --target 127.0.0.1:8001 --search --latency-bound-ms 100 --artifact ART \\
         --metrics-url http://127.0.0.1:8002/metrics --json out.json --plot out.png
+    neuronserve bench --target 127.0.0.1:8001 --rate 800 --artifact ART --reference plain \\
+        --metrics-url http://127.0.0.1:8002/metrics
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 BENCH_DATE_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
 
@@ -31,9 +36,17 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=16, help="N users per matrix request (default 16)")
     p.add_argument("--model", default="twotower", help="the OIP model name (metadata and the oip workload)")
     mode = p.add_argument_group("mode")
-    mode.add_argument("--rate", type=float, default=None, help="fixed offered rate, requests/s")
+    mode.add_argument(
+        "--rate",
+        default=None,
+        metavar="R[,R...]",
+        help="fixed offered rate, requests/s; several (e.g. 1800,4500,750: overload, then half capacity) run in that order "
+        "against the same server, each right after the one before, each reported on its own",
+    )
     mode.add_argument("--duration-s", type=float, default=10.0, help="measured seconds per run (default 10)")
-    mode.add_argument("--warmup-s", type=float, default=2.0, help="seconds of load before each measured window, excluded (default 2)")
+    mode.add_argument(
+        "--warmup-s", type=float, default=2.0, help="seconds of load before the measured window, excluded (default 2; with several --rate values, before the first only)"
+    )
     mode.add_argument("--arrival", default="poisson", choices=("poisson", "constant"))
     mode.add_argument("--search", action="store_true", help="find the highest rate whose P99 stays under --latency-bound-ms")
     mode.add_argument("--latency-bound-ms", type=float, default=100.0)
@@ -53,6 +66,13 @@ def register(subparsers) -> argparse.ArgumentParser:
     limits.add_argument("--compute-backend", default="cpu", help="backend for the compute limit (default cpu)")
     limits.add_argument("--limit-s", type=float, default=3.0, help="seconds for each limit measurement (default 3)")
     limits.add_argument("--no-limits", action="store_true", help="skip the compute and transport limits")
+    limits.add_argument(
+        "--reference",
+        default=None,
+        choices=("plain",),
+        help="also start a plain server on --artifact (the model once per request on its event loop, no batching), run the same "
+        "measurement against it and report the target's result as a ratio of it (score and oip workloads)",
+    )
     limits.add_argument("--json", default=None, help="write the report as JSON here")
     limits.add_argument("--plot", default=None, help="write a PNG of latency percentiles against offered rate here (search)")
     limits.add_argument("--quiet", action="store_true", help="no progress display on stderr")
@@ -60,7 +80,22 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def check_outputs(args: argparse.Namespace) -> None:
+def parse_rates(text: Optional[str]) -> Tuple[float, ...]:
+    """`--rate R[,R...]` -> the rates in order (empty for None); a ConfigError naming what is wrong."""
+    from neuronserve.errors import ConfigError
+
+    if text is None:
+        return ()
+    try:
+        rates = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--rate {text!r}: give requests/s, or several separated by commas, e.g. 1800,4500,750") from None
+    if not all(0 < rate < float("inf") for rate in rates):
+        raise ConfigError(f"--rate must be > 0 (each of a list), got {text}")
+    return rates
+
+
+def check_outputs(args: argparse.Namespace, rates: Tuple[float, ...] = ()) -> None:
     """What would otherwise fail only after the whole run (and lose it): checked before any load."""
     from urllib.parse import urlsplit
 
@@ -78,13 +113,21 @@ def check_outputs(args: argparse.Namespace) -> None:
         parent = os.path.dirname(os.path.abspath(path)) if path else None
         if parent and not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
             raise ConfigError(f"{flag} {path}: directory {parent} does not exist or is not writable")
-    if not args.no_limits:
-        if args.limit_s <= 0:
-            raise ConfigError(f"--limit-s must be > 0, got {args.limit_s} (or pass --no-limits)")
-        if args.artifact:
-            from neuronserve.artifact import load_manifest
+    if not args.no_limits and args.limit_s <= 0:
+        raise ConfigError(f"--limit-s must be > 0, got {args.limit_s} (or pass --no-limits)")
+    if args.reference:
+        if not args.artifact:
+            raise ConfigError("--reference plain needs --artifact (the plain server serves that artifact)")
+        if args.workload not in ("score", "oip"):
+            raise ConfigError(f"--reference plain serves the score and oip workloads, not {args.workload}")
+        if len(rates) > 1:
+            raise ConfigError("--reference plain compares one run: give one --rate (or --search), not a list")
+    if args.artifact and (args.reference or not args.no_limits):
+        from neuronserve.artifact import load_manifest
 
-            load_manifest(args.artifact, verify=True)  # a wrong --artifact is an error now, not after the load
+        manifest = load_manifest(args.artifact, verify=True)  # a wrong --artifact is an error now, not after the load
+        if args.reference and manifest.target != "cpu":
+            raise ConfigError(f"--reference plain runs --target cpu artifacts; {args.artifact} is a {manifest.target} artifact")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,27 +135,28 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from neuronserve.bench import limits, report
-    from neuronserve.bench.loadgen import LoadResult, LoadSpec, run_load, stderr_progress
+    from neuronserve.bench.loadgen import LoadSpec, run_load, stderr_progress
     from neuronserve.bench.search import search_rate
     from neuronserve.bench.workloads import DEFAULT_PEERS, WorkloadSpec, prepare_workload
     from neuronserve.errors import ConfigError
 
     if args.search == (args.rate is not None):
-        raise ConfigError("give either --rate R (a fixed-rate run) or --search (find the highest rate under --latency-bound-ms)")
-    if args.rate is not None and args.rate <= 0:
-        raise ConfigError(f"--rate must be > 0, got {args.rate}")
-    check_outputs(args)
+        raise ConfigError("give either --rate R[,R...] (fixed-rate runs) or --search (find the highest rate under --latency-bound-ms)")
+    rates = parse_rates(args.rate)
+    check_outputs(args, rates)
     progress = None if args.quiet else stderr_progress
     peers = args.peers or DEFAULT_PEERS[args.workload]
-    workload = prepare_workload(args.target, WorkloadSpec(name=args.workload, peers=peers, users=args.users, model=args.model, seed=args.seed))
+    workload_spec = WorkloadSpec(name=args.workload, peers=peers, users=args.users, model=args.model, seed=args.seed)
+    workload = prepare_workload(args.target, workload_spec)
 
-    def measured_run(rate: float) -> Tuple[LoadResult, Optional[report.BatchStats]]:
+    def measured_run(target: str, rate: float, metrics_url: Optional[str], pid: Optional[int], say, warmup_s: float) -> report.Measured:
+        """One open-loop run; server batches, CPU and memory read at the window's start and after the last reply."""
         spec = LoadSpec(
-            target=args.target,
+            target=target,
             method=workload.method,
             payloads=workload.payloads,
             duration_s=args.duration_s,
-            warmup_s=args.warmup_s,
+            warmup_s=warmup_s,
             rate_per_s=rate,
             arrival=args.arrival,
             clients=args.clients,
@@ -121,13 +165,76 @@ def run(args: argparse.Namespace) -> int:
             late_ms=args.late_ms,
             seed=args.seed,
         )
-        before = {}
-        snapshot = (lambda: before.update(report.scrape_metrics(args.metrics_url))) if args.metrics_url else None
-        if progress:
-            progress(f"offered rate {rate:.1f}/s: {args.warmup_s:g} s warm-up + {args.duration_s:g} s measured")
-        result = run_load(spec, progress=progress, on_window_start=snapshot)
-        stats = report.batch_stats(before, report.scrape_metrics(args.metrics_url)) if args.metrics_url else None
-        return result, stats
+        before: Dict[str, float] = {}
+        pid_start = []  # (cpu seconds, rss bytes) at the window's start
+
+        def snapshot() -> None:
+            if metrics_url:
+                before.update(report.scrape_metrics(metrics_url))
+            if pid:
+                pid_start.append((report.process_cpu_seconds(pid), report.process_rss_bytes(pid)))
+
+        if say:
+            say(f"offered rate {rate:.1f}/s: {warmup_s:g} s warm-up + {args.duration_s:g} s measured")
+        result = run_load(spec, progress=say, on_window_start=snapshot)
+        stats = cpu = memory = None
+        if metrics_url:
+            after = report.scrape_metrics(metrics_url)
+            stats, cpu, memory = report.batch_stats(before, after), report.metrics_cpu(before, after, result.sent), report.metrics_memory(before, after)
+        if pid:
+            cpu_s, rss = pid_start[0]
+            cpu = report.ServerCpu(report.process_cpu_seconds(pid) - cpu_s, result.sent, f"psutil, pid {pid}")
+            memory = report.ServerMemory(rss, report.process_rss_bytes(pid), f"psutil, pid {pid}")
+        return report.Measured(result, stats, cpu, memory)
+
+    def measure(target: str, metrics_url: Optional[str], pid: Optional[int], say) -> Tuple[dict, Optional[report.Measured], bool]:
+        """The fixed-rate run(s) or the search against one server: its report section, the run to compare
+        (for a --rate list, the one with the highest achieved rate: what the limits are set against),
+        and whether a search passed every step (never found the bound)."""
+        section: dict = {}
+        never_failed = False
+        if args.search:
+            by_rate: Dict[float, report.Measured] = {}
+
+            def step(rate: float):
+                by_rate[rate] = measured_run(target, rate, metrics_url, pid, say, args.warmup_s)
+                return by_rate[rate].result
+
+            def on_step(s) -> None:
+                if say:
+                    lat = s.result.latency_ms
+                    say(f"step {s.rate_per_s:.1f}/s: p99 {lat['p99']:.1f} ms, errors {s.result.failed}, late {s.result.late_sends} -> {'pass' if s.passed else 'fail'}")
+
+            found = search_rate(
+                step,
+                bound_ms=args.latency_bound_ms,
+                start_rate_per_s=args.search_start_rate,
+                step_s=args.warmup_s + args.duration_s + 3.0,
+                max_steps=args.search_max_steps,
+                max_total_s=args.search_max_s,
+                precision=args.search_precision,
+                on_step=on_step,
+            )
+            best = found.best
+            section["search"] = {
+                "latency_bound_ms": args.latency_bound_ms,
+                "rule": found.rule,
+                "best_rate_per_s": best.rate_per_s if best else None,
+                "steps": [dict(s.result.to_dict(), passed=s.passed) for s in found.steps],
+            }
+            measured = by_rate[best.rate_per_s] if best else None
+            never_failed = all(s.passed for s in found.steps)
+        elif len(rates) > 1:  # in order, back to back: only the first has a warm-up
+            runs = [measured_run(target, rate, metrics_url, pid, say, args.warmup_s if i == 0 else 0.0) for i, rate in enumerate(rates)]
+            section["runs"] = [m.section(workload.pairs_per_request) for m in runs]
+            return section, max(runs, key=lambda m: m.result.achieved_rate_per_s), False
+        else:
+            measured = measured_run(target, rates[0], metrics_url, pid, say, args.warmup_s)
+        if measured:
+            section.update(measured.section(workload.pairs_per_request))
+        else:
+            section.update(result=None, server_batches=None, server_cpu=None, server_memory=None)
+        return section, measured, never_failed
 
     out = {
         "date": time.strftime(BENCH_DATE_FORMAT),
@@ -138,47 +245,25 @@ def run(args: argparse.Namespace) -> int:
         "timeout_ms": args.timeout_ms,
         "arrival": args.arrival,
         "workload": workload.describe(),
+        "mode": "search" if args.search else "fixed-rate" if len(rates) == 1 else "rate-sequence",
     }
-    if args.search:
-        stats_by_rate = {}
+    section, measured, never_failed = measure(args.target, args.metrics_url, None, progress)
+    out.update(section)
+    if args.reference:
+        from neuronserve.bench.plain import HOW, PlainServer
 
-        def step(rate: float) -> LoadResult:
-            result, stats = measured_run(rate)
-            stats_by_rate[rate] = stats
-            return result
-
-        def on_step(s) -> None:
-            if progress:
-                lat = s.result.latency_ms
-                progress(f"step {s.rate_per_s:.1f}/s: p99 {lat['p99']:.1f} ms, errors {s.result.failed}, late {s.result.late_sends} -> {'pass' if s.passed else 'fail'}")
-
-        found = search_rate(
-            step,
-            bound_ms=args.latency_bound_ms,
-            start_rate_per_s=args.search_start_rate,
-            step_s=args.warmup_s + args.duration_s + 3.0,
-            max_steps=args.search_max_steps,
-            max_total_s=args.search_max_s,
-            precision=args.search_precision,
-            on_step=on_step,
-        )
-        best = found.best
-        out["search"] = {
-            "latency_bound_ms": args.latency_bound_ms,
-            "rule": found.rule,
-            "best_rate_per_s": best.rate_per_s if best else None,
-            "steps": [dict(s.result.to_dict(), passed=s.passed) for s in found.steps],
-        }
-        result = best.result if best else None
-        stats = stats_by_rate.get(best.rate_per_s) if best else None
-    else:
-        result, stats = measured_run(args.rate)
-    out["mode"] = "search" if args.search else "fixed-rate"
-    out["result"] = result.to_dict() if result else None
-    if result:
-        out["result"]["pairs_per_s"] = round(result.achieved_rate_per_s * workload.pairs_per_request, 1)
-    out["server_batches"] = stats.to_dict() if stats else None
-    served = result.achieved_rate_per_s if result else None
+        if progress:
+            progress(f"reference: starting the {args.reference} server on {args.artifact}")
+        say = (lambda line: progress(f"[{args.reference}] {line}")) if progress else None
+        with PlainServer(args.artifact, args.model) as plain:
+            if prepare_workload(plain.target, workload_spec).payloads != workload.payloads:
+                raise ConfigError(f"--reference: the model of --artifact {args.artifact} has other feature sizes than the target's; give the target's artifact")
+            ref_section, ref_measured, ref_never_failed = measure(plain.target, None, plain.pid, say)
+        out["reference"] = {"server": args.reference, "target": plain.target, "pid": plain.pid, "how": HOW, **ref_section}
+        unbounded = [name for name, flag in (("neuronserve", never_failed), (args.reference, ref_never_failed)) if flag]
+        comparison = report.compare(args.reference, measured, ref_measured, args.latency_bound_ms if args.search else None, unbounded)
+        out["versus_reference"] = comparison.to_dict()
+    served = measured.result.achieved_rate_per_s if measured else None
     out["limits"] = {}
     if args.no_limits:
         out["limits"] = {"compute": {"skipped": "--no-limits"}, "transport": {"skipped": "--no-limits"}}

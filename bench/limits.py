@@ -4,9 +4,11 @@ Outside the server's request path; run by `neuronserve bench` after the load, on
 - compute limit: the artifact's stages run in-process, flat out, for a few seconds (one thread and
   one torch thread per core). This is the one part of bench that imports the runtime
   (neuronserve.backends, hence torch): the server is measured as a black box, its model is not.
-  `score`/`oip` run the whole model (user tower, peer tower at the largest compiled bucket, pair
-  scorer); `score-ids`/`matrix` run what the server does for cached embeddings, the per-label dot
-  product of tower outputs (numpy), at the workload's shape.
+  `score`/`oip` run the whole model at the largest compiled bucket B: the fused `twotower` graph
+  when the artifact has it (one call per batch, as the server runs it data parallel; B peer rows
+  against ceil(B / M) users, rounded up to a compiled user batch), else user tower, peer tower and
+  pair scorer; the report line says which. `score-ids`/`matrix` run what the server does for
+  cached embeddings, the per-label dot product of tower outputs (numpy), at the workload's shape.
 - transport limit: a no-op gRPC server (echo.py, a subprocess) answering the same request bytes
   with a reply of the real reply's size, driven closed-loop flat out by the same load generator.
 Served throughput is reported as a fraction of each.
@@ -19,10 +21,11 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
+from neuronserve.artifact import FUSED_STAGE
 from neuronserve.bench.loadgen import LoadSpec, run_load
 from neuronserve.bench.workloads import Workload
 from neuronserve.errors import Unavailable
@@ -47,7 +50,7 @@ class Limit:
 def compute_limit(artifact_dir: str, workload: Workload, seconds: float = 3.0, backend: str = "cpu", threads: int = 0) -> Limit:
     import torch
 
-    from neuronserve.artifact import load_manifest
+    from neuronserve.artifact import STAGE_NAMES, load_manifest
     from neuronserve.backends import default_cores, make_backend
     from neuronserve.config import CoreGroup
 
@@ -58,26 +61,11 @@ def compute_limit(artifact_dir: str, workload: Workload, seconds: float = 3.0, b
     if workload.spec.name in ("score", "oip"):
         engine = make_backend(backend, manifest)
         threads = threads or default_cores(engine.name)  # the server's default cores for that backend, a thread each
-        stages = [{s: engine.load(s, CoreGroup(i)) for s in ("user_tower", "peer_tower", "pair_scorer")} for i in range(threads)]
-        rows = max(stages[0]["peer_tower"].batch_sizes)  # the largest batch the server can form
-        user_buckets = stages[0]["user_tower"].batch_sizes
-        user_rows = min([b for b in user_buckets if b >= -(-rows // m)] or [max(user_buckets)])  # one user per request in the batch
-
-        def make_step(runners):
-            user = np.zeros((user_rows, cfg.user_features), np.float32)
-            peers = np.zeros((rows, cfg.peer_features), np.float32)
-
-            def step() -> int:
-                u = runners["user_tower"].run([user])
-                p = runners["peer_tower"].run([peers])
-                u_rows = np.ascontiguousarray(np.repeat(u[:1], rows, axis=0))  # each peer row meets its user
-                runners["pair_scorer"].run([u_rows, p])
-                return rows
-
-            return step
-
-        steps = [make_step(r) for r in stages]
-        how = f"{backend} backend in-process, {threads} thread(s), user+peer tower+pair scorer at batch {rows}"
+        if manifest.has_fused_stage:
+            steps, how = _fused_steps([engine.load(FUSED_STAGE, CoreGroup(i)) for i in range(threads)], m)
+        else:
+            steps, how = _stage_steps([{s: engine.load(s, CoreGroup(i)) for s in STAGE_NAMES} for i in range(threads)], m, cfg)
+        how = f"{backend} backend in-process, {threads} thread(s), {how}"
     else:
         n = workload.spec.users if workload.spec.name == "matrix" else 1
         threads = threads or default_cores("cpu")  # host CPUs: this path never touches the cores
@@ -114,6 +102,49 @@ def compute_limit(artifact_dir: str, workload: Workload, seconds: float = 3.0, b
         w.join()
     pairs_per_s = sum(pairs) / (time.monotonic() - start)
     return Limit(pairs_per_s / workload.pairs_per_request, pairs_per_s, how)
+
+
+def _fused_steps(runners, peers_per_request: int) -> Tuple[List[Callable[[], int]], str]:
+    """One fused call per step at the largest bucket B: B peer rows, peer row i meeting user i // M, the
+    users rounded up to a compiled user batch U (the server pads its user rows the same way)."""
+    rows = max(runners[0].batch_sizes)
+    compiled = runners[0].user_batch_sizes(rows)
+    needed = -(-rows // peers_per_request)
+    users = next((u for u in compiled if u >= needed), compiled[-1])
+    index = np.minimum(np.arange(rows) // peers_per_request, users - 1).astype(np.int64)
+
+    def make_step(runner) -> Callable[[], int]:
+        user, peers, _ = runner.zero_inputs(rows, users)
+
+        def step() -> int:
+            runner.run([user, peers, index])
+            return rows
+
+        return step
+
+    return [make_step(r) for r in runners], f"fused {FUSED_STAGE} graph at batch {rows} ({users} user row{'s' if users > 1 else ''})"
+
+
+def _stage_steps(stages, peers_per_request: int, cfg) -> Tuple[List[Callable[[], int]], str]:
+    """User tower, peer tower and pair scorer per step (an artifact without the fused graph), at the largest bucket."""
+    rows = max(stages[0]["peer_tower"].batch_sizes)  # the largest batch the server can form
+    user_buckets = stages[0]["user_tower"].batch_sizes
+    user_rows = min([b for b in user_buckets if b >= -(-rows // peers_per_request)] or [max(user_buckets)])  # one user per request in the batch
+
+    def make_step(runners) -> Callable[[], int]:
+        user = np.zeros((user_rows, cfg.user_features), np.float32)
+        peers = np.zeros((rows, cfg.peer_features), np.float32)
+
+        def step() -> int:
+            u = runners["user_tower"].run([user])
+            p = runners["peer_tower"].run([peers])
+            u_rows = np.ascontiguousarray(np.repeat(u[:1], rows, axis=0))  # each peer row meets its user
+            runners["pair_scorer"].run([u_rows, p])
+            return rows
+
+        return step
+
+    return [make_step(r) for r in stages], f"three stages (user tower + peer tower + pair scorer; no fused graph in the artifact) at batch {rows}"
 
 
 def transport_limit(workload: Workload, seconds: float = 3.0, clients: int = 2, channels: int = 2, concurrency: int = 32) -> Limit:

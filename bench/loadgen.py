@@ -7,8 +7,10 @@ send it, not from when it was actually sent, so a stalled server shows in the ta
 silently slowing the generator (coordinated omission). The schedule (Poisson or constant arrivals)
 is drawn once in the parent and dealt round-robin to `clients` spawned processes, each with its
 own event loop and channels; each process reports how late its sends left against the schedule,
-so the report can say when the generator itself was the bottleneck. A closed-loop mode (a fixed
-number of requests in flight, flat out) measures the transport limit.
+so the report can say when the generator itself was the bottleneck. Failed requests are timed on
+the same clock, in one histogram per gRPC status, so a refusal at the door (RESOURCE_EXHAUSTED in
+a millisecond) and a client deadline (DEADLINE_EXCEEDED at the full timeout) are told apart. A
+closed-loop mode (a fixed number of requests in flight, flat out) measures the transport limit.
 """
 
 from __future__ import annotations
@@ -66,6 +68,33 @@ class LoadSpec:
 
 
 @dataclass(frozen=True)
+class Percentiles:
+    """One latency distribution in ms (from an HdrHistogram), e.g. of the requests that failed with one status."""
+
+    count: int
+    p50: float
+    p90: float
+    p99: float
+    p99_9: float
+    max: float
+    mean: float
+
+    @classmethod
+    def of(cls, hist) -> "Percentiles":
+        """From a histogram of microseconds (NaN everywhere when it is empty)."""
+        count = hist.get_total_count()
+        if not count:
+            return cls(0, *([float("nan")] * 6))
+        p50, p90, p99, p99_9 = (hist.get_value_at_percentile(p) / 1000.0 for p in PERCENTILES)
+        return cls(count, p50, p90, p99, p99_9, hist.get_max_value() / 1000.0, hist.get_mean_value() / 1000.0)
+
+    def to_dict(self) -> dict:
+        """The keys of LoadResult.latency_ms, plus count."""
+        values = {"p50": self.p50, "p90": self.p90, "p99": self.p99, "p99.9": self.p99_9, "max": self.max, "mean": self.mean}
+        return {"count": self.count, **{k: round(v, 3) for k, v in values.items()}}
+
+
+@dataclass(frozen=True)
 class LoadResult:
     """What one run measured, over the measured window only (requests scheduled after the warm-up)."""
 
@@ -81,6 +110,9 @@ class LoadResult:
     late_p99_ms: float
     late_max_ms: float
     histogram: bytes = field(repr=False, default=b"")  # encoded HdrHistogram of successful latencies, in us
+    error_latency_ms: Dict[str, Percentiles] = field(default_factory=dict)  # gRPC status name -> its latencies (same clock as latency_ms)
+    error_histograms: Dict[str, bytes] = field(repr=False, default_factory=dict)  # status name -> encoded HdrHistogram, in us
+    warmup_s: float = 0.0  # the load sent before the measured window, not measured
 
     @property
     def failed(self) -> int:
@@ -94,9 +126,11 @@ class LoadResult:
         return {
             "offered_rate_per_s": round(self.offered_rate_per_s, 3),
             "duration_s": self.duration_s,
+            "warmup_s": self.warmup_s,
             "sent": self.sent,
             "ok": self.ok,
             "errors": dict(self.errors),
+            "error_latency_ms": {status: p.to_dict() for status, p in self.error_latency_ms.items()},
             "achieved_rate_per_s": round(self.achieved_rate_per_s, 3),
             "latency_ms": {k: round(v, 3) for k, v in self.latency_ms.items()},
             "late_sends": self.late_sends,
@@ -173,6 +207,7 @@ async def _client(index: int, spec: LoadSpec, offsets_s: np.ndarray, start_at, g
     payloads = spec.payloads
     hist, tick_hist, late_hist = new_histogram(), new_histogram(), new_histogram()
     errors: Counter = Counter()
+    error_hists: Dict[str, object] = {}  # status name -> HdrHistogram of those requests' latencies
     counts = {"sent": 0, "sent_all": 0, "done": 0, "ok": 0, "last_done": window_start}
     gc.collect()
     gc.freeze()
@@ -189,14 +224,17 @@ async def _client(index: int, spec: LoadSpec, offsets_s: np.ndarray, start_at, g
         counts["done"] += 1
         if not measured:
             return
+        latency_us = min(HIST_MAX_US, max(1, int((t_done - t_sched) * 1e6)))
         if code is None:
-            latency_us = max(1, int((t_done - t_sched) * 1e6))
-            hist.record_value(min(latency_us, HIST_MAX_US))
-            tick_hist.record_value(min(latency_us, HIST_MAX_US))
+            hist.record_value(latency_us)
+            tick_hist.record_value(latency_us)
             counts["ok"] += 1
             counts["last_done"] = max(counts["last_done"], t_done)
         else:
             errors[code] += 1
+            if code not in error_hists:
+                error_hists[code] = new_histogram()
+            error_hists[code].record_value(latency_us)
 
     async def open_loop() -> None:
         tasks = set()
@@ -250,6 +288,7 @@ async def _client(index: int, spec: LoadSpec, offsets_s: np.ndarray, start_at, g
                 "sent": counts["sent"],
                 "ok": counts["ok"],
                 "errors": dict(errors),
+                "error_hists": {code: h.encode() for code, h in error_hists.items()},
                 "last_done": counts["last_done"],
                 "hist": hist.encode(),
                 "late_hist": late_hist.encode(),
@@ -338,8 +377,9 @@ def _collect(spec: LoadSpec, out, procs, t0: float, progress: Optional[Progress]
                 on_window_start()
         if now > deadline:
             raise Unavailable(f"load: clients still running {deadline - t0:.0f} s after the start")
+        wait_s = 0.2 if window_started else min(0.2, max(0.0, t0 + spec.warmup_s - now))  # wake for the window's start
         try:
-            kind, index, detail = out.get(timeout=0.2)
+            kind, index, detail = out.get(timeout=wait_s) if wait_s > 0 else out.get_nowait()
         except queue_mod.Empty:
             if not any(p.is_alive() for p in procs):
                 break
@@ -367,12 +407,15 @@ def _collect(spec: LoadSpec, out, procs, t0: float, progress: Optional[Progress]
 def _merge(spec: LoadSpec, finals: Dict[int, dict], t0: float) -> LoadResult:
     hist, late_hist = new_histogram(), new_histogram()
     errors: Counter = Counter()
+    error_hists: Dict[str, object] = {}
     sent = ok = late = 0
     last_done = t0 + spec.warmup_s
     for final in finals.values():
         hist.decode_and_add(final["hist"])
         late_hist.decode_and_add(final["late_hist"])
         errors.update(final["errors"])
+        for code, encoded in final["error_hists"].items():
+            error_hists.setdefault(code, new_histogram()).decode_and_add(encoded)
         sent += final["sent"]
         ok += final["ok"]
         late += final["late_count"]
@@ -394,6 +437,9 @@ def _merge(spec: LoadSpec, finals: Dict[int, dict], t0: float) -> LoadResult:
         late_p99_ms=late_hist.get_value_at_percentile(99.0) / 1000.0 if late_hist.get_total_count() else 0.0,
         late_max_ms=late_hist.get_max_value() / 1000.0 if late_hist.get_total_count() else 0.0,
         histogram=hist.encode(),
+        error_latency_ms={code: Percentiles.of(error_hists[code]) for code in sorted(error_hists)},
+        error_histograms={code: error_hists[code].encode() for code in sorted(error_hists)},
+        warmup_s=spec.warmup_s,
     )
 
 

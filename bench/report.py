@@ -2,8 +2,11 @@
 
 The last step of `neuronserve bench`, outside the server's request path. The server's batch
 statistics come from its Prometheus endpoint (Triton's metric names, `nv_inference_*`), read
-before and after the measured window; only their difference is reported. Everything else comes
-from the load generator's results (loadgen.LoadResult) and the limits (limits.py).
+before and after the measured window; only their difference is reported. Server CPU and resident
+memory come from the same endpoint (`process_cpu_seconds_total`, `process_resident_memory_bytes`)
+or, for a server bench started itself, from its process (psutil). With `--reference plain`, Comparison gives neuronserve's result as a ratio of the
+plain server's. Everything else comes from the load generator's results (loadgen.LoadResult) and
+the limits (limits.py).
 """
 
 from __future__ import annotations
@@ -13,15 +16,19 @@ import json
 import math
 import urllib.request
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
+from neuronserve.bench.loadgen import LoadResult
 from neuronserve.errors import Unavailable
 
 TRITON_PREFIX = "nv_"
+PROCESS_CPU = "process_cpu_seconds_total"
+PROCESS_RSS = "process_resident_memory_bytes"
 
 
 def scrape_metrics(url: str, timeout_s: float = 5.0) -> Dict[str, float]:
-    """Every `nv_*` sample of a Prometheus text page, summed over its label sets (histogram buckets skipped)."""
+    """Every `nv_*` sample, the process CPU and resident memory of a Prometheus text page, summed over
+    label sets (histogram buckets skipped)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
             text = response.read().decode("utf-8", "replace")
@@ -29,7 +36,7 @@ def scrape_metrics(url: str, timeout_s: float = 5.0) -> Dict[str, float]:
         raise Unavailable(f"--metrics-url {url}: cannot read metrics ({type(exc).__name__}: {exc})") from None
     totals: Dict[str, float] = {}
     for line in text.splitlines():
-        if not line.startswith(TRITON_PREFIX):
+        if not line.startswith((TRITON_PREFIX, PROCESS_CPU, PROCESS_RSS)):
             continue
         name, _, rest = line.partition("{") if "{" in line else line.partition(" ")
         fields = rest[rest.rindex("}") + 1 :].split() if "{" in line else rest.split()
@@ -60,7 +67,7 @@ class BatchStats:
 
 
 def batch_stats(before: Dict[str, float], after: Dict[str, float]) -> BatchStats:
-    delta = {name: after[name] - before.get(name, 0.0) for name in sorted(after)}
+    delta = {name: after[name] - before.get(name, 0.0) for name in sorted(after) if name.startswith(TRITON_PREFIX)}
     requests = delta.get("nv_inference_request_success", 0.0)
     executions = delta.get("nv_inference_exec_count", 0.0)
     inferences = delta.get("nv_inference_count", 0.0)
@@ -75,32 +82,232 @@ def batch_stats(before: Dict[str, float], after: Dict[str, float]) -> BatchStats
     )
 
 
+@dataclass(frozen=True)
+class ServerCpu:
+    """A server process's CPU time (user + system) over one run's measured window."""
+
+    seconds: float
+    requests: int  # requests scheduled in the measured window (answered or failed)
+    source: str  # where the CPU time was read
+
+    @property
+    def ms_per_request(self) -> Optional[float]:
+        return 1000.0 * self.seconds / self.requests if self.requests else None
+
+    def to_dict(self) -> dict:
+        return {"seconds": round(self.seconds, 4), "requests": self.requests, "ms_per_request": _round(self.ms_per_request), "source": self.source}
+
+
+def metrics_cpu(before: Dict[str, float], after: Dict[str, float], requests: int) -> Optional[ServerCpu]:
+    """CPU from the server's `process_cpu_seconds_total` (None if it does not export it)."""
+    if PROCESS_CPU not in before or PROCESS_CPU not in after:
+        return None
+    return ServerCpu(after[PROCESS_CPU] - before[PROCESS_CPU], requests, f"{PROCESS_CPU} from --metrics-url")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a local process so far (psutil)."""
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+@dataclass(frozen=True)
+class ServerMemory:
+    """A server process's resident memory at the start of a run's measured window and after its last reply."""
+
+    before_bytes: float
+    after_bytes: float
+    source: str  # where it was read
+
+    def to_dict(self) -> dict:
+        return {
+            "rss_before_bytes": int(self.before_bytes),
+            "rss_after_bytes": int(self.after_bytes),
+            "rss_change_bytes": int(self.after_bytes - self.before_bytes),
+            "source": self.source,
+        }
+
+
+def metrics_memory(before: Dict[str, float], after: Dict[str, float]) -> Optional[ServerMemory]:
+    """RSS from the server's `process_resident_memory_bytes` (None if it does not export it)."""
+    if PROCESS_RSS not in before or PROCESS_RSS not in after:
+        return None
+    return ServerMemory(before[PROCESS_RSS], after[PROCESS_RSS], f"{PROCESS_RSS} from --metrics-url")
+
+
+def process_rss_bytes(pid: int) -> float:
+    """Resident memory of a local process now (psutil)."""
+    import psutil
+
+    return float(psutil.Process(pid).memory_info().rss)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One run against one server: the load generator's result plus what the server said about it."""
+
+    result: LoadResult
+    batches: Optional[BatchStats]  # from --metrics-url
+    cpu: Optional[ServerCpu]
+    memory: Optional[ServerMemory] = None  # from --metrics-url, or psutil for a server bench started
+
+    def section(self, pairs_per_request: int) -> dict:
+        """This run as a report section: result, server_batches, server_cpu, server_memory."""
+        result = self.result.to_dict()
+        result["pairs_per_s"] = round(self.result.achieved_rate_per_s * pairs_per_request, 1)
+        return {
+            "result": result,
+            "server_batches": self.batches.to_dict() if self.batches else None,
+            "server_cpu": self.cpu.to_dict() if self.cpu else None,
+            "server_memory": self.memory.to_dict() if self.memory else None,
+        }
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """neuronserve's result as a ratio of a reference server's, both measured in the same bench run.
+
+    The served rate is the highest rate meeting the P99 bound (search) or the achieved rate, OK
+    replies per second (fixed rate). P50/P99 ratios only at a fixed rate: the same offered load.
+    Ratios are target / reference (served: above 1 is better; latency and CPU: below 1 is better);
+    None when either side has no value.
+    """
+
+    reference: str  # "plain"
+    basis: str  # what the served rate is
+    served_rate_per_s: Optional[float]
+    reference_served_rate_per_s: Optional[float]
+    served_ratio: Optional[float]
+    p50_ratio: Optional[float]
+    p99_ratio: Optional[float]
+    cpu_ms_per_request: Optional[float]
+    reference_cpu_ms_per_request: Optional[float]
+    cpu_ratio: Optional[float]
+    note: str = ""  # e.g. a search that passed every step: its rate is a lower bound, so the ratio is not exact
+
+    def to_dict(self) -> dict:
+        return {k: _round(v) for k, v in self.__dict__.items()}
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) or b <= 0:
+        return None
+    return a / b
+
+
+def _round(value, digits: int = 4):
+    return round(value, digits) if isinstance(value, float) else value
+
+
+def compare(
+    reference: str, target: Optional[Measured], ref: Optional[Measured], search_bound_ms: Optional[float], never_failed: Sequence[str] = ()
+) -> Comparison:
+    """`target` and `ref`: the fixed-rate runs, or the highest passing steps of the searches (None: none
+    passed); `never_failed` names the servers whose search passed every step (its rate is a lower bound)."""
+
+    def served(m: Optional[Measured]) -> Optional[float]:
+        if m is None:
+            return None
+        return m.result.offered_rate_per_s if search_bound_ms is not None else m.result.achieved_rate_per_s
+
+    def latency(m: Optional[Measured], key: str) -> Optional[float]:
+        return m.result.latency_ms[key] if m is not None and search_bound_ms is None else None
+
+    def cpu(m: Optional[Measured]) -> Optional[float]:
+        return m.cpu.ms_per_request if m is not None and m.cpu is not None else None
+
+    if search_bound_ms is not None:
+        basis = f"highest rate meeting P99 <= {search_bound_ms:g} ms (CPU per request: each at its own highest passing rate)"
+    else:
+        basis = "achieved rate (OK replies/s) at the same offered rate"
+    return Comparison(
+        reference=reference,
+        basis=basis,
+        served_rate_per_s=served(target),
+        reference_served_rate_per_s=served(ref),
+        served_ratio=_ratio(served(target), served(ref)),
+        p50_ratio=_ratio(latency(target, "p50"), latency(ref, "p50")),
+        p99_ratio=_ratio(latency(target, "p99"), latency(ref, "p99")),
+        cpu_ms_per_request=cpu(target),
+        reference_cpu_ms_per_request=cpu(ref),
+        cpu_ratio=_ratio(cpu(target), cpu(ref)),
+        note=f"{' and '.join(never_failed)}: the search passed every step, so that rate is a lower bound and the served ratio is not exact" if never_failed else "",
+    )
+
+
 def _ms(value: float) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
 
 
 def run_lines(run: dict, pairs_per_request: int) -> List[str]:
-    """The table for one load run (a dict from LoadResult.to_dict)."""
+    """The table for one load run (a dict from LoadResult.to_dict): errors by status, each with its
+    latency (p50, p99, max; the rest is in the JSON)."""
     lat = run["latency_ms"]
     errors = ", ".join(f"{k} {v}" for k, v in run["errors"].items()) or "none"
     if run["offered_rate_per_s"]:
-        offered = f"{run['offered_rate_per_s']:.1f}/s: {run['sent']} sends scheduled in the {run['duration_s']:g} s measured window ({run['sent'] / run['duration_s']:.1f}/s), warm-up excluded"
+        warmup = f"after {run['warmup_s']:g} s of warm-up, excluded" if run.get("warmup_s") else "no warm-up"
+        offered = f"{run['offered_rate_per_s']:.1f}/s: {run['sent']} sends scheduled in the {run['duration_s']:g} s measured window ({run['sent'] / run['duration_s']:.1f}/s), {warmup}"
     else:
         offered = f"closed loop, {run['duration_s']:g} s measured"
-    return [
+    lines = [
         f"  offered rate      {offered}",
         f"  achieved rate     {run['achieved_rate_per_s']:.1f}/s  ({run['achieved_rate_per_s'] * pairs_per_request:,.0f} pairs/s)",
         f"  requests          sent {run['sent']}  ok {run['ok']}  errors: {errors}",
         "  latency ms        " + "  ".join(f"{k} {_ms(lat[k])}" for k in ("p50", "p90", "p99", "p99.9", "max")),
-        f"  late sends        {run['late_sends']} later than {run['late_threshold_ms']:g} ms  (p99 {_ms(run['late_p99_ms'])} ms, max {_ms(run['late_max_ms'])} ms)",
     ]
+    for status, dist in run.get("error_latency_ms", {}).items():
+        lines.append(f"  error latency ms  {status}: p50 {_ms(dist['p50'])}  p99 {_ms(dist['p99'])}  max {_ms(dist['max'])}")
+    lines.append(f"  late sends        {run['late_sends']} later than {run['late_threshold_ms']:g} ms  (p99 {_ms(run['late_p99_ms'])} ms, max {_ms(run['late_max_ms'])} ms)")
+    return lines
 
 
-def table(report: dict) -> str:
-    wl = report["workload"]
-    lines = [f"neuronserve bench: {wl['workload']} against {report['target']} ({wl['pairs_per_request']} pairs/request, {report['clients']} client processes)"]
-    if report.get("search"):
-        search = report["search"]
+def _mib(value: float) -> str:
+    return f"{value / 2**20:.1f}"
+
+
+def _measured_lines(section: dict, pairs_per_request: int) -> List[str]:
+    """One run's result, server batches, CPU and memory (a Measured.section())."""
+    lines = run_lines(section["result"], pairs_per_request)
+    stats = section.get("server_batches")
+    if stats:
+        lines.append(
+            f"  server batches    {stats['executions']:.0f} runs, {stats['avg_batch_rows']:.1f} rows/run; per request: queue {_ms(stats['avg_queue_ms'])} ms, compute {_ms(stats['avg_compute_ms'])} ms"
+        )
+    cpu = section.get("server_cpu")
+    if cpu:
+        lines.append(f"  server CPU        {_ms(cpu['ms_per_request'])} ms per request ({cpu['seconds']:.2f} s for {cpu['requests']} requests; {cpu['source']})")
+    memory = section.get("server_memory")
+    if memory:
+        lines.append(
+            f"  server RSS        {_mib(memory['rss_before_bytes'])} MiB at the window's start, {_mib(memory['rss_after_bytes'])} MiB after the last reply"
+            f" ({memory['rss_change_bytes'] / 2**20:+.1f} MiB; {memory['source']})"
+        )
+    return lines
+
+
+def sequence_lines(runs: List[dict]) -> List[str]:
+    """One line per run of a --rate list, in order: the overload recipe at a glance."""
+    lines = ["  run  offered/s  achieved/s    ok %   p50 ms   p99 ms  errors  error p99 ms  RSS MiB before -> after"]
+    for i, run in enumerate(runs, 1):
+        res, memory = run["result"], run.get("server_memory")
+        lat = res["latency_ms"]
+        error_p99 = max((d["p99"] for d in res["error_latency_ms"].values() if d["p99"] is not None), default=None)
+        rss = f"{_mib(memory['rss_before_bytes'])} -> {_mib(memory['rss_after_bytes'])}" if memory else "-"
+        ok_pct = f"{100.0 * res['ok'] / res['sent']:.1f}" if res["sent"] else "-"
+        lines.append(
+            f"  {i:>3}  {res['offered_rate_per_s']:>9.1f}  {res['achieved_rate_per_s']:>10.1f}  {ok_pct:>6}  {_ms(lat['p50']):>7}  {_ms(lat['p99']):>7}"
+            f"  {sum(res['errors'].values()):>6}  {_ms(error_p99):>12}  {rss}"
+        )
+    return lines
+
+
+def _server_lines(section: dict, pairs_per_request: int) -> List[str]:
+    """Search steps, result(s), server batches, CPU and memory of one server (the report, or its `reference` part)."""
+    lines = []
+    search = section.get("search")
+    if search:
         lines.append(f"  search rule       {search['rule']}")
         lines.append("  step  offered/s  achieved/s   p50 ms   p99 ms  p99.9 ms  errors  late  pass")
         for i, step in enumerate(search["steps"], 1):
@@ -113,15 +320,51 @@ def table(report: dict) -> str:
         lines.append(
             f"highest rate meeting P99 <= {search['latency_bound_ms']:g} ms: {best:.1f} req/s" if best else f"no rate tried met P99 <= {search['latency_bound_ms']:g} ms"
         )
-    if report.get("result"):
-        lines.append("result" + (" (at the highest passing rate)" if report.get("search") else ""))
-        lines.extend(run_lines(report["result"], wl["pairs_per_request"]))
-    stats = report.get("server_batches")
-    if stats:
-        lines.append(
-            f"  server batches    {stats['executions']:.0f} runs, {stats['avg_batch_rows']:.1f} rows/run; per request: queue {_ms(stats['avg_queue_ms'])} ms, compute {_ms(stats['avg_compute_ms'])} ms"
-        )
+    runs = section.get("runs")
+    if runs:
+        for i, run in enumerate(runs, 1):
+            lines.append(f"run {i} of {len(runs)}: {run['result']['offered_rate_per_s']:.1f}/s" + (f", right after run {i - 1}" if i > 1 else ""))
+            lines.extend(_measured_lines(run, pairs_per_request))
+        lines.append(f"the {len(runs)} runs in order, each right after the one before")
+        lines.extend(sequence_lines(runs))
+    elif section.get("result"):
+        lines.append("result" + (" (at the highest passing rate)" if search else ""))
+        lines.extend(_measured_lines(section, pairs_per_request))
+    return lines
+
+
+def _times(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def comparison_lines(cmp: dict) -> List[str]:
+    """The ratios line of a Comparison (as a dict)."""
+    ref = cmp["reference"]
+    rates = f"{cmp['served_rate_per_s']:.1f} vs {cmp['reference_served_rate_per_s']:.1f} req/s" if cmp["served_rate_per_s"] and cmp["reference_served_rate_per_s"] else "no value on one side"
+    lines = [f"neuronserve / {ref} server", f"  served rate       {_times(cmp['served_ratio'])}  ({rates}; {cmp['basis']})"]
+    if cmp["p50_ratio"] is not None or cmp["p99_ratio"] is not None:
+        lines.append(f"  latency           p50 {_times(cmp['p50_ratio'])}  p99 {_times(cmp['p99_ratio'])}")
+    cpu_text = f"{_ms(cmp['cpu_ms_per_request'])} vs {_ms(cmp['reference_cpu_ms_per_request'])} ms"
+    lines.append(f"  CPU per request   {_times(cmp['cpu_ratio'])}  ({cpu_text}{'' if cmp['cpu_ms_per_request'] is not None else '; neuronserve CPU needs --metrics-url'})")
+    if cmp["note"]:
+        lines.append(f"  note              {cmp['note']}")
+    return lines
+
+
+def table(report: dict) -> str:
+    wl = report["workload"]
+    pairs = wl["pairs_per_request"]
+    lines = [f"neuronserve bench: {wl['workload']} against {report['target']} ({pairs} pairs/request, {report['clients']} client processes)"]
+    lines.extend(_server_lines(report, pairs))
+    reference = report.get("reference")
+    if reference:
+        lines.append(f"reference: {reference['server']} server at {reference['target']} ({reference['how']})")
+        lines.extend(_server_lines(reference, pairs))
+        lines.extend(comparison_lines(report["versus_reference"]))
     limits = report.get("limits", {})
+    if limits:
+        served = "the highest achieved rate of the runs" if report.get("runs") else "neuronserve's served rate"
+        lines.append(f"limits (served = {served})")
     for key, label in (("compute", "compute limit"), ("transport", "transport limit")):
         limit = limits.get(key)
         if not limit:

@@ -2,9 +2,11 @@
 
 compile_artifact: model (checkpoint or seeded random) -> per stage and bucket, a traced graph
 (torch.jit.trace for cpu, torch.neuron.trace for neuron) -> parity against the eager model ->
-reference outputs -> manifest.json with sha256 of every file. The artifact is written into a
-temporary directory beside `out_dir` and moved into place only when complete, so a failed compile
-never leaves a half artifact behind.
+reference outputs -> manifest.json with sha256 of every file. Besides the three pipelining stages it
+writes the fused stage (FUSED_STAGE) at every (B, U) pair of buckets with U <= B: for neuron one graph
+per pair, for cpu one shape-generic graph checked at every pair (see artifact.py). The artifact is
+written into a temporary directory beside `out_dir` and moved into place only when complete, so a
+failed compile never leaves a half artifact behind.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from neuronserve.artifact import (
+    FUSED_STAGE,
     MANIFEST_NAME,
     REFERENCE_NAME,
     STAGE_NAMES,
@@ -42,6 +45,7 @@ DEFAULT_BATCH_SIZES: Tuple[int, ...] = (1, 8, 32, 128, 512, 1024)
 PARITY_TOLERANCE = {"cpu": 1e-5, "neuron": 5e-2}
 UNCHECKED = float("nan")  # the parity error recorded for a neuron graph that cannot run on the compiling host
 REFERENCE_ROWS = 5
+REFERENCE_USERS = 2  # reference.npz's fused case: REFERENCE_ROWS peers against the first 2 users
 
 
 def stage_specs(config: ModelConfig) -> Dict[str, Tuple[Tuple[TensorSpec, ...], Tuple[TensorSpec, ...]]]:
@@ -54,7 +58,21 @@ def stage_specs(config: ModelConfig) -> Dict[str, Tuple[Tuple[TensorSpec, ...], 
             (TensorSpec("user_embeddings", "float32", (-1, k, d)), TensorSpec("peer_embeddings", "float32", (-1, k, d))),
             (TensorSpec("scores", "float32", (-1, k)),),
         ),
+        # user_features' -1 is the user batch U; the others' the peer batch B.
+        FUSED_STAGE: (
+            (
+                TensorSpec("user_features", "float32", (-1, config.user_features)),
+                TensorSpec("peer_features", "float32", (-1, config.peer_features)),
+                TensorSpec("user_index", "int64", (-1,)),
+            ),
+            (TensorSpec("scores", "float32", (-1, k)),),
+        ),
     }
+
+
+def fused_pairs(sizes: Sequence[int]) -> Tuple[Tuple[int, int], ...]:
+    """The (B, U) pairs the fused stage is compiled at: every bucket B with every bucket U <= B."""
+    return tuple((b, u) for b in sizes for u in sizes if u <= b)
 
 
 def check_batch_sizes(batch_sizes: Iterable[int]) -> Tuple[int, ...]:
@@ -114,6 +132,17 @@ def _example_inputs(specs: Sequence[TensorSpec], batch_size: int, generator: tor
     return tuple(torch.randn((batch_size,) + tuple(s.shape[1:]), generator=generator) for s in specs)
 
 
+def _fused_inputs(config: ModelConfig, batch_size: int, user_batch_size: int, generator: torch.Generator) -> Tuple[torch.Tensor, ...]:
+    """Random users [U, F_u], peers [B, F_p] and a user index [B] in [0, U), every user used when U <= B."""
+    index = torch.randint(0, user_batch_size, (batch_size,), generator=generator, dtype=torch.int64)
+    index[:user_batch_size] = torch.randperm(user_batch_size, generator=generator)[:batch_size]
+    return (
+        torch.randn(user_batch_size, config.user_features, generator=generator),
+        torch.randn(batch_size, config.peer_features, generator=generator),
+        index,
+    )
+
+
 def _trace(module: torch.nn.Module, inputs: Tuple[torch.Tensor, ...], target: str, pipeline_cores: int, fast_math: Optional[str]):
     """(traced module, compiler args) for the target."""
     if target == "cpu":
@@ -123,7 +152,7 @@ def _trace(module: torch.nn.Module, inputs: Tuple[torch.Tensor, ...], target: st
     return trace_neuron(module, inputs, pipeline_cores=pipeline_cores, fast_math=fast_math)
 
 
-def _parity(traced, module: torch.nn.Module, inputs: Tuple[torch.Tensor, ...], where: str, target: str) -> float:
+def _parity(traced, module: Callable[..., torch.Tensor], inputs: Tuple[torch.Tensor, ...], where: str, target: str) -> float:
     """Max |traced - eager|; NaN (recorded as "not checked") only when a neuron graph cannot run on this
     host (no NeuronCores). A CPU graph that fails to run is a broken artifact."""
     with torch.no_grad():
@@ -210,7 +239,9 @@ def _compile_into(work: Path, model: TwoTowerScorer, sizes, target, pipeline_cor
     stages: Dict[str, StageSpec] = {}
     files: Dict[str, str] = {}
     compiler_args: Tuple[str, ...] = ()
-    bar = tqdm(total=len(STAGE_NAMES) * len(sizes), desc=f"compile {target}", unit="graph", disable=not progress, file=sys.stderr)
+    pairs = fused_pairs(sizes)
+    fused_graphs = len(pairs) if target == "neuron" else 1
+    bar = tqdm(total=len(STAGE_NAMES) * len(sizes) + fused_graphs, desc=f"compile {target}", unit="graph", disable=not progress, file=sys.stderr)
     with bar:
         for stage in STAGE_NAMES:
             inputs_spec, outputs_spec = specs[stage]
@@ -233,6 +264,9 @@ def _compile_into(work: Path, model: TwoTowerScorer, sizes, target, pipeline_cor
                 entries.append(BucketEntry(batch, file_name, error))
                 bar.update(1)
             stages[stage] = StageSpec(stage, inputs_spec, outputs_spec, tuple(entries))
+        inputs_spec, outputs_spec = specs[FUSED_STAGE]
+        entries = _compile_fused(work, model, pairs, target, pipeline_cores, fast_math, files, bar)
+        stages[FUSED_STAGE] = StageSpec(FUSED_STAGE, inputs_spec, outputs_spec, tuple(entries))
     if target == "neuron":
         from neuronserve.compile.neuron import torch_neuron_version
 
@@ -262,16 +296,56 @@ def _compile_into(work: Path, model: TwoTowerScorer, sizes, target, pipeline_cor
     write_manifest(manifest)
 
 
+def _compile_fused(work: Path, model: TwoTowerScorer, pairs, target, pipeline_cores, fast_math, files: Dict[str, str], bar) -> List[BucketEntry]:
+    """FUSED_STAGE at every (B, U) pair: neuron traces each pair (fixed shapes); cpu traces once, at
+    the largest B with the smallest U (distinct when there are two buckets, so a graph that assumed
+    U == B fails), and checks that one graph at every pair. Parity: against the original eager model
+    on the gathered rows, model(users[user_index], peers), not only against the module traced."""
+    fused = model.fused()
+    tolerance = PARITY_TOLERANCE[target]
+    generator = torch.Generator().manual_seed(4321)  # its own: the three stages' inputs and reference.npz stay as they were
+
+    def eager(users: torch.Tensor, peers: torch.Tensor, user_index: torch.Tensor) -> torch.Tensor:
+        return model(users.index_select(0, user_index), peers)
+
+    traced_by_file: Dict[str, object] = {}
+    entries = []
+    for batch, users in pairs:
+        bar.set_postfix_str(f"{FUSED_STAGE} batch {batch} users {users}")
+        file_name = f"{FUSED_STAGE}_b{batch}_u{users}.pt" if target == "neuron" else f"{FUSED_STAGE}.pt"
+        if file_name not in traced_by_file:
+            shape = (batch, users) if target == "neuron" else (max(b for b, _ in pairs), min(u for _, u in pairs))
+            with torch.no_grad():
+                traced, _ = _trace(fused, _fused_inputs(model.config, *shape, generator), target, pipeline_cores, fast_math)
+            torch.jit.save(traced, str(work / file_name))
+            files[file_name] = sha256_file(work / file_name)
+            traced_by_file[file_name] = traced
+            bar.update(1)
+        fresh = _fused_inputs(model.config, batch, users, generator)
+        where = f"{FUSED_STAGE} batch {batch} users {users}"
+        error = _parity(traced_by_file[file_name], eager, fresh, where, target)
+        if error is not UNCHECKED and not error <= tolerance:
+            raise ArtifactError(
+                f"parity check failed: {where} differs from the eager model by {error:.2e} "
+                f"(tolerance {tolerance:.0e} for {target}); the traced graph is wrong, do not ship it"
+            )
+        entries.append(BucketEntry(batch, file_name, error, users))
+    return entries
+
+
 def _write_reference(path: Path, model: TwoTowerScorer, generator: torch.Generator) -> str:
     """Fixed inputs and the eager model's outputs: the runtime's and a user's check that an artifact scores right."""
     cfg = model.config
     user = torch.randn(REFERENCE_ROWS, cfg.user_features, generator=generator)
     peer = torch.randn(REFERENCE_ROWS, cfg.peer_features, generator=generator)
+    # The fused stage's case: every peer scored against user user_index[i] of the first REFERENCE_USERS users.
+    user_index = torch.arange(REFERENCE_ROWS, dtype=torch.int64) % REFERENCE_USERS
     with torch.no_grad():
         stages = model.stages()
         user_emb = stages["user_tower"](user)
         peer_emb = stages["peer_tower"](peer)
         scores = model(user, peer)
+        indexed_scores = model(user[:REFERENCE_USERS].index_select(0, user_index), peer)
     np.savez(
         path,
         user_features=user.numpy(),
@@ -279,5 +353,7 @@ def _write_reference(path: Path, model: TwoTowerScorer, generator: torch.Generat
         user_embeddings=user_emb.numpy(),
         peer_embeddings=peer_emb.numpy(),
         scores=scores.numpy(),
+        user_index=user_index.numpy(),  # into user_features[:REFERENCE_USERS]
+        indexed_scores=indexed_scores.numpy(),
     )
     return sha256_file(path)

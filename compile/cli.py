@@ -13,8 +13,9 @@ def register(subparsers) -> None:
     compile_parser = subparsers.add_parser(
         "compile",
         help="trace the two-tower scorer into an artifact (cpu or neuron)",
-        description="Trace the two-tower scorer's stages (user_tower, peer_tower, pair_scorer) at every batch bucket "
-        "into a versioned artifact with manifest.json, checksums and a parity check.",
+        description="Trace the two-tower scorer's stages (user_tower, peer_tower, pair_scorer) at every batch bucket, "
+        "and the whole scorer as one graph (twotower) at every pair of user and peer buckets, into a versioned "
+        "artifact with manifest.json, checksums and a parity check.",
     )
     compile_parser.add_argument("--out", required=True, type=Path, help="artifact directory to write")
     compile_parser.add_argument("--target", choices=("cpu", "neuron"), default="cpu", help="cpu: torch.jit.trace; neuron: torch.neuron.trace (Inf1)")

@@ -4,8 +4,10 @@
     peer features [B, F_p] -> MLP -> p [B, E] -> K projections -> p_k [B, K, D]
     score_k = w_k * <u_k, p_k> + b_k            probability_k = sigmoid(score_k)
 
-`stages()` splits a model into the three graphs the artifact holds: user_tower (w_k folded into u_k,
-so scoring is a plain dot product), peer_tower and pair_scorer (sum(u * p, -1) + b).
+`stages()` splits a model into the three graphs model pipelining needs: user_tower (w_k folded into
+u_k, so scoring is a plain dot product), peer_tower and pair_scorer (sum(u * p, -1) + b). `fused()`
+is the same three as one graph for data parallelism: U user rows, B peer rows and a user index [B]
+in, scores [B, K] out, so the user vectors are gathered on the device, not copied per peer on the host.
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ class TwoTowerScorer(nn.Module):
             "pair_scorer": PairScorer(self.label_bias),
         }
 
+    def fused(self) -> "FusedScorer":
+        """The artifact's fused stage: the three stages of `stages()` composed, the gather included."""
+        stages = self.stages()
+        return FusedScorer(stages["user_tower"], stages["peer_tower"], stages["pair_scorer"])
+
 
 class _ScaledTower(nn.Module):
     """The user tower with w_k folded in: u_k * w_k."""
@@ -85,6 +92,22 @@ class PairScorer(nn.Module):
 
     def forward(self, user: torch.Tensor, peer: torch.Tensor) -> torch.Tensor:
         return (user * peer).sum(-1) + self.label_bias
+
+
+class FusedScorer(nn.Module):
+    """(users [U, F_u], peers [B, F_p], user_index [B] int64) -> logits [B, K]: user_tower ->
+    index_select(user_index) -> pair_scorer against peer_tower, in one graph. index_select (which
+    torch-neuron compiles for the NeuronCore) gathers each peer's user vector on the device."""
+
+    def __init__(self, user_tower: nn.Module, peer_tower: nn.Module, pair_scorer: nn.Module) -> None:
+        super().__init__()
+        self.user_tower = user_tower
+        self.peer_tower = peer_tower
+        self.pair_scorer = pair_scorer
+
+    def forward(self, user_features: torch.Tensor, peer_features: torch.Tensor, user_index: torch.Tensor) -> torch.Tensor:
+        user = self.user_tower(user_features).index_select(0, user_index)
+        return self.pair_scorer(user, self.peer_tower(peer_features))
 
 
 def random_model(config: ModelConfig, seed: int) -> TwoTowerScorer:

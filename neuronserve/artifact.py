@@ -4,6 +4,19 @@ compile/ writes it (write_manifest); the runtime reads it (load_manifest), which
 the manifest's own content hash (`manifest_sha256`: label bias, names and config are served from it)
 and the sha256 of every file, and refuses a tampered, truncated or incompatible artifact with an
 ArtifactError naming the file. Nothing here imports torch.
+
+Stages: STAGE_NAMES, the three graphs model pipelining places on core groups (user_tower, peer_tower,
+pair_scorer), plus FUSED_STAGE ("twotower"), the whole scorer as one graph for data parallelism:
+user_features [U, F_u] f32, peer_features [B, F_p] f32, user_index [B] int64 (values in [0, U)) ->
+scores [B, K] f32, exactly user_tower -> take(user_index) -> pair_scorer, the gather done on the device
+(index_select). In its StageSpec each BucketEntry is one compiled (B, U) pair (`user_batch_size` = U;
+U and B from the compiled bucket list, U <= B). Files: neuron, one fixed-shape graph per (U, B) pair;
+cpu, one graph shared by every pair (a CPU-traced graph is shape-generic, so more files would be
+copies of it and of the weights; compile checks its parity at each pair), and the runtime still runs
+only the listed pairs, as the device does. The fused
+stage is optional on load: artifacts compiled before it lack it and the runtime falls back to the
+three stages; compile always writes it. Adding it kept the schema at 2: readers that predate it
+ignore the stage and the bucket field, so old artifacts load here and new ones load there.
 """
 
 from __future__ import annotations
@@ -22,7 +35,8 @@ SCHEMA_VERSION = 2  # 2: manifest_sha256
 MANIFEST_HASH_KEY = "manifest_sha256"
 MANIFEST_NAME = "manifest.json"
 REFERENCE_NAME = "reference.npz"
-STAGE_NAMES: Tuple[str, ...] = ("user_tower", "peer_tower", "pair_scorer")
+STAGE_NAMES: Tuple[str, ...] = ("user_tower", "peer_tower", "pair_scorer")  # the pipelining stages
+FUSED_STAGE = "twotower"  # the three stages as one graph (optional; see the module docstring)
 TARGETS: Tuple[str, ...] = ("cpu", "neuron")
 
 
@@ -95,32 +109,54 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class BucketEntry:
-    """A stage traced at one batch size."""
+    """A stage traced at one batch size; for FUSED_STAGE, at one (batch_size B, user_batch_size U) pair."""
 
     batch_size: int
     file: str
     parity_max_abs_err: float
+    user_batch_size: Optional[int] = None  # FUSED_STAGE only: the user rows U the graph takes
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.user_batch_size is None:
+            del data["user_batch_size"]  # the three stages' entries read as they always did
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BucketEntry":
+        user = data.get("user_batch_size")
+        return cls(int(data["batch_size"]), str(data["file"]), float(data["parity_max_abs_err"]), None if user is None else int(user))
+
+    @property
+    def key(self) -> Tuple[int, int]:
+        return (self.batch_size, self.user_batch_size or 0)
 
 
 @dataclass(frozen=True)
 class StageSpec:
+    """One stage: its tensors (-1: the batch dimension; for FUSED_STAGE's user_features, the user
+    batch U) and its compiled buckets."""
+
     name: str
     inputs: Tuple[TensorSpec, ...]
     outputs: Tuple[TensorSpec, ...]
-    buckets: Tuple[BucketEntry, ...]  # ascending batch size
+    buckets: Tuple[BucketEntry, ...]  # ascending (batch size, user batch size)
 
     @property
     def batch_sizes(self) -> Tuple[int, ...]:
-        return tuple(b.batch_size for b in self.buckets)
+        """The compiled batch sizes B (for FUSED_STAGE, the peer batches), ascending, each once."""
+        return tuple(sorted({b.batch_size for b in self.buckets}))
 
-    def bucket(self, batch_size: int) -> BucketEntry:
+    def user_batch_sizes(self, batch_size: int) -> Tuple[int, ...]:
+        """FUSED_STAGE: the user batches U compiled with peer batch `batch_size`, ascending (empty if none)."""
+        return tuple(sorted(b.user_batch_size for b in self.buckets if b.batch_size == batch_size and b.user_batch_size is not None))
+
+    def bucket(self, batch_size: int, user_batch_size: Optional[int] = None) -> BucketEntry:
         for entry in self.buckets:
-            if entry.batch_size == batch_size:
+            if entry.batch_size == batch_size and entry.user_batch_size == user_batch_size:
                 return entry
-        raise ArtifactError(f"stage {self.name} has no bucket of batch size {batch_size}; compiled: {list(self.batch_sizes)}")
+        what = f"batch size {batch_size}" + (f" with user batch {user_batch_size}" if user_batch_size is not None else "")
+        raise ArtifactError(f"stage {self.name} has no bucket of {what}; compiled: {[b.key if b.user_batch_size else b.batch_size for b in self.buckets]}")
 
     def to_dict(self) -> dict:
         return {
@@ -132,12 +168,7 @@ class StageSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "StageSpec":
-        buckets = tuple(
-            sorted(
-                (BucketEntry(int(b["batch_size"]), str(b["file"]), float(b["parity_max_abs_err"])) for b in data["buckets"]),
-                key=lambda b: b.batch_size,
-            )
-        )
+        buckets = tuple(sorted((BucketEntry.from_dict(b) for b in data["buckets"]), key=lambda b: b.key))
         return cls(
             name=str(data["name"]),
             inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
@@ -170,6 +201,11 @@ class Manifest:
     def label_names(self) -> Tuple[str, ...]:
         return self.model_config.label_names
 
+    @property
+    def has_fused_stage(self) -> bool:
+        """True when the artifact holds FUSED_STAGE (compiled by a neuronserve that writes it)."""
+        return FUSED_STAGE in self.stages
+
     def stage(self, name: str) -> StageSpec:
         try:
             return self.stages[name]
@@ -182,8 +218,7 @@ class Manifest:
     def max_parity_error(self) -> float:
         """The largest parity error over every stage and bucket; NaN if any bucket was not checked
         (a neuron graph compiled on a host without NeuronCores)."""
-        errors = [b.parity_max_abs_err for s in self.stages.values() for b in s.buckets]
-        return float("nan") if any(math.isnan(e) for e in errors) else max(errors)
+        return _worst(b.parity_max_abs_err for s in self.stages.values() for b in s.buckets)
 
     def to_dict(self) -> dict:
         return {
@@ -244,9 +279,28 @@ class Manifest:
             for bucket in spec.buckets:
                 if bucket.file not in manifest.files:
                     raise ArtifactError(f"{where}: stage file {bucket.file} has no sha256 entry")
+            _check_user_batches(spec, where)
+        if manifest.target == "neuron" and manifest.has_fused_stage:
+            files = [b.file for b in manifest.stages[FUSED_STAGE].buckets]
+            if len(set(files)) != len(files):
+                raise ArtifactError(f"{where}: a neuron graph has fixed shapes, so every {FUSED_STAGE} pair needs its own file")
         if manifest.reference_file not in manifest.files:
             raise ArtifactError(f"{where}: reference file {manifest.reference_file} has no sha256 entry")
         return manifest
+
+
+def _check_user_batches(spec: StageSpec, where: Path) -> None:
+    """FUSED_STAGE buckets are distinct (B, U) pairs with 1 <= U <= B; no other stage has a user batch."""
+    fused = spec.name == FUSED_STAGE
+    for bucket in spec.buckets:
+        user = bucket.user_batch_size
+        if fused and (user is None or not 1 <= user <= bucket.batch_size):
+            raise ArtifactError(f"{where}: {spec.name} bucket {bucket.file} needs a user_batch_size from 1 to its batch size {bucket.batch_size}, got {user!r}")
+        if not fused and user is not None:
+            raise ArtifactError(f"{where}: stage {spec.name} bucket {bucket.file} has a user_batch_size; only {FUSED_STAGE} takes one")
+    keys = [b.key for b in spec.buckets]
+    if len(set(keys)) != len(keys):
+        raise ArtifactError(f"{where}: stage {spec.name} lists a bucket twice")
 
 
 def sha256_file(path: Path) -> str:
@@ -326,11 +380,36 @@ def summary_lines(manifest: Manifest) -> List[str]:
     ]
     for name in STAGE_NAMES:
         spec = manifest.stages[name]
-        ins = ", ".join(f"{t.name}{list(t.shape)}" for t in spec.inputs)
-        outs = ", ".join(f"{t.name}{list(t.shape)}" for t in spec.outputs)
-        lines.append(f"stage      {name}: ({ins}) -> ({outs})")
+        lines.append(f"stage      {name}: {_signature(spec)}")
         for b in spec.buckets:
             lines.append(f"             batch {b.batch_size:>5}  {b.file}  parity max|err|={b.parity_max_abs_err:.2e}")
+    if manifest.has_fused_stage:
+        spec = manifest.stages[FUSED_STAGE]
+        lines.append(f"stage      {FUSED_STAGE} (fused, U user rows): {_signature(spec)}")
+        files: Dict[Tuple[int, str], List[BucketEntry]] = {}
+        for b in spec.buckets:  # one line per B and file: its user batches (a cpu file serves them all)
+            files.setdefault((b.batch_size, b.file), []).append(b)
+        for (batch, file), entries in files.items():
+            users = ",".join(str(b.user_batch_size) for b in entries)
+            worst = _worst(b.parity_max_abs_err for b in entries)
+            lines.append(f"             batch {batch:>5}  users {users:<{_users_width(spec)}}  {file}  parity max|err|={worst:.2e}")
+    else:
+        lines.append(f"stage      {FUSED_STAGE}: not in this artifact (compiled before the fused graph); served as three stages")
     lines.append(f"parity     max |err| {manifest.max_parity_error():.2e} (tolerance {manifest.parity_tolerance:.0e})")
     lines.append(f"files      {len(manifest.files) + 1} verified by sha256")
     return lines
+
+
+def _signature(spec: StageSpec) -> str:
+    ins = ", ".join(f"{t.name}{list(t.shape)}" for t in spec.inputs)
+    outs = ", ".join(f"{t.name}{list(t.shape)}" for t in spec.outputs)
+    return f"({ins}) -> ({outs})"
+
+
+def _users_width(spec: StageSpec) -> int:
+    return max(len(",".join(map(str, spec.user_batch_sizes(b)))) for b in spec.batch_sizes)
+
+
+def _worst(errors) -> float:
+    errors = list(errors)
+    return float("nan") if any(math.isnan(e) for e in errors) else max(errors)

@@ -7,22 +7,27 @@ rows in slice order, which the batcher cuts back per request (concatenating the 
 
 The firing rule (one dispatcher task on the event loop; Triton's dynamic batcher, made work-conserving):
   A batch can form only while a slot is free (fewer than max_in_flight batches running) and a row is
-  queued. It then forms at once when (a) no batch is running at all (an idle device never waits:
-  at low load a lone request goes straight to a core), or (b) the queue holds a full batch
-  (max_batch_rows), or (c) the OLDEST queued request has waited max_queue_delay_ms since its arrival,
-  or (d) the head of the queue is the rest of a request split across batches (already running).
-  Otherwise (some batch is running, so the device is busy anyway) it holds the free slot until one of
-  those comes true, to let more rows join: bigger batches amortise the per-execution cost of a
-  NeuronCore. The delay is measured from the oldest request's arrival, never from when a collector
-  started (the TorchServe/MLServer flaw), so no request waits more than the delay for batching
-  (plus any wait for a slot). max_queue_delay_ms = 0 makes the batcher purely work-conserving.
+  queued. It then forms at once when (a) fewer than `devices` batches are running (an idle core never
+  waits: at low load a lone request goes straight to a core), or (b) the queue holds a full batch
+  (max_batch_rows), or (c) the head of the queue is the rest of a request split across batches
+  (already running), or (d) both: the OLDEST queued request has waited max_queue_delay_ms since its
+  arrival, and a busy device is expected to free within max_queue_delay_ms. Otherwise every device is
+  busy, and the free slot (e.g. the second execution a NeuronCore holds, so the host prepares the
+  next batch while the device runs the current one) is held to let more rows join: a batch formed
+  earlier would only wait for the device with fewer rows, and bigger batches amortise the
+  per-execution cost. The delay is measured from the oldest request's arrival, never from when a
+  collector started (the TorchServe/MLServer flaw). When a device frees is expected from the latency
+  model times the observed slowdown; a batch that finishes early wakes the dispatcher at once.
   A batch takes what is queued, in order (lowest priority value first, FIFO within a priority), up to
   max_batch_rows; a request larger than the room left is split and its first part fills the batch,
   the rest stays at the head of the queue. stats().queue_s_total sums every request's wait.
 
-Admission: rows >= 1 (InvalidInput); queued rows + rows <= config.max_queue_rows, else Overloaded at
-once; a deadline (absolute, on `clock`) already passed, or that `estimate_latency_s` says cannot be met,
-is DeadlineExceeded at submit and checked again as the request joins a batch: it joins only if
+Admission, at once and before any work (so overload is refused at the door, not after it cost a core):
+rows >= 1 (InvalidInput); queued rows + rows <= config.max_queue_rows, else Overloaded; the expected
+completion = now + the backlog's drain time (the running batches' remaining time and the queued rows,
+by the latency model times the observed slowdown, over the devices) + this request's batch: past its deadline (absolute, on `clock`) it
+is DeadlineExceeded, and a wait past config.max_queue_wait_ms is Overloaded (the queue bound in time,
+which is what callers reason about). The deadline is checked again as the request joins a batch: it joins only if
 clock() + estimate_latency_s(rows of the batch with it) <= its deadline and every earlier member's
 (otherwise it is rejected, or, if only an earlier member would miss, it waits for the next batch).
 Failure: an exception in run_batch (or a result with the wrong number of rows) fails exactly the
@@ -36,7 +41,7 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -69,6 +74,7 @@ class BatcherStats:
     failed: int  # requests failed by run_batch (or by close(drain=False))
     batched_requests: int  # cumulative: requests that reached a batch
     queue_s_total: float  # sum over those requests of (first batch start - arrival)
+    slowdown: float  # observed device time of a batch / the latency model's (EWMA): scales expected times
 
 
 @dataclass(eq=False)
@@ -82,6 +88,19 @@ class _Request:
     taken: int = 0  # rows already put in batches
     received: int = 0  # rows whose results are back
     parts: List[Tuple[int, np.ndarray]] = field(default_factory=list)  # (start, rows) of a split request
+
+
+MIN_SLOWDOWN, MAX_SLOWDOWN = 0.1, 50.0  # bounds on one batch's observed / modelled time (a stall, a clock step)
+SLOWDOWN_WEIGHT = 0.2  # EWMA weight of each batch's observed slowdown
+
+
+@dataclass(eq=False)
+class _Batch:
+    """A running batch and when the dispatcher expects its device to start and finish it."""
+
+    rows: int
+    device_start_s: float  # now, or when the busy device it waits for is expected to free
+    finish_s: float
 
 
 # A batch member: the request and the rows [start, stop) of it in this batch.
@@ -105,22 +124,28 @@ class DynamicBatcher:
         config: BatchingConfig,
         max_in_flight: int = 1,
         estimate_latency_s: Optional[Callable[[int], float]] = None,
+        devices: int = 1,
         clock: Callable[[], float] = time.monotonic,
         name: str = "batcher",
     ) -> None:
-        if max_batch_rows < 1 or max_in_flight < 1:
-            raise ConfigError(f"{name}: max_batch_rows and max_in_flight must be >= 1, got {max_batch_rows} and {max_in_flight}")
+        if max_batch_rows < 1 or max_in_flight < 1 or devices < 1:
+            raise ConfigError(
+                f"{name}: max_batch_rows, max_in_flight and devices must be >= 1, got {max_batch_rows}, {max_in_flight} and {devices}"
+            )
         self.name = name
         self._run_batch = run_batch
         self._max_rows = min(max_batch_rows, config.max_batch_rows or max_batch_rows)
         self._max_in_flight = config.max_in_flight_batches or max_in_flight
+        self._devices = min(devices, self._max_in_flight)
         self._max_queue_rows = config.max_queue_rows
+        self._max_wait_s = config.max_queue_wait_ms / 1e3
         self._delay_s = config.max_queue_delay_ms / 1e3
         self._estimate_s = estimate_latency_s
         self._clock = clock
         self._queues: Dict[int, Deque[_Request]] = {}  # priority -> FIFO
         self._queued_rows = 0
-        self._running: Set[asyncio.Task] = set()
+        self._slowdown = 1.0
+        self._running: Dict[asyncio.Task, _Batch] = {}
         self._wake: Optional[asyncio.Event] = None
         self._dispatcher: Optional[asyncio.Task] = None
         self._closing = False
@@ -160,11 +185,18 @@ class DynamicBatcher:
         if rows > self._max_queue_rows:  # not overload: it would never fit, so retrying cannot help
             raise InvalidInput(f"{self.name}: a request of {rows} rows can never fit the queue (max_queue_rows={self._max_queue_rows}); split it")
         now = self._clock()
+        wait_s = self._backlog_s(now)
         if deadline_s is not None:
-            shortfall_s = self._shortfall_s(now, min(rows, self._max_rows), deadline_s)
+            shortfall_s = self._shortfall_s(now + wait_s, min(rows, self._max_rows), deadline_s)
             if shortfall_s > 0:
                 self._rejected_deadline += 1
-                raise self._deadline_error(rows, min(rows, self._max_rows), shortfall_s)
+                raise self._deadline_error(rows, min(rows, self._max_rows), shortfall_s, wait_s)
+        if wait_s > self._max_wait_s:
+            self._rejected_overload += 1
+            raise Overloaded(
+                f"{self.name}: the queue ahead would take {wait_s * 1e3:.1f} ms to drain, above max_queue_wait_ms="
+                f"{self._max_wait_s * 1e3:g}; retry later or on another replica"
+            )
         if self._queued_rows + rows > self._max_queue_rows:
             self._rejected_overload += 1
             raise Overloaded(
@@ -194,6 +226,7 @@ class DynamicBatcher:
             failed=self._failed,
             batched_requests=self._batched_requests,
             queue_s_total=self._queue_s_total,
+            slowdown=self._slowdown,
         )
 
     # -- dispatch -------------------------------------------------------------------------------
@@ -215,18 +248,36 @@ class DynamicBatcher:
                 continue  # re-evaluate: a batch finished, rows arrived, or the delay is up
             members = self._form()
             if members:
-                task = asyncio.get_running_loop().create_task(self._run(members))
-                self._running.add(task)
+                now = self._clock()
+                rows = sum(stop - start for _, start, stop in members)
+                device_start_s = max(now, self._device_free_s(now))
+                batch = _Batch(rows, device_start_s, device_start_s + self._expected_s(rows))
+                task = asyncio.get_running_loop().create_task(self._run(members, batch))
+                self._running[task] = batch
                 task.add_done_callback(self._finished)
 
     def _hold_s(self) -> float:
         """Seconds to hold a free slot for more rows (rule (a)-(c) in the module docstring); <= 0: fire now."""
-        if not self._running or self._closing or self._queued_rows >= self._max_rows:
+        if len(self._running) < self._devices or self._closing or self._queued_rows >= self._max_rows:
             return 0.0
         heads = [queue[0] for queue in self._queues.values() if queue]
         if any(request.taken for request in heads):
             return 0.0  # the rest of a split request: it is already running, holding its tail only delays it
-        return min(request.arrival_s for request in heads) + self._delay_s - self._clock()
+        now = self._clock()
+        oldest_s = min(request.arrival_s for request in heads)
+        return max(oldest_s + self._delay_s, self._device_free_s(now) - self._delay_s) - now
+
+    def _device_free_s(self, now: float) -> float:
+        """When the next device without a batch waiting behind its current one is expected to free: with
+        R batches running on D devices, R - D of them wait behind another, so the (R - D + 1)-th earliest
+        expected finish (now, if a device is idle)."""
+        excess = len(self._running) - self._devices
+        if excess < 0:
+            return now
+        return sorted(batch.finish_s for batch in self._running.values())[excess]
+
+    def _expected_s(self, rows: int) -> float:
+        return self._estimate_s(rows) * self._slowdown if self._estimate_s is not None else 0.0
 
     def _form(self) -> List[_Member]:
         """Take queued rows for one batch, per the rule in the module docstring."""
@@ -273,10 +324,11 @@ class DynamicBatcher:
             self._batch_rows += rows
         return members
 
-    async def _run(self, members: List[_Member]) -> None:
-        rows = sum(stop - start for _, start, stop in members)
+    async def _run(self, members: List[_Member], batch: _Batch) -> None:
+        rows = batch.rows
         try:
             out = await self._run_batch([Slice(request.payload, start, stop) for request, start, stop in members])
+            self._observe(rows, self._clock() - batch.device_start_s)
             if not isinstance(out, np.ndarray) or out.ndim < 1 or out.shape[0] != rows:
                 got = f"shape {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
                 raise NeuronServeError(f"internal: {self.name} run_batch returned {got} for a batch of {rows} rows")
@@ -292,8 +344,18 @@ class DynamicBatcher:
                 exc = NeuronServeError(f"{self.name}: run_batch failed: {type(exc).__name__}: {exc}")
             self._fail_batch(members, exc)
 
+    def _observe(self, rows: int, elapsed_s: float) -> None:
+        """Learn how much slower (or faster) than the latency model batches really run, from when their
+        device was expected to start (host load, contention, a start-up timing on a noisy host)."""
+        if self._estimate_s is None:
+            return
+        estimate_s = self._estimate_s(rows)
+        if estimate_s > 0:
+            ratio = min(max(elapsed_s / estimate_s, MIN_SLOWDOWN), MAX_SLOWDOWN)
+            self._slowdown += SLOWDOWN_WEIGHT * (ratio - self._slowdown)
+
     def _finished(self, task: asyncio.Task) -> None:
-        self._running.discard(task)
+        self._running.pop(task, None)
         self._wake.set()
 
     # -- results --------------------------------------------------------------------------------
@@ -333,13 +395,24 @@ class DynamicBatcher:
 
     # -- deadlines ------------------------------------------------------------------------------
 
+    def _backlog_s(self, now: float) -> float:
+        """Expected seconds until the batches running and the rows queued now have run: the running
+        batches' remaining device time, then the queue in full batches and the rest, over the devices."""
+        if self._estimate_s is None:
+            return 0.0
+        running_s = sum(b.finish_s - max(now, b.device_start_s) for b in self._running.values() if b.finish_s > now)
+        full, rest = divmod(self._queued_rows, self._max_rows)
+        queued_s = (full * self._estimate_s(self._max_rows) + (self._estimate_s(rest) if rest else 0.0)) * self._slowdown
+        return (running_s + queued_s) / self._devices
+
     def _shortfall_s(self, now: float, batch_rows: int, deadline_s: float) -> float:
         """How far past `deadline_s` a batch of `batch_rows` started now would finish (> 0: too late)."""
         estimate_s = self._estimate_s(batch_rows) if self._estimate_s is not None else 0.0
         return now + estimate_s - deadline_s
 
-    def _deadline_error(self, rows: int, batch_rows: int, shortfall_s: float) -> DeadlineExceeded:
+    def _deadline_error(self, rows: int, batch_rows: int, shortfall_s: float, wait_s: float = 0.0) -> DeadlineExceeded:
+        ahead = f" after the {wait_s * 1e3:.1f} ms the queue ahead needs" if wait_s > 0 else ""
         return DeadlineExceeded(
             f"{self.name}: a request of {rows} rows cannot meet its deadline: a batch of {batch_rows} rows "
-            f"started now would finish {shortfall_s * 1e3:.3f} ms after it"
+            f"started{ahead or ' now'} would finish {shortfall_s * 1e3:.3f} ms after it"
         )

@@ -154,13 +154,18 @@ class BatchingConfig:
     """Dynamic batching knobs (Triton's names where they exist)."""
 
     max_queue_delay_ms: float = 2.0
-    max_queue_rows: int = 65536
+    max_queue_rows: int = 65536  # a memory bound; the latency bound is max_queue_wait_ms
+    # refuse (RESOURCE_EXHAUSTED) a request whose queue ahead needs longer to drain: the matching tick
+    # (~0.5 s) is lost by then anyway; a request with a deadline is held to its deadline instead
+    max_queue_wait_ms: float = 500.0
     max_batch_rows: Optional[int] = None  # None: the largest compiled bucket
     max_in_flight_batches: Optional[int] = None  # None: one per core-group executor slot
 
     def __post_init__(self) -> None:
         if self.max_queue_delay_ms < 0:
             raise ConfigError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
+        if not self.max_queue_wait_ms > 0:
+            raise ConfigError(f"max_queue_wait_ms must be > 0, got {self.max_queue_wait_ms}")
         if self.max_queue_rows < 1:
             raise ConfigError(f"max_queue_rows must be >= 1, got {self.max_queue_rows}")
         if self.max_batch_rows is not None and self.max_batch_rows < 1:

@@ -51,6 +51,11 @@ class CoreFault(Unavailable):
     """A NeuronCore (real or simulated) failed or hung while running a batch."""
 
 
+class CoreResetting(CoreFault):
+    """A core refused an execution because it is out of rotation after a fault: nothing ran, so the
+    pipeline runs it on another group (a batch queued behind a faulting one is not lost)."""
+
+
 class ArtifactError(NeuronServeError):
     """An artifact is missing, tampered with, truncated or incompatible."""
 

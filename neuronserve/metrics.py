@@ -7,16 +7,22 @@ else (batcher queues, core groups, the embedding cache, the process) is read fro
 
 Triton's names and semantics where they exist (cumulative counters, per model and version; `model` is
 twotower (Score, OIP twotower), user_tower / peer_tower (UpsertEmbeddings, OIP towers) or
-twotower_cached (ScoreByIds, ScoreMatrix: cached tower outputs)):
+twotower_cached (ScoreByIds, ScoreMatrix: cached tower outputs); `version` is the artifact's version,
+the content hash unless compile named one):
   nv_inference_request_success / nv_inference_request_failure{reason}  requests answered OK / not;
       reason is the gRPC status name (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, CANCELLED, ...)
   nv_inference_count            inferences (rows: peers scored, tower rows) in executed batches
   nv_inference_exec_count       executions (batches; a cached-embedding request is one execution)
   nv_inference_request_duration_us       summed over successful requests, in the server
   nv_inference_queue_duration_us         summed over requests: batch start - arrival (the batcher's)
-  nv_inference_compute_infer_duration_us summed over requests: the run time of the batch each was in
+  nv_inference_compute_input_duration_us / _infer_ / _output_   summed over requests: the time the batch
+      each was in spent preparing inputs / running / extracting outputs (every request of a batch is
+      charged its batch's times, as Triton charges the requests of a dynamic batch)
   nv_inference_pending_request_count     requests queued now (gauge)
 neuronserve_* for the rest (`_total` = counter), process_* as the Prometheus client libraries name them.
+
+ModelStatistics (Triton's statistics extension, `statistics()`) differs from the Prometheus counters in
+one way, as Triton's does for a model with max_batch_size 0: inference_count counts requests, not rows.
 """
 
 from __future__ import annotations
@@ -41,7 +47,9 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
     "nv_inference_exec_count": ("counter", "Model executions (batches) performed"),
     "nv_inference_request_duration_us": ("counter", "Cumulative successful request duration in the server, microseconds"),
     "nv_inference_queue_duration_us": ("counter", "Cumulative queue duration over requests, microseconds"),
+    "nv_inference_compute_input_duration_us": ("counter", "Cumulative compute input duration over requests, microseconds"),
     "nv_inference_compute_infer_duration_us": ("counter", "Cumulative compute duration over requests, microseconds"),
+    "nv_inference_compute_output_duration_us": ("counter", "Cumulative compute output duration over requests, microseconds"),
     "nv_inference_pending_request_count": ("gauge", "Requests queued, not yet in a batch"),
     "neuronserve_batch_rows": ("histogram", "Rows per executed batch"),
     "neuronserve_queue_rows": ("gauge", "Rows queued, not yet in a batch"),
@@ -83,21 +91,27 @@ Collector = Callable[[], Iterable[Sample]]
 
 @dataclass(frozen=True)
 class ModelStats:
-    """One model's cumulative counters (Triton's ModelStatistics semantics; durations summed over requests)."""
+    """One model's cumulative counters with Triton's ModelStatistics semantics for a model whose
+    config says max_batch_size 0 (a request is one inference, whatever its rows).
+
+    Counts: `success` is also the count of queue, compute_input, compute_infer and compute_output (one
+    per successful request, so they are equal in every snapshot, as perf_analyzer requires) and the
+    inference_count; `executions` counts batch executions. Durations are summed over requests: queue
+    from the batcher, compute_* from each executed batch charged to every request in it."""
 
     model: str
-    version: str
     last_request_ms: int  # wall clock of the last answered request, ms since the epoch; 0: none yet
     success: int
     success_s: float  # request durations in the server
     failure: int
     failure_s: float
-    queued: int  # requests that reached a batch
-    queue_s: float  # batch start - arrival, summed over them
-    computed: int  # requests in executed batches (each part of a split request counts)
-    compute_s: float  # run time of each one's batch, summed
-    inferences: int  # rows in executed batches
-    executions: int
+    queue_s: float  # batch start - arrival, summed over requests that reached a batch
+    compute_input_s: float
+    compute_infer_s: float
+    compute_output_s: float
+    inferences: int  # Triton's inference_count: successful requests (max_batch_size 0)
+    executions: int  # batches executed
+    rows: int  # rows in executed batches (nv_inference_count on /metrics)
 
 
 class _ModelCounters:
@@ -109,12 +123,12 @@ class _ModelCounters:
         self.request_s = 0.0
         self.failure_s = 0.0
         self.last_request_ms = 0  # wall clock, milliseconds since the epoch
-        self.inferences = 0
+        self.rows = 0  # in executed batches
         self.executions = 0
-        self.computed = 0  # requests (parts of a split request count once each) in executed batches
-        self.compute_s = 0.0  # summed over them
+        self.input_s = 0.0  # compute_input, compute_infer, compute_output: summed over requests
+        self.compute_s = 0.0
+        self.output_s = 0.0
         self.batch_counts = np.zeros(len(batch_buckets) + 1, dtype=np.int64)  # last: +Inf
-        self.batch_rows_sum = 0
 
 
 class Metrics:
@@ -146,15 +160,19 @@ class Metrics:
             counters.failure[status] = counters.failure.get(status, 0) + 1
             counters.failure_s += duration_s
 
-    def execution(self, model: str, *, rows: int, requests: int, compute_s: float) -> None:
-        """One batch of `rows` rows for `requests` requests ran in `compute_s` seconds."""
+    def execution(
+        self, model: str, *, rows: int, requests: int, compute_s: float, input_s: float = 0.0, output_s: float = 0.0
+    ) -> None:
+        """One batch of `rows` rows for `requests` requests (each part of a split request counts) ran on
+        the device in `compute_s` seconds, after `input_s` preparing its inputs (gather, pad, convert)
+        and before `output_s` extracting its outputs (unpad, split); each request is charged all three."""
         counters = self._model(model)
         counters.executions += 1
-        counters.inferences += rows
-        counters.computed += requests
+        counters.rows += rows
         counters.compute_s += compute_s * requests
+        counters.input_s += input_s * requests
+        counters.output_s += output_s * requests
         counters.batch_counts[int(np.searchsorted(self._bounds, rows))] += 1
-        counters.batch_rows_sum += rows
 
     def outcomes(self) -> Dict[str, int]:
         """Requests answered so far, by status ("OK" or a gRPC status name), over every model."""
@@ -177,21 +195,20 @@ class Metrics:
         """`model`'s cumulative counters, as Triton's ModelStatistics reports them (zeros if unseen)."""
         c = self._models.get(model) or _ModelCounters(self._bounds)
         batcher = self._batcher_stats[model]() if model in self._batcher_stats else None
-        queued, queue_s = (batcher.batched_requests, batcher.queue_s_total) if batcher is not None else (0, 0.0)
         return ModelStats(
             model=model,
-            version=self.version,
             last_request_ms=c.last_request_ms,
             success=c.success,
             success_s=c.request_s,
             failure=sum(c.failure.values()),
             failure_s=c.failure_s,
-            queued=queued,
-            queue_s=queue_s,
-            computed=c.computed,
-            compute_s=c.compute_s,
-            inferences=c.inferences,
+            queue_s=batcher.queue_s_total if batcher is not None else 0.0,
+            compute_input_s=c.input_s,
+            compute_infer_s=c.compute_s,
+            compute_output_s=c.output_s,
+            inferences=c.success,
             executions=c.executions,
+            rows=c.rows,
         )
 
     def samples(self) -> List[Sample]:
@@ -201,14 +218,16 @@ class Metrics:
             out.append(Sample("nv_inference_request_success", mv, c.success))
             out += [Sample("nv_inference_request_failure", mv + (("reason", r),), n) for r, n in sorted(c.failure.items())]
             out += [
-                Sample("nv_inference_count", mv, c.inferences),
+                Sample("nv_inference_count", mv, c.rows),
                 Sample("nv_inference_exec_count", mv, c.executions),
                 Sample("nv_inference_request_duration_us", mv, c.request_s * 1e6),
+                Sample("nv_inference_compute_input_duration_us", mv, c.input_s * 1e6),
                 Sample("nv_inference_compute_infer_duration_us", mv, c.compute_s * 1e6),
+                Sample("nv_inference_compute_output_duration_us", mv, c.output_s * 1e6),
             ]
             bounds = [str(b) for b in self._bounds] + ["+Inf"]
             out += [Sample("neuronserve_batch_rows", mv + (("le", b),), n, "_bucket") for b, n in zip(bounds, np.cumsum(c.batch_counts))]
-            out.append(Sample("neuronserve_batch_rows", mv, c.batch_rows_sum, "_sum"))
+            out.append(Sample("neuronserve_batch_rows", mv, c.rows, "_sum"))
             out.append(Sample("neuronserve_batch_rows", mv, c.executions, "_count"))
         for collector in self._collectors:
             try:

@@ -10,6 +10,11 @@ releases the GIL, so groups run in parallel.
 - Model pipelining: stages placed on different groups overlap across batches (batch i+1's towers run
   while batch i is scored); the hand-off between stages is bounded because a stage execution waits
   for a free slot on its groups, and the batcher keeps at most `concurrency` batches in flight.
+- One execution per score batch: when the artifact holds the fused stage (FUSED_STAGE: both towers
+  and the scorer in one graph, user rows plus a user index in) and every group holds every stage (data
+  parallel), a score batch is assembled, padded and run as ONE execution on one group's executor
+  thread: one thread hop and one device call per batch, the user vectors gathered inside the graph.
+  Without it (older artifacts), the same job runs the three stages in turn.
 - Buckets: see `_plan`; padding rows never leave this module.
 - Faults: a CoreFault fails only the batch that hit it; the runner reports its group unhealthy until
   the core is reset, and dispatch routes around it; with no healthy group left: Unavailable.
@@ -28,9 +33,10 @@ from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from neuronserve.backends.base import Backend, StageRunner
+from neuronserve.artifact import FUSED_STAGE
+from neuronserve.backends.base import Backend, FusedRunner, Runner, StageRunner
 from neuronserve.config import STAGES, CoreGroup, Placement
-from neuronserve.errors import CoreFault, InvalidInput, Unavailable
+from neuronserve.errors import CoreFault, CoreResetting, InvalidInput, Unavailable
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,7 @@ class _Group:
         self.index = index
         self.cores = cores
         self.stages = stages
-        self.runners: Dict[str, StageRunner] = {}
+        self.runners: Dict[str, Runner] = {}
         self.capacity = 1
         self.executor: Optional[ThreadPoolExecutor] = None  # set by Pipeline.start
         self.in_flight = 0
@@ -114,7 +120,8 @@ class Pipeline:
         self._buckets: Dict[str, Tuple[int, ...]] = {}
         self._cost_s: Dict[str, Dict[int, float]] = {}
         self._plans: Dict[str, List[Tuple[int, ...]]] = {}
-        self._stage_counts = {stage: [0, 0, 0] for stage in STAGES}  # executions, rows, padded rows
+        self._stage_counts = {stage: [0, 0, 0] for stage in STAGES + (FUSED_STAGE,)}  # executions, rows, padded rows
+        self._estimates: List[float] = []  # score batch of r rows -> modelled seconds, r <= max_batch_rows
         self._waiters: Deque[asyncio.Future] = deque()
         self._fused = False
         self._started = False
@@ -124,6 +131,14 @@ class Pipeline:
         Once `abort` is set (from another thread), it gives up before the next stage load (Unavailable).
 
         gc.freeze() is deliberately not called here: the server calls it once everything is built."""
+        # Data parallel (every group holds all three stages): a score batch runs start to end on one
+        # group in ONE executor job, instead of a thread hop and loop wake-up per stage execution; with
+        # the fused graph in the artifact, as one execution.
+        self._fused = all(set(g.stages) == set(STAGES) for g in self._groups)
+        if self._fused and self.backend.manifest.has_fused_stage:
+            for group in self._groups:
+                group.stages += (FUSED_STAGE,)
+            self._stage_groups[FUSED_STAGE] = list(self._groups)
         for group in self._groups:
             for stage in group.stages:
                 if abort is not None and abort.is_set():
@@ -131,6 +146,7 @@ class Pipeline:
                 runner = self.backend.load(stage, group.cores)
                 runner.warmup()
                 group.runners[stage] = runner
+        for group in self._groups:
             group.capacity = max(r.max_in_flight for r in group.runners.values())
             group.executor = ThreadPoolExecutor(max_workers=group.capacity, thread_name_prefix=f"cores-{group.cores}")
         for stage, groups in self._stage_groups.items():
@@ -140,18 +156,28 @@ class Pipeline:
             self._cost_s[stage] = {b: self._bucket_cost_s(runner, b) for b in self._buckets[stage]}
             largest = self._buckets[stage][-1]
             self._plans[stage] = _plan_table(self._buckets[stage], self._cost_s[stage], 2 * largest)
-        # Data parallel (every group holds all three stages): a score batch runs start to end on one
-        # group in ONE executor job, instead of a thread hop and loop wake-up per stage execution.
-        self._fused = all(set(g.stages) == set(STAGES) for g in self._groups)
         self._started = True
+        self._estimates = [0.0] + [self._estimate_s(rows) for rows in range(1, self.max_batch_rows + 1)]
 
     @staticmethod
-    def _bucket_cost_s(runner: StageRunner, batch_size: int) -> float:
-        modelled = runner.latency_s(batch_size)
+    def _bucket_cost_s(runner: Runner, batch_size: int) -> float:
+        """Device seconds of one execution at `batch_size`: the backend's model (sim), else the best of 3
+        timed runs (a noisy host only adds time). The fused stage is costed with its fewest user rows."""
+        if isinstance(runner, FusedRunner):
+            users = runner.user_batch_sizes(batch_size)[0]
+            modelled = runner.latency_s(batch_size, users)
+            (user_shape, peer_shape) = runner.input_shapes()
+            inputs = [
+                np.zeros((users,) + user_shape, dtype=np.float32),
+                np.zeros((batch_size,) + peer_shape, dtype=np.float32),
+                np.zeros(batch_size, dtype=np.int64),
+            ]
+        else:
+            modelled = runner.latency_s(batch_size)
+            inputs = [np.zeros((batch_size,) + shape, dtype=np.float32) for shape in runner.input_shapes()]
         if modelled is not None:
             return modelled
-        inputs = [np.zeros((batch_size,) + shape, dtype=np.float32) for shape in runner.input_shapes()]
-        return min(_timed_run(runner, inputs)[1] for _ in range(3))  # the best of 3: a noisy host only adds time
+        return min(_timed_run(runner, inputs)[1] for _ in range(3))
 
     @property
     def max_batch_rows(self) -> int:
@@ -161,6 +187,11 @@ class Pipeline:
     def concurrency(self) -> int:
         """Batches worth keeping in flight: one per executor slot of every core group."""
         return sum(group.capacity for group in self._groups)
+
+    @property
+    def devices(self) -> int:
+        """Batches that run in parallel on separate core groups: while fewer run, a core idles."""
+        return len(self._groups)
 
     def _plan(self, stage: str, rows: int) -> Tuple[int, ...]:
         """Chunks for `rows`: full largest buckets while more than two of them remain, then the cheapest
@@ -182,9 +213,16 @@ class Pipeline:
         return sum(self._cost_s[stage][b] for b in self._plan(stage, rows))
 
     def estimate_latency_s(self, rows: int) -> float:
-        """Device time of a score batch of `rows` peers (and up to as many users): the towers (in
-        parallel when they can run on two groups) then the scorer; chunks counted one after another."""
-        rows = max(1, rows)
+        """Device time of a score batch of `rows` peers (a table lookup: the batcher asks per request)."""
+        if 0 < rows < len(self._estimates):
+            return self._estimates[rows]
+        return self._estimate_s(max(1, rows))
+
+    def _estimate_s(self, rows: int) -> float:
+        """The fused stage's plan, or the towers (in parallel when they can run on two groups) then the
+        scorer; chunks counted one after another."""
+        if FUSED_STAGE in self._stage_groups:
+            return self.plan_cost_s(FUSED_STAGE, rows)
         user, peer = self.plan_cost_s("user_tower", rows), self.plan_cost_s("peer_tower", rows)
         tower_groups = {g.index for stage in ("user_tower", "peer_tower") for g in self._stage_groups[stage]}
         towers = max(user, peer) if len(tower_groups) > 1 and not self._fused else user + peer  # fused: one job, in turn
@@ -205,6 +243,57 @@ class Pipeline:
             *(self._run_chunk(stage, arrays, int(s), min(b, rows - int(s)), b) for s, b in zip(starts, chunks))
         )
         return np.concatenate(parts, axis=0)
+
+    async def score_requests(self, users: Sequence[np.ndarray], peers: Sequence[np.ndarray]) -> np.ndarray:
+        """A batch of score requests: request i is users[i] ([1, F_u]) against peers[i] ([m_i, F_p]);
+        -> logits [sum m_i, K] in request order. Assembled (concatenated, padded) on the executor thread
+        that runs it, so the event loop only hands over the lists."""
+        if not self._fused:
+            user, peer = _concat(users), _concat(peers)
+            user_index = np.repeat(np.arange(len(users)), [p.shape[0] for p in peers])
+            return _mark_nonfinite(await self.score(user, peer, user_index), user, peer, user_index)
+        if not self._started:
+            raise Unavailable("the pipeline is not started: call start() first")
+        stage = FUSED_STAGE if FUSED_STAGE in self._stage_groups else "user_tower"
+        return await self._execute(stage, self._score_requests_on, users, peers)
+
+    def _score_requests_on(self, runners: Dict[str, Runner], users: Sequence[np.ndarray], peers: Sequence[np.ndarray]):
+        """Blocking, on one group's executor thread: assemble the batch, then one fused execution per
+        chunk (or the three stages in turn, for an artifact without the fused graph)."""
+        counts = [p.shape[0] for p in peers]
+        user_index = np.repeat(np.arange(len(users), dtype=np.int64), counts)
+        fused = runners.get(FUSED_STAGE)
+        if fused is None:
+            user, peer = _concat(users), _concat(peers)
+            out, busy_s, runs = self._score_on(runners, user, peer, user_index)
+            return _mark_nonfinite(out, user, peer, user_index), busy_s, runs
+        rows = user_index.shape[0]
+        chunks = self._chunks(FUSED_STAGE, rows)
+        user = _concat(users)
+        if len(chunks) == 1:  # the usual case: the peers are copied once, straight into the padded input
+            bucket = chunks[0][1]
+            peer = np.empty((bucket, peers[0].shape[1]), dtype=np.float32)
+            np.concatenate(peers, axis=0, out=peer[:rows])
+            peer[rows:] = 0
+            parts = [(0, rows, bucket, peer)]
+        else:
+            whole = _concat(peers)
+            parts, start = [], 0
+            for chunk_rows, bucket in chunks:
+                parts.append((start, chunk_rows, bucket, _padded(whole[start : start + chunk_rows], bucket)))
+                start += chunk_rows
+        outs, busy_s = [], 0.0
+        for start, chunk_rows, bucket, peer in parts:
+            first, last = int(user_index[start]), int(user_index[start + chunk_rows - 1])
+            user_rows = last + 1 - first
+            user_bucket = next(u for u in fused.user_batch_sizes(bucket) if u >= user_rows)
+            index = np.zeros(bucket, dtype=np.int64)
+            index[:chunk_rows] = user_index[start : start + chunk_rows] - first
+            out, seconds = _timed_run(fused, [_padded(user[first : last + 1], user_bucket), peer, index])
+            outs.append(out[:chunk_rows])
+            busy_s += seconds
+        peer_rows = parts[0][3][:rows] if len(parts) == 1 else whole
+        return _mark_nonfinite(_concat(outs), user, peer_rows, user_index), busy_s, [(FUSED_STAGE, r, b) for r, b in chunks]
 
     async def score(self, user_features: np.ndarray, peer_features: np.ndarray, user_index: np.ndarray) -> np.ndarray:
         """Row i of the result [N, K] scores user user_index[i] against peer i (logits, float32)."""
@@ -275,12 +364,17 @@ class Pipeline:
 
     async def _execute(self, stage: str, job, *args) -> np.ndarray:
         """`job(group.runners, *args)` -> (output, busy seconds, executions) on a slot of the least-loaded
-        healthy group holding `stage`; returns the output."""
-        group = await self._acquire(stage)
-        future = asyncio.get_running_loop().run_in_executor(group.executor, job, group.runners, *args)
-        future.add_done_callback(functools.partial(self._finish, group))
-        out, _, _ = await asyncio.shield(future)  # a cancelled caller must not free a slot still running
-        return out
+        healthy group holding `stage`; returns the output. A core that refused the job because it is
+        resetting (CoreResetting: nothing ran) is out of rotation now, so the job goes to another group."""
+        while True:
+            group = await self._acquire(stage)
+            future = asyncio.get_running_loop().run_in_executor(group.executor, job, group.runners, *args)
+            future.add_done_callback(functools.partial(self._finish, group))
+            try:
+                out, _, _ = await asyncio.shield(future)  # a cancelled caller must not free a slot still running
+            except CoreResetting:
+                continue
+            return out
 
     async def _acquire(self, stage: str) -> _Group:
         """A slot on the least-loaded healthy group for `stage`; waits (FIFO) while all are busy."""
@@ -311,7 +405,7 @@ class Pipeline:
         if future.cancelled():
             return
         error = future.exception()
-        if isinstance(error, CoreFault):
+        if isinstance(error, CoreFault) and not isinstance(error, CoreResetting):
             group.faults += 1
         if error is None:
             _, busy_s, executions = future.result()
@@ -345,7 +439,32 @@ def _run_chunks(runner: StageRunner, arrays: Sequence[np.ndarray], chunks: Seque
     return (outs[0] if len(outs) == 1 else np.concatenate(outs)), busy_s, [(runner.stage, rows, bucket) for rows, bucket in chunks]
 
 
-def _timed_run(runner: StageRunner, inputs: List[np.ndarray]) -> Tuple[np.ndarray, float]:
+def _concat(parts: Sequence[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+
+def _mark_nonfinite(scores: np.ndarray, user: np.ndarray, peer: np.ndarray, user_index: np.ndarray) -> np.ndarray:
+    """Scores with NaN in every row whose user or peer features are not all finite (NaN, Inf), so the
+    service, which checks only the output, refuses exactly those requests (a model can map an Inf input
+    to a finite score). One vectorised check per batch, off the event loop; per row only if it fails."""
+    if np.isfinite(peer).all() and np.isfinite(user).all():
+        return scores
+    bad = ~np.isfinite(peer).all(axis=1) | ~np.isfinite(user).all(axis=1)[user_index]
+    scores = np.array(scores, dtype=np.float32)
+    scores[bad] = np.nan
+    return scores
+
+
+def _padded(array: np.ndarray, rows: int) -> np.ndarray:
+    """`array` as a C-contiguous float32 array of `rows` rows, zero rows after its own (no copy if it is one)."""
+    if array.shape[0] == rows:
+        return np.ascontiguousarray(array, dtype=np.float32)
+    padded = np.zeros((rows,) + array.shape[1:], dtype=np.float32)
+    padded[: array.shape[0]] = array
+    return padded
+
+
+def _timed_run(runner: Runner, inputs: List[np.ndarray]) -> Tuple[np.ndarray, float]:
     start = time.perf_counter()
     out = runner.run(inputs)
     return out, time.perf_counter() - start

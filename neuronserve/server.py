@@ -127,7 +127,8 @@ SETTINGS: Tuple[_Setting, ...] = (
     _Setting("grace_period_s", _number, "S", "shutdown: seconds to answer accepted requests"),
     _Setting("cache_max_rows", _integer, "ROWS", "embedding cache bound per kind"),
     _Setting("max_queue_delay_ms", _number, "MS", "batching delay bound from the oldest queued request"),
-    _Setting("max_queue_rows", _integer, "ROWS", "queue bound; past it RESOURCE_EXHAUSTED at once"),
+    _Setting("max_queue_rows", _integer, "ROWS", "queue bound in rows (memory); past it RESOURCE_EXHAUSTED at once"),
+    _Setting("max_queue_wait_ms", _number, "MS", "queue bound in time: a request whose queue ahead needs longer to drain is RESOURCE_EXHAUSTED at once"),
     _Setting("max_batch_rows", _optional(_integer), "ROWS", "rows per batch (default: the largest compiled bucket)"),
     _Setting("max_in_flight_batches", _optional(_integer), "N", "batches in flight per batcher (default: the pipeline's executor slots)"),
     _Setting("sim_latency_scale", _number, "X", "sim backend: multiply the device latency model (0 = as fast as the CPU)"),
@@ -207,8 +208,8 @@ def register(subparsers) -> None:
 
 class Runtime:
     """service.Runtime over a pipeline: one DynamicBatcher for Score (a request of M peers is M rows)
-    and one per tower (UpsertEmbeddings and the OIP tower models). `pipeline` needs score, run_stage,
-    max_batch_rows, concurrency, estimate_latency_s and plan_cost_s (pipeline.Pipeline has them)."""
+    and one per tower (UpsertEmbeddings and the OIP tower models). `pipeline` needs score_requests, run_stage,
+    max_batch_rows, concurrency, devices, estimate_latency_s and plan_cost_s (pipeline.Pipeline has them)."""
 
     def __init__(self, pipeline, batching: BatchingConfig, metrics) -> None:
         from neuronserve.batcher import DynamicBatcher
@@ -216,7 +217,9 @@ class Runtime:
 
         self.pipeline = pipeline
         self.metrics = metrics
-        common = dict(max_batch_rows=pipeline.max_batch_rows, config=batching, max_in_flight=pipeline.concurrency)
+        common = dict(
+            max_batch_rows=pipeline.max_batch_rows, config=batching, max_in_flight=pipeline.concurrency, devices=pipeline.devices
+        )
         self._scores = DynamicBatcher(self._run_score, estimate_latency_s=pipeline.estimate_latency_s, name=TWOTOWER, **common)
         self.batchers = {TWOTOWER: self._scores}  # keyed by model name, which is also each batcher's name
         for tower in TOWERS:
@@ -238,14 +241,12 @@ class Runtime:
         return await self.batchers[tower].submit(features, features.shape[0], deadline_s=deadline_s)
 
     async def _run_score(self, slices) -> np.ndarray:
-        """One batch of Score requests: each request's user row once, its peer rows concatenated, and
-        user_index pointing every peer row at its request's user row."""
-        users = _concat([s.payload[0] for s in slices])
-        peers = _concat([s.payload[1][s.start : s.stop] for s in slices])
-        user_index = np.repeat(np.arange(len(slices)), [s.stop - s.start for s in slices])
+        """One batch of Score requests: each request's user row and its peer rows; the pipeline
+        assembles the batch on its executor thread, so the event loop only hands over the lists."""
+        peers = [s.payload[1][s.start : s.stop] for s in slices]
         start = time.perf_counter()
-        scores = await self.pipeline.score(users, peers, user_index)
-        self.metrics.execution(self._scores.name, rows=peers.shape[0], requests=len(slices), compute_s=time.perf_counter() - start)
+        scores = await self.pipeline.score_requests([s.payload[0] for s in slices], peers)
+        self.metrics.execution(self._scores.name, rows=scores.shape[0], requests=len(slices), compute_s=time.perf_counter() - start)
         return scores
 
     async def _run_tower(self, tower: str, slices) -> np.ndarray:
@@ -269,7 +270,7 @@ class Runtime:
 
 def model_info(manifest, config: ServerConfig, backend_name: str):
     """service.ModelInfo of an artifact (manifest) served with `config` on backend `backend_name`."""
-    from neuronserve.service import ModelInfo
+    from neuronserve.service import ModelInfo, oip_version_of
 
     cfg = manifest.model_config
     return ModelInfo(
@@ -284,6 +285,7 @@ def model_info(manifest, config: ServerConfig, backend_name: str):
         max_tower_rows=config.batching.max_queue_rows,
         max_message_bytes=config.max_message_bytes,
         platform=f"neuronserve_{backend_name}",
+        oip_version=oip_version_of(manifest.model_version),
     )
 
 

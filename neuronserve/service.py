@@ -45,7 +45,12 @@ _RESPONSE_HEADROOM_BYTES = 4096  # room for a reply's non-tensor fields under ma
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the services validate against and report; built by the server from the manifest and config."""
+    """What the services validate against and report; built by the server from the manifest and config.
+
+    Versions: `version` is the artifact's (its content hash unless compile named one): the scorer API's
+    replies and the embedding cache carry it. The OIP serves the same model as the integer version
+    `oip_version` (see oip_version_of), because Triton's tools parse versions as integers; the artifact
+    version stays visible there in the platform string (`oip_platform`) and is accepted in requests."""
 
     name: str  # the artifact's model name (ServerMetadata)
     version: str  # the artifact's model version: the only version served
@@ -57,7 +62,22 @@ class ModelInfo:
     max_peers: int  # M per Score / ScoreByIds / ScoreMatrix / OIP twotower request
     max_tower_rows: int  # rows per UpsertEmbeddings / OIP tower request
     max_message_bytes: int
-    platform: str = "neuronserve"  # ModelMetadata.platform; the server puts the backend in it
+    platform: str = "neuronserve"  # the server puts the backend in it, e.g. neuronserve_cpu
+    oip_version: str = "1"  # oip_version_of(version)
+
+    @property
+    def oip_platform(self) -> str:
+        """ModelMetadata.platform and ModelConfig.platform: `<platform>@<artifact version>`."""
+        return f"{self.platform}@{self.version}"
+
+
+def oip_version_of(artifact_version: str) -> str:
+    """The integer version the OIP serves for an artifact version: the artifact version itself when it
+    is a positive decimal integer below 2**63 (compile --model-version 7), canonical (no leading zeros);
+    else "1" (a content hash, or a name such as 2024-06-01)."""
+    if artifact_version.isascii() and artifact_version.isdigit() and 0 < int(artifact_version) < 2**63:
+        return str(int(artifact_version))
+    return "1"
 
 
 class Runtime(Protocol):
@@ -156,8 +176,20 @@ def check_finite(array: np.ndarray, field: str) -> None:
         raise InvalidInput(f"{field}{list(index)} is {array[index]}: features must be finite (no NaN or Inf)")
 
 
-def feature_rows(array: np.ndarray, field: str, width: int, max_rows: int, limit: str) -> np.ndarray:
-    """A [rows, width] feature matrix with 1 <= rows <= max_rows (`limit` names the setting), all finite."""
+def scores_checked(scores: np.ndarray, inputs: Sequence[Tuple[np.ndarray, str]]) -> np.ndarray:
+    """The score path checks finiteness once, on its output (its inputs are checked per batch, off the
+    event loop: the pipeline turns the scores of every row with a non-finite feature into NaN). So a
+    finite output means finite inputs; otherwise the error names the input at fault, else the output."""
+    if not np.isfinite(scores).all():
+        for array, field in inputs:
+            check_finite(array, field)
+        finite_output(scores, "scores")
+    return scores
+
+
+def feature_rows(array: np.ndarray, field: str, width: int, max_rows: int, limit: str, finite: bool = True) -> np.ndarray:
+    """A [rows, width] feature matrix with 1 <= rows <= max_rows (`limit` names the setting), all finite
+    (unless finite=False: the score path checks its output instead, see scores_checked)."""
     if array.ndim != 2 or array.shape[1] != width:
         raise InvalidInput(f"{field} must have shape [rows, {width}], got {list(array.shape)}")
     rows = array.shape[0]
@@ -165,17 +197,16 @@ def feature_rows(array: np.ndarray, field: str, width: int, max_rows: int, limit
         raise InvalidInput(f"{field} has 0 rows; send between 1 and {max_rows}")
     if rows > max_rows:
         raise InvalidInput(f"{field} has {rows} rows, above the server's {limit} of {max_rows}; split the request")
-    check_finite(array, field)
+    if finite:
+        check_finite(array, field)
     return array
 
 
 def one_user(array: np.ndarray, field: str, width: int, allow_vector: bool) -> np.ndarray:
-    """One user's features as [1, width] (the scorer API also takes [width])."""
+    """One user's features as [1, width] (the scorer API also takes [width]); finiteness: scores_checked."""
     if array.shape != (1, width) and not (allow_vector and array.shape == (width,)):
         raise InvalidInput(f"{field} must have shape [1, {width}] (one user), got {list(array.shape)}")
-    array = array.reshape(1, width)
-    check_finite(array, field)
-    return array
+    return array.reshape(1, width)
 
 
 def id_array(values: Sequence[int], field: str, max_ids: int, limit: str) -> np.ndarray:
@@ -315,9 +346,10 @@ class ScorerService(_Servicer, pb_grpc.ScorerServicer):
         info = self.info
         user = one_user(tensor_array(request.user_features, "user_features"), "user_features", info.user_features, True)
         peers = feature_rows(
-            tensor_array(request.peer_features, "peer_features"), "peer_features", info.peer_features, info.max_peers, "max_peers"
+            tensor_array(request.peer_features, "peer_features"), "peer_features", info.peer_features, info.max_peers, "max_peers", False
         )
-        scores = finite_output(await self.runtime.score(user, peers, deadline_of(context)), "scores")
+        scores = await self.runtime.score(user, peers, deadline_of(context))
+        scores_checked(scores, ((user, "user_features"), (peers, "peer_features")))
         return pb.ScoreResponse(scores=tensor_proto(scores), label_names=info.label_names, model_version=info.version)
 
     async def _upsert(self, request: pb.UpsertEmbeddingsRequest, context) -> pb.UpsertEmbeddingsResponse:
@@ -398,22 +430,26 @@ def oip_models(info: ModelInfo) -> Dict[str, OipModel]:
     }
 
 
-def model_statistics(stats) -> oip.ModelStatistics:
-    """From a metrics.ModelStats (injected with the metrics: the service does not import metrics)."""
+def model_statistics(stats, version: str) -> oip.ModelStatistics:
+    """From a metrics.ModelStats (injected with the metrics: the service does not import metrics), for
+    the OIP `version`. Triton's semantics: queue and the three compute durations have one count each,
+    the successful requests, so perf_analyzer finds them equal."""
     def duration(count: int, seconds: float) -> oip.StatisticDuration:
         return oip.StatisticDuration(count=count, ns=int(seconds * 1e9))
 
     return oip.ModelStatistics(
         name=stats.model,
-        version=stats.version,
+        version=version,
         last_inference=stats.last_request_ms,
         inference_count=stats.inferences,
         execution_count=stats.executions,
         inference_stats=oip.InferStatistics(
             success=duration(stats.success, stats.success_s),
             fail=duration(stats.failure, stats.failure_s),
-            queue=duration(stats.queued, stats.queue_s),
-            compute_infer=duration(stats.computed, stats.compute_s),
+            queue=duration(stats.success, stats.queue_s),
+            compute_input=duration(stats.success, stats.compute_input_s),
+            compute_infer=duration(stats.success, stats.compute_infer_s),
+            compute_output=duration(stats.success, stats.compute_output_s),
         ),
     )
 
@@ -433,7 +469,7 @@ class InferenceService(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
         return oip.ServerReadyResponse(ready=self.state.serving)
 
     async def ModelReady(self, request: oip.ModelReadyRequest, context) -> oip.ModelReadyResponse:
-        known = request.name in self.models and request.version in ("", self.info.version)
+        known = request.name in self.models and request.version in ("", self.info.oip_version, self.info.version)
         return oip.ModelReadyResponse(ready=known and self.state.serving)
 
     async def ServerMetadata(self, request, context) -> oip.ServerMetadataResponse:
@@ -456,8 +492,11 @@ class InferenceService(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
         model = self.models.get(name)
         if model is None:
             raise NotFound(f"unknown model {name!r}; this server serves {', '.join(self.models)}")
-        if version not in ("", self.info.version):
-            raise NotFound(f"model {name} has no version {version!r}; it serves version {self.info.version!r} (or send none)")
+        if version not in ("", self.info.oip_version, self.info.version):
+            raise NotFound(
+                f"model {name} has no version {version!r}; it serves version {self.info.oip_version!r} "
+                f"(artifact version {self.info.version!r}, also accepted), or send none"
+            )
         return model
 
     async def _metadata(self, request: oip.ModelMetadataRequest, context) -> oip.ModelMetadataResponse:
@@ -465,8 +504,8 @@ class InferenceService(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
         meta = oip.ModelMetadataResponse.TensorMetadata
         return oip.ModelMetadataResponse(
             name=model.name,
-            versions=[self.info.version],
-            platform=self.info.platform,
+            versions=[self.info.oip_version],
+            platform=self.info.oip_platform,
             inputs=[meta(name=t.name, datatype=FP32, shape=t.shape) for t in model.inputs],
             outputs=[meta(name=t.name, datatype=FP32, shape=t.shape) for t in model.outputs],
         )
@@ -475,7 +514,7 @@ class InferenceService(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
         """Triton's model configuration: max_batch_size 0 because batching is inside the server, on rows
         (peers), so shapes are given whole, as in ModelMetadata."""
         model = self._model(request.name, request.version)
-        config = oip.ModelConfig(name=model.name, platform=self.info.platform, backend="neuronserve", max_batch_size=0)
+        config = oip.ModelConfig(name=model.name, platform=self.info.oip_platform, backend="neuronserve", max_batch_size=0)
         config.input.extend(oip.ModelInput(name=t.name, data_type=oip.TYPE_FP32, dims=t.shape) for t in model.inputs)
         config.output.extend(oip.ModelOutput(name=t.name, data_type=oip.TYPE_FP32, dims=t.shape) for t in model.outputs)
         return oip.ModelConfigResponse(config=config)
@@ -484,7 +523,8 @@ class InferenceService(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
         """Cumulative counters of one model, or of every OIP model when no name is given. `twotower`
         counts the scorer API's Score too: it is the same model."""
         names = [self._model(request.name, request.version).name] if request.name else list(self.models)
-        return oip.ModelStatisticsResponse(model_stats=[model_statistics(self.metrics.statistics(n)) for n in names])
+        version = self.info.oip_version
+        return oip.ModelStatisticsResponse(model_stats=[model_statistics(self.metrics.statistics(n), version) for n in names])
 
     async def _infer(self, request: oip.ModelInferRequest, context) -> oip.ModelInferResponse:
         model = self._model(request.model_name, request.model_version)
@@ -502,13 +542,14 @@ class InferenceService(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
         deadline_s = deadline_of(context)
         if model.name == TWOTOWER:
             out = await self.runtime.score(arrays[0], arrays[1], deadline_s)
+            scores_checked(out, [(array, f"input {spec.name}") for array, spec in zip(arrays, model.inputs)])
         else:
-            out = await self.runtime.embed(model.name, arrays[0], deadline_s)
-        data = np.ascontiguousarray(finite_output(out, model.outputs[0].name), dtype=_F32).tobytes()
-        response = oip.ModelInferResponse(model_name=model.name, model_version=self.info.version, id=request.id)
-        for name in output_names:  # each model has one output; raw contents, as Triton answers
-            response.outputs.add(name=name, datatype=FP32, shape=out.shape)
-            response.raw_output_contents.append(data)
+            out = finite_output(await self.runtime.embed(model.name, arrays[0], deadline_s), model.outputs[0].name)
+        data = np.ascontiguousarray(out, dtype=_F32).tobytes()
+        # each model has one output, so the one requested (once) is it; raw contents, as Triton answers
+        response = oip.ModelInferResponse(model_name=model.name, model_version=self.info.oip_version, id=request.id)
+        response.outputs.add(name=output_names[0], datatype=FP32, shape=out.shape)  # (nested kwargs: 2x slower)
+        response.raw_output_contents.append(data)
         return response
 
     def _inputs(self, model: OipModel, request: oip.ModelInferRequest) -> List[np.ndarray]:
@@ -549,6 +590,6 @@ class InferenceService(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
         rows, width = spec.shape
         if rows == 1:
             return one_user(array, field, width, allow_vector=False)
-        if spec.name == "PEER_FEATURES":
-            return feature_rows(array, field, width, self.info.max_peers, "max_peers")
+        if spec.name == "PEER_FEATURES":  # finiteness: scores_checked
+            return feature_rows(array, field, width, self.info.max_peers, "max_peers", finite=False)
         return feature_rows(array, field, width, self.info.max_tower_rows, "max_queue_rows")

@@ -80,17 +80,20 @@ def make(
     *,
     max_batch_rows: int = 100,
     max_in_flight: int = 1,
+    devices: int = 1,
     clock: Optional[Clock] = None,
     estimate=None,
     **config,
 ) -> DynamicBatcher:
     config.setdefault("max_queue_delay_ms", NEVER_MS)
+    config.setdefault("max_queue_wait_ms", NEVER_MS)
     batcher = DynamicBatcher(
         runner,
         max_batch_rows=max_batch_rows,
         config=BatchingConfig(**config),
         max_in_flight=max_in_flight,
         estimate_latency_s=estimate,
+        devices=devices,
         clock=clock or Clock(),
         name="test",
     )
@@ -342,6 +345,83 @@ def test_deadline_checked_as_a_request_joins_a_batch():
     run(body())
 
 
+def test_admission_counts_the_backlog_ahead_and_refuses_at_once():
+    async def body():
+        clock = Clock()
+        runner = Runner()
+        # 10 ms per row, batches of up to 10 rows, one slot: the backlog drains at 100 rows/s
+        batcher = make(runner, max_batch_rows=10, clock=clock, estimate=lambda rows: 0.01 * rows, max_queue_wait_ms=120)
+        running = submit(batcher, "run", 10)  # 100 ms in flight
+        await settle()
+        queued = submit(batcher, "q", 4)  # 100 ms ahead: within the budget
+        await settle()
+        # 14 rows ahead = 140 ms > the 120 ms budget: refused at once, whatever its deadline
+        with pytest.raises(Overloaded, match=r"140\.0 ms to drain, above max_queue_wait_ms=120"):
+            await batcher.submit(payload("over", 1), 1)
+        with pytest.raises(DeadlineExceeded, match=r"after the 140\.0 ms the queue ahead needs would finish 90\.000 ms"):
+            await batcher.submit(payload("late", 1), 1, deadline_s=0.06)
+        stats = batcher.stats()
+        assert (stats.rejected_overload, stats.rejected_deadline) == (1, 1)
+        clock.now_s = 0.3  # the running batch took 300 ms for a 100 ms estimate: 3x slower than modelled
+        runner.release(0)
+        await settle()
+        assert batcher.stats().slowdown == pytest.approx(1 + 0.2 * (3 - 1))  # one EWMA step toward 3
+        runner.release_all()
+        check(await running, "run", 10), check(await queued, "q", 4)
+        await batcher.close()
+
+    run(body())
+
+
+def test_a_batch_fires_at_once_while_a_device_is_idle_and_holds_only_the_extra_slots():
+    async def body():
+        clock = Clock()
+        runner = Runner()
+        batcher = make(runner, max_in_flight=4, devices=2, clock=clock, max_queue_delay_ms=5)
+        a = submit(batcher, "a", 1)
+        await settle()
+        b = submit(batcher, "b", 1)  # one device busy, the other idle: goes at once
+        await settle()
+        assert len(runner.batches) == 2
+        c = submit(batcher, "c", 1)  # both devices busy: held for the delay, though slots are free
+        await settle()
+        assert len(runner.batches) == 2
+        clock.now_s = 0.005
+        d = submit(batcher, "d", 1)  # wakes the dispatcher; c's delay is up
+        await settle()
+        assert runner.batches[2] == [("c", 0, 1), ("d", 0, 1)]
+        runner.release_all()
+        await asyncio.gather(a, b, c, d)
+        await batcher.close()
+
+    run(body())
+
+
+def test_with_every_device_busy_a_spare_slot_fills_until_a_device_is_about_to_free():
+    async def body():
+        clock = Clock()
+        runner = Runner()
+        # one device, two in flight: the host prepares the next batch while the device runs one
+        batcher = make(runner, max_in_flight=2, clock=clock, estimate=lambda rows: 0.010, max_queue_delay_ms=2)
+        a = submit(batcher, "a", 1)  # device idle: at once; expected to free at 10 ms
+        await settle()
+        b = submit(batcher, "b", 1)
+        await settle()
+        clock.now_s = 0.005  # b waited past the delay, but the device is busy for 5 ms more: keep filling
+        c = submit(batcher, "c", 1)
+        await settle()
+        assert len(runner.batches) == 1
+        clock.now_s = 0.008  # 2 ms (the delay) before the device frees: form it now
+        d = submit(batcher, "d", 1)
+        await settle()
+        assert runner.batches[1] == [("b", 0, 1), ("c", 0, 1), ("d", 0, 1)]
+        runner.release_all()
+        await asyncio.gather(a, b, c, d)
+        await batcher.close()
+
+    run(body())
+
+
 def test_cancelled_requests_are_dropped_from_the_queue():
     async def body():
         runner = Runner()
@@ -494,7 +574,7 @@ def test_bad_rows_not_started_and_bad_settings():
         for rows in (0, -1, True, 1.5):
             with pytest.raises(InvalidInput, match="rows must be an integer >= 1"):
                 await batcher.submit(payload("a", 1), rows)
-        assert runner.batches == [] and batcher.stats() == BatcherStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0)
+        assert runner.batches == [] and batcher.stats() == BatcherStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 1.0)
         await batcher.close()
         with pytest.raises(ConfigError, match="max_batch_rows"):
             DynamicBatcher(runner, max_batch_rows=0, config=BatchingConfig())

@@ -84,6 +84,17 @@ def server(artifact_dir):
 
 
 @pytest.fixture(scope="module")
+def refusing_server(artifact_dir):
+    """A server whose queue bound in time is 1 us: a request arriving while any work is queued or
+    running is refused at the door (RESOURCE_EXHAUSTED), so modest load provokes refusals."""
+    argv = [sys.executable, "-m", "neuronserve", "serve", "--artifact", artifact_dir, "--backend", "cpu", "--port", "0", "--metrics-port", "0",
+            "--max-queue-wait-ms", "0.001"]
+    srv = ServerProcess(argv)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
 def echo():
     srv = ServerProcess([sys.executable, "-m", "neuronserve.bench.echo", "--port", "0", "--reply-bytes", "2100"])
     yield srv
@@ -144,6 +155,21 @@ def test_a_step_fails_when_more_than_one_percent_fail_or_are_slow():
     failing = ok.__class__(**{**ok.__dict__, "errors": {"DEADLINE_EXCEEDED": 2}})
     assert not step_passes(failing, 100.0)
     assert not step_passes(_fake_result(100.0, capacity=50.0), 100.0)
+
+
+def test_a_search_comparison_uses_the_highest_passing_rates_and_no_latency_ratio():
+    from neuronserve.bench.report import Measured, ServerCpu, compare
+
+    ours = Measured(_fake_result(1200.0, capacity=2000.0), None, ServerCpu(0.9, 1000, "metrics"))
+    plain = Measured(_fake_result(800.0, capacity=2000.0), None, ServerCpu(1.2, 1000, "psutil"))
+    cmp = compare("plain", ours, plain, search_bound_ms=100.0)
+    assert cmp.served_ratio == pytest.approx(1.5) and cmp.cpu_ratio == pytest.approx(0.75)
+    assert cmp.p50_ratio is None and cmp.p99_ratio is None and cmp.note == ""  # different loads: latencies not compared
+    assert compare("plain", ours, None, 100.0).served_ratio is None  # the plain server passed no step
+    capped = compare("plain", ours, plain, 100.0, never_failed=["plain"])
+    assert "plain" in capped.note and "lower bound" in capped.note
+    fixed = compare("plain", ours, plain, search_bound_ms=None)
+    assert fixed.served_ratio == pytest.approx(1.5) and fixed.p50_ratio == pytest.approx(1.0)
 
 
 def test_metrics_deltas_give_batch_statistics(tmp_path):
@@ -238,8 +264,198 @@ def test_search_prints_the_rate_and_the_limits(server, artifact_dir, tmp_path):
     assert report["limits"]["transport"]["requests_per_s"] > 0
     assert report["limits"]["transport"]["served_fraction"] > 0
     assert report["limits"]["compute"]["pairs_per_s"] > 0 and report["limits"]["compute"]["served_fraction"] > 0
+    assert "fused twotower graph at batch 128" in report["limits"]["compute"]["how"]  # the artifact has it: the limit says it used it
+    assert f"pairs/s; {report['limits']['compute']['how']})" in done.stdout
     assert report["server_batches"]["executions"] > 0
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-if-compiled", "three-stages"])
+def test_the_plain_server_answers_like_neuronserve(server, artifact_dir, fused):
+    """Same request, same artifact: the same reply shape and the same scores, through both APIs."""
+    import grpc
+
+    from neuronserve.bench.plain import PlainServer
+    from neuronserve.bench.workloads import WorkloadSpec, prepare_workload
+    from neuronserve.protos import open_inference_pb2 as oip
+    from neuronserve.protos import scorer_pb2 as pb
+
+    def ask(target, method, payload, reply_type):
+        with grpc.insecure_channel(target) as channel:
+            return reply_type.FromString(channel.unary_unary(method)(payload, timeout=10))
+
+    with PlainServer(artifact_dir, fused=fused) as plain:
+        for name, reply_type in (("score", pb.ScoreResponse), ("oip", oip.ModelInferResponse)):
+            workload = prepare_workload(plain.target, WorkloadSpec(name=name, peers=24))  # also the bench's metadata call and probe
+            assert workload.payloads == prepare_workload(server.target, WorkloadSpec(name=name, peers=24)).payloads
+            replies = [ask(t, workload.method, workload.payloads[3], reply_type) for t in (server.target, plain.target)]
+            if name == "score":
+                shapes = [list(r.scores.shape) for r in replies]
+                scores = [np.frombuffer(r.scores.data, "<f4") for r in replies]
+                assert replies[0].label_names == replies[1].label_names
+            else:
+                shapes = [list(r.outputs[0].shape) for r in replies]
+                scores = [np.frombuffer(r.raw_output_contents[0], "<f4") for r in replies]
+                assert [r.outputs[0].name for r in replies] == ["SCORES", "SCORES"]
+            assert shapes[0] == shapes[1] == [24, 2]
+            np.testing.assert_allclose(scores[1], scores[0], rtol=1e-5, atol=1e-5)
+            assert abs(len(replies[1].SerializeToString()) - len(replies[0].SerializeToString())) <= 16  # the version strings may differ
+        pid = plain.pid
+    import psutil
+
+    assert not psutil.pid_exists(pid)
+
+
+@pytest.mark.timeout(120)
+def test_reference_plain_reports_both_servers_and_their_ratios(server, artifact_dir, tmp_path):
+    out_json = tmp_path / "bench.json"
+    argv = [sys.executable, "-m", "neuronserve.bench", "--target", server.target, "--workload", "score", "--peers", "32", "--rate", "40",
+            "--duration-s", "2", "--warmup-s", "0.5", "--no-limits", "--quiet", "--json", str(out_json), "--artifact", artifact_dir,
+            "--metrics-url", server.metrics_url, "--reference", "plain"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out_json.read_text())
+    ours, ref, cmp = report["result"], report["reference"]["result"], report["versus_reference"]
+    assert report["reference"]["server"] == "plain" and report["reference"]["target"] != server.target
+    assert ours["ok"] > 0 and ref["ok"] > 0
+    assert ours["sent"] == ref["sent"]  # the same generator: the same schedule
+    assert cmp["served_ratio"] == pytest.approx(ours["achieved_rate_per_s"] / ref["achieved_rate_per_s"], rel=1e-3)
+    assert cmp["p50_ratio"] == pytest.approx(ours["latency_ms"]["p50"] / ref["latency_ms"]["p50"], rel=1e-2)
+    assert cmp["p99_ratio"] == pytest.approx(ours["latency_ms"]["p99"] / ref["latency_ms"]["p99"], rel=1e-2)
+    ours_cpu, ref_cpu = report["server_cpu"], report["reference"]["server_cpu"]
+    assert ours_cpu["ms_per_request"] > 0 and ref_cpu["ms_per_request"] > 0
+    assert ref_cpu["ms_per_request"] == pytest.approx(1000 * ref_cpu["seconds"] / ref["sent"], rel=1e-2)
+    assert cmp["cpu_ratio"] == pytest.approx(ours_cpu["ms_per_request"] / ref_cpu["ms_per_request"], rel=1e-2)
+    assert f"served rate       {cmp['served_ratio']:.2f}x" in done.stdout
+    assert f"p50 {cmp['p50_ratio']:.2f}x  p99 {cmp['p99_ratio']:.2f}x" in done.stdout
+    assert done.stdout.count("\n  achieved rate ") == 2  # both servers' results
+    import psutil
+
+    assert not psutil.pid_exists(report["reference"]["pid"])  # bench stopped the server it started
+
+
+@pytest.mark.timeout(90)
+def test_error_latencies_are_kept_per_status_and_merged_over_clients(refusing_server):
+    """Refusals at the door and the client's deadline, in one run: a 1 s SIGSTOP makes the requests
+    sent meanwhile hit the 300 ms client deadline; the rest meet the 1 us queue bound."""
+    timeout_ms = 300.0
+    spec = LoadSpec(target=refusing_server.target, method="/neuronserve.v1.Scorer/Score", payloads=_score_payloads(refusing_server), duration_s=3.0,
+                    warmup_s=0.5, rate_per_s=150.0, arrival="constant", clients=2, timeout_ms=timeout_ms)
+
+    def stall():
+        refusing_server.signal(signal.SIGSTOP)
+        time.sleep(1.0)
+        refusing_server.signal(signal.SIGCONT)
+
+    result = run_load(spec, on_window_start=lambda: threading.Timer(0.5, stall).start())
+    assert result.ok + result.failed == result.sent == 450
+    assert set(result.error_latency_ms) == set(result.errors) == set(result.error_histograms)
+    for status, dist in result.error_latency_ms.items():
+        assert dist.count == result.errors[status]  # both client processes' histograms, merged
+        assert dist.p50 <= dist.p99 <= dist.max
+    timed_out, refused = result.error_latency_ms["DEADLINE_EXCEEDED"], result.error_latency_ms["RESOURCE_EXHAUSTED"]
+    assert 0.5 * 150 <= timed_out.count <= 1.5 * 150  # about the second stopped
+    assert timed_out.p50 >= timeout_ms  # measured from the schedule: never before the deadline
+    assert refused.p50 < timeout_ms / 2  # answered at the door, not at the deadline: the two are kept apart
+    assert result.to_dict()["error_latency_ms"]["DEADLINE_EXCEEDED"] == timed_out.to_dict()
+
+
+@pytest.mark.timeout(90)
+def test_the_report_shows_error_latencies_and_server_memory(refusing_server, tmp_path):
+    import psutil
+
+    out_json = tmp_path / "bench.json"
+    argv = [sys.executable, "-m", "neuronserve.bench", "--target", refusing_server.target, "--peers", "32", "--rate", "300", "--duration-s", "2",
+            "--warmup-s", "0.5", "--no-limits", "--quiet", "--json", str(out_json), "--metrics-url", refusing_server.metrics_url]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=80)
+    assert done.returncode == 0, done.stderr
+    rss_now = psutil.Process(refusing_server.proc.pid).memory_info().rss
+    report = json.loads(out_json.read_text())
+    result = report["result"]
+    assert result["errors"].get("RESOURCE_EXHAUSTED", 0) > 0
+    assert {k: v["count"] for k, v in result["error_latency_ms"].items()} == result["errors"]
+    refused = result["error_latency_ms"]["RESOURCE_EXHAUSTED"]
+    assert set(refused) == {"count", "p50", "p90", "p99", "p99.9", "max", "mean"}  # full in the JSON
+    line = f"  error latency ms  RESOURCE_EXHAUSTED: p50 {refused['p50']:.2f}  p99 {refused['p99']:.2f}  max {refused['max']:.2f}"
+    assert line in done.stdout.splitlines()  # compact in the table
+    memory = report["server_memory"]
+    assert memory["source"].startswith("process_resident_memory_bytes")
+    assert memory["rss_change_bytes"] == memory["rss_after_bytes"] - memory["rss_before_bytes"]
+    assert 0.5 * rss_now <= memory["rss_after_bytes"] <= 1.5 * rss_now  # the server's RSS, not the client's or a stale value
+    assert f"server RSS        {memory['rss_before_bytes'] / 2**20:.1f} MiB at the window's start" in done.stdout
+
+
+@pytest.mark.timeout(120)
+def test_a_rate_list_runs_in_order_against_the_same_server(server, tmp_path):
+    out_json = tmp_path / "bench.json"
+    argv = [sys.executable, "-m", "neuronserve.bench", "--target", server.target, "--peers", "32", "--rate", "60,120", "--arrival", "constant",
+            "--duration-s", "1.5", "--warmup-s", "0.5", "--no-limits", "--quiet", "--json", str(out_json), "--metrics-url", server.metrics_url]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out_json.read_text())
+    assert report["mode"] == "rate-sequence" and "result" not in report
+    runs = report["runs"]
+    assert [r["result"]["offered_rate_per_s"] for r in runs] == [60.0, 120.0]
+    assert [r["result"]["sent"] for r in runs] == [90, 180]  # constant arrivals: rate x duration each
+    assert [r["result"]["warmup_s"] for r in runs] == [0.5, 0.0]  # only the first run warms up
+    for run in runs:
+        assert run["server_memory"]["rss_before_bytes"] > 0 and run["server_cpu"]["requests"] == run["result"]["sent"]
+    # each run's server counters cover its own window: the second run (no warm-up) sees only its own requests
+    assert abs(runs[1]["server_batches"]["requests"] - runs[1]["result"]["ok"]) <= 5  # read at the window's start, 8 ms apart
+    lines = done.stdout.splitlines()
+    assert "run 1 of 2: 60.0/s" in lines and "run 2 of 2: 120.0/s, right after run 1" in lines
+    summary = lines.index("the 2 runs in order, each right after the one before")
+    assert [line.split()[:2] for line in lines[summary + 2 : summary + 4]] == [["1", "60.0"], ["2", "120.0"]]
+    assert done.stdout.count("\n  achieved rate ") == 2
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("peers, users", [(32, 8), (1000, 1)])
+def test_the_compute_limit_runs_the_fused_graph_at_the_largest_bucket(artifact_dir, monkeypatch, peers, users):
+    """B = 128 (the largest bucket) peer rows against ceil(128 / M) users, rounded up to a compiled user batch."""
+    import neuronserve.backends as backends
+    from neuronserve.bench.limits import compute_limit
+    from neuronserve.bench.workloads import Workload, WorkloadSpec
+
+    shapes = set()
+    make_backend = backends.make_backend
+
+    class Recording:
+        def __init__(self, runner):
+            self.runner = runner
+
+        def __getattr__(self, name):
+            return getattr(self.runner, name)
+
+        def run(self, inputs):
+            shapes.add((self.runner.stage,) + tuple(a.shape for a in inputs))
+            return self.runner.run(inputs)
+
+    def recording_backend(*args, **kwargs):
+        engine = make_backend(*args, **kwargs)
+        load = engine.load
+        engine.load = lambda stage, cores: Recording(load(stage, cores))
+        return engine
+
+    monkeypatch.setattr(backends, "make_backend", recording_backend)
+    workload = Workload(WorkloadSpec(name="score", peers=peers), "/x", (b"",), peers, 0, 0, 16, 16, 2)
+    limit = compute_limit(artifact_dir, workload, seconds=0.2)
+    assert shapes == {("twotower", (users, 16), (128, 16), (128,))}
+    assert f"fused twotower graph at batch 128 ({users} user row" in limit.how
+    assert limit.pairs_per_s > 0 and limit.requests_per_s == pytest.approx(limit.pairs_per_s / peers)
+
+
+@pytest.mark.timeout(60)
+def test_the_compute_limit_runs_three_stages_without_the_fused_graph(artifact_dir, monkeypatch):
+    from neuronserve.artifact import Manifest
+    from neuronserve.bench.limits import compute_limit
+    from neuronserve.bench.workloads import Workload, WorkloadSpec
+
+    monkeypatch.setattr(Manifest, "has_fused_stage", property(lambda self: False))  # an artifact compiled before the fused graph
+    limit = compute_limit(artifact_dir, Workload(WorkloadSpec(name="score", peers=32), "/x", (b"",), 32, 0, 0, 16, 16, 2), seconds=0.2)
+    assert "three stages" in limit.how and "fused" not in limit.how.replace("no fused", "")
+    assert limit.pairs_per_s > 0
 
 
 @pytest.mark.parametrize(
@@ -250,6 +466,12 @@ def test_search_prints_the_rate_and_the_limits(server, artifact_dir, tmp_path):
         (["--json", "/nonexistent-dir/out.json"], ["--json", "/nonexistent-dir", "does not exist"]),
         (["--limit-s", "0"], ["--limit-s", "> 0"]),
         (["--artifact", "/nonexistent-artifact"], ["/nonexistent-artifact", "does not exist"]),
+        (["--reference", "plain"], ["--reference plain needs --artifact"]),
+        (["--reference", "plain", "--workload", "score-ids", "--artifact", "/nonexistent-artifact"], ["--reference plain", "score and oip workloads"]),
+        (["--reference", "plain", "--no-limits", "--artifact", "/nonexistent-artifact"], ["/nonexistent-artifact", "does not exist"]),
+        (["--rate", "1800,fast"], ["--rate", "1800,fast", "separated by commas"]),
+        (["--rate", "1800,0"], ["--rate must be > 0"]),
+        (["--reference", "plain", "--rate", "10,20", "--artifact", "/nonexistent-artifact"], ["--reference plain", "one --rate"]),
     ],
 )
 def test_bad_bench_arguments_fail_before_any_load(extra, words):

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from neuronserve.artifact import REFERENCE_NAME, ModelConfig, load_manifest
+from neuronserve.artifact import FUSED_STAGE, MANIFEST_HASH_KEY, REFERENCE_NAME, ModelConfig, load_manifest, manifest_hash
+from neuronserve.backends.base import FusedRunner
 from neuronserve.backends.cpu import CpuBackend
 from neuronserve.compile import compile_artifact
 from neuronserve.compile.model import random_model
 from neuronserve.config import CoreGroup
-from neuronserve.errors import ArtifactError, ConfigError
+from neuronserve.errors import ArtifactError, ConfigError, InvalidInput
 
 from conftest import SMALL_CONFIG
 
@@ -46,13 +47,20 @@ def test_compile_cli_writes_a_verified_artifact(tmp_path):
     result = neuronserve("compile", "--target", "cpu", "--out", out, "--seed", "0")
     assert result.returncode == 0, result.stderr
     data = json.loads((out / "manifest.json").read_text())
-    assert sorted(data["stages"]) == ["pair_scorer", "peer_tower", "user_tower"]
-    for stage in data["stages"].values():
+    assert sorted(data["stages"]) == ["pair_scorer", "peer_tower", "twotower", "user_tower"]
+    for name, stage in data["stages"].items():
         buckets = stage["buckets"]
-        assert [b["batch_size"] for b in buckets] == [1, 8, 32, 128, 512, 1024]
         assert all(0 <= b["parity_max_abs_err"] < 1e-5 for b in buckets)
         assert all(len(data["files"][b["file"]]) == 64 for b in buckets)  # a sha256 per stage file
-    assert len(data["files"]) == 3 * 6 + 1  # 18 graphs + reference.npz
+        if name != FUSED_STAGE:
+            assert [b["batch_size"] for b in buckets] == [1, 8, 32, 128, 512, 1024]
+            assert all("user_batch_size" not in b for b in buckets)  # the three stages' entries as before
+    fused = data["stages"][FUSED_STAGE]["buckets"]
+    sizes = [1, 8, 32, 128, 512, 1024]
+    assert [(b["batch_size"], b["user_batch_size"]) for b in fused] == [(b, u) for b in sizes for u in sizes if u <= b]
+    assert {b["file"] for b in fused} == {"twotower.pt"}  # cpu: one shape-generic graph, checked at all 21 pairs
+    assert [t["dtype"] for t in data["stages"][FUSED_STAGE]["inputs"]] == ["float32", "float32", "int64"]
+    assert len(data["files"]) == 3 * 6 + 1 + 1  # 18 stage graphs + the fused graph + reference.npz
     assert data["model_config"]["num_labels"] == 4 and data["label_names"] == ["like", "chat", "match", "report"]
     assert "parity" in result.stdout and "twotower-demo" in result.stdout
     assert "user_tower" in result.stderr  # the progress bar names the graph being traced
@@ -85,7 +93,12 @@ def test_traced_stages_reproduce_the_eager_model(small_artifact):
 def test_one_changed_byte_is_refused_naming_the_file(tmp_path, small_config_file):
     out = tmp_path / "artifact"
     assert neuronserve("compile", "--out", out, "--model-config", small_config_file, "--batch-sizes", "1,4", "--quiet").returncode == 0
-    assert neuronserve("inspect", out).returncode == 0
+    inspected = neuronserve("inspect", out)
+    assert inspected.returncode == 0
+    lines = inspected.stdout.splitlines()
+    (header,) = [line for line in lines if line.startswith("stage      twotower")]
+    assert "user_index[-1]" in header and "scores[-1, 3]" in header
+    assert any("batch     4  users 1,4" in line and "twotower.pt" in line for line in lines), inspected.stdout
     victim = out / "peer_tower_b4.pt"
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -228,3 +241,199 @@ def test_the_demo_cache_entry_is_recompiled_when_broken(tmp_path):
     (entry / "junk").write_text("x")
     assert ensure_demo_artifact(tmp_path, progress=False) == entry
     assert load_manifest(entry).model_version == version and not (entry / "junk").exists()
+    # an entry an older neuronserve compiled (valid, but without the fused graph) is rebuilt with it
+    strip_fused_stage(entry)
+    assert not load_manifest(entry).has_fused_stage
+    assert ensure_demo_artifact(tmp_path, progress=False) == entry
+    rebuilt = load_manifest(entry)
+    assert rebuilt.has_fused_stage and rebuilt.model_version == version
+
+
+# --- the fused stage: the three stages as one graph ------------------------------------------------
+
+
+def rewrite_manifest(directory, mutate) -> None:
+    """Change manifest.json as a compiler would have written it (content hash recomputed)."""
+    path = directory / "manifest.json"
+    data = json.loads(path.read_text())
+    mutate(data)
+    data[MANIFEST_HASH_KEY] = manifest_hash(data)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def strip_fused_stage(directory) -> None:
+    """Make `directory` what the compiler before the fused stage wrote: three stages, their files."""
+
+    def strip(data):
+        for bucket in data["stages"].pop(FUSED_STAGE)["buckets"]:
+            data["files"].pop(bucket["file"], None)
+            (directory / bucket["file"]).unlink(missing_ok=True)
+
+    rewrite_manifest(directory, strip)
+
+
+def stage_path_scores(backend, users, peers, user_index):
+    """user_tower -> take(user_index) -> pair_scorer, each stage at the smallest bucket that fits (zero padding)."""
+
+    def run(stage, *arrays):
+        runner = backend.load(stage, CoreGroup(0))
+        rows = arrays[0].shape[0]
+        bucket = min(b for b in runner.batch_sizes if b >= rows)
+        padded = [np.concatenate([a, np.zeros((bucket - rows,) + a.shape[1:], np.float32)]) for a in arrays]
+        return runner.run(padded)[:rows]
+
+    return run("pair_scorer", np.ascontiguousarray(np.take(run("user_tower", users), user_index, axis=0)), run("peer_tower", peers))
+
+
+def eager_scores(users, peers, user_index):
+    """The eager model the small artifact was compiled from, on the gathered rows."""
+    model = random_model(SMALL_CONFIG, seed=7)
+    with torch.no_grad():
+        return model(torch.from_numpy(users[user_index]), torch.from_numpy(peers)).numpy()
+
+
+def pad_fused(users, peers, user_index, user_bucket, peer_bucket):
+    """Zero user rows up to U, zero peer rows up to B scored against user 0: the pipeline's padding."""
+    cfg = SMALL_CONFIG
+    return [
+        np.concatenate([users, np.zeros((user_bucket - len(users), cfg.user_features), np.float32)]),
+        np.concatenate([peers, np.zeros((peer_bucket - len(peers), cfg.peer_features), np.float32)]),
+        np.concatenate([user_index, np.zeros(peer_bucket - len(peers), np.int64)]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def fused_runner(small_artifact) -> FusedRunner:
+    return CpuBackend(small_artifact).load(FUSED_STAGE, CoreGroup(0))
+
+
+def test_the_fused_runner_describes_its_compiled_pairs(small_artifact, fused_runner):
+    assert isinstance(fused_runner, FusedRunner) and fused_runner.stage == FUSED_STAGE == "twotower"
+    assert fused_runner.batch_sizes == (1, 4, 16)
+    assert [fused_runner.user_batch_sizes(b) for b in (1, 4, 16)] == [(1,), (1, 4), (1, 4, 16)]
+    assert fused_runner.user_batch_sizes(3) == ()
+    assert fused_runner.input_shapes() == ((SMALL_CONFIG.user_features,), (SMALL_CONFIG.peer_features,))
+    assert fused_runner.latency_s(16, 4) is None and fused_runner.max_in_flight == 1
+    assert fused_runner.healthy()
+    spec = small_artifact.stage(FUSED_STAGE)
+    assert spec.batch_sizes == (1, 4, 16) and spec.user_batch_sizes(16) == (1, 4, 16)
+    assert spec.bucket(16, 4).user_batch_size == 4
+    with pytest.raises(ArtifactError, match="no bucket of batch size 4 with user batch 16"):
+        spec.bucket(4, 16)
+
+
+@pytest.mark.parametrize(
+    "users, peers, user_bucket, peer_bucket",
+    [(1, 1, 1, 1), (4, 4, 4, 4), (1, 16, 1, 16), (16, 16, 16, 16), (3, 10, 4, 16), (1, 3, 1, 4), (2, 2, 4, 4), (4, 13, 16, 16)],
+)
+def test_fused_scores_equal_the_three_stages_and_the_eager_model(small_artifact, fused_runner, users, peers, user_bucket, peer_bucket):
+    """Random inputs at several (U, B), padded as the pipeline pads: the padding never changes a real row."""
+    rng = np.random.default_rng(users * 100 + peers)
+    user_features = rng.standard_normal((users, SMALL_CONFIG.user_features)).astype(np.float32)
+    peer_features = rng.standard_normal((peers, SMALL_CONFIG.peer_features)).astype(np.float32)
+    user_index = rng.permutation(np.arange(peers, dtype=np.int64) % users)  # every user scored, in random order
+    out = fused_runner.run(pad_fused(user_features, peer_features, user_index, user_bucket, peer_bucket))
+    assert out.dtype == np.float32 and out.shape == (peer_bucket, SMALL_CONFIG.num_labels)
+    three = stage_path_scores(CpuBackend(small_artifact), user_features, peer_features, user_index)
+    np.testing.assert_allclose(out[:peers], three, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(out[:peers], eager_scores(user_features, peer_features, user_index), rtol=0, atol=1e-5)
+    if users > 1:  # the index matters: scoring every peer against user 0 gives other scores
+        assert not np.allclose(out[:peers], eager_scores(user_features, peer_features, np.zeros_like(user_index)), atol=1e-4)
+
+
+def test_fused_scores_match_the_reference_file(small_artifact, fused_runner):
+    reference = np.load(small_artifact.path(REFERENCE_NAME))
+    users = reference["user_features"][: int(reference["user_index"].max()) + 1]
+    peers, index = reference["peer_features"], reference["user_index"]
+    out = fused_runner.run(pad_fused(users, peers, index, 4, 16))[: len(peers)]
+    np.testing.assert_allclose(out, reference["indexed_scores"], atol=1e-5)
+    np.testing.assert_allclose(reference["indexed_scores"], eager_scores(reference["user_features"], peers, index), atol=1e-5)
+
+
+def test_the_fused_graph_gathers_with_index_select(small_artifact):
+    """The user rows are gathered inside the graph by aten::index_select (torch-neuron compiles it for
+    the NeuronCore), not copied per peer on the host."""
+    graph = torch.jit.load(str(small_artifact.path(small_artifact.stage(FUSED_STAGE).bucket(16, 4).file)))
+    kinds = {node.kind() for node in graph.inlined_graph.nodes()}
+    assert "aten::index_select" in kinds
+    assert not {"aten::index", "aten::gather", "aten::repeat_interleave"} & kinds
+
+
+def _fused_inputs(users=4, peers=16, features=None, index_dtype=np.int64, index=None):
+    cfg = SMALL_CONFIG
+    return [
+        np.zeros((users, features or cfg.user_features), np.float32),
+        np.zeros((peers, cfg.peer_features), np.float32),
+        np.zeros(peers, index_dtype) if index is None else np.asarray(index, index_dtype),
+    ]
+
+
+@pytest.mark.parametrize(
+    "inputs, needle",
+    [
+        (_fused_inputs(users=3), r"\(B, U\) in \[\(1, 1\), \(4, 1\), \(4, 4\)"),  # U not a bucket
+        (_fused_inputs(users=16, peers=4), "the device runs only compiled shapes"),  # U > B: not compiled
+        (_fused_inputs(users=4, peers=8), "the device runs only compiled shapes"),  # B not a bucket
+        (_fused_inputs(features=15), "the device runs only compiled shapes"),
+        (_fused_inputs()[:2], "takes 3 inputs"),
+        (_fused_inputs(index_dtype=np.int32), "input 2 must be a C-contiguous int64 array, got int32"),
+        ([np.zeros((4, 16), np.float64)] + _fused_inputs()[1:], "input 0 must be a C-contiguous float32"),
+        (_fused_inputs()[:2] + [np.zeros(32, np.int64)[::2]], "input 2 must be a C-contiguous int64"),
+        (_fused_inputs()[:2] + [np.zeros(8, np.int64)], "the device runs only compiled shapes"),
+        (_fused_inputs(index=[4] + [0] * 15), r"user_index values must be in \[0, 4\).*got 0..4"),
+        (_fused_inputs(index=[-1] + [0] * 15), r"user_index values must be in \[0, 4\)"),
+    ],
+)
+def test_the_fused_runner_refuses_what_the_device_would_not_run(fused_runner, inputs, needle):
+    with pytest.raises(InvalidInput, match=needle):
+        fused_runner.run(inputs)
+
+
+def test_fused_warmup_runs_every_compiled_pair(small_artifact):
+    runner = CpuBackend(small_artifact).load(FUSED_STAGE, CoreGroup(0))
+    seen = []
+    real_run = runner.run
+
+    def run(inputs):
+        seen.append((inputs[1].shape[0], inputs[0].shape[0]))
+        return real_run(inputs)
+
+    runner.run = run
+    runner.warmup()
+    assert seen == [(1, 1), (4, 1), (4, 4), (16, 1), (16, 4), (16, 16)]
+
+
+def test_an_artifact_without_the_fused_stage_still_loads_and_serves_three_stages(tmp_path):
+    """Artifacts compiled before the fused graph: they verify, inspect says so, the three stages run,
+    and asking for the fused stage is a clear ArtifactError (the pipeline then uses three stages)."""
+    out = tmp_path / "old"
+    compile_artifact(out, config=SMALL_CONFIG, batch_sizes=(1, 4), seed=1)
+    strip_fused_stage(out)
+    manifest = load_manifest(out, verify=True)
+    assert not manifest.has_fused_stage and sorted(manifest.stages) == ["pair_scorer", "peer_tower", "user_tower"]
+    assert not (out / "twotower.pt").exists()
+    backend = CpuBackend(manifest)
+    assert backend.load("user_tower", CoreGroup(0)).run([np.zeros((4, SMALL_CONFIG.user_features), np.float32)]).shape == (4, 3, 16)
+    with pytest.raises(ArtifactError, match="has no stage 'twotower'"):
+        backend.load(FUSED_STAGE, CoreGroup(0))
+    result = neuronserve("inspect", out)
+    assert result.returncode == 0, result.stderr
+    assert "twotower: not in this artifact" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda d: d["stages"]["twotower"]["buckets"][0].pop("user_batch_size"), "needs a user_batch_size from 1 to its batch size"),
+        (lambda d: d["stages"]["twotower"]["buckets"][0].update(user_batch_size=8), "needs a user_batch_size from 1 to its batch size 1"),
+        (lambda d: d["stages"]["twotower"]["buckets"][0].update(user_batch_size=0), "needs a user_batch_size"),
+        (lambda d: d["stages"]["user_tower"]["buckets"][0].update(user_batch_size=1), "only twotower takes one"),
+        (lambda d: d["stages"]["twotower"]["buckets"].append(dict(d["stages"]["twotower"]["buckets"][0])), "lists a bucket twice"),
+    ],
+)
+def test_a_malformed_fused_stage_is_refused(tmp_path, mutate, needle):
+    out = tmp_path / "artifact"
+    compile_artifact(out, config=SMALL_CONFIG, batch_sizes=(1, 4), seed=1)
+    rewrite_manifest(out, mutate)
+    with pytest.raises(ArtifactError, match=needle):
+        load_manifest(out)

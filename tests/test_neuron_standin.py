@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,7 +22,8 @@ import pytest
 import torch
 
 from conftest import SMALL_CONFIG
-from neuronserve.artifact import load_manifest
+from neuronserve.artifact import FUSED_STAGE, MANIFEST_HASH_KEY, load_manifest, manifest_hash
+from neuronserve.backends.base import FusedRunner
 from neuronserve.backends import core_span, make_backend
 from neuronserve.backends import neuron as neuron_backend
 from neuronserve.config import CoreGroup, Placement
@@ -251,11 +254,22 @@ def test_compile_artifact_neuron_target_records_the_neuron_build(neuron_artifact
     assert manifest.pipeline_cores == 2
     assert manifest.compiler_args == ("--neuroncore-pipeline-cores", "2", "--fast-math", "fp32-cast-matmult", "no-fast-relayout")
     assert manifest.torch_neuron_version == version
-    assert len(calls) == 3 * 2  # every stage at every bucket went through torch.neuron.trace
+    assert len(calls) == 3 * 2 + 3  # every stage at every bucket, the fused graph at every (B, U) pair
     for call in calls:
         assert call["kwargs"]["compiler_args"] == list(manifest.compiler_args)
+        assert call["kwargs"]["fallback"] is False and call["kwargs"]["dynamic_batch_size"] is False
     pair_call = [c for c in calls if len(c["example_inputs"]) == 2]
     assert {c["example_inputs"][0].shape[0] for c in pair_call} == {1, 4}
+    fused_calls = [c for c in calls if len(c["example_inputs"]) == 3]
+    shapes = sorted((c["example_inputs"][1].shape[0], c["example_inputs"][0].shape[0]) for c in fused_calls)
+    assert shapes == [(1, 1), (4, 1), (4, 4)]  # (B, U): one fixed-shape graph per compiled pair
+    for call in fused_calls:
+        users, peers, index = call["example_inputs"]
+        assert users.dtype == peers.dtype == torch.float32 and index.dtype == torch.int64 and index.shape == (peers.shape[0],)
+        assert 0 <= int(index.min()) and int(index.max()) < users.shape[0]
+    fused = manifest.stage(FUSED_STAGE)
+    assert [(b.batch_size, b.user_batch_size) for b in fused.buckets] == [(1, 1), (4, 1), (4, 4)]
+    assert len({b.file for b in fused.buckets}) == 3 and all(b.file in manifest.files for b in fused.buckets)
     assert load_manifest(manifest.directory, verify=True).target == "neuron"
     assert manifest.max_parity_error() <= manifest.parity_tolerance
 
@@ -414,3 +428,74 @@ def test_auto_backend_picks_neuron_for_a_neuron_artifact_on_an_inf1_host(standin
     backend = make_backend("auto", neuron_artifact[0])
     assert isinstance(backend, neuron_backend.NeuronBackend)
     assert backend.name == "neuron"
+
+
+# --- the fused stage on NeuronCores --------------------------------------------------------------
+
+
+def fused_inputs(manifest, users: int, peers: int, seed: int = 0):
+    cfg = manifest.model_config
+    rng = np.random.default_rng(seed)
+    return [
+        rng.standard_normal((users, cfg.user_features)).astype(np.float32),
+        rng.standard_normal((peers, cfg.peer_features)).astype(np.float32),
+        rng.permutation(np.arange(peers, dtype=np.int64) % users),
+    ]
+
+
+def test_neuron_backend_loads_the_fused_graph_per_pair_and_scores_like_the_three_stages(standin, device, monkeypatch, neuron_artifact):
+    manifest = neuron_artifact[0]
+    loads = record_loads(monkeypatch)
+    backend = neuron_backend.NeuronBackend(manifest)
+    runner = backend.load(FUSED_STAGE, CoreGroup(1, 2))
+    assert isinstance(runner, FusedRunner) and runner.stage == "twotower"
+    assert [load["path"].rsplit("/", 1)[1] for load in loads] == [b.file for b in manifest.stage(FUSED_STAGE).buckets]
+    assert all(load["torch_neuron_imported"] and load["visible_cores"] == "1-2" and load["placement"] == (0, 2) for load in loads)
+    assert runner.batch_sizes == (1, 4) and runner.user_batch_sizes(4) == (1, 4) and runner.user_batch_sizes(1) == (1,)
+    assert runner.max_in_flight == 2 and runner.latency_s(4, 1) is None
+    cfg = manifest.model_config
+    assert runner.input_shapes() == ((cfg.user_features,), (cfg.peer_features,))
+
+    stages = {stage: backend.load(stage, CoreGroup(1, 2)) for stage in ("user_tower", "peer_tower", "pair_scorer")}
+    for users, peers in ((1, 1), (1, 4), (4, 4)):
+        inputs = fused_inputs(manifest, users, peers, seed=users + peers)
+        out = runner.run(inputs)
+        assert out.dtype == np.float32 and out.shape == (peers, cfg.num_labels)
+        user = stages["user_tower"].run([np.ascontiguousarray(np.take(inputs[0], inputs[2], axis=0))])
+        expected = stages["pair_scorer"].run([user, stages["peer_tower"].run([inputs[1]])])
+        np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
+    runner.warmup()
+    runner.close()
+
+
+def test_neuron_fused_runner_refuses_uncompiled_pairs_and_reports_core_faults(standin, device, neuron_artifact):
+    manifest = neuron_artifact[0]
+    runner = neuron_backend.NeuronBackend(manifest).load(FUSED_STAGE, CoreGroup(0, 2))
+    users, peers, index = fused_inputs(manifest, 4, 4)
+    with pytest.raises(InvalidInput, match=r"\(B, U\) in \[\(1, 1\), \(4, 1\), \(4, 4\)\]"):
+        runner.run([np.zeros((4, users.shape[1]), np.float32), peers[:1], index[:1]])  # U=4 > B=1
+    with pytest.raises(InvalidInput, match="int64"):
+        runner.run([users, peers, index.astype(np.int32)])
+    with pytest.raises(InvalidInput, match=r"user_index values must be in \[0, 1\)"):
+        runner.run([users[:1], peers, index])
+
+    def failing(*tensors):
+        raise RuntimeError("nrt_execute status=1002\nmore detail")
+
+    runner._modules[(4, 4)] = failing
+    with pytest.raises(CoreFault, match=r"NeuronCores 0-1 failed running twotower at batch 4 \(users 4\): nrt_execute status=1002$"):
+        runner.run([users, peers, index])
+
+
+def test_a_neuron_artifact_whose_fused_pairs_share_a_graph_is_refused(standin, neuron_artifact, tmp_path):
+    """A neuron graph has fixed shapes: a manifest mapping two (B, U) pairs to one file is wrong."""
+    out = tmp_path / "artifact"
+    shutil.copytree(neuron_artifact[0].directory, out)
+    path = out / "manifest.json"
+    data = json.loads(path.read_text())
+    buckets = data["stages"][FUSED_STAGE]["buckets"]
+    buckets[1]["file"] = buckets[2]["file"]
+    data[MANIFEST_HASH_KEY] = manifest_hash(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="every twotower pair needs its own file"):
+        load_manifest(out, verify=False)

@@ -84,6 +84,43 @@ def test_scores_equal_direct_cpu_outputs_for_mixed_sizes(manifest, placement):
     pipeline.close()
 
 
+@pytest.mark.parametrize("placement", ["data parallel (the fused graph)", "user_tower=0,peer_tower=1-2,pair_scorer=3"])
+def test_score_requests_equal_the_three_stages_and_mark_rows_with_non_finite_features(manifest, placement):
+    """A batch of requests (one user, m peers each) as the runtime hands it over: one fused execution
+    per chunk when data parallel, the stages otherwise; the same scores either way, padding and
+    splitting included; a row whose features are NaN or Inf scores NaN, every other row as usual."""
+    cfg = manifest.model_config
+    cpu = CpuBackend(manifest)
+    ref = {stage: cpu.load(stage, CoreGroup(0)) for stage in STAGES}
+    layout = Placement.data_parallel(2) if placement.startswith("data") else Placement.parse(placement, 4)
+    pipeline, sim = sim_pipeline(manifest, layout, latency(0.0), latency_scale=0.0)
+    largest = pipeline.max_batch_rows
+    warm = sim.stats().executions  # the warm-up ran every stage
+
+    async def main():
+        for i, sizes in enumerate([(1,), (3, 5), (largest,), (largest - 1, 2), (1,) * (largest + 1), (7, largest + 2, 5)]):
+            users = [rows(manifest, 1, cfg.user_features, seed=10 * i + j) for j in range(len(sizes))]
+            peers = [rows(manifest, m, cfg.peer_features, seed=100 * i + j) for j, m in enumerate(sizes)]
+            got = await pipeline.score_requests(users, peers)
+            index = np.repeat(np.arange(len(sizes)), sizes)
+            u = direct(ref["user_tower"], [np.concatenate(users)])
+            expected = direct(ref["pair_scorer"], [u[index], direct(ref["peer_tower"], [np.concatenate(peers)])])
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        users = [rows(manifest, 1, cfg.user_features, seed=j) for j in range(3)]
+        peers = [rows(manifest, 2, cfg.peer_features, seed=50 + j) for j in range(3)]
+        users[0][0, 1] = np.inf
+        peers[2][1, 0] = np.nan
+        got = await pipeline.score_requests(users, peers)
+        bad = np.array([1, 1, 0, 0, 0, 1], dtype=bool)
+        assert np.isnan(got[bad]).all() and np.isfinite(got[~bad]).all()
+
+    asyncio.run(main())
+    executions = {stage: count - warm[stage] for stage, count in sim.stats().executions.items()}
+    fused = placement.startswith("data")
+    assert (executions["twotower"] > 0) == fused and (executions["pair_scorer"] > 0) != fused
+    pipeline.close()
+
+
 def test_the_cpu_backend_runs_under_the_pipeline_too(manifest):
     """No latency model: the pipeline times each bucket at start-up and plans with that."""
     pipeline = Pipeline(CpuBackend(manifest), Placement.data_parallel(1))
@@ -124,10 +161,10 @@ def test_estimate_latency_follows_the_model_and_placement(manifest):
     single, _ = sim_pipeline(manifest, Placement.data_parallel(1), model, num_cores=1, latency_scale=0.001)
     fused, _ = sim_pipeline(manifest, Placement.data_parallel(2), model, num_cores=2, latency_scale=0.001)
     assert pipelined.estimate_latency_s(1) == pytest.approx((2.0 + 3.0) * 0.001)  # towers overlap
-    assert single.estimate_latency_s(1) == pytest.approx((1.0 + 2.0 + 3.0) * 0.001)  # one core: in turn
-    assert fused.estimate_latency_s(1) == pytest.approx((1.0 + 2.0 + 3.0) * 0.001)  # data parallel: one batch, one group, in turn
+    assert single.estimate_latency_s(1) == pytest.approx(1.0 * 0.001)  # one core, data parallel: fused too
+    assert fused.estimate_latency_s(1) == pytest.approx(1.0 * 0.001)  # data parallel: one fused execution, one overhead
     assert pipelined.estimate_latency_s(2 * pipelined.max_batch_rows) == pytest.approx(2 * (2.0 + 3.0) * 0.001)
-    assert pipelined.concurrency == 3 and single.concurrency == 1
+    assert pipelined.concurrency == 6 and single.concurrency == 2  # two executions in flight per core
     pipelined.close()
     single.close()
     fused.close()
@@ -152,7 +189,7 @@ def throughput_rows_per_modelled_s(manifest, cores: int, batches: int) -> tuple:
 def test_data_parallel_on_four_cores_is_close_to_four_times_one(manifest):
     one, one_peak = throughput_rows_per_modelled_s(manifest, cores=1, batches=24)
     four, four_peak = throughput_rows_per_modelled_s(manifest, cores=4, batches=24)
-    assert (one_peak, four_peak) == (1, 4)  # the four cores really ran at the same time
+    assert (one_peak, four_peak) == (2, 8)  # the four cores really ran at the same time, two executions each
     assert four / one >= 3.3  # 4.0 if dispatch balances perfectly; least-loaded keeps it within a batch or so
 
 
@@ -176,8 +213,9 @@ def test_three_stage_placement_is_paced_by_the_slowest_stage(manifest):
     runs = [now.executions - before.executions for now, before in zip(stats.cores, warm.cores)]
     assert runs == [batches, batches, batches, 0]  # each stage on its own core, core 3 unused
     assert busy[:3] == pytest.approx([1.0 * batches, 2.0 * batches, 3.0 * batches])
-    # towers of a later batch ran while an earlier batch was scored: all three cores at once
-    assert stats.peak_in_flight == 3
+    # towers of a later batch ran while an earlier batch was scored: all three cores at once (and
+    # each accepted a second execution, prepared while its first ran)
+    assert stats.peak_in_flight >= 3
     # so throughput in device time is set by the slowest stage (3 s/batch), not the sum (6 s/batch)
     assert batches / max(busy) == pytest.approx(1 / 3.0)
     pipeline.close()
@@ -186,14 +224,14 @@ def test_three_stage_placement_is_paced_by_the_slowest_stage(manifest):
 def test_pipelined_groups_take_two_in_flight(manifest):
     pipelined = dataclasses.replace(manifest, pipeline_cores=2)
     pipeline, sim = sim_pipeline(pipelined, Placement.data_parallel(4, group_size=2), latency(1.0), latency_scale=0.02)
-    assert pipeline.concurrency == 4
+    assert pipeline.concurrency == 8  # 2 groups x 2 cores x 2 executions in flight per core
     x = rows(manifest, 1, manifest.model_config.peer_features, seed=0)
 
     async def main():
         await asyncio.gather(*(pipeline.run_stage("peer_tower", [x]) for _ in range(12)))
 
     asyncio.run(main())
-    assert sim.stats().peak_in_flight == 4  # 2 groups x 2 in flight, and never an oversubscription error
+    assert sim.stats().peak_in_flight == 8  # 2 groups x 4 in flight, and never an oversubscription error
     assert all(g.executions > 0 for g in pipeline.stats().groups)
     pipeline.close()
 
@@ -221,14 +259,16 @@ def test_a_core_fault_fails_only_its_batch(manifest, kind):
     for out in results[1:]:
         np.testing.assert_array_equal(out, expected)
     after = sim.stats().cores
-    assert after[0].executions == before[0].executions  # out of rotation: core 1 took every other batch
-    assert after[1].executions - before[1].executions == 6
+    ran = [now.executions - then.executions for now, then in zip(after, before)]
+    # every other batch ran once: on core 1, or (at most the one or two core 0 had accepted behind the
+    # faulting one before the fault showed) on core 0 after its reset; none was lost
+    assert sum(ran) == 6 and ran[0] <= 2
     assert pipeline.stats().faults == 1
 
     time.sleep(0.55)  # the reset
     assert all(g.healthy for g in pipeline.stats().groups)
     asyncio.run(pipeline.run_stage("peer_tower", [x]))
-    assert sim.stats().cores[0].executions == before[0].executions + 1  # core 0 is back in rotation
+    assert sim.stats().cores[0].executions == after[0].executions + 1  # core 0 is back in rotation
     pipeline.close()
 
 

@@ -268,7 +268,7 @@ def test_model_infer_equals_score(cpu, small_artifact, typed):
     cfg = small_artifact.model_config
     user, peers = rng_features(51, 1, cfg.user_features), rng_features(52, 21, cfg.peer_features)
     reply = cpu.oip.ModelInfer(infer_request(user, peers, typed=typed), timeout=10)
-    assert (reply.model_name, reply.model_version, reply.id) == ("twotower", small_artifact.model_version, "req-1")
+    assert (reply.model_name, reply.model_version, reply.id) == ("twotower", "1", "req-1")
     (output,) = reply.outputs
     assert (output.name, output.datatype, list(output.shape)) == ("SCORES", "FP32", [21, cfg.num_labels])
     scores = np.frombuffer(reply.raw_output_contents[0], "<f4").reshape(tuple(output.shape))
@@ -298,7 +298,7 @@ def test_oip_server_and_model_metadata(cpu, small_artifact):
     assert not cpu.oip.ModelReady(oip.ModelReadyRequest(name="nope"), timeout=5).ready
     assert cpu.oip.ServerMetadata(oip.ServerMetadataRequest(), timeout=5).name == "neuronserve"
     meta = cpu.oip.ModelMetadata(oip.ModelMetadataRequest(name="twotower"), timeout=5)
-    assert list(meta.versions) == [small_artifact.model_version]
+    assert list(meta.versions) == ["1"]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
         ("USER_FEATURES", "FP32", [1, cfg.user_features]),
         ("PEER_FEATURES", "FP32", [-1, cfg.peer_features]),
@@ -422,6 +422,7 @@ class GatedPipeline:
 
     max_batch_rows = 16
     concurrency = 1
+    devices = 1
 
     def __init__(self, num_labels: int, label_dim: int, latency_s: float = 0.0) -> None:
         self.gate = asyncio.Event()
@@ -434,10 +435,11 @@ class GatedPipeline:
     def plan_cost_s(self, stage: str, rows: int) -> float:
         return self.latency_s
 
-    async def score(self, users, peers, user_index):
-        self.batch_rows.append(peers.shape[0])
+    async def score_requests(self, users, peers):
+        rows = sum(p.shape[0] for p in peers)
+        self.batch_rows.append(rows)
         await self.gate.wait()
-        return np.zeros((peers.shape[0], self.num_labels), np.float32)
+        return np.zeros((rows, self.num_labels), np.float32)
 
     async def run_stage(self, stage, inputs):
         self.batch_rows.append(inputs[0].shape[0])
@@ -670,7 +672,8 @@ def test_metrics_count_requests_batches_failures_cores_cache_and_process(cpu, cp
     upsert(cpu, pb.PEER, [5000, 5001], GOOD_PEERS[:2])
     after = scrape_metrics(f"http://127.0.0.1:{cpu_server.metrics_port}/metrics")
     assert after["nv_inference_request_success"] - before.get("nv_inference_request_success", 0) == 4
-    assert after["nv_inference_count"] - before.get("nv_inference_count", 0) == 3 * 4 + 2
+    # rows run: 3 x 4, the NaN request's 4 (features are checked per batch, off the event loop), 2 upserted
+    assert after["nv_inference_count"] - before.get("nv_inference_count", 0) == 3 * 4 + 4 + 2
     assert after["nv_inference_exec_count"] - before.get("nv_inference_exec_count", 0) >= 4
     assert after["nv_inference_request_failure"] - before.get("nv_inference_request_failure", 0) == 1
     assert after["nv_inference_compute_infer_duration_us"] > before.get("nv_inference_compute_infer_duration_us", 0)
@@ -682,7 +685,7 @@ def test_metrics_count_requests_batches_failures_cores_cache_and_process(cpu, cp
     assert "# TYPE nv_inference_request_success counter" in text
     assert 'neuronserve_batch_rows_bucket{model="twotower",version="' in text and 'le="+Inf"}' in text
     for name in (
-        'neuronserve_core_group_busy_seconds_total{cores="0",stages="user_tower,peer_tower,pair_scorer"}',
+        'neuronserve_core_group_busy_seconds_total{cores="0",stages="user_tower,peer_tower,pair_scorer,twotower"}',
         'neuronserve_core_group_executions_total{cores="1"',
         "neuronserve_core_group_faults_total",
         'neuronserve_cache_rows{version="' + version + '",kind="peer"}',

@@ -1,5 +1,8 @@
 """Backends: neuron (torch-neuron on Inf1), cpu (torch.jit), sim (simulated NeuronCores).
 
+Each loads a stage onto a core group as a runner: a StageRunner for the three pipelining stages, a
+FusedRunner for the fused "twotower" graph (artifact.FUSED_STAGE) when the artifact has it.
+
 `make_backend` is the one place a backend name becomes an object; `auto` picks neuron when
 torch-neuron and a NeuronCore are present and the artifact targets neuron, else cpu. `core_span`
 says which cores a process serves.
@@ -11,7 +14,7 @@ import os
 from typing import Optional
 
 from neuronserve.artifact import Manifest
-from neuronserve.backends.base import Backend, StageRunner
+from neuronserve.backends.base import Backend, FusedRunner, Runner, StageRunner
 from neuronserve.config import VISIBLE_CORES_ENV, CoreGroup, SimConfig, parse_visible_cores
 from neuronserve.errors import ConfigError
 
@@ -70,4 +73,4 @@ def make_backend(name: str, manifest: Manifest, sim: SimConfig = SimConfig(), vi
     raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
 
 
-__all__ = ["Backend", "StageRunner", "make_backend", "resolve_backend", "default_cores", "core_span", "BACKEND_NAMES"]
+__all__ = ["Backend", "Runner", "StageRunner", "FusedRunner", "make_backend", "resolve_backend", "default_cores", "core_span", "BACKEND_NAMES"]

@@ -2,18 +2,19 @@
 
 Below the pipeline, like the neuron backend: it loads each stage's graph at every compiled bucket and
 runs only those shapes, so the CPU path exercises exactly what the device path does. The `sim`
-backend wraps it for exact outputs.
+backend wraps it for exact outputs. FUSED_STAGE loads as a CpuFusedRunner: one shape-generic graph
+(loaded once, whatever the number of pairs) that still runs only the compiled (B, U) pairs.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from neuronserve.artifact import Manifest
-from neuronserve.backends.base import Backend, StageRunner
+from neuronserve.artifact import FUSED_STAGE, Manifest
+from neuronserve.backends.base import Backend, FusedRunner, StageRunner
 from neuronserve.config import CoreGroup
 from neuronserve.errors import BackendUnavailable
 
@@ -32,9 +33,19 @@ class CpuBackend(Backend):
         # host intra-op threads of concurrent executions would only fight over the same cores.
         torch.set_num_threads(1)
 
-    def load(self, stage: str, cores: CoreGroup) -> "CpuRunner":
+    def load(self, stage: str, cores: CoreGroup) -> Union["CpuRunner", "CpuFusedRunner"]:
         spec = self.manifest.stage(stage)
-        graphs = {b.batch_size: torch.jit.load(str(self.manifest.path(b.file)), map_location="cpu") for b in spec.buckets}
+        loaded: Dict[str, torch.jit.ScriptModule] = {}  # each file once: a fused cpu graph serves several pairs
+
+        def graph(file: str) -> torch.jit.ScriptModule:
+            if file not in loaded:
+                loaded[file] = torch.jit.load(str(self.manifest.path(file)), map_location="cpu")
+            return loaded[file]
+
+        if stage == FUSED_STAGE:
+            pairs = {(b.batch_size, b.user_batch_size): graph(b.file) for b in spec.buckets}
+            return CpuFusedRunner(cores, pairs, tuple(tuple(t.shape[1:]) for t in spec.inputs[:2]))
+        graphs = {b.batch_size: graph(b.file) for b in spec.buckets}
         shapes = tuple(tuple(t.shape[1:]) for t in spec.inputs)
         return CpuRunner(stage, cores, graphs, shapes)
 
@@ -52,8 +63,27 @@ class CpuRunner(StageRunner):
 
     def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
         graph = self._graphs[self.check_inputs(inputs)]
-        # torch wants writable memory; a request's rows may be a read-only view of the message bytes.
-        tensors = [torch.from_numpy(x if x.flags.writeable else x.copy()) for x in inputs]
+        tensors = [_tensor(x) for x in inputs]
         with torch.inference_mode():
             out = graph(*tensors)
+        return out.numpy()
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    # torch wants writable memory; a request's rows may be a read-only view of the message bytes.
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+class CpuFusedRunner(FusedRunner):
+    """FUSED_STAGE on the host: one TorchScript call per batch, the user gather inside the graph."""
+
+    def __init__(self, cores: CoreGroup, graphs: Dict[Tuple[int, int], torch.jit.ScriptModule], shapes: Sequence[Tuple[int, ...]]) -> None:
+        super().__init__(cores, graphs, shapes)
+        self._graphs = graphs  # (B, U) -> graph
+
+    def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
+        graph = self._graphs[self.check_inputs(inputs)]
+        user, peer, index = (_tensor(x) for x in inputs)
+        with torch.inference_mode():
+            out = graph(user, peer, index)
         return out.numpy()

@@ -1,7 +1,8 @@
 """The `neuron` backend: Neuron-compiled stages on Inf1 NeuronCores through torch-neuron.
 
-Below the pipeline, like cpu and sim: `load` puts a stage's graphs (one per compiled bucket) on a core
-group; the runner's `run` executes one bucket-sized batch there. torch-neuron is imported lazily, and
+Below the pipeline, like cpu and sim: `load` puts a stage's graphs (one per compiled bucket; for
+FUSED_STAGE one per compiled (B, U) pair, fixed shapes) on a core group; the runner's `run` executes
+one bucket-sized batch there. torch-neuron is imported lazily, and
 before any torch.jit.load (else TorchScript cannot resolve the graphs' `neuron::forward_*` ops).
 
 How cores are pinned (AWS Neuron SDK, torch-neuron core placement guide and runtime configuration):
@@ -29,13 +30,13 @@ import importlib.util
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from neuronserve.artifact import Manifest
-from neuronserve.backends.base import Backend, StageRunner
+from neuronserve.artifact import FUSED_STAGE, Manifest
+from neuronserve.backends.base import Backend, FusedRunner, StageRunner
 from neuronserve.config import VISIBLE_CORES_ENV, CoreGroup, parse_visible_cores
 from neuronserve.errors import BackendUnavailable, ConfigError, CoreFault
 
@@ -99,7 +100,7 @@ class NeuronBackend(Backend):
             )
         self.visible_cores = visible_cores
 
-    def load(self, stage: str, cores: CoreGroup) -> StageRunner:
+    def load(self, stage: str, cores: CoreGroup) -> Union[StageRunner, FusedRunner]:
         spec = self.manifest.stage(stage)
         pipeline_cores = self.manifest.pipeline_cores
         if cores.count % pipeline_cores:
@@ -109,21 +110,23 @@ class NeuronBackend(Backend):
             )
         with _PROCESS.lock:
             pinned = self._pin(cores)
-            modules: Dict[int, torch.jit.ScriptModule] = {}
+            modules: Dict[Tuple[int, int], torch.jit.ScriptModule] = {}  # (B, U or 0) -> graph
             # Relative to the pinned range; nc_count = the whole group (replicas when it exceeds pipeline_cores).
             placement = self._torch_neuron.experimental.neuron_cores_context(start_nc=cores.first - pinned.first, nc_count=cores.count)
             with placement:
                 for bucket in spec.buckets:
                     path = self.manifest.path(bucket.file)
                     try:
-                        modules[bucket.batch_size] = torch.jit.load(str(path))
+                        modules[bucket.key] = torch.jit.load(str(path))
                     except RuntimeError as exc:
                         raise BackendUnavailable(
                             f"cannot load {path} onto NeuronCores {cores}: {_first_line(exc)}; check that no other process "
                             "holds these cores (neuron-ls) and that the artifact was compiled by this torch-neuron"
                         ) from None
+        if stage == FUSED_STAGE:
+            return NeuronFusedRunner(cores, modules, tuple(tuple(t.shape[1:]) for t in spec.inputs[:2]))
         shapes = tuple(tuple(t.shape[1:]) for t in spec.inputs)
-        return NeuronRunner(stage, cores, modules, shapes)
+        return NeuronRunner(stage, cores, {batch: module for (batch, _), module in modules.items()}, shapes)
 
     def _pin(self, cores: CoreGroup) -> CoreGroup:
         """The process's core range, pinning it on the first load (see the module docstring). Holds _PROCESS.lock."""
@@ -177,6 +180,31 @@ class NeuronRunner(StageRunner):
                 out = self._modules[batch_size](*tensors)
         except RuntimeError as exc:
             raise CoreFault(f"NeuronCores {self.cores} failed running {self.stage} at batch {batch_size}: {_first_line(exc)}") from None
+        return np.ascontiguousarray(out.numpy(), dtype=np.float32)
+
+    def close(self) -> None:
+        self._modules = {}  # the runtime unloads a graph when its module is freed
+
+
+class NeuronFusedRunner(FusedRunner):
+    """FUSED_STAGE on one NeuronCore group: one fixed-shape graph per compiled (B, U) pair, one
+    execution per batch (the user gather runs on the device). Thread-safe like NeuronRunner."""
+
+    def __init__(self, cores: CoreGroup, modules: Dict[Tuple[int, int], torch.jit.ScriptModule], shapes: Sequence[Tuple[int, ...]]) -> None:
+        super().__init__(cores, modules, shapes)
+        self.max_in_flight = cores.count
+        self._modules = modules  # (B, U) -> graph
+
+    def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
+        batch_size, user_batch_size = self.check_inputs(inputs)
+        tensors = [torch.from_numpy(array) for array in inputs]
+        try:
+            with torch.inference_mode():
+                out = self._modules[(batch_size, user_batch_size)](*tensors)
+        except RuntimeError as exc:
+            raise CoreFault(
+                f"NeuronCores {self.cores} failed running {self.stage} at batch {batch_size} (users {user_batch_size}): {_first_line(exc)}"
+            ) from None
         return np.ascontiguousarray(out.numpy(), dtype=np.float32)
 
     def close(self) -> None:

@@ -1,28 +1,50 @@
 """The `sim` backend: simulated Inf1 NeuronCores over the CPU-traced stages.
 
 Sits where the neuron backend sits, below the pipeline: the pipeline cannot tell them apart.
-Outputs are exact (each stage runs its CPU-traced graph through CpuBackend's runner); the device is
-emulated: `SimConfig.num_cores` cores, compiled shapes only, at most one execution per core at a
-time (a group of N cores, e.g. a graph compiled with --neuroncore-pipeline-cores N, holds N), a
-per-bucket latency model that every execution takes at least, injectable faults (a core that fails
-or hangs, then resets), and a simulated clock: modelled busy seconds per core, so tests and reports
-compute throughput in device time rather than on a noisy CPU's wall clock.
+Outputs are exact (each stage, and the fused FUSED_STAGE graph, runs its CPU-traced graph through
+CpuBackend's runner); the device is emulated: `SimConfig.num_cores` cores, compiled shapes only, a
+per-bucket latency model, injectable faults (a core that fails or hangs, then resets), and a clock of
+modelled busy seconds per core, so tests and reports compute throughput and utilisation in device
+time rather than on a noisy CPU's wall clock.
+
+The execution model (AWS Neuron's guidance: keep two executions in flight per core, so the host
+prepares the next batch while the device runs the current one). Each core accepts up to
+`in_flight_per_core` executions (default IN_FLIGHT_PER_CORE = 2; a runner on a group of N cores holds
+N times that). An execution has two phases:
+- host: the CPU-traced graph computes the exact output (standing for input preparation and the copy
+  to the device); it overlaps the device phase of the core's other execution;
+- device: starts at max(host ready, the core's device-free time) and lasts the modelled latency
+  (times SimConfig.latency_scale); per core the device phases never overlap.
+The caller returns when its device phase ends, so one execution takes host + device, while
+back-to-back executions on a core take max(host, device) each. Busy seconds per core are device
+time only, so busy / wall window is the core's utilisation.
+
+Faults: an injected fault goes to the next execution accepted on that core. It shows when that
+execution's device phase starts ("fail") or core_timeout_s later ("hang": the core looks healthy
+until then, and accepts work); that execution raises CoreFault then, and the core is out of
+rotation (refuses new executions) for reset_s. A fault fails only the execution that hit it: one
+ahead of it in device order finishes normally, one already accepted behind it keeps its place and
+runs when the reset ends (delayed, not lost), so a fault costs exactly one batch.
+
+Time is injectable (`clock`, `sleep`; default time.monotonic, time.sleep) so tests run the latency
+model, overlap and resets on a fake clock.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from neuronserve.artifact import Manifest, ModelConfig
-from neuronserve.backends.base import Backend, StageRunner
+from neuronserve.artifact import FUSED_STAGE, Manifest, ModelConfig
+from neuronserve.backends.base import Backend, FusedRunner, Runner, StageRunner
 from neuronserve.config import STAGES, CoreGroup, SimConfig
-from neuronserve.errors import ConfigError, CoreFault, InvalidInput, NeuronServeError
+from neuronserve.errors import ConfigError, CoreFault, CoreResetting, InvalidInput, NeuronServeError
 
 # Latency model defaults, from published Inf1 figures (AWS Neuron SDK performance pages); an estimate, not a measurement.
 # - Compute rate: BERT-base data parallel at batch 6 on inf1.xlarge runs 1,181 seq/s over 4 cores,
@@ -38,6 +60,7 @@ NEURONCORE_MACS_PER_S = 3.3e12
 EXECUTION_OVERHEAD_S = 0.5e-3
 HOST_DEVICE_BYTES_PER_S = 1.0e9
 FAULT_KINDS = ("fail", "hang")
+IN_FLIGHT_PER_CORE = 2  # executions a simulated core accepts at once: one on the device, one being prepared
 
 
 @dataclass(frozen=True)
@@ -52,27 +75,64 @@ class StageLatency:
 
 
 @dataclass(frozen=True)
+class FusedLatency:
+    """FUSED_STAGE, one execution: latency_s(B, U) = fixed_s + user_row_s * U + peer_row_s * B, in
+    modelled device seconds (U user rows through the user tower; B peer rows through the peer tower
+    and the pair scorer)."""
+
+    fixed_s: float
+    user_row_s: float
+    peer_row_s: float
+
+    def latency_s(self, batch_size: int, user_batch_size: int) -> float:
+        return self.fixed_s + self.user_row_s * user_batch_size + self.peer_row_s * batch_size
+
+    @classmethod
+    def from_stages(cls, stages: Mapping[str, StageLatency]) -> "FusedLatency":
+        """From the three stages' figures: one execution overhead (the user tower's), the user tower's
+        per-row cost per user row, the peer tower's plus the pair scorer's per peer row. It counts each
+        stage's own I/O, so it overstates a graph that keeps tower outputs on the device."""
+        user, peer, pair = (stages[s] for s in STAGES)
+        return cls(user.fixed_s, user.per_row_s, peer.per_row_s + pair.per_row_s)
+
+
+@dataclass(frozen=True)
 class LatencyModel:
-    """Modelled device seconds of one execution per stage and bucket (before SimConfig.latency_scale)."""
+    """Modelled device seconds of one execution per stage and bucket (before SimConfig.latency_scale).
+    `fused` None: FusedLatency.from_stages(stages)."""
 
     stages: Dict[str, StageLatency]
+    fused: Optional[FusedLatency] = None
 
-    def latency_s(self, stage: str, batch_size: int) -> float:
+    def fused_latency(self) -> FusedLatency:
+        return self.fused if self.fused is not None else FusedLatency.from_stages(self.stages)
+
+    def latency_s(self, stage: str, batch_size: int, user_batch_size: Optional[int] = None) -> float:
+        """`user_batch_size` (U) is required for FUSED_STAGE and ignored otherwise."""
+        if stage == FUSED_STAGE:
+            if user_batch_size is None:
+                raise ValueError(f"{FUSED_STAGE} latency needs the user batch size")
+            return self.fused_latency().latency_s(batch_size, user_batch_size)
         return self.stages[stage].latency_s(batch_size)
 
     @classmethod
     def estimate(cls, config: ModelConfig) -> "LatencyModel":
-        """Per row: its multiply-accumulates at NEURONCORE_MACS_PER_S plus its input and output bytes
-        (float32) at HOST_DEVICE_BYTES_PER_S; per execution: EXECUTION_OVERHEAD_S."""
+        """Per row: its multiply-accumulates at NEURONCORE_MACS_PER_S plus the bytes (float32; int64
+        index) the execution copies between host and device at HOST_DEVICE_BYTES_PER_S; per execution:
+        EXECUTION_OVERHEAD_S. The fused graph copies only its own inputs and outputs (features in,
+        user index in, scores out): tower outputs stay on the device."""
         projected = config.num_labels * config.label_dim
 
-        def tower(features: int) -> StageLatency:
+        def tower_macs(features: int) -> int:
             widths = (features,) + config.hidden_sizes + (config.embedding_dim,)
-            macs = sum(a * b for a, b in zip(widths, widths[1:])) + config.embedding_dim * projected
+            return sum(a * b for a, b in zip(widths, widths[1:])) + config.embedding_dim * projected
+
+        def tower(features: int) -> StageLatency:
             io_bytes = 4 * (features + projected)
-            return StageLatency(EXECUTION_OVERHEAD_S, macs / NEURONCORE_MACS_PER_S + io_bytes / HOST_DEVICE_BYTES_PER_S)
+            return StageLatency(EXECUTION_OVERHEAD_S, tower_macs(features) / NEURONCORE_MACS_PER_S + io_bytes / HOST_DEVICE_BYTES_PER_S)
 
         scorer_bytes = 4 * (2 * projected + config.num_labels)
+        fused_peer_bytes = 4 * config.peer_features + 8 + 4 * config.num_labels
         return cls(
             {
                 "user_tower": tower(config.user_features),
@@ -80,7 +140,12 @@ class LatencyModel:
                 "pair_scorer": StageLatency(
                     EXECUTION_OVERHEAD_S, projected / NEURONCORE_MACS_PER_S + scorer_bytes / HOST_DEVICE_BYTES_PER_S
                 ),
-            }
+            },
+            FusedLatency(
+                EXECUTION_OVERHEAD_S,
+                tower_macs(config.user_features) / NEURONCORE_MACS_PER_S + 4 * config.user_features / HOST_DEVICE_BYTES_PER_S,
+                (tower_macs(config.peer_features) + projected) / NEURONCORE_MACS_PER_S + fused_peer_bytes / HOST_DEVICE_BYTES_PER_S,
+            ),
         )
 
 
@@ -91,16 +156,20 @@ class SimCoreStats:
     executions: int
     faults: int
     healthy: bool
+    in_flight: int  # executions accepted and not yet returned (host or device phase)
 
 
 @dataclass(frozen=True)
 class SimStats:
     """The simulated clock. If the busiest core never idled, the device finished its work in
-    `busiest_core_s` modelled seconds: throughput in device time = work / busiest_core_s."""
+    `busiest_core_s` modelled seconds: throughput in device time = work / busiest_core_s.
+    Utilisation over a window: `busy_fractions(earlier)`, device time / clock time per core."""
 
     cores: Tuple[SimCoreStats, ...]
     executions: Dict[str, int]  # per stage, completed
-    peak_in_flight: int  # most executions running at the same moment, device-wide
+    peak_in_flight: int  # most executions accepted at the same moment (host or device phase), device-wide
+    clock_s: float  # the backend's clock when the snapshot was taken
+    latency_scale: float  # SimConfig.latency_scale: clock seconds per modelled second
 
     @property
     def busy_s(self) -> float:
@@ -110,22 +179,41 @@ class SimStats:
     def busiest_core_s(self) -> float:
         return max(c.busy_s for c in self.cores)
 
+    def busy_fractions(self, since: "SimStats") -> Tuple[float, ...]:
+        """Per core, the share of the clock window since `since` its device spent running executions
+        (completed ones; so up to one execution per core off at either edge of the window)."""
+        window_s = self.clock_s - since.clock_s
+        if window_s <= 0:
+            raise ValueError("busy_fractions needs a later snapshot than `since`")
+        return tuple((now.busy_s - before.busy_s) * self.latency_scale / window_s for now, before in zip(self.cores, since.cores))
+
+    def utilisation(self, since: "SimStats") -> float:
+        """The device's mean busy fraction over the window since `since` (see busy_fractions)."""
+        fractions = self.busy_fractions(since)
+        return sum(fractions) / len(fractions)
+
 
 class _Core:
-    """Mutable state of one simulated core; guarded by SimBackend._lock."""
+    """Mutable state of one simulated core; guarded by SimBackend._lock. Times are on the backend's clock."""
 
     def __init__(self) -> None:
-        self.busy = False
+        self.in_flight = 0
+        self.device_free_s = -math.inf  # when the device phases reserved so far end
         self.busy_s = 0.0
         self.executions = 0
         self.faults = 0
         self.pending: Deque[str] = deque()  # injected fault kinds, for the next executions
-        self.out_until_s = 0.0  # time.monotonic() when a faulted core is back in rotation
+        self.down_from_s = -math.inf  # the last fault showed at this time ...
+        self.out_until_s = -math.inf  # ... and the core is back in rotation at this one
+
+    def out_of_rotation(self, now: float) -> bool:
+        return self.down_from_s <= now < self.out_until_s
 
 
 class SimBackend(Backend):
     """Simulated NeuronCores. `latency` defaults to LatencyModel.estimate(manifest.model_config);
-    `inner` (the backend computing exact outputs) defaults to CpuBackend(manifest)."""
+    `inner` (the backend computing exact outputs) defaults to CpuBackend(manifest);
+    `in_flight_per_core`: executions each core accepts at once; `clock`/`sleep`: the time source."""
 
     name = "sim"
 
@@ -135,22 +223,30 @@ class SimBackend(Backend):
         sim: SimConfig = SimConfig(),
         latency: Optional[LatencyModel] = None,
         inner: Optional[Backend] = None,
+        in_flight_per_core: int = IN_FLIGHT_PER_CORE,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         super().__init__(manifest)
+        if in_flight_per_core < 1:
+            raise ConfigError(f"sim in_flight_per_core must be >= 1, got {in_flight_per_core}")
         if inner is None:
             from neuronserve.backends.cpu import CpuBackend
 
             inner = CpuBackend(manifest)
         self.sim = sim
         self.latency = latency if latency is not None else LatencyModel.estimate(manifest.model_config)
+        self.in_flight_per_core = in_flight_per_core
+        self._clock = clock
+        self._sleep = sleep
         self._inner = inner
         self._lock = threading.Lock()
         self._cores = [_Core() for _ in range(sim.num_cores)]
-        self._stage_executions = {stage: 0 for stage in STAGES}
+        self._stage_executions = {stage: 0 for stage in STAGES + (FUSED_STAGE,)}
         self._in_flight = 0
         self._peak_in_flight = 0
 
-    def load(self, stage: str, cores: CoreGroup) -> StageRunner:
+    def load(self, stage: str, cores: CoreGroup) -> Runner:
         if cores.last >= self.sim.num_cores:
             raise ConfigError(
                 f"cannot load {stage} on cores {cores}: the simulated device has cores 0-{self.sim.num_cores - 1} (sim num_cores={self.sim.num_cores})"
@@ -161,10 +257,33 @@ class SimBackend(Backend):
                 f"cannot load {stage} on cores {cores}: it was compiled with pipeline_cores={pipeline_cores}, "
                 f"so its core group needs a multiple of {pipeline_cores} cores, not {cores.count}"
             )
-        return SimRunner(self, stage, cores, self._inner.load(stage, cores))
+        inner = self._inner.load(stage, cores)
+        if stage == FUSED_STAGE:
+            return SimFusedRunner(self, cores, inner)
+        return SimRunner(self, stage, cores, inner)
+
+    def full_bucket_s(self, stage: str, user_batch_size: Optional[int] = None) -> float:
+        """Clock seconds (latency model x latency_scale) of one execution of `stage` at its largest
+        compiled bucket. FUSED_STAGE: at the smallest compiled user batch U >= `user_batch_size`
+        (None: the smallest compiled U) for that bucket."""
+        spec = self.manifest.stage(stage)
+        batch = spec.batch_sizes[-1]
+        users = None
+        if stage == FUSED_STAGE:
+            compiled = spec.user_batch_sizes(batch)
+            users = compiled[0] if user_batch_size is None else next((u for u in compiled if u >= user_batch_size), compiled[-1])
+        return self.latency.latency_s(stage, batch, users) * self.sim.latency_scale
+
+    def ideal_rows_per_s(self, stage: str, num_cores: Optional[int] = None, user_batch_size: Optional[int] = None) -> float:
+        """The device's ideal throughput in rows (peer rows for FUSED_STAGE) per clock second: every
+        core (`num_cores`, default all) running full buckets back to back, i.e. cores x largest
+        bucket / full_bucket_s. Infinite at latency_scale 0."""
+        cores = self.sim.num_cores if num_cores is None else num_cores
+        seconds = self.full_bucket_s(stage, user_batch_size)
+        return math.inf if seconds <= 0 else cores * self.manifest.stage(stage).batch_sizes[-1] / seconds
 
     def inject_fault(self, core: int, kind: str, count: int = 1) -> None:
-        """The next `count` executions touching `core` fail ("fail") or hang past core_timeout_s ("hang")."""
+        """The next `count` executions accepted on `core` fail ("fail") or hang past core_timeout_s ("hang")."""
         if not 0 <= core < self.sim.num_cores:
             raise InvalidInput(f"fault core must be in 0-{self.sim.num_cores - 1}, got {core}")
         if kind not in FAULT_KINDS:
@@ -175,72 +294,85 @@ class SimBackend(Backend):
             self._cores[core].pending.extend([kind] * count)
 
     def stats(self) -> SimStats:
-        now = time.monotonic()
         with self._lock:
+            now = self._clock()
             return SimStats(
                 cores=tuple(
-                    SimCoreStats(i, c.busy_s, c.executions, c.faults, c.out_until_s <= now) for i, c in enumerate(self._cores)
+                    SimCoreStats(i, c.busy_s, c.executions, c.faults, not c.out_of_rotation(now), c.in_flight)
+                    for i, c in enumerate(self._cores)
                 ),
                 executions=dict(self._stage_executions),
                 peak_in_flight=self._peak_in_flight,
+                clock_s=now,
+                latency_scale=self.sim.latency_scale,
             )
 
     def healthy(self, cores: CoreGroup) -> bool:
-        now = time.monotonic()
         with self._lock:
-            return all(self._cores[c].out_until_s <= now for c in cores.cores)
+            now = self._clock()
+            return not any(self._cores[c].out_of_rotation(now) for c in cores.cores)
 
-    def _execute(
-        self, stage: str, cores: CoreGroup, batch_size: int, compute: Callable[[], np.ndarray]
-    ) -> np.ndarray:
-        """Run `compute` as one execution on `cores`, taking at least the modelled time; blocking."""
+    def _execute(self, stage: str, cores: CoreGroup, modelled_s: float, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """One execution on `cores`: accept it on a core, run `compute` (the host phase), then the
+        device phase of `modelled_s` modelled seconds; blocking (see the module docstring)."""
         with self._lock:
-            now = time.monotonic()
+            accepted_s = self._clock()
             for c in cores.cores:
-                if self._cores[c].out_until_s > now:
-                    raise CoreFault(
-                        f"core {c} is resetting after a fault (back in {self._cores[c].out_until_s - now:.2f} s); "
+                if self._cores[c].out_of_rotation(accepted_s):
+                    raise CoreResetting(
+                        f"core {c} is resetting after a fault (back in {self._cores[c].out_until_s - accepted_s:.2f} s); "
                         f"it cannot run {stage} until then"
                     )
-            core = next((c for c in cores.cores if not self._cores[c].busy), None)
-            if core is None:
+            free = [c for c in cores.cores if self._cores[c].in_flight < self.in_flight_per_core]
+            if not free:
                 raise NeuronServeError(
-                    f"core group {cores} already runs {cores.count} execution(s), its maximum: the caller oversubscribed it"
+                    f"core group {cores} already runs {cores.count * self.in_flight_per_core} execution(s), its maximum: "
+                    "the caller oversubscribed it"
                 )
-            fault_core = next((c for c in cores.cores if self._cores[c].pending), None)
-            fault = self._cores[fault_core].pending.popleft() if fault_core is not None else None
-            self._cores[core].busy = True
+            faulty = [c for c in free if self._cores[c].pending]
+            core = faulty[0] if faulty else min(free, key=lambda c: (self._cores[c].in_flight, self._cores[c].device_free_s, c))
+            state = self._cores[core]
+            fault = state.pending.popleft() if faulty else None
+            state.in_flight += 1
             self._in_flight += 1
             self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
         try:
-            if fault is not None:
-                self._fault(fault_core, fault, stage, batch_size)
-            modelled_s = self.latency.latency_s(stage, batch_size)
-            start = time.perf_counter()
-            out = compute()
-            remaining_s = modelled_s * self.sim.latency_scale - (time.perf_counter() - start)
-            if remaining_s > 0:
-                time.sleep(remaining_s)
+            try:
+                out = compute()
+            except BaseException:
+                if fault is not None:
+                    with self._lock:
+                        state.pending.appendleft(fault)  # never reached the device: it stays for the next execution
+                raise
             with self._lock:
-                self._cores[core].busy_s += modelled_s
-                self._cores[core].executions += 1
+                ready_s = self._clock()
+                start_s = max(ready_s, state.device_free_s)
+                error: Optional[CoreFault] = None
+                if fault is not None:
+                    wake_s = start_s + (self.sim.core_timeout_s if fault == "hang" else 0.0)
+                    state.faults += 1
+                    state.down_from_s = wake_s
+                    state.out_until_s = state.device_free_s = wake_s + self.sim.reset_s
+                    what = f"hung past its timeout of {self.sim.core_timeout_s:g} s" if fault == "hang" else "failed"
+                    error = CoreFault(
+                        f"core {core} {what} running {stage}; it is out of rotation for its reset ({self.sim.reset_s:g} s)"
+                    )
+                else:
+                    wake_s = state.device_free_s = start_s + modelled_s * self.sim.latency_scale
+            remaining_s = wake_s - self._clock()
+            if remaining_s > 0:
+                self._sleep(remaining_s)
+            if error is not None:
+                raise error
+            with self._lock:
+                state.busy_s += modelled_s
+                state.executions += 1
                 self._stage_executions[stage] += 1
             return out
         finally:
             with self._lock:
-                self._cores[core].busy = False
+                state.in_flight -= 1
                 self._in_flight -= 1
-
-    def _fault(self, core: int, kind: str, stage: str, batch_size: int) -> None:
-        if kind == "hang":
-            time.sleep(self.sim.core_timeout_s)
-            message = f"core {core} hung past its timeout of {self.sim.core_timeout_s:g} s running {stage} at batch {batch_size}"
-        else:
-            message = f"core {core} failed running {stage} at batch {batch_size}"
-        with self._lock:
-            self._cores[core].faults += 1
-            self._cores[core].out_until_s = time.monotonic() + self.sim.reset_s
-        raise CoreFault(f"{message}; it is out of rotation for its reset ({self.sim.reset_s:g} s)")
 
     def close(self) -> None:
         self._inner.close()
@@ -248,13 +380,13 @@ class SimBackend(Backend):
 
 class SimRunner(StageRunner):
     """One stage on one simulated core group: checks shapes as the device does, then runs the
-    CPU-traced graph as a simulated execution."""
+    CPU-traced graph as a simulated execution. Holds IN_FLIGHT_PER_CORE executions per core."""
 
     def __init__(self, device: SimBackend, stage: str, cores: CoreGroup, inner: StageRunner) -> None:
         self.stage = stage
         self.cores = cores
         self.batch_sizes = tuple(inner.batch_sizes)
-        self.max_in_flight = cores.count
+        self.max_in_flight = cores.count * device.in_flight_per_core
         self._device = device
         self._inner = inner
         self._shapes = tuple(inner.input_shapes())
@@ -265,13 +397,42 @@ class SimRunner(StageRunner):
     def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
         batch_size = self.check_inputs(inputs)
         arrays: List[np.ndarray] = list(inputs)
-        return self._device._execute(self.stage, self.cores, batch_size, lambda: self._inner.run(arrays))
+        modelled_s = self._device.latency.latency_s(self.stage, batch_size)
+        return self._device._execute(self.stage, self.cores, modelled_s, lambda: self._inner.run(arrays))
 
     def healthy(self) -> bool:
         return self._device.healthy(self.cores)
 
     def latency_s(self, batch_size: int) -> Optional[float]:
+        """Device seconds of one execution (the model x latency_scale); host time not included."""
         return self._device.latency.latency_s(self.stage, batch_size) * self._device.sim.latency_scale
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class SimFusedRunner(FusedRunner):
+    """FUSED_STAGE on one simulated core group: the inner (CPU) fused runner's compiled (B, U) pairs,
+    checked as the device does, run as one simulated execution with FusedLatency."""
+
+    def __init__(self, device: SimBackend, cores: CoreGroup, inner: FusedRunner) -> None:
+        super().__init__(cores, inner.pairs, inner.input_shapes())
+        self.max_in_flight = cores.count * device.in_flight_per_core
+        self._device = device
+        self._inner = inner
+
+    def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
+        batch_size, user_batch_size = self.check_inputs(inputs)
+        arrays: List[np.ndarray] = list(inputs)
+        modelled_s = self._device.latency.latency_s(self.stage, batch_size, user_batch_size)
+        return self._device._execute(self.stage, self.cores, modelled_s, lambda: self._inner.run(arrays))
+
+    def healthy(self) -> bool:
+        return self._device.healthy(self.cores)
+
+    def latency_s(self, batch_size: int, user_batch_size: int) -> Optional[float]:
+        """Device seconds of one execution at (B, U) (the model x latency_scale); host time not included."""
+        return self._device.latency.latency_s(self.stage, batch_size, user_batch_size) * self._device.sim.latency_scale
 
     def close(self) -> None:
         self._inner.close()

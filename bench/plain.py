@@ -1,0 +1,190 @@
+"""The plain reference server: the obvious grpc.aio server a user would write for the same artifact.
+
+Not on the serving path: `neuronserve bench --reference plain` starts it in a subprocess (PlainServer)
+and measures it with the same generator, so neuronserve's result can be given as a ratio of it. It
+answers what the `score` and `oip` workloads send (Scorer/Score, ModelInfer of the two-tower model,
+with ModelMetadata and ServerReady) with the same reply shapes, by running the artifact's CPU
+TorchScript model once per request on the event loop (its fused `twotower` graph if it has one,
+else the three stages): no batching, no executor, one torch thread. Run:
+`python -m neuronserve.bench.plain --artifact DIR [--port 0] [--model twotower] [--three-stages]`;
+it prints `plain ready: port=PORT pid=PID` on stdout when serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from typing import Callable, Optional
+
+import numpy as np
+
+from neuronserve.errors import Unavailable
+
+STAGES = ("user_tower", "peer_tower", "pair_scorer")
+FUSED = "twotower"  # the artifact's one-graph stage, when it has one
+HOW = "grpc.aio + uvloop, the artifact's CPU TorchScript graph(s) once per request on the event loop, 1 torch thread, no batching"
+
+
+def load_model(manifest, fused: bool = True) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """score(user [1, F_u], peers [M, F_p]) -> scores [M, K]: the fused stage if asked for and there,
+    else user_tower, peer_tower and pair_scorer; each graph from its largest bucket (CPU-traced graphs
+    take any batch size)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+    def graph(stage: str):
+        return torch.jit.load(str(manifest.path(manifest.stages[stage].buckets[-1].file)), map_location="cpu")
+
+    if fused and FUSED in manifest.stages:
+        twotower = graph(FUSED)
+
+        def score(user: np.ndarray, peers: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                index = torch.zeros(peers.shape[0], dtype=torch.int64)  # every peer row meets user 0
+                return twotower(torch.from_numpy(user), torch.from_numpy(peers), index).numpy()
+
+        return score
+    user_tower, peer_tower, pair_scorer = (graph(s) for s in STAGES)
+
+    def score(user: np.ndarray, peers: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            u = user_tower(torch.from_numpy(user))
+            p = peer_tower(torch.from_numpy(peers))
+            return pair_scorer(u.expand(p.shape[0], -1, -1), p).numpy()
+
+    return score
+
+
+async def serve(artifact: str, port: int, model_name: str, fused: bool) -> None:
+    import grpc
+
+    from neuronserve.artifact import load_manifest
+    from neuronserve.protos import open_inference_pb2 as oip
+    from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
+    from neuronserve.protos import scorer_pb2 as pb
+    from neuronserve.protos import scorer_pb2_grpc as pb_grpc
+
+    manifest = load_manifest(artifact)
+    if manifest.target != "cpu":
+        raise SystemExit(f"plain server: {artifact} is a {manifest.target} artifact; it runs --target cpu artifacts only")
+    score = load_model(manifest, fused)
+    cfg, version = manifest.model_config, manifest.model_version
+
+    def features(data: bytes, shape, width: int) -> Optional[np.ndarray]:
+        """Float32 rows of `width`, writable (torch wants it); None when the bytes do not fit the shape."""
+        shape = tuple(shape)
+        if len(shape) != 2 or shape[1] != width or shape[0] < 1 or len(data) != 4 * shape[0] * width:
+            return None
+        return np.frombuffer(data, dtype="<f4").reshape(shape).copy()
+
+    async def invalid(context, what: str):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: expected float32 [rows, features] of the model's widths")
+
+    class Scorer(pb_grpc.ScorerServicer):
+        async def Score(self, request, context):
+            user = features(request.user_features.data, request.user_features.shape, cfg.user_features)
+            peers = features(request.peer_features.data, request.peer_features.shape, cfg.peer_features)
+            if user is None or user.shape[0] != 1 or peers is None:
+                await invalid(context, "user_features [1, F_u] and peer_features [M, F_p]")
+            scores = score(user, peers)
+            return pb.ScoreResponse(scores=pb.Tensor(data=scores.tobytes(), shape=scores.shape), label_names=cfg.label_names, model_version=version)
+
+    meta = oip.ModelMetadataResponse.TensorMetadata
+    metadata = oip.ModelMetadataResponse(
+        name=model_name,
+        versions=[version],
+        platform="plain",
+        inputs=[meta(name="USER_FEATURES", datatype="FP32", shape=[1, cfg.user_features]), meta(name="PEER_FEATURES", datatype="FP32", shape=[-1, cfg.peer_features])],
+        outputs=[meta(name="SCORES", datatype="FP32", shape=[-1, cfg.num_labels])],
+    )
+
+    class Inference(oip_grpc.GRPCInferenceServiceServicer):
+        async def ServerReady(self, request, context):
+            return oip.ServerReadyResponse(ready=True)
+
+        async def ModelMetadata(self, request, context):
+            if request.name != model_name:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.name!r}; this server serves {model_name}")
+            return metadata
+
+        async def ModelInfer(self, request, context):
+            if request.model_name != model_name:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model_name!r}; this server serves {model_name}")
+            raw = dict(zip((t.name for t in request.inputs), request.raw_input_contents))
+            shapes = {t.name: t.shape for t in request.inputs}
+            user = features(raw.get("USER_FEATURES", b""), shapes.get("USER_FEATURES", ()), cfg.user_features)
+            peers = features(raw.get("PEER_FEATURES", b""), shapes.get("PEER_FEATURES", ()), cfg.peer_features)
+            if user is None or user.shape[0] != 1 or peers is None:
+                await invalid(context, "USER_FEATURES [1, F_u] and PEER_FEATURES [M, F_p] in raw_input_contents")
+            scores = score(user, peers)
+            response = oip.ModelInferResponse(model_name=model_name, model_version=version, id=request.id)
+            response.outputs.add(name="SCORES", datatype="FP32", shape=scores.shape)
+            response.raw_output_contents.append(scores.tobytes())
+            return response
+
+    options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_ScorerServicer_to_server(Scorer(), server)
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(Inference(), server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print(f"plain ready: port={bound} pid={os.getpid()}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(0.5)
+
+
+class PlainServer:
+    """bench's handle on a plain server subprocess: `with PlainServer(artifact) as plain: plain.target, plain.pid`."""
+
+    def __init__(self, artifact: str, model_name: str = "twotower", fused: bool = True) -> None:
+        self.argv = [sys.executable, "-m", "neuronserve.bench.plain", "--artifact", artifact, "--port", "0", "--model", model_name]
+        self.argv += [] if fused else ["--three-stages"]
+        self.target = ""
+        self.pid = 0
+
+    def __enter__(self) -> "PlainServer":
+        self._proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True)
+        line = self._proc.stdout.readline()  # "" at once if it exits; its stderr is bench's
+        if "port=" not in line:
+            self.__exit__()
+            raise Unavailable(f"reference: the plain server did not start (said {line.strip()!r}, exit {self._proc.poll()})")
+        self.target, self.pid = f"127.0.0.1:{int(line.split('port=')[1].split()[0])}", self._proc.pid
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="plain reference gRPC server: the model once per request on the event loop, no batching")
+    parser.add_argument("--artifact", required=True, help="a --target cpu artifact directory")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--model", default="twotower", help="the OIP model name it answers to (default twotower)")
+    parser.add_argument("--three-stages", action="store_true", help="run user_tower, peer_tower, pair_scorer even if the artifact has the fused stage")
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(serve(args.artifact, args.port, args.model, not args.three_stages))
+
+
+if __name__ == "__main__":
+    main()
