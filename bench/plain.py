@@ -97,7 +97,7 @@ async def serve(artifact: str, port: int, model_name: str, fused: bool) -> None:
     meta = oip.ModelMetadataResponse.TensorMetadata
     metadata = oip.ModelMetadataResponse(
         name=model_name,
-        versions=[version],
+        versions=["1"],  # an integer, as Triton's tools expect
         platform="plain",
         inputs=[meta(name="USER_FEATURES", datatype="FP32", shape=[1, cfg.user_features]), meta(name="PEER_FEATURES", datatype="FP32", shape=[-1, cfg.peer_features])],
         outputs=[meta(name="SCORES", datatype="FP32", shape=[-1, cfg.num_labels])],
@@ -112,6 +112,16 @@ async def serve(artifact: str, port: int, model_name: str, fused: bool) -> None:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.name!r}; this server serves {model_name}")
             return metadata
 
+        async def ServerMetadata(self, request, context):
+            return oip.ServerMetadataResponse(name="plain", version="1", extensions=["model_configuration"])
+
+        async def ModelConfig(self, request, context):
+            """Triton's model configuration, which perf_analyzer reads first."""
+            config = oip.ModelConfig(name=model_name, platform="plain", max_batch_size=0)
+            config.input.extend(oip.ModelInput(name=t.name, data_type=oip.TYPE_FP32, dims=t.shape) for t in metadata.inputs)
+            config.output.extend(oip.ModelOutput(name=t.name, data_type=oip.TYPE_FP32, dims=t.shape) for t in metadata.outputs)
+            return oip.ModelConfigResponse(config=config)
+
         async def ModelInfer(self, request, context):
             if request.model_name != model_name:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model_name!r}; this server serves {model_name}")
@@ -122,7 +132,7 @@ async def serve(artifact: str, port: int, model_name: str, fused: bool) -> None:
             if user is None or user.shape[0] != 1 or peers is None:
                 await invalid(context, "USER_FEATURES [1, F_u] and PEER_FEATURES [M, F_p] in raw_input_contents")
             scores = score(user, peers)
-            response = oip.ModelInferResponse(model_name=model_name, model_version=version, id=request.id)
+            response = oip.ModelInferResponse(model_name=model_name, model_version="1", id=request.id)
             response.outputs.add(name="SCORES", datatype="FP32", shape=scores.shape)
             response.raw_output_contents.append(scores.tobytes())
             return response

@@ -59,6 +59,7 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
     "neuronserve_batch_failed_total": ("counter", "Requests failed by an error in their batch"),
     "neuronserve_core_group_busy_seconds_total": ("counter", "Seconds a core group spent running executions"),
     "neuronserve_core_group_executions_total": ("counter", "Executions completed on a core group"),
+    "neuronserve_sim_core_device_seconds_total": ("counter", "sim backend: seconds of (simulated) device time a core ran"),
     "neuronserve_core_group_faults_total": ("counter", "Core faults on a core group"),
     "neuronserve_core_group_healthy": ("gauge", "1 while the core group is in rotation"),
     "neuronserve_stage_executions_total": ("counter", "Executions of a stage at a compiled bucket"),
@@ -295,6 +296,15 @@ def pipeline_samples(stats) -> List[Sample]:
             Sample("neuronserve_stage_padded_rows_total", labels, s.padded_rows),
         ]
     return out
+
+
+def sim_samples(stats) -> List[Sample]:
+    """From a backends.sim.SimStats: per simulated core, the device seconds it ran (latency_scale
+    applied: wall seconds of device time), so busy fraction = its rate of increase."""
+    return [
+        Sample("neuronserve_sim_core_device_seconds_total", (("core", str(c.core)),), c.busy_s * stats.latency_scale)
+        for c in stats.cores
+    ]
 
 
 def cache_samples(stats) -> List[Sample]:

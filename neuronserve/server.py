@@ -333,7 +333,7 @@ class Server:
         from neuronserve.artifact import load_manifest
         from neuronserve.backends import core_span, make_backend, resolve_backend
         from neuronserve.embeddings import EmbeddingCache
-        from neuronserve.metrics import Metrics, MetricsServer, cache_samples, pipeline_samples
+        from neuronserve.metrics import Metrics, MetricsServer, cache_samples, pipeline_samples, sim_samples
         from neuronserve.pipeline import Pipeline
         from neuronserve.protos import open_inference_pb2, scorer_pb2
         from neuronserve.service import InferenceService, ScorerService, ServingState, add_service
@@ -411,6 +411,8 @@ class Server:
         for model, batcher in self.runtime.batchers.items():
             self.metrics.add_batcher(model, batcher.stats)
         self.metrics.add_collector(lambda: pipeline_samples(self.pipeline.stats()))
+        if hasattr(self.backend, "stats"):  # the sim's device clock
+            self.metrics.add_collector(lambda: sim_samples(self.backend.stats()))
         for servicer in servicers:
             servicer.runtime = self.runtime
         gc.collect()
