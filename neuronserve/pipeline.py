@@ -122,6 +122,7 @@ class Pipeline:
         self._plans: Dict[str, List[Tuple[int, ...]]] = {}
         self._stage_counts = {stage: [0, 0, 0] for stage in STAGES + (FUSED_STAGE,)}  # executions, rows, padded rows
         self._estimates: List[float] = []  # score batch of r rows -> modelled seconds, r <= max_batch_rows
+        self._user_buckets: Dict[int, Tuple[int, ...]] = {}  # fused: peer bucket -> its compiled user buckets
         self._waiters: Deque[asyncio.Future] = deque()
         self._fused = False
         self._started = False
@@ -156,6 +157,9 @@ class Pipeline:
             self._cost_s[stage] = {b: self._bucket_cost_s(runner, b) for b in self._buckets[stage]}
             largest = self._buckets[stage][-1]
             self._plans[stage] = _plan_table(self._buckets[stage], self._cost_s[stage], 2 * largest)
+        if FUSED_STAGE in self._stage_groups:
+            fused = self._stage_groups[FUSED_STAGE][0].runners[FUSED_STAGE]
+            self._user_buckets = {b: fused.user_batch_sizes(b) for b in fused.batch_sizes}
         self._started = True
         self._estimates = [0.0] + [self._estimate_s(rows) for rows in range(1, self.max_batch_rows + 1)]
 
@@ -246,54 +250,29 @@ class Pipeline:
 
     async def score_requests(self, users: Sequence[np.ndarray], peers: Sequence[np.ndarray]) -> np.ndarray:
         """A batch of score requests: request i is users[i] ([1, F_u]) against peers[i] ([m_i, F_p]);
-        -> logits [sum m_i, K] in request order. Assembled (concatenated, padded) on the executor thread
-        that runs it, so the event loop only hands over the lists."""
-        if not self._fused:
-            user, peer = _concat(users), _concat(peers)
-            user_index = np.repeat(np.arange(len(users)), [p.shape[0] for p in peers])
-            return _mark_nonfinite(await self.score(user, peer, user_index), user, peer, user_index)
+        -> logits [sum m_i, K] in request order, NaN in every row with a non-finite feature.
+
+        With the fused graph the batch is assembled and padded here, on the event loop (a few vectorised
+        copies per batch), and the core's executor thread only runs the executions: a thread that
+        needed the GIL for many short numpy steps would wait for it behind a busy event loop at each
+        one (the GIL convoy that made an overloaded server collapse)."""
         if not self._started:
             raise Unavailable("the pipeline is not started: call start() first")
-        stage = FUSED_STAGE if FUSED_STAGE in self._stage_groups else "user_tower"
-        return await self._execute(stage, self._score_requests_on, users, peers)
-
-    def _score_requests_on(self, runners: Dict[str, Runner], users: Sequence[np.ndarray], peers: Sequence[np.ndarray]):
-        """Blocking, on one group's executor thread: assemble the batch, then one fused execution per
-        chunk (or the three stages in turn, for an artifact without the fused graph)."""
-        counts = [p.shape[0] for p in peers]
-        user_index = np.repeat(np.arange(len(users), dtype=np.int64), counts)
-        fused = runners.get(FUSED_STAGE)
-        if fused is None:
-            user, peer = _concat(users), _concat(peers)
-            out, busy_s, runs = self._score_on(runners, user, peer, user_index)
-            return _mark_nonfinite(out, user, peer, user_index), busy_s, runs
-        rows = user_index.shape[0]
-        chunks = self._chunks(FUSED_STAGE, rows)
-        user = _concat(users)
-        if len(chunks) == 1:  # the usual case: the peers are copied once, straight into the padded input
-            bucket = chunks[0][1]
-            peer = np.empty((bucket, peers[0].shape[1]), dtype=np.float32)
-            np.concatenate(peers, axis=0, out=peer[:rows])
-            peer[rows:] = 0
-            parts = [(0, rows, bucket, peer)]
-        else:
-            whole = _concat(peers)
-            parts, start = [], 0
-            for chunk_rows, bucket in chunks:
-                parts.append((start, chunk_rows, bucket, _padded(whole[start : start + chunk_rows], bucket)))
-                start += chunk_rows
-        outs, busy_s = [], 0.0
-        for start, chunk_rows, bucket, peer in parts:
-            first, last = int(user_index[start]), int(user_index[start + chunk_rows - 1])
-            user_rows = last + 1 - first
-            user_bucket = next(u for u in fused.user_batch_sizes(bucket) if u >= user_rows)
+        user, user_index = _concat(users), np.repeat(np.arange(len(users), dtype=np.int64), [p.shape[0] for p in peers])
+        if FUSED_STAGE not in self._stage_groups:
+            peer = _concat(peers)
+            return _mark_nonfinite(await self.score(user, peer, user_index), user, peer, user_index)
+        peer = _concat(peers)
+        inputs, start = [], 0
+        for rows, bucket in self._chunks(FUSED_STAGE, peer.shape[0]):
+            first, last = int(user_index[start]), int(user_index[start + rows - 1])
+            user_bucket = next(u for u in self._user_buckets[bucket] if u > last - first)
             index = np.zeros(bucket, dtype=np.int64)
-            index[:chunk_rows] = user_index[start : start + chunk_rows] - first
-            out, seconds = _timed_run(fused, [_padded(user[first : last + 1], user_bucket), peer, index])
-            outs.append(out[:chunk_rows])
-            busy_s += seconds
-        peer_rows = parts[0][3][:rows] if len(parts) == 1 else whole
-        return _mark_nonfinite(_concat(outs), user, peer_rows, user_index), busy_s, [(FUSED_STAGE, r, b) for r, b in chunks]
+            index[:rows] = user_index[start : start + rows] - first
+            inputs.append([_padded(user[first : last + 1], user_bucket), _padded(peer[start : start + rows], bucket), index])
+            start += rows
+        scores = await self._execute(FUSED_STAGE, _run_fused, inputs, self._chunks(FUSED_STAGE, peer.shape[0]))
+        return _mark_nonfinite(scores, user, peer, user_index)
 
     async def score(self, user_features: np.ndarray, peer_features: np.ndarray, user_index: np.ndarray) -> np.ndarray:
         """Row i of the result [N, K] scores user user_index[i] against peer i (logits, float32)."""
@@ -416,6 +395,17 @@ class Pipeline:
                 counts[0] += 1
                 counts[1] += rows
                 counts[2] += bucket - rows
+
+
+def _run_fused(runners: Dict[str, Runner], inputs: Sequence[List[np.ndarray]], chunks: Sequence[Tuple[int, int]]):
+    """Blocking, on the group's executor thread: one fused execution per chunk of padded inputs ->
+    (unpadded scores concatenated, busy seconds, [(stage, rows, bucket)] per execution)."""
+    outs, busy_s = [], 0.0
+    for chunk, (rows, _) in zip(inputs, chunks):
+        out, seconds = _timed_run(runners[FUSED_STAGE], chunk)
+        outs.append(out[:rows])
+        busy_s += seconds
+    return _concat(outs), busy_s, [(FUSED_STAGE, rows, bucket) for rows, bucket in chunks]
 
 
 def _run_chunks(runner: StageRunner, arrays: Sequence[np.ndarray], chunks: Sequence[Tuple[int, int]]):
