@@ -57,6 +57,16 @@ class StageStats:
 
 
 @dataclass(frozen=True)
+class ScoredBatch:
+    """A score batch's logits [rows, K] and where its time went, in seconds (Triton's statistics)."""
+
+    scores: np.ndarray
+    input_s: float  # assembling and padding the inputs
+    compute_s: float  # from the hand-off to the core until its outputs were back
+    output_s: float  # unpadding and the NaN/Inf marking
+
+
+@dataclass(frozen=True)
 class PipelineStats:
     stages: Dict[str, StageStats]
     groups: Tuple[GroupStats, ...]
@@ -248,7 +258,7 @@ class Pipeline:
         )
         return np.concatenate(parts, axis=0)
 
-    async def score_requests(self, users: Sequence[np.ndarray], peers: Sequence[np.ndarray]) -> np.ndarray:
+    async def score_requests(self, users: Sequence[np.ndarray], peers: Sequence[np.ndarray]) -> ScoredBatch:
         """A batch of score requests: request i is users[i] ([1, F_u]) against peers[i] ([m_i, F_p]);
         -> logits [sum m_i, K] in request order, NaN in every row with a non-finite feature.
 
@@ -258,11 +268,22 @@ class Pipeline:
         one (the GIL convoy that made an overloaded server collapse)."""
         if not self._started:
             raise Unavailable("the pipeline is not started: call start() first")
+        start_s = time.perf_counter()
         user, user_index = _concat(users), np.repeat(np.arange(len(users), dtype=np.int64), [p.shape[0] for p in peers])
-        if FUSED_STAGE not in self._stage_groups:
-            peer = _concat(peers)
-            return _mark_nonfinite(await self.score(user, peer, user_index), user, peer, user_index)
         peer = _concat(peers)
+        if FUSED_STAGE not in self._stage_groups:
+            sent_s = time.perf_counter()
+            scores = await self.score(user, peer, user_index)
+        else:
+            inputs = self._fused_inputs(user, peer, user_index)
+            sent_s = time.perf_counter()
+            scores = await self._execute(FUSED_STAGE, _run_fused, inputs, self._chunks(FUSED_STAGE, peer.shape[0]))
+        back_s = time.perf_counter()
+        scores = _mark_nonfinite(scores, user, peer, user_index)
+        return ScoredBatch(scores, sent_s - start_s, back_s - sent_s, time.perf_counter() - back_s)
+
+    def _fused_inputs(self, user: np.ndarray, peer: np.ndarray, user_index: np.ndarray) -> List[List[np.ndarray]]:
+        """Per chunk of the fused plan: [users padded to a user bucket, peers padded to the bucket, index]."""
         inputs, start = [], 0
         for rows, bucket in self._chunks(FUSED_STAGE, peer.shape[0]):
             first, last = int(user_index[start]), int(user_index[start + rows - 1])
@@ -271,8 +292,7 @@ class Pipeline:
             index[:rows] = user_index[start : start + rows] - first
             inputs.append([_padded(user[first : last + 1], user_bucket), _padded(peer[start : start + rows], bucket), index])
             start += rows
-        scores = await self._execute(FUSED_STAGE, _run_fused, inputs, self._chunks(FUSED_STAGE, peer.shape[0]))
-        return _mark_nonfinite(scores, user, peer, user_index)
+        return inputs
 
     async def score(self, user_features: np.ndarray, peer_features: np.ndarray, user_index: np.ndarray) -> np.ndarray:
         """Row i of the result [N, K] scores user user_index[i] against peer i (logits, float32)."""

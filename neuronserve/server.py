@@ -244,10 +244,16 @@ class Runtime:
         """One batch of Score requests: each request's user row and its peer rows; the pipeline
         assembles the batch on its executor thread, so the event loop only hands over the lists."""
         peers = [s.payload[1][s.start : s.stop] for s in slices]
-        start = time.perf_counter()
-        scores = await self.pipeline.score_requests([s.payload[0] for s in slices], peers)
-        self.metrics.execution(self._scores.name, rows=scores.shape[0], requests=len(slices), compute_s=time.perf_counter() - start)
-        return scores
+        batch = await self.pipeline.score_requests([s.payload[0] for s in slices], peers)
+        self.metrics.execution(
+            self._scores.name,
+            rows=batch.scores.shape[0],
+            requests=len(slices),
+            compute_s=batch.compute_s,
+            input_s=batch.input_s,
+            output_s=batch.output_s,
+        )
+        return batch.scores
 
     async def _run_tower(self, tower: str, slices) -> np.ndarray:
         features = _concat([s.payload[s.start : s.stop] for s in slices])

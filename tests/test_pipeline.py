@@ -101,7 +101,7 @@ def test_score_requests_equal_the_three_stages_and_mark_rows_with_non_finite_fea
         for i, sizes in enumerate([(1,), (3, 5), (largest,), (largest - 1, 2), (1,) * (largest + 1), (7, largest + 2, 5)]):
             users = [rows(manifest, 1, cfg.user_features, seed=10 * i + j) for j in range(len(sizes))]
             peers = [rows(manifest, m, cfg.peer_features, seed=100 * i + j) for j, m in enumerate(sizes)]
-            got = await pipeline.score_requests(users, peers)
+            got = (await pipeline.score_requests(users, peers)).scores
             index = np.repeat(np.arange(len(sizes)), sizes)
             u = direct(ref["user_tower"], [np.concatenate(users)])
             expected = direct(ref["pair_scorer"], [u[index], direct(ref["peer_tower"], [np.concatenate(peers)])])
@@ -110,7 +110,7 @@ def test_score_requests_equal_the_three_stages_and_mark_rows_with_non_finite_fea
         peers = [rows(manifest, 2, cfg.peer_features, seed=50 + j) for j in range(3)]
         users[0][0, 1] = np.inf
         peers[2][1, 0] = np.nan
-        got = await pipeline.score_requests(users, peers)
+        got = (await pipeline.score_requests(users, peers)).scores
         bad = np.array([1, 1, 0, 0, 0, 1], dtype=bool)
         assert np.isnan(got[bad]).all() and np.isfinite(got[~bad]).all()
 

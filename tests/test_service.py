@@ -20,6 +20,7 @@ from neuronserve.backends.cpu import CpuBackend
 from neuronserve.config import STAGES, BatchingConfig, CoreGroup, ServerConfig, SimConfig
 from neuronserve.embeddings import EmbeddingCache
 from neuronserve.metrics import Metrics
+from neuronserve.pipeline import ScoredBatch
 from neuronserve.protos import open_inference_pb2 as oip
 from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
 from neuronserve.protos import scorer_pb2 as pb
@@ -439,7 +440,7 @@ class GatedPipeline:
         rows = sum(p.shape[0] for p in peers)
         self.batch_rows.append(rows)
         await self.gate.wait()
-        return np.zeros((rows, self.num_labels), np.float32)
+        return ScoredBatch(np.zeros((rows, self.num_labels), np.float32), 0.0, self.latency_s, 0.0)
 
     async def run_stage(self, stage, inputs):
         self.batch_rows.append(inputs[0].shape[0])
