@@ -117,7 +117,7 @@ class _Setting:
 SETTINGS: Tuple[_Setting, ...] = (
     _Setting("artifact", _optional(_text), "DIR", "compiled artifact directory (default: the demo model, compiled for the CPU on first run)"),
     _Setting("backend", _text, "NAME", "auto | cpu | sim | neuron (auto: neuron when torch-neuron and a NeuronCore are here and the artifact was compiled for neuron, else cpu)"),
-    _Setting("cores", _integer, "N", "NeuronCores to use (neuron: the NEURON_RT_VISIBLE_CORES range when set, else 4, one Inferentia chip; sim: cores simulated, default 4; cpu: executor threads, default one per usable CPU)"),
+    _Setting("cores", _integer, "N", "NeuronCores to use (neuron: the NEURON_RT_VISIBLE_CORES range when set, else 4, one Inferentia chip; sim: cores simulated, default 4; cpu: executor threads, default one per usable CPU less one for the event loop)"),
     _Setting("placement", _text, "SPEC", "stage placement, e.g. user_tower=0,peer_tower=1-2,pair_scorer=3 (default: data parallel)"),
     _Setting("host", _text, "HOST", "address to listen on"),
     _Setting("port", _integer, "PORT", "gRPC port, 0 = any free port"),

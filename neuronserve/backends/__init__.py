@@ -32,9 +32,9 @@ def resolve_backend(name: str, manifest: Manifest) -> str:
 
 def default_cores(name: str) -> int:
     """Cores to serve on when none are configured. neuron and sim: 4, one Inferentia chip (inf1.xlarge,
-    inf1.2xlarge). cpu: one executor (one torch thread) per CPU this process may use, the usual rule
-    for CPU inference; docs/benchmarks.md compares it with 4 on a 2-CPU host."""
-    return len(os.sched_getaffinity(0)) if name == "cpu" else SimConfig.num_cores
+    inf1.2xlarge). cpu: one executor (one torch thread) per CPU this process may use, less the one the
+    event loop needs, at least one (gRPC's loop is the critical path; docs/benchmarks.md measures it)."""
+    return max(1, len(os.sched_getaffinity(0)) - 1) if name == "cpu" else SimConfig.num_cores
 
 
 def core_span(name: str, cores: Optional[int]) -> CoreGroup:
