@@ -22,14 +22,15 @@ The firing rule (one dispatcher task on the event loop; Triton's dynamic batcher
   max_batch_rows; a request larger than the room left is split and its first part fills the batch,
   the rest stays at the head of the queue. stats().queue_s_total sums every request's wait.
 
-Admission, at once and before any work (so overload is refused at the door, not after it cost a core):
-rows >= 1 (InvalidInput); queued rows + rows <= config.max_queue_rows, else Overloaded; the expected
-completion = now + the backlog's drain time (the running batches' remaining time and the queued rows,
-by the latency model times the observed slowdown, over the devices) + this request's batch: past its deadline (absolute, on `clock`) it
-is DeadlineExceeded, and a wait past config.max_queue_wait_ms is Overloaded (the queue bound in time,
-which is what callers reason about). The deadline is checked again as the request joins a batch: it joins only if
-clock() + estimate_latency_s(rows of the batch with it) <= its deadline and every earlier member's
-(otherwise it is rejected, or, if only an earlier member would miss, it waits for the next batch).
+Admission, at once and before any work (so overload is refused before it costs a core): rows >= 1
+(InvalidInput); queued rows + rows <= config.max_queue_rows, else Overloaded. The expected completion
+is now + the backlog's drain time (the running batches' remaining time and the queued rows, by the
+latency model times the observed slowdown, over the devices) + this request's batch: past its
+deadline (absolute, on `clock`) it is DeadlineExceeded, and a drain time past
+config.max_queue_wait_ms is Overloaded (the queue bound in time, which is what callers reason
+about). The deadline is checked again as the request joins a batch: it joins only if clock() +
+estimate_latency_s(rows of the batch with it) <= its deadline and every earlier member's (otherwise
+it is rejected, or, if only an earlier member would miss, it waits for the next batch).
 Failure: an exception in run_batch (or a result with the wrong number of rows) fails exactly the
 requests of that batch, once each (a split request as a whole), and the batcher keeps serving.
 A caller cancelled while waiting is dropped: its rows not yet batched never run.
@@ -113,7 +114,8 @@ class DynamicBatcher:
     max_batch_rows: the largest batch (config.max_batch_rows, if set, caps it lower). max_in_flight:
     batches running at once (config.max_in_flight_batches, if set, overrides it). estimate_latency_s:
     rows -> seconds a batch of that many rows takes; it runs on the dispatcher, so it must be cheap
-    and must not raise. clock: seconds, the clock every deadline_s is on.
+    and must not raise. devices: batches that really run in parallel (core groups); slots beyond
+    them are the spare ones the dispatcher fills. clock: seconds, the clock every deadline_s is on.
     """
 
     def __init__(
