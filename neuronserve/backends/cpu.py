@@ -63,13 +63,14 @@ class CpuRunner(StageRunner):
 
     def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
         graph = self._graphs[self.check_inputs(inputs)]
-        tensors = [_tensor(x) for x in inputs]
+        tensors = [as_tensor(x) for x in inputs]
         with torch.inference_mode():
             out = graph(*tensors)
         return out.numpy()
 
 
-def _tensor(array: np.ndarray) -> torch.Tensor:
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """The array as a tensor sharing its memory (a copy only when it is read-only)."""
     # torch wants writable memory; a request's rows may be a read-only view of the message bytes.
     return torch.from_numpy(array if array.flags.writeable else array.copy())
 
@@ -83,7 +84,7 @@ class CpuFusedRunner(FusedRunner):
 
     def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
         graph = self._graphs[self.check_inputs(inputs)]
-        user, peer, index = (_tensor(x) for x in inputs)
+        user, peer, index = (as_tensor(x) for x in inputs)
         with torch.inference_mode():
             out = graph(user, peer, index)
         return out.numpy()

@@ -37,6 +37,7 @@ import torch
 
 from neuronserve.artifact import FUSED_STAGE, Manifest
 from neuronserve.backends.base import Backend, FusedRunner, StageRunner
+from neuronserve.backends.cpu import as_tensor
 from neuronserve.config import VISIBLE_CORES_ENV, CoreGroup, parse_visible_cores
 from neuronserve.errors import BackendUnavailable, ConfigError, CoreFault
 
@@ -174,7 +175,7 @@ class NeuronRunner(StageRunner):
 
     def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
         batch_size = self.check_inputs(inputs)
-        tensors = [torch.from_numpy(array) for array in inputs]
+        tensors = [as_tensor(array) for array in inputs]
         try:
             with torch.inference_mode():
                 out = self._modules[batch_size](*tensors)
@@ -197,7 +198,7 @@ class NeuronFusedRunner(FusedRunner):
 
     def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
         batch_size, user_batch_size = self.check_inputs(inputs)
-        tensors = [torch.from_numpy(array) for array in inputs]
+        tensors = [as_tensor(array) for array in inputs]
         try:
             with torch.inference_mode():
                 out = self._modules[(batch_size, user_batch_size)](*tensors)
