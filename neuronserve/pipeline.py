@@ -12,8 +12,9 @@ releases the GIL, so groups run in parallel.
   for a free slot on its groups, and the batcher keeps at most `concurrency` batches in flight.
 - One execution per score batch: when the artifact holds the fused stage (FUSED_STAGE: both towers
   and the scorer in one graph, user rows plus a user index in) and every group holds every stage (data
-  parallel), a score batch is assembled, padded and run as ONE execution on one group's executor
-  thread: one thread hop and one device call per batch, the user vectors gathered inside the graph.
+  parallel), a score batch is assembled and padded on the event loop and run as ONE execution on one
+  group's executor thread: one thread hop and one device call per batch, the user vectors gathered
+  inside the graph.
   Without it (older artifacts), the same job runs the three stages in turn.
 - Buckets: see `_plan`; padding rows never leave this module.
 - Faults: a CoreFault fails only the batch that hit it; the runner reports its group unhealthy until
