@@ -28,12 +28,25 @@ async def serve(port: int, reply_bytes: int) -> None:
         def service(self, handler_call_details):
             return handler
 
-    options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
-    server = grpc.aio.server(options=options)
+    server = bench_server()
     server.add_generic_rpc_handlers((AnyMethod(),))
+    await serve_until_signalled(server, port, "echo ready: port={port}")
+
+
+def bench_server():
+    """A grpc.aio server for bench's own subprocesses (echo, plain): messages up to 256 MiB."""
+    import grpc
+
+    options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+    return grpc.aio.server(options=options)
+
+
+async def serve_until_signalled(server, port: int, ready: str) -> None:
+    """Start `server` on 127.0.0.1:`port`, print `ready` (formatted with the bound port), serve until
+    SIGTERM or SIGINT, then stop."""
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    print(f"echo ready: port={bound}", flush=True)
+    print(ready.format(port=bound), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

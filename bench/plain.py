@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 from typing import Callable, Optional
 
 import numpy as np
 
+from neuronserve.bench.echo import bench_server, serve_until_signalled
 from neuronserve.errors import Unavailable
 
 STAGES = ("user_tower", "peer_tower", "pair_scorer")
@@ -137,19 +137,10 @@ async def serve(artifact: str, port: int, model_name: str, fused: bool) -> None:
             response.raw_output_contents.append(scores.tobytes())
             return response
 
-    options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
-    server = grpc.aio.server(options=options)
+    server = bench_server()
     pb_grpc.add_ScorerServicer_to_server(Scorer(), server)
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(Inference(), server)
-    bound = server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    print(f"plain ready: port={bound} pid={os.getpid()}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(0.5)
+    await serve_until_signalled(server, port, "plain ready: port={port} pid=" + str(os.getpid()))
 
 
 class PlainServer:

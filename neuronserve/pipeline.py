@@ -181,12 +181,7 @@ class Pipeline:
         if isinstance(runner, FusedRunner):
             users = runner.user_batch_sizes(batch_size)[0]
             modelled = runner.latency_s(batch_size, users)
-            (user_shape, peer_shape) = runner.input_shapes()
-            inputs = [
-                np.zeros((users,) + user_shape, dtype=np.float32),
-                np.zeros((batch_size,) + peer_shape, dtype=np.float32),
-                np.zeros(batch_size, dtype=np.int64),
-            ]
+            inputs = list(runner.zero_inputs(batch_size, users))
         else:
             modelled = runner.latency_s(batch_size)
             inputs = [np.zeros((batch_size,) + shape, dtype=np.float32) for shape in runner.input_shapes()]
@@ -271,29 +266,39 @@ class Pipeline:
             raise Unavailable("the pipeline is not started: call start() first")
         start_s = time.perf_counter()
         user, user_index = _concat(users), np.repeat(np.arange(len(users), dtype=np.int64), [p.shape[0] for p in peers])
-        peer = _concat(peers)
         if FUSED_STAGE not in self._stage_groups:
+            peer = _concat(peers)
             sent_s = time.perf_counter()
             scores = await self.score(user, peer, user_index)
         else:
-            inputs = self._fused_inputs(user, peer, user_index)
+            chunks = self._chunks(FUSED_STAGE, user_index.shape[0])
+            peer, inputs = self._fused_inputs(user, peers, user_index, chunks)
             sent_s = time.perf_counter()
-            scores = await self._execute(FUSED_STAGE, _run_fused, inputs, self._chunks(FUSED_STAGE, peer.shape[0]))
+            scores = await self._execute(FUSED_STAGE, _run_fused, inputs, chunks)
         back_s = time.perf_counter()
         scores = _mark_nonfinite(scores, user, peer, user_index)
         return ScoredBatch(scores, sent_s - start_s, back_s - sent_s, time.perf_counter() - back_s)
 
-    def _fused_inputs(self, user: np.ndarray, peer: np.ndarray, user_index: np.ndarray) -> List[List[np.ndarray]]:
-        """Per chunk of the fused plan: [users padded to a user bucket, peers padded to the bucket, index]."""
-        inputs, start = [], 0
-        for rows, bucket in self._chunks(FUSED_STAGE, peer.shape[0]):
+    def _fused_inputs(self, user: np.ndarray, peers: Sequence[np.ndarray], user_index: np.ndarray, chunks) -> Tuple[np.ndarray, List[List[np.ndarray]]]:
+        """(the peer rows, per chunk [users padded to a user bucket, peers padded to the bucket, index]).
+        One chunk (the usual case): the peers are copied once, straight into the padded input."""
+        if len(chunks) == 1:
+            rows, bucket = chunks[0]
+            padded_peer = np.empty((bucket, peers[0].shape[1]), dtype=np.float32)
+            np.concatenate(peers, axis=0, out=padded_peer[:rows])
+            padded_peer[rows:] = 0
+            peer, padded = padded_peer[:rows], [padded_peer]
+        else:
+            peer = _concat(peers)
+            padded = [_padded(peer[start : start + rows], bucket) for start, (rows, bucket) in zip(_starts(chunks), chunks)]
+        inputs = []
+        for start, (rows, bucket), peer_input in zip(_starts(chunks), chunks, padded):
             first, last = int(user_index[start]), int(user_index[start + rows - 1])
             user_bucket = next(u for u in self._user_buckets[bucket] if u > last - first)
             index = np.zeros(bucket, dtype=np.int64)
             index[:rows] = user_index[start : start + rows] - first
-            inputs.append([_padded(user[first : last + 1], user_bucket), _padded(peer[start : start + rows], bucket), index])
-            start += rows
-        return inputs
+            inputs.append([_padded(user[first : last + 1], user_bucket), peer_input, index])
+        return peer, inputs
 
     async def score(self, user_features: np.ndarray, peer_features: np.ndarray, user_index: np.ndarray) -> np.ndarray:
         """Row i of the result [N, K] scores user user_index[i] against peer i (logits, float32)."""
@@ -433,21 +438,17 @@ def _run_chunks(runner: StageRunner, arrays: Sequence[np.ndarray], chunks: Seque
     """Blocking, on the group's executor thread: one execution per (rows, bucket) chunk over the rows of
     `arrays` in order, each padded with zero rows up to its bucket; -> (unpadded outputs concatenated,
     busy seconds, [(stage, rows, bucket)] per execution)."""
-    outs, busy_s, start = [], 0.0, 0
-    for rows, bucket in chunks:
-        inputs = []
-        for array in arrays:
-            if rows == bucket:
-                inputs.append(np.ascontiguousarray(array[start : start + rows]))
-            else:
-                padded = np.zeros((bucket,) + array.shape[1:], dtype=np.float32)
-                padded[:rows] = array[start : start + rows]
-                inputs.append(padded)
-        out, seconds = _timed_run(runner, inputs)
+    outs, busy_s = [], 0.0
+    for start, (rows, bucket) in zip(_starts(chunks), chunks):
+        out, seconds = _timed_run(runner, [_padded(array[start : start + rows], bucket) for array in arrays])
         outs.append(out[:rows])
         busy_s += seconds
-        start += rows
-    return (outs[0] if len(outs) == 1 else np.concatenate(outs)), busy_s, [(runner.stage, rows, bucket) for rows, bucket in chunks]
+    return _concat(outs), busy_s, [(runner.stage, rows, bucket) for rows, bucket in chunks]
+
+
+def _starts(chunks: Sequence[Tuple[int, int]]) -> List[int]:
+    """The first row of each (rows, bucket) chunk."""
+    return [sum(rows for rows, _ in chunks[:i]) for i in range(len(chunks))]
 
 
 def _concat(parts: Sequence[np.ndarray]) -> np.ndarray:
@@ -457,7 +458,7 @@ def _concat(parts: Sequence[np.ndarray]) -> np.ndarray:
 def _mark_nonfinite(scores: np.ndarray, user: np.ndarray, peer: np.ndarray, user_index: np.ndarray) -> np.ndarray:
     """Scores with NaN in every row whose user or peer features are not all finite (NaN, Inf), so the
     service, which checks only the output, refuses exactly those requests (a model can map an Inf input
-    to a finite score). One vectorised check per batch, off the event loop; per row only if it fails."""
+    to a finite score). One vectorised check per batch; per row only if it fails."""
     if np.isfinite(peer).all() and np.isfinite(user).all():
         return scores
     bad = ~np.isfinite(peer).all(axis=1) | ~np.isfinite(user).all(axis=1)[user_index]

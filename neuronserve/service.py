@@ -13,6 +13,7 @@ so a request the server will not finish is refused with UNAVAILABLE instead of a
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -176,12 +177,12 @@ def check_finite(array: np.ndarray, field: str) -> None:
         raise InvalidInput(f"{field}{list(index)} is {array[index]}: features must be finite (no NaN or Inf)")
 
 
-def scores_checked(scores: np.ndarray, inputs: Sequence[Tuple[np.ndarray, str]]) -> np.ndarray:
+def scores_checked(scores: np.ndarray, inputs: Sequence[np.ndarray], fields: Sequence[str]) -> np.ndarray:
     """The score path checks finiteness once, on its output (its inputs are checked per batch, off the
     event loop: the pipeline turns the scores of every row with a non-finite feature into NaN). So a
     finite output means finite inputs; otherwise the error names the input at fault, else the output."""
     if not np.isfinite(scores).all():
-        for array, field in inputs:
+        for array, field in zip(inputs, fields):
             check_finite(array, field)
         finite_output(scores, "scores")
     return scores
@@ -349,7 +350,7 @@ class ScorerService(_Servicer, pb_grpc.ScorerServicer):
             tensor_array(request.peer_features, "peer_features"), "peer_features", info.peer_features, info.max_peers, "max_peers", False
         )
         scores = await self.runtime.score(user, peers, deadline_of(context))
-        scores_checked(scores, ((user, "user_features"), (peers, "peer_features")))
+        scores_checked(scores, (user, peers), ("user_features", "peer_features"))
         return pb.ScoreResponse(scores=tensor_proto(scores), label_names=info.label_names, model_version=info.version)
 
     async def _upsert(self, request: pb.UpsertEmbeddingsRequest, context) -> pb.UpsertEmbeddingsResponse:
@@ -415,6 +416,11 @@ class OipModel:
     name: str
     inputs: Tuple[OipTensor, ...]
     outputs: Tuple[OipTensor, ...]
+
+    @functools.cached_property
+    def input_fields(self) -> Tuple[str, ...]:
+        """How errors name the inputs, in order."""
+        return tuple(f"input {t.name}" for t in self.inputs)
 
 
 def oip_models(info: ModelInfo) -> Dict[str, OipModel]:
@@ -529,26 +535,27 @@ class InferenceService(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: oip.ModelInferRequest, context) -> oip.ModelInferResponse:
         model = self._model(request.model_name, request.model_version)
         arrays = self._inputs(model, request)
-        output_names = [o.name for o in request.outputs] or [t.name for t in model.outputs]
-        known = {t.name for t in model.outputs}
-        for name in output_names:
-            if name not in known:
-                raise InvalidInput(f"model {model.name} has no output {name!r}; its outputs are {', '.join(sorted(known))}")
-        if len(set(output_names)) != len(output_names):
-            raise InvalidInput(f"outputs: each output may be requested once, got {output_names[:8]}")
+        output = model.outputs[0].name  # each model has one output; a request may name it, once
+        if request.outputs:
+            names = [o.name for o in request.outputs]
+            for name in names:
+                if name != output:
+                    raise InvalidInput(f"model {model.name} has no output {name!r}; its outputs are {output}")
+            if len(names) > 1:
+                raise InvalidInput(f"outputs: each output may be requested once, got {names[:8]}")
         rows = arrays[-1].shape[0]  # PEER_FEATURES or FEATURES: the variable dimension of the one output
         per_row = math.prod(model.outputs[0].shape[1:])
         check_reply_size(rows * per_row, f"{rows} rows x {per_row} values of {model.outputs[0].name}", "send fewer rows per request", self.info.max_message_bytes)
         deadline_s = deadline_of(context)
         if model.name == TWOTOWER:
             out = await self.runtime.score(arrays[0], arrays[1], deadline_s)
-            scores_checked(out, [(array, f"input {spec.name}") for array, spec in zip(arrays, model.inputs)])
+            scores_checked(out, arrays, model.input_fields)
         else:
             out = finite_output(await self.runtime.embed(model.name, arrays[0], deadline_s), model.outputs[0].name)
         data = np.ascontiguousarray(out, dtype=_F32).tobytes()
-        # each model has one output, so the one requested (once) is it; raw contents, as Triton answers
+        # raw contents, as Triton answers
         response = oip.ModelInferResponse(model_name=model.name, model_version=self.info.oip_version, id=request.id)
-        response.outputs.add(name=output_names[0], datatype=FP32, shape=out.shape)  # (nested kwargs: 2x slower)
+        response.outputs.add(name=output, datatype=FP32, shape=out.shape)  # (nested kwargs: 2x slower)
         response.raw_output_contents.append(data)
         return response
 

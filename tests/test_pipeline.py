@@ -39,6 +39,19 @@ def sim_pipeline(manifest, placement: Placement, model: LatencyModel, **sim_sett
     return pipeline, sim
 
 
+def reference_runners(manifest) -> dict:
+    """The three stages on the plain CPU backend: what every pipeline output must equal."""
+    cpu = CpuBackend(manifest)
+    return {stage: cpu.load(stage, CoreGroup(0)) for stage in STAGES}
+
+
+def instant_pipeline(manifest, placement: str, data_parallel_cores: int) -> tuple:
+    """A started pipeline over 4 simulated cores that take no time: data parallel on the first
+    `data_parallel_cores` when `placement` starts with "data", else the placement it spells."""
+    layout = Placement.data_parallel(data_parallel_cores) if placement.startswith("data") else Placement.parse(placement, 4)
+    return sim_pipeline(manifest, layout, latency(0.0), latency_scale=0.0)
+
+
 def rows(manifest, count: int, features: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((count, features)).astype(np.float32)
 
@@ -58,10 +71,8 @@ def direct(runner, x_list):
 @pytest.mark.parametrize("placement", ["data parallel (fused: one job per batch)", "user_tower=0,peer_tower=1-2,pair_scorer=3"])
 def test_scores_equal_direct_cpu_outputs_for_mixed_sizes(manifest, placement):
     cfg = manifest.model_config
-    cpu = CpuBackend(manifest)
-    ref = {stage: cpu.load(stage, CoreGroup(0)) for stage in STAGES}
-    layout = Placement.data_parallel(4) if placement.startswith("data") else Placement.parse(placement, 4)
-    pipeline, _ = sim_pipeline(manifest, layout, latency(0.0), latency_scale=0.0)
+    ref = reference_runners(manifest)
+    pipeline, _ = instant_pipeline(manifest, placement, data_parallel_cores=4)
     largest = pipeline.max_batch_rows
     assert largest < 40  # the small artifact: sizes below exceed its largest bucket
 
@@ -90,10 +101,8 @@ def test_score_requests_equal_the_three_stages_and_mark_rows_with_non_finite_fea
     per chunk when data parallel, the stages otherwise; the same scores either way, padding and
     splitting included; a row whose features are NaN or Inf scores NaN, every other row as usual."""
     cfg = manifest.model_config
-    cpu = CpuBackend(manifest)
-    ref = {stage: cpu.load(stage, CoreGroup(0)) for stage in STAGES}
-    layout = Placement.data_parallel(2) if placement.startswith("data") else Placement.parse(placement, 4)
-    pipeline, sim = sim_pipeline(manifest, layout, latency(0.0), latency_scale=0.0)
+    ref = reference_runners(manifest)
+    pipeline, sim = instant_pipeline(manifest, placement, data_parallel_cores=2)
     largest = pipeline.max_batch_rows
     warm = sim.stats().executions  # the warm-up ran every stage
 
