@@ -1,6 +1,6 @@
 """The `neuronserve` console command: compile | inspect | serve | bench.
 
-Each subcommand lives with its code (compile/, server.py, bench/) and registers itself here through
+Each subcommand lives with its code (compile/, serve.py, bench/) and registers itself here through
 `register(subparsers)`, which sets `func(args) -> int`. Heavy imports (torch, grpc) happen inside
 `func`, so `neuronserve --help` is fast. Every NeuronServeError becomes one line on stderr and a
 non-zero exit, never a traceback.
@@ -18,7 +18,7 @@ from neuronserve.errors import NeuronServeError
 def build_parser() -> argparse.ArgumentParser:
     from neuronserve.bench import cli as bench_cli
     from neuronserve.compile import cli as compile_cli
-    from neuronserve import __version__, server
+    from neuronserve import __version__, serve
 
     parser = argparse.ArgumentParser(
         prog="neuronserve",
@@ -28,25 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     compile_cli.register(sub)  # compile, inspect
-    server.register(sub)  # serve
-    sub.choices["serve"].set_defaults(func=_serve)
+    serve.register(sub)  # serve
     bench_cli.register(sub)  # bench
     return parser
-
-
-def _serve(args: argparse.Namespace) -> int:
-    """`serve`, plus the embedded default: with no artifact configured, compile the demo model for
-    the CPU into the cache directory on first run (reused afterwards) and serve that."""
-    import dataclasses
-
-    from neuronserve import server
-
-    config = server.resolve_config(args)
-    if config.artifact is None:
-        from neuronserve.compile.demo import ensure_demo_artifact
-
-        config = dataclasses.replace(config, artifact=str(ensure_demo_artifact(progress=True)))
-    return server.run(config)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

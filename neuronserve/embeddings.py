@@ -1,32 +1,59 @@
-"""The embedding cache: tower outputs per user / peer id, for the two-tower fast path.
+"""The embedding cache: tower outputs per user / peer id, for the two-tower fast path, shared by forked workers.
 
 Place on the request path: UpsertEmbeddings runs the towers on the cores and stores their outputs here;
 ScoreByIds and ScoreMatrix then score from this cache with numpy only (no tower, no core):
 score_k = <u_k, p_k> + b_k, with w_k already folded into u_k. ScoreMatrix is one float32 BLAS matmul per
-label (U_k @ P_k^T) on the CPU: for cached vectors that beats a round trip through the `pair_scorer` graph,
-which would need the [N*M, K, D] pair tensor materialised and padded to a bucket.
+label (U_k @ P_k^T) on the CPU: for cached vectors that beats a round trip through the `pair_scorer` graph.
 
-Storage per kind: a sorted int64 id array, a contiguous float32 [rows, K, D] matrix and an int64 upsert
-sequence per row; lookups use np.searchsorted. All of it lives in one immutable snapshot (model version and
-both kinds) that writers rebuild and swap in with one assignment, so readers never see a half update or
-a mix of model versions while a background UpsertEmbeddings refreshes the cache.
-
-Eviction rule: at most max_rows rows per kind; when an upsert would exceed that, the least recently
-upserted ids of that kind are evicted first (lowest upsert sequence; within one upsert, earlier rows first).
+Contract. The storage is one anonymous MAP_SHARED mapping made by the constructor: every process forked
+from the constructing one afterwards (the pool's workers, a restarted worker) shares the same rows, held
+once. An upsert() or clear_for() in any process is seen by every reader in every process once it returns.
+A read sees one committed snapshot: never a torn row, a half upsert or a mix of model versions. Readers
+take no lock and never wait for a writer; writers are serialised across processes by a POSIX record lock
+that the kernel drops when its holder dies, and a writer killed at any point leaves the last committed
+snapshot intact. At most max_rows rows per kind: an upsert that would exceed it evicts the least
+recently upserted ids of that kind first (within one upsert, earlier rows first). Hit / miss / eviction
+counters count this process's calls (a forked child starts from zero); rows and bytes are the shared
+figures. Design and the memory-ordering argument: docs/embeddings.md.
 """
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import mmap
+import os
+import tempfile
 import threading
+import time
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
-from neuronserve.errors import ConfigError, InvalidInput, NotFound
+from neuronserve.errors import ConfigError, InvalidInput, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
 
 KINDS = ("user", "peer")
+MAX_VERSION_BYTES = 256  # the model version's UTF-8 bytes, in a fixed-size field of the mapping
 _MAX_NAMED_IDS = 10
+_READ_TIMEOUT_S = 2.0  # a read that keeps seeing commits land under it for this long gives up
+
+# Header fields (int64). STATE is the commit word: (generation << 3) | bits, where bit k (k = 0 user,
+# 1 peer) selects kind k's active index buffer (A or B) and bit 2 the active model-version field. A writer
+# prepares a whole new snapshot in memory no reader of the current one looks at, then publishes it with
+# one aligned 8-byte store of STATE; the generation makes every commit change STATE.
+_STATE, _NEXT_SEQ, _WRITER_PID = 0, 1, 2
+_VERSION_LEN = 3  # + buffer (0 / 1): byte length of the model version in that field
+_COUNT = 5  # + 2 * kind + buffer: rows in that index buffer
+_HEADER_FIELDS = 9
+_VERSION_BIT = 1 << len(KINDS)
+_GENERATION = 1 << (len(KINDS) + 1)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -41,21 +68,55 @@ class CacheStats:
     model_version: str
 
 
-@dataclass(frozen=True)
-class _Table:
-    ids: np.ndarray  # int64 [rows], sorted ascending
-    vectors: np.ndarray  # float32 [rows, K, D], row i belongs to ids[i]
-    seq: np.ndarray  # int64 [rows], upsert sequence of each row
+class _Shared:
+    """Numpy views of one cache's shared mapping. Per kind: a slot table of 2 * max_rows vectors and two
+    index buffers (A / B), each three int64 rows: sorted ids, the slot of each id's vector, its upsert
+    sequence."""
+
+    def __init__(self, num_labels: int, label_dim: int, max_rows: int) -> None:
+        slots = 2 * max_rows
+        layout: List[Tuple[np.dtype, Tuple[int, ...]]] = [(np.dtype(np.int64), (_HEADER_FIELDS,)), (np.dtype(np.uint8), (2, MAX_VERSION_BYTES))]
+        for _ in KINDS:
+            layout += [(np.dtype(np.float32), (slots, num_labels, label_dim)), (np.dtype(np.int64), (2, 3, max_rows))]
+        offsets, size = [], 0
+        for dtype, shape in layout:
+            offsets.append(size)
+            size += -(-int(np.prod(shape)) * dtype.itemsize // 64) * 64  # 64-byte aligned parts
+        # Anonymous and shared: inherited by fork, zero-filled, and a page takes memory only once written.
+        self.map = mmap.mmap(-1, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.size = size
+        views = [np.frombuffer(self.map, dtype, int(np.prod(shape)), offset).reshape(shape)
+                 for (dtype, shape), offset in zip(layout, offsets)]
+        self.header, self.versions = views[0], views[1]
+        self.vectors = views[2::2]  # per kind: float32 [slots, K, D]
+        self.indexes = views[3::2]  # per kind: int64 [buffer, (id, slot, seq), max_rows], first COUNT rows valid
+
+    def index(self, state: int, k: int) -> np.ndarray:
+        """Kind k's index [(ids, slots, seqs), rows] in the snapshot `state`, sorted by id."""
+        buf = (state >> k) & 1
+        rows = min(max(int(self.header[_COUNT + 2 * k + buf]), 0), self.indexes[k].shape[2])  # clipped: may be torn
+        return self.indexes[k][buf, :, :rows]
+
+    def version(self, state: int) -> str:
+        buf = int(bool(state & _VERSION_BIT))
+        length = min(max(int(self.header[_VERSION_LEN + buf]), 0), MAX_VERSION_BYTES)
+        return self.versions[buf, :length].tobytes().decode("utf-8", errors="replace")
 
 
-@dataclass(frozen=True)
-class _Snapshot:
-    model_version: str
-    tables: Dict[str, _Table]
+_CACHES: "weakref.WeakSet[EmbeddingCache]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for cache in list(_CACHES):
+        cache._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class EmbeddingCache:
-    """Bounded, version-tied cache of tower outputs; readers lock-free, writers serialised by a lock."""
+    """Bounded, version-tied cache of tower outputs in shared memory; readers lock-free, writers serialised
+    across threads and processes."""
 
     def __init__(self, *, model_version: str, num_labels: int, label_dim: int, label_bias: Sequence[float], max_rows: int) -> None:
         if num_labels < 1 or label_dim < 1:
@@ -65,20 +126,82 @@ class EmbeddingCache:
         bias = np.asarray(label_bias, dtype=np.float32)
         if bias.shape != (num_labels,):
             raise ConfigError(f"label_bias must hold num_labels={num_labels} floats, got shape {bias.shape}")
+        version = _encode_version(model_version)
         self._k, self._d, self._bias, self._max_rows = num_labels, label_dim, bias, max_rows
-        self._write_lock = threading.Lock()  # upserts and clear_for
-        self._count_lock = threading.Lock()  # hit / miss / eviction counters
-        self._hits = self._misses = self._evictions = self._next_seq = 0
-        self._state = self._empty(model_version)
+        self._mem: Optional[_Shared] = _Shared(num_labels, label_dim, max_rows)
+        self._mem.versions[0, : len(version)] = np.frombuffer(version, np.uint8)
+        self._mem.header[_VERSION_LEN] = len(version)  # STATE 0: generation 0, buffers A, version field 0
+        # The writers' lock between processes: a POSIX record lock on an unlinked temporary file whose
+        # descriptor forked children inherit. Record locks belong to a process and die with it.
+        fd, path = tempfile.mkstemp(prefix="neuronserve-cache-lock-")
+        os.unlink(path)
+        self._lock_fd = fd
+        self._close_fd = weakref.finalize(self, os.close, fd)
+        self._forked()
+        _CACHES.add(self)
 
-    def _empty(self, model_version: str) -> _Snapshot:
-        empty = _Table(np.empty(0, np.int64), np.empty((0, self._k, self._d), np.float32), np.empty(0, np.int64))
-        return _Snapshot(model_version, {kind: empty for kind in KINDS})
+    def _forked(self) -> None:
+        """Fresh per-process state: in the constructor and in a forked child (where a lock copied while
+        another thread of the parent held it would stay held forever)."""
+        self._write_lock = threading.Lock()  # the writing threads of this process
+        self._count_lock = threading.Lock()  # hit / miss / eviction counters
+        self._hits = self._misses = self._evictions = 0
+
+    def close(self) -> None:
+        """Release this process's mapping and lock file; other processes keep theirs. Idempotent; the
+        cache answers Unavailable afterwards."""
+        mem, self._mem = self._mem, None
+        if mem is not None:
+            mapping = mem.map
+            mem.__dict__.clear()  # drop the numpy views, which pin the mapping
+            try:
+                mapping.close()
+            except BufferError:  # a read in another thread still holds a view: unmapped when it lets go
+                pass
+        self._close_fd()
+
+    def _shared(self) -> _Shared:
+        mem = self._mem
+        if mem is None:
+            raise Unavailable("the embedding cache is closed")
+        return mem
+
+    # -- writers -------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _writing(self) -> Iterator[Tuple[_Shared, int]]:
+        """Hold the write lock (threads of this process, then processes); yields the mapping and STATE."""
+        mem = self._shared()
+        with self._write_lock:
+            fcntl.lockf(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                dead = int(mem.header[_WRITER_PID])
+                if dead:
+                    log.warning("embedding cache: writer pid %d died in the middle of an update; its partial "
+                                "update was never published and is discarded", dead)
+                mem.header[_WRITER_PID] = os.getpid()  # left behind only by a writer that died holding the lock
+                try:
+                    yield mem, int(mem.header[_STATE])
+                finally:
+                    mem.header[_WRITER_PID] = 0
+            finally:
+                fcntl.lockf(self._lock_fd, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _commit(mem: _Shared, state: int, flip: int) -> None:
+        """Publish the prepared snapshot: one aligned 8-byte store (next generation, flipped buffers)."""
+        mem.header[_STATE] = ((state & ~(_GENERATION - 1)) + _GENERATION) | ((state ^ flip) & (_GENERATION - 1))
 
     def clear_for(self, model_version: str) -> None:
         """Drop every row and take `model_version` (a new artifact was loaded). Counters keep counting."""
-        with self._write_lock:
-            self._state = self._empty(model_version)
+        version = _encode_version(model_version)
+        with self._writing() as (mem, state):
+            buf = int(not state & _VERSION_BIT)  # the inactive version field
+            mem.versions[buf, : len(version)] = np.frombuffer(version, np.uint8)
+            mem.header[_VERSION_LEN + buf] = len(version)
+            for k in range(len(KINDS)):
+                mem.header[_COUNT + 2 * k + (1 - ((state >> k) & 1))] = 0  # empty inactive index buffers
+            self._commit(mem, state, _GENERATION - 1)  # flip every buffer and the version at once
 
     def check_upsert(self, kind: str, ids: np.ndarray) -> np.ndarray:
         """`ids` as int64 if upsert() would take them: distinct, at most max_rows. The service calls it
@@ -100,38 +223,85 @@ class EmbeddingCache:
         if vectors.shape != (len(ids), self._k, self._d) or vectors.dtype != np.float32:
             raise InvalidInput(f"vectors must be float32 [{len(ids)}, {self._k}, {self._d}] (one row per id), "
                                f"got {vectors.dtype} {list(vectors.shape)}")
-        with self._write_lock:
-            state = self._state
-            if model_version != state.model_version:
+        k, m = KINDS.index(kind), len(ids)
+        with self._writing() as (mem, state):
+            current = mem.version(state)
+            if model_version != current:
                 raise InvalidInput(f"embeddings of model version {model_version!r} cannot mix with "
-                                   f"{state.model_version!r} (the cache's model version)")
-            old = state.tables[kind]
-            survivors = np.flatnonzero(~np.isin(old.ids, ids, assume_unique=True))  # rows not overwritten
-            excess = len(survivors) + len(ids) - self._max_rows
-            if excess > 0:  # evict the least recently upserted survivors
-                survivors = np.sort(survivors[np.argsort(old.seq[survivors], kind="stable")[excess:]])
-            seq = np.arange(self._next_seq, self._next_seq + len(ids), dtype=np.int64)
-            self._next_seq += len(ids)
-            all_ids = np.concatenate([old.ids[survivors], ids])
-            merge = np.argsort(all_ids, kind="stable")
-            table = _Table(all_ids[merge],
-                           np.ascontiguousarray(np.concatenate([old.vectors[survivors], vectors])[merge]),
-                           np.concatenate([old.seq[survivors], seq])[merge])
-            self._state = _Snapshot(state.model_version, {**state.tables, kind: table})
+                                   f"{current!r} (the cache's model version)")
+            old = mem.index(state, k)  # [(ids, slots, seqs), n] of the active buffer
+            old_ids, old_seqs = old[0], old[2]
+            keep = np.ones(len(old_ids), bool)  # rows of the active index that stay
+            if len(old_ids):
+                pos = np.minimum(np.searchsorted(old_ids, ids), len(old_ids) - 1)
+                keep[pos[old_ids[pos] == ids]] = False  # overwritten
+            excess = int(np.count_nonzero(keep)) + m - self._max_rows
+            if excess > 0:  # evict the `excess` least recently upserted survivors (sequences are distinct)
+                kept_seqs = old_seqs[keep]
+                keep &= old_seqs > np.partition(kept_seqs, excess - 1)[excess - 1]
+            # Copy-on-write: the new vectors go to slots the active index does not reference (readers may
+            # be reading those); the lowest free ones, so the touched part of the table stays compact.
+            # At most n slots are referenced, so the first n + m hold at least m free ones.
+            used = np.zeros(len(mem.vectors[k]), bool)
+            used[old[1]] = True
+            new_slots = np.flatnonzero(~used[: len(old_ids) + m])[:m]
+            mem.vectors[k][new_slots] = vectors
+            next_seq = int(mem.header[_NEXT_SEQ])
+            mem.header[_NEXT_SEQ] = next_seq + m
+            # The merged index goes to the inactive buffer: survivors (already sorted) + new rows.
+            order = np.argsort(ids, kind="stable")
+            new = np.stack([ids[order], new_slots[order], next_seq + order])  # a row's seq: its place in `ids`
+            survivors = old[:, keep]
+            rows = survivors.shape[1] + m
+            at = np.searchsorted(survivors[0], new[0]) + np.arange(m)  # the new rows' places in the merge
+            is_new = np.zeros(rows, bool)
+            is_new[at] = True
+            buf = 1 - ((state >> k) & 1)
+            out = mem.indexes[k][buf, :, :rows]
+            out[:, at] = new
+            out[:, ~is_new] = survivors
+            mem.header[_COUNT + 2 * k + buf] = rows
+            self._commit(mem, state, 1 << k)
         if excess > 0:
             with self._count_lock:
                 self._evictions += excess
-        return len(table.ids)
+        return rows
 
-    def lookup(self, kind: str, ids: np.ndarray) -> np.ndarray:
-        """Cached vectors float32 [N, K, D] for `ids` (in their order); unknown ids -> NotFound naming them."""
-        _check_kind(kind)
-        return self._gather(self._state, kind, _check_ids(ids, f"{kind}_ids"))
+    # -- readers -------------------------------------------------------------------------------------
 
-    def _gather(self, state: _Snapshot, kind: str, ids: np.ndarray) -> np.ndarray:
-        table = state.tables[kind]
-        pos = np.minimum(np.searchsorted(table.ids, ids), max(len(table.ids) - 1, 0))
-        found = table.ids[pos] == ids if len(table.ids) else np.zeros(len(ids), bool)
+    def _read(self, read: Callable[[_Shared, int], T]) -> T:
+        """read(mapping, STATE) on one committed snapshot: retried while a commit lands during it (a
+        later writer may then be reusing that snapshot's memory). `read` must copy what it returns and
+        must not raise on garbage: only a result read under an unchanged STATE is used."""
+        mem = self._shared()
+        deadline, attempt = 0.0, 0
+        while True:
+            state = int(mem.header[_STATE])
+            result = read(mem, state)
+            if int(mem.header[_STATE]) == state:
+                return result
+            attempt += 1
+            now = time.monotonic()
+            if attempt == 1:
+                deadline = now + _READ_TIMEOUT_S
+            elif now > deadline:
+                raise Unavailable(f"the embedding cache changed under every read for {_READ_TIMEOUT_S:g} s "
+                                  f"({attempt} attempts): writers are committing nonstop; try again")
+            time.sleep(0 if attempt < 10 else 0.0005)
+
+    @staticmethod
+    def _gather(mem: _Shared, state: int, k: int, ids: np.ndarray) -> Tuple[Optional[np.ndarray], np.ndarray]:
+        """(copied vectors of `ids` or None if some are missing, found mask) in snapshot `state`."""
+        index_ids, index_slots, _ = mem.index(state, k)
+        if not len(index_ids):
+            return None, np.zeros(len(ids), bool)
+        pos = np.minimum(np.searchsorted(index_ids, ids), len(index_ids) - 1)
+        found = index_ids[pos] == ids
+        if not found.all():
+            return None, found
+        return mem.vectors[k].take(index_slots[pos], axis=0, mode="clip"), found
+
+    def _count(self, kind: str, ids: np.ndarray, found: np.ndarray) -> None:
         hits = int(np.count_nonzero(found))
         with self._count_lock:
             self._hits += hits
@@ -141,37 +311,60 @@ class EmbeddingCache:
             named = ", ".join(str(int(i)) for i in missing[:_MAX_NAMED_IDS]) + (", ..." if len(missing) > _MAX_NAMED_IDS else "")
             raise NotFound(f"unknown {kind} ids: {named} ({len(ids) - hits} of {len(ids)} not in the cache; "
                            f"UpsertEmbeddings them first)")
-        return table.vectors[pos]
+
+    def _gather_pair(self, user_ids: np.ndarray, peer_ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Users' and peers' vectors from one snapshot; NotFound for the users first (peers then uncounted)."""
+        (users, user_found), (peers, peer_found) = self._read(
+            lambda mem, state: (self._gather(mem, state, 0, user_ids), self._gather(mem, state, 1, peer_ids)))
+        self._count("user", user_ids, user_found)
+        self._count("peer", peer_ids, peer_found)
+        assert users is not None and peers is not None
+        return users, peers
+
+    def lookup(self, kind: str, ids: np.ndarray) -> np.ndarray:
+        """Cached vectors float32 [N, K, D] for `ids` (in their order); unknown ids -> NotFound naming them."""
+        _check_kind(kind)
+        ids, k = _check_ids(ids, f"{kind}_ids"), KINDS.index(kind)
+        rows, found = self._read(lambda mem, state: self._gather(mem, state, k, ids))
+        self._count(kind, ids, found)
+        assert rows is not None
+        return rows
 
     def score_by_ids(self, user_id: int, peer_ids: np.ndarray) -> np.ndarray:
         """Scores float32 [M, K] of one cached user against M cached peers: one batched dot product."""
         if isinstance(user_id, (bool, np.bool_)) or not isinstance(user_id, (int, np.integer)):
             raise InvalidInput(f"user_id must be an integer, got {user_id!r}")
-        state = self._state
-        user = self._gather(state, "user", np.array([user_id], np.int64))[0]
-        peers = self._gather(state, "peer", _check_ids(peer_ids, "peer_ids"))
-        return np.einsum("kd,mkd->mk", user, peers) + self._bias
+        users, peers = self._gather_pair(_check_ids(np.array([user_id]), "user_id"), _check_ids(peer_ids, "peer_ids"))
+        return np.einsum("kd,mkd->mk", users[0], peers) + self._bias
 
     def score_matrix(self, user_ids: np.ndarray, peer_ids: np.ndarray) -> np.ndarray:
         """Scores float32 [N, M, K] of N cached users x M cached peers: per label one matmul U_k @ P_k^T + b_k."""
-        state = self._state
-        users = self._gather(state, "user", _check_ids(user_ids, "user_ids")).transpose(1, 0, 2)  # [K, N, D]
-        peers = self._gather(state, "peer", _check_ids(peer_ids, "peer_ids")).transpose(1, 2, 0)  # [K, D, M]
-        scores = np.matmul(np.ascontiguousarray(users), np.ascontiguousarray(peers))  # [K, N, M]
+        users, peers = self._gather_pair(_check_ids(user_ids, "user_ids"), _check_ids(peer_ids, "peer_ids"))
+        scores = np.matmul(np.ascontiguousarray(users.transpose(1, 0, 2)), np.ascontiguousarray(peers.transpose(1, 2, 0)))  # [K, N, M]
         scores += self._bias[:, None, None]
         return np.ascontiguousarray(scores.transpose(1, 2, 0))
 
     def rows(self, kind: str) -> int:
         _check_kind(kind)
-        return len(self._state.tables[kind].ids)
+        k = KINDS.index(kind)
+        return self._read(lambda mem, state: len(mem.index(state, k)[0]))
 
     def stats(self) -> CacheStats:
-        state = self._state
-        tables = state.tables
-        nbytes = sum(t.ids.nbytes + t.vectors.nbytes + t.seq.nbytes for t in tables.values())
+        """Rows and model version: the shared snapshot. bytes: the cached data, per row its vector, id and
+        upsert sequence (not the 8-byte slot number, the second index buffer or unused slots). Hits,
+        misses and evictions: this process's calls."""
+        user_rows, peer_rows, version = self._read(
+            lambda mem, state: (len(mem.index(state, 0)[0]), len(mem.index(state, 1)[0]), mem.version(state)))
+        nbytes = (user_rows + peer_rows) * (self._k * self._d * 4 + 8 + 8)
         with self._count_lock:
-            return CacheStats(len(tables["user"].ids), len(tables["peer"].ids), self._max_rows, nbytes,
-                              self._hits, self._misses, self._evictions, state.model_version)
+            return CacheStats(user_rows, peer_rows, self._max_rows, nbytes, self._hits, self._misses, self._evictions, version)
+
+
+def _encode_version(model_version: str) -> bytes:
+    encoded = str(model_version).encode("utf-8")
+    if len(encoded) > MAX_VERSION_BYTES:
+        raise ConfigError(f"model version must be at most {MAX_VERSION_BYTES} bytes in UTF-8, got {len(encoded)}: {model_version[:40]!r}...")
+    return encoded
 
 
 def _check_kind(kind: str) -> None:

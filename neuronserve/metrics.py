@@ -28,6 +28,7 @@ one way, as Triton's does for a model with max_batch_size 0: inference_count cou
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -74,6 +75,9 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
     "process_cpu_seconds_total": ("counter", "User and system CPU time of the server process, seconds"),
     "process_resident_memory_bytes": ("gauge", "Resident memory of the server process"),
     "process_threads": ("gauge", "Threads of the server process"),
+    "neuronserve_worker_up": ("gauge", "workers: 1 while the worker serves (ready and alive)"),
+    "neuronserve_worker_restarts_total": ("counter", "workers: times the worker was restarted"),
+    "neuronserve_worker_requests_total": ("counter", "workers: requests the worker answered (any status), since it last started"),
 }
 
 
@@ -239,18 +243,23 @@ class Metrics:
 
     def render(self) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
-        families: Dict[str, List[Sample]] = {}
-        for sample in self.samples():
-            families.setdefault(sample.name, []).append(sample)
-        lines: List[str] = []
-        for name, samples in families.items():
-            kind, help_text = FAMILIES[name]
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
-            for s in samples:
-                labels = ",".join(f'{k}="{_escape(v)}"' for k, v in s.labels)
-                lines.append(f"{name}{s.suffix}{{{labels}}} {_number(s.value)}" if labels else f"{name}{s.suffix} {_number(s.value)}")
-        return "\n".join(lines) + "\n"
+        return render_samples(self.samples())
+
+
+def render_samples(samples: Iterable[Sample]) -> str:
+    """Samples in the Prometheus text exposition format (version 0.0.4), grouped by family."""
+    families: Dict[str, List[Sample]] = {}
+    for sample in samples:
+        families.setdefault(sample.name, []).append(sample)
+    lines: List[str] = []
+    for name, members in families.items():
+        kind, help_text = FAMILIES[name]
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for s in members:
+            labels = ",".join(f'{k}="{_escape(v)}"' for k, v in s.labels)
+            lines.append(f"{name}{s.suffix}{{{labels}}} {_number(s.value)}" if labels else f"{name}{s.suffix} {_number(s.value)}")
+    return "\n".join(lines) + "\n"
 
 
 def _escape(value: str) -> str:
@@ -334,7 +343,7 @@ def process_samples() -> List[Sample]:
 
 
 class MetricsServer:
-    """GET /metrics -> Metrics.render(); anything else 404. One request per connection."""
+    """GET /metrics -> metrics.render() (a str, or an awaitable of one); anything else 404. One request per connection."""
 
     READ_TIMEOUT_S = 5.0
 
@@ -375,7 +384,10 @@ class MetricsServer:
                 status, body, extra = "405 Method Not Allowed", b"method not allowed: GET /metrics\n", "Allow: GET, HEAD\r\n"
             else:
                 start = time.perf_counter()
-                body = self.metrics.render().encode("utf-8")
+                text = self.metrics.render()
+                if inspect.isawaitable(text):  # the pool's metrics gather the workers' first
+                    text = await text
+                body = text.encode("utf-8")
                 log.debug("rendered metrics in %.1f ms", (time.perf_counter() - start) * 1e3)
                 status, ctype = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
             body_out = b"" if method == "HEAD" else body

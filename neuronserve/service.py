@@ -25,6 +25,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from neuronserve import __version__
+from neuronserve.pool_stats import PoolStatistics, worker_scope
 from neuronserve.errors import DeadlineExceeded, InvalidInput, NeuronServeError, NotFound, Unavailable
 from neuronserve.protos import open_inference_pb2 as oip
 from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
@@ -464,9 +465,19 @@ class InferenceService(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService: models `twotower` (SCORES [M, K] logits) and the two towers;
     the OIP's six RPCs plus Triton's ModelConfig and ModelStatistics, which perf_analyzer calls."""
 
-    def __init__(self, info: ModelInfo, runtime: Optional[Runtime], cache, metrics, state: ServingState) -> None:
+    def __init__(
+        self,
+        info: ModelInfo,
+        runtime: Optional[Runtime],
+        cache,
+        metrics,
+        state: ServingState,
+        peer_addresses: Optional[Callable[[], List[str]]] = None,
+    ) -> None:
+        """`peer_addresses`: a pool's other workers, whose counters ModelStatistics adds (pool_stats.py)."""
         super().__init__(info, runtime, cache, metrics, state)
         self.models = oip_models(info)
+        self.pool = PoolStatistics(peer_addresses) if peer_addresses is not None else None
 
     async def ServerLive(self, request, context) -> oip.ServerLiveResponse:
         return oip.ServerLiveResponse(live=True)
@@ -530,7 +541,10 @@ class InferenceService(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
         counts the scorer API's Score too: it is the same model."""
         names = [self._model(request.name, request.version).name] if request.name else list(self.models)
         version = self.info.oip_version
-        return oip.ModelStatisticsResponse(model_stats=[model_statistics(self.metrics.statistics(n), version) for n in names])
+        reply = oip.ModelStatisticsResponse(model_stats=[model_statistics(self.metrics.statistics(n), version) for n in names])
+        if self.pool is not None and not worker_scope(context):
+            await self.pool.add_peers(reply, request)
+        return reply
 
     async def _infer(self, request: oip.ModelInferRequest, context) -> oip.ModelInferResponse:
         model = self._model(request.model_name, request.model_version)

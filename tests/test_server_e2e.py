@@ -26,13 +26,15 @@ import pytest
 
 from neuronserve.config import ServerConfig
 from neuronserve.errors import ConfigError
-from neuronserve.server import Server, add_arguments, resolve_config, run
+from neuronserve.serve import run
+from neuronserve.server import Server
+from neuronserve.settings import add_arguments, resolve_config
 
 pytestmark = pytest.mark.timeout(90)
 
 READY = re.compile(
     r"^neuronserve ready: grpc=(?P<host>[^:\s]+):(?P<port>\d+) metrics=(?P<metrics>\S+) backend=(?P<backend>\w+) "
-    r"cores=(?P<cores>\d+) buckets=(?P<buckets>[\d,]+) model=(?P<model>\S+) version=(?P<version>\S+)$"
+    r"cores=(?P<cores>\d+) buckets=(?P<buckets>[\d,]+) model=(?P<model>\S+) version=(?P<version>\S+) workers=(?P<workers>\d+)$"
 )
 
 

@@ -25,7 +25,8 @@ from neuronserve.protos import open_inference_pb2 as oip
 from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
 from neuronserve.protos import scorer_pb2 as pb
 from neuronserve.protos import scorer_pb2_grpc as pb_grpc
-from neuronserve.server import Runtime, Server, model_info
+from neuronserve.runtime import Runtime
+from neuronserve.server import Server, model_info
 from neuronserve.service import InferenceService, ScorerService, ServingState
 
 pytestmark = pytest.mark.timeout(60)

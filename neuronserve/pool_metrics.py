@@ -1,0 +1,109 @@
+"""One /metrics for a pool of workers, served by the supervisor (off every serving event loop's path
+except for the worker's own render): each live worker's private /metrics, fetched concurrently, parsed
+with prometheus-client's parser and merged.
+
+Merge rule per family: PER_WORKER families (a worker's cores, queue, process) keep their samples with a
+`worker` label added; SHARED families (the embedding cache, one store for the pool) are reported once;
+every other family is summed over workers, label set by label set. Plus the supervisor's own figures
+per worker: neuronserve_worker_up, _restarts_total, _requests_total. A worker that is being restarted is
+absent from that scrape, so its counters restart from zero when it returns: Prometheus sees a counter
+reset on the summed series (rate() copes; docs/workers.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Dict, List, Optional, Tuple
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from neuronserve.metrics import FAMILIES, Sample, render_samples
+
+log = logging.getLogger(__name__)
+
+FETCH_TIMEOUT_S = 2.0
+PER_WORKER = frozenset(
+    name for name in FAMILIES
+    if name.startswith(("neuronserve_core_group_", "neuronserve_sim_core_", "process_"))
+    or name in ("neuronserve_queue_rows", "neuronserve_in_flight_batches", "nv_inference_pending_request_count")
+)
+SHARED = frozenset(("neuronserve_cache_rows", "neuronserve_cache_max_rows", "neuronserve_cache_bytes"))
+REQUEST_FAMILIES = ("nv_inference_request_success", "nv_inference_request_failure")
+_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def parse_samples(text: str) -> List[Sample]:
+    """Our own exposition text back into Samples (family name, labels, value, suffix)."""
+    out: List[Sample] = []
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name, suffix = sample.name, ""
+            if name not in FAMILIES and name.endswith("_total") and name[: -len("_total")] in FAMILIES:
+                name = name[: -len("_total")]  # the parser names every counter's samples *_total
+            if name not in FAMILIES:
+                for end in _SUFFIXES:
+                    if name.endswith(end) and name[: -len(end)] in FAMILIES:
+                        name, suffix = name[: -len(end)], end
+                        break
+                else:
+                    continue  # not one of ours
+            out.append(Sample(name, tuple(sample.labels.items()), sample.value, suffix))
+    return out
+
+
+def merge(per_worker: Dict[int, List[Sample]]) -> List[Sample]:
+    """Workers' samples merged by the module's rule (ordered by family, then as first seen)."""
+    merged: Dict[Tuple[str, str, Tuple], float] = {}
+    for index, samples in sorted(per_worker.items()):
+        for s in samples:
+            labels = s.labels + (("worker", str(index)),) if s.name in PER_WORKER else s.labels
+            key = (s.name, s.suffix, labels)
+            if s.name in SHARED:
+                merged[key] = max(merged.get(key, s.value), s.value)
+            else:
+                merged[key] = merged.get(key, 0.0) + s.value
+    return [Sample(name, labels, value, suffix) for (name, suffix, labels), value in merged.items()]
+
+
+class PoolMetrics:
+    """`render()` for the supervisor's MetricsServer. `supervisor`: workers.Supervisor (its .workers)."""
+
+    def __init__(self, supervisor) -> None:
+        self.supervisor = supervisor
+
+    async def render(self) -> str:
+        workers = self.supervisor.workers
+        live = {w.plan.index: w.ready.metrics_port for w in workers if w.ready is not None and w.ready.metrics_port}
+        texts = await asyncio.gather(*(_fetch(port) for port in live.values()))
+        per_worker = {index: parse_samples(text) for index, text in zip(live, texts) if text is not None}
+        samples = merge(per_worker)
+        for w in workers:
+            index = w.plan.index
+            worker = (("worker", str(index)),)
+            answered = sum(s.value for s in per_worker.get(index, ()) if s.name in REQUEST_FAMILIES)
+            samples += [
+                Sample("neuronserve_worker_up", worker, 1.0 if index in per_worker else 0.0),
+                Sample("neuronserve_worker_restarts_total", worker, w.restarts),
+                Sample("neuronserve_worker_requests_total", worker, answered),
+            ]
+        samples.sort(key=lambda s: list(FAMILIES).index(s.name))  # stable: groups each family's lines
+        return render_samples(samples)
+
+
+async def _fetch(port: int) -> Optional[str]:
+    """GET a worker's private /metrics on 127.0.0.1:port; None (logged) if it does not answer."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), FETCH_TIMEOUT_S)
+        try:
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n")
+            raw = await asyncio.wait_for(reader.read(), FETCH_TIMEOUT_S)
+        finally:
+            writer.close()
+    except (OSError, asyncio.TimeoutError) as exc:
+        log.warning("metrics of the worker on port %d unavailable: %s", port, exc)
+        return None
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        return None
+    return body.decode("utf-8")

@@ -1,0 +1,119 @@
+"""The `serve` command: settings -> one serving process (`--workers 1`) or a supervised pool of them
+(workers.py). Owns the process concerns: logging, the event loop, signals, the ready line, the exit code.
+
+One process: SIGTERM/SIGINT drains (server.Server.stop) and exits 0; a stop during the warm-up abandons it
+and never prints the ready line; the log's last line tallies the requests answered, by status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+from typing import Callable, Optional
+
+from neuronserve.config import ServerConfig
+from neuronserve.errors import ConfigError, Unavailable
+from neuronserve.server import PoolMember, Server
+from neuronserve.settings import ENV_PREFIX, add_arguments, resolve_config
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve an artifact over gRPC (scorer API, Open Inference Protocol, health, reflection, metrics)",
+        description="Serve a compiled two-tower artifact over gRPC. Settings: flags > --config FILE.json > "
+        f"{ENV_PREFIX}* environment variables > defaults. Prints one 'neuronserve ready: ...' line when serving.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=_command)
+
+
+def _command(args: argparse.Namespace) -> int:
+    """`serve`, plus the embedded default: with no artifact configured, compile the demo model for
+    the CPU into the cache directory on first run (reused afterwards) and serve that."""
+    config = resolve_config(args)
+    if config.artifact is None:
+        from neuronserve.compile.demo import ensure_demo_artifact
+
+        config = dataclasses.replace(config, artifact=str(ensure_demo_artifact(progress=True)))
+    return run(config)
+
+
+def run(config: ServerConfig) -> int:
+    """Serve until SIGTERM/SIGINT, then drain; 0 after a clean drain."""
+    if config.artifact is None:
+        raise ConfigError("no artifact configured: pass --artifact DIR (or NEURONSERVE_ARTIFACT, or 'artifact' in --config)")
+    configure_logging()
+    if config.workers > 1:
+        from neuronserve.workers import supervise
+
+        return supervise(config)
+    return run_loop(serve_process(config))
+
+
+def configure_logging(prefix: str = "") -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s", force=True)
+
+
+def run_loop(main):
+    """Run the coroutine `main` on a fresh event loop (uvloop when installed) and close it."""
+    loop = _new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        log.warning("uvloop is not installed: serving on the default asyncio event loop (slower); pip install uvloop")
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _print_ready(server: Server) -> None:
+    print(server.ready_line(), flush=True)
+
+
+async def serve_process(config: ServerConfig, member: Optional[PoolMember] = None, on_ready: Callable[[Server], None] = _print_ready) -> int:
+    """Start a Server, call `on_ready`, serve until SIGTERM/SIGINT, drain; 0 after a clean drain."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    server = Server(config, member)
+    starting = asyncio.ensure_future(server.start())
+    stop_requested = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({starting, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # SIGTERM during warm-up (minutes on Inf1): stop now, never print ready
+            log.info("stop requested during start-up: abandoning it")
+            server.abandon_start()
+            try:
+                await starting  # raises once the loading thread notices; start() has cleaned up by then
+            except Unavailable:
+                return 0
+            await server.stop()  # it finished in the meantime
+            return 0
+        starting.result()  # a start-up error propagates
+    finally:
+        if not stop_requested.done():
+            stop_requested.cancel()
+    on_ready(server)
+    await stopping.wait()
+    log.info("shutting down: draining accepted requests (grace period %.1f s)", config.grace_period_s)
+    await server.stop()
+    answered = server.metrics.outcomes() if server.metrics is not None else {}
+    log.info("stopped cleanly; requests answered: %s", " ".join(f"{k}={v}" for k, v in sorted(answered.items())) or "none")
+    return 0

@@ -1,0 +1,168 @@
+"""Settings for `neuronserve serve`: flags > --config FILE.json > NEURONSERVE_* environment variables >
+the dataclass defaults (config.ServerConfig). Every setting is declared once in SETTINGS (flag, file key,
+variable, parser, help); a bad value is a ConfigError naming where it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+from neuronserve.config import BatchingConfig, ServerConfig, SimConfig, read_json_object
+from neuronserve.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "NEURONSERVE_"
+OTHER_ENV = ("CONFIG", "CACHE_DIR", "VENV")  # NEURONSERVE_* variables that are not settings
+_DISABLED = ("", "none", "off", "-", "disabled")
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"expected an integer, got {value!r}")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected an integer, got {value!r}") from None
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return number
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def parse_optional(value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() in _DISABLED):
+            return None
+        return parse(value)
+
+    return parse_optional
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """One setting: config-file key `key`, flag --key-with-dashes, environment NEURONSERVE_KEY. It sets
+    SimConfig.<key without sim_> for sim_* keys, BatchingConfig.<key> for its fields, else ServerConfig.<key>."""
+
+    key: str
+    parse: Callable[[Any], Any]
+    metavar: str
+    help: str
+
+    @property
+    def section(self) -> str:
+        if self.key.startswith("sim_"):
+            return "sim"
+        return "batching" if self.key in BatchingConfig.__dataclass_fields__ else "server"
+
+    @property
+    def field(self) -> str:
+        return self.key[len("sim_") :] if self.section == "sim" else self.key
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.key.upper()
+
+
+SETTINGS: Tuple[_Setting, ...] = (
+    _Setting("artifact", _optional(_text), "DIR", "compiled artifact directory (default: the demo model, compiled for the CPU on first run)"),
+    _Setting("backend", _text, "NAME", "auto | cpu | sim | neuron (auto: neuron when torch-neuron and a NeuronCore are here and the artifact was compiled for neuron, else cpu)"),
+    _Setting("cores", _integer, "N", "NeuronCores to use, over all workers (neuron: the NEURON_RT_VISIBLE_CORES range when set, else 4, one Inferentia chip; sim: cores simulated, default 4; cpu: executor threads, default one per usable CPU less one per worker for its event loop)"),
+    _Setting("workers", _integer, "N", "serving processes sharing the gRPC port, each owning an even share of the cores (1: one process, no supervisor)"),
+    _Setting("cpu_affinity", _text, "MODE", "workers: 'split' pins each worker to an even share of the usable CPUs; 'none' leaves them unpinned"),
+    _Setting("worker_timeout_s", _number, "S", "workers: one whose event loop has not ticked for this long is killed and replaced"),
+    _Setting("placement", _text, "SPEC", "stage placement, e.g. user_tower=0,peer_tower=1-2,pair_scorer=3 (default: data parallel)"),
+    _Setting("host", _text, "HOST", "address to listen on"),
+    _Setting("port", _integer, "PORT", "gRPC port, 0 = any free port"),
+    _Setting("metrics_port", _optional(_integer), "PORT", "Prometheus /metrics port, 0 = any, 'off' = none"),
+    _Setting("max_peers", _integer, "M", "most peers (and users) per scoring request"),
+    _Setting("max_message_bytes", _integer, "BYTES", "gRPC max send/receive message size (1024 to 2**31 - 1)"),
+    _Setting("grace_period_s", _number, "S", "shutdown: seconds to answer accepted requests"),
+    _Setting("cache_max_rows", _integer, "ROWS", "embedding cache bound per kind"),
+    _Setting("max_queue_delay_ms", _number, "MS", "batching delay bound from the oldest queued request"),
+    _Setting("max_queue_rows", _integer, "ROWS", "queue bound in rows (memory); past it RESOURCE_EXHAUSTED at once"),
+    _Setting("max_queue_wait_ms", _number, "MS", "queue bound in time: a request whose queue ahead needs longer to drain is RESOURCE_EXHAUSTED at once"),
+    _Setting("max_batch_rows", _optional(_integer), "ROWS", "rows per batch (default: the largest compiled bucket)"),
+    _Setting("max_in_flight_batches", _optional(_integer), "N", "batches in flight per batcher (default: the pipeline's executor slots)"),
+    _Setting("sim_latency_scale", _number, "X", "sim backend: multiply the device latency model (0 = as fast as the CPU)"),
+    _Setting("sim_core_timeout_s", _number, "S", "sim backend: an execution past this is a hung core"),
+    _Setting("sim_reset_s", _number, "S", "sim backend: a faulted core is back in rotation after this"),
+)
+_SECTIONS = {"server": ServerConfig, "batching": BatchingConfig, "sim": SimConfig}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every setting as a flag (raw strings: resolve_config parses them and names the flag on error)."""
+    parser.add_argument(
+        "--config", metavar="FILE.json", default=None, help=f"JSON object of settings (keys: the flag names with _); env {ENV_PREFIX}CONFIG"
+    )
+    for setting in SETTINGS:
+        default = getattr(_SECTIONS[setting.section](), setting.field)
+        shown = "" if default is None else f" (default {default})"
+        parser.add_argument(setting.flag, dest=setting.key, metavar=setting.metavar, help=f"{setting.help}{shown}; env {setting.env}")
+
+
+def resolve_config(args: argparse.Namespace, environ: Optional[Mapping[str, str]] = None) -> ServerConfig:
+    """ServerConfig from flags > --config file > NEURONSERVE_* environment > defaults. A bad value is a
+    ConfigError naming where it came from (the flag, the file and key, or the variable)."""
+    environ = os.environ if environ is None else environ
+    values: Dict[str, Tuple[Any, str]] = {}  # key -> (raw value, source)
+    for setting in SETTINGS:
+        if setting.env in environ:
+            values[setting.key] = (environ[setting.env], f"environment variable {setting.env}")
+    known = {s.env for s in SETTINGS} | {ENV_PREFIX + name for name in OTHER_ENV}
+    for name in sorted(n for n in environ if n.startswith(ENV_PREFIX) and n not in known):
+        log.warning("ignoring environment variable %s: not a neuronserve setting (a typo?)", name)
+    config_path = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    if config_path:
+        for key, value in _read_config_file(config_path).items():
+            values[key] = (value, f"config file {config_path}, key {key!r}")
+    for setting in SETTINGS:
+        value = getattr(args, setting.key, None)
+        if value is not None:
+            values[setting.key] = (value, setting.flag)
+    sections: Dict[str, Dict[str, Any]] = {name: {} for name in _SECTIONS}
+    for setting in SETTINGS:
+        if setting.key not in values:
+            continue
+        raw, source = values[setting.key]
+        try:
+            parsed = setting.parse(raw)
+            _SECTIONS[setting.section](**{setting.field: parsed})  # the dataclass's own checks, for this value alone
+        except (ValueError, ConfigError) as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        sections[setting.section][setting.field] = parsed
+    server = sections["server"]
+    return ServerConfig(**server, batching=BatchingConfig(**sections["batching"]), sim=SimConfig(**sections["sim"]))
+
+
+def _read_config_file(path: str) -> Dict[str, Any]:
+    data = read_json_object(path, f"config file {path}")
+    known = {s.key for s in SETTINGS}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown keys {unknown}; known keys: {', '.join(sorted(known))}")
+    return data

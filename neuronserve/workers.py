@@ -1,0 +1,398 @@
+"""`serve --workers N`: the supervisor of N worker processes that serve one port.
+
+The supervisor never creates a gRPC object or loads a model: it plans each worker's share of the cores
+(and, with --cpu-affinity split, of the host CPUs), reserves the port, builds the shared embedding cache,
+then forks the workers. Each worker is a whole server.Server (its own event loop, GIL, batchers and core
+range: NEURON_RT_VISIBLE_CORES set before its runtime starts) that joins the port with SO_REUSEPORT once
+warm, so the kernel spreads connections over the warm workers. The supervisor then
+- prints the ready line once every worker is ready, and serves the pool's /metrics (pool_metrics.py);
+- restarts a worker that exits (backoff per RestartPolicy; past its crash-loop limit the server stops
+  and exits 1) and one whose heartbeat (written by its event loop) is older than --worker-timeout-s
+  (SIGKILL, then restart);
+- on SIGTERM/SIGINT forwards SIGTERM (each worker drains: every accepted request answered) and exits 0
+  when every worker exited 0.
+Messages from worker to supervisor are typed records over a pipe; heartbeats and the workers' private
+ports live in shared arrays. docs/workers.md has the rules and the measurements behind them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+from neuronserve.config import VISIBLE_CORES_ENV, CoreGroup, ServerConfig
+from neuronserve.errors import ConfigError, NeuronServeError
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 0.5  # a worker's event loop writes its heartbeat this often
+POLL_S = 0.1  # the supervisor checks its workers this often
+STOP_MARGIN_S = 5.0  # past the grace period, a worker still running is killed
+
+
+# ---- the plan: which cores and CPUs each worker owns ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    index: int
+    cores: CoreGroup  # neuron: absolute NeuronCores (its NEURON_RT_VISIBLE_CORES); sim: simulated cores; cpu: executor threads
+    cpus: Optional[Tuple[int, ...]] = None  # host CPUs it is pinned to (--cpu-affinity split)
+
+
+def plan_workers(config: ServerConfig, backend: str, pipeline_cores: int, usable_cpus: Tuple[int, ...]) -> List[WorkerPlan]:
+    """Split the cores evenly over config.workers workers. neuron/sim: the span core_span gives (the device
+    plugin's NEURON_RT_VISIBLE_CORES, --cores, or one chip), in contiguous ranges of a multiple of the
+    artifact's pipeline cores. cpu: --cores executor threads in all, by default one per usable CPU less one
+    per worker (its event loop), at least one each."""
+    from neuronserve.backends import core_span
+
+    n = config.workers
+    if backend == "cpu":
+        total = config.cores or max(n, len(usable_cpus) - n)
+        if total < n:
+            raise ConfigError(f"--cores {total} cannot give each of --workers {n} an executor; use --cores >= {n}")
+        spans = [CoreGroup(0, total // n)] * n
+    else:
+        span = core_span(backend, config.cores)
+        per = span.count // n
+        if span.count % n or per % pipeline_cores:
+            raise ConfigError(
+                f"{span.count} cores ({span}) do not split evenly over --workers {n} in groups of {pipeline_cores} "
+                "(the artifact's pipeline cores); choose --workers dividing the cores"
+            )
+        spans = [CoreGroup(span.first + i * per, per) if backend == "neuron" else CoreGroup(0, per) for i in range(n)]
+    cpus: List[Optional[Tuple[int, ...]]] = [None] * n
+    if config.cpu_affinity == "split":
+        if len(usable_cpus) < n:
+            raise ConfigError(f"--cpu-affinity split needs a CPU per worker: {len(usable_cpus)} usable CPUs for --workers {n}")
+        share = len(usable_cpus) // n
+        cpus = [tuple(usable_cpus[i * share : (i + 1) * share]) for i in range(n)]
+    return [WorkerPlan(i, spans[i], cpus[i]) for i in range(n)]
+
+
+# ---- messages and state shared with the workers -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    index: int
+    pid: int
+    private_port: int
+    metrics_port: Optional[int]
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    """The worker could not start for a reason a restart will not fix (a ConfigError, a bad artifact)."""
+
+    index: int
+    message: str
+
+
+class PoolShared:
+    """What the supervisor and every worker share, built before the first fork: the embedding cache,
+    each worker's last heartbeat (time.monotonic(), system-wide) and private gRPC port (0: not serving)."""
+
+    def __init__(self, workers: int, cache, host: str) -> None:
+        self.cache = cache
+        self.host = host
+        self.heartbeats = multiprocessing.RawArray(ctypes.c_double, workers)
+        self.ports = multiprocessing.RawArray(ctypes.c_int, workers)
+
+    def peer_addresses(self, index: int) -> List[str]:
+        from neuronserve.server import grpc_address
+
+        return [grpc_address(self.host, port) for i, port in enumerate(self.ports) if i != index and port]
+
+
+# ---- the worker process ----------------------------------------------------------------------------
+
+
+def _worker_main(config: ServerConfig, plan: WorkerPlan, shared: PoolShared, conn) -> None:
+    """The forked worker: its cores and CPUs, then a Server as a pool member until SIGTERM. Never returns."""
+    code = 1
+    try:
+        _die_with_parent()
+        asyncio.events._set_running_loop(None)  # forked from the supervisor's running loop (Python < 3.12 keeps it)
+        from neuronserve.serve import configure_logging, run_loop, serve_process
+        from neuronserve.server import PoolMember
+
+        configure_logging(prefix=f"worker{plan.index} ")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C reaches the supervisor, which sends SIGTERM
+        if plan.cpus:
+            os.sched_setaffinity(0, plan.cpus)
+        if config.backend == "neuron":
+            os.environ[VISIBLE_CORES_ENV] = plan.cores.visible_cores()  # before the Neuron runtime starts
+        member = PoolMember(plan.index, shared.cache, lambda: shared.peer_addresses(plan.index))
+        worker_config = dataclasses.replace(config, cores=plan.cores.count, workers=1, cpu_affinity="none")
+
+        def ready(server) -> None:
+            conn.send(WorkerReady(plan.index, os.getpid(), server.private_port, server.metrics_port))
+
+        async def serve() -> int:
+            beat = asyncio.ensure_future(_heartbeat(shared.heartbeats, plan.index))
+            try:
+                return await serve_process(worker_config, member, on_ready=ready)
+            finally:
+                beat.cancel()
+
+        code = run_loop(serve())
+    except NeuronServeError as exc:
+        conn.send(WorkerFailed(plan.index, str(exc)))
+        code = 2
+    except BaseException:  # noqa: BLE001 - logged; the supervisor restarts the worker
+        logging.getLogger(__name__).exception("worker %d failed", plan.index)
+    finally:
+        logging.shutdown()
+        os._exit(code)  # a forked child: no atexit handlers or finalizers of the supervisor's objects
+
+
+async def _heartbeat(heartbeats, index: int) -> None:
+    while True:
+        heartbeats[index] = time.monotonic()
+        await asyncio.sleep(HEARTBEAT_S)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this worker when the supervisor dies (even by SIGKILL), so no worker outlives it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+# ---- restart rules --------------------------------------------------------------------------------
+
+
+class RestartPolicy:
+    """When to restart a worker that exited: after a backoff doubling from `first_delay_s` to
+    `max_delay_s` per worker (reset once it is ready again); never when the pool has seen more than
+    `max_restarts` exits within `window_s` (a crash loop: the server stops and exits 1)."""
+
+    def __init__(
+        self,
+        max_restarts: int = 5,
+        window_s: float = 60.0,
+        first_delay_s: float = 0.5,
+        max_delay_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_restarts, self.window_s = max_restarts, window_s
+        self.first_delay_s, self.max_delay_s = first_delay_s, max_delay_s
+        self._clock = clock
+        self._exits: List[float] = []
+        self._delay_s: Dict[int, float] = {}
+
+    def on_exit(self, index: int) -> Optional[float]:
+        """Seconds to wait before restarting worker `index`, or None: give up, the pool is crash-looping."""
+        now = self._clock()
+        self._exits = [t for t in self._exits if now - t < self.window_s] + [now]
+        if len(self._exits) > self.max_restarts:
+            return None
+        delay = self._delay_s.get(index, self.first_delay_s)
+        self._delay_s[index] = min(delay * 2, self.max_delay_s)
+        return delay
+
+    def on_ready(self, index: int) -> None:
+        self._delay_s.pop(index, None)
+
+
+# ---- the supervisor ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Worker:
+    plan: WorkerPlan
+    process: Optional[multiprocessing.process.BaseProcess] = None
+    conn: object = None  # the supervisor's end of the worker's pipe
+    ready: Optional[WorkerReady] = None
+    restart_at: Optional[float] = None  # monotonic time of the next start; None: running or stopped
+    restarts: int = 0
+
+
+class Supervisor:
+    def __init__(self, config: ServerConfig, plans: List[WorkerPlan], shared: PoolShared, ready_line: Callable[[Optional[int]], str]) -> None:
+        self.config = config
+        self.shared = shared
+        self.workers = [_Worker(plan) for plan in plans]
+        self.policy = RestartPolicy()
+        self._ready_line = ready_line
+        self._context = multiprocessing.get_context("fork")
+        self._stopping = asyncio.Event()
+        self._failure: Optional[str] = None  # why the pool gave up
+        self.metrics_port: Optional[int] = None
+
+    async def run(self) -> int:
+        from neuronserve.metrics import MetricsServer
+        from neuronserve.pool_metrics import PoolMetrics
+
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stopping.set)
+        metrics_server = None
+        if self.config.metrics_port is not None:
+            metrics_server = MetricsServer(PoolMetrics(self))
+            host = self.config.host.strip("[]")
+            try:
+                self.metrics_port = await metrics_server.start(host, self.config.metrics_port)
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on {host}:{self.config.metrics_port} for metrics ({exc.strerror}); choose another --metrics-port") from None
+        for worker in self.workers:
+            self._start(worker)
+        announced = False
+        try:
+            while not self._stopping.is_set() and self._failure is None:
+                self._check(time.monotonic())
+                if not announced and all(w.ready for w in self.workers):
+                    print(self._ready_line(self.metrics_port), flush=True)
+                    announced = True
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), POLL_S)
+                except asyncio.TimeoutError:
+                    pass
+            code = await self._stop_all()
+        finally:
+            if metrics_server is not None:
+                await metrics_server.close()
+        if self._failure is not None:
+            log.error("stopping the server: %s", self._failure)
+            return 1
+        log.info("stopped cleanly: every worker drained")
+        return code
+
+    def _start(self, worker: _Worker) -> None:
+        receive, send = self._context.Pipe(duplex=False)
+        self.shared.heartbeats[worker.plan.index] = time.monotonic()
+        process = self._context.Process(
+            target=_worker_main, args=(self.config, worker.plan, self.shared, send), name=f"neuronserve-worker{worker.plan.index}"
+        )
+        process.start()
+        send.close()
+        worker.process, worker.conn, worker.ready, worker.restart_at = process, receive, None, None
+        log.info("worker %d started: pid %d, cores %s%s", worker.plan.index, process.pid, worker.plan.cores,
+                 f", cpus {list(worker.plan.cpus)}" if worker.plan.cpus else "")
+
+    def _check(self, now: float) -> None:
+        """One pass: messages, exits, hangs, due restarts."""
+        for worker in self.workers:
+            index = worker.plan.index
+            if worker.process is None:
+                if worker.restart_at is not None and now >= worker.restart_at:
+                    worker.restarts += 1
+                    self._start(worker)
+                continue
+            self._read_messages(worker)
+            if worker.process.exitcode is None and now - self.shared.heartbeats[index] > self.config.worker_timeout_s:
+                log.error("worker %d (pid %d) has not ticked for %.1f s: killing it", index, worker.process.pid, now - self.shared.heartbeats[index])
+                worker.process.kill()
+                worker.process.join(5.0)
+            if worker.process.exitcode is not None:
+                self._exited(worker, now)
+
+    def _read_messages(self, worker: _Worker) -> None:
+        try:
+            while worker.conn.poll():
+                message = worker.conn.recv()
+                if isinstance(message, WorkerReady):
+                    worker.ready = message
+                    self.shared.ports[message.index] = message.private_port
+                    self.policy.on_ready(message.index)
+                    log.info("worker %d ready: pid %d, private port %d", message.index, message.pid, message.private_port)
+                elif isinstance(message, WorkerFailed):
+                    self._failure = f"worker {message.index} cannot start: {message.message}"
+        except (EOFError, OSError):
+            pass  # the worker is gone; its exit code tells the rest
+
+    def _exited(self, worker: _Worker, now: float) -> None:
+        index = worker.plan.index
+        self.shared.ports[index] = 0
+        code = worker.process.exitcode
+        worker.conn.close()
+        worker.process, worker.ready = None, None
+        if self._failure is not None:
+            return
+        delay = self.policy.on_exit(index)
+        if delay is None:
+            self._failure = f"workers keep dying ({self.policy.max_restarts} restarts within {self.policy.window_s:.0f} s; worker {index} exited with {code})"
+            return
+        log.error("worker %d exited with %s: restarting it in %.1f s", index, code, delay)
+        worker.restart_at = now + delay
+
+    async def _stop_all(self) -> int:
+        """SIGTERM every live worker (each drains), wait for them; 0 when every one exited 0."""
+        live = [w for w in self.workers if w.process is not None]
+        log.info("shutting down: draining %d workers (grace period %.1f s)", len(live), self.config.grace_period_s)
+        for worker in live:
+            worker.process.terminate()
+        end = time.monotonic() + self.config.grace_period_s + STOP_MARGIN_S
+        while any(w.process.exitcode is None for w in live) and time.monotonic() < end:
+            await asyncio.sleep(POLL_S)
+        code = 0
+        for worker in live:
+            if worker.process.exitcode is None:
+                log.error("worker %d did not stop within the grace period: killing it", worker.plan.index)
+                worker.process.kill()
+                worker.process.join(5.0)
+            if worker.process.exitcode != 0:
+                code = 1
+            self.shared.ports[worker.plan.index] = 0
+        return code
+
+
+def reserve_port(host: str, port: int) -> Tuple[socket.socket, int]:
+    """A socket bound to host:port with SO_REUSEPORT, not listening (the kernel hands connections only to
+    listening sockets): it keeps the port ours while workers come and go. A port someone else holds
+    fails here, before any worker starts."""
+    family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    if port:
+        probe = socket.socket(family, kind, proto)
+        try:
+            probe.bind(address)  # without SO_REUSEPORT: fails if anyone holds the port, even another pool
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port} for gRPC ({exc.strerror}); choose another --port or --host") from None
+        finally:
+            probe.close()
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    return sock, sock.getsockname()[1]
+
+
+def supervise(config: ServerConfig) -> int:
+    """Run `config.workers` workers until SIGTERM/SIGINT; the exit code of the pool."""
+    from neuronserve.artifact import load_manifest
+    from neuronserve.backends import resolve_backend
+    from neuronserve.serve import run_loop
+    from neuronserve.server import new_cache
+
+    manifest = load_manifest(config.artifact, True)
+    backend = resolve_backend(config.backend, manifest)
+    plans = plan_workers(config, backend, manifest.pipeline_cores, tuple(sorted(os.sched_getaffinity(0))))
+    reservation, port = reserve_port(config.host, config.port)
+    config = dataclasses.replace(config, port=port, backend=backend)
+    shared = PoolShared(config.workers, new_cache(manifest, config.cache_max_rows), config.host)
+    buckets = ",".join(map(str, manifest.stage("user_tower").batch_sizes))
+
+    def ready_line(metrics_port: Optional[int]) -> str:
+        metrics = f"{config.host}:{metrics_port}" if metrics_port is not None else "-"
+        return (
+            f"neuronserve ready: grpc={config.host}:{port} metrics={metrics} backend={backend} "
+            f"cores={sum(p.cores.count for p in plans)} buckets={buckets} "
+            f"model={manifest.model_name} version={manifest.model_version} workers={config.workers}"
+        )
+
+    try:
+        return run_loop(Supervisor(config, plans, shared, ready_line).run())
+    finally:
+        reservation.close()
