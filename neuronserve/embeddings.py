@@ -147,6 +147,10 @@ class EmbeddingCache:
         self._count_lock = threading.Lock()  # hit / miss / eviction counters
         self._hits = self._misses = self._evictions = 0
 
+    def __reduce__(self):
+        raise TypeError("an EmbeddingCache is shared with worker processes by fork only (its mapping is anonymous): "
+                        "construct it before forking, do not pickle it")
+
     def close(self) -> None:
         """Release this process's mapping and lock file; other processes keep theirs. Idempotent; the
         cache answers Unavailable afterwards."""
@@ -251,15 +255,16 @@ class EmbeddingCache:
             # The merged index goes to the inactive buffer: survivors (already sorted) + new rows.
             order = np.argsort(ids, kind="stable")
             new = np.stack([ids[order], new_slots[order], next_seq + order])  # a row's seq: its place in `ids`
-            survivors = old[:, keep]
-            rows = survivors.shape[1] + m
+            survivors = [row[keep] for row in old]  # 1-D masks: numpy is much slower on axis 1 of a 2-D array
+            rows = len(survivors[0]) + m
             at = np.searchsorted(survivors[0], new[0]) + np.arange(m)  # the new rows' places in the merge
-            is_new = np.zeros(rows, bool)
-            is_new[at] = True
+            is_old = np.ones(rows, bool)
+            is_old[at] = False
             buf = 1 - ((state >> k) & 1)
             out = mem.indexes[k][buf, :, :rows]
-            out[:, at] = new
-            out[:, ~is_new] = survivors
+            for out_row, new_row, survivor_row in zip(out, new, survivors):
+                out_row[at] = new_row
+                out_row[is_old] = survivor_row
             mem.header[_COUNT + 2 * k + buf] = rows
             self._commit(mem, state, 1 << k)
         if excess > 0:

@@ -4,8 +4,8 @@ with prometheus-client's parser and merged.
 
 Merge rule per family: PER_WORKER families (a worker's cores, queue, process) keep their samples with a
 `worker` label added; SHARED families (the embedding cache, one store for the pool) are reported once;
-every other family is summed over workers, label set by label set. Plus the supervisor's own figures
-per worker: neuronserve_worker_up, _restarts_total, _requests_total. A worker that is being restarted is
+every other family is summed over workers, label set by label set. Plus the supervisor's own process
+figures (worker="supervisor") and, per worker: neuronserve_worker_up, _restarts_total, _requests_total. A worker that is being restarted is
 absent from that scrape, so its counters restart from zero when it returns: Prometheus sees a counter
 reset on the summed series (rate() copes; docs/workers.md).
 """
@@ -13,12 +13,13 @@ reset on the summed series (rate() copes; docs/workers.md).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import Dict, List, Optional, Tuple
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from neuronserve.metrics import FAMILIES, Sample, render_samples
+from neuronserve.metrics import FAMILIES, Sample, process_samples, render_samples
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class PoolMetrics:
         texts = await asyncio.gather(*(_fetch(port) for port in live.values()))
         per_worker = {index: parse_samples(text) for index, text in zip(live, texts) if text is not None}
         samples = merge(per_worker)
+        samples += [dataclasses.replace(s, labels=s.labels + (("worker", "supervisor"),)) for s in process_samples()]
         for w in workers:
             index = w.plan.index
             worker = (("worker", str(index)),)

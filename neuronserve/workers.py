@@ -357,6 +357,7 @@ def reserve_port(host: str, port: int) -> Tuple[socket.socket, int]:
     family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     if port:
         probe = socket.socket(family, kind, proto)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: old TIME_WAIT connections do not hold the port
         try:
             probe.bind(address)  # without SO_REUSEPORT: fails if anyone holds the port, even another pool
         except OSError as exc:
@@ -364,6 +365,7 @@ def reserve_port(host: str, port: int) -> Tuple[socket.socket, int]:
         finally:
             probe.close()
     sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(address)
     return sock, sock.getsockname()[1]

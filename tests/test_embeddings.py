@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import multiprocessing
+import os
+import signal
 import threading
 
 import numpy as np
 import pytest
 
+from neuronserve import embeddings
 from neuronserve.embeddings import KINDS, CacheStats, EmbeddingCache
-from neuronserve.errors import ConfigError, InvalidInput, NotFound
+from neuronserve.errors import ConfigError, InvalidInput, NotFound, Unavailable
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -173,3 +179,234 @@ def test_stats_and_readers_during_concurrent_upserts():
     for factors in seen:
         np.testing.assert_allclose(factors, factors[0], rtol=1e-5)
     assert cache.rows("peer") == 50 and cache.stats().evictions == 0
+
+
+# -- shared across forked processes ----------------------------------------------------------------
+
+FORK = multiprocessing.get_context("fork")
+
+
+def start_child(target, *args):
+    proc = FORK.Process(target=target, args=args)
+    proc.start()
+    return proc
+
+
+def wait_child(proc, timeout: float = 30.0) -> int:
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        pytest.fail("a child process did not finish")
+    return proc.exitcode
+
+
+def run_child(target, *args) -> int:
+    return wait_child(start_child(target, *args))
+
+
+def assert_write_lock_free(cache: EmbeddingCache) -> None:
+    fcntl.lockf(cache._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises at once if a process holds it
+    fcntl.lockf(cache._lock_fd, fcntl.LOCK_UN)
+
+
+def test_upserts_are_seen_by_forked_processes_both_ways():
+    rng = np.random.default_rng(7)
+    cache = make_cache()
+    users, peers = vecs(rng, 2), vecs(rng, 3)
+    assert run_child(lambda: cache.upsert("user", np.array([1, 2]), users, "v1")) == 0
+    np.testing.assert_array_equal(cache.lookup("user", np.array([2, 1])), users[::-1])  # right after the child returned
+
+    upserted, reply = FORK.Event(), FORK.Queue()
+
+    def child_reads_after_parent_upsert():
+        assert upserted.wait(20)
+        got = cache.lookup("peer", np.array([30, 20, 10]))
+        reply.put((got, cache.stats().hits))
+
+    child = start_child(child_reads_after_parent_upsert)  # forked before the parent's upsert
+    cache.upsert("peer", np.array([10, 20, 30]), peers, "v1")
+    upserted.set()
+    got, child_hits = reply.get(timeout=20)
+    assert wait_child(child) == 0
+    np.testing.assert_array_equal(got, peers[::-1])
+    assert child_hits == 3  # counters are per process: the child's count starts from zero at the fork
+    assert cache.stats().hits == 2 and cache.rows("peer") == 3
+
+
+def test_a_writer_killed_at_any_point_leaves_the_cache_usable(caplog):
+    rng = np.random.default_rng(8)
+    cache = make_cache(max_rows=8)
+    base = vecs(rng, 8)
+    cache.upsert("peer", np.arange(8), base, "v1")
+
+    def dies_while_holding_the_lock():
+        # scribble over everything the committed snapshot does not reference, then die mid-update
+        with cache._writing() as (mem, state):
+            for k in range(len(KINDS)):
+                inactive = 1 - ((state >> k) & 1)
+                mem.indexes[k][inactive] = 7
+                mem.header[embeddings._COUNT + 2 * k + inactive] = 5
+                used = np.zeros(len(mem.vectors[k]), bool)
+                used[mem.index(state, k)[1]] = True
+                mem.vectors[k][~used] = np.nan
+            mem.header[embeddings._NEXT_SEQ] += 1000
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def dies_just_before_publishing():
+        cache._commit = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+        cache.upsert("peer", np.arange(100, 108), vecs(np.random.default_rng(0), 8), "v1")  # evicts all 8 rows
+
+    for child in (dies_while_holding_the_lock, dies_just_before_publishing):
+        assert run_child(child) == -signal.SIGKILL
+        assert_write_lock_free(cache)  # the kernel dropped the dead process's record lock
+        np.testing.assert_array_equal(cache.lookup("peer", np.arange(8)), base)  # the committed snapshot is intact
+        with pytest.raises(NotFound, match="unknown peer ids: 100"):
+            cache.lookup("peer", np.array([100]))
+        with caplog.at_level(logging.WARNING, logger="neuronserve.embeddings"):
+            fresh = vecs(rng, 2)
+            assert cache.upsert("peer", np.array([3, 50]), fresh, "v1") == 8  # 50 evicts the oldest row, 0
+        assert "died in the middle of an update" in caplog.text
+        caplog.clear()
+        np.testing.assert_array_equal(cache.lookup("peer", np.array([50, 3, 7])), np.stack([fresh[1], fresh[0], base[7]]))
+        with pytest.raises(NotFound, match="unknown peer ids: 0 "):
+            cache.lookup("peer", np.array([0]))
+        base = cache.lookup("peer", np.array([1, 2, 3, 4, 5, 6, 7, 50]))
+        cache.upsert("peer", np.arange(8), base, "v1")  # back to ids 0..7 for the next child
+        assert cache.rows("peer") == 8
+
+
+def test_readers_never_wait_for_a_writer():
+    rng = np.random.default_rng(9)
+    cache = make_cache()
+    rows = vecs(rng, 4)
+    cache.upsert("user", np.arange(4), rows, "v1")
+    holding, release = FORK.Event(), FORK.Event()
+
+    def holds_the_write_lock():
+        with cache._writing():
+            holding.set()
+            assert release.wait(20)
+
+    child = start_child(holds_the_write_lock)
+    try:
+        assert holding.wait(20)
+        np.testing.assert_array_equal(cache.lookup("user", np.arange(4)), rows)
+        assert cache.rows("user") == 4 and cache.stats().user_rows == 4
+    finally:
+        release.set()
+    assert wait_child(child) == 0
+
+
+def test_reader_process_sees_whole_snapshots_while_a_writer_process_upserts():
+    n, generations = 2000, 200
+    cache = make_cache(k=4, d=32, max_rows=n)
+    cache.upsert("peer", np.arange(n), np.zeros((n, 4, 32), np.float32), "v1")
+    reader_ready, writer_done, report = FORK.Event(), FORK.Event(), FORK.Queue()
+
+    def writer():
+        assert reader_ready.wait(20)
+        order = np.random.default_rng(10)
+        for gen in range(1, generations + 1):
+            ids = order.permutation(n)
+            cache.upsert("peer", ids, np.full((n, 4, 32), gen, np.float32), "v1")
+            cache.upsert("user", np.array([gen % 7]), np.full((1, 4, 32), gen, np.float32), "v1")
+        writer_done.set()
+
+    def reader():
+        ids = np.arange(n)[::-1].copy()
+        seen, lookups = set(), 0
+        while lookups < 100_000:  # bounded; ends soon after the writer is done
+            done = writer_done.is_set()
+            got = cache.lookup("peer", ids).reshape(n, -1)
+            lookups += 1
+            assert (got == got[0, 0]).all(), f"lookup {lookups} mixes values {np.unique(got)[:5]}"
+            seen.add(float(got[0, 0]))
+            reader_ready.set()
+            if done:
+                break
+        report.put((lookups, sorted(seen)))
+
+    procs = [start_child(reader), start_child(writer)]
+    lookups, seen = report.get(timeout=60)
+    assert [wait_child(p) for p in procs] == [0, 0]
+    assert seen[0] == 0 and seen[-1] == generations and len(seen) >= 2  # it read before, during and after
+    np.testing.assert_array_equal(cache.lookup("peer", np.arange(n)), np.full((n, 4, 32), generations, np.float32))
+    assert cache.rows("peer") == n and cache.rows("user") == 7
+
+
+def test_writer_processes_are_serialised():
+    cache = make_cache(k=1, d=4, max_rows=400)
+    start = FORK.Event()
+
+    def writer(first):
+        def run():
+            assert start.wait(20)
+            for i in range(first, first + 200):  # one row per upsert: each merges into the other's index
+                cache.upsert("peer", np.array([i]), np.full((1, 1, 4), i, np.float32), "v1")
+        return run
+
+    procs = [start_child(writer(0)), start_child(writer(1000))]
+    start.set()
+    assert [wait_child(p) for p in procs] == [0, 0]
+    ids = np.concatenate([np.arange(200), np.arange(1000, 1200)])
+    assert cache.rows("peer") == 400  # no upsert lost to another process's concurrent one
+    np.testing.assert_array_equal(cache.lookup("peer", ids)[:, 0, 0], ids.astype(np.float32))
+
+
+def test_eviction_and_version_tie_hold_across_processes():
+    rng = np.random.default_rng(11)
+    cache = make_cache(max_rows=4)
+    evictions = FORK.Queue()
+
+    def child_upsert(ids):
+        def run():
+            cache.upsert("user", np.array(ids), vecs(np.random.default_rng(0), len(ids)), "v1")
+            evictions.put(cache.stats().evictions)
+        return run
+
+    cache.upsert("user", np.array([10, 11]), vecs(rng, 2), "v1")
+    assert run_child(child_upsert([20, 21])) == 0 and evictions.get(timeout=5) == 0
+    cache.upsert("user", np.array([10]), vecs(rng, 1), "v1")  # refresh 10: now the newest
+    assert run_child(child_upsert([30, 31])) == 0 and evictions.get(timeout=5) == 2  # evicts 11 then 20
+    cache.lookup("user", np.array([10, 21, 30, 31]))
+    for gone in (11, 20):
+        with pytest.raises(NotFound):
+            cache.lookup("user", np.array([gone]))
+    assert cache.stats().evictions == 0  # the evictions were the child's
+
+    assert run_child(lambda: cache.clear_for("v2")) == 0
+    stats = cache.stats()
+    assert (stats.user_rows, stats.peer_rows, stats.model_version) == (0, 0, "v2")
+    with pytest.raises(InvalidInput, match="model version 'v1' cannot mix with 'v2'"):
+        cache.upsert("user", np.array([3]), vecs(rng, 1), "v1")
+    assert run_child(child_upsert([1])) != 0  # the child's v1 upsert is refused too
+    assert cache.upsert("user", np.array([3]), vecs(rng, 1), "v2") == 1
+
+
+def test_model_version_size_and_close():
+    with pytest.raises(ConfigError, match="at most 256 bytes"):
+        make_cache(version="v" * 257)
+    cache = make_cache(version="é" * 128)  # 256 bytes in UTF-8
+    assert cache.stats().model_version == "é" * 128
+    with pytest.raises(ConfigError, match="at most 256 bytes"):
+        cache.clear_for("x" * 300)
+    assert cache.stats().model_version == "é" * 128
+    cache.close()
+    cache.close()
+    with pytest.raises(Unavailable, match="closed"):
+        cache.lookup("user", np.array([1]))
+
+
+def test_default_size_costs_no_memory_up_front():
+    cache = EmbeddingCache(model_version="v", num_labels=4, label_dim=32, label_bias=[0.0] * 4, max_rows=1_000_000)
+    assert cache._mem.size > 2 * 10**9  # vectors for 2 x max_rows slots per kind, virtual only
+    assert cache.stats() == CacheStats(0, 0, 1_000_000, 0, 0, 0, 0, "v")
+    cache.close()
+
+
+def test_the_cache_is_not_copied_by_pickling():
+    import pickle
+
+    with pytest.raises(TypeError, match="by fork only"):
+        pickle.dumps(make_cache())
