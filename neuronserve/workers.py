@@ -7,8 +7,8 @@ range: NEURON_RT_VISIBLE_CORES set before its runtime starts) that joins the por
 warm, so the kernel spreads connections over the warm workers. The supervisor then
 - prints the ready line once every worker is ready, and serves the pool's /metrics (pool_metrics.py);
 - restarts a worker that exits (backoff per RestartPolicy; past its crash-loop limit the server stops
-  and exits 1) and one whose heartbeat (written by its event loop) is older than --worker-timeout-s
-  (SIGKILL, then restart);
+  and exits 1) and a ready one whose heartbeat (written by its event loop) is older than
+  --worker-timeout-s (SIGKILL, then restart);
 - on SIGTERM/SIGINT forwards SIGTERM (each worker drains: every accepted request answered) and exits 0
   when every worker exited 0.
 Messages from worker to supervisor are typed records over a pipe; heartbeats and the workers' private
@@ -58,9 +58,9 @@ def plan_workers(config: ServerConfig, backend: str, pipeline_cores: int, usable
 
     n = config.workers
     if backend == "cpu":
-        total = config.cores or max(n, len(usable_cpus) - n)
-        if total < n:
-            raise ConfigError(f"--cores {total} cannot give each of --workers {n} an executor; use --cores >= {n}")
+        total = config.cores or max(n, len(usable_cpus) - n) // n * n
+        if total < n or total % n:
+            raise ConfigError(f"--cores {total} executors do not split evenly over --workers {n}; use a multiple of {n}")
         spans = [CoreGroup(0, total // n)] * n
     else:
         span = core_span(backend, config.cores)
@@ -293,7 +293,8 @@ class Supervisor:
                     self._start(worker)
                 continue
             self._read_messages(worker)
-            if worker.process.exitcode is None and now - self.shared.heartbeats[index] > self.config.worker_timeout_s:
+            hung = worker.ready is not None and now - self.shared.heartbeats[index] > self.config.worker_timeout_s
+            if worker.process.exitcode is None and hung:  # a starting worker's loop may block on imports for seconds
                 log.error("worker %d (pid %d) has not ticked for %.1f s: killing it", index, worker.process.pid, now - self.shared.heartbeats[index])
                 worker.process.kill()
                 worker.process.join(5.0)
@@ -318,6 +319,7 @@ class Supervisor:
         index = worker.plan.index
         self.shared.ports[index] = 0
         code = worker.process.exitcode
+        self._read_messages(worker)  # what it said before it went, e.g. WorkerFailed
         worker.conn.close()
         worker.process, worker.ready = None, None
         if self._failure is not None:
