@@ -176,6 +176,7 @@ class BatchingConfig:
 
 MAX_SIM_LATENCY_SCALE = 1e6  # beyond it the modelled times overflow the sim's arithmetic
 MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
+MAX_GRPC_DURATION_S = (2**31 - 1) // 1000  # gRPC's millisecond options are 32-bit integers
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,12 @@ class ServerConfig:
     max_peers: int = 4096
     max_message_bytes: int = 64 * 1024 * 1024
     grace_period_s: float = 10.0
+    drain_delay_s: float = 0.0  # SIGTERM: health NOT_SERVING at once, requests still served this long, then the drain
+    max_connection_age_s: Optional[float] = None  # None: connections are never aged (GOAWAY after ~this long)
+    tls_cert: Optional[str] = None  # PEM certificate (chain): gRPC over TLS (tls.py checks the files at start-up)
+    tls_key: Optional[str] = None  # its PEM private key
+    tls_client_ca: Optional[str] = None  # mTLS: client certificates required, verified against these CAs
+    reflection: bool = True  # gRPC server reflection
     cache_max_rows: int = 1_000_000
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     sim: SimConfig = field(default_factory=SimConfig)
@@ -244,3 +251,13 @@ class ServerConfig:
             raise ConfigError(f"grace_period_s must be >= 0, got {self.grace_period_s}")
         if self.cache_max_rows < 1:
             raise ConfigError(f"cache_max_rows must be >= 1, got {self.cache_max_rows}")
+        if self.drain_delay_s < 0:
+            raise ConfigError(f"drain_delay_s must be >= 0, got {self.drain_delay_s}")
+        if self.max_connection_age_s is not None and not 0.001 <= self.max_connection_age_s <= MAX_GRPC_DURATION_S:
+            raise ConfigError(f"max_connection_age_s must be >= 0.001 and <= {MAX_GRPC_DURATION_S} (gRPC's limit), or off; got {self.max_connection_age_s}")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):  # together and readable: checked by tls.load_tls at start-up
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ConfigError(f"{name} must be a file path, got {value!r}")
+        if not isinstance(self.reflection, bool):
+            raise ConfigError(f"reflection must be on or off, got {self.reflection!r}")

@@ -328,6 +328,12 @@ class Pipeline:
         scores, pair_s, pair_runs = _run_chunks(runners["pair_scorer"], pairs, self._chunks("pair_scorer", peer.shape[0]))
         return scores, user_s + peer_s + pair_s, user_runs + peer_runs + pair_runs
 
+    def healthy(self) -> bool:
+        """Every placed stage has a healthy core group (so every model can run); False once every group
+        holding some stage is out of rotation. Cheap (a flag per runner): the server's health watcher
+        polls it on the event loop."""
+        return all(any(g.healthy() for g in groups) for groups in self._stage_groups.values())
+
     def stats(self) -> PipelineStats:
         return PipelineStats(
             stages={stage: StageStats(*counts) for stage, counts in self._stage_counts.items()},

@@ -1,8 +1,10 @@
 """The `serve` command: settings -> one serving process (`--workers 1`) or a supervised pool of them
 (workers.py). Owns the process concerns: logging, the event loop, signals, the ready line, the exit code.
 
-One process: SIGTERM/SIGINT drains (server.Server.stop) and exits 0; a stop during the warm-up abandons it
-and never prints the ready line; the log's last line tallies the requests answered, by status.
+One process: SIGTERM/SIGINT drains (server.Server.stop) and exits 0: with --drain-delay-s, health goes
+NOT_SERVING at once and requests are still served that long first (a second signal cuts the delay short);
+a stop during the warm-up abandons it and never prints the ready line; the log's last line tallies the
+requests answered, by status.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from typing import Callable, Optional
@@ -49,6 +52,12 @@ def run(config: ServerConfig) -> int:
     """Serve until SIGTERM/SIGINT, then drain; 0 after a clean drain."""
     if config.artifact is None:
         raise ConfigError("no artifact configured: pass --artifact DIR (or NEURONSERVE_ARTIFACT, or 'artifact' in --config)")
+    from neuronserve.tls import load_tls
+
+    if load_tls(config) is not None:  # bad TLS files fail here, before a pool forks (each server reads them again)
+        # grpc-core logs every failed TLS handshake (a plaintext or port-scan probe) at INFO: one line per
+        # connection anyone can open. Its errors still show; GRPC_VERBOSITY set by the operator wins.
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     configure_logging()
     if config.workers > 1:
         from neuronserve.workers import supervise
@@ -112,8 +121,13 @@ async def serve_process(config: ServerConfig, member: Optional[PoolMember] = Non
             stop_requested.cancel()
     on_ready(server)
     await stopping.wait()
-    log.info("shutting down: draining accepted requests (grace period %.1f s)", config.grace_period_s)
-    await server.stop()
+    stopping.clear()  # a second SIGTERM/SIGINT cuts the drain delay short
+    if config.drain_delay_s > 0:
+        log.info("shutting down: health NOT_SERVING, serving for the drain delay (%.1f s), then draining accepted requests (grace period %.1f s)",
+                 config.drain_delay_s, config.grace_period_s)
+    else:
+        log.info("shutting down: draining accepted requests (grace period %.1f s)", config.grace_period_s)
+    await server.stop(drain_delay_s=config.drain_delay_s, cut_short=stopping)
     answered = server.metrics.outcomes() if server.metrics is not None else {}
     log.info("stopped cleanly; requests answered: %s", " ".join(f"{k}={v}" for k, v in sorted(answered.items())) or "none")
     return 0

@@ -10,12 +10,13 @@ three ways: it joins the shared port (SO_REUSEPORT) only once warm, so no connec
 worker; it also listens on a private port of its own (statistics fan-out, per-worker probes); its /metrics
 is private (the supervisor serves the pool's); and its embedding cache is the pool's shared one.
 
-Shutdown (Server.stop): health NOT_SERVING, the door closes (new requests UNAVAILABLE), the batchers drain
-and the calls in the service finish (every accepted request is answered, within the grace period), gRPC gets
-REPLY_WRITE_S to write the answers and ends what is left (e.g. Health.Watch streams), the pipeline closes.
-(A call that reaches gRPC's transport in the instant its shutdown begins never reaches the service: grpc.aio
-cancels calls it has not yet picked up, and that client sees CANCELLED. Clients that heed NOT_SERVING, or a
-load balancer that does, are gone by then.)
+Shutdown (Server.stop): health NOT_SERVING (with --drain-delay-s, requests are still served that long),
+the door closes (new requests UNAVAILABLE), the batchers drain and the calls in the service finish (every
+accepted request is answered, within the grace period), gRPC gets REPLY_WRITE_S to write the answers and
+ends what is left (e.g. Health.Watch streams), the pipeline closes. (A call that reaches gRPC's transport
+in the instant its shutdown begins never reaches the service: grpc.aio cancels calls it has not yet picked
+up, and that client sees CANCELLED. Clients that heed NOT_SERVING, or a load balancer that does, are gone
+by then.)
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class Server:
         self._grpc_started = False
         self._health = None
         self._health_names: Tuple[str, ...] = ()
+        self._watcher = None  # health.DeviceWatcher, from _open to stop
         self._metrics_server = None
 
     async def start(self) -> None:
@@ -150,11 +152,13 @@ class Server:
 
     async def _build_services(self) -> None:
         import grpc
-        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-        from grpc_reflection.v1alpha import reflection
+        from grpc_health.v1 import health_pb2
+        from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+        from neuronserve.health import HealthServicer
         from neuronserve.protos import open_inference_pb2, scorer_pb2
         from neuronserve.service import InferenceService, ScorerService, ServingState, add_service
+        from neuronserve.tls import connection_options
 
         config = self.config
         info = model_info(self.manifest, config, self.backend.name)
@@ -170,6 +174,7 @@ class Server:
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 # a lone server on a taken port fails instead of sharing it; pool members share the port
                 ("grpc.so_reuseport", int(self.member is not None)),
+                *connection_options(config),  # keepalive, --max-connection-age-s (tls.py)
             ]
         )
         self._grpc = server
@@ -177,27 +182,57 @@ class Server:
         inference = open_inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
         add_service(server, self._servicers[0], scorer, scorer_pb2)
         add_service(server, self._servicers[1], inference, open_inference_pb2)
-        self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self._health = HealthServicer()  # grpc_health's (set(), enter_graceful_shutdown()) with List ...
+        add_service(server, self._health, health_pb2.DESCRIPTOR.services_by_name["Health"], health_pb2, self.metrics)  # ... behind the guard
         services = (scorer.full_name, inference.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         self._health_names = ("",) + services
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        reflection.enable_server_reflection(services + (reflection.SERVICE_NAME,), server)
+        if config.reflection:
+            # reflection.enable_server_reflection, behind the guard: a malformed message is INVALID_ARGUMENT
+            reflecting = reflection.aio.ReflectionServicer(services + (reflection.SERVICE_NAME,))
+            add_service(server, reflecting, reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"], reflection_pb2, self.metrics)
 
-    async def _set_health(self, status) -> None:
+    async def _set_health(self, status=None) -> None:
+        """Every health name to `status`; by default to what the server is: the Health service SERVING
+        while the door is open, the overall "" and the model services while it is open and some core
+        group can run every stage (ServingState.devices_ready, kept by the DeviceWatcher)."""
+        from grpc_health.v1 import health_pb2
+
         for name in self._health_names:
-            await self._health.set(name, status)
+            if status is None:
+                up = self.state.serving and (self.state.devices_ready or name == "grpc.health.v1.Health")
+                await self._health.set(name, health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING)
+            else:
+                await self._health.set(name, status)
+
+    async def _devices_changed(self, healthy: bool) -> None:
+        """The DeviceWatcher's call: health and ServerReady/ModelReady follow the core groups."""
+        self.state.devices_ready = healthy
+        if healthy:
+            log.info("a core group can run every stage again: health SERVING, ModelReady true")
+        else:
+            log.warning("no core group can run every stage (all out of rotation after faults): health NOT_SERVING, ModelReady false until a core is back")
+        await self._set_health()
 
     async def _listen(self) -> None:
         """Bind gRPC (and /metrics) and start serving; the door stays closed until _open()."""
         from neuronserve.metrics import MetricsServer
 
+        from neuronserve.tls import load_tls, server_credentials
+
         config = self.config
         address = grpc_address(config.host, config.port)
+        tls = load_tls(config)  # None: plaintext; a bad file is a ConfigError naming its flag
+        if tls is not None:
+            credentials = server_credentials(tls)
+            bind = lambda where: self._grpc.add_secure_port(where, credentials)  # noqa: E731
+            log.info("gRPC over %s", tls.mode)
+        else:
+            bind = self._grpc.add_insecure_port
         try:
-            self.port = self._grpc.add_insecure_port(address)
-            if self.member is not None:
-                self.private_port = self._grpc.add_insecure_port(grpc_address(config.host, 0))
+            self.port = bind(address)
+            if self.member is not None:  # the private port is as secure as the shared one
+                self.private_port = bind(grpc_address(config.host, 0))
         except RuntimeError as exc:
             raise ConfigError(f"cannot listen on {address} for gRPC ({exc}); choose another --port or --host") from None
         if not self.port:
@@ -223,8 +258,7 @@ class Server:
         await asyncio.to_thread(self.pipeline.start, self._abandon)
 
     async def _open(self) -> None:
-        from grpc_health.v1 import health_pb2
-
+        from neuronserve.health import DeviceWatcher
         from neuronserve.metrics import pipeline_samples, sim_samples
         from neuronserve.runtime import Runtime
 
@@ -240,7 +274,9 @@ class Server:
         gc.collect()
         gc.freeze()  # everything built so far lives as long as the server: keep it out of the collector's scans
         self.state.serving = True
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health()
+        self._watcher = DeviceWatcher(self.pipeline.healthy, self._devices_changed)
+        self._watcher.start()
 
     @property
     def serving(self) -> bool:
@@ -263,16 +299,28 @@ class Server:
         raises (Unavailable) and cleans up instead of finishing the warm-up first."""
         self._abandon.set()
 
-    async def stop(self, grace_period_s: Optional[float] = None) -> None:
+    async def stop(
+        self, grace_period_s: Optional[float] = None, drain_delay_s: float = 0.0, cut_short: Optional[asyncio.Event] = None
+    ) -> None:
         """Drain and stop within `grace_period_s` (default: the config's): health NOT_SERVING, new requests
-        UNAVAILABLE, queued requests answered, gRPC stopped, pipeline closed. Safe on a half-started server."""
+        UNAVAILABLE, queued requests answered, gRPC stopped, pipeline closed. Safe on a half-started server.
+        With `drain_delay_s` (SIGTERM with --drain-delay-s) a serving server keeps serving that long after
+        health went NOT_SERVING, so load balancers and Kubernetes endpoints stop sending before the door
+        closes; `cut_short` (set by a second signal) ends the delay early. The grace period follows it."""
         grace_s = self.config.grace_period_s if grace_period_s is None else grace_period_s
         loop = asyncio.get_running_loop()
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if drain_delay_s > 0 and self.serving:
+            log.info("health NOT_SERVING; still serving for the drain delay (%.1f s) before the drain", drain_delay_s)
+            try:
+                await asyncio.wait_for((cut_short or asyncio.Event()).wait(), drain_delay_s)
+                log.info("drain delay cut short by a second signal")
+            except asyncio.TimeoutError:
+                pass
         end = loop.time() + grace_s
         if self.state is not None:
             self.state.serving = False
-        if self._health is not None:
-            await self._health.enter_graceful_shutdown()
         if self.runtime is not None:
             await self.runtime.close(timeout_s=end - loop.time())
             self.runtime = None
@@ -289,6 +337,9 @@ class Server:
         if self._metrics_server is not None:
             await self._metrics_server.close()
             self._metrics_server = None
+        if self._watcher is not None:  # before the pipeline it polls closes
+            await self._watcher.stop()
+            self._watcher = None
         if self.pipeline is not None:
             await asyncio.to_thread(self.pipeline.close)
             self.pipeline = None

@@ -6,6 +6,10 @@ injected Runtime (batcher -> pipeline -> backend) or the EmbeddingCache, with th
 into the batcher's absolute deadline. Up: array -> little-endian float32 bytes. Errors: a
 NeuronServeError answers with its `status` (a grpc.StatusCode name) and its message; any other
 exception answers INTERNAL with a short message and is logged here with its traceback, never sent.
+Every RPC the server registers (these two services, health, reflection) goes through add_service: a
+body that does not parse is INVALID_ARGUMENT with one line, counted in the metrics, never a traceback;
+client strings quoted in an error message are cut to ECHO_CHARS (see echo), every message to
+MAX_DETAILS_CHARS, so a reply always fits gRPC's metadata limits.
 Every inference RPC passes the door (ServingState) first: closed while warming up and while draining,
 so a request the server will not finish is refused with UNAVAILABLE instead of accepted and dropped.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import math
 import time
@@ -43,6 +48,10 @@ FP32 = "FP32"
 TRITON_EXTENSIONS = ("model_configuration", "statistics")  # the Triton RPCs beyond the OIP served here
 _F32 = np.dtype("<f4")
 _RESPONSE_HEADROOM_BYTES = 4096  # room for a reply's non-tensor fields under max_message_bytes
+UNKNOWN_MODEL = "_unknown"  # the metrics' model label of a request naming no model served, or whose body does not parse
+ECHO_CHARS = 64  # a client string quoted in an error message: at most this many characters of it (see echo)
+MAX_DIMS = 8  # dimensions of a request tensor (every input here has 1 or 2); more is refused before any work
+MAX_DETAILS_CHARS = 1024  # an error message's bound: gRPC refuses status details near 8 KiB (metadata limit)
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,26 @@ class ModelInfo:
         return f"{self.platform}@{self.version}"
 
 
+def echo(text: str) -> str:
+    """A client's string as an error message quotes it: repr (quoted, newlines escaped: one line), at most
+    ECHO_CHARS characters of it, then "..." and its length. A client string is never echoed whole: a
+    20,000-character model name would make the status details exceed gRPC's metadata limit."""
+    if len(text) <= ECHO_CHARS:
+        return repr(text)
+    return f"{text[:ECHO_CHARS]!r}... ({len(text)} characters)"
+
+
+def shape_text(shape: Sequence[int]) -> str:
+    """A client's tensor shape as an error message shows it: the list, its first MAX_DIMS dimensions."""
+    if len(shape) <= MAX_DIMS:
+        return str([int(d) for d in shape])
+    return f"[{', '.join(str(int(d)) for d in shape[:MAX_DIMS])}, ...] ({len(shape)} dimensions)"
+
+
+def _bounded(message: str) -> str:
+    return message if len(message) <= MAX_DETAILS_CHARS else message[: MAX_DETAILS_CHARS - 3] + "..."
+
+
 def oip_version_of(artifact_version: str) -> str:
     """The integer version the OIP serves for an artifact version: the artifact version itself when it
     is a positive decimal integer below 2**63 (compile --model-version 7), canonical (no leading zeros);
@@ -94,11 +123,19 @@ class Runtime(Protocol):
 
 class ServingState:
     """The door: open only between the end of warm-up and the start of a drain. `in_flight` counts the
-    inference calls inside a handler, so a drain knows when every accepted one has its answer."""
+    inference calls inside a handler, so a drain knows when every accepted one has its answer.
+    `devices_ready`: some core group can run every stage (the server's health.DeviceWatcher keeps it);
+    ServerReady and ModelReady answer `ready`, both. The door does not look at the devices: ScoreByIds
+    and ScoreMatrix need no core, and a call that does gets UNAVAILABLE from the pipeline."""
 
     def __init__(self) -> None:
         self.serving = False
+        self.devices_ready = True
         self.in_flight = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.serving and self.devices_ready
 
     def check(self) -> None:
         if not self.serving:
@@ -110,6 +147,7 @@ class ServingState:
 
 def array_from_bytes(data: bytes, shape: Sequence[int], field: str) -> np.ndarray:
     """Little-endian float32 bytes + shape -> a read-only array viewing `data` (no copy)."""
+    check_dims(shape, field)
     shape = tuple(int(d) for d in shape)
     if any(d < 0 for d in shape):
         raise InvalidInput(f"{field}: shape {list(shape)} has a negative dimension")
@@ -119,6 +157,12 @@ def array_from_bytes(data: bytes, shape: Sequence[int], field: str) -> np.ndarra
             f"{field}: shape {list(shape)} needs {4 * count} bytes of little-endian float32, got {len(data)} bytes"
         )
     return np.frombuffer(data, dtype=_F32).reshape(shape)
+
+
+def check_dims(shape: Sequence[int], field: str) -> None:
+    """At most MAX_DIMS dimensions: numpy refuses more than 64 (an INTERNAL error, if not caught here)."""
+    if len(shape) > MAX_DIMS:
+        raise InvalidInput(f"{field}: shape {shape_text(shape)} has more than {MAX_DIMS} dimensions; inputs here have 1 or 2")
 
 
 def tensor_array(tensor: pb.Tensor, field: str) -> np.ndarray:
@@ -234,11 +278,15 @@ class _Malformed:
     error: str
 
 
-def add_service(server: grpc.aio.Server, servicer, service, messages) -> None:
+def add_service(server: grpc.aio.Server, servicer, service, messages, metrics=None) -> None:
     """Register `servicer` for `service` (a ServiceDescriptor; request and response classes from the
     generated module `messages`) as the generated add_*_to_server does, except that a request body that
-    does not parse is answered INVALID_ARGUMENT with one line. (The generated deserializer raises inside
-    gRPC: the client sees UNKNOWN, and the server logs a traceback per request.)"""
+    does not parse is answered INVALID_ARGUMENT with one line and counted in `metrics` (default: the
+    servicer's) as a failure of model UNKNOWN_MODEL. (The generated deserializer raises inside gRPC:
+    the client sees UNKNOWN, and the server logs a traceback per request.) Any cardinality: unary or
+    streaming requests (each message of a stream is checked as it is read), unary or streaming replies
+    (an async generator, or a coroutine writing with context.write, as grpc_health's Watch)."""
+    metrics = getattr(servicer, "metrics", None) if metrics is None else metrics
 
     def lenient(parse):
         def deserialize(data: bytes):
@@ -249,17 +297,54 @@ def add_service(server: grpc.aio.Server, servicer, service, messages) -> None:
 
         return deserialize
 
-    def guarded(handler, type_name: str):
-        async def call(request, context):
-            if isinstance(request, _Malformed):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request body is not a valid {type_name} protobuf ({request.error})")
-            return await handler(request, context)
+    async def refuse(request: _Malformed, type_name: str, context) -> None:
+        if metrics is not None:
+            metrics.request(UNKNOWN_MODEL, grpc.StatusCode.INVALID_ARGUMENT.name, 0.0)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _bounded(f"the request body is not a valid {type_name} protobuf ({request.error})"))
+
+    def checked(requests, type_name: str, context):
+        async def each():
+            async for request in requests:
+                if isinstance(request, _Malformed):
+                    await refuse(request, type_name, context)
+                yield request
+
+        return each()
+
+    def guarded(handler, method):
+        type_name = method.input_type.full_name
+        if method.client_streaming:  # the handler reads the stream: each message is checked as it comes
+            if inspect.isasyncgenfunction(handler):
+                async def call(requests, context):
+                    async for reply in handler(checked(requests, type_name, context), context):
+                        yield reply
+            else:
+                async def call(requests, context):
+                    return await handler(checked(requests, type_name, context), context)
+        elif inspect.isasyncgenfunction(handler):
+            async def call(request, context):
+                if isinstance(request, _Malformed):
+                    await refuse(request, type_name, context)
+                async for reply in handler(request, context):
+                    yield reply
+        else:
+            async def call(request, context):
+                if isinstance(request, _Malformed):
+                    await refuse(request, type_name, context)
+                reply = handler(request, context)  # (a coroutine, or a generated base class's sync stub)
+                return await reply if inspect.isawaitable(reply) else reply
 
         return call
 
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
     handlers = {
-        method.name: grpc.unary_unary_rpc_method_handler(
-            guarded(getattr(servicer, method.name), method.input_type.full_name),
+        method.name: kinds[method.client_streaming, method.server_streaming](
+            guarded(getattr(servicer, method.name), method),
             request_deserializer=lenient(getattr(messages, method.input_type.name).FromString),
             response_serializer=getattr(messages, method.output_type.name).SerializeToString,
         )
@@ -322,7 +407,7 @@ class _Servicer:
             self.state.in_flight -= inference
         if inference:
             self.metrics.request(model, code.name, time.perf_counter() - start)
-        await context.abort(code, message)
+        await context.abort(code, _bounded(message))
 
 
 # ---- the scorer API ----------------------------------------------------------------------------
@@ -483,35 +568,39 @@ class InferenceService(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
         return oip.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context) -> oip.ServerReadyResponse:
-        return oip.ServerReadyResponse(ready=self.state.serving)
+        return oip.ServerReadyResponse(ready=self.state.ready)
 
     async def ModelReady(self, request: oip.ModelReadyRequest, context) -> oip.ModelReadyResponse:
         known = request.name in self.models and request.version in ("", self.info.oip_version, self.info.version)
-        return oip.ModelReadyResponse(ready=known and self.state.serving)
+        return oip.ModelReadyResponse(ready=known and self.state.ready)
 
     async def ServerMetadata(self, request, context) -> oip.ServerMetadataResponse:
         return oip.ServerMetadataResponse(name="neuronserve", version=__version__, extensions=list(TRITON_EXTENSIONS))
 
     async def ModelMetadata(self, request: oip.ModelMetadataRequest, context) -> oip.ModelMetadataResponse:
-        return await self._answer(context, request.name, self._metadata, request, inference=False)
+        return await self._answer(context, self._label(request.name), self._metadata, request, inference=False)
 
     async def ModelInfer(self, request: oip.ModelInferRequest, context) -> oip.ModelInferResponse:
-        label = request.model_name if request.model_name in self.models else "_unknown"
-        return await self._answer(context, label, self._infer, request)
+        return await self._answer(context, self._label(request.model_name), self._infer, request)
 
     async def ModelConfig(self, request: oip.ModelConfigRequest, context) -> oip.ModelConfigResponse:
-        return await self._answer(context, request.name, self._config, request, inference=False)
+        return await self._answer(context, self._label(request.name), self._config, request, inference=False)
 
     async def ModelStatistics(self, request: oip.ModelStatisticsRequest, context) -> oip.ModelStatisticsResponse:
-        return await self._answer(context, request.name, self._statistics, request, inference=False)
+        return await self._answer(context, self._label(request.name), self._statistics, request, inference=False)
+
+    def _label(self, name: str) -> str:
+        """A model name as the metrics and the log name it: a model served, else UNKNOWN_MODEL (a client's
+        string never becomes a label or a log line)."""
+        return name if name in self.models else UNKNOWN_MODEL
 
     def _model(self, name: str, version: str) -> OipModel:
         model = self.models.get(name)
         if model is None:
-            raise NotFound(f"unknown model {name!r}; this server serves {', '.join(self.models)}")
+            raise NotFound(f"unknown model {echo(name)}; this server serves {', '.join(self.models)}")
         if version not in ("", self.info.oip_version, self.info.version):
             raise NotFound(
-                f"model {name} has no version {version!r}; it serves version {self.info.oip_version!r} "
+                f"model {name} has no version {echo(version)}; it serves version {self.info.oip_version!r} "
                 f"(artifact version {self.info.version!r}, also accepted), or send none"
             )
         return model
@@ -554,9 +643,9 @@ class InferenceService(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
             names = [o.name for o in request.outputs]
             for name in names:
                 if name != output:
-                    raise InvalidInput(f"model {model.name} has no output {name!r}; its outputs are {output}")
+                    raise InvalidInput(f"model {model.name} has no output {echo(name)}; its outputs are {output}")
             if len(names) > 1:
-                raise InvalidInput(f"outputs: each output may be requested once, got {names[:8]}")
+                raise InvalidInput(f"outputs: each output may be requested once, got {len(names)}: {', '.join(map(echo, names[:8]))}")
         rows = arrays[-1].shape[0]  # PEER_FEATURES or FEATURES: the variable dimension of the one output
         per_row = math.prod(model.outputs[0].shape[1:])
         check_reply_size(rows * per_row, f"{rows} rows x {per_row} values of {model.outputs[0].name}", "send fewer rows per request", self.info.max_message_bytes)
@@ -584,16 +673,17 @@ class InferenceService(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
             field = f"input {tensor.name}"
             index = order.get(tensor.name)
             if index is None:
-                raise InvalidInput(f"model {model.name} has no input {tensor.name!r}; its inputs are {', '.join(order)}")
+                raise InvalidInput(f"model {model.name} has no input {echo(tensor.name)}; its inputs are {', '.join(order)}")
             if arrays[index] is not None:
                 raise InvalidInput(f"{field} is given twice")
             if tensor.datatype != FP32:
-                raise InvalidInput(f"{field}: datatype must be FP32, got {tensor.datatype!r}")
+                raise InvalidInput(f"{field}: datatype must be FP32, got {echo(tensor.datatype)}")
             if raw:
                 if tensor.HasField("contents"):
                     raise InvalidInput(f"{field}: contents must be empty when raw_input_contents is used (one or the other)")
                 array = array_from_bytes(raw[position], tensor.shape, field)
             else:
+                check_dims(tensor.shape, field)
                 flat = fp32_contents(tensor.contents, field)
                 count = math.prod(tensor.shape)
                 if any(d < 0 for d in tensor.shape) or flat.size != count:

@@ -49,6 +49,18 @@ def _text(value: Any) -> str:
     return value
 
 
+_ON = ("on", "true", "yes", "1")
+_OFF = ("off", "false", "no", "0")
+
+
+def _switch(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _ON + _OFF:
+        return value.strip().lower() in _ON
+    raise ValueError(f"expected on or off, got {value!r}")
+
+
 def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def parse_optional(value: Any) -> Any:
         if value is None or (isinstance(value, str) and value.strip().lower() in _DISABLED):
@@ -101,6 +113,12 @@ SETTINGS: Tuple[_Setting, ...] = (
     _Setting("max_peers", _integer, "M", "most peers (and users) per scoring request"),
     _Setting("max_message_bytes", _integer, "BYTES", "gRPC max send/receive message size (1024 to 2**31 - 1)"),
     _Setting("grace_period_s", _number, "S", "shutdown: seconds to answer accepted requests"),
+    _Setting("drain_delay_s", _number, "S", "shutdown: on SIGTERM health goes NOT_SERVING at once but requests are still served this long (so load balancers and Kubernetes endpoints stop sending first), then the drain; a second signal cuts it short"),
+    _Setting("max_connection_age_s", _optional(_number), "S", "close each client connection (GOAWAY) after about this long, its calls given the grace period, so clients rebalance over new replicas; 'off' = never"),
+    _Setting("tls_cert", _optional(_text), "FILE", "serve gRPC over TLS with this PEM certificate (chain); needs --tls-key"),
+    _Setting("tls_key", _optional(_text), "FILE", "the PEM private key (unencrypted) of --tls-cert"),
+    _Setting("tls_client_ca", _optional(_text), "FILE", "mTLS: require a client certificate signed by a CA in this PEM file (needs --tls-cert)"),
+    _Setting("reflection", _switch, "on|off", "gRPC server reflection"),
     _Setting("cache_max_rows", _integer, "ROWS", "embedding cache bound per kind"),
     _Setting("max_queue_delay_ms", _number, "MS", "batching delay bound from the oldest queued request"),
     _Setting("max_queue_rows", _integer, "ROWS", "queue bound in rows (memory); past it RESOURCE_EXHAUSTED at once"),
@@ -121,7 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     for setting in SETTINGS:
         default = getattr(_SECTIONS[setting.section](), setting.field)
-        shown = "" if default is None else f" (default {default})"
+        shown = "" if default is None else f" (default {('off', 'on')[default] if isinstance(default, bool) else default})"
         parser.add_argument(setting.flag, dest=setting.key, metavar=setting.metavar, help=f"{setting.help}{shown}; env {setting.env}")
 
 

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 0.5  # a worker's event loop writes its heartbeat this often
 POLL_S = 0.1  # the supervisor checks its workers this often
-STOP_MARGIN_S = 5.0  # past the grace period, a worker still running is killed
+STOP_MARGIN_S = 5.0  # past the drain delay and the grace period, a worker still running is killed
 
 
 # ---- the plan: which cores and CPUs each worker owns ------------------------------------------------
@@ -334,10 +334,10 @@ class Supervisor:
     async def _stop_all(self) -> int:
         """SIGTERM every live worker (each drains), wait for them; 0 when every one exited 0."""
         live = [w for w in self.workers if w.process is not None]
-        log.info("shutting down: draining %d workers (grace period %.1f s)", len(live), self.config.grace_period_s)
+        log.info("shutting down: draining %d workers (drain delay %.1f s, grace period %.1f s)", len(live), self.config.drain_delay_s, self.config.grace_period_s)
         for worker in live:
             worker.process.terminate()
-        end = time.monotonic() + self.config.grace_period_s + STOP_MARGIN_S
+        end = time.monotonic() + self.config.drain_delay_s + self.config.grace_period_s + STOP_MARGIN_S
         while any(w.process.exitcode is None for w in live) and time.monotonic() < end:
             await asyncio.sleep(POLL_S)
         code = 0
