@@ -205,7 +205,7 @@ class ServerConfig:
     backend: str = "auto"  # auto | cpu | sim | neuron
     cores: Optional[int] = None  # None: the backend's default (backends.default_cores)
     placement: Optional[str] = None  # None: data parallel over all cores
-    workers: int = 1  # serving processes sharing the port (1: this process serves, no supervisor)
+    workers: Optional[int] = None  # serving processes sharing the port (1: no supervisor); None: backends.default_workers
     cpu_affinity: str = "none"  # none | split (each worker pinned to an even share of the usable CPUs)
     worker_timeout_s: float = 10.0  # a worker whose event loop has not ticked for this long is replaced
     host: str = "127.0.0.1"
@@ -235,13 +235,13 @@ class ServerConfig:
             raise ConfigError(f"metrics_port must be 0-65535, got {self.metrics_port}")
         if self.cores is not None and self.cores < 1:
             raise ConfigError(f"cores must be >= 1, got {self.cores}")
-        if self.workers < 1:
+        if self.workers is not None and self.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if self.cpu_affinity not in ("none", "split"):
             raise ConfigError(f"cpu_affinity must be none or split, got {self.cpu_affinity!r}")
         if not self.worker_timeout_s > 0:
             raise ConfigError(f"worker_timeout_s must be > 0, got {self.worker_timeout_s}")
-        if self.placement is not None and self.workers > 1:
+        if self.placement is not None and (self.workers or 1) > 1:
             raise ConfigError("placement and workers > 1 do not combine: each worker serves its cores data parallel; drop one")
         if self.max_peers < 1:
             raise ConfigError(f"max_peers must be >= 1, got {self.max_peers}")

@@ -59,11 +59,26 @@ def run(config: ServerConfig) -> int:
         # connection anyone can open. Its errors still show; GRPC_VERBOSITY set by the operator wins.
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     configure_logging()
+    config = with_workers(config)
     if config.workers > 1:
         from neuronserve.workers import supervise
 
         return supervise(config)
     return run_loop(serve_process(config))
+
+
+def with_workers(config: ServerConfig) -> ServerConfig:
+    """`config` with its worker count resolved: as set, 1 with a placement, else the backend's default."""
+    if config.workers is not None:
+        return config
+    if config.placement:
+        return dataclasses.replace(config, workers=1)
+    from neuronserve.artifact import load_manifest
+    from neuronserve.backends import core_span, default_workers, resolve_backend
+
+    backend = resolve_backend(config.backend, load_manifest(config.artifact, False))
+    cores = core_span(backend, config.cores).count
+    return dataclasses.replace(config, workers=default_workers(backend, cores, len(os.sched_getaffinity(0))))
 
 
 def configure_logging(prefix: str = "") -> None:

@@ -103,7 +103,7 @@ SETTINGS: Tuple[_Setting, ...] = (
     _Setting("artifact", _optional(_text), "DIR", "compiled artifact directory (default: the demo model, compiled for the CPU on first run)"),
     _Setting("backend", _text, "NAME", "auto | cpu | sim | neuron (auto: neuron when torch-neuron and a NeuronCore are here and the artifact was compiled for neuron, else cpu)"),
     _Setting("cores", _integer, "N", "NeuronCores to use, over all workers (neuron: the NEURON_RT_VISIBLE_CORES range when set, else 4, one Inferentia chip; sim: cores simulated, default 4; cpu: executor threads, default one per usable CPU less one per worker for its event loop)"),
-    _Setting("workers", _integer, "N", "serving processes sharing the gRPC port, each owning an even share of the cores (1: one process, no supervisor)"),
+    _Setting("workers", _optional(_integer), "N", "serving processes sharing the gRPC port, each owning an even share of the cores (1: one process, no supervisor; default: cpu 1, neuron and sim one per 4 cores while each keeps 4 host CPUs)"),
     _Setting("cpu_affinity", _text, "MODE", "workers: 'split' pins each worker to an even share of the usable CPUs; 'none' leaves them unpinned"),
     _Setting("worker_timeout_s", _number, "S", "workers: one whose event loop has not ticked for this long is killed and replaced"),
     _Setting("placement", _text, "SPEC", "stage placement, e.g. user_tower=0,peer_tower=1-2,pair_scorer=3 (default: data parallel)"),

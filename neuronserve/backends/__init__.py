@@ -37,6 +37,14 @@ def default_cores(name: str) -> int:
     return max(1, len(os.sched_getaffinity(0)) - 1) if name == "cpu" else SimConfig.num_cores
 
 
+def default_workers(name: str, cores: int, usable_cpus: int) -> int:
+    """Serving processes when none are configured. cpu: 1 (on 2 CPUs a second worker bought at most
+    ~1.2x closed-loop throughput and cost 15-30% more CPU per request: docs/workers.md). neuron and sim:
+    one per Inferentia chip (4 NeuronCores), as AWS runs a process per model copy, while each worker
+    keeps 4 host CPUs (~1 ms of host CPU per request, so a worker feeds ~1,000 requests/s); at least 1."""
+    return 1 if name == "cpu" else max(1, min(cores // 4, usable_cpus // 4))
+
+
 def core_span(name: str, cores: Optional[int]) -> CoreGroup:
     """The cores this process serves, as one range. neuron: NEURON_RT_VISIBLE_CORES when the operator
     (or the Kubernetes device plugin) set it, since other processes hold the other cores; `cores`, if
@@ -73,4 +81,4 @@ def make_backend(name: str, manifest: Manifest, sim: SimConfig = SimConfig(), vi
     raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
 
 
-__all__ = ["Backend", "Runner", "StageRunner", "FusedRunner", "make_backend", "resolve_backend", "default_cores", "core_span", "BACKEND_NAMES"]
+__all__ = ["Backend", "Runner", "StageRunner", "FusedRunner", "make_backend", "resolve_backend", "default_cores", "default_workers", "core_span", "BACKEND_NAMES"]
