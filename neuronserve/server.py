@@ -311,6 +311,8 @@ class Server:
         loop = asyncio.get_running_loop()
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        if self.state is not None:
+            self.state.draining = True  # ServerReady/ModelReady false with health, while the door stays open
         if drain_delay_s > 0 and self.serving:
             log.info("health NOT_SERVING; still serving for the drain delay (%.1f s) before the drain", drain_delay_s)
             try:

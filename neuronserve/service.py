@@ -30,6 +30,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from neuronserve import __version__
+from neuronserve import tick
 from neuronserve.pool_stats import PoolStatistics, worker_scope
 from neuronserve.errors import DeadlineExceeded, InvalidInput, NeuronServeError, NotFound, Unavailable
 from neuronserve.protos import open_inference_pb2 as oip
@@ -51,6 +52,7 @@ _RESPONSE_HEADROOM_BYTES = 4096  # room for a reply's non-tensor fields under ma
 UNKNOWN_MODEL = "_unknown"  # the metrics' model label of a request naming no model served, or whose body does not parse
 ECHO_CHARS = 64  # a client string quoted in an error message: at most this many characters of it (see echo)
 MAX_DIMS = 8  # dimensions of a request tensor (every input here has 1 or 2); more is refused before any work
+MAX_BLOCKED_PAIRS = 1 << 20  # ScoreTick: blocked pairs per request
 MAX_DETAILS_CHARS = 1024  # an error message's bound: gRPC refuses status details near 8 KiB (metadata limit)
 
 
@@ -125,17 +127,18 @@ class ServingState:
     """The door: open only between the end of warm-up and the start of a drain. `in_flight` counts the
     inference calls inside a handler, so a drain knows when every accepted one has its answer.
     `devices_ready`: some core group can run every stage (the server's health.DeviceWatcher keeps it);
-    ServerReady and ModelReady answer `ready`, both. The door does not look at the devices: ScoreByIds
+    ServerReady and ModelReady answer `ready`: serving, devices ready and not draining. The door does not look at the devices: ScoreByIds
     and ScoreMatrix need no core, and a call that does gets UNAVAILABLE from the pipeline."""
 
     def __init__(self) -> None:
         self.serving = False
         self.devices_ready = True
+        self.draining = False  # stop() began: not ready, though the door may stay open for the drain delay
         self.in_flight = 0
 
     @property
     def ready(self) -> bool:
-        return self.serving and self.devices_ready
+        return self.serving and self.devices_ready and not self.draining
 
     def check(self) -> None:
         if not self.serving:
@@ -429,6 +432,9 @@ class ScorerService(_Servicer, pb_grpc.ScorerServicer):
     async def ScoreMatrix(self, request: pb.ScoreMatrixRequest, context) -> pb.ScoreMatrixResponse:
         return await self._answer(context, CACHED, self._score_matrix, request)
 
+    async def ScoreTick(self, request: pb.ScoreTickRequest, context) -> pb.ScoreTickResponse:
+        return await self._answer(context, CACHED, self._score_tick, request)
+
     async def _score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         info = self.info
         user = one_user(tensor_array(request.user_features, "user_features"), "user_features", info.user_features, True)
@@ -486,6 +492,96 @@ class ScorerService(_Servicer, pb_grpc.ScorerServicer):
         scores = await asyncio.get_running_loop().run_in_executor(None, self.cache.score_matrix, user_ids, peer_ids)
         self.metrics.execution(CACHED, rows=user_ids.size * peer_ids.size, requests=1, compute_s=time.perf_counter() - start)
         return pb.ScoreMatrixResponse(scores=tensor_proto(finite_output(scores, "scores")), label_names=info.label_names, model_version=info.version)
+
+
+    async def _score_tick(self, request: pb.ScoreTickRequest, context) -> pb.ScoreTickResponse:
+        """A matching tick (docs/tick.md): top-k per person from the cached vectors, in a worker thread."""
+        info, req = self.info, pb.ScoreTickRequest
+        limit = (info.max_peers, "max_peers")
+        pool = tick_ids(request.pool_ids, request.pool_ids_packed, "pool_ids", *limit, required=False)
+        users = tick_ids(request.user_ids, request.user_ids_packed, "user_ids", *limit, required=False)
+        peers = tick_ids(request.peer_ids, request.peer_ids_packed, "peer_ids", *limit, required=False)
+        if (pool is None) == (users is None and peers is None):
+            raise InvalidInput("send either pool_ids (or pool_ids_packed) or user_ids and peer_ids (or their _packed forms), not both or neither")
+        if pool is None and (users is None or peers is None):
+            raise InvalidInput(f"{'peer_ids' if peers is None else 'user_ids'} is missing: users x peers mode needs both user_ids and peer_ids")
+        blocked_a = tick_ids(request.blocked_user_ids, request.blocked_user_ids_packed, "blocked_user_ids", MAX_BLOCKED_PAIRS, "bound on blocked pairs", required=False)
+        blocked_b = tick_ids(request.blocked_peer_ids, request.blocked_peer_ids_packed, "blocked_peer_ids", MAX_BLOCKED_PAIRS, "bound on blocked pairs", required=False)
+        if (0 if blocked_a is None else blocked_a.size) != (0 if blocked_b is None else blocked_b.size):
+            raise InvalidInput(f"blocked_user_ids and blocked_peer_ids are parallel lists: got {0 if blocked_a is None else blocked_a.size} "
+                               f"and {0 if blocked_b is None else blocked_b.size} ids")
+        spaces = {req.PROBABILITY: tick.PROBABILITY, req.LOGIT: tick.LOGIT}
+        mutuals = {req.ONE_WAY: tick.ONE_WAY, req.PRODUCT: tick.PRODUCT, req.MINIMUM: tick.MINIMUM, req.HARMONIC_MEAN: tick.HARMONIC_MEAN}
+        if request.label_space not in spaces:
+            raise InvalidInput(f"label_space must be PROBABILITY or LOGIT, got {request.label_space}")
+        if request.mutual not in mutuals:
+            raise InvalidInput(f"mutual must be ONE_WAY, PRODUCT, MINIMUM or HARMONIC_MEAN, got {request.mutual}")
+        rows, cols = (pool, pool) if pool is not None else (users, peers)
+        candidates = rows.size - 1 if pool is not None else cols.size
+        spec = tick.make_spec(request.k, list(request.weights), info.num_labels, candidates, label_space=spaces[request.label_space],
+                              mutual=mutuals[request.mutual], include_label_scores=request.include_label_scores,
+                              candidates_what="pool size - 1" if pool is not None else "peer_ids")
+        mutual = spec.mutual != tick.ONE_WAY
+        per_pair = 12 + (4 * info.num_labels * (1 + mutual) if spec.include_label_scores else 0)  # id + value (+ label scores)
+        check_reply_size(rows.size * spec.k * per_pair // 4, f"{rows.size} persons x k={spec.k} x {per_pair} bytes", "send a smaller k or split the tick", info.max_message_bytes)
+        start = time.perf_counter()
+        result = await asyncio.to_thread(self._tick, pool, rows, cols, blocked_a, blocked_b, spec)
+        self.metrics.execution(CACHED, rows=rows.size * cols.size, requests=1, compute_s=time.perf_counter() - start)
+        counts = result.counts
+        valid = np.arange(spec.k)[None, :] < counts[:, None]
+        finite_output(result.values[valid], "tick values")
+        reply = pb.ScoreTickResponse(
+            ids=result.ids.astype("<i8", copy=False).tobytes(), values=tensor_proto(result.values), counts=counts.astype("<i4").tobytes(),
+            k=spec.k, label_names=info.label_names, model_version=info.version)
+        if result.label_scores is not None:
+            reply.label_scores.CopyFrom(tensor_proto(result.label_scores))
+        if result.reverse_label_scores is not None:
+            reply.reverse_label_scores.CopyFrom(tensor_proto(result.reverse_label_scores))
+        return reply
+
+    def _tick(self, pool, rows, cols, blocked_a, blocked_b, spec) -> "tick.TickResult":
+        """The tick's work, off the event loop: one snapshot of the vectors, exclusions, score_tick."""
+        mutual = spec.mutual != tick.ONE_WAY
+        order = np.argsort(cols, kind="stable")
+        col_ids = cols[order]
+        if pool is not None:
+            user_vectors, peer_vectors = self.cache.lookup_many([("user", rows, "pool_ids"), ("peer", rows, "pool_ids")])
+            rows_user, rows_peer, cols_peer, cols_user = user_vectors, peer_vectors, peer_vectors[order], user_vectors[order]
+        else:
+            wanted = [("user", rows, "user_ids"), ("peer", col_ids, "peer_ids")]
+            if mutual:  # c(v->u): each peer's user vector and each user's peer vector
+                wanted += [("user", col_ids, "peer_ids (as users, for mutual)"), ("peer", rows, "user_ids (as peers, for mutual)")]
+            got = self.cache.lookup_many(wanted)
+            rows_user, cols_peer = got[0], got[1]
+            cols_user, rows_peer = (got[2], got[3]) if mutual else (None, None)
+        excluded = tick.exclusions(rows, col_ids, exclude_self=pool is not None, blocked_rows=blocked_a, blocked_cols=blocked_b, symmetric=pool is not None)
+        return tick.score_tick(rows, col_ids, rows_user, cols_peer, self.cache.label_bias, spec, rows_peer=rows_peer, cols_user=cols_user, excluded=excluded)
+
+
+def tick_ids(repeated: Sequence[int], packed: bytes, field: str, max_ids: int, limit: str, *, required: bool = True) -> Optional[np.ndarray]:
+    """A list of distinct ids sent as `field` (repeated int64) or `field`_packed (little-endian int64
+    bytes), exactly one of the two; None when neither is sent and not `required`."""
+    if len(repeated) and len(packed):
+        raise InvalidInput(f"{field} and {field}_packed are both set; send the ids in one of them")
+    if len(packed):
+        if len(packed) % 8:
+            raise InvalidInput(f"{field}_packed has {len(packed)} bytes; it holds little-endian int64 ids, 8 bytes each")
+        ids = np.frombuffer(packed, dtype="<i8").astype(np.int64, copy=False)
+        field = f"{field}_packed"
+    elif len(repeated):
+        ids = np.fromiter(repeated, dtype=np.int64, count=len(repeated))
+    elif required:
+        raise InvalidInput(f"{field} is empty; send between 1 and {max_ids} ids")
+    else:
+        return None
+    if ids.size > max_ids:
+        raise InvalidInput(f"{field} has {ids.size} ids, above the server's {limit} of {max_ids}; split the request")
+    if not field.startswith("blocked_"):
+        ordered = np.sort(ids)
+        dup = ordered[1:][ordered[1:] == ordered[:-1]]
+        if dup.size:
+            raise InvalidInput(f"{field} must hold distinct ids; {int(dup[0])} appears more than once")
+    return ids
 
 
 # ---- the Open Inference Protocol ---------------------------------------------------------------
