@@ -335,6 +335,27 @@ class EmbeddingCache:
         assert rows is not None
         return rows
 
+    def lookup_many(self, requests: Sequence[Tuple[str, np.ndarray, str]]) -> List[np.ndarray]:
+        """Cached vectors float32 [N_i, K, D] of several (kind, ids, field) lists, all from one committed
+        snapshot (ScoreTick reads a pool's user and peer vectors together); unknown ids -> NotFound
+        naming the first list with some, and its field."""
+        checked = []
+        for kind, ids, field in requests:
+            _check_kind(kind)
+            checked.append((KINDS.index(kind), _check_ids(ids, field)))
+        results = self._read(lambda mem, state: [self._gather(mem, state, k, ids) for k, ids in checked])
+        for (kind, _, field), (_, ids), (_, found) in zip(requests, checked, results):
+            try:
+                self._count(kind, ids, found)
+            except NotFound as exc:
+                raise NotFound(f"{field}: {exc}") from None
+        return [rows for rows, _ in results]  # type: ignore[misc]
+
+    @property
+    def label_bias(self) -> np.ndarray:
+        """b_k, float32 [K] (a copy)."""
+        return self._bias.copy()
+
     def score_by_ids(self, user_id: int, peer_ids: np.ndarray) -> np.ndarray:
         """Scores float32 [M, K] of one cached user against M cached peers: one batched dot product."""
         if isinstance(user_id, (bool, np.bool_)) or not isinstance(user_id, (int, np.integer)):

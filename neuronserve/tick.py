@@ -1,0 +1,334 @@
+"""The matching tick: every person's top-k candidates over a whole pool (or users x peers), from the
+cached tower outputs, without ever holding the [N, M, K] scores. Pure numpy; the service's ScoreTick
+gathers the vectors from the embedding cache and runs `score_tick` in a worker thread.
+
+Definitions (docs/tick.md states them with the algorithm and the block size):
+  s_k(u->v) = <U[u, k], P[v, k]> + b_k             label k's logit of u towards v (w_k folded into U)
+  c(u->v)   = sum_k w_k * sigmoid(s_k(u->v))       label_space PROBABILITY
+            = sum_k w_k * s_k(u->v)                label_space LOGIT
+  value(u, v) = c(u->v)                            ONE_WAY
+              = c(u->v) * c(v->u)                  PRODUCT        (c >= 0 required)
+              = min(c(u->v), c(v->u))              MINIMUM
+              = 2 c(u->v) c(v->u) / (c(u->v) + c(v->u)), 0 when both are 0   HARMONIC_MEAN (c >= 0 required)
+Per row, candidates sorted by value descending, ties by the lower peer id. Excluded pairs (self-pairs
+when asked, blocked pairs) are never candidates.
+
+Compute, per block of `block_rows` rows: the direction's combined values in one [B, M] float32 matrix
+(LOGIT: one matmul over the concatenated, weight-scaled labels, inner dimension K*D; PROBABILITY: per
+label one matmul with the bias folded in as an extra column, then a tanh), the reverse direction the
+same way from the rows' peer vectors and the columns' user vectors, the mutual combination in place,
+exclusions set to -inf, then top-k by np.argpartition and a sort of the k winners. Columns are held in
+ascending peer-id order, so "the lower column" is "the lower peer id" and ties need no id lookups.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from neuronserve.errors import InvalidInput
+
+PROBABILITY, LOGIT = "probability", "logit"
+LABEL_SPACES = (PROBABILITY, LOGIT)
+ONE_WAY, PRODUCT, MINIMUM, HARMONIC_MEAN = "one_way", "product", "minimum", "harmonic_mean"
+MUTUALS = (ONE_WAY, PRODUCT, MINIMUM, HARMONIC_MEAN)
+PAD_ID = -1  # padding of a row with fewer than k candidates (its value: -inf); `counts` is authoritative
+BLOCK_BYTES = 4 << 20  # one [B, M] float32 working matrix: about 4 MiB (see block_rows_for)
+MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 16, 1024
+
+
+@dataclass(frozen=True)
+class TickSpec:
+    k: int
+    weights: np.ndarray  # float32 [K]
+    label_space: str = PROBABILITY
+    mutual: str = ONE_WAY
+    include_label_scores: bool = False
+
+
+@dataclass
+class TickResult:
+    ids: np.ndarray  # int64 [N, k]: peer ids, PAD_ID past counts[i]
+    values: np.ndarray  # float32 [N, k]: value(u, v), -inf past counts[i]
+    counts: np.ndarray  # int32 [N]: valid entries per row
+    label_scores: Optional[np.ndarray] = None  # float32 [N, k, K]: s_k(u->v), 0 past counts[i]
+    reverse_label_scores: Optional[np.ndarray] = None  # float32 [N, k, K]: s_k(v->u) (mutual only)
+
+
+def make_spec(k: int, weights: Sequence[float], num_labels: int, candidates: int, *, label_space: str = PROBABILITY,
+              mutual: str = ONE_WAY, include_label_scores: bool = False, candidates_what: str = "peers") -> TickSpec:
+    """Validated TickSpec; `candidates`: the most a row can have (pool size - 1, or the peer count)."""
+    if label_space not in LABEL_SPACES:
+        raise InvalidInput(f"label_space must be one of {', '.join(LABEL_SPACES)}, got {label_space!r}")
+    if mutual not in MUTUALS:
+        raise InvalidInput(f"mutual must be one of {', '.join(MUTUALS)}, got {mutual!r}")
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise InvalidInput(f"k must be >= 1 (candidates returned per person), got {k}")
+    if k > candidates:
+        raise InvalidInput(f"k={k} is above the {candidates} candidates each person has ({candidates_what}); send k <= {candidates}")
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.size == 0:
+        w = np.full(num_labels, 1.0 / num_labels)
+    if w.size != num_labels:
+        raise InvalidInput(f"weights has {w.size} values; send one per label ({num_labels}), or none for 1/{num_labels} each")
+    if not np.isfinite(w).all():
+        bad = int(np.flatnonzero(~np.isfinite(w))[0])
+        raise InvalidInput(f"weights[{bad}] is {w[bad]}: weights must be finite")
+    if mutual in (PRODUCT, HARMONIC_MEAN) and (label_space != PROBABILITY or (w < 0).any()):
+        raise InvalidInput(f"mutual {mutual.upper()} needs non-negative direction values: label_space PROBABILITY and "
+                           "every weight >= 0 (use MINIMUM for logits or negative weights)")
+    return TickSpec(int(k), w.astype(np.float32), label_space, mutual, bool(include_label_scores))
+
+
+def block_rows_for(columns: int) -> int:
+    """Rows per block: a [B, M] float32 matrix of about BLOCK_BYTES, B in [MIN_BLOCK_ROWS, MAX_BLOCK_ROWS]."""
+    return max(MIN_BLOCK_ROWS, min(MAX_BLOCK_ROWS, BLOCK_BYTES // (4 * max(columns, 1))))
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class _Direction:
+    """One direction's combined values c(row -> column) for blocks of rows: the row side's vectors and
+    the column side's, pre-arranged for one matmul (LOGIT) or one per label (PROBABILITY)."""
+
+    def __init__(self, rows: np.ndarray, cols: np.ndarray, bias: np.ndarray, spec: TickSpec) -> None:
+        # rows [N, K, D] (the row side's vectors of the labels' left factor), cols [M, K, D]
+        n, k, d = rows.shape
+        w = spec.weights.astype(np.float32)
+        self.logit = spec.label_space == LOGIT
+        if self.logit:  # c = [w_1 U_1 .. w_K U_K] . [P_1 .. P_K] + sum_k w_k b_k: one matmul, inner K*D
+            self.rows = np.ascontiguousarray((rows * w[None, :, None]).reshape(n, k * d))
+            self.cols = np.ascontiguousarray(cols.reshape(len(cols), k * d))
+            self.const = np.float32(np.dot(w.astype(np.float64), bias.astype(np.float64)))
+        else:  # w_k sigmoid(x) = w_k/2 + (w_k/2) tanh(x/2): per label [U_k/2, b_k/2] . [P_k, 1], then tanh
+            self.rows = np.empty((k, n, d + 1), np.float32)
+            self.rows[:, :, :d] = rows.transpose(1, 0, 2) * np.float32(0.5)
+            self.rows[:, :, d] = (bias * np.float32(0.5))[:, None]
+            self.cols = np.ones((k, len(cols), d + 1), np.float32)
+            self.cols[:, :, :d] = cols.transpose(1, 0, 2)
+            self.half_w = (w * np.float32(0.5)).astype(np.float32)
+            self.const = np.float32(float(np.sum(w.astype(np.float64))) * 0.5)
+
+    def block(self, start: int, stop: int, out: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+        """c(row -> column) for rows start:stop into out [stop - start, M] (tmp: same shape, scratch)."""
+        if self.logit:
+            np.matmul(self.rows[start:stop], self.cols.T, out=out)
+            out += self.const
+            return out
+        for label in range(self.rows.shape[0]):
+            target = out if label == 0 else tmp
+            np.matmul(self.rows[label, start:stop], self.cols[label].T, out=target)
+            np.tanh(target, out=target)
+            target *= self.half_w[label]
+            if label:
+                out += tmp
+        out += self.const
+        return out
+
+
+def _mutual(forward: np.ndarray, reverse: np.ndarray, how: str) -> np.ndarray:
+    """value from c(u->v) (forward) and c(v->u) (reverse), in forward's memory."""
+    if how == PRODUCT:
+        forward *= reverse
+    elif how == MINIMUM:
+        np.minimum(forward, reverse, out=forward)
+    elif how == HARMONIC_MEAN:  # 2ab / (a + b); a, b >= 0, so a + b == 0 means a == b == 0: value 0
+        total = forward + reverse
+        forward *= reverse
+        forward *= 2
+        np.divide(forward, total, out=forward, where=total != 0)
+    return forward
+
+
+def _top_k(values: np.ndarray, k: int) -> np.ndarray:
+    """Columns [B, k] of each row's k largest values, sorted by value descending, ties by lower column."""
+    b, m = values.shape
+    if k < m:
+        part = np.argpartition(values, m - k, axis=1)[:, m - k :]
+    else:
+        part = np.broadcast_to(np.arange(m), (b, m)).copy()
+    chosen = np.take_along_axis(values, part, axis=1)
+    threshold = chosen.min(axis=1)
+    # argpartition picks arbitrarily among values equal to the threshold: where more columns than chosen
+    # reach it, take those above it and then the lowest columns equal to it
+    for row in np.flatnonzero(np.count_nonzero(values >= threshold[:, None], axis=1) > k):
+        above = np.flatnonzero(values[row] > threshold[row])
+        equal = np.flatnonzero(values[row] == threshold[row])[: k - len(above)]
+        part[row] = np.concatenate([above, equal])
+    chosen = np.take_along_axis(values, part, axis=1)
+    order = np.lexsort((part, -chosen), axis=1)
+    return np.take_along_axis(part, order, axis=1)
+
+
+def exclusions(row_ids: np.ndarray, col_ids: np.ndarray, *, exclude_self: bool, blocked_rows: Optional[np.ndarray] = None,
+               blocked_cols: Optional[np.ndarray] = None, symmetric: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """Excluded (row index, column index) pairs, distinct, sorted by row: self-pairs (a row's id among
+    the columns) when exclude_self, and the blocked id pairs whose ids are both in the tick (both ways
+    when symmetric). row_ids and col_ids are distinct ids; col_ids sorted ascending."""
+    rows_found, cols_found = [], []
+
+    def place(ids: np.ndarray, among: np.ndarray, order: np.ndarray) -> np.ndarray:
+        """Index of each id in `among` (sorted view: among[order]), -1 if absent."""
+        if not len(among):
+            return np.full(len(ids), -1)
+        sorted_ids = among[order]
+        pos = np.minimum(np.searchsorted(sorted_ids, ids), len(among) - 1)
+        return np.where(sorted_ids[pos] == ids, order[pos], -1)
+
+    row_order, col_order = np.argsort(row_ids, kind="stable"), np.arange(len(col_ids))
+    if exclude_self:
+        cols = place(row_ids, col_ids, col_order)
+        hit = cols >= 0
+        rows_found.append(np.flatnonzero(hit))
+        cols_found.append(cols[hit])
+    if blocked_rows is not None and len(blocked_rows):
+        pairs = [(blocked_rows, blocked_cols)] + ([(blocked_cols, blocked_rows)] if symmetric else [])
+        for a, b in pairs:
+            r, c = place(np.asarray(a, np.int64), row_ids, row_order), place(np.asarray(b, np.int64), col_ids, col_order)
+            hit = (r >= 0) & (c >= 0)
+            rows_found.append(r[hit])
+            cols_found.append(c[hit])
+    if not rows_found:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    flat = np.unique(np.concatenate(rows_found).astype(np.int64) * len(col_ids) + np.concatenate(cols_found).astype(np.int64))
+    return flat // len(col_ids), flat % len(col_ids)
+
+
+def score_tick(row_ids: np.ndarray, col_ids: np.ndarray, rows_user: np.ndarray, cols_peer: np.ndarray, bias: np.ndarray,
+               spec: TickSpec, *, rows_peer: Optional[np.ndarray] = None, cols_user: Optional[np.ndarray] = None,
+               excluded: Tuple[np.ndarray, np.ndarray] = (np.empty(0, np.int64), np.empty(0, np.int64)),
+               block_rows: Optional[int] = None, threads: Optional[int] = None) -> TickResult:
+    """Top-k per row. row_ids [N] distinct (any order: rows come back in it); col_ids [M] distinct and
+    sorted ascending. rows_user [N, K, D] / cols_peer [M, K, D]: the user vectors of the rows and the
+    peer vectors of the columns (c(u->v)); for a mutual spec also rows_peer [N, K, D] and cols_user
+    [M, K, D] (c(v->u)). excluded: (row index, column index) pairs from `exclusions`, sorted by row."""
+    n, m = len(row_ids), len(col_ids)
+    if len(col_ids) > 1 and not (np.diff(col_ids) > 0).all():
+        raise ValueError("col_ids must be distinct and sorted ascending")
+    mutual = spec.mutual != ONE_WAY
+    if mutual and (rows_peer is None or cols_user is None):
+        raise ValueError("a mutual tick needs rows_peer and cols_user")
+    bias = np.asarray(bias, np.float32)
+    forward = _Direction(rows_user, cols_peer, bias, spec)
+    reverse = _Direction(cols_user, rows_peer, bias, spec) if mutual else None  # c(v->u): v's user vector, u's peer vector
+    # reverse computes c(column -> row) for blocks of *rows*: its "rows" are the columns' user vectors and
+    # its "cols" the rows' peer vectors, so a row block is reverse.cols[start:stop] against reverse.rows
+    k = spec.k
+    ids = np.full((n, k), PAD_ID, np.int64)
+    values = np.full((n, k), -np.inf, np.float32)
+    excluded_per_row = np.bincount(excluded[0], minlength=n) if len(excluded[0]) else np.zeros(n, np.int64)
+    counts = np.minimum(m - excluded_per_row, k).astype(np.int32)
+    labels = (np.zeros((n, k, rows_user.shape[1]), np.float32) if spec.include_label_scores else None)
+    reverse_labels = (np.zeros_like(labels) if spec.include_label_scores and mutual else None)
+    block = block_rows or block_rows_for(m)
+    starts = list(range(0, n, block))
+    ex_rows, ex_cols = excluded
+
+    def run(start: int) -> None:
+        stop = min(start + block, n)
+        out = np.empty((stop - start, m), np.float32)
+        tmp = np.empty_like(out)
+        forward.block(start, stop, out, tmp)
+        if reverse is not None:
+            back = np.empty_like(out)
+            _reverse_block(reverse, start, stop, back, tmp)
+            _mutual(out, back, spec.mutual)
+        lo, hi = np.searchsorted(ex_rows, start), np.searchsorted(ex_rows, stop)
+        out[ex_rows[lo:hi] - start, ex_cols[lo:hi]] = -np.inf
+        top = _top_k(out, k)
+        got = np.take_along_axis(out, top, axis=1)
+        valid = np.arange(k)[None, :] < counts[start:stop, None]
+        ids[start:stop] = np.where(valid, col_ids[top], PAD_ID)
+        values[start:stop] = np.where(valid, got, -np.inf)
+        if labels is not None:
+            labels[start:stop] = np.where(valid[:, :, None], pair_logits(rows_user[start:stop], cols_peer[top], bias), 0)
+            if reverse_labels is not None:
+                reverse_labels[start:stop] = np.where(valid[:, :, None], pair_logits(cols_user[top], rows_peer[start:stop], bias, swap=True), 0)
+
+    workers = min(threads or default_threads(), len(starts))
+    if workers <= 1:
+        for start in starts:
+            run(start)
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="tick") as pool:
+            list(pool.map(run, starts))  # numpy's matmul and ufuncs release the GIL on blocks this size
+    return TickResult(ids, values, counts, labels, reverse_labels)
+
+
+def _reverse_block(reverse: _Direction, start: int, stop: int, out: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+    """c(v->u) for the rows u in start:stop and every column v: [stop - start, M]."""
+    if reverse.logit:
+        np.matmul(reverse.cols[start:stop], reverse.rows.T, out=out)
+        out += reverse.const
+        return out
+    for label in range(reverse.rows.shape[0]):
+        target = out if label == 0 else tmp
+        # rows here: [U_k/2, b_k/2] of the columns; cols: [P_k, 1] of the rows -> (P_k U_k^T / 2 + b_k / 2)
+        np.matmul(reverse.cols[label, start:stop], reverse.rows[label].T, out=target)
+        np.tanh(target, out=target)
+        target *= reverse.half_w[label]
+        if label:
+            out += tmp
+    out += reverse.const
+    return out
+
+
+def pair_logits(users: np.ndarray, peers: np.ndarray, bias: np.ndarray, swap: bool = False) -> np.ndarray:
+    """s_k for row-aligned pairs: users [B, K, D] with peers [B, j, K, D] -> [B, j, K] (swap: users
+    [B, j, K, D] with peers [B, K, D])."""
+    if swap:
+        return np.einsum("bjkd,bkd->bjk", users, peers) + bias
+    return np.einsum("bkd,bjkd->bjk", users, peers) + bias
+
+
+def reference_tick(row_ids: np.ndarray, col_ids: np.ndarray, rows_user: np.ndarray, cols_peer: np.ndarray, bias: np.ndarray,
+                   spec: TickSpec, *, rows_peer: Optional[np.ndarray] = None, cols_user: Optional[np.ndarray] = None,
+                   excluded: Tuple[np.ndarray, np.ndarray] = (np.empty(0, np.int64), np.empty(0, np.int64))) -> TickResult:
+    """The plain definition, for tests: the whole [N, M, K] logits in float64, combined, a full sort per
+    row (value descending, then peer id ascending). col_ids need not be sorted here."""
+    n, m = len(row_ids), len(col_ids)
+    w, b = spec.weights.astype(np.float64), np.asarray(bias, np.float64)
+
+    def combined(u: np.ndarray, p: np.ndarray) -> np.ndarray:
+        logits = np.einsum("nkd,mkd->nmk", u.astype(np.float64), p.astype(np.float64)) + b
+        return (logits if spec.label_space == LOGIT else 1.0 / (1.0 + np.exp(-logits))) @ w
+
+    value = combined(rows_user, cols_peer)
+    if spec.mutual != ONE_WAY:
+        back = combined(cols_user, rows_peer).T  # c(v->u) at [u, v]
+        if spec.mutual == PRODUCT:
+            value = value * back
+        elif spec.mutual == MINIMUM:
+            value = np.minimum(value, back)
+        else:
+            total = value + back
+            value = np.where(total == 0, 0.0, 2 * value * back / np.where(total == 0, 1.0, total))
+    allowed = np.ones((n, m), bool)
+    allowed[excluded[0], excluded[1]] = False
+    k = spec.k
+    ids = np.full((n, k), PAD_ID, np.int64)
+    values = np.full((n, k), -np.inf, np.float32)
+    counts = np.zeros(n, np.int32)
+    labels = np.zeros((n, k, rows_user.shape[1]), np.float32) if spec.include_label_scores else None
+    reverse_labels = np.zeros_like(labels) if labels is not None and spec.mutual != ONE_WAY else None
+    for i in range(n):
+        cols = np.flatnonzero(allowed[i])
+        cols = cols[np.lexsort((col_ids[cols], -value[i, cols]))][:k]
+        counts[i] = len(cols)
+        ids[i, : len(cols)] = col_ids[cols]
+        values[i, : len(cols)] = value[i, cols]
+        if labels is not None:
+            labels[i, : len(cols)] = np.einsum("kd,jkd->jk", rows_user[i].astype(np.float64), cols_peer[cols].astype(np.float64)) + b
+            if reverse_labels is not None:
+                reverse_labels[i, : len(cols)] = np.einsum("jkd,kd->jk", cols_user[cols].astype(np.float64), rows_peer[i].astype(np.float64)) + b
+    return TickResult(ids, values, counts, labels, reverse_labels)
