@@ -157,7 +157,9 @@ class Server:
 
         from neuronserve.health import HealthServicer
         from neuronserve.protos import open_inference_pb2, scorer_pb2
-        from neuronserve.service import InferenceService, ScorerService, ServingState, add_service
+        from neuronserve.oip_service import InferenceService
+        from neuronserve.scorer_service import ScorerService
+        from neuronserve.service import ServingState, add_service
         from neuronserve.tls import connection_options
 
         config = self.config

@@ -26,7 +26,8 @@ from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
 from neuronserve.protos import scorer_pb2 as pb
 from neuronserve.protos import scorer_pb2_grpc as pb_grpc
 from neuronserve.server import Server, model_info
-from neuronserve.service import model_statistics, oip_version_of
+from neuronserve.oip_service import model_statistics
+from neuronserve.service import oip_version_of
 
 pytestmark = [
     pytest.mark.timeout(90),

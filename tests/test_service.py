@@ -27,7 +27,9 @@ from neuronserve.protos import scorer_pb2 as pb
 from neuronserve.protos import scorer_pb2_grpc as pb_grpc
 from neuronserve.runtime import Runtime
 from neuronserve.server import Server, model_info
-from neuronserve.service import InferenceService, ScorerService, ServingState
+from neuronserve.oip_service import InferenceService
+from neuronserve.scorer_service import ScorerService
+from neuronserve.service import ServingState
 
 pytestmark = pytest.mark.timeout(60)
 

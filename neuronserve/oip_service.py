@@ -1,0 +1,257 @@
+"""inference.GRPCInferenceService: the Open Inference Protocol (KServe v2) plus Triton's ModelConfig and
+ModelStatistics, which perf_analyzer calls. Built on service.py's guard and codec."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from neuronserve import __version__
+from neuronserve.errors import InvalidInput, NotFound
+from neuronserve.pool_stats import PoolStatistics, worker_scope
+from neuronserve.protos import open_inference_pb2 as oip
+from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
+from neuronserve.service import (
+    F32_LE,
+    FP32,
+    TOWERS,
+    TRITON_EXTENSIONS,
+    TWOTOWER,
+    UNKNOWN_MODEL,
+    ModelInfo,
+    Runtime,
+    Servicer,
+    ServingState,
+    array_from_bytes,
+    check_dims,
+    check_reply_size,
+    deadline_of,
+    echo,
+    feature_rows,
+    finite_output,
+    fp32_contents,
+    one_user,
+    scores_checked,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OipTensor:
+    name: str
+    shape: Tuple[int, ...]  # -1 marks a variable dimension (ModelMetadata reports it so)
+
+
+@dataclass(frozen=True)
+class OipModel:
+    name: str
+    inputs: Tuple[OipTensor, ...]
+    outputs: Tuple[OipTensor, ...]
+
+    @functools.cached_property
+    def input_fields(self) -> Tuple[str, ...]:
+        """How errors name the inputs, in order."""
+        return tuple(f"input {t.name}" for t in self.inputs)
+
+
+def oip_models(info: ModelInfo) -> Dict[str, OipModel]:
+    k, d = info.num_labels, info.label_dim
+    return {
+        TWOTOWER: OipModel(
+            TWOTOWER,
+            (OipTensor("USER_FEATURES", (1, info.user_features)), OipTensor("PEER_FEATURES", (-1, info.peer_features))),
+            (OipTensor("SCORES", (-1, k)),),
+        ),
+        TOWERS[0]: OipModel(TOWERS[0], (OipTensor("FEATURES", (-1, info.user_features)),), (OipTensor("EMBEDDINGS", (-1, k, d)),)),
+        TOWERS[1]: OipModel(TOWERS[1], (OipTensor("FEATURES", (-1, info.peer_features)),), (OipTensor("EMBEDDINGS", (-1, k, d)),)),
+    }
+
+
+def model_statistics(stats, version: str) -> oip.ModelStatistics:
+    """From a metrics.ModelStats (injected with the metrics: the service does not import metrics), for
+    the OIP `version`. Triton's semantics: queue and the three compute durations have one count each,
+    the successful requests, so perf_analyzer finds them equal."""
+    def duration(count: int, seconds: float) -> oip.StatisticDuration:
+        return oip.StatisticDuration(count=count, ns=int(seconds * 1e9))
+
+    return oip.ModelStatistics(
+        name=stats.model,
+        version=version,
+        last_inference=stats.last_request_ms,
+        inference_count=stats.inferences,
+        execution_count=stats.executions,
+        inference_stats=oip.InferStatistics(
+            success=duration(stats.success, stats.success_s),
+            fail=duration(stats.failure, stats.failure_s),
+            queue=duration(stats.success, stats.queue_s),
+            compute_input=duration(stats.success, stats.compute_input_s),
+            compute_infer=duration(stats.success, stats.compute_infer_s),
+            compute_output=duration(stats.success, stats.compute_output_s),
+        ),
+    )
+
+
+class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
+    """inference.GRPCInferenceService: models `twotower` (SCORES [M, K] logits) and the two towers;
+    the OIP's six RPCs plus Triton's ModelConfig and ModelStatistics, which perf_analyzer calls."""
+
+    def __init__(
+        self,
+        info: ModelInfo,
+        runtime: Optional[Runtime],
+        cache,
+        metrics,
+        state: ServingState,
+        peer_addresses: Optional[Callable[[], List[str]]] = None,
+    ) -> None:
+        """`peer_addresses`: a pool's other workers, whose counters ModelStatistics adds (pool_stats.py)."""
+        super().__init__(info, runtime, cache, metrics, state)
+        self.models = oip_models(info)
+        self.pool = PoolStatistics(peer_addresses) if peer_addresses is not None else None
+
+    async def ServerLive(self, request, context) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context) -> oip.ServerReadyResponse:
+        return oip.ServerReadyResponse(ready=self.state.ready)
+
+    async def ModelReady(self, request: oip.ModelReadyRequest, context) -> oip.ModelReadyResponse:
+        known = request.name in self.models and request.version in ("", self.info.oip_version, self.info.version)
+        return oip.ModelReadyResponse(ready=known and self.state.ready)
+
+    async def ServerMetadata(self, request, context) -> oip.ServerMetadataResponse:
+        return oip.ServerMetadataResponse(name="neuronserve", version=__version__, extensions=list(TRITON_EXTENSIONS))
+
+    async def ModelMetadata(self, request: oip.ModelMetadataRequest, context) -> oip.ModelMetadataResponse:
+        return await self._answer(context, self._label(request.name), self._metadata, request, inference=False)
+
+    async def ModelInfer(self, request: oip.ModelInferRequest, context) -> oip.ModelInferResponse:
+        return await self._answer(context, self._label(request.model_name), self._infer, request)
+
+    async def ModelConfig(self, request: oip.ModelConfigRequest, context) -> oip.ModelConfigResponse:
+        return await self._answer(context, self._label(request.name), self._config, request, inference=False)
+
+    async def ModelStatistics(self, request: oip.ModelStatisticsRequest, context) -> oip.ModelStatisticsResponse:
+        return await self._answer(context, self._label(request.name), self._statistics, request, inference=False)
+
+    def _label(self, name: str) -> str:
+        """A model name as the metrics and the log name it: a model served, else UNKNOWN_MODEL (a client's
+        string never becomes a label or a log line)."""
+        return name if name in self.models else UNKNOWN_MODEL
+
+    def _model(self, name: str, version: str) -> OipModel:
+        model = self.models.get(name)
+        if model is None:
+            raise NotFound(f"unknown model {echo(name)}; this server serves {', '.join(self.models)}")
+        if version not in ("", self.info.oip_version, self.info.version):
+            raise NotFound(
+                f"model {name} has no version {echo(version)}; it serves version {self.info.oip_version!r} "
+                f"(artifact version {self.info.version!r}, also accepted), or send none"
+            )
+        return model
+
+    async def _metadata(self, request: oip.ModelMetadataRequest, context) -> oip.ModelMetadataResponse:
+        model = self._model(request.name, request.version)
+        meta = oip.ModelMetadataResponse.TensorMetadata
+        return oip.ModelMetadataResponse(
+            name=model.name,
+            versions=[self.info.oip_version],
+            platform=self.info.oip_platform,
+            inputs=[meta(name=t.name, datatype=FP32, shape=t.shape) for t in model.inputs],
+            outputs=[meta(name=t.name, datatype=FP32, shape=t.shape) for t in model.outputs],
+        )
+
+    async def _config(self, request: oip.ModelConfigRequest, context) -> oip.ModelConfigResponse:
+        """Triton's model configuration: max_batch_size 0 because batching is inside the server, on rows
+        (peers), so shapes are given whole, as in ModelMetadata."""
+        model = self._model(request.name, request.version)
+        config = oip.ModelConfig(name=model.name, platform=self.info.oip_platform, backend="neuronserve", max_batch_size=0)
+        config.input.extend(oip.ModelInput(name=t.name, data_type=oip.TYPE_FP32, dims=t.shape) for t in model.inputs)
+        config.output.extend(oip.ModelOutput(name=t.name, data_type=oip.TYPE_FP32, dims=t.shape) for t in model.outputs)
+        return oip.ModelConfigResponse(config=config)
+
+    async def _statistics(self, request: oip.ModelStatisticsRequest, context) -> oip.ModelStatisticsResponse:
+        """Cumulative counters of one model, or of every OIP model when no name is given. `twotower`
+        counts the scorer API's Score too: it is the same model."""
+        names = [self._model(request.name, request.version).name] if request.name else list(self.models)
+        version = self.info.oip_version
+        reply = oip.ModelStatisticsResponse(model_stats=[model_statistics(self.metrics.statistics(n), version) for n in names])
+        if self.pool is not None and not worker_scope(context):
+            await self.pool.add_peers(reply, request)
+        return reply
+
+    async def _infer(self, request: oip.ModelInferRequest, context) -> oip.ModelInferResponse:
+        model = self._model(request.model_name, request.model_version)
+        arrays = self._inputs(model, request)
+        output = model.outputs[0].name  # each model has one output; a request may name it, once
+        if request.outputs:
+            names = [o.name for o in request.outputs]
+            for name in names:
+                if name != output:
+                    raise InvalidInput(f"model {model.name} has no output {echo(name)}; its outputs are {output}")
+            if len(names) > 1:
+                raise InvalidInput(f"outputs: each output may be requested once, got {len(names)}: {', '.join(map(echo, names[:8]))}")
+        rows = arrays[-1].shape[0]  # PEER_FEATURES or FEATURES: the variable dimension of the one output
+        per_row = math.prod(model.outputs[0].shape[1:])
+        check_reply_size(rows * per_row, f"{rows} rows x {per_row} values of {model.outputs[0].name}", "send fewer rows per request", self.info.max_message_bytes)
+        deadline_s = deadline_of(context)
+        if model.name == TWOTOWER:
+            out = await self.runtime.score(arrays[0], arrays[1], deadline_s)
+            scores_checked(out, arrays, model.input_fields)
+        else:
+            out = finite_output(await self.runtime.embed(model.name, arrays[0], deadline_s), model.outputs[0].name)
+        data = np.ascontiguousarray(out, dtype=F32_LE).tobytes()
+        # raw contents, as Triton answers
+        response = oip.ModelInferResponse(model_name=model.name, model_version=self.info.oip_version, id=request.id)
+        response.outputs.add(name=output, datatype=FP32, shape=out.shape)  # (nested kwargs: 2x slower)
+        response.raw_output_contents.append(data)
+        return response
+
+    def _inputs(self, model: OipModel, request: oip.ModelInferRequest) -> List[np.ndarray]:
+        """The request's inputs in the model's order, decoded from raw_input_contents or typed contents."""
+        raw = request.raw_input_contents
+        if raw and len(raw) != len(request.inputs):
+            raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; send one per input, in order")
+        order = {t.name: i for i, t in enumerate(model.inputs)}
+        arrays: List[Optional[np.ndarray]] = [None] * len(model.inputs)
+        for position, tensor in enumerate(request.inputs):
+            field = f"input {tensor.name}"
+            index = order.get(tensor.name)
+            if index is None:
+                raise InvalidInput(f"model {model.name} has no input {echo(tensor.name)}; its inputs are {', '.join(order)}")
+            if arrays[index] is not None:
+                raise InvalidInput(f"{field} is given twice")
+            if tensor.datatype != FP32:
+                raise InvalidInput(f"{field}: datatype must be FP32, got {echo(tensor.datatype)}")
+            if raw:
+                if tensor.HasField("contents"):
+                    raise InvalidInput(f"{field}: contents must be empty when raw_input_contents is used (one or the other)")
+                array = array_from_bytes(raw[position], tensor.shape, field)
+            else:
+                check_dims(tensor.shape, field)
+                flat = fp32_contents(tensor.contents, field)
+                count = math.prod(tensor.shape)
+                if any(d < 0 for d in tensor.shape) or flat.size != count:
+                    raise InvalidInput(
+                        f"{field}: shape {list(tensor.shape)} needs {max(count, 0)} values in contents.fp32_contents, got {flat.size}"
+                    )
+                array = flat.reshape(tuple(tensor.shape))
+            arrays[index] = self._check(model.inputs[index], array, field)
+        missing = [t.name for t, a in zip(model.inputs, arrays) if a is None]
+        if missing:
+            raise InvalidInput(f"model {model.name} needs input(s) {', '.join(missing)}")
+        return arrays  # type: ignore[return-value]
+
+    def _check(self, spec: OipTensor, array: np.ndarray, field: str) -> np.ndarray:
+        rows, width = spec.shape
+        if rows == 1:
+            return one_user(array, field, width, allow_vector=False)
+        if spec.name == "PEER_FEATURES":  # finiteness: scores_checked
+            return feature_rows(array, field, width, self.info.max_peers, "max_peers", finite=False)
+        return feature_rows(array, field, width, self.info.max_tower_rows, "max_queue_rows")

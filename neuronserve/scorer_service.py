@@ -1,0 +1,202 @@
+"""neuronserve.v1.Scorer: Score (features through the towers), UpsertEmbeddings, and scoring from the
+cached tower outputs (ScoreByIds, ScoreMatrix, ScoreTick). Built on service.py's guard and codec."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+from neuronserve import tick
+from neuronserve.errors import InvalidInput
+from neuronserve.protos import scorer_pb2 as pb
+from neuronserve.protos import scorer_pb2_grpc as pb_grpc
+from neuronserve.service import (
+    CACHED,
+    MAX_BLOCKED_PAIRS,
+    TOWERS,
+    TWOTOWER,
+    Servicer,
+    check_reply_size,
+    deadline_of,
+    feature_rows,
+    finite_output,
+    id_array,
+    one_user,
+    scores_checked,
+    tensor_array,
+    tensor_proto,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ScorerService(Servicer, pb_grpc.ScorerServicer):
+    """neuronserve.v1.Scorer: score by features (through the towers) or by cached tower outputs."""
+
+    async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
+        return await self._answer(context, TWOTOWER, self._score, request)
+
+    async def UpsertEmbeddings(self, request: pb.UpsertEmbeddingsRequest, context) -> pb.UpsertEmbeddingsResponse:
+        model = {pb.USER: TOWERS[0], pb.PEER: TOWERS[1]}.get(request.kind, TOWERS[0])
+        return await self._answer(context, model, self._upsert, request)
+
+    async def ScoreByIds(self, request: pb.ScoreByIdsRequest, context) -> pb.ScoreResponse:
+        return await self._answer(context, CACHED, self._score_by_ids, request)
+
+    async def ScoreMatrix(self, request: pb.ScoreMatrixRequest, context) -> pb.ScoreMatrixResponse:
+        return await self._answer(context, CACHED, self._score_matrix, request)
+
+    async def ScoreTick(self, request: pb.ScoreTickRequest, context) -> pb.ScoreTickResponse:
+        return await self._answer(context, CACHED, self._score_tick, request)
+
+    async def _score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
+        info = self.info
+        user = one_user(tensor_array(request.user_features, "user_features"), "user_features", info.user_features, True)
+        peers = feature_rows(
+            tensor_array(request.peer_features, "peer_features"), "peer_features", info.peer_features, info.max_peers, "max_peers", False
+        )
+        scores = await self.runtime.score(user, peers, deadline_of(context))
+        scores_checked(scores, (user, peers), ("user_features", "peer_features"))
+        return pb.ScoreResponse(scores=tensor_proto(scores), label_names=info.label_names, model_version=info.version)
+
+    async def _upsert(self, request: pb.UpsertEmbeddingsRequest, context) -> pb.UpsertEmbeddingsResponse:
+        info = self.info
+        if request.kind not in (pb.USER, pb.PEER):
+            name = pb.EntityKind.Name(request.kind) if request.kind in pb.EntityKind.values() else str(request.kind)
+            raise InvalidInput(f"kind must be USER or PEER, got {name}")
+        kind, tower, width = ("user", TOWERS[0], info.user_features) if request.kind == pb.USER else ("peer", TOWERS[1], info.peer_features)
+        ids = id_array(request.ids, "ids", info.max_tower_rows, "max_queue_rows")
+        features = feature_rows(tensor_array(request.features, "features"), "features", width, info.max_tower_rows, "max_queue_rows")
+        if features.shape[0] != ids.size:
+            raise InvalidInput(f"features has {features.shape[0]} rows for {ids.size} ids; send one row of {width} features per id")
+        self.cache.check_upsert(kind, ids)  # before the tower run: a bad request costs no core time
+        vectors = finite_output(await self.runtime.embed(tower, features, deadline_of(context)), f"{tower} output")
+        # in a worker thread: an upsert copies the kind's table (~1 ms per 2,500 cached rows), which must
+        # not stall the event loop; writers take the cache's lock, readers keep their snapshot
+        rows = await asyncio.to_thread(self.cache.upsert, kind, ids, vectors, info.version)
+        return pb.UpsertEmbeddingsResponse(upserted=ids.size, cache_rows=rows, model_version=info.version)
+
+    async def _score_by_ids(self, request: pb.ScoreByIdsRequest, context) -> pb.ScoreResponse:
+        peer_ids = id_array(request.peer_ids, "peer_ids", self.info.max_peers, "max_peers")
+        labels = self.info.num_labels
+        check_reply_size(peer_ids.size * labels, f"{peer_ids.size} peer_ids x {labels} labels", "send fewer peer_ids", self.info.max_message_bytes)
+        start = time.perf_counter()
+        scores = self.cache.score_by_ids(int(request.user_id), peer_ids)  # [M, K, D] gather + one einsum: ~0.1 ms
+        finite_output(scores, "scores")
+        self.metrics.execution(CACHED, rows=peer_ids.size, requests=1, compute_s=time.perf_counter() - start)
+        return pb.ScoreResponse(scores=tensor_proto(scores), label_names=self.info.label_names, model_version=self.info.version)
+
+    async def _score_matrix(self, request: pb.ScoreMatrixRequest, context) -> pb.ScoreMatrixResponse:
+        """A whole tick, N users x M peers, on the host's BLAS: per label one [N, D] x [D, M] matmul over
+        the cached tower outputs. Not on the cores: pair_scorer scores row-aligned pairs, so it would need
+        N*M rows of [K, D] materialised for both sides (N*M*K*D*8 bytes in, e.g. 100 x 1000 x 4 x 64 x 8 =
+        205 MB) plus the round trip, where the matmul reads (N + M)*K*D floats and does N*M*K*D MACs
+        (26 M for that tick: a few ms on one host core). Runs in a worker thread (BLAS releases the GIL),
+        so the event loop keeps serving; the cache swaps whole arrays on upsert, so readers stay consistent."""
+        info = self.info
+        user_ids = id_array(request.user_ids, "user_ids", info.max_peers, "max_peers")
+        peer_ids = id_array(request.peer_ids, "peer_ids", info.max_peers, "max_peers")
+        check_reply_size(
+            user_ids.size * peer_ids.size * info.num_labels,
+            f"{user_ids.size} user_ids x {peer_ids.size} peer_ids x {info.num_labels} labels",
+            "split the tick into smaller blocks",
+            info.max_message_bytes,
+        )
+        start = time.perf_counter()
+        scores = await asyncio.get_running_loop().run_in_executor(None, self.cache.score_matrix, user_ids, peer_ids)
+        self.metrics.execution(CACHED, rows=user_ids.size * peer_ids.size, requests=1, compute_s=time.perf_counter() - start)
+        return pb.ScoreMatrixResponse(scores=tensor_proto(finite_output(scores, "scores")), label_names=info.label_names, model_version=info.version)
+
+
+    async def _score_tick(self, request: pb.ScoreTickRequest, context) -> pb.ScoreTickResponse:
+        """A matching tick (docs/tick.md): top-k per person from the cached vectors, in a worker thread."""
+        info, req = self.info, pb.ScoreTickRequest
+        limit = (info.max_peers, "max_peers")
+        pool = tick_ids(request.pool_ids, request.pool_ids_packed, "pool_ids", *limit, required=False)
+        users = tick_ids(request.user_ids, request.user_ids_packed, "user_ids", *limit, required=False)
+        peers = tick_ids(request.peer_ids, request.peer_ids_packed, "peer_ids", *limit, required=False)
+        if (pool is None) == (users is None and peers is None):
+            raise InvalidInput("send either pool_ids (or pool_ids_packed) or user_ids and peer_ids (or their _packed forms), not both or neither")
+        if pool is None and (users is None or peers is None):
+            raise InvalidInput(f"{'peer_ids' if peers is None else 'user_ids'} is missing: users x peers mode needs both user_ids and peer_ids")
+        blocked_a = tick_ids(request.blocked_user_ids, request.blocked_user_ids_packed, "blocked_user_ids", MAX_BLOCKED_PAIRS, "bound on blocked pairs", required=False)
+        blocked_b = tick_ids(request.blocked_peer_ids, request.blocked_peer_ids_packed, "blocked_peer_ids", MAX_BLOCKED_PAIRS, "bound on blocked pairs", required=False)
+        if (0 if blocked_a is None else blocked_a.size) != (0 if blocked_b is None else blocked_b.size):
+            raise InvalidInput(f"blocked_user_ids and blocked_peer_ids are parallel lists: got {0 if blocked_a is None else blocked_a.size} "
+                               f"and {0 if blocked_b is None else blocked_b.size} ids")
+        spaces = {req.PROBABILITY: tick.PROBABILITY, req.LOGIT: tick.LOGIT}
+        mutuals = {req.ONE_WAY: tick.ONE_WAY, req.PRODUCT: tick.PRODUCT, req.MINIMUM: tick.MINIMUM, req.HARMONIC_MEAN: tick.HARMONIC_MEAN}
+        if request.label_space not in spaces:
+            raise InvalidInput(f"label_space must be PROBABILITY or LOGIT, got {request.label_space}")
+        if request.mutual not in mutuals:
+            raise InvalidInput(f"mutual must be ONE_WAY, PRODUCT, MINIMUM or HARMONIC_MEAN, got {request.mutual}")
+        rows, cols = (pool, pool) if pool is not None else (users, peers)
+        candidates = rows.size - 1 if pool is not None else cols.size
+        spec = tick.make_spec(request.k, list(request.weights), info.num_labels, candidates, label_space=spaces[request.label_space],
+                              mutual=mutuals[request.mutual], include_label_scores=request.include_label_scores,
+                              candidates_what="pool size - 1" if pool is not None else "peer_ids")
+        mutual = spec.mutual != tick.ONE_WAY
+        per_pair = 12 + (4 * info.num_labels * (1 + mutual) if spec.include_label_scores else 0)  # id + value (+ label scores)
+        check_reply_size(rows.size * spec.k * per_pair // 4, f"{rows.size} persons x k={spec.k} x {per_pair} bytes", "send a smaller k or split the tick", info.max_message_bytes)
+        start = time.perf_counter()
+        result = await asyncio.to_thread(self._tick, pool, rows, cols, blocked_a, blocked_b, spec)
+        self.metrics.execution(CACHED, rows=rows.size * cols.size, requests=1, compute_s=time.perf_counter() - start)
+        counts = result.counts
+        valid = np.arange(spec.k)[None, :] < counts[:, None]
+        finite_output(result.values[valid], "tick values")
+        reply = pb.ScoreTickResponse(
+            ids=result.ids.astype("<i8", copy=False).tobytes(), values=tensor_proto(result.values), counts=counts.astype("<i4").tobytes(),
+            k=spec.k, label_names=info.label_names, model_version=info.version)
+        if result.label_scores is not None:
+            reply.label_scores.CopyFrom(tensor_proto(result.label_scores))
+        if result.reverse_label_scores is not None:
+            reply.reverse_label_scores.CopyFrom(tensor_proto(result.reverse_label_scores))
+        return reply
+
+    def _tick(self, pool, rows, cols, blocked_a, blocked_b, spec) -> "tick.TickResult":
+        """The tick's work, off the event loop: one snapshot of the vectors, exclusions, score_tick."""
+        mutual = spec.mutual != tick.ONE_WAY
+        order = np.argsort(cols, kind="stable")
+        col_ids = cols[order]
+        if pool is not None:
+            user_vectors, peer_vectors = self.cache.lookup_many([("user", rows, "pool_ids"), ("peer", rows, "pool_ids")])
+            rows_user, rows_peer, cols_peer, cols_user = user_vectors, peer_vectors, peer_vectors[order], user_vectors[order]
+        else:
+            wanted = [("user", rows, "user_ids"), ("peer", col_ids, "peer_ids")]
+            if mutual:  # c(v->u): each peer's user vector and each user's peer vector
+                wanted += [("user", col_ids, "peer_ids (as users, for mutual)"), ("peer", rows, "user_ids (as peers, for mutual)")]
+            got = self.cache.lookup_many(wanted)
+            rows_user, cols_peer = got[0], got[1]
+            cols_user, rows_peer = (got[2], got[3]) if mutual else (None, None)
+        excluded = tick.exclusions(rows, col_ids, exclude_self=pool is not None, blocked_rows=blocked_a, blocked_cols=blocked_b, symmetric=pool is not None)
+        return tick.score_tick(rows, col_ids, rows_user, cols_peer, self.cache.label_bias, spec, rows_peer=rows_peer, cols_user=cols_user, excluded=excluded)
+
+
+def tick_ids(repeated: Sequence[int], packed: bytes, field: str, max_ids: int, limit: str, *, required: bool = True) -> Optional[np.ndarray]:
+    """A list of distinct ids sent as `field` (repeated int64) or `field`_packed (little-endian int64
+    bytes), exactly one of the two; None when neither is sent and not `required`."""
+    if len(repeated) and len(packed):
+        raise InvalidInput(f"{field} and {field}_packed are both set; send the ids in one of them")
+    if len(packed):
+        if len(packed) % 8:
+            raise InvalidInput(f"{field}_packed has {len(packed)} bytes; it holds little-endian int64 ids, 8 bytes each")
+        ids = np.frombuffer(packed, dtype="<i8").astype(np.int64, copy=False)
+        field = f"{field}_packed"
+    elif len(repeated):
+        ids = np.fromiter(repeated, dtype=np.int64, count=len(repeated))
+    elif required:
+        raise InvalidInput(f"{field} is empty; send between 1 and {max_ids} ids")
+    else:
+        return None
+    if ids.size > max_ids:
+        raise InvalidInput(f"{field} has {ids.size} ids, above the server's {limit} of {max_ids}; split the request")
+    if not field.startswith("blocked_"):
+        ordered = np.sort(ids)
+        dup = ordered[1:][ordered[1:] == ordered[:-1]]
+        if dup.size:
+            raise InvalidInput(f"{field} must hold distinct ids; {int(dup[0])} appears more than once")
+    return ids
