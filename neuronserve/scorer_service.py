@@ -173,7 +173,8 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
             rows_user, cols_peer = got[0], got[1]
             cols_user, rows_peer = (got[2], got[3]) if mutual else (None, None)
         excluded = tick.exclusions(rows, col_ids, exclude_self=pool is not None, blocked_rows=blocked_a, blocked_cols=blocked_b, symmetric=pool is not None)
-        return tick.score_tick(rows, col_ids, rows_user, cols_peer, self.cache.label_bias, spec, rows_peer=rows_peer, cols_user=cols_user, excluded=excluded)
+        return tick.score_tick(rows, col_ids, rows_user, cols_peer, self.cache.label_bias, spec, rows_peer=rows_peer, cols_user=cols_user,
+                               excluded=excluded, pool=pool is not None)
 
 
 def tick_ids(repeated: Sequence[int], packed: bytes, field: str, max_ids: int, limit: str, *, required: bool = True) -> Optional[np.ndarray]:

@@ -19,6 +19,9 @@ label one matmul with the bias folded in as an extra column, then a tanh), the r
 same way from the rows' peer vectors and the columns' user vectors, the mutual combination in place,
 exclusions set to -inf, then top-k by np.argpartition and a sort of the k winners. Columns are held in
 ascending peer-id order, so "the lower column" is "the lower peer id" and ties need no id lookups.
+A mutual pool of at most ~11,585 people (POOL_MATRIX_BYTES) computes one direction only: the whole
+[N, N] forward matrix F first, then per row block the combination of F's rows with F's columns
+(c(v->u) = F[v, u]), so half the matmul and sigmoid work.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ MUTUALS = (ONE_WAY, PRODUCT, MINIMUM, HARMONIC_MEAN)
 PAD_ID = -1  # padding of a row with fewer than k candidates (its value: -inf); `counts` is authoritative
 BLOCK_BYTES = 4 << 20  # one [B, M] float32 working matrix: about 4 MiB (see block_rows_for)
 MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 16, 1024
+POOL_MATRIX_BYTES = 512 << 20  # a mutual pool's whole [N, N] float32 forward matrix, at most: N <= 11,585
 
 
 @dataclass(frozen=True)
@@ -207,22 +211,35 @@ def exclusions(row_ids: np.ndarray, col_ids: np.ndarray, *, exclude_self: bool, 
 def score_tick(row_ids: np.ndarray, col_ids: np.ndarray, rows_user: np.ndarray, cols_peer: np.ndarray, bias: np.ndarray,
                spec: TickSpec, *, rows_peer: Optional[np.ndarray] = None, cols_user: Optional[np.ndarray] = None,
                excluded: Tuple[np.ndarray, np.ndarray] = (np.empty(0, np.int64), np.empty(0, np.int64)),
-               block_rows: Optional[int] = None, threads: Optional[int] = None) -> TickResult:
+               block_rows: Optional[int] = None, threads: Optional[int] = None, pool: bool = False) -> TickResult:
     """Top-k per row. row_ids [N] distinct (any order: rows come back in it); col_ids [M] distinct and
     sorted ascending. rows_user [N, K, D] / cols_peer [M, K, D]: the user vectors of the rows and the
     peer vectors of the columns (c(u->v)); for a mutual spec also rows_peer [N, K, D] and cols_user
-    [M, K, D] (c(v->u)). excluded: (row index, column index) pairs from `exclusions`, sorted by row."""
+    [M, K, D] (c(v->u)). excluded: (row index, column index) pairs from `exclusions`, sorted by row.
+    pool: the rows are the columns' people (row_ids the col_ids in any order, with the same vectors);
+    a mutual pool whose [M, M] float32 matrix fits POOL_MATRIX_BYTES then computes c(u->v) once and
+    reads c(v->u) from its transpose."""
     n, m = len(row_ids), len(col_ids)
     if len(col_ids) > 1 and not (np.diff(col_ids) > 0).all():
         raise ValueError("col_ids must be distinct and sorted ascending")
     mutual = spec.mutual != ONE_WAY
     if mutual and (rows_peer is None or cols_user is None):
         raise ValueError("a mutual tick needs rows_peer and cols_user")
+    whole = pool and mutual and 4 * m * m <= POOL_MATRIX_BYTES  # one forward matrix for the whole pool
+    if whole:  # work with the rows in column order (row a is column a); they go back to row_ids' order at the end
+        pos = np.searchsorted(col_ids, row_ids)  # row i is column pos[i]
+        if n != m or not np.array_equal(col_ids[np.minimum(pos, max(m - 1, 0))], row_ids):
+            raise ValueError("a pool's row_ids must be its col_ids (in any order)")
+        ex_rows = pos[excluded[0]]
+        by_row = np.argsort(ex_rows, kind="stable")
+        excluded = (ex_rows[by_row], excluded[1][by_row])
+        rows_user, rows_peer = cols_user, cols_peer
     bias = np.asarray(bias, np.float32)
     forward = _Direction(rows_user, cols_peer, bias, spec)
-    reverse = _Direction(cols_user, rows_peer, bias, spec) if mutual else None  # c(v->u): v's user vector, u's peer vector
+    reverse = _Direction(cols_user, rows_peer, bias, spec) if mutual and not whole else None  # c(v->u): v's user vector, u's peer vector
     # reverse computes c(column -> row) for blocks of *rows*: its "rows" are the columns' user vectors and
     # its "cols" the rows' peer vectors, so a row block is reverse.cols[start:stop] against reverse.rows
+    matrix = np.empty((n, m), np.float32) if whole else None  # whole: c(u->v) for every pair of the pool
     k = spec.k
     ids = np.full((n, k), PAD_ID, np.int64)
     values = np.full((n, k), -np.inf, np.float32)
@@ -234,15 +251,22 @@ def score_tick(row_ids: np.ndarray, col_ids: np.ndarray, rows_user: np.ndarray, 
     starts = list(range(0, n, block))
     ex_rows, ex_cols = excluded
 
+    def fill(start: int) -> None:
+        stop = min(start + block, n)
+        forward.block(start, stop, matrix[start:stop], np.empty((stop - start, m), np.float32))
+
     def run(start: int) -> None:
         stop = min(start + block, n)
-        out = np.empty((stop - start, m), np.float32)
-        tmp = np.empty_like(out)
-        forward.block(start, stop, out, tmp)
-        if reverse is not None:
-            back = np.empty_like(out)
-            _reverse_block(reverse, start, stop, back, tmp)
-            _mutual(out, back, spec.mutual)
+        if matrix is not None:  # c(v->u) = matrix[v, u]: the block's columns, transposed (combine is symmetric)
+            out = _mutual(np.ascontiguousarray(matrix[:, start:stop].T), matrix[start:stop], spec.mutual)
+        else:
+            out = np.empty((stop - start, m), np.float32)
+            tmp = np.empty_like(out)
+            forward.block(start, stop, out, tmp)
+            if reverse is not None:
+                back = np.empty_like(out)
+                _reverse_block(reverse, start, stop, back, tmp)
+                _mutual(out, back, spec.mutual)
         lo, hi = np.searchsorted(ex_rows, start), np.searchsorted(ex_rows, stop)
         out[ex_rows[lo:hi] - start, ex_cols[lo:hi]] = -np.inf
         top = _top_k(out, k)
@@ -256,12 +280,15 @@ def score_tick(row_ids: np.ndarray, col_ids: np.ndarray, rows_user: np.ndarray, 
                 reverse_labels[start:stop] = np.where(valid[:, :, None], pair_logits(cols_user[top], rows_peer[start:stop], bias, swap=True), 0)
 
     workers = min(threads or default_threads(), len(starts))
-    if workers <= 1:
-        for start in starts:
-            run(start)
-    else:
-        with ThreadPoolExecutor(workers, thread_name_prefix="tick") as pool:
-            list(pool.map(run, starts))  # numpy's matmul and ufuncs release the GIL on blocks this size
+    for step in ([fill] if whole else []) + [run]:  # whole: every block of the matrix before any block reads its columns
+        if workers <= 1:
+            for start in starts:
+                step(start)
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="tick") as executor:
+                list(executor.map(step, starts))  # numpy's matmul and ufuncs release the GIL on blocks this size
+    if whole:
+        return TickResult(*(None if a is None else a[pos] for a in (ids, values, counts, labels, reverse_labels)))
     return TickResult(ids, values, counts, labels, reverse_labels)
 
 

@@ -145,6 +145,33 @@ def test_a_larger_pool_in_default_blocks_equals_the_reference():
     assert_same(got, want)
 
 
+@pytest.mark.parametrize("space,mutual", [c for c in COMBOS if c[1] != T.ONE_WAY])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_the_pool_matrix_path_equals_the_reference_and_the_two_direction_path(space, mutual, quantized, monkeypatch):
+    ids, users, peers, bias = pool_case(7, 75, quantized=quantized)
+    spec = T.make_spec(12, [0.5, 0.25, 1.0], 3, len(ids) - 1, label_space=space, mutual=mutual, include_label_scores=True)
+    blocked = (ids[:10], ids[20:30])
+    kwargs = dict(block_rows=16, threads=2, pool=True)
+    monkeypatch.setattr(T, "POOL_MATRIX_BYTES", 0)  # 75 x 75 does not fit: both directions per block
+    two_way, want = run_pool(ids, users, peers, bias, spec, blocked, **kwargs)
+    monkeypatch.setattr(T, "POOL_MATRIX_BYTES", 4 * 75 * 75)  # fits exactly; and never the reverse direction
+    monkeypatch.setattr(T, "_reverse_block", lambda *a: pytest.fail("the pool matrix path computed c(v->u)"))
+    got, _ = run_pool(ids, users, peers, bias, spec, blocked, **kwargs)
+    if quantized:
+        assert np.count_nonzero(want.values[:, 1:] == want.values[:, :-1]) > 50, "the case must hold ties"
+    assert_same(got, want, exact_ids=quantized)
+    assert_same(two_way, want, exact_ids=quantized)
+    assert_same(got, two_way, exact_ids=quantized)
+
+
+def test_the_pool_matrix_path_refuses_rows_that_are_not_the_columns():
+    ids, users, peers, bias = pool_case(8, 10)
+    spec = T.make_spec(3, [1, 1, 1], 3, 9, mutual=T.MINIMUM)
+    order = np.argsort(ids)
+    with pytest.raises(ValueError, match="col_ids"):
+        T.score_tick(ids[:-1], ids[order], users[:-1], peers[order], bias, spec, rows_peer=peers[:-1], cols_user=users[order], pool=True)
+
+
 @pytest.mark.parametrize("kwargs,words", [
     (dict(k=0), ["k must be >= 1"]),
     (dict(k=-3), ["k must be >= 1"]),
