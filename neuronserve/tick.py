@@ -26,7 +26,6 @@ A mutual pool of at most ~11,585 people (POOL_MATRIX_BYTES) computes one directi
 
 from __future__ import annotations
 
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -123,15 +122,23 @@ class _Direction:
             self.half_w = (w * np.float32(0.5)).astype(np.float32)
             self.const = np.float32(float(np.sum(w.astype(np.float64))) * 0.5)
 
-    def block(self, start: int, stop: int, out: np.ndarray, tmp: np.ndarray) -> np.ndarray:
-        """c(row -> column) for rows start:stop into out [stop - start, M] (tmp: same shape, scratch)."""
+    def block(self, start: int, stop: int, out: np.ndarray, tmp: np.ndarray, transposed: bool = False) -> np.ndarray:
+        """c(row -> column) for rows start:stop into out [stop - start, M] (tmp: same shape, scratch);
+        transposed: c(row -> column) for columns start:stop and every row, into out [stop - start, N]."""
+
+        def product(rows: np.ndarray, cols: np.ndarray, target: np.ndarray) -> None:
+            if transposed:
+                np.matmul(cols[start:stop], rows.T, out=target)
+            else:
+                np.matmul(rows[start:stop], cols.T, out=target)
+
         if self.logit:
-            np.matmul(self.rows[start:stop], self.cols.T, out=out)
+            product(self.rows, self.cols, out)
             out += self.const
             return out
         for label in range(self.rows.shape[0]):
             target = out if label == 0 else tmp
-            np.matmul(self.rows[label, start:stop], self.cols[label].T, out=target)
+            product(self.rows[label], self.cols[label], target)
             np.tanh(target, out=target)
             target *= self.half_w[label]
             if label:
@@ -293,21 +300,9 @@ def score_tick(row_ids: np.ndarray, col_ids: np.ndarray, rows_user: np.ndarray, 
 
 
 def _reverse_block(reverse: _Direction, start: int, stop: int, out: np.ndarray, tmp: np.ndarray) -> np.ndarray:
-    """c(v->u) for the rows u in start:stop and every column v: [stop - start, M]."""
-    if reverse.logit:
-        np.matmul(reverse.cols[start:stop], reverse.rows.T, out=out)
-        out += reverse.const
-        return out
-    for label in range(reverse.rows.shape[0]):
-        target = out if label == 0 else tmp
-        # rows here: [U_k/2, b_k/2] of the columns; cols: [P_k, 1] of the rows -> (P_k U_k^T / 2 + b_k / 2)
-        np.matmul(reverse.cols[label, start:stop], reverse.rows[label].T, out=target)
-        np.tanh(target, out=target)
-        target *= reverse.half_w[label]
-        if label:
-            out += tmp
-    out += reverse.const
-    return out
+    """c(v->u) for the rows u in start:stop and every column v: [stop - start, M]. `reverse`'s rows are
+    the columns' user vectors and its cols the rows' peer vectors, so this is its transposed block."""
+    return reverse.block(start, stop, out, tmp, transposed=True)
 
 
 def pair_logits(users: np.ndarray, peers: np.ndarray, bias: np.ndarray, swap: bool = False) -> np.ndarray:
