@@ -38,6 +38,7 @@ from neuronserve.artifact import (
 )
 from neuronserve.compile.model import TwoTowerScorer, random_model
 from neuronserve.errors import ArtifactError, ConfigError
+from neuronserve.signing import load_signing_key, write_signature
 
 DEFAULT_BATCH_SIZES: Tuple[int, ...] = (1, 8, 32, 128, 512, 1024)
 # Max |traced - eager| allowed. CPU tracing replays the same float32 kernels; neuron casts matmuls to
@@ -168,6 +169,12 @@ def _parity(traced, module: Callable[..., torch.Tensor], inputs: Tuple[torch.Ten
     return float((actual - expected).abs().max())
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _prepare_out_dir(out_dir: Path, force: bool) -> Path:
     """A fresh temporary directory beside out_dir. An existing non-empty out_dir is replaced only with
     force and only if it is an artifact (holds manifest.json): --force never deletes anything else."""
@@ -182,7 +189,9 @@ def _prepare_out_dir(out_dir: Path, force: bool) -> Path:
             raise ConfigError(f"--out {out_dir} is not empty and holds no {MANIFEST_NAME}; --force replaces only an artifact, so choose another --out")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        work.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would keep the artifact from a non-root serving user
+        return work
     except OSError as exc:
         raise ConfigError(f"cannot write the artifact to {out_dir} ({exc.strerror}); choose a writable --out") from None
 
@@ -201,8 +210,11 @@ def compile_artifact(
     model_version: Optional[str] = None,
     force: bool = False,
     progress: bool = False,
+    signing_key=None,
 ) -> Manifest:
-    """Compile the two-tower scorer into `out_dir`; returns the (written, verified) manifest."""
+    """Compile the two-tower scorer into `out_dir`; returns the (written, verified) manifest. With
+    `signing_key` (an Ed25519 PEM private key file, read before any work and never copied into the
+    artifact), manifest.json is signed into manifest.sig (neuronserve.signing)."""
     if target not in PARITY_TOLERANCE:
         raise ConfigError(f"target must be cpu or neuron, got {target!r}")
     if pipeline_cores < 1:
@@ -210,6 +222,7 @@ def compile_artifact(
     if target == "cpu" and (pipeline_cores > 1 or fast_math):
         raise ConfigError("--pipeline-cores and --fast-math apply to --target neuron only")
     sizes = check_batch_sizes(batch_sizes)
+    private_key = load_signing_key(signing_key, out_dir) if signing_key is not None else None
     model = load_checkpoint(checkpoint, config) if checkpoint is not None else random_model(config, seed)
     version = model_version or content_version(model)
     out_dir = Path(out_dir).resolve()
@@ -217,6 +230,8 @@ def compile_artifact(
     old = work.with_name(work.name + "-old")
     try:
         _compile_into(work, model, sizes, target, pipeline_cores, fast_math, model_name, version, progress)
+        if private_key is not None:
+            write_signature(work, (work / MANIFEST_NAME).read_bytes(), private_key)
         if out_dir.exists():
             os.replace(out_dir, old)  # aside, not deleted, until the new artifact is in place
         os.replace(work, out_dir)

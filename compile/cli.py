@@ -1,4 +1,9 @@
-"""`neuronserve compile` and `neuronserve inspect`: the platform team's release-pipeline commands."""
+"""`neuronserve compile`, `inspect`, `keygen` and `sign`: the platform team's release-pipeline commands.
+
+Signing (neuronserve.signing): `keygen` makes an Ed25519 key pair, `compile --signing-key` or `sign`
+writes manifest.sig, `inspect --trusted-key` (like `serve --trusted-key`) refuses an artifact that is
+not signed by a trusted key.
+"""
 
 from __future__ import annotations
 
@@ -29,13 +34,40 @@ def register(subparsers) -> None:
     compile_parser.add_argument("--model-version", help="version string (default: a content hash of config and weights)")
     compile_parser.add_argument("--force", action="store_true", help="replace an existing --out directory")
     compile_parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    compile_parser.add_argument(
+        "--signing-key", type=Path, metavar="KEY.pem", help="sign the artifact (manifest.sig) with this Ed25519 PEM private key (never copied into the artifact; see keygen)"
+    )
     compile_parser.set_defaults(func=_compile)
 
     inspect_parser = subparsers.add_parser(
         "inspect", help="verify an artifact and print its summary", description="Verify every file's sha256 and the schema, then print the summary; non-zero exit naming the offending file when verification fails."
     )
     inspect_parser.add_argument("artifact", type=Path)
+    inspect_parser.add_argument(
+        "--trusted-key", type=Path, metavar="FILE", help="also require manifest.sig to be a valid signature by a key in this PEM file of Ed25519 public keys (as serve --trusted-key)"
+    )
     inspect_parser.set_defaults(func=_inspect)
+
+    keygen_parser = subparsers.add_parser(
+        "keygen",
+        help="make an Ed25519 key pair for signing artifacts",
+        description="Write a new Ed25519 key pair into --out: signing-key.pem (PKCS#8 PEM private key, mode 0600: keep it in the "
+        "release pipeline, never in an artifact or on a server) and signing-key.pub.pem (PEM public key: give it to serve --trusted-key).",
+    )
+    keygen_parser.add_argument("--out", required=True, type=Path, help="directory for the key pair (made, mode 0700, if missing)")
+    keygen_parser.add_argument("--force", action="store_true", help="replace an existing key pair")
+    keygen_parser.set_defaults(func=_keygen)
+
+    sign_parser = subparsers.add_parser(
+        "sign",
+        help="sign a compiled artifact (manifest.sig)",
+        description="Verify an artifact's checksums, then sign its manifest.json (which lists every file's sha256) with an "
+        "Ed25519 private key into manifest.sig, replacing any earlier signature. The same as compile --signing-key, for "
+        "pipelines that compile and sign on different hosts.",
+    )
+    sign_parser.add_argument("artifact", type=Path)
+    sign_parser.add_argument("--signing-key", required=True, type=Path, metavar="KEY.pem", help="Ed25519 PEM private key (see keygen)")
+    sign_parser.set_defaults(func=_sign)
 
 
 def _batch_sizes(text: str):
@@ -70,6 +102,7 @@ def _compile(args: argparse.Namespace) -> int:
         model_version=args.model_version,
         force=args.force,
         progress=not args.quiet,
+        signing_key=args.signing_key,
     )
     print("\n".join(summary_lines(manifest)))
     return 0
@@ -78,5 +111,30 @@ def _compile(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from neuronserve.artifact import load_manifest, summary_lines
 
-    print("\n".join(summary_lines(load_manifest(args.artifact, verify=True))))
+    print("\n".join(summary_lines(load_manifest(args.artifact, verify=True, trusted_key=args.trusted_key))))
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from neuronserve.signing import generate_key_pair
+
+    private, public, fingerprint = generate_key_pair(args.out, force=args.force)
+    print(f"private key  {private} (mode 0600; keep it secret, never in an artifact)")
+    print(f"public key   {public} (for serve/inspect --trusted-key)")
+    print(f"fingerprint  {fingerprint}")
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    from neuronserve.artifact import MANIFEST_NAME, load_manifest, read_artifact_file
+    from neuronserve.errors import ArtifactError
+    from neuronserve.signing import SIGNATURE_NAME, load_signing_key, write_signature
+
+    key = load_signing_key(args.signing_key, args.artifact)
+    before = read_artifact_file(args.artifact, MANIFEST_NAME)
+    load_manifest(args.artifact, verify=True)  # sign only an intact artifact
+    if read_artifact_file(args.artifact, MANIFEST_NAME) != before:
+        raise ArtifactError(f"{args.artifact / MANIFEST_NAME} changed while it was being verified; sign again")
+    fingerprint = write_signature(args.artifact, before, key)
+    print(f"signed {args.artifact / SIGNATURE_NAME} with key {fingerprint}")
     return 0

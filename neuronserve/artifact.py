@@ -5,6 +5,12 @@ the manifest's own content hash (`manifest_sha256`: label bias, names and config
 and the sha256 of every file, and refuses a tampered, truncated or incompatible artifact with an
 ArtifactError naming the file. Nothing here imports torch.
 
+That is integrity, not authenticity: whoever can write the artifact can also recompute the hashes.
+With a trusted key (signing.py), load_manifest also requires manifest.sig, an Ed25519 signature over
+manifest.json's bytes, by that key. Every file is read through one descriptor, inside the artifact
+directory and a regular file only (read_artifact_file); bytes handed to a loader (Manifest.file_bytes)
+are the bytes whose sha256 was checked, never a second read of the path.
+
 Stages: STAGE_NAMES, the three graphs model pipelining places on core groups (user_tower, peer_tower,
 pair_scorer), plus FUSED_STAGE ("twotower"), the whole scorer as one graph for data parallelism:
 user_features [U, F_u] f32, peer_features [B, F_p] f32, user_index [B] int64 (values in [0, U)) ->
@@ -22,14 +28,21 @@ ignore the stage and the bucket field, so old artifacts load here and new ones l
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import math
 import os
+import stat
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from neuronserve.errors import ArtifactError
+from neuronserve.signing import SIGNATURE_NAME, SignatureCheck, check_signature, load_trusted_keys
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2  # 2: manifest_sha256
 MANIFEST_HASH_KEY = "manifest_sha256"
@@ -196,6 +209,8 @@ class Manifest:
     parity_tolerance: float = 1e-5
     schema_version: int = SCHEMA_VERSION
     directory: Path = field(default=Path("."), compare=False)
+    signature: Optional[SignatureCheck] = field(default=None, compare=False)  # what load_manifest found in manifest.sig
+    _verified: "_VerifiedFiles" = field(default_factory=lambda: _VerifiedFiles(), init=False, compare=False, repr=False)
 
     @property
     def label_names(self) -> Tuple[str, ...]:
@@ -214,6 +229,24 @@ class Manifest:
 
     def path(self, file_name: str) -> Path:
         return self.directory / file_name
+
+    def file_bytes(self, file_name: str) -> bytes:
+        """The bytes of an artifact file, checked against its sha256 in this manifest: those kept when
+        load_manifest(keep_files=True) verified them, else read once now (read_artifact_file) and
+        checked. Loaders load from these bytes, never from the path: a file swapped on disk after
+        the check changes nothing. Kept until release_files()."""
+        return self._verified.get(self, file_name)
+
+    def file_stream(self, file_name: str) -> io.BytesIO:
+        """file_bytes as a file object (for torch.jit.load), `name` set to the file's path."""
+        stream = io.BytesIO(self.file_bytes(file_name))
+        stream.name = str(self.path(file_name))
+        return stream
+
+    def release_files(self) -> None:
+        """Drop the verified bytes kept for loading (the pipeline calls it once every stage is loaded);
+        a later file_bytes reads and checks the file again."""
+        self._verified.clear()
 
     def max_parity_error(self) -> float:
         """The largest parity error over every stage and bucket; NaN if any bucket was not checked
@@ -266,6 +299,9 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ArtifactError(f"{where}: malformed manifest ({type(exc).__name__}: {exc}); recompile the artifact") from None
+        for name in manifest.files:
+            if not _plain_file_name(name):
+                raise ArtifactError(f"{where}: file name {name!r} is not a plain file name in the artifact directory (no '/', '..' or absolute paths); recompile the artifact")
         if manifest.target not in TARGETS:
             raise ArtifactError(f"{where}: unknown target {manifest.target!r}; expected one of {', '.join(TARGETS)}")
         if len(manifest.label_bias) != manifest.model_config.num_labels:
@@ -328,43 +364,147 @@ def write_manifest(manifest: Manifest) -> Path:
     return path
 
 
-def load_manifest(directory, verify: bool = True) -> Manifest:
-    """Read DIR/manifest.json; with verify, check every file's sha256. Errors name the file."""
+def _plain_file_name(name: str) -> bool:
+    """True for a name that stays in the artifact directory: one path component, not '.' or '..'."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+def read_artifact_file(directory, name: str) -> bytes:
+    """The whole content of DIR/`name`, read through one file descriptor. Refused with an ArtifactError
+    naming the path when it leads outside the artifact directory (`..`, a symlink out: a symlink to
+    another file inside is followed), is missing, is not a regular file (a directory, a device such as
+    /dev/zero, a FIFO: opened non-blocking, so a FIFO never hangs the read) or cannot be read
+    (permissions: one line, never a traceback)."""
+    directory = Path(directory)
+    path = directory / name
+    if not _plain_file_name(name):
+        raise ArtifactError(f"artifact file {path} leads outside the artifact directory {directory}; recompile the artifact")
+    root = os.path.realpath(directory)
+    real = os.path.realpath(path)
+    if os.path.commonpath([root, real]) != root:
+        raise ArtifactError(
+            f"artifact file {path} is a symlink to {real}, outside the artifact directory: every file must be inside it; "
+            "copy the artifact whole (no symlinks out) or recompile it"
+        )
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ArtifactError(f"artifact file {path} is missing; recompile or restore the artifact") from None
+    except OSError as exc:
+        raise ArtifactError(f"artifact file {path} cannot be read ({exc.strerror}); give the serving user read access to the artifact") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((text for test, text in _FILE_KINDS if test(mode)), "not a regular file")
+            raise ArtifactError(f"artifact file {path} is {kind}, not a regular file; recompile or restore the artifact")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ArtifactError(f"artifact file {path} cannot be read ({exc.strerror}); give the serving user read access to the artifact") from None
+    finally:
+        os.close(fd)
+
+
+def _checked(manifest: Manifest, name: str, data: bytes) -> bytes:
+    """`data` if its sha256 is the one manifest.files lists for `name`; else an ArtifactError."""
+    expected = manifest.files.get(name)
+    if expected is None:
+        raise ArtifactError(f"artifact file {manifest.path(name)} is not listed in {manifest.directory / MANIFEST_NAME}")
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise ArtifactError(
+            f"artifact file {manifest.path(name)} fails its checksum (sha256 {actual[:12]}..., manifest says {expected[:12]}...): "
+            "it was changed or truncated; recompile or restore the artifact"
+        )
+    return data
+
+
+class _VerifiedFiles:
+    """A manifest's checked file bytes, kept for the loaders (Manifest.file_bytes); thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bytes: Dict[str, bytes] = {}
+
+    def keep(self, name: str, data: bytes) -> None:
+        with self._lock:
+            self._bytes[name] = data
+
+    def get(self, manifest: Manifest, name: str) -> bytes:
+        with self._lock:
+            if name not in self._bytes:
+                self._bytes[name] = _checked(manifest, name, read_artifact_file(manifest.directory, name))
+            return self._bytes[name]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._bytes.clear()
+
+
+def _exists(path: Path, follow: bool = False) -> bool:
+    """Whether `path` exists (unless `follow`, a dangling symlink does: reading it says why it fails);
+    an ArtifactError when that cannot be known (a directory on the way the serving user may not search)."""
+    try:
+        os.stat(path) if follow else os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        raise ArtifactError(f"{path} cannot be read ({exc.strerror}); give the serving user access to the artifact") from None
+    return True
+
+
+def load_manifest(directory, verify: bool = True, trusted_key=None, keep_files: bool = False) -> Manifest:
+    """Read DIR/manifest.json; errors name the file.
+
+    verify: check the manifest's own hash and every file's sha256. trusted_key: a PEM file of public
+    keys (signing.load_trusted_keys); then manifest.sig must be a valid signature of manifest.json's
+    bytes, as read here, by one of them (checked even without verify). keep_files (with verify): keep
+    the checked bytes for the loaders (Manifest.file_bytes) until release_files(), so each file is
+    read once. `signature` on the result says what manifest.sig held.
+    """
     directory = Path(directory)
     path = directory / MANIFEST_NAME
-    if directory.is_file():
-        raise ArtifactError(f"{directory} is a file; an artifact is the directory `neuronserve compile --out DIR` wrote")
-    if not directory.is_dir():
+    if not _exists(directory, follow=True):
         raise ArtifactError(f"artifact directory {directory} does not exist; compile one with `neuronserve compile --out {directory}`")
-    if not path.is_file():
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory} is a file; an artifact is the directory `neuronserve compile --out DIR` wrote")
+    if not _exists(path):
         raise ArtifactError(f"{path} is missing: {directory} is not a neuronserve artifact (compile one with `neuronserve compile`)")
+    sig_present = _exists(directory / SIGNATURE_NAME)
+    trusted = load_trusted_keys(trusted_key) if trusted_key is not None else None
+    raw = read_artifact_file(directory, MANIFEST_NAME)
+    sig_bytes = read_artifact_file(directory, SIGNATURE_NAME) if sig_present else None
+    signature = check_signature(raw, sig_bytes, str(directory / SIGNATURE_NAME), trusted)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        data = json.loads(raw)
+    except ValueError as exc:
         raise ArtifactError(f"{path} is not valid JSON ({exc}); the artifact is damaged, recompile it") from None
     if not isinstance(data, dict):
         raise ArtifactError(f"{path} is not a JSON object; the artifact is damaged, recompile it")
     manifest = Manifest.from_dict(data, directory)
+    object.__setattr__(manifest, "signature", signature)
     if verify:
         if data.get(MANIFEST_HASH_KEY) != manifest_hash(data):
             raise ArtifactError(
                 f"{path} fails its content hash ({MANIFEST_HASH_KEY}): it was edited after compilation; recompile or restore the artifact"
             )
-        verify_files(manifest)
+        verify_files(manifest, keep=keep_files)
+    if signature.signed and not signature.valid:
+        log.warning("%s: %s; loaded anyway (no trusted key configured: integrity only)", directory / SIGNATURE_NAME, signature.describe())
     return manifest
 
 
-def verify_files(manifest: Manifest) -> None:
-    for name, expected in manifest.files.items():
-        path = manifest.path(name)
-        if not path.is_file():
-            raise ArtifactError(f"artifact file {path} is missing")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise ArtifactError(
-                f"artifact file {path} fails its checksum (sha256 {actual[:12]}..., manifest says {expected[:12]}...): "
-                "it was changed or truncated; recompile or restore the artifact"
-            )
+def verify_files(manifest: Manifest, keep: bool = False) -> None:
+    """Read every listed file once (read_artifact_file) and check its sha256; with keep, keep the bytes
+    for Manifest.file_bytes. The first failure is an ArtifactError naming the file."""
+    for name in manifest.files:
+        data = _checked(manifest, name, read_artifact_file(manifest.directory, name))
+        if keep:
+            manifest._verified.keep(name, data)
 
 
 def summary_lines(manifest: Manifest) -> List[str]:
@@ -397,6 +537,8 @@ def summary_lines(manifest: Manifest) -> List[str]:
         lines.append(f"stage      {FUSED_STAGE}: not in this artifact (compiled before the fused graph); served as three stages")
     lines.append(f"parity     max |err| {manifest.max_parity_error():.2e} (tolerance {manifest.parity_tolerance:.0e})")
     lines.append(f"files      {len(manifest.files) + 1} verified by sha256")
+    if manifest.signature is not None:
+        lines.append(f"signature  {manifest.signature.describe()}")
     return lines
 
 

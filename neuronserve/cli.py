@@ -1,4 +1,4 @@
-"""The `neuronserve` console command: compile | inspect | serve | bench.
+"""The `neuronserve` console command: compile | inspect | keygen | sign | serve | bench | health.
 
 Each subcommand lives with its code (compile/, serve.py, bench/) and registers itself here through
 `register(subparsers)`, which sets `func(args) -> int`. Heavy imports (torch, grpc) happen inside
@@ -18,7 +18,7 @@ from neuronserve.errors import NeuronServeError
 def build_parser() -> argparse.ArgumentParser:
     from neuronserve.bench import cli as bench_cli
     from neuronserve.compile import cli as compile_cli
-    from neuronserve import __version__, serve
+    from neuronserve import __version__, probe, serve
 
     parser = argparse.ArgumentParser(
         prog="neuronserve",
@@ -27,9 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"neuronserve {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    compile_cli.register(sub)  # compile, inspect
+    compile_cli.register(sub)  # compile, inspect, keygen, sign
     serve.register(sub)  # serve
     bench_cli.register(sub)  # bench
+    probe.register(sub)  # health
+    from neuronserve import experiments
+
+    experiments.register(sub)  # experiment assign | schedule
     return parser
 
 

@@ -219,8 +219,14 @@ class ServerConfig:
     tls_cert: Optional[str] = None  # PEM certificate (chain): gRPC over TLS (tls.py checks the files at start-up)
     tls_key: Optional[str] = None  # its PEM private key
     tls_client_ca: Optional[str] = None  # mTLS: client certificates required, verified against these CAs
+    trusted_key: Optional[str] = None  # PEM public key(s): the artifact must be signed by one (artifact.load_manifest checks)
     reflection: bool = True  # gRPC server reflection
     cache_max_rows: int = 1_000_000
+    embedding_store: str = "embedded"  # or redis://HOST:PORT/DB: the fleet's shared store (fleet.py), checked by settings
+    model_repository: Optional[str] = None  # DIR/<model>/<version>/ (repository.py); None: --artifact as one version
+    model_control: str = "none"  # none | explicit (RepositoryModelLoad/Unload) | poll (rescan every repository_poll_s)
+    version_policy: str = "latest:1"  # latest[:N] | all | specific:V1,V2 (repository.VersionPolicy.parse)
+    repository_poll_s: float = 5.0  # --model-control poll: seconds between rescans
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     sim: SimConfig = field(default_factory=SimConfig)
 
@@ -255,9 +261,22 @@ class ServerConfig:
             raise ConfigError(f"drain_delay_s must be >= 0, got {self.drain_delay_s}")
         if self.max_connection_age_s is not None and not 0.001 <= self.max_connection_age_s <= MAX_GRPC_DURATION_S:
             raise ConfigError(f"max_connection_age_s must be >= 0.001 and <= {MAX_GRPC_DURATION_S} (gRPC's limit), or off; got {self.max_connection_age_s}")
-        for name in ("tls_cert", "tls_key", "tls_client_ca"):  # together and readable: checked by tls.load_tls at start-up
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "trusted_key"):  # readable: checked at start-up (tls.load_tls, load_manifest)
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ConfigError(f"{name} must be a file path, got {value!r}")
+        if self.model_control not in ("none", "explicit", "poll"):
+            raise ConfigError(f"model_control must be none, explicit or poll, got {self.model_control!r}")
+        if self.model_control != "none" and self.model_repository is None:
+            raise ConfigError("model_control explicit or poll needs a model repository: pass --model-repository DIR")
+        if self.model_repository is not None and self.artifact is not None:
+            raise ConfigError("artifact and model_repository do not combine: serve one artifact or a repository of versions")
+        if self.model_repository is not None and ((self.workers or 1) > 1 or self.embedding_store != "embedded"):
+            raise ConfigError("model_repository serves one process with its own caches for now: use workers 1 and embedding_store embedded")
+        from neuronserve.repository import VersionPolicy
+
+        VersionPolicy.parse(self.version_policy)
+        if not self.repository_poll_s > 0:
+            raise ConfigError(f"repository_poll_s must be > 0, got {self.repository_poll_s}")
         if not isinstance(self.reflection, bool):
             raise ConfigError(f"reflection must be on or off, got {self.reflection!r}")

@@ -220,14 +220,22 @@ class EmbeddingCache:
             raise InvalidInput(f"ids must be distinct; {kind} id {int(dup[0])} appears more than once")
         return ids
 
-    def upsert(self, kind: str, ids: np.ndarray, vectors: np.ndarray, model_version: str) -> int:
-        """Store tower outputs for distinct `ids`; existing ids are overwritten. Returns the rows of `kind` now cached."""
+    def upsert(self, kind: str, ids: np.ndarray, vectors: np.ndarray, model_version: str, seqs: Optional[np.ndarray] = None) -> int:
+        """Store tower outputs for distinct `ids`; existing ids are overwritten. Returns the rows of `kind` now cached.
+
+        `seqs` (the fleet's store, fleet.py): each row's sequence number in the shared store, kept as its
+        upsert sequence. A row whose id is already cached with an equal or higher number is skipped (a
+        replayed or older change), so applying changes twice or out of order leaves each id's newest row."""
         ids = self.check_upsert(kind, ids)
         vectors = np.asarray(vectors)
         if vectors.shape != (len(ids), self._k, self._d) or vectors.dtype != np.float32:
             raise InvalidInput(f"vectors must be float32 [{len(ids)}, {self._k}, {self._d}] (one row per id), "
                                f"got {vectors.dtype} {list(vectors.shape)}")
-        k, m = KINDS.index(kind), len(ids)
+        if seqs is not None:
+            seqs = np.asarray(seqs, dtype=np.int64)
+            if seqs.shape != ids.shape:
+                raise InvalidInput(f"seqs must hold one sequence number per id ({len(ids)}), got shape {list(seqs.shape)}")
+        k = KINDS.index(kind)
         with self._writing() as (mem, state):
             current = mem.version(state)
             if model_version != current:
@@ -235,6 +243,14 @@ class EmbeddingCache:
                                    f"{current!r} (the cache's model version)")
             old = mem.index(state, k)  # [(ids, slots, seqs), n] of the active buffer
             old_ids, old_seqs = old[0], old[2]
+            if seqs is not None and len(old_ids):  # skip rows not newer than the cached ones
+                pos = np.minimum(np.searchsorted(old_ids, ids), len(old_ids) - 1)
+                newer = (old_ids[pos] != ids) | (old_seqs[pos] < seqs)
+                if not newer.all():
+                    ids, vectors, seqs = ids[newer], vectors[newer], seqs[newer]
+                    if not len(ids):
+                        return len(old_ids)
+            m = len(ids)
             keep = np.ones(len(old_ids), bool)  # rows of the active index that stay
             if len(old_ids):
                 pos = np.minimum(np.searchsorted(old_ids, ids), len(old_ids) - 1)
@@ -251,10 +267,12 @@ class EmbeddingCache:
             new_slots = np.flatnonzero(~used[: len(old_ids) + m])[:m]
             mem.vectors[k][new_slots] = vectors
             next_seq = int(mem.header[_NEXT_SEQ])
-            mem.header[_NEXT_SEQ] = next_seq + m
+            if seqs is None:
+                seqs = next_seq + np.arange(m)  # a row's seq: its place in `ids`
+            mem.header[_NEXT_SEQ] = max(next_seq + m, int(seqs.max()) + 1)  # sequences stay distinct
             # The merged index goes to the inactive buffer: survivors (already sorted) + new rows.
             order = np.argsort(ids, kind="stable")
-            new = np.stack([ids[order], new_slots[order], next_seq + order])  # a row's seq: its place in `ids`
+            new = np.stack([ids[order], new_slots[order], seqs[order]])
             survivors = [row[keep] for row in old]  # 1-D masks: numpy is much slower on axis 1 of a 2-D array
             rows = len(survivors[0]) + m
             at = np.searchsorted(survivors[0], new[0]) + np.arange(m)  # the new rows' places in the merge

@@ -47,6 +47,12 @@ class Unavailable(NeuronServeError):
     status = "UNAVAILABLE"
 
 
+class StoreUnavailable(Unavailable):
+    """The shared embedding store (--embedding-store redis://...) cannot be reached or cannot take a
+    write: an upsert is refused rather than acknowledged and lost (nothing is applied locally; a retry
+    is safe, upserts are idempotent). Scoring goes on from the local copy."""
+
+
 class CoreFault(Unavailable):
     """A NeuronCore (real or simulated) failed or hung while running a batch."""
 
@@ -64,5 +70,11 @@ class ArtifactError(NeuronServeError):
 
 class BackendUnavailable(NeuronServeError):
     """A backend cannot run here (e.g. torch-neuron or a NeuronCore is missing)."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class ModelControlError(NeuronServeError):
+    """A repository load or unload the server's --model-control does not allow (none or poll)."""
 
     status = "FAILED_PRECONDITION"

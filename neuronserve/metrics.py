@@ -1,9 +1,14 @@
-"""Prometheus text metrics on GET /metrics, served by a tiny asyncio HTTP server (no dependency).
+"""Prometheus metrics: the counters the serving path updates, and their exposition through prometheus-client.
 
 Beside the request path, not on it: the service records each request's outcome (`request`) and the
-runtime each executed batch (`execution`), cheap counter updates on the event loop thread; everything
-else (batcher queues, core groups, the embedding cache, the process) is read from its owner's
-`stats()` by a collector when Prometheus scrapes. Every metric name is in FAMILIES below.
+runtime each executed batch (`execution`): plain-Python increments on the event loop thread (a few
+hundred nanoseconds, no lock); everything else (batcher queues, core groups, the embedding cache, the
+process) is read from its owner's `stats()` when Prometheus scrapes. At a scrape a custom prometheus-client
+Collector (`MetricsCollector`, in a private CollectorRegistry per Metrics) turns them into metric families
+and prometheus-client's `generate_latest` writes the text format. The scrape runs on the /metrics thread
+(metrics_http.py), not the serving loop: so the structures it reads are either ints and floats (a read is
+atomic under the GIL) or copied on write (a new model, a new failure reason, a new collector replaces its
+dict or tuple, never resizes one a reader may be iterating). Every metric name is in FAMILIES below.
 
 Triton's names and semantics where they exist (cumulative counters, per model and version; `model` is
 twotower (Score, OIP twotower), user_tower / peer_tower (UpsertEmbeddings, OIP towers) or
@@ -19,7 +24,12 @@ the content hash unless compile named one):
       each was in spent preparing inputs / running / extracting outputs (every request of a batch is
       charged its batch's times, as Triton charges the requests of a dynamic batch)
   nv_inference_pending_request_count     requests queued now (gauge)
-neuronserve_* for the rest (`_total` = counter), process_* as the Prometheus client libraries name them.
+Triton's counters have no `_total` (prometheus-cpp's text); prometheus-client appends `_total` to every
+counter's HELP/TYPE lines, so render_samples puts Triton's names back on those two lines.
+neuronserve_* for the rest (`_total` = counter), among them neuronserve_request_duration_seconds: a
+histogram per model of successful requests' time in the server (LATENCY_BUCKETS_S, 0.5 ms .. 1 s around
+a 100 ms budget), so P99 is histogram_quantile(0.99, ...) server-side. process_* are prometheus-client's
+ProcessCollector's (Linux /proc) plus process_threads.
 
 ModelStatistics (Triton's statistics extension, `statistics()`) differs from the Prometheus counters in
 one way, as Triton's does for a model with max_batch_size 0: inference_count counts requests, not rows.
@@ -27,18 +37,35 @@ one way, as Triton's does for a model with max_batch_size 0: inference_count cou
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import logging
+import threading
 import time
+from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
-import numpy as np
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+try:  # prometheus-client >= 0.14; before it a collector is any object with collect()
+    from prometheus_client.registry import Collector as _CollectorBase
+except ImportError:  # pragma: no cover
+    _CollectorBase = object  # type: ignore[assignment,misc]
 
 log = logging.getLogger(__name__)
 
 Labels = Tuple[Tuple[str, str], ...]
+
+# Upper bounds of neuronserve_request_duration_seconds, seconds: fine below 10 ms (the unloaded P50 is a
+# few ms), exact at the 100 ms budget (le="0.1": the fraction within budget), up to 1 s.
+LATENCY_BUCKETS_S: Tuple[float, ...] = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0,
+)
+
+# The render pauses this long between families (about 45): the GIL is held ~25 us at a time, not the
+# whole 1-2 ms render, so the serving loop waits less for it (a render takes ~5 ms more, on the /metrics
+# thread). time.sleep(0) releases the GIL but the renderer usually takes it straight back.
+GIL_PAUSE_S = 0.0001
 
 # Every metric family: name -> (type, help).
 FAMILIES: Dict[str, Tuple[str, str]] = {
@@ -52,6 +79,7 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
     "nv_inference_compute_infer_duration_us": ("counter", "Cumulative compute duration over requests, microseconds"),
     "nv_inference_compute_output_duration_us": ("counter", "Cumulative compute output duration over requests, microseconds"),
     "nv_inference_pending_request_count": ("gauge", "Requests queued, not yet in a batch"),
+    "neuronserve_request_duration_seconds": ("histogram", "Successful requests' time in the server, seconds"),
     "neuronserve_batch_rows": ("histogram", "Rows per executed batch"),
     "neuronserve_queue_rows": ("gauge", "Rows queued, not yet in a batch"),
     "neuronserve_in_flight_batches": ("gauge", "Batches running now"),
@@ -72,13 +100,33 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
     "neuronserve_cache_hits_total": ("counter", "Looked-up ids found in the cache"),
     "neuronserve_cache_misses_total": ("counter", "Looked-up ids not in the cache"),
     "neuronserve_cache_evictions_total": ("counter", "Rows evicted to stay within the bound"),
-    "process_cpu_seconds_total": ("counter", "User and system CPU time of the server process, seconds"),
-    "process_resident_memory_bytes": ("gauge", "Resident memory of the server process"),
+    "neuronserve_embedding_store_up": ("gauge", "--embedding-store: 1 while this host's copy follows the shared store, 0 while the store is unreachable (the copy is stale)"),
+    "neuronserve_embedding_store_stale_seconds": ("gauge", "--embedding-store: seconds since the local copy was last known current (0 while following)"),
+    "neuronserve_embedding_store_last_contact_timestamp_seconds": ("gauge", "--embedding-store: unix time the store last answered (stale since then while it is down)"),
+    "neuronserve_embedding_store_loading": ("gauge", "--embedding-store: 1 while the rows are being loaded (warm start or reload)"),
+    "neuronserve_embedding_store_rows_loaded": ("gauge", "--embedding-store: rows applied by the current or last load"),
+    "neuronserve_embedding_store_load_seconds": ("gauge", "--embedding-store: duration of the last load (so far, while loading)"),
+    "neuronserve_embedding_store_changes_applied_total": ("counter", "--embedding-store: change-stream entries (upserts) applied to the local copy"),
+    "neuronserve_embedding_store_reloads_total": ("counter", "--embedding-store: full reloads after missed changes or a reset store"),
+    "neuronserve_metrics_renders_total": ("counter", "/metrics pages rendered (this one included); concurrent scrapes share one"),
+    "neuronserve_metrics_scrapes_total": ("counter", "/metrics scrapes by result: rendered (started a render), shared (joined one), rejected (503)"),
+    "process_cpu_seconds_total": ("counter", "Total user and system CPU time spent in seconds."),
+    "process_resident_memory_bytes": ("gauge", "Resident memory size in bytes."),
+    "process_virtual_memory_bytes": ("gauge", "Virtual memory size in bytes."),
+    "process_start_time_seconds": ("gauge", "Start time of the process since unix epoch in seconds."),
+    "process_open_fds": ("gauge", "Number of open file descriptors."),
+    "process_max_fds": ("gauge", "Maximum number of open file descriptors."),
     "process_threads": ("gauge", "Threads of the server process"),
+    "neuronserve_model_loads_total": ("counter", "Model repository: version loads by outcome (loaded, failed) and versions unloaded"),
+    "neuronserve_model_version_served": ("gauge", "Model repository: 1 for each integer version served, by version and whether it is the default (current)"),
     "neuronserve_worker_up": ("gauge", "workers: 1 while the worker serves (ready and alive)"),
     "neuronserve_worker_restarts_total": ("counter", "workers: times the worker was restarted"),
     "neuronserve_worker_requests_total": ("counter", "workers: requests the worker answered (any status), since it last started"),
 }
+
+# Triton's counters, named without `_total` (see render_samples).
+_BARE_COUNTERS = tuple(name for name, (kind, _) in FAMILIES.items() if kind == "counter" and not name.endswith("_total"))
+_FAMILY_CLASSES = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
 
 
 @dataclass(frozen=True)
@@ -120,9 +168,10 @@ class ModelStats:
 
 
 class _ModelCounters:
-    """Cumulative counters of one model (version fixed per server)."""
+    """Cumulative counters of one model (version fixed per server). Written on the event loop thread
+    only; read by the /metrics thread: `failure` is replaced, not grown, when a new reason appears."""
 
-    def __init__(self, batch_buckets: np.ndarray) -> None:
+    def __init__(self, batch_buckets: int) -> None:
         self.success = 0
         self.failure: Dict[str, int] = {}
         self.request_s = 0.0
@@ -133,36 +182,53 @@ class _ModelCounters:
         self.input_s = 0.0  # compute_input, compute_infer, compute_output: summed over requests
         self.compute_s = 0.0
         self.output_s = 0.0
-        self.batch_counts = np.zeros(len(batch_buckets) + 1, dtype=np.int64)  # last: +Inf
+        self.batch_counts = [0] * (batch_buckets + 1)  # per bucket, not cumulative; last: +Inf
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS_S) + 1)  # successful requests, likewise
 
 
 class Metrics:
-    """The counters the service and runtime update, plus collectors read at scrape time.
+    """The counters the service and runtime update (on the event loop thread), plus collectors read at
+    scrape time, exposed through a private prometheus-client CollectorRegistry (`registry`).
 
-    `batch_buckets`: upper bounds of the neuronserve_batch_rows histogram (the compiled buckets)."""
+    `batch_buckets`: upper bounds of the neuronserve_batch_rows histogram (the compiled buckets).
+    `render()` is for the /metrics thread (it pauses between families, see GIL_PAUSE_S): it reads the
+    counters without stopping their writers."""
 
     def __init__(self, *, version: str, batch_buckets: Sequence[int]) -> None:
         self.version = version
-        self._bounds = np.asarray(sorted(set(int(b) for b in batch_buckets)), dtype=np.int64)
-        self._models: Dict[str, _ModelCounters] = {}
-        self._collectors: List[Collector] = [process_samples]
-        self._batcher_stats: Dict[str, Callable] = {}
+        self._bounds: Tuple[int, ...] = tuple(sorted(set(int(b) for b in batch_buckets)))
+        self._models: Dict[str, _ModelCounters] = {}  # copied on write (a new model)
+        self._collectors: Tuple[Collector, ...] = (process_samples,)  # copied on write
+        self._batcher_stats: Dict[str, Callable] = {}  # copied on write
+        self._write = threading.Lock()  # the rare structural changes above
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(MetricsCollector(self))
 
     def _model(self, model: str) -> _ModelCounters:
         counters = self._models.get(model)
         if counters is None:
-            counters = self._models[model] = _ModelCounters(self._bounds)
+            with self._write:
+                counters = self._models.get(model)
+                if counters is None:
+                    counters = _ModelCounters(len(self._bounds))
+                    self._models = {**self._models, model: counters}
         return counters
 
     def request(self, model: str, status: str, duration_s: float) -> None:
-        """One request answered: status "OK" or the gRPC status name it failed with."""
-        counters = self._model(model)
+        """One request answered: status "OK" or the gRPC status name it failed with. A successful one
+        also goes into neuronserve_request_duration_seconds."""
+        counters = self._models.get(model) or self._model(model)
         counters.last_request_ms = int(time.time() * 1e3)
         if status == "OK":
             counters.success += 1
             counters.request_s += duration_s
+            counters.latency_counts[bisect_left(LATENCY_BUCKETS_S, duration_s)] += 1
         else:
-            counters.failure[status] = counters.failure.get(status, 0) + 1
+            failure = counters.failure
+            if status in failure:
+                failure[status] += 1
+            else:  # a new reason: a new dict, so a reader iterating the old one is undisturbed
+                counters.failure = {**failure, status: 1}
             counters.failure_s += duration_s
 
     def execution(
@@ -171,13 +237,13 @@ class Metrics:
         """One batch of `rows` rows for `requests` requests (each part of a split request counts) ran on
         the device in `compute_s` seconds, after `input_s` preparing its inputs (gather, pad, convert)
         and before `output_s` extracting its outputs (unpad, split); each request is charged all three."""
-        counters = self._model(model)
+        counters = self._models.get(model) or self._model(model)
         counters.executions += 1
         counters.rows += rows
         counters.compute_s += compute_s * requests
         counters.input_s += input_s * requests
         counters.output_s += output_s * requests
-        counters.batch_counts[int(np.searchsorted(self._bounds, rows))] += 1
+        counters.batch_counts[bisect_left(self._bounds, rows)] += 1
 
     def outcomes(self) -> Dict[str, int]:
         """Requests answered so far, by status ("OK" or a gRPC status name), over every model."""
@@ -189,16 +255,21 @@ class Metrics:
         return totals
 
     def add_collector(self, collector: Collector) -> None:
-        self._collectors.append(collector)
+        """`collector()` -> Samples, called at every scrape (on the /metrics thread: it must be safe to
+        call from another thread than its owner's). A collector that raises loses its samples for that
+        scrape only (logged)."""
+        with self._write:
+            self._collectors = self._collectors + (collector,)
 
     def add_batcher(self, model: str, stats: Callable) -> None:
         """`model`'s batcher: `stats()` returns its batcher.BatcherStats, read at scrape and by statistics()."""
-        self._batcher_stats[model] = stats
+        with self._write:
+            self._batcher_stats = {**self._batcher_stats, model: stats}
         self.add_collector(lambda: batcher_samples(model, self.version, stats()))
 
     def statistics(self, model: str) -> ModelStats:
         """`model`'s cumulative counters, as Triton's ModelStatistics reports them (zeros if unseen)."""
-        c = self._models.get(model) or _ModelCounters(self._bounds)
+        c = self._models.get(model) or _ModelCounters(len(self._bounds))
         batcher = self._batcher_stats[model]() if model in self._batcher_stats else None
         return ModelStats(
             model=model,
@@ -217,7 +288,10 @@ class Metrics:
         )
 
     def samples(self) -> List[Sample]:
+        """Every sample now: the counters, then each collector's (a failing collector is logged and skipped)."""
         out: List[Sample] = []
+        batch_le = [str(b) for b in self._bounds] + ["+Inf"]
+        latency_le = [_go_float(b) for b in LATENCY_BUCKETS_S] + ["+Inf"]
         for model, c in sorted(self._models.items()):
             mv: Labels = (("model", model), ("version", self.version))
             out.append(Sample("nv_inference_request_success", mv, c.success))
@@ -230,45 +304,105 @@ class Metrics:
                 Sample("nv_inference_compute_infer_duration_us", mv, c.compute_s * 1e6),
                 Sample("nv_inference_compute_output_duration_us", mv, c.output_s * 1e6),
             ]
-            bounds = [str(b) for b in self._bounds] + ["+Inf"]
-            out += [Sample("neuronserve_batch_rows", mv + (("le", b),), n, "_bucket") for b, n in zip(bounds, np.cumsum(c.batch_counts))]
-            out.append(Sample("neuronserve_batch_rows", mv, c.rows, "_sum"))
-            out.append(Sample("neuronserve_batch_rows", mv, c.executions, "_count"))
+            out += _histogram("neuronserve_request_duration_seconds", mv, latency_le, list(c.latency_counts), c.request_s)
+            out += _histogram("neuronserve_batch_rows", mv, batch_le, list(c.batch_counts), c.rows)
         for collector in self._collectors:
             try:
-                out.extend(collector())
+                out.extend(_collect(collector))
             except Exception:  # a broken collector must not take /metrics down
                 log.exception("metrics collector %r failed", collector)
         return out
 
     def render(self) -> str:
-        """The Prometheus text exposition format (version 0.0.4)."""
-        return render_samples(self.samples())
+        """The Prometheus text exposition format (version 0.0.4), written by prometheus-client."""
+        return _exposition(generate_latest(self.registry))
+
+
+class MetricsCollector(_CollectorBase):
+    """prometheus-client's view of a Metrics: its samples as Counter/Gauge/HistogramMetricFamily."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        for family in to_families(self.metrics.samples()):
+            yield family  # generate_latest writes it before asking for the next one ...
+            time.sleep(GIL_PAUSE_S)  # ... and between families a serving loop waiting for the GIL takes it
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # names vary with the models seen: not checked for clashes at register()
+
+
+def _histogram(name: str, labels: Labels, le: List[str], counts: List[int], total: float) -> List[Sample]:
+    """A histogram's lines from per-bucket (not cumulative) counts: _count is their sum, so the page is
+    self-consistent (+Inf bucket == _count) even while a writer increments them."""
+    out: List[Sample] = []
+    running = 0
+    for bound, count in zip(le, counts):
+        running += count
+        out.append(Sample(name, labels + (("le", bound),), running, "_bucket"))
+    out.append(Sample(name, labels, total, "_sum"))
+    out.append(Sample(name, labels, running, "_count"))
+    return out
+
+
+def _collect(collector: Collector) -> List[Sample]:
+    """collector() on the /metrics thread. An owner's stats() iterating a dict its thread resized meanwhile
+    raises RuntimeError ("dictionary changed size"): read again (twice), the next read sees a settled dict."""
+    for attempt in range(3):
+        try:
+            return list(collector())
+        except RuntimeError:
+            if attempt == 2:
+                raise
+    return []  # pragma: no cover
+
+
+def _go_float(value: float) -> str:
+    """A bucket bound as prometheus-client's own histograms write it (Go's formatting)."""
+    from prometheus_client.utils import floatToGoString
+
+    return floatToGoString(value)
+
+
+def to_families(samples: Iterable[Sample]) -> List[Metric]:
+    """Samples grouped into prometheus-client metric families (in order of first appearance), each of its
+    FAMILIES type; sample names are the family name plus the suffix (a counter's `_total` is in its name)."""
+    families: Dict[str, Metric] = {}
+    for s in samples:
+        family = families.get(s.name)
+        if family is None:
+            kind, help_text = FAMILIES[s.name]
+            family = families[s.name] = _FAMILY_CLASSES[kind](s.name, help_text)
+        family.add_sample(s.name + s.suffix, dict(s.labels), float(s.value))
+    return list(families.values())
+
+
+class _Families:
+    """A one-shot collector (generate_latest takes anything with collect())."""
+
+    def __init__(self, families: List[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
 
 
 def render_samples(samples: Iterable[Sample]) -> str:
-    """Samples in the Prometheus text exposition format (version 0.0.4), grouped by family."""
-    families: Dict[str, List[Sample]] = {}
-    for sample in samples:
-        families.setdefault(sample.name, []).append(sample)
-    lines: List[str] = []
-    for name, members in families.items():
-        kind, help_text = FAMILIES[name]
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        for s in members:
-            labels = ",".join(f'{k}="{_escape(v)}"' for k, v in s.labels)
-            lines.append(f"{name}{s.suffix}{{{labels}}} {_number(s.value)}" if labels else f"{name}{s.suffix} {_number(s.value)}")
-    return "\n".join(lines) + "\n"
+    """Samples in the Prometheus text exposition format (version 0.0.4), grouped by family, written by
+    prometheus-client's generate_latest."""
+    return _exposition(generate_latest(_Families(to_families(samples))))  # type: ignore[arg-type]
 
 
-def _escape(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _number(value: float) -> str:
-    value = float(value)
-    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+def _exposition(text: bytes) -> str:
+    """generate_latest's page with Triton's counter names on their HELP and TYPE lines: prometheus-client
+    writes `# TYPE nv_inference_count_total counter` above samples named nv_inference_count."""
+    page = text.decode("utf-8")
+    for name in _BARE_COUNTERS:
+        page = page.replace(f"# HELP {name}_total ", f"# HELP {name} ", 1).replace(
+            f"# TYPE {name}_total counter\n", f"# TYPE {name} counter\n", 1
+        )
+    return page
 
 
 def batcher_samples(model: str, version: str, stats) -> List[Sample]:
@@ -330,71 +464,26 @@ def cache_samples(stats) -> List[Sample]:
     ]
 
 
+_PROCESS = ProcessCollector(registry=None)  # process_cpu_seconds_total, _resident_memory_bytes, ... (Linux /proc)
+
+
 def process_samples() -> List[Sample]:
+    """This process's figures: prometheus-client's ProcessCollector (psutil where it has no /proc) and
+    process_threads (every OS thread, gRPC's too)."""
     import psutil
 
     process = psutil.Process()
-    cpu = process.cpu_times()
-    return [
-        Sample("process_cpu_seconds_total", (), cpu.user + cpu.system),
-        Sample("process_resident_memory_bytes", (), process.memory_info().rss),
-        Sample("process_threads", (), process.num_threads()),
+    out = [
+        Sample(s.name, tuple(s.labels.items()), s.value)
+        for family in _PROCESS.collect()
+        for s in family.samples
+        if s.name in FAMILIES
     ]
-
-
-class MetricsServer:
-    """GET /metrics -> metrics.render() (a str, or an awaitable of one); anything else 404. One request per connection."""
-
-    READ_TIMEOUT_S = 5.0
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-        self._server: Optional[asyncio.AbstractServer] = None
-
-    async def start(self, host: str, port: int) -> int:
-        """Listen on host:port (0: a free port); returns the bound port."""
-        self._server = await asyncio.start_server(self._handle, host, port)
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-
-    async def _read_request_line(self, reader: asyncio.StreamReader) -> bytes:
-        """The request line; the headers are read and ignored. Lines are bounded by the reader's limit."""
-        request_line = await reader.readline()
-        while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-            pass
-        return request_line
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            try:  # one deadline for the whole request: a client dripping header lines is cut off too
-                request_line = await asyncio.wait_for(self._read_request_line(reader), self.READ_TIMEOUT_S)
-            except (ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError):  # a line past the limit
-                request_line = b""
-            parts = request_line.decode("latin-1").split()
-            method, path = (parts[0], parts[1].split("?", 1)[0]) if len(parts) >= 2 else ("", "")
-            extra, ctype = "", "text/plain; charset=utf-8"
-            if path != "/metrics":
-                status, body = "404 Not Found", b"not found: GET /metrics\n"
-            elif method not in ("GET", "HEAD"):
-                status, body, extra = "405 Method Not Allowed", b"method not allowed: GET /metrics\n", "Allow: GET, HEAD\r\n"
-            else:
-                start = time.perf_counter()
-                text = self.metrics.render()
-                if inspect.isawaitable(text):  # the pool's metrics gather the workers' first
-                    text = await text
-                body = text.encode("utf-8")
-                log.debug("rendered metrics in %.1f ms", (time.perf_counter() - start) * 1e3)
-                status, ctype = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
-            body_out = b"" if method == "HEAD" else body
-            head = f"HTTP/1.1 {status}\r\n{extra}Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            writer.write(head.encode("latin-1") + body_out)
-            await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    if not out:  # no /proc: the two figures the benchmark reads
+        cpu = process.cpu_times()
+        out = [
+            Sample("process_cpu_seconds_total", (), cpu.user + cpu.system),
+            Sample("process_resident_memory_bytes", (), process.memory_info().rss),
+        ]
+    out.append(Sample("process_threads", (), process.num_threads()))
+    return out

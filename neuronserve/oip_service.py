@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from neuronserve import __version__
-from neuronserve.errors import InvalidInput, NotFound
+from neuronserve.errors import InvalidInput, ModelControlError, NotFound
 from neuronserve.pool_stats import PoolStatistics, worker_scope
 from neuronserve.protos import open_inference_pb2 as oip
 from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
@@ -58,6 +58,16 @@ class OipModel:
     def input_fields(self) -> Tuple[str, ...]:
         """How errors name the inputs, in order."""
         return tuple(f"input {t.name}" for t in self.inputs)
+
+    @functools.cached_property
+    def input_index(self) -> Dict[str, int]:
+        """Input name -> its position in `inputs`."""
+        return {t.name: i for i, t in enumerate(self.inputs)}
+
+    @functools.cached_property
+    def output_row_values(self) -> int:
+        """Values per row of the one output (the product of its shape past the variable first dimension)."""
+        return math.prod(self.outputs[0].shape[1:])
 
 
 def oip_models(info: ModelInfo) -> Dict[str, OipModel]:
@@ -109,9 +119,11 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
         metrics,
         state: ServingState,
         peer_addresses: Optional[Callable[[], List[str]]] = None,
+        versions=None,
     ) -> None:
-        """`peer_addresses`: a pool's other workers, whose counters ModelStatistics adds (pool_stats.py)."""
-        super().__init__(info, runtime, cache, metrics, state)
+        """`peer_addresses`: a pool's other workers, whose counters ModelStatistics adds (pool_stats.py);
+        `versions`: the server's VersionTable (default: one of this runtime and cache)."""
+        super().__init__(info, runtime, cache, metrics, state, versions)
         self.models = oip_models(info)
         self.pool = PoolStatistics(peer_addresses) if peer_addresses is not None else None
 
@@ -122,11 +134,12 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
         return oip.ServerReadyResponse(ready=self.state.ready)
 
     async def ModelReady(self, request: oip.ModelReadyRequest, context) -> oip.ModelReadyResponse:
-        known = request.name in self.models and request.version in ("", self.info.oip_version, self.info.version)
+        known = request.name in self.models and self.versions.loaded and (not request.version or self.versions.serves(request.version))
         return oip.ModelReadyResponse(ready=known and self.state.ready)
 
     async def ServerMetadata(self, request, context) -> oip.ServerMetadataResponse:
-        return oip.ServerMetadataResponse(name="neuronserve", version=__version__, extensions=list(TRITON_EXTENSIONS))
+        extensions = list(TRITON_EXTENSIONS) + (["model_repository"] if self.control is not None else [])
+        return oip.ServerMetadataResponse(name="neuronserve", version=__version__, extensions=extensions)
 
     async def ModelMetadata(self, request: oip.ModelMetadataRequest, context) -> oip.ModelMetadataResponse:
         return await self._answer(context, self._label(request.name), self._metadata, request, inference=False)
@@ -140,6 +153,40 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(self, request: oip.ModelStatisticsRequest, context) -> oip.ModelStatisticsResponse:
         return await self._answer(context, self._label(request.name), self._statistics, request, inference=False)
 
+    # Triton's model repository extension: model_control.ModelControl answers (`control`, set by the
+    # server; None: a server without a repository's control answers FAILED_PRECONDITION).
+    control = None
+
+    async def RepositoryIndex(self, request: oip.RepositoryIndexRequest, context) -> oip.RepositoryIndexResponse:
+        return await self._answer(context, UNKNOWN_MODEL, self._repository_index, request, inference=False)
+
+    async def RepositoryModelLoad(self, request: oip.RepositoryModelLoadRequest, context) -> oip.RepositoryModelLoadResponse:
+        return await self._answer(context, UNKNOWN_MODEL, self._repository_load, request, inference=False)
+
+    async def RepositoryModelUnload(self, request: oip.RepositoryModelUnloadRequest, context) -> oip.RepositoryModelUnloadResponse:
+        return await self._answer(context, UNKNOWN_MODEL, self._repository_unload, request, inference=False)
+
+    def _control(self):
+        if self.control is None:
+            raise ModelControlError("this server has no model repository control; serve with --model-repository DIR (and --model-control explicit to load and unload)")
+        return self.control
+
+    async def _repository_index(self, request, context) -> oip.RepositoryIndexResponse:
+        entry = oip.RepositoryIndexResponse.ModelIndex
+        rows = self._control().index(ready_only=request.ready)
+        return oip.RepositoryIndexResponse(models=[entry(name=r.model, version=str(r.version), state=r.state, reason=r.reason) for r in rows])
+
+    async def _repository_load(self, request, context) -> oip.RepositoryModelLoadResponse:
+        config = request.parameters["config"].string_param if "config" in request.parameters else ""
+        await self._control().load(request.model_name, config or None)
+        return oip.RepositoryModelLoadResponse()
+
+    async def _repository_unload(self, request, context) -> oip.RepositoryModelUnloadResponse:
+        version = request.parameters["version"] if "version" in request.parameters else None  # beyond Triton: one version
+        text = "" if version is None else (version.string_param or (str(version.int64_param) if version.int64_param else ""))
+        await self._control().unload(request.model_name, text)
+        return oip.RepositoryModelUnloadResponse()
+
     def _label(self, name: str) -> str:
         """A model name as the metrics and the log name it: a model served, else UNKNOWN_MODEL (a client's
         string never becomes a label or a log line)."""
@@ -149,20 +196,19 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
         model = self.models.get(name)
         if model is None:
             raise NotFound(f"unknown model {echo(name)}; this server serves {', '.join(self.models)}")
-        if version not in ("", self.info.oip_version, self.info.version):
-            raise NotFound(
-                f"model {name} has no version {echo(version)}; it serves version {self.info.oip_version!r} "
-                f"(artifact version {self.info.version!r}, also accepted), or send none"
-            )
+        if version and not self.versions.serves(version):
+            served = ", ".join(f"{s.info.oip_version!r} (artifact version {s.info.version!r}, also accepted)" for s in self.versions.all())
+            raise NotFound(f"model {name} has no version {echo(version)}; it serves version {served}, or send none")
         return model
 
     async def _metadata(self, request: oip.ModelMetadataRequest, context) -> oip.ModelMetadataResponse:
         model = self._model(request.name, request.version)
+        served = self.versions.resolve(request.version)
         meta = oip.ModelMetadataResponse.TensorMetadata
         return oip.ModelMetadataResponse(
             name=model.name,
-            versions=[self.info.oip_version],
-            platform=self.info.oip_platform,
+            versions=[s.info.oip_version for s in self.versions.all()],
+            platform=served.info.oip_platform,
             inputs=[meta(name=t.name, datatype=FP32, shape=t.shape) for t in model.inputs],
             outputs=[meta(name=t.name, datatype=FP32, shape=t.shape) for t in model.outputs],
         )
@@ -171,7 +217,7 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
         """Triton's model configuration: max_batch_size 0 because batching is inside the server, on rows
         (peers), so shapes are given whole, as in ModelMetadata."""
         model = self._model(request.name, request.version)
-        config = oip.ModelConfig(name=model.name, platform=self.info.oip_platform, backend="neuronserve", max_batch_size=0)
+        config = oip.ModelConfig(name=model.name, platform=self.versions.resolve(request.version).info.oip_platform, backend="neuronserve", max_batch_size=0)
         config.input.extend(oip.ModelInput(name=t.name, data_type=oip.TYPE_FP32, dims=t.shape) for t in model.inputs)
         config.output.extend(oip.ModelOutput(name=t.name, data_type=oip.TYPE_FP32, dims=t.shape) for t in model.outputs)
         return oip.ModelConfigResponse(config=config)
@@ -180,7 +226,7 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
         """Cumulative counters of one model, or of every OIP model when no name is given. `twotower`
         counts the scorer API's Score too: it is the same model."""
         names = [self._model(request.name, request.version).name] if request.name else list(self.models)
-        version = self.info.oip_version
+        version = self.versions.resolve(request.version).info.oip_version
         reply = oip.ModelStatisticsResponse(model_stats=[model_statistics(self.metrics.statistics(n), version) for n in names])
         if self.pool is not None and not worker_scope(context):
             await self.pool.add_peers(reply, request)
@@ -188,6 +234,7 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: oip.ModelInferRequest, context) -> oip.ModelInferResponse:
         model = self._model(request.model_name, request.model_version)
+        served = self.versions.resolve(request.model_version) if request.model_version else self.served
         arrays = self._inputs(model, request)
         output = model.outputs[0].name  # each model has one output; a request may name it, once
         if request.outputs:
@@ -198,33 +245,34 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
             if len(names) > 1:
                 raise InvalidInput(f"outputs: each output may be requested once, got {len(names)}: {', '.join(map(echo, names[:8]))}")
         rows = arrays[-1].shape[0]  # PEER_FEATURES or FEATURES: the variable dimension of the one output
-        per_row = math.prod(model.outputs[0].shape[1:])
+        per_row = model.output_row_values
         check_reply_size(rows * per_row, f"{rows} rows x {per_row} values of {model.outputs[0].name}", "send fewer rows per request", self.info.max_message_bytes)
         deadline_s = deadline_of(context)
         if model.name == TWOTOWER:
-            out = await self.runtime.score(arrays[0], arrays[1], deadline_s)
+            out = await served.runtime.score(arrays[0], arrays[1], deadline_s)
             scores_checked(out, arrays, model.input_fields)
         else:
-            out = finite_output(await self.runtime.embed(model.name, arrays[0], deadline_s), model.outputs[0].name)
+            out = finite_output(await served.runtime.embed(model.name, arrays[0], deadline_s), model.outputs[0].name)
         data = np.ascontiguousarray(out, dtype=F32_LE).tobytes()
         # raw contents, as Triton answers
-        response = oip.ModelInferResponse(model_name=model.name, model_version=self.info.oip_version, id=request.id)
+        response = oip.ModelInferResponse(model_name=model.name, model_version=served.info.oip_version, id=request.id)
         response.outputs.add(name=output, datatype=FP32, shape=out.shape)  # (nested kwargs: 2x slower)
         response.raw_output_contents.append(data)
         return response
 
     def _inputs(self, model: OipModel, request: oip.ModelInferRequest) -> List[np.ndarray]:
         """The request's inputs in the model's order, decoded from raw_input_contents or typed contents."""
-        raw = request.raw_input_contents
-        if raw and len(raw) != len(request.inputs):
-            raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; send one per input, in order")
-        order = {t.name: i for i, t in enumerate(model.inputs)}
+        raw, tensors = request.raw_input_contents, request.inputs
+        if raw and len(raw) != len(tensors):
+            raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(tensors)} inputs; send one per input, in order")
+        order = model.input_index
         arrays: List[Optional[np.ndarray]] = [None] * len(model.inputs)
-        for position, tensor in enumerate(request.inputs):
-            field = f"input {tensor.name}"
-            index = order.get(tensor.name)
+        for position, tensor in enumerate(tensors):
+            name = tensor.name
+            index = order.get(name)
             if index is None:
-                raise InvalidInput(f"model {model.name} has no input {echo(tensor.name)}; its inputs are {', '.join(order)}")
+                raise InvalidInput(f"model {model.name} has no input {echo(name)}; its inputs are {', '.join(order)}")
+            field = model.input_fields[index]
             if arrays[index] is not None:
                 raise InvalidInput(f"{field} is given twice")
             if tensor.datatype != FP32:

@@ -158,9 +158,11 @@ class Pipeline:
                 runner = self.backend.load(stage, group.cores)
                 runner.warmup()
                 group.runners[stage] = runner
+        self.backend.manifest.release_files()  # every stage is loaded: drop the verified file bytes kept for it
         for group in self._groups:
             group.capacity = max(r.max_in_flight for r in group.runners.values())
-            group.executor = ThreadPoolExecutor(max_workers=group.capacity, thread_name_prefix=f"cores-{group.cores}")
+            threads = max(r.threads or r.max_in_flight for r in group.runners.values())
+            group.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"cores-{group.cores}")
         for stage, groups in self._stage_groups.items():
             runner = groups[0].runners[stage]
             self._shapes[stage] = tuple(runner.input_shapes())

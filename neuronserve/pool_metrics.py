@@ -1,11 +1,14 @@
-"""One /metrics for a pool of workers, served by the supervisor (off every serving event loop's path
-except for the worker's own render): each live worker's private /metrics, fetched concurrently, parsed
-with prometheus-client's parser and merged.
+"""One /metrics for a pool of workers, served by the supervisor: each live worker's private /metrics
+(rendered on the worker's /metrics thread, not its serving loop), fetched concurrently, parsed with
+prometheus-client's parser, merged, and written by prometheus-client (metrics.render_samples). The
+supervisor serves it with the same MetricsServer as a lone server (metrics_http.py: its own thread and
+loop, where the fetches run too; renders coalesced, so a scrape flood on the supervisor fetches from the
+workers at most once per min_interval_s).
 
 Merge rule per family: PER_WORKER families (a worker's cores, queue, process) keep their samples with a
 `worker` label added; SHARED families (the embedding cache, one store for the pool) are reported once;
 every other family is summed over workers, label set by label set. Plus the supervisor's own process
-figures (worker="supervisor") and, per worker: neuronserve_worker_up, _restarts_total, _requests_total. A worker that is being restarted is
+figures and /metrics counters (worker="supervisor") and, per worker: neuronserve_worker_up, _restarts_total, _requests_total. A worker that is being restarted is
 absent from that scrape, so its counters restart from zero when it returns: Prometheus sees a counter
 reset on the summed series (rate() copes; docs/workers.md).
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -26,12 +29,14 @@ log = logging.getLogger(__name__)
 FETCH_TIMEOUT_S = 2.0
 PER_WORKER = frozenset(
     name for name in FAMILIES
-    if name.startswith(("neuronserve_core_group_", "neuronserve_sim_core_", "process_"))
+    if name.startswith(("neuronserve_core_group_", "neuronserve_sim_core_", "neuronserve_metrics_", "process_"))
     or name in ("neuronserve_queue_rows", "neuronserve_in_flight_batches", "nv_inference_pending_request_count")
 )
-SHARED = frozenset(("neuronserve_cache_rows", "neuronserve_cache_max_rows", "neuronserve_cache_bytes"))
+SHARED = frozenset(("neuronserve_cache_rows", "neuronserve_cache_max_rows", "neuronserve_cache_bytes")
+                   + tuple(name for name in FAMILIES if name.startswith("neuronserve_embedding_store_")))  # one follower per host
 REQUEST_FAMILIES = ("nv_inference_request_success", "nv_inference_request_failure")
 _SUFFIXES = ("_bucket", "_sum", "_count")
+_ORDER = {name: i for i, name in enumerate(FAMILIES)}
 
 
 def parse_samples(text: str) -> List[Sample]:
@@ -68,18 +73,25 @@ def merge(per_worker: Dict[int, List[Sample]]) -> List[Sample]:
 
 
 class PoolMetrics:
-    """`render()` for the supervisor's MetricsServer. `supervisor`: workers.Supervisor (its .workers)."""
+    """`render()` for the supervisor's MetricsServer (awaited on its thread's loop). `supervisor`:
+    workers.Supervisor (its .workers, read from that thread: a copy of the list, then plain attributes)."""
 
     def __init__(self, supervisor) -> None:
         self.supervisor = supervisor
+        self._collectors: Tuple[Callable[[], Iterable[Sample]], ...] = (process_samples,)  # the supervisor's own
+
+    def add_collector(self, collector: Callable[[], Iterable[Sample]]) -> None:
+        """The supervisor's own samples (its MetricsServer's counters), labelled worker="supervisor"."""
+        self._collectors = self._collectors + (collector,)
 
     async def render(self) -> str:
-        workers = self.supervisor.workers
+        workers = list(self.supervisor.workers)
         live = {w.plan.index: w.ready.metrics_port for w in workers if w.ready is not None and w.ready.metrics_port}
         texts = await asyncio.gather(*(_fetch(port) for port in live.values()))
         per_worker = {index: parse_samples(text) for index, text in zip(live, texts) if text is not None}
         samples = merge(per_worker)
-        samples += [dataclasses.replace(s, labels=s.labels + (("worker", "supervisor"),)) for s in process_samples()]
+        for collector in self._collectors:
+            samples += [dataclasses.replace(s, labels=s.labels + (("worker", "supervisor"),)) for s in collector()]
         for w in workers:
             index = w.plan.index
             worker = (("worker", str(index)),)
@@ -89,7 +101,7 @@ class PoolMetrics:
                 Sample("neuronserve_worker_restarts_total", worker, w.restarts),
                 Sample("neuronserve_worker_requests_total", worker, answered),
             ]
-        samples.sort(key=lambda s: list(FAMILIES).index(s.name))  # stable: groups each family's lines
+        samples.sort(key=lambda s: _ORDER[s.name])  # stable: groups each family's lines
         return render_samples(samples)
 
 

@@ -55,16 +55,18 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
 
     async def _score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         info = self.info
+        served = self.versions.resolve(request.model_version) if request.model_version else self.served
         user = one_user(tensor_array(request.user_features, "user_features"), "user_features", info.user_features, True)
         peers = feature_rows(
             tensor_array(request.peer_features, "peer_features"), "peer_features", info.peer_features, info.max_peers, "max_peers", False
         )
-        scores = await self.runtime.score(user, peers, deadline_of(context))
+        scores = await served.runtime.score(user, peers, deadline_of(context))
         scores_checked(scores, (user, peers), ("user_features", "peer_features"))
-        return pb.ScoreResponse(scores=tensor_proto(scores), label_names=info.label_names, model_version=info.version)
+        return pb.ScoreResponse(scores=tensor_proto(scores), label_names=info.label_names, model_version=served.info.version)
 
     async def _upsert(self, request: pb.UpsertEmbeddingsRequest, context) -> pb.UpsertEmbeddingsResponse:
         info = self.info
+        served = self.versions.resolve(request.model_version) if request.model_version else self.served
         if request.kind not in (pb.USER, pb.PEER):
             name = pb.EntityKind.Name(request.kind) if request.kind in pb.EntityKind.values() else str(request.kind)
             raise InvalidInput(f"kind must be USER or PEER, got {name}")
@@ -73,22 +75,23 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         features = feature_rows(tensor_array(request.features, "features"), "features", width, info.max_tower_rows, "max_queue_rows")
         if features.shape[0] != ids.size:
             raise InvalidInput(f"features has {features.shape[0]} rows for {ids.size} ids; send one row of {width} features per id")
-        self.cache.check_upsert(kind, ids)  # before the tower run: a bad request costs no core time
-        vectors = finite_output(await self.runtime.embed(tower, features, deadline_of(context)), f"{tower} output")
+        served.cache.check_upsert(kind, ids)  # before the tower run: a bad request costs no core time
+        vectors = finite_output(await served.runtime.embed(tower, features, deadline_of(context)), f"{tower} output")
         # in a worker thread: an upsert copies the kind's table (~1 ms per 2,500 cached rows), which must
         # not stall the event loop; writers take the cache's lock, readers keep their snapshot
-        rows = await asyncio.to_thread(self.cache.upsert, kind, ids, vectors, info.version)
-        return pb.UpsertEmbeddingsResponse(upserted=ids.size, cache_rows=rows, model_version=info.version)
+        rows = await asyncio.to_thread(served.cache.upsert, kind, ids, vectors, served.info.version)
+        return pb.UpsertEmbeddingsResponse(upserted=ids.size, cache_rows=rows, model_version=served.info.version)
 
     async def _score_by_ids(self, request: pb.ScoreByIdsRequest, context) -> pb.ScoreResponse:
+        served = self.versions.resolve(request.model_version) if request.model_version else self.served
         peer_ids = id_array(request.peer_ids, "peer_ids", self.info.max_peers, "max_peers")
         labels = self.info.num_labels
         check_reply_size(peer_ids.size * labels, f"{peer_ids.size} peer_ids x {labels} labels", "send fewer peer_ids", self.info.max_message_bytes)
         start = time.perf_counter()
-        scores = self.cache.score_by_ids(int(request.user_id), peer_ids)  # [M, K, D] gather + one einsum: ~0.1 ms
+        scores = served.cache.score_by_ids(int(request.user_id), peer_ids)  # [M, K, D] gather + one einsum: ~0.1 ms
         finite_output(scores, "scores")
         self.metrics.execution(CACHED, rows=peer_ids.size, requests=1, compute_s=time.perf_counter() - start)
-        return pb.ScoreResponse(scores=tensor_proto(scores), label_names=self.info.label_names, model_version=self.info.version)
+        return pb.ScoreResponse(scores=tensor_proto(scores), label_names=self.info.label_names, model_version=served.info.version)
 
     async def _score_matrix(self, request: pb.ScoreMatrixRequest, context) -> pb.ScoreMatrixResponse:
         """A whole tick, N users x M peers, on the host's BLAS: per label one [N, D] x [D, M] matmul over
@@ -98,6 +101,7 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         (26 M for that tick: a few ms on one host core). Runs in a worker thread (BLAS releases the GIL),
         so the event loop keeps serving; the cache swaps whole arrays on upsert, so readers stay consistent."""
         info = self.info
+        served = self.versions.resolve(request.model_version) if request.model_version else self.served
         user_ids = id_array(request.user_ids, "user_ids", info.max_peers, "max_peers")
         peer_ids = id_array(request.peer_ids, "peer_ids", info.max_peers, "max_peers")
         check_reply_size(
@@ -107,14 +111,15 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
             info.max_message_bytes,
         )
         start = time.perf_counter()
-        scores = await asyncio.get_running_loop().run_in_executor(None, self.cache.score_matrix, user_ids, peer_ids)
+        scores = await asyncio.get_running_loop().run_in_executor(None, served.cache.score_matrix, user_ids, peer_ids)
         self.metrics.execution(CACHED, rows=user_ids.size * peer_ids.size, requests=1, compute_s=time.perf_counter() - start)
-        return pb.ScoreMatrixResponse(scores=tensor_proto(finite_output(scores, "scores")), label_names=info.label_names, model_version=info.version)
+        return pb.ScoreMatrixResponse(scores=tensor_proto(finite_output(scores, "scores")), label_names=info.label_names, model_version=served.info.version)
 
 
     async def _score_tick(self, request: pb.ScoreTickRequest, context) -> pb.ScoreTickResponse:
         """A matching tick (docs/tick.md): top-k per person from the cached vectors, in a worker thread."""
         info, req = self.info, pb.ScoreTickRequest
+        served = self.versions.resolve(request.model_version) if request.model_version else self.served
         limit = (info.max_peers, "max_peers")
         pool = tick_ids(request.pool_ids, request.pool_ids_packed, "pool_ids", *limit, required=False)
         users = tick_ids(request.user_ids, request.user_ids_packed, "user_ids", *limit, required=False)
@@ -143,37 +148,38 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         per_pair = 12 + (4 * info.num_labels * (1 + mutual) if spec.include_label_scores else 0)  # id + value (+ label scores)
         check_reply_size(rows.size * spec.k * per_pair // 4, f"{rows.size} persons x k={spec.k} x {per_pair} bytes", "send a smaller k or split the tick", info.max_message_bytes)
         start = time.perf_counter()
-        result = await asyncio.to_thread(self._tick, pool, rows, cols, blocked_a, blocked_b, spec)
+        result = await asyncio.to_thread(self._tick, served.cache, pool, rows, cols, blocked_a, blocked_b, spec)
         self.metrics.execution(CACHED, rows=rows.size * cols.size, requests=1, compute_s=time.perf_counter() - start)
         counts = result.counts
         valid = np.arange(spec.k)[None, :] < counts[:, None]
         finite_output(result.values[valid], "tick values")
         reply = pb.ScoreTickResponse(
             ids=result.ids.astype("<i8", copy=False).tobytes(), values=tensor_proto(result.values), counts=counts.astype("<i4").tobytes(),
-            k=spec.k, label_names=info.label_names, model_version=info.version)
+            k=spec.k, label_names=info.label_names, model_version=served.info.version)
         if result.label_scores is not None:
             reply.label_scores.CopyFrom(tensor_proto(result.label_scores))
         if result.reverse_label_scores is not None:
             reply.reverse_label_scores.CopyFrom(tensor_proto(result.reverse_label_scores))
         return reply
 
-    def _tick(self, pool, rows, cols, blocked_a, blocked_b, spec) -> "tick.TickResult":
-        """The tick's work, off the event loop: one snapshot of the vectors, exclusions, score_tick."""
+    def _tick(self, cache, pool, rows, cols, blocked_a, blocked_b, spec) -> "tick.TickResult":
+        """The tick's work, off the event loop: one snapshot of `cache`'s vectors (the cache of the version
+        the request resolved: never two versions' vectors in one tick), exclusions, score_tick."""
         mutual = spec.mutual != tick.ONE_WAY
         order = np.argsort(cols, kind="stable")
         col_ids = cols[order]
         if pool is not None:
-            user_vectors, peer_vectors = self.cache.lookup_many([("user", rows, "pool_ids"), ("peer", rows, "pool_ids")])
+            user_vectors, peer_vectors = cache.lookup_many([("user", rows, "pool_ids"), ("peer", rows, "pool_ids")])
             rows_user, rows_peer, cols_peer, cols_user = user_vectors, peer_vectors, peer_vectors[order], user_vectors[order]
         else:
             wanted = [("user", rows, "user_ids"), ("peer", col_ids, "peer_ids")]
             if mutual:  # c(v->u): each peer's user vector and each user's peer vector
                 wanted += [("user", col_ids, "peer_ids (as users, for mutual)"), ("peer", rows, "user_ids (as peers, for mutual)")]
-            got = self.cache.lookup_many(wanted)
+            got = cache.lookup_many(wanted)
             rows_user, cols_peer = got[0], got[1]
             cols_user, rows_peer = (got[2], got[3]) if mutual else (None, None)
         excluded = tick.exclusions(rows, col_ids, exclude_self=pool is not None, blocked_rows=blocked_a, blocked_cols=blocked_b, symmetric=pool is not None)
-        return tick.score_tick(rows, col_ids, rows_user, cols_peer, self.cache.label_bias, spec, rows_peer=rows_peer, cols_user=cols_user,
+        return tick.score_tick(rows, col_ids, rows_user, cols_peer, cache.label_bias, spec, rows_peer=rows_peer, cols_user=cols_user,
                                excluded=excluded, pool=pool is not None)
 
 

@@ -41,7 +41,7 @@ def _command(args: argparse.Namespace) -> int:
     """`serve`, plus the embedded default: with no artifact configured, compile the demo model for
     the CPU into the cache directory on first run (reused afterwards) and serve that."""
     config = resolve_config(args)
-    if config.artifact is None:
+    if config.artifact is None and config.model_repository is None:
         from neuronserve.compile.demo import ensure_demo_artifact
 
         config = dataclasses.replace(config, artifact=str(ensure_demo_artifact(progress=True)))
@@ -50,7 +50,7 @@ def _command(args: argparse.Namespace) -> int:
 
 def run(config: ServerConfig) -> int:
     """Serve until SIGTERM/SIGINT, then drain; 0 after a clean drain."""
-    if config.artifact is None:
+    if config.artifact is None and config.model_repository is None:
         raise ConfigError("no artifact configured: pass --artifact DIR (or NEURONSERVE_ARTIFACT, or 'artifact' in --config)")
     from neuronserve.tls import load_tls
 
@@ -71,7 +71,7 @@ def with_workers(config: ServerConfig) -> ServerConfig:
     """`config` with its worker count resolved: as set, 1 with a placement, else the backend's default."""
     if config.workers is not None:
         return config
-    if config.placement:
+    if config.placement or config.model_repository is not None:
         return dataclasses.replace(config, workers=1)
     from neuronserve.artifact import load_manifest
     from neuronserve.backends import core_span, default_workers, resolve_backend

@@ -9,6 +9,9 @@ gc.freeze(); the door opens, health SERVING. A worker of a pool (`PoolMember`, s
 three ways: it joins the shared port (SO_REUSEPORT) only once warm, so no connection lands on a warming
 worker; it also listens on a private port of its own (statistics fan-out, per-worker probes); its /metrics
 is private (the supervisor serves the pool's); and its embedding cache is the pool's shared one.
+With --embedding-store redis://... (fleet.py) the cache writes upserts through the shared store, and a
+lone server loads the store's rows beside the warm-up and follows its changes (a pool's supervisor does
+that for its workers); the health name neuronserve.EmbeddingStore says whether the copy is current.
 
 Shutdown (Server.stop): health NOT_SERVING (with --drain-delay-s, requests are still served that long),
 the door closes (new requests UNAVAILABLE), the batchers drain and the calls in the service finish (every
@@ -27,6 +30,7 @@ import gc
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 from neuronserve.config import Placement, ServerConfig
@@ -90,7 +94,7 @@ class Server:
     """One serving process's objects, started and stopped on the running event loop."""
 
     def __init__(self, config: ServerConfig, member: Optional[PoolMember] = None) -> None:
-        if config.artifact is None:
+        if config.artifact is None and config.model_repository is None:
             raise ConfigError("no artifact configured: pass --artifact DIR (or NEURONSERVE_ARTIFACT, or 'artifact' in --config)")
         self.config = config
         self.member = member
@@ -112,7 +116,14 @@ class Server:
         self._health = None
         self._health_names: Tuple[str, ...] = ()
         self._watcher = None  # health.DeviceWatcher, from _open to stop
+        self._follower = None  # fleet.Follower of a lone server with --embedding-store (a pool's runs in its supervisor)
+        self._store_watcher = None  # health.DeviceWatcher of the store's health name, with --embedding-store
         self._metrics_server = None
+        self.versions = None  # versions.VersionTable: the versions served (the first built here, others by model_control)
+        self.control = None  # model_control.ModelControl: the repository's versions loaded and unloaded
+        self._placement: Optional[Placement] = None
+        self._span = None
+        self._first_version: Optional[int] = None
 
     async def start(self) -> None:
         try:
@@ -127,25 +138,35 @@ class Server:
         from neuronserve.metrics import Metrics, cache_samples
 
         config = self.config
-        self.manifest = manifest = await asyncio.to_thread(load_manifest, config.artifact, True)
+        self.manifest = manifest = await asyncio.to_thread(load_manifest, self._first_artifact(), True, config.trusted_key, True)  # keep_files: stages load from the checked bytes
         backend = resolve_backend(config.backend, manifest)
         span = core_span(backend, config.cores)
-        self.cores = span.count
+        self.cores, self._span = span.count, span
         self.backend = make_backend(backend, manifest, dataclasses.replace(config.sim, num_cores=span.count), visible_cores=span)
         if config.placement:
             placement = Placement.parse(config.placement, span.count, first=span.first)
         else:
             placement = Placement.data_parallel(span.count, group_size=manifest.pipeline_cores, first=span.first)
+        self._placement = placement
         self.metrics = Metrics(version=manifest.model_version, batch_buckets=self.buckets)
         self.cache = self.member.cache if self.member is not None else new_cache(manifest, config.cache_max_rows)
-        self.metrics.add_collector(lambda: cache_samples(self.cache.stats()))
+        if self.member is None and config.embedding_store != "embedded":  # the fleet: writes go through the shared store
+            from neuronserve.fleet import open_fleet
+
+            self.cache, self._follower = open_fleet(config.embedding_store, manifest, self.cache)
+        self.metrics.add_collector(lambda: cache_samples(self.versions.current.cache.stats()))  # the current version's
+        store_status = getattr(self.cache, "status", None)  # fleet.StoreStatus, shared by a pool's workers
+        if store_status is not None:
+            from neuronserve.fleet import store_samples
+
+            self.metrics.add_collector(lambda: store_samples(store_status.state(), manifest.model_version))
         await self._build_services()
         # A lone server listens from before the warm-up (minutes on Inf1): a taken port fails now, and
         # meanwhile health says NOT_SERVING and the door answers every inference call UNAVAILABLE at once.
         # A pool member joins the shared port once warm (the supervisor checked the port is free).
         if self.member is None:
             await self._listen()
-        await self._warm_up(backend, placement)
+        await self._warm_up_and_load(backend, placement)
         if self.member is not None:
             await self._listen()
         await self._open()
@@ -163,12 +184,17 @@ class Server:
         from neuronserve.tls import connection_options
 
         config = self.config
+        from neuronserve.versions import ServedVersion, VersionTable
+
         info = model_info(self.manifest, config, self.backend.name)
+        if self._first_version is not None:  # a repository's integer version
+            info = dataclasses.replace(info, oip_version=str(self._first_version))
         self.state = ServingState()
+        self.versions = VersionTable(ServedVersion(int(info.oip_version), info, None, self.cache, manifest=self.manifest))
         peers = self.member.peer_addresses if self.member is not None else None
         self._servicers = [
-            ScorerService(info, None, self.cache, self.metrics, self.state),
-            InferenceService(info, None, self.cache, self.metrics, self.state, peer_addresses=peers),
+            ScorerService(info, None, self.cache, self.metrics, self.state, self.versions),
+            InferenceService(info, None, self.cache, self.metrics, self.state, peer_addresses=peers, versions=self.versions),
         ]
         server = grpc.aio.server(
             options=[
@@ -218,7 +244,7 @@ class Server:
 
     async def _listen(self) -> None:
         """Bind gRPC (and /metrics) and start serving; the door stays closed until _open()."""
-        from neuronserve.metrics import MetricsServer
+        from neuronserve.metrics_http import MetricsServer
 
         from neuronserve.tls import load_tls, server_credentials
 
@@ -259,6 +285,33 @@ class Server:
             log.info("loading and warming up every stage at every bucket (joining the shared port when warm): backend %s, placement %s", backend, placement)
         await asyncio.to_thread(self.pipeline.start, self._abandon)
 
+    async def _warm_up_and_load(self, backend: str, placement: Placement) -> None:
+        """The warm-up and, with --embedding-store, the store's rows loaded into the cache, side by side:
+        the server opens once both are done. Then the follower follows the store's changes."""
+        if self._follower is None:
+            return await self._warm_up(backend, placement)
+        loading = asyncio.ensure_future(asyncio.to_thread(self._follower.warm_start, self._abandon))
+        try:
+            await self._warm_up(backend, placement)
+            loaded = await loading
+        except BaseException:
+            self._follower.stop()  # the load gives up at its next batch or retry
+            await asyncio.gather(loading, return_exceptions=True)
+            raise
+        if not loaded:
+            from neuronserve.errors import Unavailable
+
+            raise Unavailable("start-up abandoned while loading the embedding store")
+        self._follower.start()
+
+    async def _store_changed(self, up: bool) -> None:
+        """The store health name follows the local copy: SERVING while it follows the store."""
+        from grpc_health.v1 import health_pb2
+        from neuronserve.fleet import HEALTH_NAME
+
+        status = health_pb2.HealthCheckResponse
+        await self._health.set(HEALTH_NAME, status.SERVING if up else status.NOT_SERVING)
+
     async def _open(self) -> None:
         from neuronserve.health import DeviceWatcher
         from neuronserve.metrics import pipeline_samples, sim_samples
@@ -266,19 +319,105 @@ class Server:
 
         self.runtime = Runtime(self.pipeline, self.config.batching, self.metrics)
         self.runtime.start()
-        for model, batcher in self.runtime.batchers.items():
-            self.metrics.add_batcher(model, batcher.stats)
-        self.metrics.add_collector(lambda: pipeline_samples(self.pipeline.stats()))
+        for model in self.runtime.batchers:  # the current version's batchers and pipeline
+            self.metrics.add_batcher(model, lambda m=model: self.versions.current.runtime.batchers[m].stats())
+        self.metrics.add_collector(lambda: pipeline_samples((self.versions.current.pipeline or self.pipeline).stats()))
         if hasattr(self.backend, "stats"):  # the sim's device clock
             self.metrics.add_collector(lambda: sim_samples(self.backend.stats()))
-        for servicer in self._servicers:
-            servicer.runtime = self.runtime
+        first = self.versions.current
+        first.runtime, first.pipeline, first.backend = self.runtime, self.pipeline, self.backend
+        await self._start_control()
         gc.collect()
         gc.freeze()  # everything built so far lives as long as the server: keep it out of the collector's scans
         self.state.serving = True
         await self._set_health()
-        self._watcher = DeviceWatcher(self.pipeline.healthy, self._devices_changed)
+        self._watcher = DeviceWatcher(lambda: (self.versions.current.pipeline or self.pipeline).healthy(), self._devices_changed)
         self._watcher.start()
+        store_status = getattr(self.cache, "status", None)
+        if store_status is not None:  # health name neuronserve.EmbeddingStore: NOT_SERVING while the copy is stale
+            self._store_watcher = DeviceWatcher(lambda: store_status.state().up, self._store_changed)
+            self._store_watcher.healthy = store_status.state().up
+            await self._store_changed(self._store_watcher.healthy)
+            self._store_watcher.start()
+
+    def _first_artifact(self):
+        """The artifact served first: --artifact, or the highest version the policy selects in
+        --model-repository (`_first_version` then holds its integer version)."""
+        from neuronserve.repository import Repository, VersionPolicy
+
+        config = self.config
+        if config.model_repository is None:
+            return config.artifact
+        repository = Repository(Path(config.model_repository))
+        scan = repository.scan(repository.only_model(), VersionPolicy.parse(config.version_policy))
+        if not scan.selected:
+            raise ConfigError(f"model repository {config.model_repository}: the version policy {config.version_policy} selects none of {list(scan.versions) or 'no versions'}")
+        self._first_version = scan.selected[-1]
+        return scan.path(self._first_version)
+
+    async def _start_control(self) -> None:
+        """The repository's control (model_control.py) over the VersionTable: --artifact is a one-version
+        repository (its index answers; loads are refused). The policy's other versions load after."""
+        from neuronserve.model_control import ModelControl
+        from neuronserve.repository import Repository, VersionPolicy
+
+        config = self.config
+        policy = VersionPolicy.parse(config.version_policy)
+        if config.model_repository is not None:
+            repository = Repository(Path(config.model_repository))
+            model = repository.only_model()
+        else:
+            repository = Repository.of_artifact(self.manifest.directory, self.manifest.model_name, self.manifest.model_version)
+            model = self.manifest.model_name
+        self.control = ModelControl(repository, model, policy, self.versions, self.build_version, config.model_control, config.grace_period_s)
+        self._servicers[1].control = self.control
+        from neuronserve.model_control import control_samples
+
+        self.metrics.add_collector(lambda: control_samples(self.control))
+        if config.model_repository is not None:
+            self.control.start(config.repository_poll_s)
+            if len(repository.scan(model, policy).selected) > 1:
+                self.control.apply_soon()
+
+    async def build_version(self, path, version: int):
+        """model_control's Build: the artifact at `path` verified (checksums, signature), its schema the
+        served one's, every stage loaded and warmed up on this server's cores (a thread), its reference
+        outputs checked on the backend, a Runtime started and a new empty cache -> a versions.ServedVersion.
+        Cores: the new version's stages load on the same core groups as the served one's (the Neuron
+        runtime holds both models in a core's memory while the first still serves)."""
+        import io
+
+        import numpy as np
+
+        from neuronserve.artifact import load_manifest
+        from neuronserve.backends import make_backend, resolve_backend
+        from neuronserve.errors import ArtifactError
+        from neuronserve.model_control import check_reference
+        from neuronserve.pipeline import Pipeline
+        from neuronserve.runtime import Runtime
+        from neuronserve.versions import ServedVersion
+
+        config = self.config
+        manifest = await asyncio.to_thread(load_manifest, path, True, config.trusted_key, True)
+        shape = lambda m: (m.model_config.user_features, m.model_config.peer_features, m.model_config.num_labels, m.model_config.label_dim, tuple(m.label_names))  # noqa: E731
+        if shape(manifest) != shape(self.manifest):
+            raise ArtifactError(f"{path}: its inputs and outputs (F_u, F_p, K, D, labels) {shape(manifest)} differ from the served model's "
+                                f"{shape(self.manifest)}; versions of one model must share them (serve it as another model)")
+        reference = manifest.file_bytes(manifest.reference_file)
+        backend = make_backend(resolve_backend(config.backend, manifest), manifest, dataclasses.replace(config.sim, num_cores=self.cores), visible_cores=self._span)
+        pipeline = Pipeline(backend, self._placement)
+        try:
+            await asyncio.to_thread(pipeline.start, self._abandon)
+            with np.load(io.BytesIO(reference)) as data:
+                await check_reference(pipeline, manifest, {k: data[k] for k in data.files})
+            runtime = Runtime(pipeline, config.batching, self.metrics)
+            runtime.start()
+        except BaseException:
+            await asyncio.to_thread(pipeline.close)
+            backend.close()
+            raise
+        info = dataclasses.replace(model_info(manifest, config, backend.name), oip_version=str(version))
+        return ServedVersion(version, info, runtime, new_cache(manifest, config.cache_max_rows), pipeline, backend, manifest)
 
     @property
     def serving(self) -> bool:
@@ -325,9 +464,13 @@ class Server:
         end = loop.time() + grace_s
         if self.state is not None:
             self.state.serving = False
-        if self.runtime is not None:
-            await self.runtime.close(timeout_s=end - loop.time())
-            self.runtime = None
+        if self.control is not None:
+            await self.control.close()  # no more loads; drains of retired versions done
+        others = [v for v in self.versions.all() if v.runtime is not self.runtime] if self.versions is not None else []
+        for runtime in [self.runtime] + [v.runtime for v in others]:
+            if runtime is not None:
+                await runtime.close(timeout_s=end - loop.time())
+        self.runtime = None
         while self.state is not None and self.state.in_flight and loop.time() < end:
             await asyncio.sleep(0.01)  # calls outside the batchers (ScoreByIds, ScoreMatrix) finishing
         if self._grpc is not None and self._grpc_started:
@@ -344,6 +487,14 @@ class Server:
         if self._watcher is not None:  # before the pipeline it polls closes
             await self._watcher.stop()
             self._watcher = None
+        if self._store_watcher is not None:
+            await self._store_watcher.stop()
+            self._store_watcher = None
+        if self._follower is not None:
+            await asyncio.to_thread(self._follower.stop)
+            self._follower = None
+        for other in others:  # versions model_control loaded (the first one's objects close below)
+            await other.close(0.0)
         if self.pipeline is not None:
             await asyncio.to_thread(self.pipeline.close)
             self.pipeline = None

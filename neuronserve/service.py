@@ -148,8 +148,8 @@ class ServingState:
 def array_from_bytes(data: bytes, shape: Sequence[int], field: str) -> np.ndarray:
     """Little-endian float32 bytes + shape -> a read-only array viewing `data` (no copy)."""
     check_dims(shape, field)
-    shape = tuple(int(d) for d in shape)
-    if any(d < 0 for d in shape):
+    shape = tuple(shape)  # a repeated int64 field: Python ints already (C-level conversion)
+    if shape and min(shape) < 0:
         raise InvalidInput(f"{field}: shape {list(shape)} has a negative dimension")
     count = math.prod(shape)  # Python ints: a huge shape cannot wrap around to a small count
     if len(data) != 4 * count:
@@ -278,6 +278,20 @@ class _Malformed:
     error: str
 
 
+def streaming(method) -> Tuple[bool, bool]:
+    """(client_streaming, server_streaming) of a MethodDescriptor. protobuf < 3.20 (the 3.19.5 of AWS's
+    Inf1 image) has no such attributes: there they come from the method's descriptor proto."""
+    try:
+        return method.client_streaming, method.server_streaming
+    except AttributeError:
+        from google.protobuf import descriptor_pb2
+
+        service = method.containing_service
+        file = descriptor_pb2.FileDescriptorProto.FromString(service.file.serialized_pb)
+        (proto,) = [m for s in file.service if s.name == service.name for m in s.method if m.name == method.name]
+        return proto.client_streaming, proto.server_streaming
+
+
 def add_service(server: grpc.aio.Server, servicer, service, messages, metrics=None) -> None:
     """Register `servicer` for `service` (a ServiceDescriptor; request and response classes from the
     generated module `messages`) as the generated add_*_to_server does, except that a request body that
@@ -313,7 +327,7 @@ def add_service(server: grpc.aio.Server, servicer, service, messages, metrics=No
 
     def guarded(handler, method):
         type_name = method.input_type.full_name
-        if method.client_streaming:  # the handler reads the stream: each message is checked as it comes
+        if streaming(method)[0]:  # the handler reads the stream: each message is checked as it comes
             if inspect.isasyncgenfunction(handler):
                 async def call(requests, context):
                     async for reply in handler(checked(requests, type_name, context), context):
@@ -343,7 +357,7 @@ def add_service(server: grpc.aio.Server, servicer, service, messages, metrics=No
         (True, True): grpc.stream_stream_rpc_method_handler,
     }
     handlers = {
-        method.name: kinds[method.client_streaming, method.server_streaming](
+        method.name: kinds[streaming(method)](
             guarded(getattr(servicer, method.name), method),
             request_deserializer=lenient(getattr(messages, method.input_type.name).FromString),
             response_serializer=getattr(messages, method.output_type.name).SerializeToString,
@@ -357,14 +371,38 @@ def add_service(server: grpc.aio.Server, servicer, service, messages, metrics=No
 
 
 class Servicer:
-    """`runtime` may be attached after construction (the server serves, door closed, during its warm-up)."""
+    """`runtime` may be attached after construction (the server serves, door closed, during its warm-up).
 
-    def __init__(self, info: ModelInfo, runtime: Optional[Runtime], cache, metrics, state: ServingState) -> None:
+    Versions (versions.py): `served` is the version a request naming none gets (a plain attribute the
+    VersionTable keeps current: one read per request); `versions.resolve(name)` the one it names.
+    `info` holds what every served version shares (shapes, limits: model_control refuses a version
+    whose shapes differ); a reply names `served.info`'s version. `runtime` and `cache` are the
+    current version's."""
+
+    def __init__(self, info: ModelInfo, runtime: Optional[Runtime], cache, metrics, state: ServingState, versions=None) -> None:
+        from neuronserve.versions import ServedVersion, VersionTable
+
         self.info = info
-        self.runtime = runtime
-        self.cache = cache
         self.metrics = metrics
         self.state = state
+        self.served = ServedVersion(int(info.oip_version), info, runtime, cache)
+        self.versions = VersionTable(self.served) if versions is None else versions
+        self.versions.listen(self._serve)
+
+    def _serve(self, served) -> None:
+        self.served = served
+
+    @property
+    def runtime(self) -> Optional[Runtime]:
+        return self.served.runtime
+
+    @runtime.setter
+    def runtime(self, runtime: Optional[Runtime]) -> None:
+        self.served.runtime = runtime
+
+    @property
+    def cache(self):
+        return self.served.cache
 
     async def _answer(
         self,

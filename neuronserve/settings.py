@@ -61,6 +61,12 @@ def _switch(value: Any) -> bool:
     raise ValueError(f"expected on or off, got {value!r}")
 
 
+def _store_url(value: Any) -> str:
+    from neuronserve.fleet_store import parse_store_url
+
+    return parse_store_url(_text(value))
+
+
 def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def parse_optional(value: Any) -> Any:
         if value is None or (isinstance(value, str) and value.strip().lower() in _DISABLED):
@@ -118,8 +124,14 @@ SETTINGS: Tuple[_Setting, ...] = (
     _Setting("tls_cert", _optional(_text), "FILE", "serve gRPC over TLS with this PEM certificate (chain); needs --tls-key"),
     _Setting("tls_key", _optional(_text), "FILE", "the PEM private key (unencrypted) of --tls-cert"),
     _Setting("tls_client_ca", _optional(_text), "FILE", "mTLS: require a client certificate signed by a CA in this PEM file (needs --tls-cert)"),
+    _Setting("trusted_key", _optional(_text), "FILE", "refuse an artifact not signed (manifest.sig) by a key in this PEM file of Ed25519 public keys (one or more, concatenated; `neuronserve keygen` makes a pair); unset: integrity checks only"),
     _Setting("reflection", _switch, "on|off", "gRPC server reflection"),
     _Setting("cache_max_rows", _integer, "ROWS", "embedding cache bound per kind"),
+    _Setting("embedding_store", _store_url, "URL", "'embedded' (the in-process cache only) or redis://HOST:PORT/DB: a shared store every replica writes upserts to and follows into its local cache, loaded before SERVING (docs/fleet.md)"),
+    _Setting("model_repository", _optional(_text), "DIR", "a model repository, DIR/<model>/<integer version>/ each an artifact (Triton's layout), instead of --artifact; one model directory"),
+    _Setting("model_control", _text, "MODE", "none | explicit (Triton's RepositoryModelLoad/Unload switch versions while serving) | poll (rescan the repository every --repository-poll-s)"),
+    _Setting("version_policy", _text, "POLICY", "versions of the repository's model to serve: latest, latest:N, all or specific:V1,V2; requests naming no version get the highest"),
+    _Setting("repository_poll_s", _number, "S", "--model-control poll: seconds between rescans of the repository"),
     _Setting("max_queue_delay_ms", _number, "MS", "batching delay bound from the oldest queued request"),
     _Setting("max_queue_rows", _integer, "ROWS", "queue bound in rows (memory); past it RESOURCE_EXHAUSTED at once"),
     _Setting("max_queue_wait_ms", _number, "MS", "queue bound in time: a request whose queue ahead needs longer to drain is RESOURCE_EXHAUSTED at once"),

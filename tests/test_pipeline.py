@@ -141,6 +141,41 @@ def test_the_cpu_backend_runs_under_the_pipeline_too(manifest):
     pipeline.close()
 
 
+def test_the_cpu_backend_queues_the_next_execution_behind_the_running_one(manifest):
+    """Two executions in flight on the host's one executor thread: they run one after the other, never
+    at once (two torch calls on a small host would only fight over its cores), and the second starts
+    without waiting for the event loop."""
+    import threading
+
+    pipeline = Pipeline(CpuBackend(manifest), Placement.data_parallel(1))
+    pipeline.start()
+    assert pipeline.concurrency == 2
+    runner = pipeline._groups[0].runners["peer_tower"]
+    real_run, running, overlaps, threads = runner.run, [0], [], set()
+    lock = threading.Lock()
+
+    def run(inputs):
+        with lock:
+            running[0] += 1
+            overlaps.append(running[0])
+            threads.add(threading.get_ident())
+        try:
+            return real_run(inputs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    runner.run = run
+    x = rows(manifest, pipeline.max_batch_rows, manifest.model_config.peer_features, seed=4)
+
+    async def main():
+        return await asyncio.gather(*(pipeline.run_stage("peer_tower", [x]) for _ in range(6)))
+
+    outs = asyncio.run(main())
+    assert len(outs) == 6 and max(overlaps) == 1 and len(threads) == 1
+    pipeline.close()
+
+
 def test_pad_up_or_split_by_the_latency_model(manifest):
     buckets = manifest.stage("peer_tower").batch_sizes  # e.g. (1, 4, 16)
     small, largest = buckets[0], buckets[-1]

@@ -7,7 +7,6 @@ never by wall-clock speed."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import grpc
@@ -30,6 +29,7 @@ from neuronserve.server import Server, model_info
 from neuronserve.oip_service import InferenceService
 from neuronserve.scorer_service import ScorerService
 from neuronserve.service import ServingState
+from loop_thread import LoopThread
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,29 +37,6 @@ MAX_PEERS = 64
 
 
 # ---- plumbing -----------------------------------------------------------------------------------
-
-
-class LoopThread:
-    """An event loop on a daemon thread: the servers live there, the tests call them with sync stubs."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop", daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout_s: float = 60.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def call(self, fn, *args):
-        async def call():
-            return fn(*args)
-
-        return self.run(call())
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 class Stubs:
@@ -685,14 +662,15 @@ def test_metrics_count_requests_batches_failures_cores_cache_and_process(cpu, cp
 
     text = scrape(cpu_server.metrics_port)
     version = small_artifact.model_version
-    assert f'nv_inference_request_failure{{model="twotower",version="{version}",reason="INVALID_ARGUMENT"}}' in text
+    # prometheus-client writes label names sorted
+    assert f'nv_inference_request_failure{{model="twotower",reason="INVALID_ARGUMENT",version="{version}"}}' in text
     assert "# TYPE nv_inference_request_success counter" in text
-    assert 'neuronserve_batch_rows_bucket{model="twotower",version="' in text and 'le="+Inf"}' in text
+    assert 'neuronserve_batch_rows_bucket{le="+Inf",model="twotower",version="' in text
     for name in (
         'neuronserve_core_group_busy_seconds_total{cores="0",stages="user_tower,peer_tower,pair_scorer,twotower"}',
         'neuronserve_core_group_executions_total{cores="1"',
         "neuronserve_core_group_faults_total",
-        'neuronserve_cache_rows{version="' + version + '",kind="peer"}',
+        'neuronserve_cache_rows{kind="peer",version="' + version + '"}',
         "neuronserve_cache_hits_total",
         "process_cpu_seconds_total",
         "process_resident_memory_bytes",

@@ -3,8 +3,6 @@ sorted), then ScoreTick end to end through a real in-process gRPC server, then b
 
 from __future__ import annotations
 
-import asyncio
-import threading
 
 import grpc
 import numpy as np
@@ -16,6 +14,7 @@ from neuronserve.errors import InvalidInput
 from neuronserve.protos import scorer_pb2 as pb
 from neuronserve.protos import scorer_pb2_grpc as pb_grpc
 from neuronserve.server import Server
+from loop_thread import LoopThread
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -194,21 +193,6 @@ def test_make_spec_refuses_bad_input(kwargs, words):
 # ---- ScoreTick through a real server --------------------------------------------------------------
 
 MAX_PEERS = 64
-
-
-class LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="tick-test-loop", daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout_s: float = 60.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 @pytest.fixture(scope="module")

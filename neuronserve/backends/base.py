@@ -21,15 +21,18 @@ from neuronserve.errors import InvalidInput
 class Runner(ABC):
     """What every runner has: a graph (per compiled shape) loaded on one core group.
 
-    `run` is blocking and is called from the group's executor thread(s); at most `max_in_flight`
-    calls run at once (1, or N for a graph compiled with --neuroncore-pipeline-cores N). Any input
-    shape that was not compiled is an InvalidInput error, as on the device. Returns a float32 array.
+    `run` is blocking and is called from the group's executor threads: `threads` of them (None: one
+    per execution in flight), at most `max_in_flight` executions handed to them at once (1, or N for a
+    graph compiled with --neuroncore-pipeline-cores N), so with fewer threads than executions the next
+    one waits in the executor's queue and starts the moment a thread frees. Any input shape that was
+    not compiled is an InvalidInput error, as on the device. Returns a float32 array.
     """
 
     stage: str
     cores: CoreGroup
     batch_sizes: Tuple[int, ...]
     max_in_flight: int = 1
+    threads: Optional[int] = None
 
     @abstractmethod
     def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray: ...

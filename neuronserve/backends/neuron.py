@@ -117,8 +117,9 @@ class NeuronBackend(Backend):
             with placement:
                 for bucket in spec.buckets:
                     path = self.manifest.path(bucket.file)
+                    stream = self.manifest.file_stream(bucket.file)  # the checked bytes, not the path again
                     try:
-                        modules[bucket.key] = torch.jit.load(str(path))
+                        modules[bucket.key] = torch.jit.load(stream)
                     except RuntimeError as exc:
                         raise BackendUnavailable(
                             f"cannot load {path} onto NeuronCores {cores}: {_first_line(exc)}; check that no other process "

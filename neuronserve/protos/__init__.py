@@ -1,7 +1,11 @@
 """The .proto sources and their generated modules (built from the sources, never hand-edited).
 
-The generated *_pb2 modules are produced by grpc_tools.protoc on first import when they are
-missing or older than their .proto, so a fresh clone (or a regular install) needs no build step.
+The *_pb2 and *_pb2_grpc modules are generated when the package is built (setup.py's build_py hook:
+`pip install .`, a wheel, or the editable `pip install -e .` that ./run.sh does), never at import or
+at run time, so an installation may be read-only. They import on protobuf 3.19.5 (AWS's Inf1 image)
+through the current release, and on grpcio >= 1.48. After editing a .proto, reinstall (./run.sh does
+when a .proto is newer than its install).
+
 Import them as submodules: `from neuronserve.protos import scorer_pb2, scorer_pb2_grpc`. They are
 not imported eagerly: open_inference_pb2 defines package `inference`, as tritonclient's own
 generated code does, and protobuf refuses both in one process.
@@ -9,45 +13,19 @@ generated code does, and protobuf refuses both in one process.
 
 from __future__ import annotations
 
-import os
+import importlib
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
-_PROTOS = ("scorer", "open_inference")
 
 
-def _stale(name: str) -> bool:
-    source = _HERE / f"{name}.proto"
-    outputs = [_HERE / f"{name}_pb2.py", _HERE / f"{name}_pb2_grpc.py"]
-    return any(not out.exists() or out.stat().st_mtime < source.stat().st_mtime for out in outputs)
-
-
-def _generate() -> None:
-    from grpc_tools import protoc  # build-time tool, only needed when the sources changed
-
-    import grpc_tools
-
-    root = _HERE.parent.parent  # so generated code imports `neuronserve.protos.X_pb2`
-    include = Path(grpc_tools.__file__).resolve().parent / "_proto"
-    for name in _PROTOS:
-        if not _stale(name):
-            continue
-        rel = (_HERE / f"{name}.proto").relative_to(root)
-        tmp_out = _HERE / f".gen-{os.getpid()}"
-        tmp_out.mkdir(exist_ok=True)
-        code = protoc.main(
-            ["grpc_tools.protoc", f"-I{root}", f"-I{include}", f"--python_out={tmp_out}", f"--grpc_python_out={tmp_out}", str(rel)]
-        )
-        if code != 0:
-            raise RuntimeError(f"protoc failed on {rel} (exit {code})")
-        generated = tmp_out / rel.parent
-        for suffix in ("_pb2.py", "_pb2_grpc.py"):
-            os.replace(generated / f"{name}{suffix}", _HERE / f"{name}{suffix}")  # atomic: safe across processes
-        for path in sorted(tmp_out.rglob("*"), reverse=True):
-            path.rmdir() if path.is_dir() else path.unlink()
-        tmp_out.rmdir()
-
-
-if any(_stale(name) for name in _PROTOS):
-    _generate()
-
+def __getattr__(name: str):
+    """`from neuronserve.protos import X_pb2` when X_pb2.py was never generated: say how to get it."""
+    if name.endswith(("_pb2", "_pb2_grpc")) and (_HERE / f"{name.split('_pb2')[0]}.proto").exists():
+        if not (_HERE / f"{name}.py").exists():
+            raise ImportError(
+                f"{__name__}.{name} is generated when the package is built and is missing here ({_HERE}): "
+                "install the package (`pip install .`, or `pip install -e .` in a checkout, as ./run.sh does)"
+            )
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,279 @@
+"""Model control: load, switch and unload versions from the model repository while serving.
+
+Role: the lifecycle of versions over the VersionTable (versions.py) and the Repository
+(repository.py); Triton's repository extension (RepositoryIndex, RepositoryModelLoad,
+RepositoryModelUnload) is answered from here (`index`, `load`, `unload`, for oip_service.py), and
+with --model-control poll the repository is rescanned every poll interval.
+
+Contract of a load: the versions the policy selects that are not served yet are each built by the
+injected `build(path, version)` (the server's: verify checksums and signature via load_manifest,
+check the schema against the served one, load and warm up every stage in a thread, run the artifact's
+reference inputs on the backend and compare with its reference outputs, a new empty embedding cache),
+then all are installed in one event-loop step (`current` becomes the highest version served) and the
+versions the policy no longer selects are drained and closed in the background. Any failure leaves
+what was served serving: the RPC answers the error's status (an ArtifactError names the file), the
+log says why, and neuronserve_model_loads_total{outcome="failed"} counts it. Loads and unloads are
+serialised by one lock.
+
+Embedding cache per version: a new, empty cache; the client re-upserts (UpsertEmbeddings naming the
+version). While two versions are loaded the cache memory is twice one version's (rows x K x D x 4
+bytes per kind and version, x2 for the double buffer), plus a second copy of the stages on the cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from neuronserve.errors import ArtifactError, InvalidInput, ModelControlError, NeuronServeError, NotFound
+from neuronserve.repository import Repository, VersionPolicy, parse_version
+from neuronserve.versions import ServedVersion, VersionTable
+
+log = logging.getLogger(__name__)
+
+NONE, EXPLICIT, POLL = "none", "explicit", "poll"
+MODES = (NONE, EXPLICIT, POLL)
+READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
+
+Build = Callable[[Path, int], Awaitable[ServedVersion]]
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """One row of the repository index."""
+
+    model: str
+    version: int
+    state: str  # READY | UNAVAILABLE | LOADING | UNLOADING
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class LoadCounts:
+    """Load outcomes since start, for the metrics."""
+
+    loaded: int = 0
+    failed: int = 0
+    unloaded: int = 0
+
+
+class ModelControl:
+    """Loads and unloads the versions of the repository's one model into `table` (see the module docstring)."""
+
+    def __init__(self, repository: Repository, model: str, policy: VersionPolicy, table: VersionTable, build: Build,
+                 mode: str = NONE, drain_timeout_s: float = 10.0) -> None:
+        if mode not in MODES:
+            raise InvalidInput(f"model control must be one of {', '.join(MODES)}, got {mode!r}")
+        self.repository, self.model, self.policy, self.table = repository, model, policy, table
+        self.mode, self._build, self.drain_timeout_s = mode, build, drain_timeout_s
+        self._lock = asyncio.Lock()
+        self._status: Dict[int, VersionStatus] = {}  # versions not READY: loading, failed, unloading
+        self._retiring: set = set()  # drain-and-close tasks
+        self.counts = LoadCounts()
+        self._poller: Optional[asyncio.Task] = None
+
+    # ---- Triton's repository extension -----------------------------------------------------
+
+    def index(self, ready_only: bool = False) -> List[VersionStatus]:
+        """Every version on disk, and every one served or failed, with its state (Triton's index)."""
+        rows: Dict[int, VersionStatus] = {}
+        try:
+            for entry in self.repository.scan(self.model, self.policy).available:
+                rows[entry.version] = VersionStatus(self.model, entry.version, UNAVAILABLE, "unloaded")
+        except NeuronServeError as exc:
+            log.warning("repository index: %s", exc)
+        rows.update(self._status)
+        for served in self.table.all():
+            rows[served.version] = VersionStatus(self.model, served.version, READY)
+        listed = [rows[v] for v in sorted(rows)]
+        return [r for r in listed if r.state == READY] if ready_only else listed
+
+    async def load(self, model: str, config: Optional[str] = None) -> Tuple[int, ...]:
+        """RepositoryModelLoad: serve the versions the policy selects (Triton's model config JSON in
+        `config` may carry a `version_policy`, which then stays in force). Returns the versions served."""
+        self._check_explicit("load")
+        self._check_model(model)
+        policy = self.policy
+        if config:
+            try:
+                data = json.loads(config)
+            except ValueError as exc:
+                raise InvalidInput(f"load config is not JSON ({exc})") from None
+            if not isinstance(data, dict):
+                raise InvalidInput("load config must be a JSON object (Triton's model configuration)")
+            if "version_policy" in data:
+                policy = VersionPolicy.from_triton(data["version_policy"])
+        async with self._lock:
+            served = await self._apply(policy)
+        self.policy = policy
+        return served
+
+    async def unload(self, model: str, version: str = "") -> Tuple[int, ...]:
+        """RepositoryModelUnload: stop serving the model (every version: inference answers UNAVAILABLE
+        until a load), or only `version` (a parameter beyond Triton's: switch back by unloading the
+        newer one). Drains and closes in the background. Returns the versions still served."""
+        self._check_explicit("unload")
+        self._check_model(model)
+        async with self._lock:
+            if version:
+                number = parse_version(version)
+                if number is None or self.table.get(number) is None:
+                    raise NotFound(f"version {version[:64]!r} of model {self.model} is not loaded; loaded: {list(self.table.versions)}")
+                self._retire(self.table.remove(number))
+                return self.table.versions
+            for served in self.table.unload_all():
+                self._retire(served)
+            return ()
+
+    # ---- poll ----------------------------------------------------------------------------------
+
+    def start(self, interval_s: float) -> None:
+        """--model-control poll: rescan every `interval_s` and apply the policy (failures are logged)."""
+        if self.mode == POLL and self._poller is None:
+            self._poller = asyncio.ensure_future(self._poll(interval_s))
+
+    async def _poll(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                async with self._lock:
+                    await self._apply(self.policy)
+            except NeuronServeError as exc:
+                log.warning("repository poll: %s", exc)
+            except Exception:  # noqa: BLE001 - the poll must outlive a bug in one pass
+                log.exception("repository poll failed")
+
+    def apply_soon(self) -> None:
+        """Apply the policy in the background (start-up: the policy's versions below the first one)."""
+        async def apply() -> None:
+            try:
+                async with self._lock:
+                    await self._apply(self.policy)
+            except NeuronServeError as exc:
+                log.warning("loading the version policy's versions: %s", exc)
+
+        task = asyncio.ensure_future(apply())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def close(self) -> None:
+        """Stop polling and wait for the drains in progress."""
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+            self._poller = None
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+
+    # ---- the work --------------------------------------------------------------------------
+
+    async def _apply(self, policy: VersionPolicy) -> Tuple[int, ...]:
+        scan = self.repository.scan(self.model, policy)
+        if not scan.selected:
+            wanted = list(policy.versions) if policy.kind == "specific" else "any"
+            raise NotFound(f"model {self.model}: the version policy {policy} selects none of the versions in the repository {list(scan.versions) or 'none'} (asked {wanted})")
+        missing = [v for v in (policy.versions if policy.kind == "specific" else ()) if v not in scan.versions]
+        if missing:
+            raise NotFound(f"model {self.model} has no version {missing} in the repository; it has {list(scan.versions)}")
+        new = [v for v in scan.selected if self.table.get(v) is None]
+        built: List[ServedVersion] = []
+        try:
+            for version in new:
+                built.append(await self._load_one(scan.path(version), version))
+        except BaseException:
+            for served in built:  # the load is all or nothing: what was served keeps serving
+                self._retire(served)
+            raise
+        for served in built:  # one event-loop step: no request sees half a switch
+            replaced = self.table.install(served)
+            if replaced is not None:
+                self._retire(replaced)
+        for served in self.table.all():
+            if served.version not in scan.selected and len(self.table.versions) > 1:
+                self._retire(self.table.remove(served.version))
+        return self.table.versions
+
+    async def _load_one(self, path: Path, version: int) -> ServedVersion:
+        self._status[version] = VersionStatus(self.model, version, LOADING)
+        start = time.monotonic()
+        log.info("loading model %s version %d from %s", self.model, version, path)
+        try:
+            served = await self._build(path, version)
+        except NeuronServeError as exc:
+            self._status[version] = VersionStatus(self.model, version, UNAVAILABLE, str(exc))
+            self.counts = LoadCounts(self.counts.loaded, self.counts.failed + 1, self.counts.unloaded)
+            log.error("load of model %s version %d refused; still serving %s: %s", self.model, version, list(self.table.versions), exc)
+            raise
+        except BaseException as exc:
+            self._status[version] = VersionStatus(self.model, version, UNAVAILABLE, f"load failed: {type(exc).__name__}")
+            self.counts = LoadCounts(self.counts.loaded, self.counts.failed + 1, self.counts.unloaded)
+            log.exception("load of model %s version %d failed; still serving %s", self.model, version, list(self.table.versions))
+            raise
+        self._status.pop(version, None)
+        self.counts = LoadCounts(self.counts.loaded + 1, self.counts.failed, self.counts.unloaded)
+        log.info("model %s version %d (artifact %s) loaded and warm in %.1f s", self.model, version, served.info.version, time.monotonic() - start)
+        return served
+
+    def _retire(self, served: ServedVersion) -> None:
+        """Drain and close `served` (no longer in the table) in the background."""
+        self._status[served.version] = VersionStatus(self.model, served.version, UNLOADING)
+
+        async def retire() -> None:
+            try:
+                await served.close(self.drain_timeout_s)
+            finally:
+                if self._status.get(served.version, VersionStatus(self.model, 0, "")).state == UNLOADING:
+                    del self._status[served.version]
+                self.counts = LoadCounts(self.counts.loaded, self.counts.failed, self.counts.unloaded + 1)
+                log.info("model %s version %d drained and unloaded", self.model, served.version)
+
+        task = asyncio.ensure_future(retire())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def _check_explicit(self, what: str) -> None:
+        if self.mode != EXPLICIT:
+            raise ModelControlError(f"explicit model {what} is not allowed with --model-control {self.mode}; start the server with --model-control explicit")
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model:
+            raise NotFound(f"unknown model {model[:64]!r}; the repository's model is {self.model}")
+
+
+async def check_reference(pipeline, manifest, reference: Dict[str, np.ndarray]) -> None:
+    """The artifact's reference inputs run on the loaded pipeline (both towers and the score path)
+    must give its reference outputs within a tolerance; an ArtifactError naming the file otherwise.
+    `reference`: the arrays of the verified reference file."""
+    tolerance = max(10 * manifest.parity_tolerance, 1e-4)
+    where = manifest.path(manifest.reference_file)
+    checks = [
+        ("user_tower", await pipeline.run_stage("user_tower", [reference["user_features"]]), reference["user_embeddings"]),
+        ("peer_tower", await pipeline.run_stage("peer_tower", [reference["peer_features"]]), reference["peer_embeddings"]),
+    ]
+    users, peers = reference["user_features"], reference["peer_features"]
+    batch = await pipeline.score_requests([users[i : i + 1] for i in range(len(users))], [peers[i : i + 1] for i in range(len(peers))])
+    checks.append(("scores", batch.scores, reference["scores"]))
+    for name, got, want in checks:
+        error = float(np.max(np.abs(np.asarray(got, np.float64) - want))) if got.shape == want.shape else float("inf")
+        if not error <= tolerance:
+            raise ArtifactError(f"{where}: the backend's {name} differ from the reference outputs by {error:.2e} (tolerance {tolerance:.0e}); the artifact does not score as compiled")
+
+
+def control_samples(control: "ModelControl") -> list:
+    """The metrics of model control (metrics.FAMILIES): loads by outcome, and the versions served."""
+    from neuronserve.metrics import Sample
+
+    counts = control.counts
+    samples = [Sample("neuronserve_model_loads_total", (("outcome", outcome),), value)
+               for outcome, value in (("loaded", counts.loaded), ("failed", counts.failed), ("unloaded", counts.unloaded))]
+    current = control.table.current
+    samples += [Sample("neuronserve_model_version_served", (("version", str(s.version)), ("current", str(s is current).lower())), 1)
+                for s in control.table.all()]
+    return samples
