@@ -207,7 +207,10 @@ class DynamicBatcher:
         request = _Request(payload, rows, priority, now, deadline_s, asyncio.get_running_loop().create_future())
         self._queues.setdefault(priority, deque()).append(request)
         self._queued_rows += rows
-        self._wake.set()
+        if len(self._running) < self._devices:
+            self._launch()  # rule (a) at once: an idle device does not wait for the dispatcher's turn
+        if self._queued_rows:
+            self._wake.set()
         try:
             return await request.future
         except asyncio.CancelledError:
@@ -248,15 +251,19 @@ class DynamicBatcher:
                 except asyncio.TimeoutError:
                     pass
                 continue  # re-evaluate: a batch finished, rows arrived, or the delay is up
-            members = self._form()
-            if members:
-                now = self._clock()
-                rows = sum(stop - start for _, start, stop in members)
-                device_start_s = max(now, self._device_free_s(now))
-                batch = _Batch(rows, device_start_s, device_start_s + self._expected_s(rows))
-                task = asyncio.get_running_loop().create_task(self._run(members, batch))
-                self._running[task] = batch
-                task.add_done_callback(self._finished)
+            self._launch()
+
+    def _launch(self) -> None:
+        """Form one batch (per the rule in the module docstring) and start running it."""
+        members = self._form()
+        if members:
+            now = self._clock()
+            rows = sum(stop - start for _, start, stop in members)
+            device_start_s = max(now, self._device_free_s(now))
+            batch = _Batch(rows, device_start_s, device_start_s + self._expected_s(rows))
+            task = asyncio.get_running_loop().create_task(self._run(members, batch))
+            self._running[task] = batch
+            task.add_done_callback(self._finished)
 
     def _hold_s(self) -> float:
         """Seconds to hold a free slot for more rows (rule (a)-(c) in the module docstring); <= 0: fire now."""
@@ -358,7 +365,8 @@ class DynamicBatcher:
 
     def _finished(self, task: asyncio.Task) -> None:
         self._running.pop(task, None)
-        self._wake.set()
+        if self._queued_rows or self._closing:  # else nothing to dispatch: the next submit wakes it
+            self._wake.set()
 
     # -- results --------------------------------------------------------------------------------
 

@@ -379,15 +379,35 @@ class Pipeline:
         """`job(group.runners, *args)` -> (output, busy seconds, executions) on a slot of the least-loaded
         healthy group holding `stage`; returns the output. A core that refused the job because it is
         resetting (CoreResetting: nothing ran) is out of rotation now, so the job goes to another group."""
+        loop = asyncio.get_running_loop()
         while True:
             group = await self._acquire(stage)
-            future = asyncio.get_running_loop().run_in_executor(group.executor, job, group.runners, *args)
-            future.add_done_callback(functools.partial(self._finish, group))
+            future = loop.create_future()
             try:
-                out, _, _ = await asyncio.shield(future)  # a cancelled caller must not free a slot still running
+                done = group.executor.submit(job, group.runners, *args)
+            except RuntimeError:  # the executor is shut down: the pipeline is closing
+                self._finish(group, None, None)
+                raise Unavailable("the pipeline is closed") from None
+            # One hop back: the job's completion settles `future` and frees the slot in one loop callback.
+            # The slot is freed by the job, never by the caller: a cancelled caller keeps it until the core is done.
+            done.add_done_callback(functools.partial(_call_soon, loop, self._settle, future, group))
+            try:
+                out, _, _ = await future
             except CoreResetting:
                 continue
             return out
+
+    def _settle(self, future: asyncio.Future, group: _Group, done) -> None:
+        """Loop thread, once a job ends (`done`: its concurrent.futures.Future): free its slot, count,
+        and answer its caller unless the caller went away."""
+        error = Unavailable("the execution was cancelled: the pipeline is closing") if done.cancelled() else done.exception()
+        result = None if error is not None else done.result()
+        self._finish(group, result, error)
+        if not future.done():
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
 
     async def _acquire(self, stage: str) -> _Group:
         """A slot on the least-loaded healthy group for `stage`; waits (FIFO) while all are busy."""
@@ -408,20 +428,17 @@ class Pipeline:
             self._waiters.append(waiter)
             await waiter
 
-    def _finish(self, group: _Group, future: asyncio.Future) -> None:
-        """Done callback (loop thread): free the slot, wake waiters, count."""
+    def _finish(self, group: _Group, result, error: Optional[BaseException]) -> None:
+        """Loop thread: free the slot, wake waiters, count the job's (output, busy seconds, executions)."""
         group.in_flight -= 1
         waiters, self._waiters = self._waiters, deque()
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
-        if future.cancelled():
-            return
-        error = future.exception()
         if isinstance(error, CoreFault) and not isinstance(error, CoreResetting):
             group.faults += 1
-        if error is None:
-            _, busy_s, executions = future.result()
+        if result is not None:
+            _, busy_s, executions = result
             group.busy_s += busy_s
             for stage, rows, bucket in executions:
                 group.executions += 1
@@ -429,6 +446,15 @@ class Pipeline:
                 counts[0] += 1
                 counts[1] += rows
                 counts[2] += bucket - rows
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
+    """loop.call_soon_threadsafe(callback, *args) from an executor thread; nothing once the loop is closed
+    (a job that outlived its server)."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        pass
 
 
 def _run_fused(runners: Dict[str, Runner], inputs: Sequence[List[np.ndarray]], chunks: Sequence[Tuple[int, int]]):

@@ -451,26 +451,31 @@ def test_cancelled_requests_are_dropped_from_the_queue():
 def test_run_batch_exception_fails_exactly_its_batch_and_the_batcher_goes_on():
     async def body():
         runner = Runner()
-        runner.fail[0] = ValueError("boom")
+        runner.fail[1] = ValueError("boom")
         fault = CoreFault("core 2 hung")
-        runner.fail[2] = fault
+        runner.fail[3] = fault
         batcher = make(runner, max_batch_rows=4)
-        a, b = submit(batcher, "a", 1), submit(batcher, "b", 2)
+        x = submit(batcher, "x", 1)  # the idle device takes it alone, at once
+        await settle()
+        a, b = submit(batcher, "a", 1), submit(batcher, "b", 2)  # queued behind x: one batch when it is done
+        await settle()
+        runner.release(0)
+        check(await x, "x", 1)
         await settle()
         c = submit(batcher, "c", 1)
         await settle()
-        assert runner.batches[0] == [("a", 0, 1), ("b", 0, 2)]
-        runner.release(0)
+        assert runner.batches[1] == [("a", 0, 1), ("b", 0, 2)]
+        runner.release(1)
         for task in (a, b):
             with pytest.raises(NeuronServeError, match="run_batch failed: ValueError: boom") as info:
                 await task
             assert type(info.value) is NeuronServeError
         await settle()
-        runner.release(1)
+        runner.release(2)
         check(await c, "c", 1)
         d = submit(batcher, "d", 1)
         await settle()
-        runner.release(2)
+        runner.release(3)
         with pytest.raises(CoreFault) as info:
             await d
         assert info.value is fault  # a NeuronServeError is passed on as it is
