@@ -147,6 +147,7 @@ class DynamicBatcher:
         self._queues: Dict[int, Deque[_Request]] = {}  # priority -> FIFO
         self._queued_rows = 0
         self._slowdown = 1.0
+        self._hold_until_s = float("inf")  # when the dispatcher's current hold ends, on `clock` (inf: none)
         self._running: Dict[asyncio.Task, _Batch] = {}
         self._wake: Optional[asyncio.Event] = None
         self._dispatcher: Optional[asyncio.Task] = None
@@ -209,7 +210,10 @@ class DynamicBatcher:
         self._queued_rows += rows
         if len(self._running) < self._devices:
             self._launch()  # rule (a) at once: an idle device does not wait for the dispatcher's turn
-        if self._queued_rows:
+        # Wake the dispatcher only when these rows can change its decision: the queue was empty (it may
+        # be waiting for rows), it now holds a full batch (rule (b)), or its hold is over by `clock`. A
+        # younger request moves neither the oldest arrival nor a device's expected finish.
+        if self._queued_rows and (self._queued_rows == rows or self._queued_rows >= self._max_rows or now >= self._hold_until_s):
             self._wake.set()
         try:
             return await request.future
@@ -246,11 +250,14 @@ class DynamicBatcher:
             hold_s = self._hold_s()
             if hold_s > 0:
                 self._wake.clear()
+                self._hold_until_s = self._clock() + hold_s
+                timer = asyncio.get_running_loop().call_later(hold_s, self._wake.set)  # no task per hold
                 try:
-                    await asyncio.wait_for(self._wake.wait(), hold_s)
-                except asyncio.TimeoutError:
-                    pass
-                continue  # re-evaluate: a batch finished, rows arrived, or the delay is up
+                    await self._wake.wait()
+                finally:
+                    timer.cancel()
+                    self._hold_until_s = float("inf")
+                continue  # re-evaluate: a batch finished, a full batch is queued, or the delay is up
             self._launch()
 
     def _launch(self) -> None:
