@@ -18,6 +18,9 @@ The firing rule (one dispatcher task on the event loop; Triton's dynamic batcher
   per-execution cost. The delay is measured from the oldest request's arrival, never from when a
   collector started (the TorchServe/MLServer flaw). When a device frees is expected from the latency
   model times the observed slowdown; a batch that finishes early wakes the dispatcher at once.
+  Rule (a) runs inside submit (an idle device takes the request in the caller's own loop step), and
+  a submit wakes the dispatcher only when it can change a decision (the queue was empty, a full batch
+  is queued, or the current hold is over): per request, no dispatcher turn that would find nothing to do.
   A batch takes what is queued, in order (lowest priority value first, FIFO within a priority), up to
   max_batch_rows; a request larger than the room left is split and its first part fills the batch,
   the rest stays at the head of the queue. stats().queue_s_total sums every request's wait.
