@@ -31,7 +31,7 @@ from neuronserve.pool_metrics import PoolMetrics
 from neuronserve.protos import scorer_pb2 as pb
 from neuronserve.protos import scorer_pb2_grpc as pb_grpc
 from neuronserve.server import Server
-from loop_thread import LoopThread
+from support import LoopThread, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -58,14 +58,6 @@ def values(text: str) -> Dict[tuple, float]:
 def sample_names(text: str) -> Set[str]:
     """Every sample name on a page, as written (a counter's name as it is: nv_inference_count, x_total)."""
     return {re.split(r"[{ ]", line, 1)[0] for line in text.splitlines() if line and not line.startswith("#")}
-
-
-def wait_until(predicate, timeout_s: float = 10.0) -> None:
-    end = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
 
 
 def score_request(seed: int, peers: int = 4) -> pb.ScoreRequest:

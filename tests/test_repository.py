@@ -27,7 +27,7 @@ from neuronserve.protos import scorer_pb2 as pb
 from neuronserve.protos import scorer_pb2_grpc as pb_grpc
 from neuronserve.repository import Repository, VersionPolicy, parse_version
 
-from loop_thread import LoopThread
+from support import LoopThread
 from neuronserve.server import Server
 from neuronserve.versions import ServedVersion, VersionTable
 

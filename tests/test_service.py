@@ -7,7 +7,6 @@ never by wall-clock speed."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 import numpy as np
@@ -29,7 +28,7 @@ from neuronserve.server import Server, model_info
 from neuronserve.oip_service import InferenceService
 from neuronserve.scorer_service import ScorerService
 from neuronserve.service import ServingState
-from loop_thread import LoopThread
+from support import LoopThread, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -75,14 +74,6 @@ def infer_request(user, peers, *, typed: bool = False, model: str = "twotower", 
 
 def rng_features(seed: int, rows: int, width: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((rows, width)).astype(np.float32)
-
-
-def wait_until(predicate, timeout_s: float = 10.0) -> None:
-    end = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
 
 
 def rpc_error(call, *args, **kwargs) -> grpc.RpcError:

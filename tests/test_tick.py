@@ -14,7 +14,7 @@ from neuronserve.errors import InvalidInput
 from neuronserve.protos import scorer_pb2 as pb
 from neuronserve.protos import scorer_pb2_grpc as pb_grpc
 from neuronserve.server import Server
-from loop_thread import LoopThread
+from support import LoopThread
 
 pytestmark = pytest.mark.timeout(120)
 

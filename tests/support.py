@@ -1,10 +1,12 @@
-"""LoopThread: an event loop on a daemon thread, where a test's servers live; the test calls them
-from its own thread with sync stubs, or runs coroutines there with `run`."""
+"""What several test files share: LoopThread, an event loop on a daemon thread where a test's servers
+live (the test calls them from its own thread with sync stubs, or runs coroutines there with `run`),
+and wait_until, a poll with a deadline instead of a sleep."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 
 class LoopThread:
@@ -28,3 +30,12 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+
+def wait_until(predicate, timeout_s: float = 10.0) -> None:
+    """Poll `predicate` every 5 ms until true; AssertionError past `timeout_s`."""
+    end = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.005)
