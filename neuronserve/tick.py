@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
 
 from neuronserve.errors import InvalidInput
 
@@ -42,6 +44,8 @@ MUTUALS = (ONE_WAY, PRODUCT, MINIMUM, HARMONIC_MEAN)
 PAD_ID = -1  # padding of a row with fewer than k candidates (its value: -inf); `counts` is authoritative
 BLOCK_BYTES = 4 << 20  # one [B, M] float32 working matrix: about 4 MiB (see block_rows_for)
 MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 16, 1024
+CHUNK_COLUMNS = 32  # the pruned top-k's chunk width (see _top_k)
+TILE_COLUMNS = 256  # a mutual pool's combination reads F's transposed side in tiles of this width
 POOL_MATRIX_BYTES = 512 << 20  # a mutual pool's whole [N, N] float32 forward matrix, at most: N <= 11,585
 
 
@@ -113,14 +117,13 @@ class _Direction:
             self.rows = np.ascontiguousarray((rows * w[None, :, None]).reshape(n, k * d))
             self.cols = np.ascontiguousarray(cols.reshape(len(cols), k * d))
             self.const = np.float32(np.dot(w.astype(np.float64), bias.astype(np.float64)))
-        else:  # w_k sigmoid(x) = w_k/2 + (w_k/2) tanh(x/2): per label [U_k/2, b_k/2] . [P_k, 1], then tanh
+        else:  # per label [-U_k, -b_k] . [P_k, 1] = -s_k, then w_k / (1 + exp(-s_k)) and a sum
             self.rows = np.empty((k, n, d + 1), np.float32)
-            self.rows[:, :, :d] = rows.transpose(1, 0, 2) * np.float32(0.5)
-            self.rows[:, :, d] = (bias * np.float32(0.5))[:, None]
+            self.rows[:, :, :d] = -rows.transpose(1, 0, 2)
+            self.rows[:, :, d] = -bias[:, None]
             self.cols = np.ones((k, len(cols), d + 1), np.float32)
             self.cols[:, :, :d] = cols.transpose(1, 0, 2)
-            self.half_w = (w * np.float32(0.5)).astype(np.float32)
-            self.const = np.float32(float(np.sum(w.astype(np.float64))) * 0.5)
+            self.weights = w
 
     def block(self, start: int, stop: int, out: np.ndarray, tmp: np.ndarray, transposed: bool = False) -> np.ndarray:
         """c(row -> column) for rows start:stop into out [stop - start, M] (tmp: same shape, scratch);
@@ -136,14 +139,17 @@ class _Direction:
             product(self.rows, self.cols, out)
             out += self.const
             return out
-        for label in range(self.rows.shape[0]):
-            target = out if label == 0 else tmp
-            product(self.rows[label], self.cols[label], target)
-            np.tanh(target, out=target)
-            target *= self.half_w[label]
-            if label:
-                out += tmp
-        out += self.const
+        # numpy's ufuncs, not torch's: torch's sigmoid rounds a vector's tail differently from its body, so
+        # equal logits at different columns could differ in the last bit and break the tie rule
+        with np.errstate(over="ignore"):  # exp(-s) overflows to inf for s < -88: 1 / (1 + inf) = 0, exactly
+            for label, weight in enumerate(self.weights):
+                target = out if label == 0 else tmp
+                product(self.rows[label], self.cols[label], target)  # -s_k
+                np.exp(target, out=target)
+                target += 1
+                np.divide(weight, target, out=target)
+                if label:
+                    out += tmp
         return out
 
 
@@ -161,24 +167,66 @@ def _mutual(forward: np.ndarray, reverse: np.ndarray, how: str) -> np.ndarray:
     return forward
 
 
-def _top_k(values: np.ndarray, k: int) -> np.ndarray:
-    """Columns [B, k] of each row's k largest values, sorted by value descending, ties by lower column."""
-    b, m = values.shape
-    if k < m:
-        part = np.argpartition(values, m - k, axis=1)[:, m - k :]
-    else:
-        part = np.broadcast_to(np.arange(m), (b, m)).copy()
-    chosen = np.take_along_axis(values, part, axis=1)
-    threshold = chosen.min(axis=1)
-    # argpartition picks arbitrarily among values equal to the threshold: where more columns than chosen
+def _combine_transposed(matrix: np.ndarray, start: int, stop: int, how: str, out: np.ndarray) -> np.ndarray:
+    """value(u, v) for the rows u in start:stop of a pool's forward matrix F (c(u->v) = F[u, v]) and
+    every column v: combine(F[u, v], F[v, u]), read tile by tile so the transposed side stays in cache."""
+    for j in range(0, matrix.shape[1], TILE_COLUMNS):
+        stop_j = min(j + TILE_COLUMNS, matrix.shape[1])
+        forward, reverse, target = matrix[start:stop, j:stop_j], matrix[j:stop_j, start:stop].T, out[:, j:stop_j]
+        if how == PRODUCT:
+            np.multiply(forward, reverse, out=target)
+        elif how == MINIMUM:
+            np.minimum(forward, reverse, out=target)
+        else:  # HARMONIC_MEAN
+            np.copyto(target, forward)
+            _mutual(target, np.ascontiguousarray(reverse), how)
+    return out
+
+
+def _padded_width(m: int) -> int:
+    """Columns of a block's working matrix: m rounded up to whole CHUNK_COLUMNS chunks (see _top_k)."""
+    return -(-m // CHUNK_COLUMNS) * CHUNK_COLUMNS
+
+
+def _top_k(padded: np.ndarray, k: int, m: int) -> np.ndarray:
+    """Columns [B, k] of each row's k largest values among the first m columns of padded [B, M'] (M' =
+    _padded_width(m); the columns past m hold -inf), sorted by value descending, ties by lower column.
+
+    Pruned: only the CHUNK_COLUMNS-wide chunks holding the k largest chunk maxima are searched. Their
+    smallest maximum t is a lower bound of the row's k-th value, and every value above t lies in them; a
+    row whose k-th value found equals t (ties at the bound, -inf among them) is searched whole."""
+    b = padded.shape[0]
+    chunks = padded.shape[1] // CHUNK_COLUMNS
+    if chunks < 2 * k:  # too few chunks for the pruning to pay
+        return _select(padded[:, :m], np.broadcast_to(np.arange(m), (b, m)), k)
+    by_chunk = padded.reshape(b, chunks, CHUNK_COLUMNS)
+    maxima = torch.from_numpy(by_chunk).amax(dim=2).numpy()  # torch's reduction is vectorised (numpy's is not)
+    best = np.argpartition(maxima, chunks - k, axis=1)[:, chunks - k :]
+    bound = np.take_along_axis(maxima, best, axis=1).min(axis=1)
+    candidates = by_chunk[np.arange(b)[:, None], best].reshape(b, k * CHUNK_COLUMNS)  # whole chunks: [B, k, C]
+    columns = (best[:, :, None] * CHUNK_COLUMNS + np.arange(CHUNK_COLUMNS)).reshape(b, k * CHUNK_COLUMNS)
+    top = _select(candidates, columns, k)
+    for row in np.flatnonzero(padded[np.arange(b), top[:, -1]] <= bound):  # ties at the bound: the whole row
+        top[row] = _select(padded[row : row + 1, :m], np.arange(m)[None, :], k)[0]
+    return top
+
+
+def _select(values: np.ndarray, columns: np.ndarray, k: int) -> np.ndarray:
+    """Of candidates values [B, c] at columns [B, c] (distinct per row, any order): the columns of each
+    row's k largest values, sorted by value descending, ties by lower column."""
+    b, c = values.shape
+    part = np.argpartition(values, c - k, axis=1)[:, c - k :] if k < c else np.broadcast_to(np.arange(c), (b, c)).copy()
+    threshold = np.take_along_axis(values, part, axis=1).min(axis=1)
+    # argpartition picks arbitrarily among values equal to the threshold: where more candidates than chosen
     # reach it, take those above it and then the lowest columns equal to it
     for row in np.flatnonzero(np.count_nonzero(values >= threshold[:, None], axis=1) > k):
         above = np.flatnonzero(values[row] > threshold[row])
-        equal = np.flatnonzero(values[row] == threshold[row])[: k - len(above)]
+        equal = np.flatnonzero(values[row] == threshold[row])
+        equal = equal[np.argsort(columns[row, equal], kind="stable")][: k - len(above)]
         part[row] = np.concatenate([above, equal])
-    chosen = np.take_along_axis(values, part, axis=1)
-    order = np.lexsort((part, -chosen), axis=1)
-    return np.take_along_axis(part, order, axis=1)
+    chosen, chosen_columns = np.take_along_axis(values, part, axis=1), np.take_along_axis(columns, part, axis=1)
+    order = np.lexsort((chosen_columns, -chosen), axis=1)
+    return np.take_along_axis(chosen_columns, order, axis=1)
 
 
 def exclusions(row_ids: np.ndarray, col_ids: np.ndarray, *, exclude_self: bool, blocked_rows: Optional[np.ndarray] = None,
@@ -264,10 +312,12 @@ def score_tick(row_ids: np.ndarray, col_ids: np.ndarray, rows_user: np.ndarray, 
 
     def run(start: int) -> None:
         stop = min(start + block, n)
+        padded = np.empty((stop - start, _padded_width(m)), np.float32)
+        padded[:, m:] = -np.inf
+        out = padded[:, :m]
         if matrix is not None:  # c(v->u) = matrix[v, u]: the block's columns, transposed (combine is symmetric)
-            out = _mutual(np.ascontiguousarray(matrix[:, start:stop].T), matrix[start:stop], spec.mutual)
+            _combine_transposed(matrix, start, stop, spec.mutual, out)
         else:
-            out = np.empty((stop - start, m), np.float32)
             tmp = np.empty_like(out)
             forward.block(start, stop, out, tmp)
             if reverse is not None:
@@ -276,7 +326,7 @@ def score_tick(row_ids: np.ndarray, col_ids: np.ndarray, rows_user: np.ndarray, 
                 _mutual(out, back, spec.mutual)
         lo, hi = np.searchsorted(ex_rows, start), np.searchsorted(ex_rows, stop)
         out[ex_rows[lo:hi] - start, ex_cols[lo:hi]] = -np.inf
-        top = _top_k(out, k)
+        top = _top_k(padded, k, m)
         got = np.take_along_axis(out, top, axis=1)
         valid = np.arange(k)[None, :] < counts[start:stop, None]
         ids[start:stop] = np.where(valid, col_ids[top], PAD_ID)
@@ -287,13 +337,15 @@ def score_tick(row_ids: np.ndarray, col_ids: np.ndarray, rows_user: np.ndarray, 
                 reverse_labels[start:stop] = np.where(valid[:, :, None], pair_logits(cols_user[top], rows_peer[start:stop], bias, swap=True), 0)
 
     workers = min(threads or default_threads(), len(starts))
-    for step in ([fill] if whole else []) + [run]:  # whole: every block of the matrix before any block reads its columns
-        if workers <= 1:
+    steps = ([fill] if whole else []) + [run]  # whole: every block of the matrix before any block reads its columns
+    if workers <= 1:
+        for step in steps:
             for start in starts:
                 step(start)
-        else:
-            with ThreadPoolExecutor(workers, thread_name_prefix="tick") as executor:
-                list(executor.map(step, starts))  # numpy's matmul and ufuncs release the GIL on blocks this size
+    else:  # the blocks are the parallelism: one BLAS thread per block (two callers of a 2-thread BLAS run slower than one)
+        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers, thread_name_prefix="tick") as executor:
+            for step in steps:
+                list(executor.map(step, starts))  # numpy's matmul and ufuncs, and torch's ops, release the GIL
     if whole:
         return TickResult(*(None if a is None else a[pos] for a in (ids, values, counts, labels, reverse_labels)))
     return TickResult(ids, values, counts, labels, reverse_labels)

@@ -137,6 +137,34 @@ def test_users_x_peers_tick_equals_the_reference(space, mutual):
     assert_same(T.score_tick(*args, **extra, block_rows=8, threads=2), T.reference_tick(*args, **extra))
 
 
+@pytest.mark.parametrize("space,mutual", [(T.PROBABILITY, T.PRODUCT), (T.LOGIT, T.MINIMUM), (T.LOGIT, T.ONE_WAY)])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_the_pruned_top_k_equals_the_reference(space, mutual, quantized):
+    # 650 candidates, k = 6: 21 chunks of 32 columns (the last one ragged), so the pruned search runs;
+    # quantized vectors tie at the chunks' bound, and person 0 blocks all but 3 (-inf at the bound)
+    ids, users, peers, bias = pool_case(9, 651, quantized=quantized)
+    spec = T.make_spec(6, [0.5, 0.25, 1.0], 3, len(ids) - 1, label_space=space, mutual=mutual)
+    blocked = (np.repeat(ids[0], len(ids) - 4), ids[4:])
+    got, want = run_pool(ids, users, peers, bias, spec, blocked, block_rows=64, threads=2)
+    assert T._padded_width(650) // T.CHUNK_COLUMNS >= 2 * spec.k
+    assert got.counts[0] == 3
+    assert_same(got, want, exact_ids=quantized)
+
+
+@pytest.mark.parametrize("m", [64 * 5, 64 * 5 + 17])
+def test_top_k_on_ties_and_minus_infinity_equals_a_full_sort(m):
+    rng = np.random.default_rng(m)
+    k, width = 5, T._padded_width(m)
+    values = np.full((40, width), -np.inf, np.float32)
+    values[:, :m] = rng.integers(0, 6, (40, m)).astype(np.float32)  # six values: ties everywhere
+    values[:10, : m - 2] = -np.inf  # rows with 2 finite values: -inf ties at the bound
+    values[10:20, :m] = rng.standard_normal((10, m)).astype(np.float32)
+    top = T._top_k(values, k, m)
+    for row in range(len(values)):
+        want = np.lexsort((np.arange(m), -values[row, :m]))[:k]
+        np.testing.assert_array_equal(top[row], want)
+
+
 def test_a_larger_pool_in_default_blocks_equals_the_reference():
     ids, users, peers, bias = pool_case(6, 700, k_labels=4, d=16)
     spec = T.make_spec(50, [1, 1, 1, 1], 4, 699, mutual=T.PRODUCT)
