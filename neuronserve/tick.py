@@ -1,5 +1,5 @@
 """The matching tick: every person's top-k candidates over a whole pool (or users x peers), from the
-cached tower outputs, without ever holding the [N, M, K] scores. Pure numpy; the service's ScoreTick
+cached tower outputs, without ever holding the [N, M, K] scores. numpy (and torch for one reduction); the service's ScoreTick
 gathers the vectors from the embedding cache and runs `score_tick` in a worker thread.
 
 Definitions (docs/tick.md states them with the algorithm and the block size):
@@ -13,15 +13,13 @@ Definitions (docs/tick.md states them with the algorithm and the block size):
 Per row, candidates sorted by value descending, ties by the lower peer id. Excluded pairs (self-pairs
 when asked, blocked pairs) are never candidates.
 
-Compute, per block of `block_rows` rows: the direction's combined values in one [B, M] float32 matrix
-(LOGIT: one matmul over the concatenated, weight-scaled labels, inner dimension K*D; PROBABILITY: per
-label one matmul with the bias folded in as an extra column, then a tanh), the reverse direction the
-same way from the rows' peer vectors and the columns' user vectors, the mutual combination in place,
-exclusions set to -inf, then top-k by np.argpartition and a sort of the k winners. Columns are held in
-ascending peer-id order, so "the lower column" is "the lower peer id" and ties need no id lookups.
-A mutual pool of at most ~11,585 people (POOL_MATRIX_BYTES) computes one direction only: the whole
-[N, N] forward matrix F first, then per row block the combination of F's rows with F's columns
-(c(v->u) = F[v, u]), so half the matmul and sigmoid work.
+Compute, per block of `block_rows` rows on a thread pool (one BLAS thread per block): the direction's
+combined values in one [B, M] float32 matrix (LOGIT: one matmul over the concatenated, weight-scaled
+labels; PROBABILITY: per label one matmul, then w_k / (1 + exp(-s_k))), the reverse direction the same
+way, the mutual combination, exclusions set to -inf, then a top-k pruned to the chunks of columns that
+can hold it. A mutual pool of at most ~11,585 people (POOL_MATRIX_BYTES) computes one direction only:
+the whole [N, N] forward matrix F, then per row block the combination of F's rows with F's columns.
+docs/tick.md derives each step.
 """
 
 from __future__ import annotations
