@@ -219,6 +219,7 @@ class ServerConfig:
     tls_cert: Optional[str] = None  # PEM certificate (chain): gRPC over TLS (tls.py checks the files at start-up)
     tls_key: Optional[str] = None  # its PEM private key
     tls_client_ca: Optional[str] = None  # mTLS: client certificates required, verified against these CAs
+    admin_token_file: Optional[str] = None  # the model repository RPCs need this file's bearer token (admin_auth.py)
     trusted_key: Optional[str] = None  # PEM public key(s): the artifact must be signed by one (artifact.load_manifest checks)
     reflection: bool = True  # gRPC server reflection
     cache_max_rows: int = 1_000_000
@@ -261,7 +262,7 @@ class ServerConfig:
             raise ConfigError(f"drain_delay_s must be >= 0, got {self.drain_delay_s}")
         if self.max_connection_age_s is not None and not 0.001 <= self.max_connection_age_s <= MAX_GRPC_DURATION_S:
             raise ConfigError(f"max_connection_age_s must be >= 0.001 and <= {MAX_GRPC_DURATION_S} (gRPC's limit), or off; got {self.max_connection_age_s}")
-        for name in ("tls_cert", "tls_key", "tls_client_ca", "trusted_key"):  # readable: checked at start-up (tls.load_tls, load_manifest)
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "trusted_key", "admin_token_file"):  # readable: checked at start-up (tls.load_tls, load_manifest)
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ConfigError(f"{name} must be a file path, got {value!r}")
@@ -269,6 +270,10 @@ class ServerConfig:
             raise ConfigError(f"model_control must be none, explicit or poll, got {self.model_control!r}")
         if self.model_control != "none" and self.model_repository is None:
             raise ConfigError("model_control explicit or poll needs a model repository: pass --model-repository DIR")
+        loopback = self.host in ("localhost", "::1") or self.host.startswith("127.")
+        if self.model_control != "none" and not loopback and self.admin_token_file is None and self.tls_client_ca is None:
+            raise ConfigError(f"model_control {self.model_control} on {self.host} would let anyone who can connect load and unload "
+                              "models: pass --admin-token-file FILE (or --tls-client-ca for mTLS), or listen on loopback")
         if self.model_repository is not None and self.artifact is not None:
             raise ConfigError("artifact and model_repository do not combine: serve one artifact or a repository of versions")
         if self.model_repository is not None and ((self.workers or 1) > 1 or self.embedding_store != "embedded"):

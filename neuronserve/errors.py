@@ -62,6 +62,12 @@ class CoreResetting(CoreFault):
     pipeline runs it on another group (a batch queued behind a faulting one is not lost)."""
 
 
+class Unauthenticated(NeuronServeError):
+    """An administrative RPC without the admin token (admin_auth.py)."""
+
+    status = "UNAUTHENTICATED"
+
+
 class ArtifactError(NeuronServeError):
     """An artifact is missing, tampered with, truncated or incompatible."""
 

@@ -156,6 +156,7 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
     # Triton's model repository extension: model_control.ModelControl answers (`control`, set by the
     # server; None: a server without a repository's control answers FAILED_PRECONDITION).
     control = None
+    admin = None  # admin_auth.AdminGuard when --admin-token-file is set: the repository RPCs need the token
 
     async def RepositoryIndex(self, request: oip.RepositoryIndexRequest, context) -> oip.RepositoryIndexResponse:
         return await self._answer(context, UNKNOWN_MODEL, self._repository_index, request, inference=False)
@@ -166,25 +167,27 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(self, request: oip.RepositoryModelUnloadRequest, context) -> oip.RepositoryModelUnloadResponse:
         return await self._answer(context, UNKNOWN_MODEL, self._repository_unload, request, inference=False)
 
-    def _control(self):
+    def _control(self, context):
+        if self.admin is not None:
+            self.admin.check(context)
         if self.control is None:
             raise ModelControlError("this server has no model repository control; serve with --model-repository DIR (and --model-control explicit to load and unload)")
         return self.control
 
     async def _repository_index(self, request, context) -> oip.RepositoryIndexResponse:
         entry = oip.RepositoryIndexResponse.ModelIndex
-        rows = self._control().index(ready_only=request.ready)
+        rows = self._control(context).index(ready_only=request.ready)
         return oip.RepositoryIndexResponse(models=[entry(name=r.model, version=str(r.version), state=r.state, reason=r.reason) for r in rows])
 
     async def _repository_load(self, request, context) -> oip.RepositoryModelLoadResponse:
         config = request.parameters["config"].string_param if "config" in request.parameters else ""
-        await self._control().load(request.model_name, config or None)
+        await self._control(context).load(request.model_name, config or None)
         return oip.RepositoryModelLoadResponse()
 
     async def _repository_unload(self, request, context) -> oip.RepositoryModelUnloadResponse:
         version = request.parameters["version"] if "version" in request.parameters else None  # beyond Triton: one version
         text = "" if version is None else (version.string_param or (str(version.int64_param) if version.int64_param else ""))
-        await self._control().unload(request.model_name, text)
+        await self._control(context).unload(request.model_name, text)
         return oip.RepositoryModelUnloadResponse()
 
     def _label(self, name: str) -> str:

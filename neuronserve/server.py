@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
+from neuronserve.admin_auth import AdminGuard, load_token
 from neuronserve.config import Placement, ServerConfig
 from neuronserve.errors import ConfigError
 
@@ -138,6 +139,7 @@ class Server:
         from neuronserve.metrics import Metrics, cache_samples
 
         config = self.config
+        self._admin = AdminGuard(load_token(config.admin_token_file)) if config.admin_token_file else None  # a bad file fails before warm-up
         self.manifest = manifest = await asyncio.to_thread(load_manifest, self._first_artifact(), True, config.trusted_key, True)  # keep_files: stages load from the checked bytes
         backend = resolve_backend(config.backend, manifest)
         span = core_span(backend, config.cores)
@@ -371,6 +373,7 @@ class Server:
             model = self.manifest.model_name
         self.control = ModelControl(repository, model, policy, self.versions, self.build_version, config.model_control, config.grace_period_s)
         self._servicers[1].control = self.control
+        self._servicers[1].admin = self._admin
         from neuronserve.model_control import control_samples
 
         self.metrics.add_collector(lambda: control_samples(self.control))

@@ -124,6 +124,7 @@ SETTINGS: Tuple[_Setting, ...] = (
     _Setting("tls_cert", _optional(_text), "FILE", "serve gRPC over TLS with this PEM certificate (chain); needs --tls-key"),
     _Setting("tls_key", _optional(_text), "FILE", "the PEM private key (unencrypted) of --tls-cert"),
     _Setting("tls_client_ca", _optional(_text), "FILE", "mTLS: require a client certificate signed by a CA in this PEM file (needs --tls-cert)"),
+    _Setting("admin_token_file", _optional(_text), "FILE", "the model repository RPCs (index, load, unload) need metadata 'authorization: Bearer <token>' with the token in this file (one line, >= 16 bytes); needed for --model-control on a non-loopback --host unless --tls-client-ca is set"),
     _Setting("trusted_key", _optional(_text), "FILE", "refuse an artifact not signed (manifest.sig) by a key in this PEM file of Ed25519 public keys (one or more, concatenated; `neuronserve keygen` makes a pair); unset: integrity checks only"),
     _Setting("reflection", _switch, "on|off", "gRPC server reflection"),
     _Setting("cache_max_rows", _integer, "ROWS", "embedding cache bound per kind"),
