@@ -23,6 +23,7 @@ from neuronserve.errors import Unavailable
 
 TRITON_PREFIX = "nv_"
 PROCESS_CPU = "process_cpu_seconds_total"
+CHILD_CPU = "neuronserve_child_cpu_seconds_total"  # the server's model processes (--model-process)
 PROCESS_RSS = "process_resident_memory_bytes"
 
 
@@ -36,7 +37,7 @@ def scrape_metrics(url: str, timeout_s: float = 5.0) -> Dict[str, float]:
         raise Unavailable(f"--metrics-url {url}: cannot read metrics ({type(exc).__name__}: {exc})") from None
     totals: Dict[str, float] = {}
     for line in text.splitlines():
-        if not line.startswith((TRITON_PREFIX, PROCESS_CPU, PROCESS_RSS)):
+        if not line.startswith((TRITON_PREFIX, PROCESS_CPU, PROCESS_RSS, CHILD_CPU)):
             continue
         name, _, rest = line.partition("{") if "{" in line else line.partition(" ")
         fields = rest[rest.rindex("}") + 1 :].split() if "{" in line else rest.split()
@@ -99,10 +100,13 @@ class ServerCpu:
 
 
 def metrics_cpu(before: Dict[str, float], after: Dict[str, float], requests: int) -> Optional[ServerCpu]:
-    """CPU from the server's `process_cpu_seconds_total` (None if it does not export it)."""
+    """CPU from the server's `process_cpu_seconds_total`, plus its child processes' (None if it does not
+    export the first)."""
     if PROCESS_CPU not in before or PROCESS_CPU not in after:
         return None
-    return ServerCpu(after[PROCESS_CPU] - before[PROCESS_CPU], requests, f"{PROCESS_CPU} from --metrics-url")
+    children = after.get(CHILD_CPU, 0.0) - before.get(CHILD_CPU, 0.0)
+    source = f"{PROCESS_CPU} + {CHILD_CPU} from --metrics-url" if CHILD_CPU in after else f"{PROCESS_CPU} from --metrics-url"
+    return ServerCpu(after[PROCESS_CPU] - before[PROCESS_CPU] + children, requests, source)
 
 
 def process_cpu_seconds(pid: int) -> float:

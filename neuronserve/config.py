@@ -222,6 +222,7 @@ class ServerConfig:
     admin_token_file: Optional[str] = None  # the model repository RPCs need this file's bearer token (admin_auth.py)
     trusted_key: Optional[str] = None  # PEM public key(s): the artifact must be signed by one (artifact.load_manifest checks)
     reflection: bool = True  # gRPC server reflection
+    model_process: bool = False  # cpu backend: the fused graph in a process per core group (model_process.py)
     cache_max_rows: int = 1_000_000
     embedding_store: str = "embedded"  # or redis://HOST:PORT/DB: the fleet's shared store (fleet.py), checked by settings
     model_repository: Optional[str] = None  # DIR/<model>/<version>/ (repository.py); None: --artifact as one version

@@ -117,6 +117,7 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
     "process_open_fds": ("gauge", "Number of open file descriptors."),
     "process_max_fds": ("gauge", "Maximum number of open file descriptors."),
     "process_threads": ("gauge", "Threads of the server process"),
+    "neuronserve_child_cpu_seconds_total": ("counter", "User and system CPU time of the server's child processes (--model-process), live and exited"),
     "neuronserve_model_loads_total": ("counter", "Model repository: version loads by outcome (loaded, failed) and versions unloaded"),
     "neuronserve_model_version_served": ("gauge", "Model repository: 1 for each integer version served, by version and whether it is the default (current)"),
     "neuronserve_worker_up": ("gauge", "workers: 1 while the worker serves (ready and alive)"),
@@ -486,4 +487,20 @@ def process_samples() -> List[Sample]:
             Sample("process_resident_memory_bytes", (), process.memory_info().rss),
         ]
     out.append(Sample("process_threads", (), process.num_threads()))
+    out.append(Sample("neuronserve_child_cpu_seconds_total", (), _children_cpu_s(process)))
     return out
+
+
+def _children_cpu_s(process) -> float:
+    """CPU seconds of the live children plus those already reaped (the model processes)."""
+    import psutil
+
+    own = process.cpu_times()
+    total = own.children_user + own.children_system
+    for child in process.children():
+        try:
+            times = child.cpu_times()
+        except psutil.Error:  # exited meanwhile: counted once reaped
+            continue
+        total += times.user + times.system
+    return total

@@ -276,7 +276,7 @@ class Pipeline:
             chunks = self._chunks(FUSED_STAGE, user_index.shape[0])
             peer, inputs = self._fused_inputs(user, peers, user_index, chunks)
             sent_s = time.perf_counter()
-            scores = await self._execute(FUSED_STAGE, _run_fused, inputs, chunks)
+            scores = await self._execute(FUSED_STAGE, _run_fused, inputs, chunks, remote=functools.partial(_remote_fused, inputs, chunks))
         back_s = time.perf_counter()
         scores = _mark_nonfinite(scores, user, peer, user_index)
         return ScoredBatch(scores, sent_s - start_s, back_s - sent_s, time.perf_counter() - back_s)
@@ -375,33 +375,47 @@ class Pipeline:
         chunk = [array[start : start + rows] for array in arrays]  # contiguous views, no copy
         return await self._execute(stage, lambda runners: _run_chunks(runners[stage], chunk, ((rows, bucket),)))
 
-    async def _execute(self, stage: str, job, *args) -> np.ndarray:
+    async def _execute(self, stage: str, job, *args, remote=None) -> np.ndarray:
         """`job(group.runners, *args)` -> (output, busy seconds, executions) on a slot of the least-loaded
         healthy group holding `stage`; returns the output. A core that refused the job because it is
-        resetting (CoreResetting: nothing ran) is out of rotation now, so the job goes to another group."""
+        resetting (CoreResetting: nothing ran) is out of rotation now, so the job goes to another group.
+        `remote(group.runners)`: the same job sent to the group's model process (no executor thread),
+        as (an asyncio future of (output, busy seconds), executions), or None to use the executor."""
         loop = asyncio.get_running_loop()
         while True:
             group = await self._acquire(stage)
             future = loop.create_future()
             try:
-                done = group.executor.submit(job, group.runners, *args)
-            except RuntimeError:  # the executor is shut down: the pipeline is closing
-                self._finish(group, None, None)
-                raise Unavailable("the pipeline is closed") from None
-            # One hop back: the job's completion settles `future` and frees the slot in one loop callback.
-            # The slot is freed by the job, never by the caller: a cancelled caller keeps it until the core is done.
-            done.add_done_callback(functools.partial(_call_soon, loop, self._settle, future, group))
+                sent = remote(group.runners) if remote is not None else None
+            except BaseException as exc:  # refused before it ran (its inputs): the slot is free again
+                self._finish(group, None, exc)
+                raise
+            if sent is not None:  # the process's reply settles `future` and frees the slot, on this loop
+                done, executions = sent
+                done.add_done_callback(functools.partial(self._settle, future, group, executions=executions))
+            else:
+                try:
+                    done = group.executor.submit(job, group.runners, *args)
+                except RuntimeError:  # the executor is shut down: the pipeline is closing
+                    self._finish(group, None, None)
+                    raise Unavailable("the pipeline is closed") from None
+                # One hop back: the job's completion settles `future` and frees the slot in one loop callback.
+                # The slot is freed by the job, never by the caller: a cancelled caller keeps it until the core is done.
+                done.add_done_callback(functools.partial(_call_soon, loop, self._settle, future, group))
             try:
                 out, _, _ = await future
             except CoreResetting:
                 continue
             return out
 
-    def _settle(self, future: asyncio.Future, group: _Group, done) -> None:
-        """Loop thread, once a job ends (`done`: its concurrent.futures.Future): free its slot, count,
-        and answer its caller unless the caller went away."""
+    def _settle(self, future: asyncio.Future, group: _Group, done, executions=None) -> None:
+        """Loop thread, once a job ends (`done`: its concurrent.futures.Future, or the model process's
+        asyncio future of (output, busy seconds) with `executions`): free its slot, count, and answer
+        its caller unless the caller went away."""
         error = Unavailable("the execution was cancelled: the pipeline is closing") if done.cancelled() else done.exception()
         result = None if error is not None else done.result()
+        if result is not None and executions is not None:
+            result = (*result, executions)
         self._finish(group, result, error)
         if not future.done():
             if error is None:
@@ -466,6 +480,14 @@ def _run_fused(runners: Dict[str, Runner], inputs: Sequence[List[np.ndarray]], c
         outs.append(out[:rows])
         busy_s += seconds
     return _concat(outs), busy_s, [(FUSED_STAGE, rows, bucket) for rows, bucket in chunks]
+
+
+def _remote_fused(inputs: Sequence[List[np.ndarray]], chunks: Sequence[Tuple[int, int]], runners: Dict[str, Runner]):
+    """_run_fused's job in the group's model process, when its runner has one (cpu backend): (an asyncio
+    future of (unpadded scores, busy seconds), executions); None to run it on the executor instead."""
+    submit = getattr(runners[FUSED_STAGE], "submit", None)
+    done = submit([(chunk, rows) for chunk, (rows, _) in zip(inputs, chunks)]) if submit is not None else None
+    return None if done is None else (done, [(FUSED_STAGE, rows, bucket) for rows, bucket in chunks])
 
 
 def _run_chunks(runner: StageRunner, arrays: Sequence[np.ndarray], chunks: Sequence[Tuple[int, int]]):

@@ -144,7 +144,9 @@ class Server:
         backend = resolve_backend(config.backend, manifest)
         span = core_span(backend, config.cores)
         self.cores, self._span = span.count, span
-        self.backend = make_backend(backend, manifest, dataclasses.replace(config.sim, num_cores=span.count), visible_cores=span)
+        self.backend = make_backend(
+            backend, manifest, dataclasses.replace(config.sim, num_cores=span.count), visible_cores=span, model_process=config.model_process
+        )
         if config.placement:
             placement = Placement.parse(config.placement, span.count, first=span.first)
         else:
@@ -407,7 +409,10 @@ class Server:
             raise ArtifactError(f"{path}: its inputs and outputs (F_u, F_p, K, D, labels) {shape(manifest)} differ from the served model's "
                                 f"{shape(self.manifest)}; versions of one model must share them (serve it as another model)")
         reference = manifest.file_bytes(manifest.reference_file)
-        backend = make_backend(resolve_backend(config.backend, manifest), manifest, dataclasses.replace(config.sim, num_cores=self.cores), visible_cores=self._span)
+        backend = make_backend(
+            resolve_backend(config.backend, manifest), manifest, dataclasses.replace(config.sim, num_cores=self.cores),
+            visible_cores=self._span, model_process=config.model_process,
+        )
         pipeline = Pipeline(backend, self._placement)
         try:
             await asyncio.to_thread(pipeline.start, self._abandon)

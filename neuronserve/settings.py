@@ -127,6 +127,7 @@ SETTINGS: Tuple[_Setting, ...] = (
     _Setting("admin_token_file", _optional(_text), "FILE", "the model repository RPCs (index, load, unload) need metadata 'authorization: Bearer <token>' with the token in this file (one line, >= 16 bytes); needed for --model-control on a non-loopback --host unless --tls-client-ca is set"),
     _Setting("trusted_key", _optional(_text), "FILE", "refuse an artifact not signed (manifest.sig) by a key in this PEM file of Ed25519 public keys (one or more, concatenated; `neuronserve keygen` makes a pair); unset: integrity checks only"),
     _Setting("reflection", _switch, "on|off", "gRPC server reflection"),
+    _Setting("model_process", _switch, "on|off", "cpu backend: run each core group's fused graph in a process of its own, fed through shared memory from the event loop (no executor thread waiting for the GIL: docs/benchmarks.md)"),
     _Setting("cache_max_rows", _integer, "ROWS", "embedding cache bound per kind"),
     _Setting("embedding_store", _store_url, "URL", "'embedded' (the in-process cache only) or redis://HOST:PORT/DB: a shared store every replica writes upserts to and follows into its local cache, loaded before SERVING (docs/fleet.md)"),
     _Setting("model_repository", _optional(_text), "DIR", "a model repository, DIR/<model>/<integer version>/ each an artifact (Triton's layout), instead of --artifact; one model directory"),

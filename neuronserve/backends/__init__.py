@@ -61,15 +61,17 @@ def core_span(name: str, cores: Optional[int]) -> CoreGroup:
     return CoreGroup(0, cores or default_cores(name))
 
 
-def make_backend(name: str, manifest: Manifest, sim: SimConfig = SimConfig(), visible_cores: Optional[CoreGroup] = None) -> Backend:
+def make_backend(
+    name: str, manifest: Manifest, sim: SimConfig = SimConfig(), visible_cores: Optional[CoreGroup] = None, model_process: bool = False
+) -> Backend:
     """`visible_cores`: the span of NeuronCores this process serves (core_span); the neuron runtime pins
     it at the first load (NEURON_RT_VISIBLE_CORES). None: the neuron backend pins the environment's
-    value, or the first group it loads."""
+    value, or the first group it loads. `model_process`: cpu only, the fused graph in its own process."""
     name = resolve_backend(name, manifest)
     if name == "cpu":
         from neuronserve.backends.cpu import CpuBackend
 
-        return CpuBackend(manifest)
+        return CpuBackend(manifest, model_process=model_process)
     if name == "sim":
         from neuronserve.backends.sim import SimBackend
 

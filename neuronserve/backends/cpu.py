@@ -8,7 +8,7 @@ backend wraps it for exact outputs. FUSED_STAGE loads as a CpuFusedRunner: one s
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from neuronserve.artifact import FUSED_STAGE, Manifest
 from neuronserve.backends.base import Backend, FusedRunner, StageRunner
 from neuronserve.config import CoreGroup
 from neuronserve.errors import BackendUnavailable
+from neuronserve.model_process import ModelProcess, Setup
 
 
 # Two executions handed to one thread: the second waits in the executor's queue and starts the moment
@@ -28,7 +29,8 @@ CPU_IN_FLIGHT, CPU_THREADS = 2, 1
 class CpuBackend(Backend):
     name = "cpu"
 
-    def __init__(self, manifest: Manifest) -> None:
+    def __init__(self, manifest: Manifest, model_process: bool = False) -> None:
+        """model_process: the fused graph runs in a process of its own per core group (model_process.py)."""
         if manifest.target != "cpu":
             raise BackendUnavailable(
                 f"artifact {manifest.directory} was compiled for {manifest.target}; the cpu backend runs --target cpu artifacts "
@@ -38,6 +40,7 @@ class CpuBackend(Backend):
         # One thread per execution: the pipeline runs one executor thread per core group, and on a small
         # host intra-op threads of concurrent executions would only fight over the same cores.
         torch.set_num_threads(1)
+        self.model_process = model_process
 
     def load(self, stage: str, cores: CoreGroup) -> Union["CpuRunner", "CpuFusedRunner"]:
         spec = self.manifest.stage(stage)
@@ -51,10 +54,31 @@ class CpuBackend(Backend):
 
         if stage == FUSED_STAGE:
             pairs = {(b.batch_size, b.user_batch_size): graph(b.file) for b in spec.buckets}
-            return CpuFusedRunner(cores, pairs, tuple(tuple(t.shape[1:]) for t in spec.inputs[:2]))
+            shapes = tuple(tuple(t.shape[1:]) for t in spec.inputs[:2])
+            process = self._model_process(spec, shapes, cores) if self.model_process else None
+            return CpuFusedRunner(cores, pairs, shapes, process)
         graphs = {b.batch_size: graph(b.file) for b in spec.buckets}
         shapes = tuple(tuple(t.shape[1:]) for t in spec.inputs)
         return CpuRunner(stage, cores, graphs, shapes)
+
+
+    def _model_process(self, spec, shapes, cores: CoreGroup) -> ModelProcess:
+        """The fused graph's process for one core group, started (blocking until it is warm). A slot
+        holds a job of twice the largest bucket's rows (a batch of the largest bucket, plus padding)."""
+        (user_features,), (peer_features,) = shapes
+        labels = int(spec.outputs[0].shape[-1])
+        largest = max(b.batch_size for b in spec.buckets)
+        row_bytes = 4 * (user_features + peer_features + labels) + 8
+        setup = Setup(
+            files={b.file: self.manifest.file_bytes(b.file) for b in spec.buckets},
+            pairs={(b.batch_size, b.user_batch_size): b.file for b in spec.buckets},
+            user_features=user_features,
+            peer_features=peer_features,
+            labels=labels,
+        )
+        process = ModelProcess(setup, CPU_IN_FLIGHT, 2 * largest * row_bytes + 8 * 64 * 4, name=f"model-{cores}")
+        process.start()
+        return process
 
 
 class CpuRunner(StageRunner):
@@ -89,9 +113,32 @@ class CpuFusedRunner(FusedRunner):
 
     max_in_flight, threads = CPU_IN_FLIGHT, CPU_THREADS
 
-    def __init__(self, cores: CoreGroup, graphs: Dict[Tuple[int, int], torch.jit.ScriptModule], shapes: Sequence[Tuple[int, ...]]) -> None:
+    def __init__(
+        self,
+        cores: CoreGroup,
+        graphs: Dict[Tuple[int, int], torch.jit.ScriptModule],
+        shapes: Sequence[Tuple[int, ...]],
+        process: Optional[ModelProcess] = None,
+    ) -> None:
         super().__init__(cores, graphs, shapes)
-        self._graphs = graphs  # (B, U) -> graph
+        self._graphs = graphs  # (B, U) -> graph: warm-up, timing, and jobs too large for the process's slots
+        self.process = process  # the pipeline's batches go here when set (submit)
+
+    def submit(self, chunks: Sequence[Tuple[Sequence[np.ndarray], int]]):
+        """On the loop: the batch's padded chunks ([user, peer, index], rows) in the model process -> an
+        asyncio future of (scores, busy seconds); None when there is no process or they do not fit a slot."""
+        if self.process is None or not self.process.fits(chunks):
+            return None
+        for arrays, _ in chunks:
+            self.check_inputs(arrays)
+        return self.process.submit(chunks)
+
+    def healthy(self) -> bool:
+        return self.process is None or self.process.alive
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.close()
 
     def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
         graph = self._graphs[self.check_inputs(inputs)]
