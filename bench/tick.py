@@ -56,6 +56,7 @@ def _start_server(artifact: Optional[str], max_ids: int) -> Tuple[subprocess.Pop
     command = [sys.executable, "-m", "neuronserve", "serve", "--port", "0", "--metrics-port", "off",
                "--max-peers", str(max_ids)] + (["--artifact", artifact] if artifact else [])
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None  # stdout=PIPE
     for line in proc.stdout:  # the one ready line: "neuronserve ready: grpc=HOST:PORT ..."
         if line.startswith("neuronserve ready:"):
             return proc, line.split("grpc=", 1)[1].split()[0]

@@ -161,13 +161,14 @@ class ModelProcess:
         """On the loop: run chunks of (padded [user, peer, index], rows) in the child -> a future of
         (scores [sum rows, K] float32, busy seconds). The caller keeps at most `slots` jobs in flight."""
         loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._loop = loop
-            loop.add_reader(self._conn.fileno(), self._on_readable)
         future = loop.create_future()
-        if not self.alive:
+        conn = self._conn
+        if not self.alive or conn is None:
             future.set_exception(CoreFault(f"the {self.name} process is not running"))
             return future
+        if self._loop is None:
+            self._loop = loop
+            loop.add_reader(conn.fileno(), self._on_readable)
         slot = self._free.pop()
         base, layout = slot * self.slot_bytes, []
         for arrays, rows in chunks:
@@ -179,19 +180,23 @@ class ModelProcess:
                 base += _aligned(region.nbytes)
             out = Region(base, (rows, self._setup.labels), "<f4")
             base += _aligned(out.nbytes)
-            layout.append(Chunk(tuple(regions), out))
+            user, peer, index = regions
+            layout.append(Chunk((user, peer, index), out))
         job = Job(slot, tuple(layout))
         self._pending[slot] = (future, job.chunks)
-        self._conn.send(job)
+        conn.send(job)
         return future
 
     def _view(self, region: Region) -> np.ndarray:
         return np.ndarray(region.shape, np.dtype(region.dtype), buffer=self._map, offset=region.offset)
 
     def _on_readable(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
         try:
-            while self._conn.poll():
-                self._settle(self._conn.recv())
+            while conn.poll():
+                self._settle(conn.recv())
         except (EOFError, OSError):
             self._lost()
 
