@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
 
 import grpc
 import numpy as np
@@ -31,7 +30,7 @@ from neuronserve.protos import scorer_pb2 as pb
 from neuronserve.protos import scorer_pb2_grpc as pb_grpc
 
 Req = pb.ScoreTickRequest
-COMBINATIONS: Tuple[Tuple[str, int, int], ...] = (  # (name, label_space, mutual); the first is the default
+COMBINATIONS: tuple[tuple[str, int, int], ...] = (  # (name, label_space, mutual); the first is the default
     ("probability product", Req.PROBABILITY, Req.PRODUCT),
     ("probability one-way", Req.PROBABILITY, Req.ONE_WAY),
     ("probability minimum", Req.PROBABILITY, Req.MINIMUM),
@@ -46,15 +45,25 @@ UPSERT_ROWS = 1000
 class PoolResult:
     pool: int
     bare_ms: float  # median of the bare matmuls
-    tick_ms: Dict[str, float]  # median per combination
+    tick_ms: dict[str, float]  # median per combination
 
     def ratio(self, name: str) -> float:
         return self.tick_ms[name] / self.bare_ms
 
 
-def _start_server(artifact: Optional[str], max_ids: int) -> Tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "neuronserve", "serve", "--port", "0", "--metrics-port", "off",
-               "--max-peers", str(max_ids)] + (["--artifact", artifact] if artifact else [])
+def _start_server(artifact: str | None, max_ids: int) -> tuple[subprocess.Popen, str]:
+    command = [
+        sys.executable,
+        "-m",
+        "neuronserve",
+        "serve",
+        "--port",
+        "0",
+        "--metrics-port",
+        "off",
+        "--max-peers",
+        str(max_ids),
+    ] + (["--artifact", artifact] if artifact else [])
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None  # stdout=PIPE
     for line in proc.stdout:  # the one ready line: "neuronserve ready: grpc=HOST:PORT ..."
@@ -75,19 +84,23 @@ def _upsert(stub: pb_grpc.ScorerStub, ids: np.ndarray, features: int, seed: int)
         for start in range(0, len(ids), UPSERT_ROWS):
             chunk = ids[start : start + UPSERT_ROWS]
             x = rng.standard_normal((len(chunk), features)).astype("<f4")
-            stub.UpsertEmbeddings(pb.UpsertEmbeddingsRequest(
-                kind=kind, ids=chunk.tolist(), features=pb.Tensor(shape=list(x.shape), data=x.tobytes())))
+            stub.UpsertEmbeddings(
+                pb.UpsertEmbeddingsRequest(
+                    kind=kind, ids=chunk.tolist(), features=pb.Tensor(shape=list(x.shape), data=x.tobytes())
+                )
+            )
 
 
-def _bare(users: List[np.ndarray], peers: List[np.ndarray]) -> float:
+def _bare(users: list[np.ndarray], peers: list[np.ndarray]) -> float:
     start = time.perf_counter()
-    for u, p in zip(users, peers):
+    for u, p in zip(users, peers, strict=True):
         u @ p.T
     return time.perf_counter() - start
 
 
-def measure_pool(stub: pb_grpc.ScorerStub, pool: int, k: int, repeat: int, features: int, dim: int, first_id: int,
-                 say) -> PoolResult:
+def measure_pool(
+    stub: pb_grpc.ScorerStub, pool: int, k: int, repeat: int, features: int, dim: int, first_id: int, say
+) -> PoolResult:
     ids = np.arange(first_id, first_id + pool, dtype=np.int64)
     _upsert(stub, ids, features, seed=pool)
     labels = _num_labels(stub, ids)
@@ -95,8 +108,8 @@ def measure_pool(stub: pb_grpc.ScorerStub, pool: int, k: int, repeat: int, featu
     users = [rng.standard_normal((pool, dim), dtype=np.float32) for _ in range(labels)]
     peers = [rng.standard_normal((pool, dim), dtype=np.float32) for _ in range(labels)]
     packed = ids.astype("<i8").tobytes()
-    bare: List[float] = []
-    ticks: Dict[str, List[float]] = {name: [] for name, _, _ in COMBINATIONS}
+    bare: list[float] = []
+    ticks: dict[str, list[float]] = {name: [] for name, _, _ in COMBINATIONS}
     for _ in range(repeat + 1):  # the first round warms up and is dropped
         bare.append(_bare(users, peers))
         for name, space, mutual in COMBINATIONS:
@@ -105,7 +118,9 @@ def measure_pool(stub: pb_grpc.ScorerStub, pool: int, k: int, repeat: int, featu
             ticks[name].append(time.perf_counter() - start)
             if len(reply.ids) != pool * k * 8:
                 raise SystemExit(f"ScoreTick {name}: {len(reply.ids)} bytes of ids for {pool} x {k}")
-    result = PoolResult(pool, statistics.median(bare[1:]) * 1e3, {n: statistics.median(t[1:]) * 1e3 for n, t in ticks.items()})
+    result = PoolResult(
+        pool, statistics.median(bare[1:]) * 1e3, {n: statistics.median(t[1:]) * 1e3 for n, t in ticks.items()}
+    )
     say(f"pool {pool:,} (K={labels}, D={dim}, top-{k}): bare matmuls {result.bare_ms:.0f} ms")
     for name in ticks:
         say(f"  {name:26s} {result.tick_ms[name]:7.0f} ms  {result.ratio(name):5.2f}x bare")
@@ -116,7 +131,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m neuronserve.bench.tick", description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", help="HOST:PORT of a running server (default: start one on loopback)")
     parser.add_argument("--artifact", help="artifact of the server this starts (default: the demo model)")
-    parser.add_argument("--pool", type=int, action="append", help="pool size; repeat for several (default 5000 and 10000)")
+    parser.add_argument(
+        "--pool", type=int, action="append", help="pool size; repeat for several (default 5000 and 10000)"
+    )
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--features", type=int, default=64, help="user and peer feature width of the model (demo: 64)")
@@ -125,13 +142,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     pools = args.pool or [5000, 10000]
     proc, target = (None, args.target) if args.target else _start_server(args.artifact, max(pools))
-    results: List[PoolResult] = []
+    results: list[PoolResult] = []
     try:
         with grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 1 << 30)]) as channel:
             stub = pb_grpc.ScorerStub(channel)
             first_id = 1
             for pool in pools:
-                results.append(measure_pool(stub, pool, args.k, args.repeat, args.features, args.label_dim, first_id, print))
+                results.append(
+                    measure_pool(stub, pool, args.k, args.repeat, args.features, args.label_dim, first_id, print)
+                )
                 first_id += pool
     finally:
         if proc is not None:
@@ -139,8 +158,10 @@ def main(argv=None) -> int:
             proc.wait()
     default = COMBINATIONS[0][0]
     if len(results) > 1:
-        print(f"{default}: pool {results[-1].pool:,} takes {results[-1].tick_ms[default] / results[0].tick_ms[default]:.2f}x "
-              f"pool {results[0].pool:,}")
+        print(
+            f"{default}: pool {results[-1].pool:,} takes {results[-1].tick_ms[default] / results[0].tick_ms[default]:.2f}x "
+            f"pool {results[0].pool:,}"
+        )
     if args.json:
         with open(args.json, "w") as out:
             json.dump([r.__dict__ | {"ratios": {n: r.ratio(n) for n in r.tick_ms}} for r in results], out, indent=2)

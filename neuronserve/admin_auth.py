@@ -27,8 +27,10 @@ def load_token(path: str) -> bytes:
     except OSError as exc:
         raise ConfigError(f"admin_token_file {path}: cannot read it ({exc.strerror or exc})") from None
     if len(token) < MIN_TOKEN_BYTES or b"\n" in token:
-        raise ConfigError(f"admin_token_file {path}: the token must be one line of at least {MIN_TOKEN_BYTES} bytes "
-                          "(e.g. `openssl rand -hex 32 > FILE`)")
+        raise ConfigError(
+            f"admin_token_file {path}: the token must be one line of at least {MIN_TOKEN_BYTES} bytes "
+            "(e.g. `openssl rand -hex 32 > FILE`)"
+        )
     return token
 
 
@@ -42,5 +44,7 @@ class AdminGuard:
         sent = next((value for key, value in (context.invocation_metadata() or ()) if key == METADATA_KEY), "")
         sent = sent.encode() if isinstance(sent, str) else bytes(sent)
         if not hmac.compare_digest(sent, self._expected):
-            raise Unauthenticated("the model repository RPCs need the admin token: send metadata "
-                                  "'authorization: Bearer <token>' (the server's --admin-token-file)")
+            raise Unauthenticated(
+                "the model repository RPCs need the admin token: send metadata "
+                "'authorization: Bearer <token>' (the server's --admin-token-file)"
+            )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
 
 from neuronserve.errors import NeuronServeError
 
@@ -37,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     command = "neuronserve"
     try:
         args = build_parser().parse_args(argv)

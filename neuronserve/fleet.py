@@ -24,7 +24,8 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Tuple, TypeVar
+from typing import TypeVar
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -77,7 +78,16 @@ class StoreStatus:
         loading = bool(v[_LOADING])
         stale = 0.0 if up and not loading else (now - v[_LAST_CONTACT] if v[_LAST_CONTACT] else 0.0)
         load_s = now - v[_LOAD_START] if loading else v[_LOAD_S]
-        return StoreState(up, loading, max(stale, 0.0), v[_LAST_CONTACT], int(v[_ROWS_LOADED]), load_s, int(v[_CHANGES]), int(v[_RELOADS]))
+        return StoreState(
+            up,
+            loading,
+            max(stale, 0.0),
+            v[_LAST_CONTACT],
+            int(v[_ROWS_LOADED]),
+            load_s,
+            int(v[_CHANGES]),
+            int(v[_RELOADS]),
+        )
 
     def contact(self) -> bool:
         """The store answered: up, and current as of now. True if it was down before."""
@@ -136,7 +146,9 @@ class FleetCache:
         to the local cache with their store sequence numbers; the rows of `kind` now cached."""
         ids = self.cache.check_upsert(kind, ids)
         if model_version != self.model_version:
-            raise InvalidInput(f"embeddings of model version {model_version!r} cannot go to the store of {self.model_version!r}")
+            raise InvalidInput(
+                f"embeddings of model version {model_version!r} cannot go to the store of {self.model_version!r}"
+            )
         vectors = np.asarray(vectors, dtype=np.float32)
         seqs = self.store.write(kind, ids, vectors)
         return self.cache.upsert(kind, ids, vectors, model_version, seqs=seqs)
@@ -148,23 +160,31 @@ class Follower:
     stream in a daemon thread until `stop()`. Sleeping is `stop_event.wait`; `clock` (monotonic) times
     the backoff and progress lines, StoreStatus has its own (unix) clock."""
 
-    def __init__(self, store: RedisStore, cache, status: StoreStatus, *, block_s: float = BLOCK_S,
-                 backoff_s: Tuple[float, float] = BACKOFF_S, scan_count: int = SCAN_COUNT,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        store: RedisStore,
+        cache,
+        status: StoreStatus,
+        *,
+        block_s: float = BLOCK_S,
+        backoff_s: tuple[float, float] = BACKOFF_S,
+        scan_count: int = SCAN_COUNT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.store, self.cache, self.status = store, cache, status
         self.version = store.model_version
         self.block_s, self.backoff_s, self.scan_count = block_s, backoff_s, scan_count
         self._clock = clock
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._last_id = b"0-0"
         self._next_seq = 1
-        self._epoch: Optional[bytes] = None
+        self._epoch: bytes | None = None
         self._max_rows = cache.stats().max_rows
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
-    def warm_start(self, abandon: Optional[threading.Event] = None) -> bool:
+    def warm_start(self, abandon: threading.Event | None = None) -> bool:
         """Load the version's rows into the cache; retried with backoff while the store is unavailable.
         False if `abandon` (or stop()) ended it first."""
         backoff, attempt = self.backoff_s[0], 0
@@ -175,7 +195,12 @@ class Follower:
             except StoreUnavailable as exc:
                 attempt += 1
                 if attempt == 1 or attempt % 10 == 0:
-                    log.warning("%s; warm start attempt %d failed, retrying in %.2f s (not serving until loaded)", exc, attempt, backoff)
+                    log.warning(
+                        "%s; warm start attempt %d failed, retrying in %.2f s (not serving until loaded)",
+                        exc,
+                        attempt,
+                        backoff,
+                    )
                 self.status.lost()
                 self._wait(backoff, abandon)
                 backoff = min(backoff * 2, self.backoff_s[1])
@@ -194,26 +219,30 @@ class Follower:
         if thread is not None:
             thread.join(timeout_s)
 
-    def _stopping(self, abandon: Optional[threading.Event]) -> bool:
+    def _stopping(self, abandon: threading.Event | None) -> bool:
         return self._stop.is_set() or (abandon is not None and abandon.is_set())
 
-    def _wait(self, seconds: float, abandon: Optional[threading.Event]) -> None:
+    def _wait(self, seconds: float, abandon: threading.Event | None) -> None:
         end = self._clock() + seconds
         while not self._stopping(abandon) and self._clock() < end:
             self._stop.wait(min(0.05, max(end - self._clock(), 0.0)))
 
     # -- loading -------------------------------------------------------------------------------------
 
-    def _load(self, reload: bool, abandon: Optional[threading.Event] = None, reset: bool = False) -> None:
+    def _load(self, reload: bool, abandon: threading.Event | None = None, reset: bool = False) -> None:
         """Every row of the version into the cache, then follow from the stream position read before the
         scan (so a write during the scan is applied from the stream if the scan missed it). A store that
         was reset (`reset`, or its epoch changed since we last read it) first empties the local copy."""
         position = self.store.position()
         self.status.contact()
         if reset or (reload and self._epoch is not None and position.epoch != self._epoch):
-            log.error("embedding store %s was reset (its data is gone: epoch %s -> %s): dropping the local copy and "
-                      "loading what the store has now; run the store with persistence (AOF) to avoid this",
-                      self.store.where, self._epoch, position.epoch)
+            log.error(
+                "embedding store %s was reset (its data is gone: epoch %s -> %s): dropping the local copy and "
+                "loading what the store has now; run the store with persistence (AOF) to avoid this",
+                self.store.where,
+                self._epoch,
+                position.epoch,
+            )
             self.cache.clear_for(self.version)
         self._epoch = position.epoch
         what = "reloading" if reload else "warm start: loading"
@@ -232,13 +261,25 @@ class Follower:
                     self.status.loading(rows)
                     if self._clock() - last_line >= PROGRESS_S:
                         last_line = self._clock()
-                        log.info("embedding store: loaded %d rows (user %d, peer %d) in %.1f s", rows, counts["user"], counts["peer"], last_line - started)
+                        log.info(
+                            "embedding store: loaded %d rows (user %d, peer %d) in %.1f s",
+                            rows,
+                            counts["user"],
+                            counts["peer"],
+                            last_line - started,
+                        )
             self._last_id, self._next_seq = position.stream_id, position.next_seq
         finally:
             self.status.loaded(rows)
         self.status.contact()
-        log.info("embedding store: loaded %d rows (user %d, peer %d) in %.2f s; following its changes from %s",
-                 rows, counts["user"], counts["peer"], self._clock() - started, position.stream_id.decode())
+        log.info(
+            "embedding store: loaded %d rows (user %d, peer %d) in %.2f s; following its changes from %s",
+            rows,
+            counts["user"],
+            counts["peer"],
+            self._clock() - started,
+            position.stream_id.decode(),
+        )
 
     def _apply(self, batch: RowBatch) -> None:
         """Rows into the cache with their sequence numbers (older than the cached row: skipped)."""
@@ -256,19 +297,27 @@ class Follower:
         check_epoch = False  # after a failure: was the store reset while we could not see it?
         while not self._stop.is_set():
             try:
-                if check_epoch or self._epoch is None:  # after a failure, or not yet known (nothing written at the load)
+                if (
+                    check_epoch or self._epoch is None
+                ):  # after a failure, or not yet known (nothing written at the load)
                     position = self.store.position()
                     if self._epoch is not None and position.epoch != self._epoch:
                         self._load(reload=True)
                     self._epoch, check_epoch = position.epoch, False
                 changes = self.store.changes(self._last_id, self.block_s)
                 if self.status.contact():
-                    log.warning("embedding store %s is back: following its changes again from %s", self.store.where, self._last_id.decode())
+                    log.warning(
+                        "embedding store %s is back: following its changes again from %s",
+                        self.store.where,
+                        self._last_id.decode(),
+                    )
                 backoff = self.backoff_s[0]
                 self._follow(changes)
             except StoreUnavailable as exc:
                 if self.status.lost():
-                    log.error("%s: scoring goes on from the local copy, stale from now; upserts fail until it is back", exc)
+                    log.error(
+                        "%s: scoring goes on from the local copy, stale from now; upserts fail until it is back", exc
+                    )
                 check_epoch = True
                 self._wait(backoff, None)
                 backoff = min(backoff * 2, self.backoff_s[1])
@@ -277,7 +326,7 @@ class Follower:
                 self._wait(backoff, None)
                 backoff = min(backoff * 2, self.backoff_s[1])
 
-    def _follow(self, changes: List[Change]) -> None:
+    def _follow(self, changes: list[Change]) -> None:
         """Apply changes in stream order; a missing sequence number means entries were trimmed before we
         read them (reload the rows), a number going back means the store was reset (start over)."""
         applied = 0
@@ -285,8 +334,11 @@ class Follower:
             if change.base != self._next_seq:
                 self.status.applied(applied)
                 if change.base > self._next_seq:
-                    log.warning("embedding store: changes %d..%d were trimmed from the stream before this host read them: reloading the rows",
-                                self._next_seq, change.base - 1)
+                    log.warning(
+                        "embedding store: changes %d..%d were trimmed from the stream before this host read them: reloading the rows",
+                        self._next_seq,
+                        change.base - 1,
+                    )
                 self._load(reload=True, reset=change.base < self._next_seq)  # going back: a reset store
                 return
             self._apply(change.rows)
@@ -299,7 +351,7 @@ def _prefetched(batches: Iterator[T], depth: int = 2) -> Iterator[T]:
     """`batches`, produced by a thread up to `depth` ahead: a load reads the next batch from the store
     (the socket wait releases the GIL, Redis works meanwhile) while the cache takes this one. An error
     of the producer is raised here; a consumer that stops early lets the producer finish its batch."""
-    slots: "queue.Queue[Tuple[str, object]]" = queue.Queue(depth)
+    slots: queue.Queue[tuple[str, object]] = queue.Queue(depth)
     done = threading.Event()
 
     def produce() -> None:
@@ -348,11 +400,16 @@ def store_samples(state: StoreState, version: str) -> list:
     ]
 
 
-def open_fleet(url: str, manifest, cache) -> Tuple[FleetCache, Follower]:
+def open_fleet(url: str, manifest, cache) -> tuple[FleetCache, Follower]:
     """The write-through cache and the host's follower for `manifest`'s model on the store at `url`
     (nothing connects yet). Build before a pool forks; the follower runs in one process per host."""
     cfg = manifest.model_config
-    store = RedisStore(url, model_name=manifest.model_name, model_version=manifest.model_version,
-                       num_labels=cfg.num_labels, label_dim=cfg.label_dim)
+    store = RedisStore(
+        url,
+        model_name=manifest.model_name,
+        model_version=manifest.model_version,
+        num_labels=cfg.num_labels,
+        label_dim=cfg.label_dim,
+    )
     status = StoreStatus()
     return FleetCache(cache, store, status), Follower(store, cache, status)

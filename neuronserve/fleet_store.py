@@ -24,13 +24,15 @@ StoreUnavailable naming the store (without its password); clients are made per p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -45,7 +47,17 @@ BUCKETS = 16  # hashes per kind: no single huge key, and a warm load pipelines o
 STREAM_MAX_ENTRIES = 1000  # changes kept (XADD MAXLEN ~): a host further behind reloads the rows instead
 TIMEOUT_S = 2.0  # socket connect / read timeout, unless the URL sets socket_timeout / socket_connect_timeout
 # Errors Redis answers when it is up but cannot serve data now: the same as unreachable, for a caller.
-_UNAVAILABLE_REPLIES = ("LOADING", "READONLY", "OOM", "MISCONF", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY", "NOREPLICAS")
+_UNAVAILABLE_REPLIES = (
+    "LOADING",
+    "READONLY",
+    "OOM",
+    "MISCONF",
+    "MASTERDOWN",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "BUSY",
+    "NOREPLICAS",
+)
 
 # KEYS: changes, seq, meta, then the BUCKETS row hashes of the kind. ARGV: kind, n, ids, vectors, bytes per
 # vector, stream max entries, epoch token (used if the store has none yet), bucket of each row (n bytes).
@@ -87,7 +99,9 @@ def parse_store_url(value: str) -> str:
         if parts.scheme != "unix" and db and int(db) < 0:
             raise ValueError
     except ValueError:
-        raise ValueError(f"the store URL {value!r} has a bad port or database number; e.g. redis://127.0.0.1:6379/0") from None
+        raise ValueError(
+            f"the store URL {value!r} has a bad port or database number; e.g. redis://127.0.0.1:6379/0"
+        ) from None
     return text
 
 
@@ -127,10 +141,10 @@ class Position:
 
     stream_id: bytes
     next_seq: int
-    epoch: Optional[bytes]
+    epoch: bytes | None
 
 
-_STORES: "weakref.WeakSet[RedisStore]" = weakref.WeakSet()
+_STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
@@ -144,12 +158,23 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 class RedisStore:
     """One model version's rows in Redis. Thread-safe; a forked child makes its own connections."""
 
-    def __init__(self, url: str, *, model_name: str, model_version: str, num_labels: int, label_dim: int,
-                 stream_max_entries: int = STREAM_MAX_ENTRIES, timeout_s: float = TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        model_name: str,
+        model_version: str,
+        num_labels: int,
+        label_dim: int,
+        stream_max_entries: int = STREAM_MAX_ENTRIES,
+        timeout_s: float = TIMEOUT_S,
+    ) -> None:
         try:
             import redis  # noqa: F401 - only with --embedding-store redis://
         except ImportError:
-            raise ConfigError("--embedding-store redis://... needs the redis client: pip install redis (or neuronserve[fleet])") from None
+            raise ConfigError(
+                "--embedding-store redis://... needs the redis client: pip install redis (or neuronserve[fleet])"
+            ) from None
         self.url, self.where = url, redact(url)
         self.model_version = model_version
         self.shape = (num_labels, label_dim)
@@ -184,16 +209,25 @@ class RedisStore:
 
                 # One immediate retry (a pooled connection broken by a Redis restart), never a backoff
                 # loop: a caller gets StoreUnavailable at once and the follower does its own backoff.
-                client = redis.Redis.from_url(self.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
-                                              retry=Retry(NoBackoff(), 1), decode_responses=False)
-                client.set_response_callback("HSCAN", lambda reply, **_: reply)  # [cursor, [field, value, ...]]: no dict per batch
+                client = redis.Redis.from_url(
+                    self.url,
+                    socket_timeout=self.timeout_s,
+                    socket_connect_timeout=self.timeout_s,
+                    retry=Retry(NoBackoff(), 1),
+                    decode_responses=False,
+                )
+                client.set_response_callback(
+                    "HSCAN", lambda reply, **_: reply
+                )  # [cursor, [field, value, ...]]: no dict per batch
                 self._clients[role] = client
                 if role == "commands":
                     self._script = client.register_script(_WRITE_LUA)
             return client
 
     def _unavailable(self, exc: Exception, doing: str) -> StoreUnavailable:
-        return StoreUnavailable(f"the embedding store {self.where} is unavailable ({type(exc).__name__}: {exc}) while {doing}")
+        return StoreUnavailable(
+            f"the embedding store {self.where} is unavailable ({type(exc).__name__}: {exc}) while {doing}"
+        )
 
     def _call(self, doing: str, fn, *args, **kwargs):
         """fn(*args) with Redis's "cannot serve now" failures as StoreUnavailable."""
@@ -216,10 +250,8 @@ class RedisStore:
         with self._lock:
             clients, self._clients = self._clients, {}
         for client in clients.values():
-            try:
+            with contextlib.suppress(Exception):  # closing a broken connection
                 client.close()
-            except Exception:  # noqa: BLE001 - closing a broken connection
-                pass
 
     # -- writes --------------------------------------------------------------------------------------
 
@@ -234,7 +266,16 @@ class RedisStore:
         buckets = np.mod(ids, BUCKETS).astype(np.uint8)
         client = self._client()
         keys = [self.changes_key, self.seq_key, self.meta_key] + self.row_keys[kind]
-        args = [kind, n, ids.tobytes(), vectors.tobytes(), self.row_bytes, self.stream_max_entries, secrets.token_hex(8), buckets.tobytes()]
+        args = [
+            kind,
+            n,
+            ids.tobytes(),
+            vectors.tobytes(),
+            self.row_bytes,
+            self.stream_max_entries,
+            secrets.token_hex(8),
+            buckets.tobytes(),
+        ]
         base = int(self._call(f"writing {n} {kind} rows", self._script, keys=keys, args=args, client=client))
         return base + np.arange(n, dtype=np.int64)
 
@@ -262,15 +303,15 @@ class RedisStore:
         while cursors:
             open_buckets = list(cursors)
 
-            def read():
+            def read(open_buckets=open_buckets):
                 pipe = self._client().pipeline(transaction=False)
                 for b in open_buckets:
                     pipe.hscan(keys[b], cursors[b], count=count)
                 return pipe.execute()
 
-            fields: List[bytes] = []
-            values: List[bytes] = []
-            for b, (cursor, data) in zip(open_buckets, self._call(f"scanning its {kind} rows", read)):
+            fields: list[bytes] = []
+            values: list[bytes] = []
+            for b, (cursor, data) in zip(open_buckets, self._call(f"scanning its {kind} rows", read), strict=True):
                 if int(cursor) == 0:
                     del cursors[b]
                 else:
@@ -280,27 +321,42 @@ class RedisStore:
             if fields:
                 yield self._rows(kind, fields, values)
 
-    def _rows(self, kind: str, fields: List[bytes], values: List[bytes]) -> RowBatch:
+    def _rows(self, kind: str, fields: list[bytes], values: list[bytes]) -> RowBatch:
         """Decode hash fields and values; a malformed one (another writer's layout) is skipped, logged."""
         raw_ids, raw_rows = b"".join(fields), b"".join(values)
         if len(raw_ids) != 8 * len(fields) or len(raw_rows) != self._row_dtype.itemsize * len(values):
-            good = [i for i, (f, v) in enumerate(zip(fields, values)) if len(f) == 8 and len(v) == self._row_dtype.itemsize]
-            log.warning("embedding store: skipped %d malformed %s rows (expected 8-byte ids and %d-byte rows)",
-                        len(fields) - len(good), kind, self._row_dtype.itemsize)
+            good = [
+                i for i, (f, v) in enumerate(zip(fields, values, strict=True)) if len(f) == 8 and len(v) == self._row_dtype.itemsize
+            ]
+            log.warning(
+                "embedding store: skipped %d malformed %s rows (expected 8-byte ids and %d-byte rows)",
+                len(fields) - len(good),
+                kind,
+                self._row_dtype.itemsize,
+            )
             raw_ids = b"".join(fields[i] for i in good)
             raw_rows = b"".join(values[i] for i in good)
         rows = np.frombuffer(raw_rows, self._row_dtype)
-        return RowBatch(kind, np.frombuffer(raw_ids, "<i8").astype(np.int64), rows["seq"].astype(np.int64), rows["vector"].astype(np.float32))
+        return RowBatch(
+            kind,
+            np.frombuffer(raw_ids, "<i8").astype(np.int64),
+            rows["seq"].astype(np.int64),
+            rows["vector"].astype(np.float32),
+        )
 
-    def changes(self, after: bytes, block_s: float, count: int = 64) -> List[Change]:
+    def changes(self, after: bytes, block_s: float, count: int = 64) -> list[Change]:
         """Stream entries after the id `after`, waiting up to `block_s` for the first (the "follow"
         connection's blocking read). Malformed entries are skipped, logged."""
-        reply = self._call("reading its changes", lambda: self._client("follow").xread(
-            {self.changes_key: after}, count=count, block=max(1, int(block_s * 1000))))
+        reply = self._call(
+            "reading its changes",
+            lambda: self._client("follow").xread(
+                {self.changes_key: after}, count=count, block=max(1, int(block_s * 1000))
+            ),
+        )
         if not reply:
             return []
         entries = reply[0][1] if isinstance(reply, list) else next(iter(reply.values()))[0]
-        out: List[Change] = []
+        out: list[Change] = []
         for stream_id, fields in entries:
             try:
                 out.append(self._change(stream_id, fields))
@@ -317,9 +373,13 @@ class RedisStore:
         if len(fields[b"ids"]) % 8 or vectors.size != len(ids) * self.shape[0] * self.shape[1]:
             raise ValueError(f"{len(ids)} ids and {vectors.size} floats for K={self.shape[0]}, D={self.shape[1]}")
         base = int(fields[b"base"])
-        return Change(stream_id, base, RowBatch(kind, ids, base + np.arange(len(ids), dtype=np.int64), vectors.reshape((len(ids),) + self.shape)))
+        return Change(
+            stream_id,
+            base,
+            RowBatch(kind, ids, base + np.arange(len(ids), dtype=np.int64), vectors.reshape((len(ids),) + self.shape)),
+        )
 
-    def row_counts(self) -> Tuple[int, int]:
+    def row_counts(self) -> tuple[int, int]:
         """(user rows, peer rows) in the store (HLEN over the buckets)."""
 
         def read():

@@ -18,8 +18,9 @@ with List answered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from typing import Awaitable, Callable, Optional
+from collections.abc import Awaitable, Callable
 
 from grpc_health.v1 import health, health_pb2
 
@@ -48,7 +49,7 @@ class DeviceWatcher:
         self._on_change = on_change
         self._interval_s = interval_s
         self._sleep = sleep
-        self._task: Optional[asyncio.Task] = None
+        self._task: asyncio.Task | None = None
         self._probe_failed = False
 
     def start(self) -> None:
@@ -61,10 +62,8 @@ class DeviceWatcher:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
 
     async def poll(self) -> None:
         """One poll: read the probe, tell on a change."""
@@ -101,4 +100,6 @@ class HealthServicer(health.aio.HealthServicer):
 
     async def List(self, request: health_pb2.HealthListRequest, context) -> health_pb2.HealthListResponse:
         statuses = dict(getattr(self, "_server_status", {}))
-        return health_pb2.HealthListResponse(statuses={name: health_pb2.HealthCheckResponse(status=s) for name, s in statuses.items()})
+        return health_pb2.HealthListResponse(
+            statuses={name: health_pb2.HealthCheckResponse(status=s) for name, s in statuses.items()}
+        )

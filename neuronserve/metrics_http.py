@@ -27,7 +27,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import List, Optional
 
 from neuronserve.metrics import Sample
 
@@ -58,12 +57,12 @@ class MetricsServer:
         self.source = source
         self.min_interval_s = float(min_interval_s)
         self.max_waiting = int(max_waiting)
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[threading.Thread] = None
-        self._server: Optional[asyncio.AbstractServer] = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.AbstractServer | None = None
         # Render state, touched on the metrics loop only.
-        self._next: Optional[asyncio.Future] = None  # the render scrapes now waiting will share (not started)
-        self._render_lock: Optional[asyncio.Lock] = None
+        self._next: asyncio.Future | None = None  # the render scrapes now waiting will share (not started)
+        self._render_lock: asyncio.Lock | None = None
         self._last_start = float("-inf")
         self._waiting = 0
         # Counters: written on the metrics loop, read anywhere (ints).
@@ -111,7 +110,7 @@ class MetricsServer:
     def stats(self) -> ScrapeStats:
         return ScrapeStats(self._renders, self._rendered, self._shared, self._rejected)
 
-    def samples(self) -> List[Sample]:
+    def samples(self) -> list[Sample]:
         """The server's own counters, as a metrics collector."""
         return [
             Sample("neuronserve_metrics_renders_total", (), self._renders),
@@ -199,7 +198,11 @@ class MetricsServer:
             if path != "/metrics":
                 status, body = "404 Not Found", b"not found: GET /metrics\n"
             elif method not in ("GET", "HEAD"):
-                status, body, extra = "405 Method Not Allowed", b"method not allowed: GET /metrics\n", "Allow: GET, HEAD\r\n"
+                status, body, extra = (
+                    "405 Method Not Allowed",
+                    b"method not allowed: GET /metrics\n",
+                    "Allow: GET, HEAD\r\n",
+                )
             elif self._waiting >= self.max_waiting:
                 self._rejected += 1
                 status, body, extra = "503 Service Unavailable", b"too many concurrent scrapes\n", "Retry-After: 1\r\n"

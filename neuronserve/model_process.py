@@ -19,6 +19,7 @@ new child is warm; restarts back off (1, 2, 4 ... 30 s) while children keep dyin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import mmap
@@ -31,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -49,7 +50,7 @@ class Region:
     """An array in the shared file: `shape` of `dtype` at byte `offset`."""
 
     offset: int
-    shape: Tuple[int, ...]
+    shape: tuple[int, ...]
     dtype: str
 
     @property
@@ -61,7 +62,7 @@ class Region:
 class Chunk:
     """One execution: the padded (user, peer, index) inputs and where its first `rows` outputs go."""
 
-    inputs: Tuple[Region, Region, Region]
+    inputs: tuple[Region, Region, Region]
     out: Region  # [rows, K] float32
 
 
@@ -69,8 +70,8 @@ class Chunk:
 class Setup:
     """Parent -> child, once: the graph files' bytes, the (B, U) pair -> file map, the feature widths."""
 
-    files: Dict[str, bytes]
-    pairs: Dict[Tuple[int, int], str]
+    files: dict[str, bytes]
+    pairs: dict[tuple[int, int], str]
     user_features: int
     peer_features: int
     labels: int  # K: the graph's output is [B, K]
@@ -79,7 +80,7 @@ class Setup:
 @dataclass(frozen=True)
 class Job:
     slot: int
-    chunks: Tuple[Chunk, ...]
+    chunks: tuple[Chunk, ...]
 
 
 @dataclass(frozen=True)
@@ -111,12 +112,12 @@ class ModelProcess:
     def __init__(self, setup: Setup, slots: int, slot_bytes: int, name: str = "model") -> None:
         self.slots, self.slot_bytes, self.name = slots, slot_bytes, name
         self._setup = setup
-        self._free: List[int] = list(range(slots))
-        self._pending: Dict[int, Tuple[asyncio.Future, Tuple[Chunk, ...]]] = {}
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._proc: Optional[subprocess.Popen] = None
-        self._conn: Optional[Connection] = None
-        self._map: Optional[mmap.mmap] = None
+        self._free: list[int] = list(range(slots))
+        self._pending: dict[int, tuple[asyncio.Future, tuple[Chunk, ...]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._proc: subprocess.Popen | None = None
+        self._conn: Connection | None = None
+        self._map: mmap.mmap | None = None
         self._closing = False
         self._restarts = 0
         self.alive = False
@@ -152,12 +153,15 @@ class ModelProcess:
             os.unlink(path)  # both sides have it mapped; nothing is left behind in /dev/shm
         self.alive = True
 
-    def fits(self, chunks: Sequence[Tuple[Sequence[np.ndarray], int]]) -> bool:
+    def fits(self, chunks: Sequence[tuple[Sequence[np.ndarray], int]]) -> bool:
         """Whether submit(chunks) fits one slot."""
         labels = self._setup.labels
-        return sum(sum(_aligned(a.nbytes) for a in arrays) + _aligned(4 * rows * labels) for arrays, rows in chunks) <= self.slot_bytes
+        return (
+            sum(sum(_aligned(a.nbytes) for a in arrays) + _aligned(4 * rows * labels) for arrays, rows in chunks)
+            <= self.slot_bytes
+        )
 
-    def submit(self, chunks: Sequence[Tuple[Sequence[np.ndarray], int]]) -> asyncio.Future:
+    def submit(self, chunks: Sequence[tuple[Sequence[np.ndarray], int]]) -> asyncio.Future:
         """On the loop: run chunks of (padded [user, peer, index], rows) in the child -> a future of
         (scores [sum rows, K] float32, busy seconds). The caller keeps at most `slots` jobs in flight."""
         loop = asyncio.get_running_loop()
@@ -226,7 +230,7 @@ class ModelProcess:
                 future.set_exception(CoreFault(f"the {self.name} process exited (code {code}) while running a batch"))
         self._pending.clear()
         if not self._closing:
-            delay_s = min(MAX_RESTART_DELAY_S, 2.0 ** self._restarts)
+            delay_s = min(MAX_RESTART_DELAY_S, 2.0**self._restarts)
             log.error("the %s process exited (code %s): starting a new one in %.0f s", self.name, code, delay_s)
             self._restarts += 1
             threading.Thread(target=self._restart, args=(delay_s,), name=f"{self.name}-restart", daemon=True).start()
@@ -252,10 +256,8 @@ class ModelProcess:
         if self._conn is not None:
             if self._loop is not None and not self._loop.is_closed():
                 _on_loop(self._loop, self._loop.remove_reader, self._conn.fileno())
-            try:
+            with contextlib.suppress(OSError):  # the child is gone already
                 self._conn.send(Stop())
-            except OSError:
-                pass
         if self._proc is not None:
             try:
                 self._proc.wait(STOP_TIMEOUT_S)
@@ -266,10 +268,8 @@ class ModelProcess:
             self._conn.close()
             self._conn = None
         if self._map is not None:
-            try:
+            with contextlib.suppress(BufferError):  # a view still exported; the mapping goes with the process
                 self._map.close()
-            except BufferError:  # a view still exported; the mapping goes with the process
-                pass
             self._map = None
 
 
@@ -319,11 +319,17 @@ def _child(fd: int, path: str, size: int) -> int:
 
     try:
         setup = conn.recv()
-        files = {name: torch.jit.load(io.BytesIO(data), map_location="cpu").eval() for name, data in setup.files.items()}
+        files = {
+            name: torch.jit.load(io.BytesIO(data), map_location="cpu").eval() for name, data in setup.files.items()
+        }
         graphs = {pair: files[name] for pair, name in setup.pairs.items()}
         with torch.inference_mode():
             for (batch, users), graph in graphs.items():
-                graph(torch.zeros(users, setup.user_features), torch.zeros(batch, setup.peer_features), torch.zeros(batch, dtype=torch.int64))
+                graph(
+                    torch.zeros(users, setup.user_features),
+                    torch.zeros(batch, setup.peer_features),
+                    torch.zeros(batch, dtype=torch.int64),
+                )
     except Exception as exc:  # noqa: BLE001 -- reported to the parent, which refuses to start
         conn.send(Failed(-1, f"{type(exc).__name__}: {exc}"))
         return 1

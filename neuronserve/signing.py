@@ -23,7 +23,6 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
 
 from neuronserve.errors import ArtifactError, ConfigError
 
@@ -62,10 +61,10 @@ class TrustedKeys:
     """The Ed25519 public keys an artifact may be signed by, read from `source` (a PEM keyring)."""
 
     source: str
-    keys: Tuple[bytes, ...]  # raw 32-byte public keys, in file order
+    keys: tuple[bytes, ...]  # raw 32-byte public keys, in file order
 
     @property
-    def fingerprints(self) -> Tuple[str, ...]:
+    def fingerprints(self) -> tuple[str, ...]:
         return tuple(fingerprint(k) for k in self.keys)
 
     def describe(self) -> str:
@@ -84,7 +83,9 @@ def load_trusted_keys(path) -> TrustedKeys:
     for number, match in enumerate(_PEM_BLOCK.finditer(data), 1):
         label = match.group(1).decode()
         if "PRIVATE" in label:
-            raise ConfigError(f"{what} {path}: block {number} is a private key; give the public key (keygen's {PUBLIC_KEY_NAME}) and keep the private key off the server")
+            raise ConfigError(
+                f"{what} {path}: block {number} is a private key; give the public key (keygen's {PUBLIC_KEY_NAME}) and keep the private key off the server"
+            )
         if label != "PUBLIC KEY":
             continue  # certificates and the like: not a key we use
         try:
@@ -92,10 +93,14 @@ def load_trusted_keys(path) -> TrustedKeys:
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{what} {path}: block {number} is not a readable public key ({exc})") from None
         if not isinstance(key, Ed25519PublicKey):
-            raise ConfigError(f"{what} {path}: block {number} is a {type(key).__name__.lstrip('_')}, not an Ed25519 public key")
+            raise ConfigError(
+                f"{what} {path}: block {number} is a {type(key).__name__.lstrip('_')}, not an Ed25519 public key"
+            )
         keys.append(_raw_public(key))
     if not keys:
-        raise ConfigError(f"{what} {path}: no PEM public key in it; give the {PUBLIC_KEY_NAME} that `neuronserve keygen` wrote")
+        raise ConfigError(
+            f"{what} {path}: no PEM public key in it; give the {PUBLIC_KEY_NAME} that `neuronserve keygen` wrote"
+        )
     return TrustedKeys(str(path), tuple(dict.fromkeys(keys)))
 
 
@@ -109,11 +114,17 @@ def load_private_key(path):
     try:
         key = load_pem_private_key(data, password=None)
     except TypeError:  # encrypted
-        raise ConfigError(f"{what} {path}: the key is encrypted; give an unencrypted PKCS#8 PEM key (as `neuronserve keygen` writes)") from None
+        raise ConfigError(
+            f"{what} {path}: the key is encrypted; give an unencrypted PKCS#8 PEM key (as `neuronserve keygen` writes)"
+        ) from None
     except ValueError as exc:
-        raise ConfigError(f"{what} {path}: not a readable PEM private key ({str(exc).splitlines()[0] if str(exc) else 'malformed'})") from None
+        raise ConfigError(
+            f"{what} {path}: not a readable PEM private key ({str(exc).splitlines()[0] if str(exc) else 'malformed'})"
+        ) from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise ConfigError(f"{what} {path}: a {type(key).__name__.lstrip('_')}, not an Ed25519 private key; make one with `neuronserve keygen`")
+        raise ConfigError(
+            f"{what} {path}: a {type(key).__name__.lstrip('_')}, not an Ed25519 private key; make one with `neuronserve keygen`"
+        )
     return key
 
 
@@ -122,11 +133,13 @@ def load_signing_key(path, artifact_dir):
     never part of an artifact (and compile --force would delete it with the old artifact)."""
     key_path, artifact = Path(path).resolve(), Path(artifact_dir).resolve()
     if key_path == artifact or artifact in key_path.parents:
-        raise ConfigError(f"--signing-key {path} is inside the artifact {artifact_dir}: the private key must never be part of the artifact; keep it elsewhere")
+        raise ConfigError(
+            f"--signing-key {path} is inside the artifact {artifact_dir}: the private key must never be part of the artifact; keep it elsewhere"
+        )
     return load_private_key(path)
 
 
-def generate_key_pair(out_dir, force: bool = False) -> Tuple[Path, Path, str]:
+def generate_key_pair(out_dir, force: bool = False) -> tuple[Path, Path, str]:
     """Write a new Ed25519 key pair into `out_dir` (made 0700 if missing): PRIVATE_KEY_NAME (PKCS#8
     PEM, mode 0600) and PUBLIC_KEY_NAME (PEM, 0644). Existing files are replaced only with force.
     Returns (private path, public path, fingerprint)."""
@@ -138,7 +151,9 @@ def generate_key_pair(out_dir, force: bool = False) -> Tuple[Path, Path, str]:
     if not force:
         taken = [str(p) for p in (private_path, public_path) if os.path.lexists(p)]
         if taken:
-            raise ConfigError(f"keygen: {', '.join(taken)} already exists; pass --force to replace the key pair or choose another --out")
+            raise ConfigError(
+                f"keygen: {', '.join(taken)} already exists; pass --force to replace the key pair or choose another --out"
+            )
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
     public_pem = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
@@ -147,7 +162,9 @@ def generate_key_pair(out_dir, force: bool = False) -> Tuple[Path, Path, str]:
         _write_atomic(private_path, private_pem, 0o600)
         _write_atomic(public_path, public_pem, 0o644)
     except OSError as exc:
-        raise ConfigError(f"keygen: cannot write the key pair into {out} ({exc.strerror}); choose a writable --out") from None
+        raise ConfigError(
+            f"keygen: cannot write the key pair into {out} ({exc.strerror}); choose a writable --out"
+        ) from None
     return private_path, public_path, fingerprint(_raw_public(key.public_key()))
 
 
@@ -194,9 +211,11 @@ class SignatureCheck:
     """What the artifact's manifest.sig says about manifest.json (see check_signature)."""
 
     signed: bool  # manifest.sig is present
-    fingerprint: Optional[str] = None  # the key that signed (the trusted key it verified under, else the key manifest.sig names)
+    fingerprint: str | None = (
+        None  # the key that signed (the trusted key it verified under, else the key manifest.sig names)
+    )
     valid: bool = False  # the signature verifies over manifest.json
-    trusted: Optional[bool] = None  # None: no trusted key was asked for; True: verified by a trusted key
+    trusted: bool | None = None  # None: no trusted key was asked for; True: verified by a trusted key
 
     def describe(self) -> str:
         """One line for `inspect`."""
@@ -222,7 +241,7 @@ def _verifies(public_raw: bytes, signature: bytes, message: bytes) -> bool:
     return True
 
 
-def _parse_signature(sig_bytes: bytes, where: str) -> Tuple[bytes, bytes]:
+def _parse_signature(sig_bytes: bytes, where: str) -> tuple[bytes, bytes]:
     """(the named public key, the signature) from manifest.sig; ArtifactError if it is malformed."""
     try:
         body = json.loads(sig_bytes)
@@ -237,7 +256,9 @@ def _parse_signature(sig_bytes: bytes, where: str) -> Tuple[bytes, bytes]:
     return public_raw, signature
 
 
-def check_signature(manifest_bytes: bytes, sig_bytes: Optional[bytes], where: str, trusted: Optional[TrustedKeys]) -> SignatureCheck:
+def check_signature(
+    manifest_bytes: bytes, sig_bytes: bytes | None, where: str, trusted: TrustedKeys | None
+) -> SignatureCheck:
     """Check manifest.sig (`sig_bytes`, None when absent; `where` its path) over `manifest_bytes`.
 
     Without `trusted`: reports, never refuses an unsigned or badly signed artifact (integrity only).

@@ -24,10 +24,11 @@ docs/tick.md derives each step.
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -61,12 +62,21 @@ class TickResult:
     ids: np.ndarray  # int64 [N, k]: peer ids, PAD_ID past counts[i]
     values: np.ndarray  # float32 [N, k]: value(u, v), -inf past counts[i]
     counts: np.ndarray  # int32 [N]: valid entries per row
-    label_scores: Optional[np.ndarray] = None  # float32 [N, k, K]: s_k(u->v), 0 past counts[i]
-    reverse_label_scores: Optional[np.ndarray] = None  # float32 [N, k, K]: s_k(v->u) (mutual only)
+    label_scores: np.ndarray | None = None  # float32 [N, k, K]: s_k(u->v), 0 past counts[i]
+    reverse_label_scores: np.ndarray | None = None  # float32 [N, k, K]: s_k(v->u) (mutual only)
 
 
-def make_spec(k: int, weights: Sequence[float], num_labels: int, candidates: int, *, label_space: str = PROBABILITY,
-              mutual: str = ONE_WAY, include_label_scores: bool = False, candidates_what: str = "peers") -> TickSpec:
+def make_spec(
+    k: int,
+    weights: Sequence[float],
+    num_labels: int,
+    candidates: int,
+    *,
+    label_space: str = PROBABILITY,
+    mutual: str = ONE_WAY,
+    include_label_scores: bool = False,
+    candidates_what: str = "peers",
+) -> TickSpec:
     """Validated TickSpec; `candidates`: the most a row can have (pool size - 1, or the peer count)."""
     if label_space not in LABEL_SPACES:
         raise InvalidInput(f"label_space must be one of {', '.join(LABEL_SPACES)}, got {label_space!r}")
@@ -75,18 +85,24 @@ def make_spec(k: int, weights: Sequence[float], num_labels: int, candidates: int
     if isinstance(k, bool) or int(k) != k or k < 1:
         raise InvalidInput(f"k must be >= 1 (candidates returned per person), got {k}")
     if k > candidates:
-        raise InvalidInput(f"k={k} is above the {candidates} candidates each person has ({candidates_what}); send k <= {candidates}")
+        raise InvalidInput(
+            f"k={k} is above the {candidates} candidates each person has ({candidates_what}); send k <= {candidates}"
+        )
     w = np.asarray(weights, dtype=np.float64).reshape(-1)
     if w.size == 0:
         w = np.full(num_labels, 1.0 / num_labels)
     if w.size != num_labels:
-        raise InvalidInput(f"weights has {w.size} values; send one per label ({num_labels}), or none for 1/{num_labels} each")
+        raise InvalidInput(
+            f"weights has {w.size} values; send one per label ({num_labels}), or none for 1/{num_labels} each"
+        )
     if not np.isfinite(w).all():
         bad = int(np.flatnonzero(~np.isfinite(w))[0])
         raise InvalidInput(f"weights[{bad}] is {w[bad]}: weights must be finite")
     if mutual in (PRODUCT, HARMONIC_MEAN) and (label_space != PROBABILITY or (w < 0).any()):
-        raise InvalidInput(f"mutual {mutual.upper()} needs non-negative direction values: label_space PROBABILITY and "
-                           "every weight >= 0 (use MINIMUM for logits or negative weights)")
+        raise InvalidInput(
+            f"mutual {mutual.upper()} needs non-negative direction values: label_space PROBABILITY and "
+            "every weight >= 0 (use MINIMUM for logits or negative weights)"
+        )
     return TickSpec(int(k), w.astype(np.float32), label_space, mutual, bool(include_label_scores))
 
 
@@ -227,8 +243,15 @@ def _select(values: np.ndarray, columns: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(chosen_columns, order, axis=1)
 
 
-def exclusions(row_ids: np.ndarray, col_ids: np.ndarray, *, exclude_self: bool, blocked_rows: Optional[np.ndarray] = None,
-               blocked_cols: Optional[np.ndarray] = None, symmetric: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+def exclusions(
+    row_ids: np.ndarray,
+    col_ids: np.ndarray,
+    *,
+    exclude_self: bool,
+    blocked_rows: np.ndarray | None = None,
+    blocked_cols: np.ndarray | None = None,
+    symmetric: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """Excluded (row index, column index) pairs, distinct, sorted by row: self-pairs (a row's id among
     the columns) when exclude_self, and the blocked id pairs whose ids are both in the tick (both ways
     when symmetric). row_ids and col_ids are distinct ids; col_ids sorted ascending."""
@@ -251,20 +274,36 @@ def exclusions(row_ids: np.ndarray, col_ids: np.ndarray, *, exclude_self: bool, 
     if blocked_rows is not None and len(blocked_rows):
         pairs = [(blocked_rows, blocked_cols)] + ([(blocked_cols, blocked_rows)] if symmetric else [])
         for a, b in pairs:
-            r, c = place(np.asarray(a, np.int64), row_ids, row_order), place(np.asarray(b, np.int64), col_ids, col_order)
+            r, c = (
+                place(np.asarray(a, np.int64), row_ids, row_order),
+                place(np.asarray(b, np.int64), col_ids, col_order),
+            )
             hit = (r >= 0) & (c >= 0)
             rows_found.append(r[hit])
             cols_found.append(c[hit])
     if not rows_found:
         return np.empty(0, np.int64), np.empty(0, np.int64)
-    flat = np.unique(np.concatenate(rows_found).astype(np.int64) * len(col_ids) + np.concatenate(cols_found).astype(np.int64))
+    flat = np.unique(
+        np.concatenate(rows_found).astype(np.int64) * len(col_ids) + np.concatenate(cols_found).astype(np.int64)
+    )
     return flat // len(col_ids), flat % len(col_ids)
 
 
-def score_tick(row_ids: np.ndarray, col_ids: np.ndarray, rows_user: np.ndarray, cols_peer: np.ndarray, bias: np.ndarray,
-               spec: TickSpec, *, rows_peer: Optional[np.ndarray] = None, cols_user: Optional[np.ndarray] = None,
-               excluded: Tuple[np.ndarray, np.ndarray] = (np.empty(0, np.int64), np.empty(0, np.int64)),
-               block_rows: Optional[int] = None, threads: Optional[int] = None, pool: bool = False) -> TickResult:
+def score_tick(
+    row_ids: np.ndarray,
+    col_ids: np.ndarray,
+    rows_user: np.ndarray,
+    cols_peer: np.ndarray,
+    bias: np.ndarray,
+    spec: TickSpec,
+    *,
+    rows_peer: np.ndarray | None = None,
+    cols_user: np.ndarray | None = None,
+    excluded: tuple[np.ndarray, np.ndarray] = (np.empty(0, np.int64), np.empty(0, np.int64)),
+    block_rows: int | None = None,
+    threads: int | None = None,
+    pool: bool = False,
+) -> TickResult:
     """Top-k per row. row_ids [N] distinct (any order: rows come back in it); col_ids [M] distinct and
     sorted ascending. rows_user [N, K, D] / cols_peer [M, K, D]: the user vectors of the rows and the
     peer vectors of the columns (c(u->v)); for a mutual spec also rows_peer [N, K, D] and cols_user
@@ -279,74 +318,118 @@ def score_tick(row_ids: np.ndarray, col_ids: np.ndarray, rows_user: np.ndarray, 
     if mutual and (rows_peer is None or cols_user is None):
         raise ValueError("a mutual tick needs rows_peer and cols_user")
     whole = pool and mutual and 4 * m * m <= POOL_MATRIX_BYTES  # one forward matrix for the whole pool
+    pos = None
     if whole:  # work with the rows in column order (row a is column a); they go back to row_ids' order at the end
-        pos = np.searchsorted(col_ids, row_ids)  # row i is column pos[i]
-        if n != m or not np.array_equal(col_ids[np.minimum(pos, max(m - 1, 0))], row_ids):
-            raise ValueError("a pool's row_ids must be its col_ids (in any order)")
-        ex_rows = pos[excluded[0]]
-        by_row = np.argsort(ex_rows, kind="stable")
-        excluded = (ex_rows[by_row], excluded[1][by_row])
-        rows_user, rows_peer = cols_user, cols_peer
-    bias = np.asarray(bias, np.float32)
-    forward = _Direction(rows_user, cols_peer, bias, spec)
-    reverse = _Direction(cols_user, rows_peer, bias, spec) if mutual and not whole else None  # c(v->u): v's user vector, u's peer vector
-    # reverse computes c(column -> row) for blocks of *rows*: its "rows" are the columns' user vectors and
-    # its "cols" the rows' peer vectors, so a row block is reverse.cols[start:stop] against reverse.rows
-    matrix = np.empty((n, m), np.float32) if whole else None  # whole: c(u->v) for every pair of the pool
-    k = spec.k
-    ids = np.full((n, k), PAD_ID, np.int64)
-    values = np.full((n, k), -np.inf, np.float32)
-    excluded_per_row = np.bincount(excluded[0], minlength=n) if len(excluded[0]) else np.zeros(n, np.int64)
-    counts = np.minimum(m - excluded_per_row, k).astype(np.int32)
-    labels = (np.zeros((n, k, rows_user.shape[1]), np.float32) if spec.include_label_scores else None)
-    reverse_labels = (np.zeros_like(labels) if spec.include_label_scores and mutual else None)
+        pos, excluded = _pool_order(row_ids, col_ids, excluded)
+        rows_user, rows_peer = cols_user, cols_peer  # type: ignore[assignment]  # mutual: cols_user is set
+    blocks = _Blocks(
+        col_ids, rows_user, cols_peer, rows_peer, cols_user, np.asarray(bias, np.float32), spec, excluded, whole
+    )
     block = block_rows or block_rows_for(m)
-    starts = list(range(0, n, block))
-    ex_rows, ex_cols = excluded
+    steps = ([blocks.fill] if whole else []) + [blocks.run]  # whole: all of F before any block reads its columns
+    _in_blocks([functools.partial(step, size=block) for step in steps], list(range(0, n, block)), threads)
+    return blocks.result(pos)
 
-    def fill(start: int) -> None:
-        stop = min(start + block, n)
-        forward.block(start, stop, matrix[start:stop], np.empty((stop - start, m), np.float32))
 
-    def run(start: int) -> None:
-        stop = min(start + block, n)
+class _Blocks:
+    """One tick's state and its two per-block steps: fill (a mutual pool's forward matrix F) and run
+    (values, exclusions, top-k and label scores of a block of rows into the result arrays)."""
+
+    def __init__(
+        self, col_ids, rows_user, cols_peer, rows_peer, cols_user, bias, spec: TickSpec, excluded, whole: bool
+    ) -> None:
+        n, m, k = len(rows_user), len(col_ids), spec.k
+        self.col_ids, self.rows_user, self.cols_peer, self.rows_peer, self.cols_user = (
+            col_ids,
+            rows_user,
+            cols_peer,
+            rows_peer,
+            cols_user,
+        )
+        self.bias, self.spec, self.m = bias, spec, m
+        mutual = spec.mutual != ONE_WAY
+        self.forward = _Direction(rows_user, cols_peer, bias, spec)
+        # c(v->u) per row block: its "rows" are the columns' user vectors, its "cols" the rows' peer vectors
+        self.reverse = _Direction(cols_user, rows_peer, bias, spec) if mutual and not whole else None
+        self.matrix = np.empty((n, m), np.float32) if whole else None  # c(u->v) for every pair of the pool
+        self.ex_rows, self.ex_cols = excluded
+        per_row = np.bincount(self.ex_rows, minlength=n) if len(self.ex_rows) else np.zeros(n, np.int64)
+        self.counts = np.minimum(m - per_row, k).astype(np.int32)
+        self.ids = np.full((n, k), PAD_ID, np.int64)
+        self.values = np.full((n, k), -np.inf, np.float32)
+        shape = (n, k, rows_user.shape[1])
+        self.labels = np.zeros(shape, np.float32) if spec.include_label_scores else None
+        self.reverse_labels = np.zeros(shape, np.float32) if spec.include_label_scores and mutual else None
+
+    def fill(self, start: int, size: int) -> None:
+        assert self.matrix is not None
+        stop = min(start + size, len(self.matrix))
+        self.forward.block(start, stop, self.matrix[start:stop], np.empty((stop - start, self.m), np.float32))
+
+    def run(self, start: int, size: int) -> None:
+        m, k = self.m, self.spec.k
+        stop = min(start + size, len(self.ids))
         padded = np.empty((stop - start, _padded_width(m)), np.float32)
         padded[:, m:] = -np.inf
         out = padded[:, :m]
-        if matrix is not None:  # c(v->u) = matrix[v, u]: the block's columns, transposed (combine is symmetric)
-            _combine_transposed(matrix, start, stop, spec.mutual, out)
+        if self.matrix is not None:  # c(v->u) = F[v, u]: the block's columns, transposed (combine is symmetric)
+            _combine_transposed(self.matrix, start, stop, self.spec.mutual, out)
         else:
             tmp = np.empty_like(out)
-            forward.block(start, stop, out, tmp)
-            if reverse is not None:
+            self.forward.block(start, stop, out, tmp)
+            if self.reverse is not None:
                 back = np.empty_like(out)
-                _reverse_block(reverse, start, stop, back, tmp)
-                _mutual(out, back, spec.mutual)
-        lo, hi = np.searchsorted(ex_rows, start), np.searchsorted(ex_rows, stop)
-        out[ex_rows[lo:hi] - start, ex_cols[lo:hi]] = -np.inf
+                _reverse_block(self.reverse, start, stop, back, tmp)
+                _mutual(out, back, self.spec.mutual)
+        lo, hi = np.searchsorted(self.ex_rows, start), np.searchsorted(self.ex_rows, stop)
+        out[self.ex_rows[lo:hi] - start, self.ex_cols[lo:hi]] = -np.inf
         top = _top_k(padded, k, m)
-        got = np.take_along_axis(out, top, axis=1)
-        valid = np.arange(k)[None, :] < counts[start:stop, None]
-        ids[start:stop] = np.where(valid, col_ids[top], PAD_ID)
-        values[start:stop] = np.where(valid, got, -np.inf)
-        if labels is not None:
-            labels[start:stop] = np.where(valid[:, :, None], pair_logits(rows_user[start:stop], cols_peer[top], bias), 0)
-            if reverse_labels is not None:
-                reverse_labels[start:stop] = np.where(valid[:, :, None], pair_logits(cols_user[top], rows_peer[start:stop], bias, swap=True), 0)
+        valid = np.arange(k)[None, :] < self.counts[start:stop, None]
+        self.ids[start:stop] = np.where(valid, self.col_ids[top], PAD_ID)
+        self.values[start:stop] = np.where(valid, np.take_along_axis(out, top, axis=1), -np.inf)
+        if self.labels is not None:
+            logits = pair_logits(self.rows_user[start:stop], self.cols_peer[top], self.bias)
+            self.labels[start:stop] = np.where(valid[:, :, None], logits, 0)
+        if self.reverse_labels is not None:
+            logits = pair_logits(self.cols_user[top], self.rows_peer[start:stop], self.bias, swap=True)
+            self.reverse_labels[start:stop] = np.where(valid[:, :, None], logits, 0)
 
+    def result(self, pos: np.ndarray | None) -> TickResult:
+        """The result, rows back in the request's order (pos: a pool worked in column order)."""
+        arrays = (self.ids, self.values, self.counts, self.labels, self.reverse_labels)
+        if pos is None:
+            return TickResult(*arrays)
+        ids, values, counts, labels, reverse_labels = (None if a is None else a[pos] for a in arrays)
+        return TickResult(ids, values, counts, labels, reverse_labels)  # type: ignore[arg-type]
+
+
+def _pool_order(row_ids: np.ndarray, col_ids: np.ndarray, excluded: tuple[np.ndarray, np.ndarray]):
+    """A pool worked with its rows in column order: (pos, the exclusions re-indexed and sorted by row),
+    row i being column pos[i]."""
+    n, m = len(row_ids), len(col_ids)
+    pos = np.searchsorted(col_ids, row_ids)
+    if n != m or not np.array_equal(col_ids[np.minimum(pos, max(m - 1, 0))], row_ids):
+        raise ValueError("a pool's row_ids must be its col_ids (in any order)")
+    ex_rows = pos[excluded[0]]
+    by_row = np.argsort(ex_rows, kind="stable")
+    return pos, (ex_rows[by_row], excluded[1][by_row])
+
+
+def _in_blocks(steps, starts: list[int], threads: int | None) -> None:
+    """Each step over every block start, one step after the other; the blocks of a step on a thread
+    pool with one BLAS thread per block (two callers of a 2-thread BLAS ran slower than one)."""
     workers = min(threads or default_threads(), len(starts))
-    steps = ([fill] if whole else []) + [run]  # whole: every block of the matrix before any block reads its columns
     if workers <= 1:
         for step in steps:
             for start in starts:
                 step(start)
-    else:  # the blocks are the parallelism: one BLAS thread per block (two callers of a 2-thread BLAS run slower than one)
-        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers, thread_name_prefix="tick") as executor:
-            for step in steps:
-                list(executor.map(step, starts))  # numpy's matmul and ufuncs, and torch's ops, release the GIL
-    if whole:
-        return TickResult(*(None if a is None else a[pos] for a in (ids, values, counts, labels, reverse_labels)))
-    return TickResult(ids, values, counts, labels, reverse_labels)
+        return
+    with (
+        threadpool_limits(limits=1, user_api="blas"),
+        ThreadPoolExecutor(workers, thread_name_prefix="tick") as executor,
+    ):
+        for step in steps:
+            list(executor.map(step, starts))  # numpy's matmul and ufuncs, and torch's ops, release the GIL
 
 
 def _reverse_block(reverse: _Direction, start: int, stop: int, out: np.ndarray, tmp: np.ndarray) -> np.ndarray:
@@ -363,9 +446,18 @@ def pair_logits(users: np.ndarray, peers: np.ndarray, bias: np.ndarray, swap: bo
     return np.einsum("bkd,bjkd->bjk", users, peers) + bias
 
 
-def reference_tick(row_ids: np.ndarray, col_ids: np.ndarray, rows_user: np.ndarray, cols_peer: np.ndarray, bias: np.ndarray,
-                   spec: TickSpec, *, rows_peer: Optional[np.ndarray] = None, cols_user: Optional[np.ndarray] = None,
-                   excluded: Tuple[np.ndarray, np.ndarray] = (np.empty(0, np.int64), np.empty(0, np.int64))) -> TickResult:
+def reference_tick(
+    row_ids: np.ndarray,
+    col_ids: np.ndarray,
+    rows_user: np.ndarray,
+    cols_peer: np.ndarray,
+    bias: np.ndarray,
+    spec: TickSpec,
+    *,
+    rows_peer: np.ndarray | None = None,
+    cols_user: np.ndarray | None = None,
+    excluded: tuple[np.ndarray, np.ndarray] = (np.empty(0, np.int64), np.empty(0, np.int64)),
+) -> TickResult:
     """The plain definition, for tests: the whole [N, M, K] logits in float64, combined, a full sort per
     row (value descending, then peer id ascending). col_ids need not be sorted here."""
     n, m = len(row_ids), len(col_ids)
@@ -377,6 +469,7 @@ def reference_tick(row_ids: np.ndarray, col_ids: np.ndarray, rows_user: np.ndarr
 
     value = combined(rows_user, cols_peer)
     if spec.mutual != ONE_WAY:
+        assert cols_user is not None and rows_peer is not None, "a mutual tick needs rows_peer and cols_user"
         back = combined(cols_user, rows_peer).T  # c(v->u) at [u, v]
         if spec.mutual == PRODUCT:
             value = value * back
@@ -400,7 +493,12 @@ def reference_tick(row_ids: np.ndarray, col_ids: np.ndarray, rows_user: np.ndarr
         ids[i, : len(cols)] = col_ids[cols]
         values[i, : len(cols)] = value[i, cols]
         if labels is not None:
-            labels[i, : len(cols)] = np.einsum("kd,jkd->jk", rows_user[i].astype(np.float64), cols_peer[cols].astype(np.float64)) + b
+            labels[i, : len(cols)] = (
+                np.einsum("kd,jkd->jk", rows_user[i].astype(np.float64), cols_peer[cols].astype(np.float64)) + b
+            )
             if reverse_labels is not None:
-                reverse_labels[i, : len(cols)] = np.einsum("jkd,kd->jk", cols_user[cols].astype(np.float64), rows_peer[i].astype(np.float64)) + b
+                assert cols_user is not None and rows_peer is not None
+                reverse_labels[i, : len(cols)] = (
+                    np.einsum("jkd,kd->jk", cols_user[cols].astype(np.float64), rows_peer[i].astype(np.float64)) + b
+                )
     return TickResult(ids, values, counts, labels, reverse_labels)

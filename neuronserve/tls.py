@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 import ssl
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
 
 from neuronserve.config import ServerConfig
 from neuronserve.errors import ConfigError
@@ -23,7 +22,7 @@ from neuronserve.errors import ConfigError
 # without a FIN (a node lost) does not hold its connection for grpc's default 2 hours. Clients may ping
 # as often as every 10 s, calls or not (grpc's default, 5 min without calls, answers a client keepalive
 # of e.g. 30 s with GOAWAY "too_many_pings"); a third ping sooner than that is a strike too many: GOAWAY.
-KEEPALIVE_OPTIONS: Tuple[Tuple[str, int], ...] = (
+KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -38,7 +37,7 @@ def _ms(seconds: float) -> int:
     return max(0, min(int(round(seconds * 1000)), _MAX_MS))
 
 
-def connection_options(config: ServerConfig) -> List[Tuple[str, int]]:
+def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
     """grpc server options for keepalive and connection ageing: with --max-connection-age-s, each
     connection gets GOAWAY after about that long (grpc adds +-10% jitter) and its calls in flight get the
     grace period to finish; the client reconnects, through its load balancer, to any replica."""
@@ -57,7 +56,7 @@ class TlsFiles:
 
     cert: bytes
     key: bytes
-    client_ca: Optional[bytes] = None  # mTLS: client certificates required and verified against these CAs
+    client_ca: bytes | None = None  # mTLS: client certificates required and verified against these CAs
 
     @property
     def mode(self) -> str:
@@ -68,7 +67,7 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def load_tls(config: ServerConfig) -> Optional[TlsFiles]:
+def load_tls(config: ServerConfig) -> TlsFiles | None:
     """None without --tls-cert (plaintext gRPC); else the checked PEM bytes. Raises a one-line
     ConfigError naming the flag whose file is missing, unreadable or wrong."""
     cert_path, key_path, ca_path = config.tls_cert, config.tls_key, config.tls_client_ca
@@ -76,7 +75,9 @@ def load_tls(config: ServerConfig) -> Optional[TlsFiles]:
         if key_path is not None:
             raise ConfigError("--tls-key needs --tls-cert (the certificate of that key)")
         if ca_path is not None:
-            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key: client certificates are verified only on a TLS port")
+            raise ConfigError(
+                "--tls-client-ca needs --tls-cert and --tls-key: client certificates are verified only on a TLS port"
+            )
         return None
     if key_path is None:
         raise ConfigError("--tls-cert needs --tls-key (the certificate's private key)")
@@ -85,7 +86,7 @@ def load_tls(config: ServerConfig) -> Optional[TlsFiles]:
     client_ca = _read("tls_client_ca", ca_path) if ca_path is not None else None
     _check_certificates("tls_cert", cert_path, cert, "a PEM certificate")
     _check_key(cert_path, key_path, key)
-    if client_ca is not None:
+    if ca_path is not None and client_ca is not None:
         _check_certificates("tls_client_ca", ca_path, client_ca, "PEM CA certificates")
     return TlsFiles(cert=cert, key=key, client_ca=client_ca)
 
@@ -116,7 +117,9 @@ def _text(name: str, path: str, data: bytes, what: str) -> str:
     try:
         return data.decode("ascii")
     except UnicodeDecodeError:
-        raise ConfigError(f"{_flag(name)} {path}: not {what} (binary content; DER files must be converted to PEM)") from None
+        raise ConfigError(
+            f"{_flag(name)} {path}: not {what} (binary content; DER files must be converted to PEM)"
+        ) from None
 
 
 def _check_certificates(name: str, path: str, data: bytes, what: str) -> None:
@@ -133,7 +136,7 @@ def _check_key(cert_path: str, key_path: str, data: bytes) -> None:
     text = _text("tls_key", key_path, data, "a PEM private key")
     if "PRIVATE KEY-----" not in text:
         raise ConfigError(f"--tls-key {key_path}: not a PEM private key (no '-----BEGIN ... PRIVATE KEY-----' in it)")
-    encrypted: List[bool] = []
+    encrypted: list[bool] = []
 
     def password() -> bytes:  # never prompt on a terminal: an encrypted key is refused
         encrypted.append(True)
@@ -149,6 +152,12 @@ def _check_key(cert_path: str, key_path: str, data: bytes) -> None:
             reason = _reason(exc) if isinstance(exc, ssl.SSLError) else (exc.strerror or str(exc))
             if not encrypted:
                 if "KEY_VALUES_MISMATCH" in str(exc) or "values mismatch" in reason.lower():
-                    raise ConfigError(f"--tls-key {key_path}: does not match the certificate of --tls-cert {cert_path}") from None
-                raise ConfigError(f"--tls-key {key_path}: cannot be used with --tls-cert {cert_path} ({reason})") from None
-    raise ConfigError(f"--tls-key {key_path}: the key is encrypted; grpc needs an unencrypted PEM key (e.g. openssl pkey -in KEY -out PLAIN)")
+                    raise ConfigError(
+                        f"--tls-key {key_path}: does not match the certificate of --tls-cert {cert_path}"
+                    ) from None
+                raise ConfigError(
+                    f"--tls-key {key_path}: cannot be used with --tls-cert {cert_path} ({reason})"
+                ) from None
+    raise ConfigError(
+        f"--tls-key {key_path}: the key is encrypted; grpc needs an unencrypted PEM key (e.g. openssl pkey -in KEY -out PLAIN)"
+    )
