@@ -32,13 +32,16 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _start_redis(directory: str) -> "tuple[subprocess.Popen, str]":
+def _start_redis(directory: str) -> tuple[subprocess.Popen, str]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("redis-server is not on PATH (Debian: apt-get install redis-server); or pass --store URL")
     port = _free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", directory],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", directory],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     import redis
 
     client = redis.Redis(port=port)
@@ -50,7 +53,7 @@ def _start_redis(directory: str) -> "tuple[subprocess.Popen, str]":
         except redis.exceptions.ConnectionError:
             if time.monotonic() > end:
                 proc.kill()
-                raise SystemExit("redis-server did not start")
+                raise SystemExit("redis-server did not start") from None
             time.sleep(0.05)
     return proc, f"redis://127.0.0.1:{port}/0"
 
@@ -60,7 +63,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--labels", type=int, default=4, help="K (default 4, the demo model)")
     parser.add_argument("--dim", type=int, default=64, help="D (default 64, the demo model)")
-    parser.add_argument("--store", default=None, help="redis:// URL of a store to use (its version key 'bench-fleet' is overwritten)")
+    parser.add_argument(
+        "--store", default=None, help="redis:// URL of a store to use (its version key 'bench-fleet' is overwritten)"
+    )
     parser.add_argument("--repeat", type=int, default=2, help="warm starts to time (default 2)")
     args = parser.parse_args(argv)
 
@@ -71,9 +76,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="neuronserve-bench-redis-") as directory:
         proc, url = (None, args.store) if args.store else _start_redis(directory)
         try:
-            store = RedisStore(url, model_name="bench", model_version="bench-fleet", num_labels=args.labels, label_dim=args.dim)
+            store = RedisStore(
+                url, model_name="bench", model_version="bench-fleet", num_labels=args.labels, label_dim=args.dim
+            )
             client = store._client()
-            client.delete(store.changes_key, store.seq_key, store.meta_key, *store.row_keys["user"], *store.row_keys["peer"])
+            client.delete(
+                store.changes_key, store.seq_key, store.meta_key, *store.row_keys["user"], *store.row_keys["peer"]
+            )
             rng = np.random.default_rng(0)
             chunk = rng.standard_normal((1000, args.labels, args.dim)).astype(np.float32)
             started = time.perf_counter()
@@ -81,19 +90,30 @@ def main(argv=None) -> int:
                 ids = np.arange(at, min(at + 1000, args.rows))
                 store.write("peer", ids, chunk[: len(ids)])
             fill_s = time.perf_counter() - started
-            print(f"filled {args.rows:,} rows of K={args.labels} x D={args.dim} float32 ({args.labels * args.dim * 4} B) "
-                  f"in {fill_s:.1f} s ({args.rows / fill_s:,.0f} rows/s); redis used_memory {client.info('memory')['used_memory'] / 2**30:.2f} GiB", flush=True)
+            print(
+                f"filled {args.rows:,} rows of K={args.labels} x D={args.dim} float32 ({args.labels * args.dim * 4} B) "
+                f"in {fill_s:.1f} s ({args.rows / fill_s:,.0f} rows/s); redis used_memory {client.info('memory')['used_memory'] / 2**30:.2f} GiB",
+                flush=True,
+            )
             for repeat in range(args.repeat):
-                cache = EmbeddingCache(model_version="bench-fleet", num_labels=args.labels, label_dim=args.dim,
-                                       label_bias=[0.0] * args.labels, max_rows=args.rows)
+                cache = EmbeddingCache(
+                    model_version="bench-fleet",
+                    num_labels=args.labels,
+                    label_dim=args.dim,
+                    label_bias=[0.0] * args.labels,
+                    max_rows=args.rows,
+                )
                 follower = Follower(store, cache, StoreStatus())
                 started = time.perf_counter()
                 assert follower.warm_start()
                 load_s = time.perf_counter() - started
                 assert cache.rows("peer") == args.rows, cache.rows("peer")
                 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-                print(f"warm start {repeat + 1}: {args.rows:,} rows in {load_s:.2f} s ({args.rows / load_s:,.0f} rows/s); "
-                      f"peak RSS {peak:.2f} GiB", flush=True)
+                print(
+                    f"warm start {repeat + 1}: {args.rows:,} rows in {load_s:.2f} s ({args.rows / load_s:,.0f} rows/s); "
+                    f"peak RSS {peak:.2f} GiB",
+                    flush=True,
+                )
                 cache.close()
             store.close()
         finally:

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from collections.abc import Callable
 
 import numpy as np
 
@@ -37,7 +37,7 @@ class Limit:
     pairs_per_s: float
     how: str
 
-    def to_dict(self, served_rate_per_s: Optional[float]) -> dict:
+    def to_dict(self, served_rate_per_s: float | None) -> dict:
         fraction = served_rate_per_s / self.requests_per_s if served_rate_per_s and self.requests_per_s else None
         return {
             "requests_per_s": round(self.requests_per_s, 2),
@@ -47,7 +47,9 @@ class Limit:
         }
 
 
-def compute_limit(artifact_dir: str, workload: Workload, seconds: float = 3.0, backend: str = "cpu", threads: int = 0) -> Limit:
+def compute_limit(
+    artifact_dir: str, workload: Workload, seconds: float = 3.0, backend: str = "cpu", threads: int = 0
+) -> Limit:
     import torch
 
     from neuronserve.artifact import STAGE_NAMES, load_manifest
@@ -64,7 +66,9 @@ def compute_limit(artifact_dir: str, workload: Workload, seconds: float = 3.0, b
         if manifest.has_fused_stage:
             steps, how = _fused_steps([engine.load(FUSED_STAGE, CoreGroup(i)) for i in range(threads)], m)
         else:
-            steps, how = _stage_steps([{s: engine.load(s, CoreGroup(i)) for s in STAGE_NAMES} for i in range(threads)], m, cfg)
+            steps, how = _stage_steps(
+                [{s: engine.load(s, CoreGroup(i)) for s in STAGE_NAMES} for i in range(threads)], m, cfg
+            )
         how = f"{backend} backend in-process, {threads} thread(s), {how}"
     else:
         n = workload.spec.users if workload.spec.name == "matrix" else 1
@@ -104,7 +108,7 @@ def compute_limit(artifact_dir: str, workload: Workload, seconds: float = 3.0, b
     return Limit(pairs_per_s / workload.pairs_per_request, pairs_per_s, how)
 
 
-def _fused_steps(runners, peers_per_request: int) -> Tuple[List[Callable[[], int]], str]:
+def _fused_steps(runners, peers_per_request: int) -> tuple[list[Callable[[], int]], str]:
     """One fused call per step at the largest bucket B: B peer rows, peer row i meeting user i // M, the
     users rounded up to a compiled user batch U (the server pads its user rows the same way)."""
     rows = max(runners[0].batch_sizes)
@@ -122,14 +126,18 @@ def _fused_steps(runners, peers_per_request: int) -> Tuple[List[Callable[[], int
 
         return step
 
-    return [make_step(r) for r in runners], f"fused {FUSED_STAGE} graph at batch {rows} ({users} user row{'s' if users > 1 else ''})"
+    return [
+        make_step(r) for r in runners
+    ], f"fused {FUSED_STAGE} graph at batch {rows} ({users} user row{'s' if users > 1 else ''})"
 
 
-def _stage_steps(stages, peers_per_request: int, cfg) -> Tuple[List[Callable[[], int]], str]:
+def _stage_steps(stages, peers_per_request: int, cfg) -> tuple[list[Callable[[], int]], str]:
     """User tower, peer tower and pair scorer per step (an artifact without the fused graph), at the largest bucket."""
     rows = max(stages[0]["peer_tower"].batch_sizes)  # the largest batch the server can form
     user_buckets = stages[0]["user_tower"].batch_sizes
-    user_rows = min([b for b in user_buckets if b >= -(-rows // peers_per_request)] or [max(user_buckets)])  # one user per request in the batch
+    user_rows = min(
+        [b for b in user_buckets if b >= -(-rows // peers_per_request)] or [max(user_buckets)]
+    )  # one user per request in the batch
 
     def make_step(runners) -> Callable[[], int]:
         user = np.zeros((user_rows, cfg.user_features), np.float32)
@@ -144,10 +152,14 @@ def _stage_steps(stages, peers_per_request: int, cfg) -> Tuple[List[Callable[[],
 
         return step
 
-    return [make_step(r) for r in stages], f"three stages (user tower + peer tower + pair scorer; no fused graph in the artifact) at batch {rows}"
+    return [
+        make_step(r) for r in stages
+    ], f"three stages (user tower + peer tower + pair scorer; no fused graph in the artifact) at batch {rows}"
 
 
-def transport_limit(workload: Workload, seconds: float = 3.0, clients: int = 2, channels: int = 2, concurrency: int = 32) -> Limit:
+def transport_limit(
+    workload: Workload, seconds: float = 3.0, clients: int = 2, channels: int = 2, concurrency: int = 32
+) -> Limit:
     echo = subprocess.Popen(
         [sys.executable, "-m", "neuronserve.bench.echo", "--port", "0", "--reply-bytes", str(workload.response_bytes)],
         stdout=subprocess.PIPE,
@@ -156,7 +168,9 @@ def transport_limit(workload: Workload, seconds: float = 3.0, clients: int = 2, 
     try:
         line = echo.stdout.readline()
         if "port=" not in line:
-            raise Unavailable(f"transport limit: the echo server did not start (said {line.strip()!r}, exit {echo.poll()})")
+            raise Unavailable(
+                f"transport limit: the echo server did not start (said {line.strip()!r}, exit {echo.poll()})"
+            )
         spec = LoadSpec(
             target=f"127.0.0.1:{int(line.split('port=')[1])}",
             method=workload.method,
@@ -173,4 +187,3 @@ def transport_limit(workload: Workload, seconds: float = 3.0, clients: int = 2, 
         echo.wait(timeout=10)
     how = f"no-op gRPC echo subprocess, same request bytes, {workload.response_bytes} B replies, closed loop {clients}x{concurrency} in flight"
     return Limit(result.achieved_rate_per_s, result.achieved_rate_per_s * workload.pairs_per_request, how)
-

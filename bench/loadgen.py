@@ -22,7 +22,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from collections.abc import Callable
 
 import numpy as np
 
@@ -38,7 +38,7 @@ class LoadSpec:
 
     target: str  # host:port
     method: str  # full method path, e.g. /neuronserve.v1.Scorer/Score
-    payloads: Tuple[bytes, ...]  # serialized requests, sent in turn
+    payloads: tuple[bytes, ...]  # serialized requests, sent in turn
     duration_s: float
     warmup_s: float = 0.0
     rate_per_s: float = 0.0
@@ -54,11 +54,15 @@ class LoadSpec:
         from neuronserve.errors import ConfigError
 
         if (self.rate_per_s > 0) == (self.concurrency > 0):
-            raise ConfigError(f"load: give either rate_per_s > 0 (open loop) or concurrency > 0 (closed loop), got rate_per_s={self.rate_per_s} concurrency={self.concurrency}")
+            raise ConfigError(
+                f"load: give either rate_per_s > 0 (open loop) or concurrency > 0 (closed loop), got rate_per_s={self.rate_per_s} concurrency={self.concurrency}"
+            )
         if self.arrival not in ARRIVALS:
             raise ConfigError(f"load: arrival must be one of {', '.join(ARRIVALS)}, got {self.arrival!r}")
         if self.duration_s <= 0 or self.warmup_s < 0:
-            raise ConfigError(f"load: duration_s must be > 0 and warmup_s >= 0, got {self.duration_s} and {self.warmup_s}")
+            raise ConfigError(
+                f"load: duration_s must be > 0 and warmup_s >= 0, got {self.duration_s} and {self.warmup_s}"
+            )
         if self.clients < 1 or self.channels < 1:
             raise ConfigError(f"load: clients and channels must be >= 1, got {self.clients} and {self.channels}")
         if self.timeout_ms <= 0:
@@ -80,7 +84,7 @@ class Percentiles:
     mean: float
 
     @classmethod
-    def of(cls, hist) -> "Percentiles":
+    def of(cls, hist) -> Percentiles:
         """From a histogram of microseconds (NaN everywhere when it is empty)."""
         count = hist.get_total_count()
         if not count:
@@ -90,7 +94,14 @@ class Percentiles:
 
     def to_dict(self) -> dict:
         """The keys of LoadResult.latency_ms, plus count."""
-        values = {"p50": self.p50, "p90": self.p90, "p99": self.p99, "p99.9": self.p99_9, "max": self.max, "mean": self.mean}
+        values = {
+            "p50": self.p50,
+            "p90": self.p90,
+            "p99": self.p99,
+            "p99.9": self.p99_9,
+            "max": self.max,
+            "mean": self.mean,
+        }
         return {"count": self.count, **{k: round(v, 3) for k, v in values.items()}}
 
 
@@ -102,16 +113,20 @@ class LoadResult:
     duration_s: float
     sent: int
     ok: int
-    errors: Dict[str, int]  # gRPC status name -> count
+    errors: dict[str, int]  # gRPC status name -> count
     achieved_rate_per_s: float  # successful replies per second of the measured window
-    latency_ms: Dict[str, float]  # p50, p90, p99, p99.9, max, mean; from the scheduled send time (open loop)
+    latency_ms: dict[str, float]  # p50, p90, p99, p99.9, max, mean; from the scheduled send time (open loop)
     late_sends: int
     late_threshold_ms: float
     late_p99_ms: float
     late_max_ms: float
     histogram: bytes = field(repr=False, default=b"")  # encoded HdrHistogram of successful latencies, in us
-    error_latency_ms: Dict[str, Percentiles] = field(default_factory=dict)  # gRPC status name -> its latencies (same clock as latency_ms)
-    error_histograms: Dict[str, bytes] = field(repr=False, default_factory=dict)  # status name -> encoded HdrHistogram, in us
+    error_latency_ms: dict[str, Percentiles] = field(
+        default_factory=dict
+    )  # gRPC status name -> its latencies (same clock as latency_ms)
+    error_histograms: dict[str, bytes] = field(
+        repr=False, default_factory=dict
+    )  # status name -> encoded HdrHistogram, in us
     warmup_s: float = 0.0  # the load sent before the measured window, not measured
 
     @property
@@ -157,7 +172,11 @@ def count_above(hist, bound: float) -> int:
     """How many recorded values are above `bound` (at the histogram's precision)."""
     if hist.get_total_count() == 0:
         return 0
-    return sum(it.count_at_value_iterated_to for it in hist.get_recorded_iterator() if hist.get_lowest_equivalent_value(it.value_iterated_to) > bound)
+    return sum(
+        it.count_at_value_iterated_to
+        for it in hist.get_recorded_iterator()
+        if hist.get_lowest_equivalent_value(it.value_iterated_to) > bound
+    )
 
 
 def arrival_offsets_s(rate_per_s: float, span_s: float, arrival: str, seed: int) -> np.ndarray:
@@ -193,7 +212,11 @@ async def _client(index: int, spec: LoadSpec, offsets_s: np.ndarray, start_at, g
 
     import grpc
 
-    options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20), ("grpc.use_local_subchannel_pool", 1)]
+    options = [
+        ("grpc.max_receive_message_length", 256 << 20),
+        ("grpc.max_send_message_length", 256 << 20),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
     channels = [grpc.aio.insecure_channel(spec.target, options=options) for _ in range(spec.channels)]
     await asyncio.gather(*(asyncio.wait_for(ch.channel_ready(), 20.0) for ch in channels))
     calls = [ch.unary_unary(spec.method) for ch in channels]  # bytes in, bytes out: no (de)serialization
@@ -207,7 +230,7 @@ async def _client(index: int, spec: LoadSpec, offsets_s: np.ndarray, start_at, g
     payloads = spec.payloads
     hist, tick_hist, late_hist = new_histogram(), new_histogram(), new_histogram()
     errors: Counter = Counter()
-    error_hists: Dict[str, object] = {}  # status name -> HdrHistogram of those requests' latencies
+    error_hists: dict[str, object] = {}  # status name -> HdrHistogram of those requests' latencies
     counts = {"sent": 0, "sent_all": 0, "done": 0, "ok": 0, "last_done": window_start}
     gc.collect()
     gc.freeze()
@@ -304,7 +327,9 @@ async def _client(index: int, spec: LoadSpec, offsets_s: np.ndarray, start_at, g
 Progress = Callable[[str], None]
 
 
-def run_load(spec: LoadSpec, progress: Optional[Progress] = None, on_window_start: Optional[Callable[[], None]] = None) -> LoadResult:
+def run_load(
+    spec: LoadSpec, progress: Progress | None = None, on_window_start: Callable[[], None] | None = None
+) -> LoadResult:
     """Run `spec` with `spec.clients` spawned processes; block until every reply or deadline is in.
 
     `progress` receives a one-line status about once a second; `on_window_start` is called when
@@ -322,7 +347,10 @@ def run_load(spec: LoadSpec, progress: Optional[Progress] = None, on_window_star
     out = ctx.Queue()
     go = ctx.Event()
     start_at = ctx.Value("d", 0.0)
-    procs = [ctx.Process(target=_client_main, args=(i, spec, shares[i], start_at, go, out), daemon=True) for i in range(spec.clients)]
+    procs = [
+        ctx.Process(target=_client_main, args=(i, spec, shares[i], start_at, go, out), daemon=True)
+        for i in range(spec.clients)
+    ]
     for proc in procs:
         proc.start()
     try:
@@ -351,7 +379,11 @@ def _await_all(out, procs, kind: str, timeout_s: float) -> None:
         except queue_mod.Empty:
             dead = [i for i in pending if not procs[i].is_alive()]
             if dead or time.monotonic() > deadline:
-                why = f"exited (code {procs[dead[0]].exitcode})" if dead else f"not {kind} after {timeout_s:.0f} s (is the target reachable?)"
+                why = (
+                    f"exited (code {procs[dead[0]].exitcode})"
+                    if dead
+                    else f"not {kind} after {timeout_s:.0f} s (is the target reachable?)"
+                )
                 raise Unavailable(f"load: client processes {dead or sorted(pending)} {why}") from None
             continue
         if msg_kind == "failed":
@@ -360,11 +392,11 @@ def _await_all(out, procs, kind: str, timeout_s: float) -> None:
             pending.discard(index)
 
 
-def _collect(spec: LoadSpec, out, procs, t0: float, progress: Optional[Progress], on_window_start) -> Dict[int, dict]:
+def _collect(spec: LoadSpec, out, procs, t0: float, progress: Progress | None, on_window_start) -> dict[int, dict]:
     from neuronserve.errors import Unavailable
 
-    finals: Dict[int, dict] = {}
-    ticks: Dict[int, Tuple[int, int, int]] = {}
+    finals: dict[int, dict] = {}
+    ticks: dict[int, tuple[int, int, int]] = {}
     window_hist = new_histogram()
     last_print = time.monotonic()
     window_started = False
@@ -394,9 +426,15 @@ def _collect(spec: LoadSpec, out, procs, t0: float, progress: Optional[Progress]
             window_hist.decode_and_add(encoded)
             if progress is not None and time.monotonic() - last_print >= 0.9:
                 sent_t, done_t, err_t = (sum(v[i] for v in ticks.values()) for i in range(3))
-                p99 = window_hist.get_value_at_percentile(99.0) / 1000.0 if window_hist.get_total_count() else float("nan")
+                p99 = (
+                    window_hist.get_value_at_percentile(99.0) / 1000.0
+                    if window_hist.get_total_count()
+                    else float("nan")
+                )
                 phase = "warm-up" if now < t0 + spec.warmup_s else "measure"
-                progress(f"t={now - t0:5.1f}s {phase}  sent {sent_t}  done {done_t}  errors {err_t}  p99(last 1s) {p99:.1f} ms")
+                progress(
+                    f"t={now - t0:5.1f}s {phase}  sent {sent_t}  done {done_t}  errors {err_t}  p99(last 1s) {p99:.1f} ms"
+                )
                 window_hist.reset()
                 last_print = time.monotonic()
     if not window_started and on_window_start is not None:
@@ -404,10 +442,10 @@ def _collect(spec: LoadSpec, out, procs, t0: float, progress: Optional[Progress]
     return finals
 
 
-def _merge(spec: LoadSpec, finals: Dict[int, dict], t0: float) -> LoadResult:
+def _merge(spec: LoadSpec, finals: dict[int, dict], t0: float) -> LoadResult:
     hist, late_hist = new_histogram(), new_histogram()
     errors: Counter = Counter()
-    error_hists: Dict[str, object] = {}
+    error_hists: dict[str, object] = {}
     sent = ok = late = 0
     last_done = t0 + spec.warmup_s
     for final in finals.values():
@@ -421,7 +459,11 @@ def _merge(spec: LoadSpec, finals: Dict[int, dict], t0: float) -> LoadResult:
         late += final["late_count"]
         last_done = max(last_done, final["last_done"])
     elapsed_s = max(spec.duration_s, last_done - (t0 + spec.warmup_s)) if spec.concurrency == 0 else spec.duration_s
-    latency = {f"p{p:g}": hist.get_value_at_percentile(p) / 1000.0 for p in PERCENTILES} if ok else {f"p{p:g}": float("nan") for p in PERCENTILES}
+    latency = (
+        {f"p{p:g}": hist.get_value_at_percentile(p) / 1000.0 for p in PERCENTILES}
+        if ok
+        else {f"p{p:g}": float("nan") for p in PERCENTILES}
+    )
     latency["max"] = hist.get_max_value() / 1000.0 if ok else float("nan")
     latency["mean"] = hist.get_mean_value() / 1000.0 if ok else float("nan")
     return LoadResult(

@@ -28,7 +28,6 @@ import subprocess
 import sys
 import threading
 import time
-from typing import List, Optional
 
 import numpy as np
 
@@ -47,7 +46,7 @@ def progress(line: str) -> None:
     sys.stderr.flush()
 
 
-def parse_workers(text: str) -> List[int]:
+def parse_workers(text: str) -> list[int]:
     """`--workers N[,N...]` -> the counts in order; a ValueError naming what is wrong."""
     try:
         counts = [int(part) for part in text.split(",")]
@@ -61,17 +60,17 @@ def parse_workers(text: str) -> List[int]:
 class Server:
     """`with Server(argv) as server: server.port, server.pid`; `server.stop()` -> its exit status."""
 
-    def __init__(self, argv: List[str]) -> None:
+    def __init__(self, argv: list[str]) -> None:
         self.argv = argv
         self.port = 0
         self.pid = 0
-        self._proc: Optional[subprocess.Popen] = None
+        self._proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         # its stderr is ours (errors show); stdout is read for the ready line, then drained
         self._proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True)
         self.pid = self._proc.pid
-        lines: "queue.Queue[str]" = queue.Queue()
+        lines: queue.Queue[str] = queue.Queue()
 
         def read() -> None:
             for out in self._proc.stdout:
@@ -100,7 +99,7 @@ class Server:
         root = psutil.Process(self.pid)
         return [root] + root.children(recursive=True)
 
-    def stop(self) -> Optional[int]:
+    def stop(self) -> int | None:
         """SIGTERM, wait; the exit status (None if it had to be killed)."""
         if self._proc.poll() is None:
             self._proc.send_signal(signal.SIGTERM)
@@ -134,14 +133,33 @@ def measure(artifact: str, workers: int, rows: int, seed: int = 0) -> dict:
     from neuronserve.protos import scorer_pb2_grpc as pb_grpc
 
     cfg = load_manifest(artifact).model_config
-    argv = [sys.executable, "-m", "neuronserve", "serve", "--artifact", artifact, "--backend", "cpu", "--port", "0",
-            "--metrics-port", "off", "--workers", str(workers), "--max-queue-rows", str(CHUNK)]
+    argv = [
+        sys.executable,
+        "-m",
+        "neuronserve",
+        "serve",
+        "--artifact",
+        artifact,
+        "--backend",
+        "cpu",
+        "--port",
+        "0",
+        "--metrics-port",
+        "off",
+        "--workers",
+        str(workers),
+        "--max-queue-rows",
+        str(CHUNK),
+    ]
     if rows > DEFAULT_CACHE_MAX_ROWS:
         argv += ["--cache-max-rows", str(rows)]  # else the fill would evict its own rows
     rng = np.random.default_rng(seed)
     with Server(argv) as server:
-        options = [("grpc.max_send_message_length", 1 << 28), ("grpc.max_receive_message_length", 1 << 28),
-                   ("grpc.use_local_subchannel_pool", 1)]  # one connection per channel, not one shared subchannel
+        options = [
+            ("grpc.max_send_message_length", 1 << 28),
+            ("grpc.max_receive_message_length", 1 << 28),
+            ("grpc.use_local_subchannel_pool", 1),
+        ]  # one connection per channel, not one shared subchannel
         channels = [grpc.insecure_channel(f"127.0.0.1:{server.port}", options=options) for _ in range(CHANNELS)]
         try:
             stubs = [pb_grpc.ScorerStub(channel) for channel in channels]
@@ -151,20 +169,30 @@ def measure(artifact: str, workers: int, rows: int, seed: int = 0) -> dict:
                 ids = np.arange(start, min(rows, start + CHUNK), dtype=np.int64)
                 features = rng.standard_normal((len(ids), cfg.peer_features), dtype=np.float32)
                 reply = stubs[i % CHANNELS].UpsertEmbeddings(
-                    pb.UpsertEmbeddingsRequest(kind=pb.PEER, ids=ids.tolist(), features=tensor(pb, features)), timeout=120)
+                    pb.UpsertEmbeddingsRequest(kind=pb.PEER, ids=ids.tolist(), features=tensor(pb, features)),
+                    timeout=120,
+                )
                 cache_rows = max(cache_rows, reply.cache_rows)
                 done = (start + len(ids)) / rows
                 if done >= next_report or done == 1.0:
-                    progress(f"workers={workers}: {start + len(ids):,}/{rows:,} peers upserted ({done:.0%}), {time.monotonic() - started:.1f} s")
+                    progress(
+                        f"workers={workers}: {start + len(ids):,}/{rows:,} peers upserted ({done:.0%}), {time.monotonic() - started:.1f} s"
+                    )
                     next_report = (int(done * 10) + 1) / 10
             user = rng.standard_normal((1, cfg.user_features), dtype=np.float32)
-            stubs[0].UpsertEmbeddings(pb.UpsertEmbeddingsRequest(kind=pb.USER, ids=[1], features=tensor(pb, user)), timeout=60)
+            stubs[0].UpsertEmbeddings(
+                pb.UpsertEmbeddingsRequest(kind=pb.USER, ids=[1], features=tensor(pb, user)), timeout=60
+            )
             fill_s = time.monotonic() - started
             for r in range(READS):  # on every connection: every worker touches the table
                 peer_ids = rng.integers(0, rows, READ_PEERS)
-                reply = stubs[r % CHANNELS].ScoreByIds(pb.ScoreByIdsRequest(user_id=1, peer_ids=peer_ids.tolist()), timeout=30)
+                reply = stubs[r % CHANNELS].ScoreByIds(
+                    pb.ScoreByIdsRequest(user_id=1, peer_ids=peer_ids.tolist()), timeout=30
+                )
                 if tuple(reply.scores.shape)[:1] != (READ_PEERS,):
-                    raise RuntimeError(f"ScoreByIds answered scores of shape {tuple(reply.scores.shape)} for {READ_PEERS} peers")
+                    raise RuntimeError(
+                        f"ScoreByIds answered scores of shape {tuple(reply.scores.shape)} for {READ_PEERS} peers"
+                    )
         finally:
             for channel in channels:
                 channel.close()
@@ -179,7 +207,10 @@ def measure(artifact: str, workers: int, rows: int, seed: int = 0) -> dict:
             "pss_bytes": sum(info.pss for info in infos),
             "rss_bytes": sum(info.rss for info in infos),
             "uss_bytes": sum(info.uss for info in infos),
-            "per_process": [{"pid": p.pid, "pss_bytes": i.pss, "rss_bytes": i.rss, "uss_bytes": i.uss} for p, i in zip(tree, infos)],
+            "per_process": [
+                {"pid": p.pid, "pss_bytes": i.pss, "rss_bytes": i.rss, "uss_bytes": i.uss}
+                for p, i in zip(tree, infos, strict=False)
+            ],
         }
         run["exit_code"] = server.stop()
     return run
@@ -196,14 +227,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m neuronserve.bench.memory",
         description="A server's total PSS (supervisor + workers) holding --rows cached peers, per worker count, "
         "and its ratio against the first worker count.",
     )
     parser.add_argument("--artifact", required=True, help="compiled artifact directory (served with --backend cpu)")
-    parser.add_argument("--workers", default="1,2", metavar="N[,N...]", help="worker counts, one server each, in order (default 1,2)")
+    parser.add_argument(
+        "--workers", default="1,2", metavar="N[,N...]", help="worker counts, one server each, in order (default 1,2)"
+    )
     parser.add_argument("--rows", type=int, default=1_000_000, help="cached peers to upsert (default 1,000,000)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the runs as JSON here")
     args = parser.parse_args(argv)
@@ -225,7 +258,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
             parser.error(f"--json {args.json}: directory {parent} does not exist or is not writable")
 
-    runs: List[dict] = []
+    runs: list[dict] = []
     ok = True
     for workers in counts:
         run = measure(args.artifact, workers, args.rows)

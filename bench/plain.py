@@ -17,7 +17,7 @@ import asyncio
 import os
 import subprocess
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 
@@ -71,11 +71,13 @@ async def serve(artifact: str, port: int, model_name: str, fused: bool) -> None:
 
     manifest = load_manifest(artifact)
     if manifest.target != "cpu":
-        raise SystemExit(f"plain server: {artifact} is a {manifest.target} artifact; it runs --target cpu artifacts only")
+        raise SystemExit(
+            f"plain server: {artifact} is a {manifest.target} artifact; it runs --target cpu artifacts only"
+        )
     score = load_model(manifest, fused)
     cfg, version = manifest.model_config, manifest.model_version
 
-    def features(data: bytes, shape, width: int) -> Optional[np.ndarray]:
+    def features(data: bytes, shape, width: int) -> np.ndarray | None:
         """Float32 rows of `width`, writable (torch wants it); None when the bytes do not fit the shape."""
         shape = tuple(shape)
         if len(shape) != 2 or shape[1] != width or shape[0] < 1 or len(data) != 4 * shape[0] * width:
@@ -83,7 +85,9 @@ async def serve(artifact: str, port: int, model_name: str, fused: bool) -> None:
         return np.frombuffer(data, dtype="<f4").reshape(shape).copy()
 
     async def invalid(context, what: str):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: expected float32 [rows, features] of the model's widths")
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"{what}: expected float32 [rows, features] of the model's widths"
+        )
 
     class Scorer(pb_grpc.ScorerServicer):
         async def Score(self, request, context):
@@ -92,14 +96,21 @@ async def serve(artifact: str, port: int, model_name: str, fused: bool) -> None:
             if user is None or user.shape[0] != 1 or peers is None:
                 await invalid(context, "user_features [1, F_u] and peer_features [M, F_p]")
             scores = score(user, peers)
-            return pb.ScoreResponse(scores=pb.Tensor(data=scores.tobytes(), shape=scores.shape), label_names=cfg.label_names, model_version=version)
+            return pb.ScoreResponse(
+                scores=pb.Tensor(data=scores.tobytes(), shape=scores.shape),
+                label_names=cfg.label_names,
+                model_version=version,
+            )
 
     meta = oip.ModelMetadataResponse.TensorMetadata
     metadata = oip.ModelMetadataResponse(
         name=model_name,
         versions=["1"],  # an integer, as Triton's tools expect
         platform="plain",
-        inputs=[meta(name="USER_FEATURES", datatype="FP32", shape=[1, cfg.user_features]), meta(name="PEER_FEATURES", datatype="FP32", shape=[-1, cfg.peer_features])],
+        inputs=[
+            meta(name="USER_FEATURES", datatype="FP32", shape=[1, cfg.user_features]),
+            meta(name="PEER_FEATURES", datatype="FP32", shape=[-1, cfg.peer_features]),
+        ],
         outputs=[meta(name="SCORES", datatype="FP32", shape=[-1, cfg.num_labels])],
     )
 
@@ -109,7 +120,9 @@ async def serve(artifact: str, port: int, model_name: str, fused: bool) -> None:
 
         async def ModelMetadata(self, request, context):
             if request.name != model_name:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.name!r}; this server serves {model_name}")
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND, f"unknown model {request.name!r}; this server serves {model_name}"
+                )
             return metadata
 
         async def ServerMetadata(self, request, context):
@@ -118,14 +131,20 @@ async def serve(artifact: str, port: int, model_name: str, fused: bool) -> None:
         async def ModelConfig(self, request, context):
             """Triton's model configuration, which perf_analyzer reads first."""
             config = oip.ModelConfig(name=model_name, platform="plain", max_batch_size=0)
-            config.input.extend(oip.ModelInput(name=t.name, data_type=oip.TYPE_FP32, dims=t.shape) for t in metadata.inputs)
-            config.output.extend(oip.ModelOutput(name=t.name, data_type=oip.TYPE_FP32, dims=t.shape) for t in metadata.outputs)
+            config.input.extend(
+                oip.ModelInput(name=t.name, data_type=oip.TYPE_FP32, dims=t.shape) for t in metadata.inputs
+            )
+            config.output.extend(
+                oip.ModelOutput(name=t.name, data_type=oip.TYPE_FP32, dims=t.shape) for t in metadata.outputs
+            )
             return oip.ModelConfigResponse(config=config)
 
         async def ModelInfer(self, request, context):
             if request.model_name != model_name:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model_name!r}; this server serves {model_name}")
-            raw = dict(zip((t.name for t in request.inputs), request.raw_input_contents))
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND, f"unknown model {request.model_name!r}; this server serves {model_name}"
+                )
+            raw = dict(zip((t.name for t in request.inputs), request.raw_input_contents, strict=False))
             shapes = {t.name: t.shape for t in request.inputs}
             user = features(raw.get("USER_FEATURES", b""), shapes.get("USER_FEATURES", ()), cfg.user_features)
             peers = features(raw.get("PEER_FEATURES", b""), shapes.get("PEER_FEATURES", ()), cfg.peer_features)
@@ -147,17 +166,29 @@ class PlainServer:
     """bench's handle on a plain server subprocess: `with PlainServer(artifact) as plain: plain.target, plain.pid`."""
 
     def __init__(self, artifact: str, model_name: str = "twotower", fused: bool = True) -> None:
-        self.argv = [sys.executable, "-m", "neuronserve.bench.plain", "--artifact", artifact, "--port", "0", "--model", model_name]
+        self.argv = [
+            sys.executable,
+            "-m",
+            "neuronserve.bench.plain",
+            "--artifact",
+            artifact,
+            "--port",
+            "0",
+            "--model",
+            model_name,
+        ]
         self.argv += [] if fused else ["--three-stages"]
         self.target = ""
         self.pid = 0
 
-    def __enter__(self) -> "PlainServer":
+    def __enter__(self) -> PlainServer:
         self._proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True)
         line = self._proc.stdout.readline()  # "" at once if it exits; its stderr is bench's
         if "port=" not in line:
             self.__exit__()
-            raise Unavailable(f"reference: the plain server did not start (said {line.strip()!r}, exit {self._proc.poll()})")
+            raise Unavailable(
+                f"reference: the plain server did not start (said {line.strip()!r}, exit {self._proc.poll()})"
+            )
         self.target, self.pid = f"127.0.0.1:{int(line.split('port=')[1].split()[0])}", self._proc.pid
         return self
 
@@ -172,11 +203,17 @@ class PlainServer:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="plain reference gRPC server: the model once per request on the event loop, no batching")
+    parser = argparse.ArgumentParser(
+        description="plain reference gRPC server: the model once per request on the event loop, no batching"
+    )
     parser.add_argument("--artifact", required=True, help="a --target cpu artifact directory")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--model", default="twotower", help="the OIP model name it answers to (default twotower)")
-    parser.add_argument("--three-stages", action="store_true", help="run user_tower, peer_tower, pair_scorer even if the artifact has the fused stage")
+    parser.add_argument(
+        "--three-stages",
+        action="store_true",
+        help="run user_tower, peer_tower, pair_scorer even if the artifact has the fused stage",
+    )
     args = parser.parse_args()
     try:
         import uvloop

@@ -16,7 +16,7 @@ import json
 import math
 import urllib.request
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 from neuronserve.bench.loadgen import LoadResult
 from neuronserve.errors import Unavailable
@@ -27,7 +27,7 @@ CHILD_CPU = "neuronserve_child_cpu_seconds_total"  # the server's model processe
 PROCESS_RSS = "process_resident_memory_bytes"
 
 
-def scrape_metrics(url: str, timeout_s: float = 5.0) -> Dict[str, float]:
+def scrape_metrics(url: str, timeout_s: float = 5.0) -> dict[str, float]:
     """Every `nv_*` sample, the process CPU and resident memory of a Prometheus text page, summed over
     label sets (histogram buckets skipped)."""
     try:
@@ -35,7 +35,7 @@ def scrape_metrics(url: str, timeout_s: float = 5.0) -> Dict[str, float]:
             text = response.read().decode("utf-8", "replace")
     except (OSError, ValueError, http.client.HTTPException) as exc:  # ValueError, InvalidURL: a malformed URL
         raise Unavailable(f"--metrics-url {url}: cannot read metrics ({type(exc).__name__}: {exc})") from None
-    totals: Dict[str, float] = {}
+    totals: dict[str, float] = {}
     for line in text.splitlines():
         if not line.startswith((TRITON_PREFIX, PROCESS_CPU, PROCESS_RSS, CHILD_CPU)):
             continue
@@ -61,13 +61,15 @@ class BatchStats:
     avg_batch_rows: float
     avg_queue_ms: float  # per successful request
     avg_compute_ms: float  # per successful request
-    counters: Dict[str, float]  # every nv_* delta, as read
+    counters: dict[str, float]  # every nv_* delta, as read
 
     def to_dict(self) -> dict:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items() if k != "counters"} | {"counters": self.counters}
+        return {
+            k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items() if k != "counters"
+        } | {"counters": self.counters}
 
 
-def batch_stats(before: Dict[str, float], after: Dict[str, float]) -> BatchStats:
+def batch_stats(before: dict[str, float], after: dict[str, float]) -> BatchStats:
     delta = {name: after[name] - before.get(name, 0.0) for name in sorted(after) if name.startswith(TRITON_PREFIX)}
     requests = delta.get("nv_inference_request_success", 0.0)
     executions = delta.get("nv_inference_exec_count", 0.0)
@@ -78,7 +80,9 @@ def batch_stats(before: Dict[str, float], after: Dict[str, float]) -> BatchStats
         inferences=inferences,
         avg_batch_rows=inferences / executions if executions else math.nan,
         avg_queue_ms=delta.get("nv_inference_queue_duration_us", 0.0) / requests / 1000.0 if requests else math.nan,
-        avg_compute_ms=delta.get("nv_inference_compute_infer_duration_us", 0.0) / requests / 1000.0 if requests else math.nan,
+        avg_compute_ms=delta.get("nv_inference_compute_infer_duration_us", 0.0) / requests / 1000.0
+        if requests
+        else math.nan,
         counters=delta,
     )
 
@@ -92,20 +96,27 @@ class ServerCpu:
     source: str  # where the CPU time was read
 
     @property
-    def ms_per_request(self) -> Optional[float]:
+    def ms_per_request(self) -> float | None:
         return 1000.0 * self.seconds / self.requests if self.requests else None
 
     def to_dict(self) -> dict:
-        return {"seconds": round(self.seconds, 4), "requests": self.requests, "ms_per_request": _round(self.ms_per_request), "source": self.source}
+        return {
+            "seconds": round(self.seconds, 4),
+            "requests": self.requests,
+            "ms_per_request": _round(self.ms_per_request),
+            "source": self.source,
+        }
 
 
-def metrics_cpu(before: Dict[str, float], after: Dict[str, float], requests: int) -> Optional[ServerCpu]:
+def metrics_cpu(before: dict[str, float], after: dict[str, float], requests: int) -> ServerCpu | None:
     """CPU from the server's `process_cpu_seconds_total`, plus its child processes' (None if it does not
     export the first)."""
     if PROCESS_CPU not in before or PROCESS_CPU not in after:
         return None
     children = after.get(CHILD_CPU, 0.0) - before.get(CHILD_CPU, 0.0)
-    source = f"{PROCESS_CPU} + {CHILD_CPU} from --metrics-url" if CHILD_CPU in after else f"{PROCESS_CPU} from --metrics-url"
+    source = (
+        f"{PROCESS_CPU} + {CHILD_CPU} from --metrics-url" if CHILD_CPU in after else f"{PROCESS_CPU} from --metrics-url"
+    )
     return ServerCpu(after[PROCESS_CPU] - before[PROCESS_CPU] + children, requests, source)
 
 
@@ -134,7 +145,7 @@ class ServerMemory:
         }
 
 
-def metrics_memory(before: Dict[str, float], after: Dict[str, float]) -> Optional[ServerMemory]:
+def metrics_memory(before: dict[str, float], after: dict[str, float]) -> ServerMemory | None:
     """RSS from the server's `process_resident_memory_bytes` (None if it does not export it)."""
     if PROCESS_RSS not in before or PROCESS_RSS not in after:
         return None
@@ -153,9 +164,9 @@ class Measured:
     """One run against one server: the load generator's result plus what the server said about it."""
 
     result: LoadResult
-    batches: Optional[BatchStats]  # from --metrics-url
-    cpu: Optional[ServerCpu]
-    memory: Optional[ServerMemory] = None  # from --metrics-url, or psutil for a server bench started
+    batches: BatchStats | None  # from --metrics-url
+    cpu: ServerCpu | None
+    memory: ServerMemory | None = None  # from --metrics-url, or psutil for a server bench started
 
     def section(self, pairs_per_request: int) -> dict:
         """This run as a report section: result, server_batches, server_cpu, server_memory."""
@@ -181,21 +192,21 @@ class Comparison:
 
     reference: str  # "plain"
     basis: str  # what the served rate is
-    served_rate_per_s: Optional[float]
-    reference_served_rate_per_s: Optional[float]
-    served_ratio: Optional[float]
-    p50_ratio: Optional[float]
-    p99_ratio: Optional[float]
-    cpu_ms_per_request: Optional[float]
-    reference_cpu_ms_per_request: Optional[float]
-    cpu_ratio: Optional[float]
+    served_rate_per_s: float | None
+    reference_served_rate_per_s: float | None
+    served_ratio: float | None
+    p50_ratio: float | None
+    p99_ratio: float | None
+    cpu_ms_per_request: float | None
+    reference_cpu_ms_per_request: float | None
+    cpu_ratio: float | None
     note: str = ""  # e.g. a search that passed every step: its rate is a lower bound, so the ratio is not exact
 
     def to_dict(self) -> dict:
         return {k: _round(v) for k, v in self.__dict__.items()}
 
 
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) or b <= 0:
         return None
     return a / b
@@ -206,20 +217,24 @@ def _round(value, digits: int = 4):
 
 
 def compare(
-    reference: str, target: Optional[Measured], ref: Optional[Measured], search_bound_ms: Optional[float], never_failed: Sequence[str] = ()
+    reference: str,
+    target: Measured | None,
+    ref: Measured | None,
+    search_bound_ms: float | None,
+    never_failed: Sequence[str] = (),
 ) -> Comparison:
     """`target` and `ref`: the fixed-rate runs, or the highest passing steps of the searches (None: none
     passed); `never_failed` names the servers whose search passed every step (its rate is a lower bound)."""
 
-    def served(m: Optional[Measured]) -> Optional[float]:
+    def served(m: Measured | None) -> float | None:
         if m is None:
             return None
         return m.result.offered_rate_per_s if search_bound_ms is not None else m.result.achieved_rate_per_s
 
-    def latency(m: Optional[Measured], key: str) -> Optional[float]:
+    def latency(m: Measured | None, key: str) -> float | None:
         return m.result.latency_ms[key] if m is not None and search_bound_ms is None else None
 
-    def cpu(m: Optional[Measured]) -> Optional[float]:
+    def cpu(m: Measured | None) -> float | None:
         return m.cpu.ms_per_request if m is not None and m.cpu is not None else None
 
     if search_bound_ms is not None:
@@ -237,7 +252,9 @@ def compare(
         cpu_ms_per_request=cpu(target),
         reference_cpu_ms_per_request=cpu(ref),
         cpu_ratio=_ratio(cpu(target), cpu(ref)),
-        note=f"{' and '.join(never_failed)}: the search passed every step, so that rate is a lower bound and the served ratio is not exact" if never_failed else "",
+        note=f"{' and '.join(never_failed)}: the search passed every step, so that rate is a lower bound and the served ratio is not exact"
+        if never_failed
+        else "",
     )
 
 
@@ -245,7 +262,7 @@ def _ms(value: float) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
 
 
-def run_lines(run: dict, pairs_per_request: int) -> List[str]:
+def run_lines(run: dict, pairs_per_request: int) -> list[str]:
     """The table for one load run (a dict from LoadResult.to_dict): errors by status, each with its
     latency (p50, p99, max; the rest is in the JSON)."""
     lat = run["latency_ms"]
@@ -262,8 +279,12 @@ def run_lines(run: dict, pairs_per_request: int) -> List[str]:
         "  latency ms        " + "  ".join(f"{k} {_ms(lat[k])}" for k in ("p50", "p90", "p99", "p99.9", "max")),
     ]
     for status, dist in run.get("error_latency_ms", {}).items():
-        lines.append(f"  error latency ms  {status}: p50 {_ms(dist['p50'])}  p99 {_ms(dist['p99'])}  max {_ms(dist['max'])}")
-    lines.append(f"  late sends        {run['late_sends']} later than {run['late_threshold_ms']:g} ms  (p99 {_ms(run['late_p99_ms'])} ms, max {_ms(run['late_max_ms'])} ms)")
+        lines.append(
+            f"  error latency ms  {status}: p50 {_ms(dist['p50'])}  p99 {_ms(dist['p99'])}  max {_ms(dist['max'])}"
+        )
+    lines.append(
+        f"  late sends        {run['late_sends']} later than {run['late_threshold_ms']:g} ms  (p99 {_ms(run['late_p99_ms'])} ms, max {_ms(run['late_max_ms'])} ms)"
+    )
     return lines
 
 
@@ -271,7 +292,7 @@ def _mib(value: float) -> str:
     return f"{value / 2**20:.1f}"
 
 
-def _measured_lines(section: dict, pairs_per_request: int) -> List[str]:
+def _measured_lines(section: dict, pairs_per_request: int) -> list[str]:
     """One run's result, server batches, CPU and memory (a Measured.section())."""
     lines = run_lines(section["result"], pairs_per_request)
     stats = section.get("server_batches")
@@ -281,7 +302,9 @@ def _measured_lines(section: dict, pairs_per_request: int) -> List[str]:
         )
     cpu = section.get("server_cpu")
     if cpu:
-        lines.append(f"  server CPU        {_ms(cpu['ms_per_request'])} ms per request ({cpu['seconds']:.2f} s for {cpu['requests']} requests; {cpu['source']})")
+        lines.append(
+            f"  server CPU        {_ms(cpu['ms_per_request'])} ms per request ({cpu['seconds']:.2f} s for {cpu['requests']} requests; {cpu['source']})"
+        )
     memory = section.get("server_memory")
     if memory:
         lines.append(
@@ -291,7 +314,7 @@ def _measured_lines(section: dict, pairs_per_request: int) -> List[str]:
     return lines
 
 
-def sequence_lines(runs: List[dict]) -> List[str]:
+def sequence_lines(runs: list[dict]) -> list[str]:
     """One line per run of a --rate list, in order: the overload recipe at a glance."""
     lines = ["  run  offered/s  achieved/s    ok %   p50 ms   p99 ms  errors  error p99 ms  RSS MiB before -> after"]
     for i, run in enumerate(runs, 1):
@@ -307,7 +330,7 @@ def sequence_lines(runs: List[dict]) -> List[str]:
     return lines
 
 
-def _server_lines(section: dict, pairs_per_request: int) -> List[str]:
+def _server_lines(section: dict, pairs_per_request: int) -> list[str]:
     """Search steps, result(s), server batches, CPU and memory of one server (the report, or its `reference` part)."""
     lines = []
     search = section.get("search")
@@ -322,12 +345,17 @@ def _server_lines(section: dict, pairs_per_request: int) -> List[str]:
             )
         best = search["best_rate_per_s"]
         lines.append(
-            f"highest rate meeting P99 <= {search['latency_bound_ms']:g} ms: {best:.1f} req/s" if best else f"no rate tried met P99 <= {search['latency_bound_ms']:g} ms"
+            f"highest rate meeting P99 <= {search['latency_bound_ms']:g} ms: {best:.1f} req/s"
+            if best
+            else f"no rate tried met P99 <= {search['latency_bound_ms']:g} ms"
         )
     runs = section.get("runs")
     if runs:
         for i, run in enumerate(runs, 1):
-            lines.append(f"run {i} of {len(runs)}: {run['result']['offered_rate_per_s']:.1f}/s" + (f", right after run {i - 1}" if i > 1 else ""))
+            lines.append(
+                f"run {i} of {len(runs)}: {run['result']['offered_rate_per_s']:.1f}/s"
+                + (f", right after run {i - 1}" if i > 1 else "")
+            )
             lines.extend(_measured_lines(run, pairs_per_request))
         lines.append(f"the {len(runs)} runs in order, each right after the one before")
         lines.extend(sequence_lines(runs))
@@ -337,19 +365,28 @@ def _server_lines(section: dict, pairs_per_request: int) -> List[str]:
     return lines
 
 
-def _times(value: Optional[float]) -> str:
+def _times(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def comparison_lines(cmp: dict) -> List[str]:
+def comparison_lines(cmp: dict) -> list[str]:
     """The ratios line of a Comparison (as a dict)."""
     ref = cmp["reference"]
-    rates = f"{cmp['served_rate_per_s']:.1f} vs {cmp['reference_served_rate_per_s']:.1f} req/s" if cmp["served_rate_per_s"] and cmp["reference_served_rate_per_s"] else "no value on one side"
-    lines = [f"neuronserve / {ref} server", f"  served rate       {_times(cmp['served_ratio'])}  ({rates}; {cmp['basis']})"]
+    rates = (
+        f"{cmp['served_rate_per_s']:.1f} vs {cmp['reference_served_rate_per_s']:.1f} req/s"
+        if cmp["served_rate_per_s"] and cmp["reference_served_rate_per_s"]
+        else "no value on one side"
+    )
+    lines = [
+        f"neuronserve / {ref} server",
+        f"  served rate       {_times(cmp['served_ratio'])}  ({rates}; {cmp['basis']})",
+    ]
     if cmp["p50_ratio"] is not None or cmp["p99_ratio"] is not None:
         lines.append(f"  latency           p50 {_times(cmp['p50_ratio'])}  p99 {_times(cmp['p99_ratio'])}")
     cpu_text = f"{_ms(cmp['cpu_ms_per_request'])} vs {_ms(cmp['reference_cpu_ms_per_request'])} ms"
-    lines.append(f"  CPU per request   {_times(cmp['cpu_ratio'])}  ({cpu_text}{'' if cmp['cpu_ms_per_request'] is not None else '; neuronserve CPU needs --metrics-url'})")
+    lines.append(
+        f"  CPU per request   {_times(cmp['cpu_ratio'])}  ({cpu_text}{'' if cmp['cpu_ms_per_request'] is not None else '; neuronserve CPU needs --metrics-url'})"
+    )
     if cmp["note"]:
         lines.append(f"  note              {cmp['note']}")
     return lines
@@ -358,7 +395,9 @@ def comparison_lines(cmp: dict) -> List[str]:
 def table(report: dict) -> str:
     wl = report["workload"]
     pairs = wl["pairs_per_request"]
-    lines = [f"neuronserve bench: {wl['workload']} against {report['target']} ({pairs} pairs/request, {report['clients']} client processes)"]
+    lines = [
+        f"neuronserve bench: {wl['workload']} against {report['target']} ({pairs} pairs/request, {report['clients']} client processes)"
+    ]
     lines.extend(_server_lines(report, pairs))
     reference = report.get("reference")
     if reference:
@@ -378,7 +417,9 @@ def table(report: dict) -> str:
             continue
         frac = limit.get("served_fraction")
         frac_text = f"; served = {frac:.0%} of it" if frac is not None else ""
-        lines.append(f"  {label:<17} {limit['requests_per_s']:.1f} req/s ({limit['pairs_per_s']:,.0f} pairs/s; {limit['how']}){frac_text}")
+        lines.append(
+            f"  {label:<17} {limit['requests_per_s']:.1f} req/s ({limit['pairs_per_s']:,.0f} pairs/s; {limit['how']}){frac_text}"
+        )
     return "\n".join(lines)
 
 
@@ -399,7 +440,7 @@ def _finite(value):
     return value
 
 
-def plot_search(steps: List[dict], bound_ms: float, path: str, title: Optional[str] = None) -> None:
+def plot_search(steps: list[dict], bound_ms: float, path: str, title: str | None = None) -> None:
     """Latency percentiles against offered rate, one point per search step (PNG)."""
     import matplotlib
 

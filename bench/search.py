@@ -14,7 +14,7 @@ The rule, stated in every report (RULE):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from collections.abc import Callable
 
 from neuronserve.bench.loadgen import LoadResult
 
@@ -35,8 +35,8 @@ class SearchStep:
 
 @dataclass(frozen=True)
 class SearchResult:
-    steps: Tuple[SearchStep, ...]
-    best: Optional[SearchStep]  # the highest passing step; None when none passed
+    steps: tuple[SearchStep, ...]
+    best: SearchStep | None  # the highest passing step; None when none passed
     rule: str
 
 
@@ -55,12 +55,12 @@ def search_rate(
     max_steps: int = 12,
     max_total_s: float = 600.0,
     precision: float = 0.05,
-    on_step: Optional[Callable[[SearchStep], None]] = None,
+    on_step: Callable[[SearchStep], None] | None = None,
 ) -> SearchResult:
     """`run_step(rate)` runs one step; `step_s` is its expected wall time (for the time budget)."""
     import time
 
-    steps: List[SearchStep] = []
+    steps: list[SearchStep] = []
     started = time.monotonic()
 
     def budget_left() -> bool:
@@ -74,8 +74,8 @@ def search_rate(
             on_step(step)
         return step.passed
 
-    lo: Optional[float] = None  # highest passing rate
-    hi: Optional[float] = None  # lowest failing rate
+    lo: float | None = None  # highest passing rate
+    hi: float | None = None  # lowest failing rate
     rate = start_rate_per_s
     while budget_left() and hi is None:  # grow while passing
         if run(rate):
@@ -96,4 +96,6 @@ def search_rate(
             hi = mid
     passing = [s for s in steps if s.passed]
     best = max(passing, key=lambda s: s.rate_per_s) if passing else None
-    return SearchResult(tuple(steps), best, RULE.format(precision=precision, max_steps=max_steps, max_total_s=max_total_s))
+    return SearchResult(
+        tuple(steps), best, RULE.format(precision=precision, max_steps=max_steps, max_total_s=max_total_s)
+    )

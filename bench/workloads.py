@@ -11,7 +11,6 @@ turn. Workloads: `score` (1 user x M peers by features), `score-ids` (cached emb
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
 
 import numpy as np
 
@@ -41,7 +40,9 @@ class WorkloadSpec:
         if self.peers < 1 or self.users < 1:
             raise ConfigError(f"--peers and --users must be >= 1, got {self.peers} and {self.users}")
         if self.name in ("score-ids", "matrix") and (self.peers > self.pool_peers or self.users > self.pool_users):
-            raise ConfigError(f"--peers {self.peers} / --users {self.users} exceed the seeded pool ({self.pool_peers} peers, {self.pool_users} users)")
+            raise ConfigError(
+                f"--peers {self.peers} / --users {self.users} exceed the seeded pool ({self.pool_peers} peers, {self.pool_users} users)"
+            )
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Workload:
 
     spec: WorkloadSpec
     method: str
-    payloads: Tuple[bytes, ...]
+    payloads: tuple[bytes, ...]
     pairs_per_request: int
     request_bytes: int
     response_bytes: int
@@ -75,25 +76,34 @@ def prepare_workload(target: str, spec: WorkloadSpec, timeout_s: float = 10.0) -
     import grpc
 
     try:
-        with grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]) as channel:
+        with grpc.insecure_channel(
+            target,
+            options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)],
+        ) as channel:
             grpc.channel_ready_future(channel).result(timeout=timeout_s)
             return _prepare(channel, spec, timeout_s)
     except grpc.FutureTimeoutError:
         raise Unavailable(f"--target {target}: no gRPC server answered within {timeout_s:.0f} s") from None
     except grpc.RpcError as exc:
-        raise Unavailable(f"--target {target}: preparing workload {spec.name} failed: {exc.code().name}: {exc.details()}") from None
+        raise Unavailable(
+            f"--target {target}: preparing workload {spec.name} failed: {exc.code().name}: {exc.details()}"
+        ) from None
 
 
-def _model_shape(channel, model: str, timeout_s: float) -> Tuple[int, int, int]:
+def _model_shape(channel, model: str, timeout_s: float) -> tuple[int, int, int]:
     from neuronserve.protos import open_inference_pb2 as oip
     from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
 
-    meta = oip_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(oip.ModelMetadataRequest(name=model), timeout=timeout_s)
+    meta = oip_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(
+        oip.ModelMetadataRequest(name=model), timeout=timeout_s
+    )
     shapes = {t.name: list(t.shape) for t in list(meta.inputs) + list(meta.outputs)}
     try:
         return int(shapes["USER_FEATURES"][-1]), int(shapes["PEER_FEATURES"][-1]), int(shapes["SCORES"][-1])
     except (KeyError, IndexError):
-        raise InvalidInput(f"model {model!r} metadata has tensors {shapes}; expected USER_FEATURES, PEER_FEATURES and SCORES") from None
+        raise InvalidInput(
+            f"model {model!r} metadata has tensors {shapes}; expected USER_FEATURES, PEER_FEATURES and SCORES"
+        ) from None
 
 
 def _tensor(array: np.ndarray):
@@ -129,8 +139,12 @@ def _prepare(channel, spec: WorkloadSpec, timeout_s: float) -> Workload:
                     oip.ModelInferRequest(
                         model_name=spec.model,
                         inputs=[
-                            oip.ModelInferRequest.InferInputTensor(name="USER_FEATURES", datatype="FP32", shape=[1, f_u]),
-                            oip.ModelInferRequest.InferInputTensor(name="PEER_FEATURES", datatype="FP32", shape=[m, f_p]),
+                            oip.ModelInferRequest.InferInputTensor(
+                                name="USER_FEATURES", datatype="FP32", shape=[1, f_u]
+                            ),
+                            oip.ModelInferRequest.InferInputTensor(
+                                name="PEER_FEATURES", datatype="FP32", shape=[m, f_p]
+                            ),
                         ],
                         outputs=[oip.ModelInferRequest.InferRequestedOutputTensor(name="SCORES")],
                         raw_input_contents=[user.astype("<f4").tobytes(), peers.astype("<f4").tobytes()],
@@ -142,13 +156,19 @@ def _prepare(channel, spec: WorkloadSpec, timeout_s: float) -> Workload:
             for lo in range(0, count, UPSERT_CHUNK_ROWS):
                 ids = np.arange(lo, min(count, lo + UPSERT_CHUNK_ROWS), dtype=np.int64)
                 feats = rng.standard_normal((len(ids), features), dtype=np.float32)
-                stub.UpsertEmbeddings(pb.UpsertEmbeddingsRequest(kind=kind, ids=ids.tolist(), features=_tensor(feats)), timeout=timeout_s)
+                stub.UpsertEmbeddings(
+                    pb.UpsertEmbeddingsRequest(kind=kind, ids=ids.tolist(), features=_tensor(feats)), timeout=timeout_s
+                )
         for _ in range(DISTINCT_REQUESTS):
             peer_ids = rng.choice(spec.pool_peers, size=m, replace=False).tolist()
             if spec.name == "score-ids":
                 requests.append(pb.ScoreByIdsRequest(user_id=int(rng.integers(spec.pool_users)), peer_ids=peer_ids))
             else:
-                requests.append(pb.ScoreMatrixRequest(user_ids=rng.choice(spec.pool_users, size=n, replace=False).tolist(), peer_ids=peer_ids))
+                requests.append(
+                    pb.ScoreMatrixRequest(
+                        user_ids=rng.choice(spec.pool_users, size=n, replace=False).tolist(), peer_ids=peer_ids
+                    )
+                )
 
     if spec.name == "oip":
         method = OIP + "ModelInfer"

@@ -18,7 +18,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from neuronserve.compile.model import TwoTowerScorer, random_model
 from neuronserve.errors import ArtifactError, ConfigError
 from neuronserve.signing import load_signing_key, write_signature
 
-DEFAULT_BATCH_SIZES: Tuple[int, ...] = (1, 8, 32, 128, 512, 1024)
+DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 8, 32, 128, 512, 1024)
 # Max |traced - eager| allowed. CPU tracing replays the same float32 kernels; neuron casts matmuls to
 # BF16 by default (8-bit mantissa: ~4e-3 relative), so its tolerance is looser.
 PARITY_TOLERANCE = {"cpu": 1e-5, "neuron": 5e-2}
@@ -49,14 +49,23 @@ REFERENCE_ROWS = 5
 REFERENCE_USERS = 2  # reference.npz's fused case: REFERENCE_ROWS peers against the first 2 users
 
 
-def stage_specs(config: ModelConfig) -> Dict[str, Tuple[Tuple[TensorSpec, ...], Tuple[TensorSpec, ...]]]:
+def stage_specs(config: ModelConfig) -> dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]:
     """Inputs and outputs of each stage; -1 is the batch dimension."""
     k, d = config.num_labels, config.label_dim
     return {
-        "user_tower": ((TensorSpec("user_features", "float32", (-1, config.user_features)),), (TensorSpec("user_embeddings", "float32", (-1, k, d)),)),
-        "peer_tower": ((TensorSpec("peer_features", "float32", (-1, config.peer_features)),), (TensorSpec("peer_embeddings", "float32", (-1, k, d)),)),
+        "user_tower": (
+            (TensorSpec("user_features", "float32", (-1, config.user_features)),),
+            (TensorSpec("user_embeddings", "float32", (-1, k, d)),),
+        ),
+        "peer_tower": (
+            (TensorSpec("peer_features", "float32", (-1, config.peer_features)),),
+            (TensorSpec("peer_embeddings", "float32", (-1, k, d)),),
+        ),
         "pair_scorer": (
-            (TensorSpec("user_embeddings", "float32", (-1, k, d)), TensorSpec("peer_embeddings", "float32", (-1, k, d))),
+            (
+                TensorSpec("user_embeddings", "float32", (-1, k, d)),
+                TensorSpec("peer_embeddings", "float32", (-1, k, d)),
+            ),
             (TensorSpec("scores", "float32", (-1, k)),),
         ),
         # user_features' -1 is the user batch U; the others' the peer batch B.
@@ -71,15 +80,17 @@ def stage_specs(config: ModelConfig) -> Dict[str, Tuple[Tuple[TensorSpec, ...], 
     }
 
 
-def fused_pairs(sizes: Sequence[int]) -> Tuple[Tuple[int, int], ...]:
+def fused_pairs(sizes: Sequence[int]) -> tuple[tuple[int, int], ...]:
     """The (B, U) pairs the fused stage is compiled at: every bucket B with every bucket U <= B."""
     return tuple((b, u) for b in sizes for u in sizes if u <= b)
 
 
-def check_batch_sizes(batch_sizes: Iterable[int]) -> Tuple[int, ...]:
+def check_batch_sizes(batch_sizes: Iterable[int]) -> tuple[int, ...]:
     sizes = tuple(sorted(set(int(b) for b in batch_sizes)))
     if not sizes or sizes[0] < 1:
-        raise ConfigError(f"batch sizes must be a non-empty list of positive integers, e.g. 1,8,32,128; got {list(batch_sizes)}")
+        raise ConfigError(
+            f"batch sizes must be a non-empty list of positive integers, e.g. 1,8,32,128; got {list(batch_sizes)}"
+        )
     return sizes
 
 
@@ -87,24 +98,38 @@ def load_checkpoint(path, config: ModelConfig) -> TwoTowerScorer:
     """A state_dict file (torch.save(model.state_dict())) for a model of `config`; mismatches are one-line errors."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"checkpoint {path} does not exist; pass the state_dict file saved from the trained two-tower model")
+        raise ConfigError(
+            f"checkpoint {path} does not exist; pass the state_dict file saved from the trained two-tower model"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged or non-torch file
-        raise ConfigError(f"checkpoint {path} is not a readable torch state_dict file ({type(exc).__name__}); pass the file saved with torch.save(model.state_dict())") from None
+        raise ConfigError(
+            f"checkpoint {path} is not a readable torch state_dict file ({type(exc).__name__}); pass the file saved with torch.save(model.state_dict())"
+        ) from None
     if not isinstance(state, dict):
-        raise ConfigError(f"checkpoint {path} holds a {type(state).__name__}, not a state_dict; save model.state_dict()")
+        raise ConfigError(
+            f"checkpoint {path} holds a {type(state).__name__}, not a state_dict; save model.state_dict()"
+        )
     not_tensors = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
-        raise ConfigError(f"checkpoint {path}: {', '.join(map(str, not_tensors[:3]))} is not a tensor; save model.state_dict() only")
+        raise ConfigError(
+            f"checkpoint {path}: {', '.join(map(str, not_tensors[:3]))} is not a tensor; save model.state_dict() only"
+        )
     not_finite = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
     if not_finite:
-        raise ConfigError(f"checkpoint {path}: {', '.join(not_finite[:3])} holds NaN or Inf; the trained weights are broken")
+        raise ConfigError(
+            f"checkpoint {path}: {', '.join(not_finite[:3])} holds NaN or Inf; the trained weights are broken"
+        )
     model = TwoTowerScorer(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} vs config {tuple(v.shape)}" for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
     if missing or unexpected or wrong:
         problems = "; ".join(
             part
@@ -115,7 +140,9 @@ def load_checkpoint(path, config: ModelConfig) -> TwoTowerScorer:
             )
             if part
         )
-        raise ConfigError(f"checkpoint {path} does not match the model config ({problems}); pass the --model-config it was trained with")
+        raise ConfigError(
+            f"checkpoint {path} does not match the model config ({problems}); pass the --model-config it was trained with"
+        )
     model.load_state_dict(state)
     return model.eval()
 
@@ -129,11 +156,15 @@ def content_version(model: TwoTowerScorer) -> str:
     return digest.hexdigest()[:12]
 
 
-def _example_inputs(specs: Sequence[TensorSpec], batch_size: int, generator: torch.Generator) -> Tuple[torch.Tensor, ...]:
+def _example_inputs(
+    specs: Sequence[TensorSpec], batch_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, ...]:
     return tuple(torch.randn((batch_size,) + tuple(s.shape[1:]), generator=generator) for s in specs)
 
 
-def _fused_inputs(config: ModelConfig, batch_size: int, user_batch_size: int, generator: torch.Generator) -> Tuple[torch.Tensor, ...]:
+def _fused_inputs(
+    config: ModelConfig, batch_size: int, user_batch_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, ...]:
     """Random users [U, F_u], peers [B, F_p] and a user index [B] in [0, U), every user used when U <= B."""
     index = torch.randint(0, user_batch_size, (batch_size,), generator=generator, dtype=torch.int64)
     index[:user_batch_size] = torch.randperm(user_batch_size, generator=generator)[:batch_size]
@@ -144,7 +175,9 @@ def _fused_inputs(config: ModelConfig, batch_size: int, user_batch_size: int, ge
     )
 
 
-def _trace(module: torch.nn.Module, inputs: Tuple[torch.Tensor, ...], target: str, pipeline_cores: int, fast_math: Optional[str]):
+def _trace(
+    module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], target: str, pipeline_cores: int, fast_math: str | None
+):
     """(traced module, compiler args) for the target."""
     if target == "cpu":
         return torch.jit.trace(module, inputs), ()
@@ -153,7 +186,9 @@ def _trace(module: torch.nn.Module, inputs: Tuple[torch.Tensor, ...], target: st
     return trace_neuron(module, inputs, pipeline_cores=pipeline_cores, fast_math=fast_math)
 
 
-def _parity(traced, module: Callable[..., torch.Tensor], inputs: Tuple[torch.Tensor, ...], where: str, target: str) -> float:
+def _parity(
+    traced, module: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], where: str, target: str
+) -> float:
     """Max |traced - eager|; NaN (recorded as "not checked") only when a neuron graph cannot run on this
     host (no NeuronCores). A CPU graph that fails to run is a broken artifact."""
     with torch.no_grad():
@@ -164,7 +199,10 @@ def _parity(traced, module: Callable[..., torch.Tensor], inputs: Tuple[torch.Ten
             first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if target != "neuron":
                 raise ArtifactError(f"parity check failed: the traced {where} does not run ({first_line})") from None
-            print(f"warning: parity not checked for {where}: the traced graph does not run here ({first_line})", file=sys.stderr)
+            print(
+                f"warning: parity not checked for {where}: the traced graph does not run here ({first_line})",
+                file=sys.stderr,
+            )
             return UNCHECKED
     return float((actual - expected).abs().max())
 
@@ -181,12 +219,18 @@ def _prepare_out_dir(out_dir: Path, force: bool) -> Path:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} exists and is not a directory; choose another --out")
     if out_dir == Path(out_dir.anchor) or out_dir in (Path.cwd(), *Path.cwd().parents):
-        raise ConfigError(f"--out {out_dir} is the current directory or one of its parents; choose a new directory for the artifact")
+        raise ConfigError(
+            f"--out {out_dir} is the current directory or one of its parents; choose a new directory for the artifact"
+        )
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not force:
-            raise ConfigError(f"--out {out_dir} exists and is not empty; pass --force to replace it or choose another --out")
+            raise ConfigError(
+                f"--out {out_dir} exists and is not empty; pass --force to replace it or choose another --out"
+            )
         if not (out_dir / MANIFEST_NAME).is_file():
-            raise ConfigError(f"--out {out_dir} is not empty and holds no {MANIFEST_NAME}; --force replaces only an artifact, so choose another --out")
+            raise ConfigError(
+                f"--out {out_dir} is not empty and holds no {MANIFEST_NAME}; --force replaces only an artifact, so choose another --out"
+            )
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -205,9 +249,9 @@ def compile_artifact(
     checkpoint=None,
     target: str = "cpu",
     pipeline_cores: int = 1,
-    fast_math: Optional[str] = None,
+    fast_math: str | None = None,
     model_name: str = "twotower-demo",
-    model_version: Optional[str] = None,
+    model_version: str | None = None,
     force: bool = False,
     progress: bool = False,
     signing_key=None,
@@ -243,7 +287,9 @@ def compile_artifact(
     return load_manifest(out_dir, verify=True)
 
 
-def _compile_into(work: Path, model: TwoTowerScorer, sizes, target, pipeline_cores, fast_math, name, version, progress) -> None:
+def _compile_into(
+    work: Path, model: TwoTowerScorer, sizes, target, pipeline_cores, fast_math, name, version, progress
+) -> None:
     from tqdm import tqdm
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -251,12 +297,18 @@ def _compile_into(work: Path, model: TwoTowerScorer, sizes, target, pipeline_cor
     modules = model.stages()
     generator = torch.Generator().manual_seed(1234)
     tolerance = PARITY_TOLERANCE[target]
-    stages: Dict[str, StageSpec] = {}
-    files: Dict[str, str] = {}
-    compiler_args: Tuple[str, ...] = ()
+    stages: dict[str, StageSpec] = {}
+    files: dict[str, str] = {}
+    compiler_args: tuple[str, ...] = ()
     pairs = fused_pairs(sizes)
     fused_graphs = len(pairs) if target == "neuron" else 1
-    bar = tqdm(total=len(STAGE_NAMES) * len(sizes) + fused_graphs, desc=f"compile {target}", unit="graph", disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=len(STAGE_NAMES) * len(sizes) + fused_graphs,
+        desc=f"compile {target}",
+        unit="graph",
+        disable=not progress,
+        file=sys.stderr,
+    )
     with bar:
         for stage in STAGE_NAMES:
             inputs_spec, outputs_spec = specs[stage]
@@ -292,7 +344,10 @@ def _compile_into(work: Path, model: TwoTowerScorer, sizes, target, pipeline_cor
     for stage, spec in stages.items():
         worst = max(b.parity_max_abs_err for b in spec.buckets)
         if progress:
-            print(f"parity {stage:<12} max |traced - eager| = {worst:.2e} over {len(spec.buckets)} buckets", file=sys.stderr)
+            print(
+                f"parity {stage:<12} max |traced - eager| = {worst:.2e} over {len(spec.buckets)} buckets",
+                file=sys.stderr,
+            )
     manifest = Manifest(
         model_name=name,
         model_version=version,
@@ -311,19 +366,23 @@ def _compile_into(work: Path, model: TwoTowerScorer, sizes, target, pipeline_cor
     write_manifest(manifest)
 
 
-def _compile_fused(work: Path, model: TwoTowerScorer, pairs, target, pipeline_cores, fast_math, files: Dict[str, str], bar) -> List[BucketEntry]:
+def _compile_fused(
+    work: Path, model: TwoTowerScorer, pairs, target, pipeline_cores, fast_math, files: dict[str, str], bar
+) -> list[BucketEntry]:
     """FUSED_STAGE at every (B, U) pair: neuron traces each pair (fixed shapes); cpu traces once, at
     the largest B with the smallest U (distinct when there are two buckets, so a graph that assumed
     U == B fails), and checks that one graph at every pair. Parity: against the original eager model
     on the gathered rows, model(users[user_index], peers), not only against the module traced."""
     fused = model.fused()
     tolerance = PARITY_TOLERANCE[target]
-    generator = torch.Generator().manual_seed(4321)  # its own: the three stages' inputs and reference.npz stay as they were
+    generator = torch.Generator().manual_seed(
+        4321
+    )  # its own: the three stages' inputs and reference.npz stay as they were
 
     def eager(users: torch.Tensor, peers: torch.Tensor, user_index: torch.Tensor) -> torch.Tensor:
         return model(users.index_select(0, user_index), peers)
 
-    traced_by_file: Dict[str, object] = {}
+    traced_by_file: dict[str, object] = {}
     entries = []
     for batch, users in pairs:
         bar.set_postfix_str(f"{FUSED_STAGE} batch {batch} users {users}")
@@ -331,7 +390,9 @@ def _compile_fused(work: Path, model: TwoTowerScorer, pairs, target, pipeline_co
         if file_name not in traced_by_file:
             shape = (batch, users) if target == "neuron" else (max(b for b, _ in pairs), min(u for _, u in pairs))
             with torch.no_grad():
-                traced, _ = _trace(fused, _fused_inputs(model.config, *shape, generator), target, pipeline_cores, fast_math)
+                traced, _ = _trace(
+                    fused, _fused_inputs(model.config, *shape, generator), target, pipeline_cores, fast_math
+                )
             torch.jit.save(traced, str(work / file_name))
             files[file_name] = sha256_file(work / file_name)
             traced_by_file[file_name] = traced

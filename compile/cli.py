@@ -23,28 +23,59 @@ def register(subparsers) -> None:
         "artifact with manifest.json, checksums and a parity check.",
     )
     compile_parser.add_argument("--out", required=True, type=Path, help="artifact directory to write")
-    compile_parser.add_argument("--target", choices=("cpu", "neuron"), default="cpu", help="cpu: torch.jit.trace; neuron: torch.neuron.trace (Inf1)")
-    compile_parser.add_argument("--checkpoint", type=Path, help="state_dict file of a trained model (default: random weights from --seed)")
-    compile_parser.add_argument("--model-config", type=Path, help="model config JSON (F_u, F_p, hidden, E, K, D, labels); default: the demo config")
-    compile_parser.add_argument("--seed", type=int, default=0, help="random initialisation seed when no --checkpoint (default 0)")
-    compile_parser.add_argument("--batch-sizes", default="1,8,32,128,512,1024", help="compiled batch buckets, comma separated (default 1,8,32,128,512,1024)")
-    compile_parser.add_argument("--pipeline-cores", type=int, default=1, help="neuron: --neuroncore-pipeline-cores N (one graph over N cores)")
-    compile_parser.add_argument("--fast-math", help="neuron: the compiler's --fast-math setting (default: the compiler's)")
+    compile_parser.add_argument(
+        "--target",
+        choices=("cpu", "neuron"),
+        default="cpu",
+        help="cpu: torch.jit.trace; neuron: torch.neuron.trace (Inf1)",
+    )
+    compile_parser.add_argument(
+        "--checkpoint", type=Path, help="state_dict file of a trained model (default: random weights from --seed)"
+    )
+    compile_parser.add_argument(
+        "--model-config",
+        type=Path,
+        help="model config JSON (F_u, F_p, hidden, E, K, D, labels); default: the demo config",
+    )
+    compile_parser.add_argument(
+        "--seed", type=int, default=0, help="random initialisation seed when no --checkpoint (default 0)"
+    )
+    compile_parser.add_argument(
+        "--batch-sizes",
+        default="1,8,32,128,512,1024",
+        help="compiled batch buckets, comma separated (default 1,8,32,128,512,1024)",
+    )
+    compile_parser.add_argument(
+        "--pipeline-cores", type=int, default=1, help="neuron: --neuroncore-pipeline-cores N (one graph over N cores)"
+    )
+    compile_parser.add_argument(
+        "--fast-math", help="neuron: the compiler's --fast-math setting (default: the compiler's)"
+    )
     compile_parser.add_argument("--model-name", default="twotower-demo")
-    compile_parser.add_argument("--model-version", help="version string (default: a content hash of config and weights)")
+    compile_parser.add_argument(
+        "--model-version", help="version string (default: a content hash of config and weights)"
+    )
     compile_parser.add_argument("--force", action="store_true", help="replace an existing --out directory")
     compile_parser.add_argument("--quiet", action="store_true", help="no progress bar")
     compile_parser.add_argument(
-        "--signing-key", type=Path, metavar="KEY.pem", help="sign the artifact (manifest.sig) with this Ed25519 PEM private key (never copied into the artifact; see keygen)"
+        "--signing-key",
+        type=Path,
+        metavar="KEY.pem",
+        help="sign the artifact (manifest.sig) with this Ed25519 PEM private key (never copied into the artifact; see keygen)",
     )
     compile_parser.set_defaults(func=_compile)
 
     inspect_parser = subparsers.add_parser(
-        "inspect", help="verify an artifact and print its summary", description="Verify every file's sha256 and the schema, then print the summary; non-zero exit naming the offending file when verification fails."
+        "inspect",
+        help="verify an artifact and print its summary",
+        description="Verify every file's sha256 and the schema, then print the summary; non-zero exit naming the offending file when verification fails.",
     )
     inspect_parser.add_argument("artifact", type=Path)
     inspect_parser.add_argument(
-        "--trusted-key", type=Path, metavar="FILE", help="also require manifest.sig to be a valid signature by a key in this PEM file of Ed25519 public keys (as serve --trusted-key)"
+        "--trusted-key",
+        type=Path,
+        metavar="FILE",
+        help="also require manifest.sig to be a valid signature by a key in this PEM file of Ed25519 public keys (as serve --trusted-key)",
     )
     inspect_parser.set_defaults(func=_inspect)
 
@@ -54,7 +85,9 @@ def register(subparsers) -> None:
         description="Write a new Ed25519 key pair into --out: signing-key.pem (PKCS#8 PEM private key, mode 0600: keep it in the "
         "release pipeline, never in an artifact or on a server) and signing-key.pub.pem (PEM public key: give it to serve --trusted-key).",
     )
-    keygen_parser.add_argument("--out", required=True, type=Path, help="directory for the key pair (made, mode 0700, if missing)")
+    keygen_parser.add_argument(
+        "--out", required=True, type=Path, help="directory for the key pair (made, mode 0700, if missing)"
+    )
     keygen_parser.add_argument("--force", action="store_true", help="replace an existing key pair")
     keygen_parser.set_defaults(func=_keygen)
 
@@ -66,7 +99,9 @@ def register(subparsers) -> None:
         "pipelines that compile and sign on different hosts.",
     )
     sign_parser.add_argument("artifact", type=Path)
-    sign_parser.add_argument("--signing-key", required=True, type=Path, metavar="KEY.pem", help="Ed25519 PEM private key (see keygen)")
+    sign_parser.add_argument(
+        "--signing-key", required=True, type=Path, metavar="KEY.pem", help="Ed25519 PEM private key (see keygen)"
+    )
     sign_parser.set_defaults(func=_sign)
 
 
@@ -74,7 +109,9 @@ def _batch_sizes(text: str):
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ConfigError(f"--batch-sizes must be comma-separated positive integers, e.g. 1,8,32; got {text!r}") from None
+        raise ConfigError(
+            f"--batch-sizes must be comma-separated positive integers, e.g. 1,8,32; got {text!r}"
+        ) from None
 
 
 def _model_config(path):

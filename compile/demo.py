@@ -13,7 +13,6 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -26,7 +25,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("NEURONSERVE_CACHE_DIR") or Path.home() / ".cache" / "neuronserve")
 
 
-def ensure_demo_artifact(cache_dir: Optional[Path] = None, progress: bool = True) -> Path:
+def ensure_demo_artifact(cache_dir: Path | None = None, progress: bool = True) -> Path:
     """The demo artifact's directory: verified if present, compiled (seed 0, default config) if not."""
     directory = Path(cache_dir or cache_root()) / f"demo-cpu-torch{torch.__version__.split('+')[0]}"
     try:
@@ -36,12 +35,16 @@ def ensure_demo_artifact(cache_dir: Optional[Path] = None, progress: bool = True
     except ArtifactError:
         reason = ""
     if directory.is_dir() and not (directory / MANIFEST_NAME).is_file():
-        shutil.rmtree(directory)  # our own cache entry, broken beyond an artifact (compile --force replaces only artifacts)
+        shutil.rmtree(
+            directory
+        )  # our own cache entry, broken beyond an artifact (compile --force replaces only artifacts)
     if progress:
         why = f"recompiling: {reason}" if reason else "first run only"
         print(f"neuronserve: compiling the demo model for the CPU into {directory} ({why})", file=sys.stderr)
     try:
         compile_artifact(directory, config=ModelConfig(), seed=0, target="cpu", force=True, progress=progress)
     except ConfigError as exc:  # e.g. an unwritable cache: name the setting the user controls here
-        raise ConfigError(f"cannot build the demo artifact in {directory} ({exc}); set NEURONSERVE_CACHE_DIR to a writable directory") from None
+        raise ConfigError(
+            f"cannot build the demo artifact in {directory} ({exc}); set NEURONSERVE_CACHE_DIR to a writable directory"
+        ) from None
     return directory

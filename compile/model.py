@@ -12,7 +12,6 @@ in, scores [B, K] out, so the user vectors are gathered on the device, not copie
 
 from __future__ import annotations
 
-from typing import Dict
 
 import torch
 from torch import nn
@@ -58,14 +57,14 @@ class TwoTowerScorer(nn.Module):
         p = self.peer_tower(peer_features)
         return self.label_weight * (u * p).sum(-1) + self.label_bias
 
-    def stages(self) -> Dict[str, nn.Module]:
+    def stages(self) -> dict[str, nn.Module]:
         return {
             "user_tower": _ScaledTower(self.user_tower, self.label_weight),
             "peer_tower": self.peer_tower,
             "pair_scorer": PairScorer(self.label_bias),
         }
 
-    def fused(self) -> "FusedScorer":
+    def fused(self) -> FusedScorer:
         """The artifact's fused stage: the three stages of `stages()` composed, the gather included."""
         stages = self.stages()
         return FusedScorer(stages["user_tower"], stages["peer_tower"], stages["pair_scorer"])
@@ -105,7 +104,9 @@ class FusedScorer(nn.Module):
         self.peer_tower = peer_tower
         self.pair_scorer = pair_scorer
 
-    def forward(self, user_features: torch.Tensor, peer_features: torch.Tensor, user_index: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, user_features: torch.Tensor, peer_features: torch.Tensor, user_index: torch.Tensor
+    ) -> torch.Tensor:
         user = self.user_tower(user_features).index_select(0, user_index)
         return self.pair_scorer(user, self.peer_tower(peer_features))
 

@@ -16,7 +16,6 @@ API facts (AWS Neuron SDK docs, archived with torch-neuron):
 from __future__ import annotations
 
 import subprocess
-from typing import Optional, Tuple
 
 import torch
 
@@ -47,26 +46,38 @@ FAST_MATH_VALUES = FAST_MATH_PRESETS + FAST_MATH_RELAYOUT + FAST_MATH_CASTS
 MAX_PIPELINE_CORES = 64
 
 
-def fast_math_values(fast_math: str) -> Tuple[str, ...]:
+def fast_math_values(fast_math: str) -> tuple[str, ...]:
     """Split and validate a --fast-math setting ("none", "fp32-cast-matmult no-fast-relayout", ...)."""
     values = tuple(fast_math.replace(",", " ").split())
     if not values:
         raise ConfigError(f"--fast-math is empty; give one or more of: {', '.join(FAST_MATH_VALUES)}")
     unknown = [v for v in values if v not in FAST_MATH_VALUES]
     if unknown:
-        raise ConfigError(f"--fast-math value(s) {', '.join(unknown)} unknown to neuron-cc; expected some of: {', '.join(FAST_MATH_VALUES)}")
-    for group, what in ((FAST_MATH_PRESETS, "all/none"), (FAST_MATH_RELAYOUT, "fast-relayout/no-fast-relayout"), (FAST_MATH_CASTS, "fp32-cast-*")):
+        raise ConfigError(
+            f"--fast-math value(s) {', '.join(unknown)} unknown to neuron-cc; expected some of: {', '.join(FAST_MATH_VALUES)}"
+        )
+    for group, what in (
+        (FAST_MATH_PRESETS, "all/none"),
+        (FAST_MATH_RELAYOUT, "fast-relayout/no-fast-relayout"),
+        (FAST_MATH_CASTS, "fp32-cast-*"),
+    ):
         chosen = [v for v in values if v in group]
         if len(chosen) > 1:
-            raise ConfigError(f"--fast-math {fast_math!r}: {' and '.join(chosen)} are mutually exclusive ({what}); keep one")
+            raise ConfigError(
+                f"--fast-math {fast_math!r}: {' and '.join(chosen)} are mutually exclusive ({what}); keep one"
+            )
     return values
 
 
-def compiler_args_for(pipeline_cores: int = 1, fast_math: Optional[str] = None) -> Tuple[str, ...]:
+def compiler_args_for(pipeline_cores: int = 1, fast_math: str | None = None) -> tuple[str, ...]:
     """The neuron-cc arguments for these settings: no flag for the defaults (1 core, compiler's fast-math)."""
-    if isinstance(pipeline_cores, bool) or not isinstance(pipeline_cores, int) or not 1 <= pipeline_cores <= MAX_PIPELINE_CORES:
+    if (
+        isinstance(pipeline_cores, bool)
+        or not isinstance(pipeline_cores, int)
+        or not 1 <= pipeline_cores <= MAX_PIPELINE_CORES
+    ):
         raise ConfigError(f"--pipeline-cores must be an integer from 1 to {MAX_PIPELINE_CORES}, got {pipeline_cores!r}")
-    args: Tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
     if pipeline_cores > 1:
         args += ("--neuroncore-pipeline-cores", str(pipeline_cores))
     if fast_math is not None:
@@ -87,9 +98,9 @@ def trace_neuron(
     example_inputs: tuple,
     *,
     pipeline_cores: int = 1,
-    fast_math: Optional[str] = None,
-    workdir: Optional[str] = None,
-) -> Tuple[torch.jit.ScriptModule, Tuple[str, ...]]:
+    fast_math: str | None = None,
+    workdir: str | None = None,
+) -> tuple[torch.jit.ScriptModule, tuple[str, ...]]:
     """Compile `module` at the shapes of `example_inputs` for Inf1 NeuronCores; returns (graph, compiler args).
 
     fallback=False: every op must compile for the NeuronCore (a CPU partition would run silently on the
@@ -112,12 +123,16 @@ def trace_neuron(
         # SubprocessError: neuron-cc failed or timed out.
         raise ArtifactError(
             f"torch.neuron.trace failed with compiler_args {list(compiler_args)}: {type(exc).__name__}: {exc}"
-            + (f"; neuron-cc logs are in {workdir}" if workdir else "; pass a compiler workdir to keep neuron-cc's logs")
+            + (
+                f"; neuron-cc logs are in {workdir}"
+                if workdir
+                else "; pass a compiler workdir to keep neuron-cc's logs"
+            )
         ) from None
     return traced, compiler_args
 
 
-def torch_neuron_version() -> Optional[str]:
+def torch_neuron_version() -> str | None:
     """The installed torch-neuron version, or None when it is not importable."""
     try:
         import torch_neuron

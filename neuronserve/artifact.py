@@ -37,7 +37,6 @@ import stat
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 from neuronserve.errors import ArtifactError
 from neuronserve.signing import SIGNATURE_NAME, SignatureCheck, check_signature, load_trusted_keys
@@ -48,9 +47,9 @@ SCHEMA_VERSION = 2  # 2: manifest_sha256
 MANIFEST_HASH_KEY = "manifest_sha256"
 MANIFEST_NAME = "manifest.json"
 REFERENCE_NAME = "reference.npz"
-STAGE_NAMES: Tuple[str, ...] = ("user_tower", "peer_tower", "pair_scorer")  # the pipelining stages
+STAGE_NAMES: tuple[str, ...] = ("user_tower", "peer_tower", "pair_scorer")  # the pipelining stages
 FUSED_STAGE = "twotower"  # the three stages as one graph (optional; see the module docstring)
-TARGETS: Tuple[str, ...] = ("cpu", "neuron")
+TARGETS: tuple[str, ...] = ("cpu", "neuron")
 
 
 MAX_DIMENSION = 1 << 20  # a model dimension above it is a typo, not a model
@@ -66,11 +65,11 @@ class ModelConfig:
 
     user_features: int = 64
     peer_features: int = 64
-    hidden_sizes: Tuple[int, ...] = (256,)
+    hidden_sizes: tuple[int, ...] = (256,)
     embedding_dim: int = 128
     num_labels: int = 4
     label_dim: int = 64
-    label_names: Tuple[str, ...] = ("like", "chat", "match", "report")
+    label_names: tuple[str, ...] = ("like", "chat", "match", "report")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "label_names", tuple(str(n) for n in self.label_names))
@@ -79,7 +78,9 @@ class ModelConfig:
             if not _positive_int(value):
                 raise ArtifactError(f"model config: {name} must be a positive integer, got {value!r}")
         if not isinstance(self.hidden_sizes, (list, tuple)) or not all(_positive_int(h) for h in self.hidden_sizes):
-            raise ArtifactError(f"model config: hidden_sizes must be a list of positive integers, got {self.hidden_sizes!r}")
+            raise ArtifactError(
+                f"model config: hidden_sizes must be a list of positive integers, got {self.hidden_sizes!r}"
+            )
         object.__setattr__(self, "hidden_sizes", tuple(self.hidden_sizes))
         if len(self.label_names) != self.num_labels:
             raise ArtifactError(
@@ -93,7 +94,7 @@ class ModelConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "model config") -> "ModelConfig":
+    def from_dict(cls, data: dict, source: str = "model config") -> ModelConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
@@ -110,13 +111,13 @@ class TensorSpec:
 
     name: str
     dtype: str
-    shape: Tuple[int, ...]
+    shape: tuple[int, ...]
 
     def to_dict(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TensorSpec":
+    def from_dict(cls, data: dict) -> TensorSpec:
         return cls(name=str(data["name"]), dtype=str(data["dtype"]), shape=tuple(int(d) for d in data["shape"]))
 
 
@@ -127,7 +128,7 @@ class BucketEntry:
     batch_size: int
     file: str
     parity_max_abs_err: float
-    user_batch_size: Optional[int] = None  # FUSED_STAGE only: the user rows U the graph takes
+    user_batch_size: int | None = None  # FUSED_STAGE only: the user rows U the graph takes
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -136,12 +137,17 @@ class BucketEntry:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "BucketEntry":
+    def from_dict(cls, data: dict) -> BucketEntry:
         user = data.get("user_batch_size")
-        return cls(int(data["batch_size"]), str(data["file"]), float(data["parity_max_abs_err"]), None if user is None else int(user))
+        return cls(
+            int(data["batch_size"]),
+            str(data["file"]),
+            float(data["parity_max_abs_err"]),
+            None if user is None else int(user),
+        )
 
     @property
-    def key(self) -> Tuple[int, int]:
+    def key(self) -> tuple[int, int]:
         return (self.batch_size, self.user_batch_size or 0)
 
 
@@ -151,25 +157,33 @@ class StageSpec:
     batch U) and its compiled buckets."""
 
     name: str
-    inputs: Tuple[TensorSpec, ...]
-    outputs: Tuple[TensorSpec, ...]
-    buckets: Tuple[BucketEntry, ...]  # ascending (batch size, user batch size)
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    buckets: tuple[BucketEntry, ...]  # ascending (batch size, user batch size)
 
     @property
-    def batch_sizes(self) -> Tuple[int, ...]:
+    def batch_sizes(self) -> tuple[int, ...]:
         """The compiled batch sizes B (for FUSED_STAGE, the peer batches), ascending, each once."""
         return tuple(sorted({b.batch_size for b in self.buckets}))
 
-    def user_batch_sizes(self, batch_size: int) -> Tuple[int, ...]:
+    def user_batch_sizes(self, batch_size: int) -> tuple[int, ...]:
         """FUSED_STAGE: the user batches U compiled with peer batch `batch_size`, ascending (empty if none)."""
-        return tuple(sorted(b.user_batch_size for b in self.buckets if b.batch_size == batch_size and b.user_batch_size is not None))
+        return tuple(
+            sorted(
+                b.user_batch_size for b in self.buckets if b.batch_size == batch_size and b.user_batch_size is not None
+            )
+        )
 
-    def bucket(self, batch_size: int, user_batch_size: Optional[int] = None) -> BucketEntry:
+    def bucket(self, batch_size: int, user_batch_size: int | None = None) -> BucketEntry:
         for entry in self.buckets:
             if entry.batch_size == batch_size and entry.user_batch_size == user_batch_size:
                 return entry
-        what = f"batch size {batch_size}" + (f" with user batch {user_batch_size}" if user_batch_size is not None else "")
-        raise ArtifactError(f"stage {self.name} has no bucket of {what}; compiled: {[b.key if b.user_batch_size else b.batch_size for b in self.buckets]}")
+        what = f"batch size {batch_size}" + (
+            f" with user batch {user_batch_size}" if user_batch_size is not None else ""
+        )
+        raise ArtifactError(
+            f"stage {self.name} has no bucket of {what}; compiled: {[b.key if b.user_batch_size else b.batch_size for b in self.buckets]}"
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -180,7 +194,7 @@ class StageSpec:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "StageSpec":
+    def from_dict(cls, data: dict) -> StageSpec:
         buckets = tuple(sorted((BucketEntry.from_dict(b) for b in data["buckets"]), key=lambda b: b.key))
         return cls(
             name=str(data["name"]),
@@ -198,22 +212,22 @@ class Manifest:
     model_version: str
     target: str  # cpu | neuron
     model_config: ModelConfig
-    stages: Dict[str, StageSpec]
-    files: Dict[str, str]  # file name -> sha256, every file of the artifact but the manifest
-    label_bias: Tuple[float, ...] = ()  # b_k, K values: what pair_scorer adds, for the cached-embedding fast path
-    compiler_args: Tuple[str, ...] = ()
+    stages: dict[str, StageSpec]
+    files: dict[str, str]  # file name -> sha256, every file of the artifact but the manifest
+    label_bias: tuple[float, ...] = ()  # b_k, K values: what pair_scorer adds, for the cached-embedding fast path
+    compiler_args: tuple[str, ...] = ()
     pipeline_cores: int = 1
     torch_version: str = ""
-    torch_neuron_version: Optional[str] = None
+    torch_neuron_version: str | None = None
     reference_file: str = REFERENCE_NAME  # fixed inputs and the eager model's outputs (npz)
     parity_tolerance: float = 1e-5
     schema_version: int = SCHEMA_VERSION
     directory: Path = field(default=Path("."), compare=False)
-    signature: Optional[SignatureCheck] = field(default=None, compare=False)  # what load_manifest found in manifest.sig
-    _verified: "_VerifiedFiles" = field(default_factory=lambda: _VerifiedFiles(), init=False, compare=False, repr=False)
+    signature: SignatureCheck | None = field(default=None, compare=False)  # what load_manifest found in manifest.sig
+    _verified: _VerifiedFiles = field(default_factory=lambda: _VerifiedFiles(), init=False, compare=False, repr=False)
 
     @property
-    def label_names(self) -> Tuple[str, ...]:
+    def label_names(self) -> tuple[str, ...]:
         return self.model_config.label_names
 
     @property
@@ -225,7 +239,9 @@ class Manifest:
         try:
             return self.stages[name]
         except KeyError:
-            raise ArtifactError(f"artifact {self.directory} has no stage {name!r}; it has {sorted(self.stages)}") from None
+            raise ArtifactError(
+                f"artifact {self.directory} has no stage {name!r}; it has {sorted(self.stages)}"
+            ) from None
 
     def path(self, file_name: str) -> Path:
         return self.directory / file_name
@@ -272,7 +288,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_dict(cls, data: dict, directory: Path) -> "Manifest":
+    def from_dict(cls, data: dict, directory: Path) -> Manifest:
         where = directory / MANIFEST_NAME
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
@@ -298,14 +314,20 @@ class Manifest:
                 directory=directory,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ArtifactError(f"{where}: malformed manifest ({type(exc).__name__}: {exc}); recompile the artifact") from None
+            raise ArtifactError(
+                f"{where}: malformed manifest ({type(exc).__name__}: {exc}); recompile the artifact"
+            ) from None
         for name in manifest.files:
             if not _plain_file_name(name):
-                raise ArtifactError(f"{where}: file name {name!r} is not a plain file name in the artifact directory (no '/', '..' or absolute paths); recompile the artifact")
+                raise ArtifactError(
+                    f"{where}: file name {name!r} is not a plain file name in the artifact directory (no '/', '..' or absolute paths); recompile the artifact"
+                )
         if manifest.target not in TARGETS:
             raise ArtifactError(f"{where}: unknown target {manifest.target!r}; expected one of {', '.join(TARGETS)}")
         if len(manifest.label_bias) != manifest.model_config.num_labels:
-            raise ArtifactError(f"{where}: label_bias has {len(manifest.label_bias)} values for {manifest.model_config.num_labels} labels")
+            raise ArtifactError(
+                f"{where}: label_bias has {len(manifest.label_bias)} values for {manifest.model_config.num_labels} labels"
+            )
         missing = [s for s in STAGE_NAMES if s not in manifest.stages]
         if missing:
             raise ArtifactError(f"{where}: missing stages {missing}; recompile the artifact")
@@ -319,7 +341,9 @@ class Manifest:
         if manifest.target == "neuron" and manifest.has_fused_stage:
             files = [b.file for b in manifest.stages[FUSED_STAGE].buckets]
             if len(set(files)) != len(files):
-                raise ArtifactError(f"{where}: a neuron graph has fixed shapes, so every {FUSED_STAGE} pair needs its own file")
+                raise ArtifactError(
+                    f"{where}: a neuron graph has fixed shapes, so every {FUSED_STAGE} pair needs its own file"
+                )
         if manifest.reference_file not in manifest.files:
             raise ArtifactError(f"{where}: reference file {manifest.reference_file} has no sha256 entry")
         return manifest
@@ -331,9 +355,13 @@ def _check_user_batches(spec: StageSpec, where: Path) -> None:
     for bucket in spec.buckets:
         user = bucket.user_batch_size
         if fused and (user is None or not 1 <= user <= bucket.batch_size):
-            raise ArtifactError(f"{where}: {spec.name} bucket {bucket.file} needs a user_batch_size from 1 to its batch size {bucket.batch_size}, got {user!r}")
+            raise ArtifactError(
+                f"{where}: {spec.name} bucket {bucket.file} needs a user_batch_size from 1 to its batch size {bucket.batch_size}, got {user!r}"
+            )
         if not fused and user is not None:
-            raise ArtifactError(f"{where}: stage {spec.name} bucket {bucket.file} has a user_batch_size; only {FUSED_STAGE} takes one")
+            raise ArtifactError(
+                f"{where}: stage {spec.name} bucket {bucket.file} has a user_batch_size; only {FUSED_STAGE} takes one"
+            )
     keys = [b.key for b in spec.buckets]
     if len(set(keys)) != len(keys):
         raise ArtifactError(f"{where}: stage {spec.name} lists a bucket twice")
@@ -369,8 +397,13 @@ def _plain_file_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
-_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-               (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def read_artifact_file(directory, name: str) -> bytes:
@@ -382,7 +415,9 @@ def read_artifact_file(directory, name: str) -> bytes:
     directory = Path(directory)
     path = directory / name
     if not _plain_file_name(name):
-        raise ArtifactError(f"artifact file {path} leads outside the artifact directory {directory}; recompile the artifact")
+        raise ArtifactError(
+            f"artifact file {path} leads outside the artifact directory {directory}; recompile the artifact"
+        )
     root = os.path.realpath(directory)
     real = os.path.realpath(path)
     if os.path.commonpath([root, real]) != root:
@@ -395,16 +430,22 @@ def read_artifact_file(directory, name: str) -> bytes:
     except FileNotFoundError:
         raise ArtifactError(f"artifact file {path} is missing; recompile or restore the artifact") from None
     except OSError as exc:
-        raise ArtifactError(f"artifact file {path} cannot be read ({exc.strerror}); give the serving user read access to the artifact") from None
+        raise ArtifactError(
+            f"artifact file {path} cannot be read ({exc.strerror}); give the serving user read access to the artifact"
+        ) from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             kind = next((text for test, text in _FILE_KINDS if test(mode)), "not a regular file")
-            raise ArtifactError(f"artifact file {path} is {kind}, not a regular file; recompile or restore the artifact")
+            raise ArtifactError(
+                f"artifact file {path} is {kind}, not a regular file; recompile or restore the artifact"
+            )
         with os.fdopen(fd, "rb", closefd=False) as handle:
             return handle.read()
     except OSError as exc:
-        raise ArtifactError(f"artifact file {path} cannot be read ({exc.strerror}); give the serving user read access to the artifact") from None
+        raise ArtifactError(
+            f"artifact file {path} cannot be read ({exc.strerror}); give the serving user read access to the artifact"
+        ) from None
     finally:
         os.close(fd)
 
@@ -413,7 +454,9 @@ def _checked(manifest: Manifest, name: str, data: bytes) -> bytes:
     """`data` if its sha256 is the one manifest.files lists for `name`; else an ArtifactError."""
     expected = manifest.files.get(name)
     if expected is None:
-        raise ArtifactError(f"artifact file {manifest.path(name)} is not listed in {manifest.directory / MANIFEST_NAME}")
+        raise ArtifactError(
+            f"artifact file {manifest.path(name)} is not listed in {manifest.directory / MANIFEST_NAME}"
+        )
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
         raise ArtifactError(
@@ -428,7 +471,7 @@ class _VerifiedFiles:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._bytes: Dict[str, bytes] = {}
+        self._bytes: dict[str, bytes] = {}
 
     def keep(self, name: str, data: bytes) -> None:
         with self._lock:
@@ -453,7 +496,9 @@ def _exists(path: Path, follow: bool = False) -> bool:
     except (FileNotFoundError, NotADirectoryError):
         return False
     except OSError as exc:
-        raise ArtifactError(f"{path} cannot be read ({exc.strerror}); give the serving user access to the artifact") from None
+        raise ArtifactError(
+            f"{path} cannot be read ({exc.strerror}); give the serving user access to the artifact"
+        ) from None
     return True
 
 
@@ -469,11 +514,17 @@ def load_manifest(directory, verify: bool = True, trusted_key=None, keep_files: 
     directory = Path(directory)
     path = directory / MANIFEST_NAME
     if not _exists(directory, follow=True):
-        raise ArtifactError(f"artifact directory {directory} does not exist; compile one with `neuronserve compile --out {directory}`")
+        raise ArtifactError(
+            f"artifact directory {directory} does not exist; compile one with `neuronserve compile --out {directory}`"
+        )
     if not directory.is_dir():
-        raise ArtifactError(f"{directory} is a file; an artifact is the directory `neuronserve compile --out DIR` wrote")
+        raise ArtifactError(
+            f"{directory} is a file; an artifact is the directory `neuronserve compile --out DIR` wrote"
+        )
     if not _exists(path):
-        raise ArtifactError(f"{path} is missing: {directory} is not a neuronserve artifact (compile one with `neuronserve compile`)")
+        raise ArtifactError(
+            f"{path} is missing: {directory} is not a neuronserve artifact (compile one with `neuronserve compile`)"
+        )
     sig_present = _exists(directory / SIGNATURE_NAME)
     trusted = load_trusted_keys(trusted_key) if trusted_key is not None else None
     raw = read_artifact_file(directory, MANIFEST_NAME)
@@ -494,7 +545,11 @@ def load_manifest(directory, verify: bool = True, trusted_key=None, keep_files: 
             )
         verify_files(manifest, keep=keep_files)
     if signature.signed and not signature.valid:
-        log.warning("%s: %s; loaded anyway (no trusted key configured: integrity only)", directory / SIGNATURE_NAME, signature.describe())
+        log.warning(
+            "%s: %s; loaded anyway (no trusted key configured: integrity only)",
+            directory / SIGNATURE_NAME,
+            signature.describe(),
+        )
     return manifest
 
 
@@ -507,14 +562,15 @@ def verify_files(manifest: Manifest, keep: bool = False) -> None:
             manifest._verified.keep(name, data)
 
 
-def summary_lines(manifest: Manifest) -> List[str]:
+def summary_lines(manifest: Manifest) -> list[str]:
     """Human-readable summary, for `neuronserve inspect` and the compile report."""
     cfg = manifest.model_config
     lines = [
         f"artifact   {manifest.directory}",
         f"model      {manifest.model_name} version {manifest.model_version} (schema {manifest.schema_version})",
         f"target     {manifest.target}  pipeline_cores={manifest.pipeline_cores}  compiler_args={' '.join(manifest.compiler_args) or '-'}",
-        f"torch      {manifest.torch_version}" + (f"  torch-neuron {manifest.torch_neuron_version}" if manifest.torch_neuron_version else ""),
+        f"torch      {manifest.torch_version}"
+        + (f"  torch-neuron {manifest.torch_neuron_version}" if manifest.torch_neuron_version else ""),
         f"config     F_u={cfg.user_features} F_p={cfg.peer_features} hidden={list(cfg.hidden_sizes)} E={cfg.embedding_dim} K={cfg.num_labels} D={cfg.label_dim}",
         f"labels     {', '.join(manifest.label_names)}",
     ]
@@ -526,15 +582,19 @@ def summary_lines(manifest: Manifest) -> List[str]:
     if manifest.has_fused_stage:
         spec = manifest.stages[FUSED_STAGE]
         lines.append(f"stage      {FUSED_STAGE} (fused, U user rows): {_signature(spec)}")
-        files: Dict[Tuple[int, str], List[BucketEntry]] = {}
+        files: dict[tuple[int, str], list[BucketEntry]] = {}
         for b in spec.buckets:  # one line per B and file: its user batches (a cpu file serves them all)
             files.setdefault((b.batch_size, b.file), []).append(b)
         for (batch, file), entries in files.items():
             users = ",".join(str(b.user_batch_size) for b in entries)
             worst = _worst(b.parity_max_abs_err for b in entries)
-            lines.append(f"             batch {batch:>5}  users {users:<{_users_width(spec)}}  {file}  parity max|err|={worst:.2e}")
+            lines.append(
+                f"             batch {batch:>5}  users {users:<{_users_width(spec)}}  {file}  parity max|err|={worst:.2e}"
+            )
     else:
-        lines.append(f"stage      {FUSED_STAGE}: not in this artifact (compiled before the fused graph); served as three stages")
+        lines.append(
+            f"stage      {FUSED_STAGE}: not in this artifact (compiled before the fused graph); served as three stages"
+        )
     lines.append(f"parity     max |err| {manifest.max_parity_error():.2e} (tolerance {manifest.parity_tolerance:.0e})")
     lines.append(f"files      {len(manifest.files) + 1} verified by sha256")
     if manifest.signature is not None:

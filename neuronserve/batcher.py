@@ -45,7 +45,8 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
@@ -87,11 +88,11 @@ class _Request:
     rows: int
     priority: int
     arrival_s: float
-    deadline_s: Optional[float]
+    deadline_s: float | None
     future: asyncio.Future
     taken: int = 0  # rows already put in batches
     received: int = 0  # rows whose results are back
-    parts: List[Tuple[int, np.ndarray]] = field(default_factory=list)  # (start, rows) of a split request
+    parts: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (start, rows) of a split request
 
 
 MIN_SLOWDOWN, MAX_SLOWDOWN = 0.1, 50.0  # bounds on one batch's observed / modelled time (a stall, a clock step)
@@ -108,7 +109,7 @@ class _Batch:
 
 
 # A batch member: the request and the rows [start, stop) of it in this batch.
-_Member = Tuple[_Request, int, int]
+_Member = tuple[_Request, int, int]
 
 
 class DynamicBatcher:
@@ -128,7 +129,7 @@ class DynamicBatcher:
         max_batch_rows: int,
         config: BatchingConfig,
         max_in_flight: int = 1,
-        estimate_latency_s: Optional[Callable[[int], float]] = None,
+        estimate_latency_s: Callable[[int], float] | None = None,
         devices: int = 1,
         clock: Callable[[], float] = time.monotonic,
         name: str = "batcher",
@@ -147,13 +148,13 @@ class DynamicBatcher:
         self._delay_s = config.max_queue_delay_ms / 1e3
         self._estimate_s = estimate_latency_s
         self._clock = clock
-        self._queues: Dict[int, Deque[_Request]] = {}  # priority -> FIFO
+        self._queues: dict[int, deque[_Request]] = {}  # priority -> FIFO
         self._queued_rows = 0
         self._slowdown = 1.0
         self._hold_until_s = float("inf")  # when the dispatcher's current hold ends, on `clock` (inf: none)
-        self._running: Dict[asyncio.Task, _Batch] = {}
-        self._wake: Optional[asyncio.Event] = None
-        self._dispatcher: Optional[asyncio.Task] = None
+        self._running: dict[asyncio.Task, _Batch] = {}
+        self._wake: asyncio.Event | None = None
+        self._dispatcher: asyncio.Task | None = None
         self._closing = False
         self._batches = self._batch_rows = 0
         self._rejected_overload = self._rejected_deadline = self._cancelled = self._failed = 0
@@ -181,7 +182,9 @@ class DynamicBatcher:
         while self._running:
             await asyncio.wait(set(self._running))
 
-    async def submit(self, payload: Any, rows: int, *, deadline_s: Optional[float] = None, priority: int = 0) -> np.ndarray:
+    async def submit(
+        self, payload: Any, rows: int, *, deadline_s: float | None = None, priority: int = 0
+    ) -> np.ndarray:
         """Queue `rows` rows of `payload`; the result holds this request's rows of run_batch's output, in order."""
         if self._closing or self._dispatcher is None:
             raise Unavailable(f"{self.name} is {'closed' if self._closing else 'not started'}: not accepting requests")
@@ -189,7 +192,9 @@ class DynamicBatcher:
             raise InvalidInput(f"rows must be an integer >= 1, got {rows!r}")
         rows = int(rows)
         if rows > self._max_queue_rows:  # not overload: it would never fit, so retrying cannot help
-            raise InvalidInput(f"{self.name}: a request of {rows} rows can never fit the queue (max_queue_rows={self._max_queue_rows}); split it")
+            raise InvalidInput(
+                f"{self.name}: a request of {rows} rows can never fit the queue (max_queue_rows={self._max_queue_rows}); split it"
+            )
         now = self._clock()
         wait_s = self._backlog_s(now)
         if deadline_s is not None:
@@ -216,7 +221,9 @@ class DynamicBatcher:
         # Wake the dispatcher only when these rows can change its decision: the queue was empty (it may
         # be waiting for rows), it now holds a full batch (rule (b)), or its hold is over by `clock`. A
         # younger request moves neither the oldest arrival nor a device's expected finish.
-        if self._queued_rows and (self._queued_rows == rows or self._queued_rows >= self._max_rows or now >= self._hold_until_s):
+        if self._queued_rows and (
+            self._queued_rows == rows or self._queued_rows >= self._max_rows or now >= self._hold_until_s
+        ):
             self._wake.set()
         try:
             return await request.future
@@ -298,10 +305,10 @@ class DynamicBatcher:
     def _expected_s(self, rows: int) -> float:
         return self._estimate_s(rows) * self._slowdown if self._estimate_s is not None else 0.0
 
-    def _form(self) -> List[_Member]:
+    def _form(self) -> list[_Member]:
         """Take queued rows for one batch, per the rule in the module docstring."""
         now = self._clock()
-        members: List[_Member] = []
+        members: list[_Member] = []
         rows = 0
         members_deadline_s = float("inf")
         for priority in sorted(self._queues):
@@ -337,13 +344,13 @@ class DynamicBatcher:
                 break
         return self._count(members, rows)
 
-    def _count(self, members: List[_Member], rows: int) -> List[_Member]:
+    def _count(self, members: list[_Member], rows: int) -> list[_Member]:
         if members:
             self._batches += 1
             self._batch_rows += rows
         return members
 
-    async def _run(self, members: List[_Member], batch: _Batch) -> None:
+    async def _run(self, members: list[_Member], batch: _Batch) -> None:
         rows = batch.rows
         try:
             out = await self._run_batch([Slice(request.payload, start, stop) for request, start, stop in members])
@@ -393,7 +400,7 @@ class DynamicBatcher:
             request.future.set_result(np.concatenate([part for _, part in request.parts], axis=0))
             request.parts.clear()
 
-    def _fail_batch(self, members: List[_Member], exc: BaseException) -> None:
+    def _fail_batch(self, members: list[_Member], exc: BaseException) -> None:
         for request, _, _ in members:
             self._failed += self._fail(request, exc)
 
@@ -422,7 +429,9 @@ class DynamicBatcher:
             return 0.0
         running_s = sum(b.finish_s - max(now, b.device_start_s) for b in self._running.values() if b.finish_s > now)
         full, rest = divmod(self._queued_rows, self._max_rows)
-        queued_s = (full * self._estimate_s(self._max_rows) + (self._estimate_s(rest) if rest else 0.0)) * self._slowdown
+        queued_s = (
+            full * self._estimate_s(self._max_rows) + (self._estimate_s(rest) if rest else 0.0)
+        ) * self._slowdown
         return (running_s + queued_s) / self._devices
 
     def _shortfall_s(self, now: float, batch_rows: int, deadline_s: float) -> float:

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 from neuronserve.errors import ConfigError
 
-STAGES: Tuple[str, ...] = ("user_tower", "peer_tower", "pair_scorer")
+STAGES: tuple[str, ...] = ("user_tower", "peer_tower", "pair_scorer")
 
 
-def read_json_object(path, what: str) -> Dict[str, Any]:
+def read_json_object(path, what: str) -> dict[str, Any]:
     """A JSON object from a settings file; `what` names it in the one-line error ("--model-config x.json")."""
     try:
         with open(path) as handle:
@@ -54,11 +54,11 @@ class CoreGroup:
         """The value for NEURON_RT_VISIBLE_CORES."""
         return str(self.first) if self.count == 1 else f"{self.first}-{self.last}"
 
-    def overlaps(self, other: "CoreGroup") -> bool:
+    def overlaps(self, other: CoreGroup) -> bool:
         return self.first <= other.last and other.first <= self.last
 
     @classmethod
-    def parse(cls, text: str) -> "CoreGroup":
+    def parse(cls, text: str) -> CoreGroup:
         text = text.strip()
         try:
             if "-" in text:
@@ -80,9 +80,11 @@ class CoreGroup:
 def parse_visible_cores(text: str) -> CoreGroup:
     """NEURON_RT_VISIBLE_CORES as the runtime accepts it: "2", "0-3" or a contiguous list "3,4,5,6"."""
     parts = [CoreGroup.parse(part) for part in text.split(",")]
-    for before, after in zip(parts, parts[1:]):
+    for before, after in zip(parts, parts[1:], strict=False):
         if after.first != before.last + 1:
-            raise ConfigError(f"{VISIBLE_CORES_ENV}={text!r} is not contiguous; the Neuron runtime needs a contiguous range such as '0-3'")
+            raise ConfigError(
+                f"{VISIBLE_CORES_ENV}={text!r} is not contiguous; the Neuron runtime needs a contiguous range such as '0-3'"
+            )
     return CoreGroup(parts[0].first, parts[-1].last - parts[0].first + 1)
 
 
@@ -90,10 +92,10 @@ def parse_visible_cores(text: str) -> CoreGroup:
 class Placement:
     """Which core groups run each stage. Several groups for one stage = data parallel replicas."""
 
-    groups: Dict[str, Tuple[CoreGroup, ...]]
+    groups: dict[str, tuple[CoreGroup, ...]]
 
     @classmethod
-    def data_parallel(cls, num_cores: int, group_size: int = 1, first: int = 0) -> "Placement":
+    def data_parallel(cls, num_cores: int, group_size: int = 1, first: int = 0) -> Placement:
         """Default: every stage on every group of cores first..first+num_cores-1 (each group runs
         whichever stage comes next)."""
         if num_cores < 1:
@@ -104,13 +106,13 @@ class Placement:
         return cls({stage: groups for stage in STAGES})
 
     @classmethod
-    def parse(cls, text: str, num_cores: int, first: int = 0) -> "Placement":
+    def parse(cls, text: str, num_cores: int, first: int = 0) -> Placement:
         """Parse "user_tower=0,peer_tower=1-2,pair_scorer=3" (a stage may repeat: replicas).
 
         Stages placed on distinct groups must not overlap; every group must lie inside the cores
         first..first+num_cores-1 (absolute core numbers, as in NEURON_RT_VISIBLE_CORES).
         """
-        groups: Dict[str, Tuple[CoreGroup, ...]] = {}
+        groups: dict[str, tuple[CoreGroup, ...]] = {}
         for item in filter(None, (part.strip() for part in text.split(","))):
             stage, sep, group_text = item.partition("=")
             stage = stage.strip()
@@ -133,7 +135,9 @@ class Placement:
         for stage, stage_groups in self.groups.items():
             for group in stage_groups:
                 if group.first < span.first or group.last > span.last:
-                    raise ConfigError(f"placement puts {stage} on cores {group}, but this server has only cores {span} ({num_cores} cores)")
+                    raise ConfigError(
+                        f"placement puts {stage} on cores {group}, but this server has only cores {span} ({num_cores} cores)"
+                    )
                 for other_stage, other in seen:
                     if group != other and group.overlaps(other):
                         raise ConfigError(
@@ -141,7 +145,7 @@ class Placement:
                         )
                 seen.append((stage, group))
 
-    def all_groups(self) -> Tuple[CoreGroup, ...]:
+    def all_groups(self) -> tuple[CoreGroup, ...]:
         """Distinct core groups, in core order."""
         return tuple(sorted({g for gs in self.groups.values() for g in gs}, key=lambda g: g.first))
 
@@ -158,8 +162,8 @@ class BatchingConfig:
     # refuse (RESOURCE_EXHAUSTED) a request whose queue ahead needs longer to drain: the matching tick
     # (~0.5 s) is lost by then anyway; a request with a deadline is held to its deadline instead
     max_queue_wait_ms: float = 500.0
-    max_batch_rows: Optional[int] = None  # None: the largest compiled bucket
-    max_in_flight_batches: Optional[int] = None  # None: one per core-group executor slot
+    max_batch_rows: int | None = None  # None: the largest compiled bucket
+    max_in_flight_batches: int | None = None  # None: one per core-group executor slot
 
     def __post_init__(self) -> None:
         if self.max_queue_delay_ms < 0:
@@ -192,7 +196,9 @@ class SimConfig:
         if self.num_cores < 1:
             raise ConfigError(f"sim num_cores must be >= 1, got {self.num_cores}")
         if not 0 <= self.latency_scale <= MAX_SIM_LATENCY_SCALE:
-            raise ConfigError(f"sim latency_scale must be >= 0 and <= {MAX_SIM_LATENCY_SCALE:g}, got {self.latency_scale}")
+            raise ConfigError(
+                f"sim latency_scale must be >= 0 and <= {MAX_SIM_LATENCY_SCALE:g}, got {self.latency_scale}"
+            )
         if self.core_timeout_s <= 0 or self.reset_s < 0:
             raise ConfigError("sim core_timeout_s must be > 0 and reset_s >= 0")
 
@@ -201,31 +207,35 @@ class SimConfig:
 class ServerConfig:
     """Everything `neuronserve serve` needs; flags > config file > NEURONSERVE_* env > defaults."""
 
-    artifact: Optional[str] = None  # None: compile the demo model into the cache on first run
+    artifact: str | None = None  # None: compile the demo model into the cache on first run
     backend: str = "auto"  # auto | cpu | sim | neuron
-    cores: Optional[int] = None  # None: the backend's default (backends.default_cores)
-    placement: Optional[str] = None  # None: data parallel over all cores
-    workers: Optional[int] = None  # serving processes sharing the port (1: no supervisor); None: backends.default_workers
+    cores: int | None = None  # None: the backend's default (backends.default_cores)
+    placement: str | None = None  # None: data parallel over all cores
+    workers: int | None = None  # serving processes sharing the port (1: no supervisor); None: backends.default_workers
     cpu_affinity: str = "none"  # none | split (each worker pinned to an even share of the usable CPUs)
     worker_timeout_s: float = 10.0  # a worker whose event loop has not ticked for this long is replaced
     host: str = "127.0.0.1"
     port: int = 8001
-    metrics_port: Optional[int] = 8002
+    metrics_port: int | None = 8002
     max_peers: int = 4096
     max_message_bytes: int = 64 * 1024 * 1024
     grace_period_s: float = 10.0
     drain_delay_s: float = 0.0  # SIGTERM: health NOT_SERVING at once, requests still served this long, then the drain
-    max_connection_age_s: Optional[float] = None  # None: connections are never aged (GOAWAY after ~this long)
-    tls_cert: Optional[str] = None  # PEM certificate (chain): gRPC over TLS (tls.py checks the files at start-up)
-    tls_key: Optional[str] = None  # its PEM private key
-    tls_client_ca: Optional[str] = None  # mTLS: client certificates required, verified against these CAs
-    admin_token_file: Optional[str] = None  # the model repository RPCs need this file's bearer token (admin_auth.py)
-    trusted_key: Optional[str] = None  # PEM public key(s): the artifact must be signed by one (artifact.load_manifest checks)
+    max_connection_age_s: float | None = None  # None: connections are never aged (GOAWAY after ~this long)
+    tls_cert: str | None = None  # PEM certificate (chain): gRPC over TLS (tls.py checks the files at start-up)
+    tls_key: str | None = None  # its PEM private key
+    tls_client_ca: str | None = None  # mTLS: client certificates required, verified against these CAs
+    admin_token_file: str | None = None  # the model repository RPCs need this file's bearer token (admin_auth.py)
+    trusted_key: str | None = (
+        None  # PEM public key(s): the artifact must be signed by one (artifact.load_manifest checks)
+    )
     reflection: bool = True  # gRPC server reflection
     model_process: bool = False  # cpu backend: the fused graph in a process per core group (model_process.py)
     cache_max_rows: int = 1_000_000
-    embedding_store: str = "embedded"  # or redis://HOST:PORT/DB: the fleet's shared store (fleet.py), checked by settings
-    model_repository: Optional[str] = None  # DIR/<model>/<version>/ (repository.py); None: --artifact as one version
+    embedding_store: str = (
+        "embedded"  # or redis://HOST:PORT/DB: the fleet's shared store (fleet.py), checked by settings
+    )
+    model_repository: str | None = None  # DIR/<model>/<version>/ (repository.py); None: --artifact as one version
     model_control: str = "none"  # none | explicit (RepositoryModelLoad/Unload) | poll (rescan every repository_poll_s)
     version_policy: str = "latest:1"  # latest[:N] | all | specific:V1,V2 (repository.VersionPolicy.parse)
     repository_poll_s: float = 5.0  # --model-control poll: seconds between rescans
@@ -250,11 +260,15 @@ class ServerConfig:
         if not self.worker_timeout_s > 0:
             raise ConfigError(f"worker_timeout_s must be > 0, got {self.worker_timeout_s}")
         if self.placement is not None and (self.workers or 1) > 1:
-            raise ConfigError("placement and workers > 1 do not combine: each worker serves its cores data parallel; drop one")
+            raise ConfigError(
+                "placement and workers > 1 do not combine: each worker serves its cores data parallel; drop one"
+            )
         if self.max_peers < 1:
             raise ConfigError(f"max_peers must be >= 1, got {self.max_peers}")
         if not 1024 <= self.max_message_bytes <= MAX_GRPC_MESSAGE_BYTES:
-            raise ConfigError(f"max_message_bytes must be >= 1024 and <= {MAX_GRPC_MESSAGE_BYTES} (gRPC's limit), got {self.max_message_bytes}")
+            raise ConfigError(
+                f"max_message_bytes must be >= 1024 and <= {MAX_GRPC_MESSAGE_BYTES} (gRPC's limit), got {self.max_message_bytes}"
+            )
         if self.grace_period_s < 0:
             raise ConfigError(f"grace_period_s must be >= 0, got {self.grace_period_s}")
         if self.cache_max_rows < 1:
@@ -262,8 +276,16 @@ class ServerConfig:
         if self.drain_delay_s < 0:
             raise ConfigError(f"drain_delay_s must be >= 0, got {self.drain_delay_s}")
         if self.max_connection_age_s is not None and not 0.001 <= self.max_connection_age_s <= MAX_GRPC_DURATION_S:
-            raise ConfigError(f"max_connection_age_s must be >= 0.001 and <= {MAX_GRPC_DURATION_S} (gRPC's limit), or off; got {self.max_connection_age_s}")
-        for name in ("tls_cert", "tls_key", "tls_client_ca", "trusted_key", "admin_token_file"):  # readable: checked at start-up (tls.load_tls, load_manifest)
+            raise ConfigError(
+                f"max_connection_age_s must be >= 0.001 and <= {MAX_GRPC_DURATION_S} (gRPC's limit), or off; got {self.max_connection_age_s}"
+            )
+        for name in (
+            "tls_cert",
+            "tls_key",
+            "tls_client_ca",
+            "trusted_key",
+            "admin_token_file",
+        ):  # readable: checked at start-up (tls.load_tls, load_manifest)
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ConfigError(f"{name} must be a file path, got {value!r}")
@@ -272,13 +294,24 @@ class ServerConfig:
         if self.model_control != "none" and self.model_repository is None:
             raise ConfigError("model_control explicit or poll needs a model repository: pass --model-repository DIR")
         loopback = self.host in ("localhost", "::1") or self.host.startswith("127.")
-        if self.model_control != "none" and not loopback and self.admin_token_file is None and self.tls_client_ca is None:
-            raise ConfigError(f"model_control {self.model_control} on {self.host} would let anyone who can connect load and unload "
-                              "models: pass --admin-token-file FILE (or --tls-client-ca for mTLS), or listen on loopback")
+        if (
+            self.model_control != "none"
+            and not loopback
+            and self.admin_token_file is None
+            and self.tls_client_ca is None
+        ):
+            raise ConfigError(
+                f"model_control {self.model_control} on {self.host} would let anyone who can connect load and unload "
+                "models: pass --admin-token-file FILE (or --tls-client-ca for mTLS), or listen on loopback"
+            )
         if self.model_repository is not None and self.artifact is not None:
-            raise ConfigError("artifact and model_repository do not combine: serve one artifact or a repository of versions")
+            raise ConfigError(
+                "artifact and model_repository do not combine: serve one artifact or a repository of versions"
+            )
         if self.model_repository is not None and ((self.workers or 1) > 1 or self.embedding_store != "embedded"):
-            raise ConfigError("model_repository serves one process with its own caches for now: use workers 1 and embedding_store embedded")
+            raise ConfigError(
+                "model_repository serves one process with its own caches for now: use workers 1 and embedding_store embedded"
+            )
         from neuronserve.repository import VersionPolicy
 
         VersionPolicy.parse(self.version_policy)

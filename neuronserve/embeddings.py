@@ -20,6 +20,7 @@ figures. Design and the memory-ordering argument: docs/embeddings.md.
 from __future__ import annotations
 
 import fcntl
+import contextlib
 import logging
 import mmap
 import os
@@ -29,7 +30,8 @@ import time
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import TypeVar
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -75,7 +77,10 @@ class _Shared:
 
     def __init__(self, num_labels: int, label_dim: int, max_rows: int) -> None:
         slots = 2 * max_rows
-        layout: List[Tuple[np.dtype, Tuple[int, ...]]] = [(np.dtype(np.int64), (_HEADER_FIELDS,)), (np.dtype(np.uint8), (2, MAX_VERSION_BYTES))]
+        layout: list[tuple[np.dtype, tuple[int, ...]]] = [
+            (np.dtype(np.int64), (_HEADER_FIELDS,)),
+            (np.dtype(np.uint8), (2, MAX_VERSION_BYTES)),
+        ]
         for _ in KINDS:
             layout += [(np.dtype(np.float32), (slots, num_labels, label_dim)), (np.dtype(np.int64), (2, 3, max_rows))]
         offsets, size = [], 0
@@ -85,8 +90,10 @@ class _Shared:
         # Anonymous and shared: inherited by fork, zero-filled, and a page takes memory only once written.
         self.map = mmap.mmap(-1, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.size = size
-        views = [np.frombuffer(self.map, dtype, int(np.prod(shape)), offset).reshape(shape)
-                 for (dtype, shape), offset in zip(layout, offsets)]
+        views = [
+            np.frombuffer(self.map, dtype, int(np.prod(shape)), offset).reshape(shape)
+            for (dtype, shape), offset in zip(layout, offsets, strict=False)
+        ]
         self.header, self.versions = views[0], views[1]
         self.vectors = views[2::2]  # per kind: float32 [slots, K, D]
         self.indexes = views[3::2]  # per kind: int64 [buffer, (id, slot, seq), max_rows], first COUNT rows valid
@@ -103,7 +110,7 @@ class _Shared:
         return self.versions[buf, :length].tobytes().decode("utf-8", errors="replace")
 
 
-_CACHES: "weakref.WeakSet[EmbeddingCache]" = weakref.WeakSet()
+_CACHES: weakref.WeakSet[EmbeddingCache] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
@@ -118,7 +125,9 @@ class EmbeddingCache:
     """Bounded, version-tied cache of tower outputs in shared memory; readers lock-free, writers serialised
     across threads and processes."""
 
-    def __init__(self, *, model_version: str, num_labels: int, label_dim: int, label_bias: Sequence[float], max_rows: int) -> None:
+    def __init__(
+        self, *, model_version: str, num_labels: int, label_dim: int, label_bias: Sequence[float], max_rows: int
+    ) -> None:
         if num_labels < 1 or label_dim < 1:
             raise ConfigError(f"num_labels and label_dim must be >= 1, got {num_labels} and {label_dim}")
         if max_rows < 1:
@@ -128,7 +137,7 @@ class EmbeddingCache:
             raise ConfigError(f"label_bias must hold num_labels={num_labels} floats, got shape {bias.shape}")
         version = _encode_version(model_version)
         self._k, self._d, self._bias, self._max_rows = num_labels, label_dim, bias, max_rows
-        self._mem: Optional[_Shared] = _Shared(num_labels, label_dim, max_rows)
+        self._mem: _Shared | None = _Shared(num_labels, label_dim, max_rows)
         self._mem.versions[0, : len(version)] = np.frombuffer(version, np.uint8)
         self._mem.header[_VERSION_LEN] = len(version)  # STATE 0: generation 0, buffers A, version field 0
         # The writers' lock between processes: a POSIX record lock on an unlinked temporary file whose
@@ -148,8 +157,10 @@ class EmbeddingCache:
         self._hits = self._misses = self._evictions = 0
 
     def __reduce__(self):
-        raise TypeError("an EmbeddingCache is shared with worker processes by fork only (its mapping is anonymous): "
-                        "construct it before forking, do not pickle it")
+        raise TypeError(
+            "an EmbeddingCache is shared with worker processes by fork only (its mapping is anonymous): "
+            "construct it before forking, do not pickle it"
+        )
 
     def close(self) -> None:
         """Release this process's mapping and lock file; other processes keep theirs. Idempotent; the
@@ -158,10 +169,10 @@ class EmbeddingCache:
         if mem is not None:
             mapping = mem.map
             mem.__dict__.clear()  # drop the numpy views, which pin the mapping
-            try:
+            with contextlib.suppress(
+                BufferError
+            ):  # a read in another thread still holds a view: unmapped when it lets go
                 mapping.close()
-            except BufferError:  # a read in another thread still holds a view: unmapped when it lets go
-                pass
         self._close_fd()
 
     def _shared(self) -> _Shared:
@@ -173,7 +184,7 @@ class EmbeddingCache:
     # -- writers -------------------------------------------------------------------------------------
 
     @contextmanager
-    def _writing(self) -> Iterator[Tuple[_Shared, int]]:
+    def _writing(self) -> Iterator[tuple[_Shared, int]]:
         """Hold the write lock (threads of this process, then processes); yields the mapping and STATE."""
         mem = self._shared()
         with self._write_lock:
@@ -181,8 +192,11 @@ class EmbeddingCache:
             try:
                 dead = int(mem.header[_WRITER_PID])
                 if dead:
-                    log.warning("embedding cache: writer pid %d died in the middle of an update; its partial "
-                                "update was never published and is discarded", dead)
+                    log.warning(
+                        "embedding cache: writer pid %d died in the middle of an update; its partial "
+                        "update was never published and is discarded",
+                        dead,
+                    )
                 mem.header[_WRITER_PID] = os.getpid()  # left behind only by a writer that died holding the lock
                 try:
                     yield mem, int(mem.header[_STATE])
@@ -213,14 +227,18 @@ class EmbeddingCache:
         _check_kind(kind)
         ids = _check_ids(ids, "ids")
         if len(ids) > self._max_rows:
-            raise InvalidInput(f"cannot upsert {len(ids)} {kind} ids: the cache holds at most max_rows={self._max_rows} per kind")
+            raise InvalidInput(
+                f"cannot upsert {len(ids)} {kind} ids: the cache holds at most max_rows={self._max_rows} per kind"
+            )
         sorted_ids = np.sort(ids)
         dup = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]]
         if len(dup):
             raise InvalidInput(f"ids must be distinct; {kind} id {int(dup[0])} appears more than once")
         return ids
 
-    def upsert(self, kind: str, ids: np.ndarray, vectors: np.ndarray, model_version: str, seqs: Optional[np.ndarray] = None) -> int:
+    def upsert(
+        self, kind: str, ids: np.ndarray, vectors: np.ndarray, model_version: str, seqs: np.ndarray | None = None
+    ) -> int:
         """Store tower outputs for distinct `ids`; existing ids are overwritten. Returns the rows of `kind` now cached.
 
         `seqs` (the fleet's store, fleet.py): each row's sequence number in the shared store, kept as its
@@ -229,18 +247,24 @@ class EmbeddingCache:
         ids = self.check_upsert(kind, ids)
         vectors = np.asarray(vectors)
         if vectors.shape != (len(ids), self._k, self._d) or vectors.dtype != np.float32:
-            raise InvalidInput(f"vectors must be float32 [{len(ids)}, {self._k}, {self._d}] (one row per id), "
-                               f"got {vectors.dtype} {list(vectors.shape)}")
+            raise InvalidInput(
+                f"vectors must be float32 [{len(ids)}, {self._k}, {self._d}] (one row per id), "
+                f"got {vectors.dtype} {list(vectors.shape)}"
+            )
         if seqs is not None:
             seqs = np.asarray(seqs, dtype=np.int64)
             if seqs.shape != ids.shape:
-                raise InvalidInput(f"seqs must hold one sequence number per id ({len(ids)}), got shape {list(seqs.shape)}")
+                raise InvalidInput(
+                    f"seqs must hold one sequence number per id ({len(ids)}), got shape {list(seqs.shape)}"
+                )
         k = KINDS.index(kind)
         with self._writing() as (mem, state):
             current = mem.version(state)
             if model_version != current:
-                raise InvalidInput(f"embeddings of model version {model_version!r} cannot mix with "
-                                   f"{current!r} (the cache's model version)")
+                raise InvalidInput(
+                    f"embeddings of model version {model_version!r} cannot mix with "
+                    f"{current!r} (the cache's model version)"
+                )
             old = mem.index(state, k)  # [(ids, slots, seqs), n] of the active buffer
             old_ids, old_seqs = old[0], old[2]
             if seqs is not None and len(old_ids):  # skip rows not newer than the cached ones
@@ -280,7 +304,7 @@ class EmbeddingCache:
             is_old[at] = False
             buf = 1 - ((state >> k) & 1)
             out = mem.indexes[k][buf, :, :rows]
-            for out_row, new_row, survivor_row in zip(out, new, survivors):
+            for out_row, new_row, survivor_row in zip(out, new, survivors, strict=False):
                 out_row[at] = new_row
                 out_row[is_old] = survivor_row
             mem.header[_COUNT + 2 * k + buf] = rows
@@ -308,12 +332,14 @@ class EmbeddingCache:
             if attempt == 1:
                 deadline = now + _READ_TIMEOUT_S
             elif now > deadline:
-                raise Unavailable(f"the embedding cache changed under every read for {_READ_TIMEOUT_S:g} s "
-                                  f"({attempt} attempts): writers are committing nonstop; try again")
+                raise Unavailable(
+                    f"the embedding cache changed under every read for {_READ_TIMEOUT_S:g} s "
+                    f"({attempt} attempts): writers are committing nonstop; try again"
+                )
             time.sleep(0 if attempt < 10 else 0.0005)
 
     @staticmethod
-    def _gather(mem: _Shared, state: int, k: int, ids: np.ndarray) -> Tuple[Optional[np.ndarray], np.ndarray]:
+    def _gather(mem: _Shared, state: int, k: int, ids: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         """(copied vectors of `ids` or None if some are missing, found mask) in snapshot `state`."""
         index_ids, index_slots, _ = mem.index(state, k)
         if not len(index_ids):
@@ -331,14 +357,19 @@ class EmbeddingCache:
             self._misses += len(ids) - hits
         if hits < len(ids):
             missing = np.unique(ids[~found])
-            named = ", ".join(str(int(i)) for i in missing[:_MAX_NAMED_IDS]) + (", ..." if len(missing) > _MAX_NAMED_IDS else "")
-            raise NotFound(f"unknown {kind} ids: {named} ({len(ids) - hits} of {len(ids)} not in the cache; "
-                           f"UpsertEmbeddings them first)")
+            named = ", ".join(str(int(i)) for i in missing[:_MAX_NAMED_IDS]) + (
+                ", ..." if len(missing) > _MAX_NAMED_IDS else ""
+            )
+            raise NotFound(
+                f"unknown {kind} ids: {named} ({len(ids) - hits} of {len(ids)} not in the cache; "
+                f"UpsertEmbeddings them first)"
+            )
 
-    def _gather_pair(self, user_ids: np.ndarray, peer_ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    def _gather_pair(self, user_ids: np.ndarray, peer_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Users' and peers' vectors from one snapshot; NotFound for the users first (peers then uncounted)."""
         (users, user_found), (peers, peer_found) = self._read(
-            lambda mem, state: (self._gather(mem, state, 0, user_ids), self._gather(mem, state, 1, peer_ids)))
+            lambda mem, state: (self._gather(mem, state, 0, user_ids), self._gather(mem, state, 1, peer_ids))
+        )
         self._count("user", user_ids, user_found)
         self._count("peer", peer_ids, peer_found)
         assert users is not None and peers is not None
@@ -353,7 +384,7 @@ class EmbeddingCache:
         assert rows is not None
         return rows
 
-    def lookup_many(self, requests: Sequence[Tuple[str, np.ndarray, str]]) -> List[np.ndarray]:
+    def lookup_many(self, requests: Sequence[tuple[str, np.ndarray, str]]) -> list[np.ndarray]:
         """Cached vectors float32 [N_i, K, D] of several (kind, ids, field) lists, all from one committed
         snapshot (ScoreTick reads a pool's user and peer vectors together); unknown ids -> NotFound
         naming the first list with some, and its field."""
@@ -362,7 +393,7 @@ class EmbeddingCache:
             _check_kind(kind)
             checked.append((KINDS.index(kind), _check_ids(ids, field)))
         results = self._read(lambda mem, state: [self._gather(mem, state, k, ids) for k, ids in checked])
-        for (kind, _, field), (_, ids), (_, found) in zip(requests, checked, results):
+        for (kind, _, field), (_, ids), (_, found) in zip(requests, checked, results, strict=False):
             try:
                 self._count(kind, ids, found)
             except NotFound as exc:
@@ -384,7 +415,9 @@ class EmbeddingCache:
     def score_matrix(self, user_ids: np.ndarray, peer_ids: np.ndarray) -> np.ndarray:
         """Scores float32 [N, M, K] of N cached users x M cached peers: per label one matmul U_k @ P_k^T + b_k."""
         users, peers = self._gather_pair(_check_ids(user_ids, "user_ids"), _check_ids(peer_ids, "peer_ids"))
-        scores = np.matmul(np.ascontiguousarray(users.transpose(1, 0, 2)), np.ascontiguousarray(peers.transpose(1, 2, 0)))  # [K, N, M]
+        scores = np.matmul(
+            np.ascontiguousarray(users.transpose(1, 0, 2)), np.ascontiguousarray(peers.transpose(1, 2, 0))
+        )  # [K, N, M]
         scores += self._bias[:, None, None]
         return np.ascontiguousarray(scores.transpose(1, 2, 0))
 
@@ -398,16 +431,21 @@ class EmbeddingCache:
         upsert sequence (not the 8-byte slot number, the second index buffer or unused slots). Hits,
         misses and evictions: this process's calls."""
         user_rows, peer_rows, version = self._read(
-            lambda mem, state: (len(mem.index(state, 0)[0]), len(mem.index(state, 1)[0]), mem.version(state)))
+            lambda mem, state: (len(mem.index(state, 0)[0]), len(mem.index(state, 1)[0]), mem.version(state))
+        )
         nbytes = (user_rows + peer_rows) * (self._k * self._d * 4 + 8 + 8)
         with self._count_lock:
-            return CacheStats(user_rows, peer_rows, self._max_rows, nbytes, self._hits, self._misses, self._evictions, version)
+            return CacheStats(
+                user_rows, peer_rows, self._max_rows, nbytes, self._hits, self._misses, self._evictions, version
+            )
 
 
 def _encode_version(model_version: str) -> bytes:
     encoded = str(model_version).encode("utf-8")
     if len(encoded) > MAX_VERSION_BYTES:
-        raise ConfigError(f"model version must be at most {MAX_VERSION_BYTES} bytes in UTF-8, got {len(encoded)}: {model_version[:40]!r}...")
+        raise ConfigError(
+            f"model version must be at most {MAX_VERSION_BYTES} bytes in UTF-8, got {len(encoded)}: {model_version[:40]!r}..."
+        )
     return encoded
 
 

@@ -23,7 +23,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, List, Optional
+from collections.abc import Callable
 
 from neuronserve.errors import ConfigError
 
@@ -33,7 +33,9 @@ CONTROL, CANDIDATE, EXPLICIT = "control", "candidate", "explicit"
 
 def user_bucket(user_id: int, salt: str = "") -> int:
     """The user's bucket in [0, BUCKETS): blake2b-64 of the id's 8 little-endian bytes (signed int64)."""
-    digest = hashlib.blake2b(int(user_id).to_bytes(8, "little", signed=True), digest_size=8, key=salt.encode()[:64]).digest()
+    digest = hashlib.blake2b(
+        int(user_id).to_bytes(8, "little", signed=True), digest_size=8, key=salt.encode()[:64]
+    ).digest()
     return int.from_bytes(digest, "little") % BUCKETS
 
 
@@ -43,7 +45,7 @@ class Assignment:
 
     arm: str  # control | candidate | explicit
     version: int
-    window: Optional[int] = None  # switch-back: the window index
+    window: int | None = None  # switch-back: the window index
     burn_in: bool = False  # switch-back: in the burn-in after a switch (served, excluded from analysis)
 
 
@@ -93,7 +95,9 @@ class SwitchBack:
         if not (math.isfinite(self.window_s) and self.window_s > 0):
             raise ConfigError(f"switch-back window_s must be > 0, got {self.window_s}")
         if not 0.0 <= self.burn_in_s < self.window_s:
-            raise ConfigError(f"switch-back burn_in_s must be >= 0 and shorter than the window ({self.window_s} s), got {self.burn_in_s}")
+            raise ConfigError(
+                f"switch-back burn_in_s must be >= 0 and shorter than the window ({self.window_s} s), got {self.burn_in_s}"
+            )
         if not 0.0 <= self.candidate_share <= 1.0:
             raise ConfigError(f"switch-back candidate_share must be within [0, 1], got {self.candidate_share}")
 
@@ -118,7 +122,7 @@ class SwitchBack:
         version = self.candidate if window.arm == CANDIDATE else self.control
         return Assignment(window.arm, version, window.index, t < window.burn_in_end_s)
 
-    def schedule(self, until_s: float) -> List[Window]:
+    def schedule(self, until_s: float) -> list[Window]:
         """Every window from the start until `until_s`."""
         return [self.window(i) for i in range(int(math.ceil((until_s - self.start_s) / self.window_s)))]
 
@@ -129,7 +133,7 @@ class Experiment:
     def __init__(self, design, clock: Callable[[], float] = time.time) -> None:
         self.design, self.clock = design, clock
 
-    def assign(self, user_id: int, explicit_version: Optional[int] = None) -> Assignment:
+    def assign(self, user_id: int, explicit_version: int | None = None) -> Assignment:
         if explicit_version is not None:
             return Assignment(EXPLICIT, explicit_version)
         if isinstance(self.design, ABTest):
@@ -141,15 +145,25 @@ class Experiment:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("experiment", help="reproduce an experiment's assignment of a (user, time), or its switch-back schedule")
+    parser = subparsers.add_parser(
+        "experiment", help="reproduce an experiment's assignment of a (user, time), or its switch-back schedule"
+    )
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
-    for name, text in (("assign", "the arm and version of one (user, time)"), ("schedule", "the switch-back windows until --until")):
+    for name, text in (
+        ("assign", "the arm and version of one (user, time)"),
+        ("schedule", "the switch-back windows until --until"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--design", choices=("ab", "switchback"), default="switchback" if name == "schedule" else "ab")
         p.add_argument("--control", type=int, default=1, help="control version")
         p.add_argument("--candidate", type=int, default=2, help="candidate version")
-        p.add_argument("--share", type=float, default=None, help="A/B: the candidate's share of users; switch-back: of windows (default 0.1 / 0.5)")
+        p.add_argument(
+            "--share",
+            type=float,
+            default=None,
+            help="A/B: the candidate's share of users; switch-back: of windows (default 0.1 / 0.5)",
+        )
         p.add_argument("--salt", default="", help="A/B: the salt of the user hash")
         p.add_argument("--seed", type=int, default=0, help="switch-back: the schedule's seed")
         p.add_argument("--window-s", type=float, default=3600.0)

@@ -326,7 +326,9 @@ class RedisStore:
         raw_ids, raw_rows = b"".join(fields), b"".join(values)
         if len(raw_ids) != 8 * len(fields) or len(raw_rows) != self._row_dtype.itemsize * len(values):
             good = [
-                i for i, (f, v) in enumerate(zip(fields, values, strict=True)) if len(f) == 8 and len(v) == self._row_dtype.itemsize
+                i
+                for i, (f, v) in enumerate(zip(fields, values, strict=True))
+                if len(f) == 8 and len(v) == self._row_dtype.itemsize
             ]
             log.warning(
                 "embedding store: skipped %d malformed %s rows (expected 8-byte ids and %d-byte rows)",

@@ -42,7 +42,7 @@ import threading
 import time
 from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Sequence, Tuple
+from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -54,12 +54,28 @@ except ImportError:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-Labels = Tuple[Tuple[str, str], ...]
+Labels = tuple[tuple[str, str], ...]
 
 # Upper bounds of neuronserve_request_duration_seconds, seconds: fine below 10 ms (the unloaded P50 is a
 # few ms), exact at the 100 ms budget (le="0.1": the fraction within budget), up to 1 s.
-LATENCY_BUCKETS_S: Tuple[float, ...] = (
-    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0,
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
 )
 
 # The render pauses this long between families (about 45): the GIL is held ~25 us at a time, not the
@@ -68,16 +84,25 @@ LATENCY_BUCKETS_S: Tuple[float, ...] = (
 GIL_PAUSE_S = 0.0001
 
 # Every metric family: name -> (type, help).
-FAMILIES: Dict[str, Tuple[str, str]] = {
+FAMILIES: dict[str, tuple[str, str]] = {
     "nv_inference_request_success": ("counter", "Successful inference requests"),
     "nv_inference_request_failure": ("counter", "Failed inference requests, by gRPC status"),
     "nv_inference_count": ("counter", "Inferences performed (rows in executed batches)"),
     "nv_inference_exec_count": ("counter", "Model executions (batches) performed"),
-    "nv_inference_request_duration_us": ("counter", "Cumulative successful request duration in the server, microseconds"),
+    "nv_inference_request_duration_us": (
+        "counter",
+        "Cumulative successful request duration in the server, microseconds",
+    ),
     "nv_inference_queue_duration_us": ("counter", "Cumulative queue duration over requests, microseconds"),
-    "nv_inference_compute_input_duration_us": ("counter", "Cumulative compute input duration over requests, microseconds"),
+    "nv_inference_compute_input_duration_us": (
+        "counter",
+        "Cumulative compute input duration over requests, microseconds",
+    ),
     "nv_inference_compute_infer_duration_us": ("counter", "Cumulative compute duration over requests, microseconds"),
-    "nv_inference_compute_output_duration_us": ("counter", "Cumulative compute output duration over requests, microseconds"),
+    "nv_inference_compute_output_duration_us": (
+        "counter",
+        "Cumulative compute output duration over requests, microseconds",
+    ),
     "nv_inference_pending_request_count": ("gauge", "Requests queued, not yet in a batch"),
     "neuronserve_request_duration_seconds": ("histogram", "Successful requests' time in the server, seconds"),
     "neuronserve_batch_rows": ("histogram", "Rows per executed batch"),
@@ -88,7 +113,10 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
     "neuronserve_batch_failed_total": ("counter", "Requests failed by an error in their batch"),
     "neuronserve_core_group_busy_seconds_total": ("counter", "Seconds a core group spent running executions"),
     "neuronserve_core_group_executions_total": ("counter", "Executions completed on a core group"),
-    "neuronserve_sim_core_device_seconds_total": ("counter", "sim backend: seconds of (simulated) device time a core ran"),
+    "neuronserve_sim_core_device_seconds_total": (
+        "counter",
+        "sim backend: seconds of (simulated) device time a core ran",
+    ),
     "neuronserve_core_group_faults_total": ("counter", "Core faults on a core group"),
     "neuronserve_core_group_healthy": ("gauge", "1 while the core group is in rotation"),
     "neuronserve_stage_executions_total": ("counter", "Executions of a stage at a compiled bucket"),
@@ -100,16 +128,43 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
     "neuronserve_cache_hits_total": ("counter", "Looked-up ids found in the cache"),
     "neuronserve_cache_misses_total": ("counter", "Looked-up ids not in the cache"),
     "neuronserve_cache_evictions_total": ("counter", "Rows evicted to stay within the bound"),
-    "neuronserve_embedding_store_up": ("gauge", "--embedding-store: 1 while this host's copy follows the shared store, 0 while the store is unreachable (the copy is stale)"),
-    "neuronserve_embedding_store_stale_seconds": ("gauge", "--embedding-store: seconds since the local copy was last known current (0 while following)"),
-    "neuronserve_embedding_store_last_contact_timestamp_seconds": ("gauge", "--embedding-store: unix time the store last answered (stale since then while it is down)"),
-    "neuronserve_embedding_store_loading": ("gauge", "--embedding-store: 1 while the rows are being loaded (warm start or reload)"),
+    "neuronserve_embedding_store_up": (
+        "gauge",
+        "--embedding-store: 1 while this host's copy follows the shared store, 0 while the store is unreachable (the copy is stale)",
+    ),
+    "neuronserve_embedding_store_stale_seconds": (
+        "gauge",
+        "--embedding-store: seconds since the local copy was last known current (0 while following)",
+    ),
+    "neuronserve_embedding_store_last_contact_timestamp_seconds": (
+        "gauge",
+        "--embedding-store: unix time the store last answered (stale since then while it is down)",
+    ),
+    "neuronserve_embedding_store_loading": (
+        "gauge",
+        "--embedding-store: 1 while the rows are being loaded (warm start or reload)",
+    ),
     "neuronserve_embedding_store_rows_loaded": ("gauge", "--embedding-store: rows applied by the current or last load"),
-    "neuronserve_embedding_store_load_seconds": ("gauge", "--embedding-store: duration of the last load (so far, while loading)"),
-    "neuronserve_embedding_store_changes_applied_total": ("counter", "--embedding-store: change-stream entries (upserts) applied to the local copy"),
-    "neuronserve_embedding_store_reloads_total": ("counter", "--embedding-store: full reloads after missed changes or a reset store"),
-    "neuronserve_metrics_renders_total": ("counter", "/metrics pages rendered (this one included); concurrent scrapes share one"),
-    "neuronserve_metrics_scrapes_total": ("counter", "/metrics scrapes by result: rendered (started a render), shared (joined one), rejected (503)"),
+    "neuronserve_embedding_store_load_seconds": (
+        "gauge",
+        "--embedding-store: duration of the last load (so far, while loading)",
+    ),
+    "neuronserve_embedding_store_changes_applied_total": (
+        "counter",
+        "--embedding-store: change-stream entries (upserts) applied to the local copy",
+    ),
+    "neuronserve_embedding_store_reloads_total": (
+        "counter",
+        "--embedding-store: full reloads after missed changes or a reset store",
+    ),
+    "neuronserve_metrics_renders_total": (
+        "counter",
+        "/metrics pages rendered (this one included); concurrent scrapes share one",
+    ),
+    "neuronserve_metrics_scrapes_total": (
+        "counter",
+        "/metrics scrapes by result: rendered (started a render), shared (joined one), rejected (503)",
+    ),
     "process_cpu_seconds_total": ("counter", "Total user and system CPU time spent in seconds."),
     "process_resident_memory_bytes": ("gauge", "Resident memory size in bytes."),
     "process_virtual_memory_bytes": ("gauge", "Virtual memory size in bytes."),
@@ -117,16 +172,30 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
     "process_open_fds": ("gauge", "Number of open file descriptors."),
     "process_max_fds": ("gauge", "Maximum number of open file descriptors."),
     "process_threads": ("gauge", "Threads of the server process"),
-    "neuronserve_child_cpu_seconds_total": ("counter", "User and system CPU time of the server's child processes (--model-process), live and exited"),
-    "neuronserve_model_loads_total": ("counter", "Model repository: version loads by outcome (loaded, failed) and versions unloaded"),
-    "neuronserve_model_version_served": ("gauge", "Model repository: 1 for each integer version served, by version and whether it is the default (current)"),
+    "neuronserve_child_cpu_seconds_total": (
+        "counter",
+        "User and system CPU time of the server's child processes (--model-process), live and exited",
+    ),
+    "neuronserve_model_loads_total": (
+        "counter",
+        "Model repository: version loads by outcome (loaded, failed) and versions unloaded",
+    ),
+    "neuronserve_model_version_served": (
+        "gauge",
+        "Model repository: 1 for each integer version served, by version and whether it is the default (current)",
+    ),
     "neuronserve_worker_up": ("gauge", "workers: 1 while the worker serves (ready and alive)"),
     "neuronserve_worker_restarts_total": ("counter", "workers: times the worker was restarted"),
-    "neuronserve_worker_requests_total": ("counter", "workers: requests the worker answered (any status), since it last started"),
+    "neuronserve_worker_requests_total": (
+        "counter",
+        "workers: requests the worker answered (any status), since it last started",
+    ),
 }
 
 # Triton's counters, named without `_total` (see render_samples).
-_BARE_COUNTERS = tuple(name for name, (kind, _) in FAMILIES.items() if kind == "counter" and not name.endswith("_total"))
+_BARE_COUNTERS = tuple(
+    name for name, (kind, _) in FAMILIES.items() if kind == "counter" and not name.endswith("_total")
+)
 _FAMILY_CLASSES = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
 
 
@@ -174,7 +243,7 @@ class _ModelCounters:
 
     def __init__(self, batch_buckets: int) -> None:
         self.success = 0
-        self.failure: Dict[str, int] = {}
+        self.failure: dict[str, int] = {}
         self.request_s = 0.0
         self.failure_s = 0.0
         self.last_request_ms = 0  # wall clock, milliseconds since the epoch
@@ -197,10 +266,10 @@ class Metrics:
 
     def __init__(self, *, version: str, batch_buckets: Sequence[int]) -> None:
         self.version = version
-        self._bounds: Tuple[int, ...] = tuple(sorted(set(int(b) for b in batch_buckets)))
-        self._models: Dict[str, _ModelCounters] = {}  # copied on write (a new model)
-        self._collectors: Tuple[Collector, ...] = (process_samples,)  # copied on write
-        self._batcher_stats: Dict[str, Callable] = {}  # copied on write
+        self._bounds: tuple[int, ...] = tuple(sorted(set(int(b) for b in batch_buckets)))
+        self._models: dict[str, _ModelCounters] = {}  # copied on write (a new model)
+        self._collectors: tuple[Collector, ...] = (process_samples,)  # copied on write
+        self._batcher_stats: dict[str, Callable] = {}  # copied on write
         self._write = threading.Lock()  # the rare structural changes above
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(MetricsCollector(self))
@@ -246,9 +315,9 @@ class Metrics:
         counters.output_s += output_s * requests
         counters.batch_counts[bisect_left(self._bounds, rows)] += 1
 
-    def outcomes(self) -> Dict[str, int]:
+    def outcomes(self) -> dict[str, int]:
         """Requests answered so far, by status ("OK" or a gRPC status name), over every model."""
-        totals: Dict[str, int] = {}
+        totals: dict[str, int] = {}
         for counters in self._models.values():
             for status, count in [("OK", counters.success), *counters.failure.items()]:
                 if count:
@@ -288,15 +357,17 @@ class Metrics:
             rows=c.rows,
         )
 
-    def samples(self) -> List[Sample]:
+    def samples(self) -> list[Sample]:
         """Every sample now: the counters, then each collector's (a failing collector is logged and skipped)."""
-        out: List[Sample] = []
+        out: list[Sample] = []
         batch_le = [str(b) for b in self._bounds] + ["+Inf"]
         latency_le = [_go_float(b) for b in LATENCY_BUCKETS_S] + ["+Inf"]
         for model, c in sorted(self._models.items()):
             mv: Labels = (("model", model), ("version", self.version))
             out.append(Sample("nv_inference_request_success", mv, c.success))
-            out += [Sample("nv_inference_request_failure", mv + (("reason", r),), n) for r, n in sorted(c.failure.items())]
+            out += [
+                Sample("nv_inference_request_failure", mv + (("reason", r),), n) for r, n in sorted(c.failure.items())
+            ]
             out += [
                 Sample("nv_inference_count", mv, c.rows),
                 Sample("nv_inference_exec_count", mv, c.executions),
@@ -305,7 +376,9 @@ class Metrics:
                 Sample("nv_inference_compute_infer_duration_us", mv, c.compute_s * 1e6),
                 Sample("nv_inference_compute_output_duration_us", mv, c.output_s * 1e6),
             ]
-            out += _histogram("neuronserve_request_duration_seconds", mv, latency_le, list(c.latency_counts), c.request_s)
+            out += _histogram(
+                "neuronserve_request_duration_seconds", mv, latency_le, list(c.latency_counts), c.request_s
+            )
             out += _histogram("neuronserve_batch_rows", mv, batch_le, list(c.batch_counts), c.rows)
         for collector in self._collectors:
             try:
@@ -334,12 +407,12 @@ class MetricsCollector(_CollectorBase):
         return []  # names vary with the models seen: not checked for clashes at register()
 
 
-def _histogram(name: str, labels: Labels, le: List[str], counts: List[int], total: float) -> List[Sample]:
+def _histogram(name: str, labels: Labels, le: list[str], counts: list[int], total: float) -> list[Sample]:
     """A histogram's lines from per-bucket (not cumulative) counts: _count is their sum, so the page is
     self-consistent (+Inf bucket == _count) even while a writer increments them."""
-    out: List[Sample] = []
+    out: list[Sample] = []
     running = 0
-    for bound, count in zip(le, counts):
+    for bound, count in zip(le, counts, strict=False):
         running += count
         out.append(Sample(name, labels + (("le", bound),), running, "_bucket"))
     out.append(Sample(name, labels, total, "_sum"))
@@ -347,7 +420,7 @@ def _histogram(name: str, labels: Labels, le: List[str], counts: List[int], tota
     return out
 
 
-def _collect(collector: Collector) -> List[Sample]:
+def _collect(collector: Collector) -> list[Sample]:
     """collector() on the /metrics thread. An owner's stats() iterating a dict its thread resized meanwhile
     raises RuntimeError ("dictionary changed size"): read again (twice), the next read sees a settled dict."""
     for attempt in range(3):
@@ -366,10 +439,10 @@ def _go_float(value: float) -> str:
     return floatToGoString(value)
 
 
-def to_families(samples: Iterable[Sample]) -> List[Metric]:
+def to_families(samples: Iterable[Sample]) -> list[Metric]:
     """Samples grouped into prometheus-client metric families (in order of first appearance), each of its
     FAMILIES type; sample names are the family name plus the suffix (a counter's `_total` is in its name)."""
-    families: Dict[str, Metric] = {}
+    families: dict[str, Metric] = {}
     for s in samples:
         family = families.get(s.name)
         if family is None:
@@ -382,7 +455,7 @@ def to_families(samples: Iterable[Sample]) -> List[Metric]:
 class _Families:
     """A one-shot collector (generate_latest takes anything with collect())."""
 
-    def __init__(self, families: List[Metric]) -> None:
+    def __init__(self, families: list[Metric]) -> None:
         self._families = families
 
     def collect(self) -> Iterable[Metric]:
@@ -406,7 +479,7 @@ def _exposition(text: bytes) -> str:
     return page
 
 
-def batcher_samples(model: str, version: str, stats) -> List[Sample]:
+def batcher_samples(model: str, version: str, stats) -> list[Sample]:
     """From a batcher.BatcherStats of the batcher in front of `model`."""
     mv: Labels = (("model", model), ("version", version))
     return [
@@ -421,9 +494,9 @@ def batcher_samples(model: str, version: str, stats) -> List[Sample]:
     ]
 
 
-def pipeline_samples(stats) -> List[Sample]:
+def pipeline_samples(stats) -> list[Sample]:
     """From a pipeline.PipelineStats: per core group and per stage."""
-    out: List[Sample] = []
+    out: list[Sample] = []
     for g in stats.groups:
         labels: Labels = (("cores", g.cores), ("stages", ",".join(g.stages)))
         out += [
@@ -442,7 +515,7 @@ def pipeline_samples(stats) -> List[Sample]:
     return out
 
 
-def sim_samples(stats) -> List[Sample]:
+def sim_samples(stats) -> list[Sample]:
     """From a backends.sim.SimStats: per simulated core, the device seconds it ran (latency_scale
     applied: wall seconds of device time), so busy fraction = its rate of increase."""
     return [
@@ -451,7 +524,7 @@ def sim_samples(stats) -> List[Sample]:
     ]
 
 
-def cache_samples(stats) -> List[Sample]:
+def cache_samples(stats) -> list[Sample]:
     """From an embeddings.CacheStats."""
     version: Labels = (("version", stats.model_version),)
     return [
@@ -468,7 +541,7 @@ def cache_samples(stats) -> List[Sample]:
 _PROCESS = ProcessCollector(registry=None)  # process_cpu_seconds_total, _resident_memory_bytes, ... (Linux /proc)
 
 
-def process_samples() -> List[Sample]:
+def process_samples() -> list[Sample]:
     """This process's figures: prometheus-client's ProcessCollector (psutil where it has no /proc) and
     process_threads (every OS thread, gRPC's too)."""
     import psutil

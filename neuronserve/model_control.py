@@ -28,7 +28,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable, Dict, List, Optional, Tuple
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 
@@ -67,23 +67,31 @@ class LoadCounts:
 class ModelControl:
     """Loads and unloads the versions of the repository's one model into `table` (see the module docstring)."""
 
-    def __init__(self, repository: Repository, model: str, policy: VersionPolicy, table: VersionTable, build: Build,
-                 mode: str = NONE, drain_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        repository: Repository,
+        model: str,
+        policy: VersionPolicy,
+        table: VersionTable,
+        build: Build,
+        mode: str = NONE,
+        drain_timeout_s: float = 10.0,
+    ) -> None:
         if mode not in MODES:
             raise InvalidInput(f"model control must be one of {', '.join(MODES)}, got {mode!r}")
         self.repository, self.model, self.policy, self.table = repository, model, policy, table
         self.mode, self._build, self.drain_timeout_s = mode, build, drain_timeout_s
         self._lock = asyncio.Lock()
-        self._status: Dict[int, VersionStatus] = {}  # versions not READY: loading, failed, unloading
+        self._status: dict[int, VersionStatus] = {}  # versions not READY: loading, failed, unloading
         self._retiring: set = set()  # drain-and-close tasks
         self.counts = LoadCounts()
-        self._poller: Optional[asyncio.Task] = None
+        self._poller: asyncio.Task | None = None
 
     # ---- Triton's repository extension -----------------------------------------------------
 
-    def index(self, ready_only: bool = False) -> List[VersionStatus]:
+    def index(self, ready_only: bool = False) -> list[VersionStatus]:
         """Every version on disk, and every one served or failed, with its state (Triton's index)."""
-        rows: Dict[int, VersionStatus] = {}
+        rows: dict[int, VersionStatus] = {}
         try:
             for entry in self.repository.scan(self.model, self.policy).available:
                 rows[entry.version] = VersionStatus(self.model, entry.version, UNAVAILABLE, "unloaded")
@@ -95,7 +103,7 @@ class ModelControl:
         listed = [rows[v] for v in sorted(rows)]
         return [r for r in listed if r.state == READY] if ready_only else listed
 
-    async def load(self, model: str, config: Optional[str] = None) -> Tuple[int, ...]:
+    async def load(self, model: str, config: str | None = None) -> tuple[int, ...]:
         """RepositoryModelLoad: serve the versions the policy selects (Triton's model config JSON in
         `config` may carry a `version_policy`, which then stays in force). Returns the versions served."""
         self._check_explicit("load")
@@ -115,7 +123,7 @@ class ModelControl:
         self.policy = policy
         return served
 
-    async def unload(self, model: str, version: str = "") -> Tuple[int, ...]:
+    async def unload(self, model: str, version: str = "") -> tuple[int, ...]:
         """RepositoryModelUnload: stop serving the model (every version: inference answers UNAVAILABLE
         until a load), or only `version` (a parameter beyond Triton's: switch back by unloading the
         newer one). Drains and closes in the background. Returns the versions still served."""
@@ -125,7 +133,9 @@ class ModelControl:
             if version:
                 number = parse_version(version)
                 if number is None or self.table.get(number) is None:
-                    raise NotFound(f"version {version[:64]!r} of model {self.model} is not loaded; loaded: {list(self.table.versions)}")
+                    raise NotFound(
+                        f"version {version[:64]!r} of model {self.model} is not loaded; loaded: {list(self.table.versions)}"
+                    )
                 self._retire(self.table.remove(number))
                 return self.table.versions
             for served in self.table.unload_all():
@@ -152,6 +162,7 @@ class ModelControl:
 
     def apply_soon(self) -> None:
         """Apply the policy in the background (start-up: the policy's versions below the first one)."""
+
         async def apply() -> None:
             try:
                 async with self._lock:
@@ -174,16 +185,20 @@ class ModelControl:
 
     # ---- the work --------------------------------------------------------------------------
 
-    async def _apply(self, policy: VersionPolicy) -> Tuple[int, ...]:
+    async def _apply(self, policy: VersionPolicy) -> tuple[int, ...]:
         scan = self.repository.scan(self.model, policy)
         if not scan.selected:
             wanted = list(policy.versions) if policy.kind == "specific" else "any"
-            raise NotFound(f"model {self.model}: the version policy {policy} selects none of the versions in the repository {list(scan.versions) or 'none'} (asked {wanted})")
+            raise NotFound(
+                f"model {self.model}: the version policy {policy} selects none of the versions in the repository {list(scan.versions) or 'none'} (asked {wanted})"
+            )
         missing = [v for v in (policy.versions if policy.kind == "specific" else ()) if v not in scan.versions]
         if missing:
-            raise NotFound(f"model {self.model} has no version {missing} in the repository; it has {list(scan.versions)}")
+            raise NotFound(
+                f"model {self.model} has no version {missing} in the repository; it has {list(scan.versions)}"
+            )
         new = [v for v in scan.selected if self.table.get(v) is None]
-        built: List[ServedVersion] = []
+        built: list[ServedVersion] = []
         try:
             for version in new:
                 built.append(await self._load_one(scan.path(version), version))
@@ -209,16 +224,32 @@ class ModelControl:
         except NeuronServeError as exc:
             self._status[version] = VersionStatus(self.model, version, UNAVAILABLE, str(exc))
             self.counts = LoadCounts(self.counts.loaded, self.counts.failed + 1, self.counts.unloaded)
-            log.error("load of model %s version %d refused; still serving %s: %s", self.model, version, list(self.table.versions), exc)
+            log.error(
+                "load of model %s version %d refused; still serving %s: %s",
+                self.model,
+                version,
+                list(self.table.versions),
+                exc,
+            )
             raise
         except BaseException as exc:
-            self._status[version] = VersionStatus(self.model, version, UNAVAILABLE, f"load failed: {type(exc).__name__}")
+            self._status[version] = VersionStatus(
+                self.model, version, UNAVAILABLE, f"load failed: {type(exc).__name__}"
+            )
             self.counts = LoadCounts(self.counts.loaded, self.counts.failed + 1, self.counts.unloaded)
-            log.exception("load of model %s version %d failed; still serving %s", self.model, version, list(self.table.versions))
+            log.exception(
+                "load of model %s version %d failed; still serving %s", self.model, version, list(self.table.versions)
+            )
             raise
         self._status.pop(version, None)
         self.counts = LoadCounts(self.counts.loaded + 1, self.counts.failed, self.counts.unloaded)
-        log.info("model %s version %d (artifact %s) loaded and warm in %.1f s", self.model, version, served.info.version, time.monotonic() - start)
+        log.info(
+            "model %s version %d (artifact %s) loaded and warm in %.1f s",
+            self.model,
+            version,
+            served.info.version,
+            time.monotonic() - start,
+        )
         return served
 
     def _retire(self, served: ServedVersion) -> None:
@@ -240,40 +271,60 @@ class ModelControl:
 
     def _check_explicit(self, what: str) -> None:
         if self.mode != EXPLICIT:
-            raise ModelControlError(f"explicit model {what} is not allowed with --model-control {self.mode}; start the server with --model-control explicit")
+            raise ModelControlError(
+                f"explicit model {what} is not allowed with --model-control {self.mode}; start the server with --model-control explicit"
+            )
 
     def _check_model(self, model: str) -> None:
         if model != self.model:
             raise NotFound(f"unknown model {model[:64]!r}; the repository's model is {self.model}")
 
 
-async def check_reference(pipeline, manifest, reference: Dict[str, np.ndarray]) -> None:
+async def check_reference(pipeline, manifest, reference: dict[str, np.ndarray]) -> None:
     """The artifact's reference inputs run on the loaded pipeline (both towers and the score path)
     must give its reference outputs within a tolerance; an ArtifactError naming the file otherwise.
     `reference`: the arrays of the verified reference file."""
     tolerance = max(10 * manifest.parity_tolerance, 1e-4)
     where = manifest.path(manifest.reference_file)
     checks = [
-        ("user_tower", await pipeline.run_stage("user_tower", [reference["user_features"]]), reference["user_embeddings"]),
-        ("peer_tower", await pipeline.run_stage("peer_tower", [reference["peer_features"]]), reference["peer_embeddings"]),
+        (
+            "user_tower",
+            await pipeline.run_stage("user_tower", [reference["user_features"]]),
+            reference["user_embeddings"],
+        ),
+        (
+            "peer_tower",
+            await pipeline.run_stage("peer_tower", [reference["peer_features"]]),
+            reference["peer_embeddings"],
+        ),
     ]
     users, peers = reference["user_features"], reference["peer_features"]
-    batch = await pipeline.score_requests([users[i : i + 1] for i in range(len(users))], [peers[i : i + 1] for i in range(len(peers))])
+    batch = await pipeline.score_requests(
+        [users[i : i + 1] for i in range(len(users))], [peers[i : i + 1] for i in range(len(peers))]
+    )
     checks.append(("scores", batch.scores, reference["scores"]))
     for name, got, want in checks:
         error = float(np.max(np.abs(np.asarray(got, np.float64) - want))) if got.shape == want.shape else float("inf")
         if not error <= tolerance:
-            raise ArtifactError(f"{where}: the backend's {name} differ from the reference outputs by {error:.2e} (tolerance {tolerance:.0e}); the artifact does not score as compiled")
+            raise ArtifactError(
+                f"{where}: the backend's {name} differ from the reference outputs by {error:.2e} (tolerance {tolerance:.0e}); the artifact does not score as compiled"
+            )
 
 
-def control_samples(control: "ModelControl") -> list:
+def control_samples(control: ModelControl) -> list:
     """The metrics of model control (metrics.FAMILIES): loads by outcome, and the versions served."""
     from neuronserve.metrics import Sample
 
     counts = control.counts
-    samples = [Sample("neuronserve_model_loads_total", (("outcome", outcome),), value)
-               for outcome, value in (("loaded", counts.loaded), ("failed", counts.failed), ("unloaded", counts.unloaded))]
+    samples = [
+        Sample("neuronserve_model_loads_total", (("outcome", outcome),), value)
+        for outcome, value in (("loaded", counts.loaded), ("failed", counts.failed), ("unloaded", counts.unloaded))
+    ]
     current = control.table.current
-    samples += [Sample("neuronserve_model_version_served", (("version", str(s.version)), ("current", str(s is current).lower())), 1)
-                for s in control.table.all()]
+    samples += [
+        Sample(
+            "neuronserve_model_version_served", (("version", str(s.version)), ("current", str(s is current).lower())), 1
+        )
+        for s in control.table.all()
+    ]
     return samples

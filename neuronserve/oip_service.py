@@ -7,7 +7,7 @@ import functools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
 
 import numpy as np
 
@@ -45,22 +45,22 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class OipTensor:
     name: str
-    shape: Tuple[int, ...]  # -1 marks a variable dimension (ModelMetadata reports it so)
+    shape: tuple[int, ...]  # -1 marks a variable dimension (ModelMetadata reports it so)
 
 
 @dataclass(frozen=True)
 class OipModel:
     name: str
-    inputs: Tuple[OipTensor, ...]
-    outputs: Tuple[OipTensor, ...]
+    inputs: tuple[OipTensor, ...]
+    outputs: tuple[OipTensor, ...]
 
     @functools.cached_property
-    def input_fields(self) -> Tuple[str, ...]:
+    def input_fields(self) -> tuple[str, ...]:
         """How errors name the inputs, in order."""
         return tuple(f"input {t.name}" for t in self.inputs)
 
     @functools.cached_property
-    def input_index(self) -> Dict[str, int]:
+    def input_index(self) -> dict[str, int]:
         """Input name -> its position in `inputs`."""
         return {t.name: i for i, t in enumerate(self.inputs)}
 
@@ -70,7 +70,7 @@ class OipModel:
         return math.prod(self.outputs[0].shape[1:])
 
 
-def oip_models(info: ModelInfo) -> Dict[str, OipModel]:
+def oip_models(info: ModelInfo) -> dict[str, OipModel]:
     k, d = info.num_labels, info.label_dim
     return {
         TWOTOWER: OipModel(
@@ -78,8 +78,12 @@ def oip_models(info: ModelInfo) -> Dict[str, OipModel]:
             (OipTensor("USER_FEATURES", (1, info.user_features)), OipTensor("PEER_FEATURES", (-1, info.peer_features))),
             (OipTensor("SCORES", (-1, k)),),
         ),
-        TOWERS[0]: OipModel(TOWERS[0], (OipTensor("FEATURES", (-1, info.user_features)),), (OipTensor("EMBEDDINGS", (-1, k, d)),)),
-        TOWERS[1]: OipModel(TOWERS[1], (OipTensor("FEATURES", (-1, info.peer_features)),), (OipTensor("EMBEDDINGS", (-1, k, d)),)),
+        TOWERS[0]: OipModel(
+            TOWERS[0], (OipTensor("FEATURES", (-1, info.user_features)),), (OipTensor("EMBEDDINGS", (-1, k, d)),)
+        ),
+        TOWERS[1]: OipModel(
+            TOWERS[1], (OipTensor("FEATURES", (-1, info.peer_features)),), (OipTensor("EMBEDDINGS", (-1, k, d)),)
+        ),
     }
 
 
@@ -87,6 +91,7 @@ def model_statistics(stats, version: str) -> oip.ModelStatistics:
     """From a metrics.ModelStats (injected with the metrics: the service does not import metrics), for
     the OIP `version`. Triton's semantics: queue and the three compute durations have one count each,
     the successful requests, so perf_analyzer finds them equal."""
+
     def duration(count: int, seconds: float) -> oip.StatisticDuration:
         return oip.StatisticDuration(count=count, ns=int(seconds * 1e9))
 
@@ -114,11 +119,11 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
         info: ModelInfo,
-        runtime: Optional[Runtime],
+        runtime: Runtime | None,
         cache,
         metrics,
         state: ServingState,
-        peer_addresses: Optional[Callable[[], List[str]]] = None,
+        peer_addresses: Callable[[], list[str]] | None = None,
         versions=None,
     ) -> None:
         """`peer_addresses`: a pool's other workers, whose counters ModelStatistics adds (pool_stats.py);
@@ -134,7 +139,11 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
         return oip.ServerReadyResponse(ready=self.state.ready)
 
     async def ModelReady(self, request: oip.ModelReadyRequest, context) -> oip.ModelReadyResponse:
-        known = request.name in self.models and self.versions.loaded and (not request.version or self.versions.serves(request.version))
+        known = (
+            request.name in self.models
+            and self.versions.loaded
+            and (not request.version or self.versions.serves(request.version))
+        )
         return oip.ModelReadyResponse(ready=known and self.state.ready)
 
     async def ServerMetadata(self, request, context) -> oip.ServerMetadataResponse:
@@ -161,23 +170,31 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(self, request: oip.RepositoryIndexRequest, context) -> oip.RepositoryIndexResponse:
         return await self._answer(context, UNKNOWN_MODEL, self._repository_index, request, inference=False)
 
-    async def RepositoryModelLoad(self, request: oip.RepositoryModelLoadRequest, context) -> oip.RepositoryModelLoadResponse:
+    async def RepositoryModelLoad(
+        self, request: oip.RepositoryModelLoadRequest, context
+    ) -> oip.RepositoryModelLoadResponse:
         return await self._answer(context, UNKNOWN_MODEL, self._repository_load, request, inference=False)
 
-    async def RepositoryModelUnload(self, request: oip.RepositoryModelUnloadRequest, context) -> oip.RepositoryModelUnloadResponse:
+    async def RepositoryModelUnload(
+        self, request: oip.RepositoryModelUnloadRequest, context
+    ) -> oip.RepositoryModelUnloadResponse:
         return await self._answer(context, UNKNOWN_MODEL, self._repository_unload, request, inference=False)
 
     def _control(self, context):
         if self.admin is not None:
             self.admin.check(context)
         if self.control is None:
-            raise ModelControlError("this server has no model repository control; serve with --model-repository DIR (and --model-control explicit to load and unload)")
+            raise ModelControlError(
+                "this server has no model repository control; serve with --model-repository DIR (and --model-control explicit to load and unload)"
+            )
         return self.control
 
     async def _repository_index(self, request, context) -> oip.RepositoryIndexResponse:
         entry = oip.RepositoryIndexResponse.ModelIndex
         rows = self._control(context).index(ready_only=request.ready)
-        return oip.RepositoryIndexResponse(models=[entry(name=r.model, version=str(r.version), state=r.state, reason=r.reason) for r in rows])
+        return oip.RepositoryIndexResponse(
+            models=[entry(name=r.model, version=str(r.version), state=r.state, reason=r.reason) for r in rows]
+        )
 
     async def _repository_load(self, request, context) -> oip.RepositoryModelLoadResponse:
         config = request.parameters["config"].string_param if "config" in request.parameters else ""
@@ -185,8 +202,12 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
         return oip.RepositoryModelLoadResponse()
 
     async def _repository_unload(self, request, context) -> oip.RepositoryModelUnloadResponse:
-        version = request.parameters["version"] if "version" in request.parameters else None  # beyond Triton: one version
-        text = "" if version is None else (version.string_param or (str(version.int64_param) if version.int64_param else ""))
+        version = request.parameters.get("version")  # beyond Triton: one version
+        text = (
+            ""
+            if version is None
+            else (version.string_param or (str(version.int64_param) if version.int64_param else ""))
+        )
         await self._control(context).unload(request.model_name, text)
         return oip.RepositoryModelUnloadResponse()
 
@@ -200,7 +221,10 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
         if model is None:
             raise NotFound(f"unknown model {echo(name)}; this server serves {', '.join(self.models)}")
         if version and not self.versions.serves(version):
-            served = ", ".join(f"{s.info.oip_version!r} (artifact version {s.info.version!r}, also accepted)" for s in self.versions.all())
+            served = ", ".join(
+                f"{s.info.oip_version!r} (artifact version {s.info.version!r}, also accepted)"
+                for s in self.versions.all()
+            )
             raise NotFound(f"model {name} has no version {echo(version)}; it serves version {served}, or send none")
         return model
 
@@ -220,7 +244,12 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
         """Triton's model configuration: max_batch_size 0 because batching is inside the server, on rows
         (peers), so shapes are given whole, as in ModelMetadata."""
         model = self._model(request.name, request.version)
-        config = oip.ModelConfig(name=model.name, platform=self.versions.resolve(request.version).info.oip_platform, backend="neuronserve", max_batch_size=0)
+        config = oip.ModelConfig(
+            name=model.name,
+            platform=self.versions.resolve(request.version).info.oip_platform,
+            backend="neuronserve",
+            max_batch_size=0,
+        )
         config.input.extend(oip.ModelInput(name=t.name, data_type=oip.TYPE_FP32, dims=t.shape) for t in model.inputs)
         config.output.extend(oip.ModelOutput(name=t.name, data_type=oip.TYPE_FP32, dims=t.shape) for t in model.outputs)
         return oip.ModelConfigResponse(config=config)
@@ -230,7 +259,9 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
         counts the scorer API's Score too: it is the same model."""
         names = [self._model(request.name, request.version).name] if request.name else list(self.models)
         version = self.versions.resolve(request.version).info.oip_version
-        reply = oip.ModelStatisticsResponse(model_stats=[model_statistics(self.metrics.statistics(n), version) for n in names])
+        reply = oip.ModelStatisticsResponse(
+            model_stats=[model_statistics(self.metrics.statistics(n), version) for n in names]
+        )
         if self.pool is not None and not worker_scope(context):
             await self.pool.add_peers(reply, request)
         return reply
@@ -246,10 +277,17 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
                 if name != output:
                     raise InvalidInput(f"model {model.name} has no output {echo(name)}; its outputs are {output}")
             if len(names) > 1:
-                raise InvalidInput(f"outputs: each output may be requested once, got {len(names)}: {', '.join(map(echo, names[:8]))}")
+                raise InvalidInput(
+                    f"outputs: each output may be requested once, got {len(names)}: {', '.join(map(echo, names[:8]))}"
+                )
         rows = arrays[-1].shape[0]  # PEER_FEATURES or FEATURES: the variable dimension of the one output
         per_row = model.output_row_values
-        check_reply_size(rows * per_row, f"{rows} rows x {per_row} values of {model.outputs[0].name}", "send fewer rows per request", self.info.max_message_bytes)
+        check_reply_size(
+            rows * per_row,
+            f"{rows} rows x {per_row} values of {model.outputs[0].name}",
+            "send fewer rows per request",
+            self.info.max_message_bytes,
+        )
         deadline_s = deadline_of(context)
         if model.name == TWOTOWER:
             out = await served.runtime.score(arrays[0], arrays[1], deadline_s)
@@ -263,13 +301,15 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
         response.raw_output_contents.append(data)
         return response
 
-    def _inputs(self, model: OipModel, request: oip.ModelInferRequest) -> List[np.ndarray]:
+    def _inputs(self, model: OipModel, request: oip.ModelInferRequest) -> list[np.ndarray]:
         """The request's inputs in the model's order, decoded from raw_input_contents or typed contents."""
         raw, tensors = request.raw_input_contents, request.inputs
         if raw and len(raw) != len(tensors):
-            raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(tensors)} inputs; send one per input, in order")
+            raise InvalidInput(
+                f"raw_input_contents has {len(raw)} entries for {len(tensors)} inputs; send one per input, in order"
+            )
         order = model.input_index
-        arrays: List[Optional[np.ndarray]] = [None] * len(model.inputs)
+        arrays: list[np.ndarray | None] = [None] * len(model.inputs)
         for position, tensor in enumerate(tensors):
             name = tensor.name
             index = order.get(name)
@@ -282,7 +322,9 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
                 raise InvalidInput(f"{field}: datatype must be FP32, got {echo(tensor.datatype)}")
             if raw:
                 if tensor.HasField("contents"):
-                    raise InvalidInput(f"{field}: contents must be empty when raw_input_contents is used (one or the other)")
+                    raise InvalidInput(
+                        f"{field}: contents must be empty when raw_input_contents is used (one or the other)"
+                    )
                 array = array_from_bytes(raw[position], tensor.shape, field)
             else:
                 check_dims(tensor.shape, field)
@@ -294,7 +336,7 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
                     )
                 array = flat.reshape(tuple(tensor.shape))
             arrays[index] = self._check(model.inputs[index], array, field)
-        missing = [t.name for t, a in zip(model.inputs, arrays) if a is None]
+        missing = [t.name for t, a in zip(model.inputs, arrays, strict=False) if a is None]
         if missing:
             raise InvalidInput(f"model {model.name} needs input(s) {', '.join(missing)}")
         return arrays  # type: ignore[return-value]

@@ -23,6 +23,7 @@ releases the GIL, so groups run in parallel.
 
 from __future__ import annotations
 
+import contextlib
 import asyncio
 import functools
 import threading
@@ -30,7 +31,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Deque, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -43,7 +44,7 @@ from neuronserve.errors import CoreFault, CoreResetting, InvalidInput, Unavailab
 @dataclass(frozen=True)
 class GroupStats:
     cores: str  # NEURON_RT_VISIBLE_CORES syntax
-    stages: Tuple[str, ...]
+    stages: tuple[str, ...]
     executions: int
     busy_s: float  # wall seconds spent in runner.run
     faults: int
@@ -69,8 +70,8 @@ class ScoredBatch:
 
 @dataclass(frozen=True)
 class PipelineStats:
-    stages: Dict[str, StageStats]
-    groups: Tuple[GroupStats, ...]
+    stages: dict[str, StageStats]
+    groups: tuple[GroupStats, ...]
 
     @property
     def faults(self) -> int:
@@ -80,13 +81,13 @@ class PipelineStats:
 class _Group:
     """One core group: its runners (one per stage placed on it), executor and load. Loop-thread only."""
 
-    def __init__(self, index: int, cores: CoreGroup, stages: Tuple[str, ...]) -> None:
+    def __init__(self, index: int, cores: CoreGroup, stages: tuple[str, ...]) -> None:
         self.index = index
         self.cores = cores
         self.stages = stages
-        self.runners: Dict[str, Runner] = {}
+        self.runners: dict[str, Runner] = {}
         self.capacity = 1
-        self.executor: Optional[ThreadPoolExecutor] = None  # set by Pipeline.start
+        self.executor: ThreadPoolExecutor | None = None  # set by Pipeline.start
         self.in_flight = 0
         self.dispatched = 0
         self.executions = 0
@@ -97,14 +98,14 @@ class _Group:
         return all(runner.healthy() for runner in self.runners.values())
 
 
-def _plan_table(buckets: Tuple[int, ...], cost_s: Dict[int, float], limit: int) -> List[Tuple[int, ...]]:
+def _plan_table(buckets: tuple[int, ...], cost_s: dict[int, float], limit: int) -> list[tuple[int, ...]]:
     """table[r] = the chunks (bucket sizes) covering r rows at least total device time, for r <= limit.
 
     Dynamic programming over the bucket costs: best(r) = min over buckets b of cost(b) + best(r - b),
     with best(r <= 0) = 0, i.e. the last chunk is padded up. Ties go to fewer chunks, then fewer rows.
     """
-    best: List[Tuple[float, int, int]] = [(0.0, 0, 0)] * (limit + 1)
-    table: List[Tuple[int, ...]] = [()] * (limit + 1)
+    best: list[tuple[float, int, int]] = [(0.0, 0, 0)] * (limit + 1)
+    table: list[tuple[int, ...]] = [()] * (limit + 1)
     for rows in range(1, limit + 1):
         options = []
         for b in buckets:
@@ -122,23 +123,24 @@ class Pipeline:
         self.placement = placement
         groups = placement.all_groups()
         self._groups = [
-            _Group(i, cores, tuple(s for s in STAGES if cores in placement.groups.get(s, ()))) for i, cores in enumerate(groups)
+            _Group(i, cores, tuple(s for s in STAGES if cores in placement.groups.get(s, ())))
+            for i, cores in enumerate(groups)
         ]
-        self._stage_groups: Dict[str, List[_Group]] = {
+        self._stage_groups: dict[str, list[_Group]] = {
             stage: [g for g in self._groups if stage in g.stages] for stage in STAGES if placement.groups.get(stage)
         }
-        self._shapes: Dict[str, Tuple[Tuple[int, ...], ...]] = {}
-        self._buckets: Dict[str, Tuple[int, ...]] = {}
-        self._cost_s: Dict[str, Dict[int, float]] = {}
-        self._plans: Dict[str, List[Tuple[int, ...]]] = {}
+        self._shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
+        self._buckets: dict[str, tuple[int, ...]] = {}
+        self._cost_s: dict[str, dict[int, float]] = {}
+        self._plans: dict[str, list[tuple[int, ...]]] = {}
         self._stage_counts = {stage: [0, 0, 0] for stage in STAGES + (FUSED_STAGE,)}  # executions, rows, padded rows
-        self._estimates: List[float] = []  # score batch of r rows -> modelled seconds, r <= max_batch_rows
-        self._user_buckets: Dict[int, Tuple[int, ...]] = {}  # fused: peer bucket -> its compiled user buckets
-        self._waiters: Deque[asyncio.Future] = deque()
+        self._estimates: list[float] = []  # score batch of r rows -> modelled seconds, r <= max_batch_rows
+        self._user_buckets: dict[int, tuple[int, ...]] = {}  # fused: peer bucket -> its compiled user buckets
+        self._waiters: deque[asyncio.Future] = deque()
         self._fused = False
         self._started = False
 
-    def start(self, abort: Optional[threading.Event] = None) -> None:
+    def start(self, abort: threading.Event | None = None) -> None:
         """Load every stage on its groups and run every bucket once (blocking), then plan buckets.
         Once `abort` is set (from another thread), it gives up before the next stage load (Unavailable).
 
@@ -205,7 +207,7 @@ class Pipeline:
         """Batches that run in parallel on separate core groups: while fewer run, a core idles."""
         return len(self._groups)
 
-    def _plan(self, stage: str, rows: int) -> Tuple[int, ...]:
+    def _plan(self, stage: str, rows: int) -> tuple[int, ...]:
         """Chunks for `rows`: full largest buckets while more than two of them remain, then the cheapest
         cover of the rest by the latency model (_plan_table): pad up when one bigger bucket costs less
         device time than splitting, split when it does not (e.g. 513 rows -> 512 + 1, not 1024)."""
@@ -213,7 +215,7 @@ class Pipeline:
         full = max(0, rows - largest) // largest
         return (largest,) * full + self._plans[stage][rows - full * largest]
 
-    def _chunks(self, stage: str, rows: int) -> Tuple[Tuple[int, int], ...]:
+    def _chunks(self, stage: str, rows: int) -> tuple[tuple[int, int], ...]:
         """(rows, bucket) of every execution covering `rows` rows, in order."""
         chunks, start = [], 0
         for bucket in self._plan(stage, rows):
@@ -237,7 +239,9 @@ class Pipeline:
             return self.plan_cost_s(FUSED_STAGE, rows)
         user, peer = self.plan_cost_s("user_tower", rows), self.plan_cost_s("peer_tower", rows)
         tower_groups = {g.index for stage in ("user_tower", "peer_tower") for g in self._stage_groups[stage]}
-        towers = max(user, peer) if len(tower_groups) > 1 and not self._fused else user + peer  # fused: one job, in turn
+        towers = (
+            max(user, peer) if len(tower_groups) > 1 and not self._fused else user + peer
+        )  # fused: one job, in turn
         return towers + self.plan_cost_s("pair_scorer", rows)
 
     async def run_stage(self, stage: str, inputs: Sequence[np.ndarray]) -> np.ndarray:
@@ -245,14 +249,19 @@ class Pipeline:
         if not self._started:
             raise Unavailable("the pipeline is not started: call start() first")
         if stage not in self._stage_groups:
-            raise InvalidInput(f"stage {stage!r} is not placed on any core group; placed: {', '.join(self._stage_groups)}")
+            raise InvalidInput(
+                f"stage {stage!r} is not placed on any core group; placed: {', '.join(self._stage_groups)}"
+            )
         arrays, rows = self._check(stage, inputs)
         chunks = self._plan(stage, rows)
         if len(chunks) == 1:
             return await self._run_chunk(stage, arrays, 0, rows, chunks[0])
         starts = np.cumsum((0,) + chunks[:-1])
         parts = await asyncio.gather(
-            *(self._run_chunk(stage, arrays, int(s), min(b, rows - int(s)), b) for s, b in zip(starts, chunks))
+            *(
+                self._run_chunk(stage, arrays, int(s), min(b, rows - int(s)), b)
+                for s, b in zip(starts, chunks, strict=False)
+            )
         )
         return np.concatenate(parts, axis=0)
 
@@ -276,12 +285,16 @@ class Pipeline:
             chunks = self._chunks(FUSED_STAGE, user_index.shape[0])
             peer, inputs = self._fused_inputs(user, peers, user_index, chunks)
             sent_s = time.perf_counter()
-            scores = await self._execute(FUSED_STAGE, _run_fused, inputs, chunks, remote=functools.partial(_remote_fused, inputs, chunks))
+            scores = await self._execute(
+                FUSED_STAGE, _run_fused, inputs, chunks, remote=functools.partial(_remote_fused, inputs, chunks)
+            )
         back_s = time.perf_counter()
         scores = _mark_nonfinite(scores, user, peer, user_index)
         return ScoredBatch(scores, sent_s - start_s, back_s - sent_s, time.perf_counter() - back_s)
 
-    def _fused_inputs(self, user: np.ndarray, peers: Sequence[np.ndarray], user_index: np.ndarray, chunks) -> Tuple[np.ndarray, List[List[np.ndarray]]]:
+    def _fused_inputs(
+        self, user: np.ndarray, peers: Sequence[np.ndarray], user_index: np.ndarray, chunks
+    ) -> tuple[np.ndarray, list[list[np.ndarray]]]:
         """(the peer rows, per chunk [users padded to a user bucket, peers padded to the bucket, index]).
         One chunk (the usual case): the peers are copied once, straight into the padded input."""
         if len(chunks) == 1:
@@ -292,9 +305,12 @@ class Pipeline:
             peer, padded = padded_peer[:rows], [padded_peer]
         else:
             peer = _concat(peers)
-            padded = [_padded(peer[start : start + rows], bucket) for start, (rows, bucket) in zip(_starts(chunks), chunks)]
+            padded = [
+                _padded(peer[start : start + rows], bucket)
+                for start, (rows, bucket) in zip(_starts(chunks), chunks, strict=False)
+            ]
         inputs = []
-        for start, (rows, bucket), peer_input in zip(_starts(chunks), chunks, padded):
+        for start, (rows, bucket), peer_input in zip(_starts(chunks), chunks, padded, strict=False):
             first, last = int(user_index[start]), int(user_index[start + rows - 1])
             user_bucket = next(u for u in self._user_buckets[bucket] if u > last - first)
             index = np.zeros(bucket, dtype=np.int64)
@@ -312,7 +328,9 @@ class Pipeline:
                 f"user_index must be {peers} integers (one per peer row), got shape {user_index.shape} dtype {user_index.dtype}"
             )
         if peers and (user_index.min() < 0 or user_index.max() >= users):
-            raise InvalidInput(f"user_index values must be in [0, {users}) (the user rows), got {user_index.min()}..{user_index.max()}")
+            raise InvalidInput(
+                f"user_index values must be in [0, {users}) (the user rows), got {user_index.min()}..{user_index.max()}"
+            )
         if not self._fused:  # stages on their own groups: each overlaps other batches' stages
             user, peer = await asyncio.gather(
                 self.run_stage("user_tower", [user_features]), self.run_stage("peer_tower", [peer_features])
@@ -322,12 +340,14 @@ class Pipeline:
         (peer,), _ = self._check("peer_tower", [peer_features])
         return await self._execute("user_tower", self._score_on, user, peer, user_index)
 
-    def _score_on(self, runners: Dict[str, StageRunner], user: np.ndarray, peer: np.ndarray, user_index: np.ndarray):
+    def _score_on(self, runners: dict[str, StageRunner], user: np.ndarray, peer: np.ndarray, user_index: np.ndarray):
         """Blocking, on one group's executor thread: the three stages one after another (the fused path)."""
         u, user_s, user_runs = _run_chunks(runners["user_tower"], [user], self._chunks("user_tower", user.shape[0]))
         p, peer_s, peer_runs = _run_chunks(runners["peer_tower"], [peer], self._chunks("peer_tower", peer.shape[0]))
         pairs = [np.take(u, user_index, axis=0), p]
-        scores, pair_s, pair_runs = _run_chunks(runners["pair_scorer"], pairs, self._chunks("pair_scorer", peer.shape[0]))
+        scores, pair_s, pair_runs = _run_chunks(
+            runners["pair_scorer"], pairs, self._chunks("pair_scorer", peer.shape[0])
+        )
         return scores, user_s + peer_s + pair_s, user_runs + peer_runs + pair_runs
 
     def healthy(self) -> bool:
@@ -354,13 +374,13 @@ class Pipeline:
             group.runners.clear()
         self._started = False
 
-    def _check(self, stage: str, inputs: Sequence[np.ndarray]) -> Tuple[List[np.ndarray], int]:
+    def _check(self, stage: str, inputs: Sequence[np.ndarray]) -> tuple[list[np.ndarray], int]:
         shapes = self._shapes[stage]
         if len(inputs) != len(shapes):
             raise InvalidInput(f"{stage} takes {len(shapes)} input(s), got {len(inputs)}")
         arrays = [np.ascontiguousarray(x, dtype=np.float32) for x in inputs]
         rows = arrays[0].shape[0] if arrays[0].ndim else 0
-        for i, (array, shape) in enumerate(zip(arrays, shapes)):
+        for i, (array, shape) in enumerate(zip(arrays, shapes, strict=False)):
             if array.shape != (rows,) + shape:
                 raise InvalidInput(
                     f"{stage} input {i} must have shape (rows, {', '.join(map(str, shape))}) with the same rows "
@@ -370,7 +390,7 @@ class Pipeline:
             raise InvalidInput(f"{stage} needs at least 1 row, got 0")
         return arrays, rows
 
-    async def _run_chunk(self, stage: str, arrays: List[np.ndarray], start: int, rows: int, bucket: int) -> np.ndarray:
+    async def _run_chunk(self, stage: str, arrays: list[np.ndarray], start: int, rows: int, bucket: int) -> np.ndarray:
         """Rows [start, start+rows) padded to `bucket`, on the least-loaded healthy group; unpadded output."""
         chunk = [array[start : start + rows] for array in arrays]  # contiguous views, no copy
         return await self._execute(stage, lambda runners: _run_chunks(runners[stage], chunk, ((rows, bucket),)))
@@ -412,7 +432,11 @@ class Pipeline:
         """Loop thread, once a job ends (`done`: its concurrent.futures.Future, or the model process's
         asyncio future of (output, busy seconds) with `executions`): free its slot, count, and answer
         its caller unless the caller went away."""
-        error = Unavailable("the execution was cancelled: the pipeline is closing") if done.cancelled() else done.exception()
+        error = (
+            Unavailable("the execution was cancelled: the pipeline is closing")
+            if done.cancelled()
+            else done.exception()
+        )
         result = None if error is not None else done.result()
         if result is not None and executions is not None:
             result = (*result, executions)
@@ -442,7 +466,7 @@ class Pipeline:
             self._waiters.append(waiter)
             await waiter
 
-    def _finish(self, group: _Group, result, error: Optional[BaseException]) -> None:
+    def _finish(self, group: _Group, result, error: BaseException | None) -> None:
         """Loop thread: free the slot, wake waiters, count the job's (output, busy seconds, executions)."""
         group.in_flight -= 1
         waiters, self._waiters = self._waiters, deque()
@@ -465,44 +489,46 @@ class Pipeline:
 def _call_soon(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
     """loop.call_soon_threadsafe(callback, *args) from an executor thread; nothing once the loop is closed
     (a job that outlived its server)."""
-    try:
+    with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(callback, *args)
-    except RuntimeError:
-        pass
 
 
-def _run_fused(runners: Dict[str, Runner], inputs: Sequence[List[np.ndarray]], chunks: Sequence[Tuple[int, int]]):
+def _run_fused(runners: dict[str, Runner], inputs: Sequence[list[np.ndarray]], chunks: Sequence[tuple[int, int]]):
     """Blocking, on the group's executor thread: one fused execution per chunk of padded inputs ->
     (unpadded scores concatenated, busy seconds, [(stage, rows, bucket)] per execution)."""
     outs, busy_s = [], 0.0
-    for chunk, (rows, _) in zip(inputs, chunks):
+    for chunk, (rows, _) in zip(inputs, chunks, strict=False):
         out, seconds = _timed_run(runners[FUSED_STAGE], chunk)
         outs.append(out[:rows])
         busy_s += seconds
     return _concat(outs), busy_s, [(FUSED_STAGE, rows, bucket) for rows, bucket in chunks]
 
 
-def _remote_fused(inputs: Sequence[List[np.ndarray]], chunks: Sequence[Tuple[int, int]], runners: Dict[str, Runner]):
+def _remote_fused(inputs: Sequence[list[np.ndarray]], chunks: Sequence[tuple[int, int]], runners: dict[str, Runner]):
     """_run_fused's job in the group's model process, when its runner has one (cpu backend): (an asyncio
     future of (unpadded scores, busy seconds), executions); None to run it on the executor instead."""
     submit = getattr(runners[FUSED_STAGE], "submit", None)
-    done = submit([(chunk, rows) for chunk, (rows, _) in zip(inputs, chunks)]) if submit is not None else None
+    done = (
+        submit([(chunk, rows) for chunk, (rows, _) in zip(inputs, chunks, strict=False)])
+        if submit is not None
+        else None
+    )
     return None if done is None else (done, [(FUSED_STAGE, rows, bucket) for rows, bucket in chunks])
 
 
-def _run_chunks(runner: StageRunner, arrays: Sequence[np.ndarray], chunks: Sequence[Tuple[int, int]]):
+def _run_chunks(runner: StageRunner, arrays: Sequence[np.ndarray], chunks: Sequence[tuple[int, int]]):
     """Blocking, on the group's executor thread: one execution per (rows, bucket) chunk over the rows of
     `arrays` in order, each padded with zero rows up to its bucket; -> (unpadded outputs concatenated,
     busy seconds, [(stage, rows, bucket)] per execution)."""
     outs, busy_s = [], 0.0
-    for start, (rows, bucket) in zip(_starts(chunks), chunks):
+    for start, (rows, bucket) in zip(_starts(chunks), chunks, strict=False):
         out, seconds = _timed_run(runner, [_padded(array[start : start + rows], bucket) for array in arrays])
         outs.append(out[:rows])
         busy_s += seconds
     return _concat(outs), busy_s, [(runner.stage, rows, bucket) for rows, bucket in chunks]
 
 
-def _starts(chunks: Sequence[Tuple[int, int]]) -> List[int]:
+def _starts(chunks: Sequence[tuple[int, int]]) -> list[int]:
     """The first row of each (rows, bucket) chunk."""
     return [sum(rows for rows, _ in chunks[:i]) for i in range(len(chunks))]
 
@@ -532,7 +558,7 @@ def _padded(array: np.ndarray, rows: int) -> np.ndarray:
     return padded
 
 
-def _timed_run(runner: Runner, inputs: List[np.ndarray]) -> Tuple[np.ndarray, float]:
+def _timed_run(runner: Runner, inputs: list[np.ndarray]) -> tuple[np.ndarray, float]:
     start = time.perf_counter()
     out = runner.run(inputs)
     return out, time.perf_counter() - start

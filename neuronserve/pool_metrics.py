@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from collections.abc import Callable, Iterable
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -28,20 +28,23 @@ log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT_S = 2.0
 PER_WORKER = frozenset(
-    name for name in FAMILIES
+    name
+    for name in FAMILIES
     if name.startswith(("neuronserve_core_group_", "neuronserve_sim_core_", "neuronserve_metrics_", "process_"))
     or name in ("neuronserve_queue_rows", "neuronserve_in_flight_batches", "nv_inference_pending_request_count")
 )
-SHARED = frozenset(("neuronserve_cache_rows", "neuronserve_cache_max_rows", "neuronserve_cache_bytes")
-                   + tuple(name for name in FAMILIES if name.startswith("neuronserve_embedding_store_")))  # one follower per host
+SHARED = frozenset(
+    ("neuronserve_cache_rows", "neuronserve_cache_max_rows", "neuronserve_cache_bytes")
+    + tuple(name for name in FAMILIES if name.startswith("neuronserve_embedding_store_"))
+)  # one follower per host
 REQUEST_FAMILIES = ("nv_inference_request_success", "nv_inference_request_failure")
 _SUFFIXES = ("_bucket", "_sum", "_count")
 _ORDER = {name: i for i, name in enumerate(FAMILIES)}
 
 
-def parse_samples(text: str) -> List[Sample]:
+def parse_samples(text: str) -> list[Sample]:
     """Our own exposition text back into Samples (family name, labels, value, suffix)."""
-    out: List[Sample] = []
+    out: list[Sample] = []
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             name, suffix = sample.name, ""
@@ -58,9 +61,9 @@ def parse_samples(text: str) -> List[Sample]:
     return out
 
 
-def merge(per_worker: Dict[int, List[Sample]]) -> List[Sample]:
+def merge(per_worker: dict[int, list[Sample]]) -> list[Sample]:
     """Workers' samples merged by the module's rule (ordered by family, then as first seen)."""
-    merged: Dict[Tuple[str, str, Tuple], float] = {}
+    merged: dict[tuple[str, str, tuple], float] = {}
     for index, samples in sorted(per_worker.items()):
         for s in samples:
             labels = s.labels + (("worker", str(index)),) if s.name in PER_WORKER else s.labels
@@ -78,7 +81,7 @@ class PoolMetrics:
 
     def __init__(self, supervisor) -> None:
         self.supervisor = supervisor
-        self._collectors: Tuple[Callable[[], Iterable[Sample]], ...] = (process_samples,)  # the supervisor's own
+        self._collectors: tuple[Callable[[], Iterable[Sample]], ...] = (process_samples,)  # the supervisor's own
 
     def add_collector(self, collector: Callable[[], Iterable[Sample]]) -> None:
         """The supervisor's own samples (its MetricsServer's counters), labelled worker="supervisor"."""
@@ -88,7 +91,7 @@ class PoolMetrics:
         workers = list(self.supervisor.workers)
         live = {w.plan.index: w.ready.metrics_port for w in workers if w.ready is not None and w.ready.metrics_port}
         texts = await asyncio.gather(*(_fetch(port) for port in live.values()))
-        per_worker = {index: parse_samples(text) for index, text in zip(live, texts) if text is not None}
+        per_worker = {index: parse_samples(text) for index, text in zip(live, texts, strict=False) if text is not None}
         samples = merge(per_worker)
         for collector in self._collectors:
             samples += [dataclasses.replace(s, labels=s.labels + (("worker", "supervisor"),)) for s in collector()]
@@ -105,7 +108,7 @@ class PoolMetrics:
         return render_samples(samples)
 
 
-async def _fetch(port: int) -> Optional[str]:
+async def _fetch(port: int) -> str | None:
     """GET a worker's private /metrics on 127.0.0.1:port; None (logged) if it does not answer."""
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), FETCH_TIMEOUT_S)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable, Dict, List, Optional
+from collections.abc import Callable
 
 import grpc
 
@@ -32,7 +32,7 @@ def worker_scope(context) -> bool:
 
 def add_statistics(total: oip.ModelStatisticsResponse, other: oip.ModelStatisticsResponse) -> None:
     """Add `other`'s counters into `total`, model by model (matched by name)."""
-    by_name: Dict[str, oip.ModelStatistics] = {m.name: m for m in total.model_stats}
+    by_name: dict[str, oip.ModelStatistics] = {m.name: m for m in total.model_stats}
     for model in other.model_stats:
         mine = by_name.get(model.name)
         if mine is None:
@@ -50,10 +50,10 @@ def add_statistics(total: oip.ModelStatisticsResponse, other: oip.ModelStatistic
 class PoolStatistics:
     """The other workers' ModelStatistics, over one channel per peer address (kept while it is listed)."""
 
-    def __init__(self, peer_addresses: Callable[[], List[str]]) -> None:
+    def __init__(self, peer_addresses: Callable[[], list[str]]) -> None:
         self._peer_addresses = peer_addresses
-        self._stubs: Dict[str, oip_grpc.GRPCInferenceServiceStub] = {}
-        self._channels: Dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, oip_grpc.GRPCInferenceServiceStub] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def add_peers(self, reply: oip.ModelStatisticsResponse, request: oip.ModelStatisticsRequest) -> None:
         addresses = self._peer_addresses()
@@ -65,7 +65,7 @@ class PoolStatistics:
             if answer is not None:
                 add_statistics(reply, answer)
 
-    async def _ask(self, address: str, request: oip.ModelStatisticsRequest) -> Optional[oip.ModelStatisticsResponse]:
+    async def _ask(self, address: str, request: oip.ModelStatisticsRequest) -> oip.ModelStatisticsResponse | None:
         stub = self._stubs.get(address)
         if stub is None:
             self._channels[address] = channel = grpc.aio.insecure_channel(address)
@@ -73,7 +73,9 @@ class PoolStatistics:
         try:
             return await stub.ModelStatistics(request, metadata=(WORKER_SCOPE,), timeout=PEER_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
-            log.warning("ModelStatistics: worker at %s did not answer (%s); its counters are left out", address, exc.code().name)
+            log.warning(
+                "ModelStatistics: worker at %s did not answer (%s); its counters are left out", address, exc.code().name
+            )
             return None
 
     async def close(self) -> None:

@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 from neuronserve.artifact import MANIFEST_NAME
 from neuronserve.errors import ConfigError, NotFound
@@ -26,7 +26,7 @@ MAX_VERSION = 2**63 - 1
 LATEST, SPECIFIC, ALL = "latest", "specific", "all"
 
 
-def parse_version(text: str) -> Optional[int]:
+def parse_version(text: str) -> int | None:
     """The integer version a directory name or request string names, or None: a positive decimal integer
     below 2**63 in canonical form (no sign, no leading zero)."""
     if not (text.isascii() and text.isdigit()) or text.startswith("0"):
@@ -41,7 +41,7 @@ class VersionPolicy:
 
     kind: str = LATEST
     latest: int = 1  # kind latest: how many of the highest versions
-    versions: Tuple[int, ...] = ()  # kind specific: these versions (each must exist to be loaded)
+    versions: tuple[int, ...] = ()  # kind specific: these versions (each must exist to be loaded)
 
     def __post_init__(self) -> None:
         if self.kind not in (LATEST, SPECIFIC, ALL):
@@ -50,10 +50,12 @@ class VersionPolicy:
             raise ConfigError(f"version policy latest needs a count >= 1, got {self.latest!r}")
         if self.kind == SPECIFIC:
             if not self.versions or any(not isinstance(v, int) or not 0 < v <= MAX_VERSION for v in self.versions):
-                raise ConfigError(f"version policy specific needs one or more positive integer versions, got {list(self.versions)}")
+                raise ConfigError(
+                    f"version policy specific needs one or more positive integer versions, got {list(self.versions)}"
+                )
             object.__setattr__(self, "versions", tuple(sorted(set(self.versions))))
 
-    def select(self, available: Sequence[int]) -> Tuple[int, ...]:
+    def select(self, available: Sequence[int]) -> tuple[int, ...]:
         """The versions of `available` this policy serves, ascending."""
         ordered = sorted(set(available))
         if self.kind == ALL:
@@ -63,7 +65,7 @@ class VersionPolicy:
         return tuple(v for v in ordered if v in self.versions)
 
     @classmethod
-    def parse(cls, text: str) -> "VersionPolicy":
+    def parse(cls, text: str) -> VersionPolicy:
         """`latest`, `latest:N`, `all`, or `specific:1,3` (the --version-policy setting)."""
         kind, _, arg = str(text).strip().partition(":")
         kind = kind.strip().lower()
@@ -79,12 +81,14 @@ class VersionPolicy:
         raise ConfigError(f"version policy {text!r}: write latest, latest:N, all or specific:V1,V2 (integer versions)")
 
     @classmethod
-    def from_triton(cls, data: dict) -> "VersionPolicy":
+    def from_triton(cls, data: dict) -> VersionPolicy:
         """Triton's model config JSON `version_policy`: {"latest": {"num_versions": N}}, {"all": {}} or
         {"specific": {"versions": [..]}} (what tritonclient's load_model(config=...) sends)."""
         if not isinstance(data, dict) or len(data) != 1:
-            raise ConfigError(f"version_policy must hold exactly one of latest, all, specific; got {json.dumps(data)[:120]}")
-        (kind, body), = data.items()
+            raise ConfigError(
+                f"version_policy must hold exactly one of latest, all, specific; got {json.dumps(data)[:120]}"
+            )
+        ((kind, body),) = data.items()
         body = body if isinstance(body, dict) else {}
         try:
             if kind == LATEST:
@@ -95,7 +99,9 @@ class VersionPolicy:
                 return cls(SPECIFIC, versions=tuple(int(v) for v in body.get("versions", ())))
         except (TypeError, ValueError):
             pass
-        raise ConfigError(f"version_policy {json.dumps(data)[:120]} is not latest/num_versions, all or specific/versions")
+        raise ConfigError(
+            f"version_policy {json.dumps(data)[:120]} is not latest/num_versions, all or specific/versions"
+        )
 
     def __str__(self) -> str:
         if self.kind == LATEST:
@@ -120,19 +126,21 @@ class ModelScan:
     """What a scan of one model directory found, and what the policy selects of it."""
 
     name: str
-    available: Tuple[VersionDir, ...]  # ascending by version
-    selected: Tuple[int, ...]  # ascending
+    available: tuple[VersionDir, ...]  # ascending by version
+    selected: tuple[int, ...]  # ascending
     policy: VersionPolicy
-    ignored: Tuple[Tuple[str, str], ...] = ()  # (entry name, why it is not a version)
+    ignored: tuple[tuple[str, str], ...] = ()  # (entry name, why it is not a version)
 
     def path(self, version: int) -> Path:
         for entry in self.available:
             if entry.version == version:
                 return entry.path
-        raise NotFound(f"model {self.name} has no version {version} in the repository; it has {[e.version for e in self.available] or 'none'}")
+        raise NotFound(
+            f"model {self.name} has no version {version} in the repository; it has {[e.version for e in self.available] or 'none'}"
+        )
 
     @property
-    def versions(self) -> Tuple[int, ...]:
+    def versions(self) -> tuple[int, ...]:
         return tuple(e.version for e in self.available)
 
 
@@ -141,15 +149,15 @@ class Repository:
     """A model repository root, or one artifact standing in for a one-version repository."""
 
     root: Path
-    single: Optional[Tuple[str, int, Path]] = field(default=None)  # --artifact: (model name, version, artifact dir)
+    single: tuple[str, int, Path] | None = field(default=None)  # --artifact: (model name, version, artifact dir)
 
     @classmethod
-    def of_artifact(cls, artifact, model_name: str, artifact_version: str) -> "Repository":
+    def of_artifact(cls, artifact, model_name: str, artifact_version: str) -> Repository:
         """--artifact DIR as a repository: one model of one version (see the module docstring)."""
         path = Path(artifact)
         return cls(path.parent, (model_name, parse_version(artifact_version) or 1, path))
 
-    def models(self) -> Tuple[str, ...]:
+    def models(self) -> tuple[str, ...]:
         """The model directories, sorted (hidden entries skipped)."""
         if self.single is not None:
             return (self.single[0],)
@@ -180,8 +188,10 @@ class Repository:
             available = (VersionDir(version, path),)
             return ModelScan(name, available, policy.select([version]), policy)
         if model not in self.models():
-            raise NotFound(f"unknown model {model!r}; the repository {self.root} holds {', '.join(self.models()) or 'nothing'}")
-        found: Dict[int, VersionDir] = {}
+            raise NotFound(
+                f"unknown model {model!r}; the repository {self.root} holds {', '.join(self.models()) or 'nothing'}"
+            )
+        found: dict[int, VersionDir] = {}
         ignored = []
         for entry in sorted(os.scandir(self.root / model), key=lambda e: e.name):
             version = parse_version(entry.name)

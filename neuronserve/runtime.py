@@ -9,7 +9,6 @@ import asyncio
 import functools
 import logging
 import time
-from typing import List, Optional
 
 import numpy as np
 
@@ -30,9 +29,14 @@ class Runtime:
         self.pipeline = pipeline
         self.metrics = metrics
         common = dict(
-            max_batch_rows=pipeline.max_batch_rows, config=batching, max_in_flight=pipeline.concurrency, devices=pipeline.devices
+            max_batch_rows=pipeline.max_batch_rows,
+            config=batching,
+            max_in_flight=pipeline.concurrency,
+            devices=pipeline.devices,
         )
-        self._scores = DynamicBatcher(self._run_score, estimate_latency_s=pipeline.estimate_latency_s, name=TWOTOWER, **common)
+        self._scores = DynamicBatcher(
+            self._run_score, estimate_latency_s=pipeline.estimate_latency_s, name=TWOTOWER, **common
+        )
         self.batchers = {TWOTOWER: self._scores}  # keyed by model name, which is also each batcher's name
         for tower in TOWERS:
             self.batchers[tower] = DynamicBatcher(
@@ -46,10 +50,10 @@ class Runtime:
         for batcher in self.batchers.values():
             batcher.start()
 
-    async def score(self, user_features: np.ndarray, peer_features: np.ndarray, deadline_s: Optional[float]) -> np.ndarray:
+    async def score(self, user_features: np.ndarray, peer_features: np.ndarray, deadline_s: float | None) -> np.ndarray:
         return await self._scores.submit((user_features, peer_features), peer_features.shape[0], deadline_s=deadline_s)
 
-    async def embed(self, tower: str, features: np.ndarray, deadline_s: Optional[float]) -> np.ndarray:
+    async def embed(self, tower: str, features: np.ndarray, deadline_s: float | None) -> np.ndarray:
         return await self.batchers[tower].submit(features, features.shape[0], deadline_s=deadline_s)
 
     async def _run_score(self, slices) -> np.ndarray:
@@ -71,7 +75,9 @@ class Runtime:
         features = _concat([s.payload[s.start : s.stop] for s in slices])
         start = time.perf_counter()
         out = await self.pipeline.run_stage(tower, [features])
-        self.metrics.execution(tower, rows=features.shape[0], requests=len(slices), compute_s=time.perf_counter() - start)
+        self.metrics.execution(
+            tower, rows=features.shape[0], requests=len(slices), compute_s=time.perf_counter() - start
+        )
         return out
 
     async def close(self, timeout_s: float) -> None:
@@ -86,5 +92,5 @@ class Runtime:
             await asyncio.wait(pending, timeout=1.0)
 
 
-def _concat(parts: List[np.ndarray]) -> np.ndarray:
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)

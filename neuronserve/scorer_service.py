@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -58,11 +58,18 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         served = self.versions.resolve(request.model_version) if request.model_version else self.served
         user = one_user(tensor_array(request.user_features, "user_features"), "user_features", info.user_features, True)
         peers = feature_rows(
-            tensor_array(request.peer_features, "peer_features"), "peer_features", info.peer_features, info.max_peers, "max_peers", False
+            tensor_array(request.peer_features, "peer_features"),
+            "peer_features",
+            info.peer_features,
+            info.max_peers,
+            "max_peers",
+            False,
         )
         scores = await served.runtime.score(user, peers, deadline_of(context))
         scores_checked(scores, (user, peers), ("user_features", "peer_features"))
-        return pb.ScoreResponse(scores=tensor_proto(scores), label_names=info.label_names, model_version=served.info.version)
+        return pb.ScoreResponse(
+            scores=tensor_proto(scores), label_names=info.label_names, model_version=served.info.version
+        )
 
     async def _upsert(self, request: pb.UpsertEmbeddingsRequest, context) -> pb.UpsertEmbeddingsResponse:
         info = self.info
@@ -70,11 +77,19 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         if request.kind not in (pb.USER, pb.PEER):
             name = pb.EntityKind.Name(request.kind) if request.kind in pb.EntityKind.values() else str(request.kind)
             raise InvalidInput(f"kind must be USER or PEER, got {name}")
-        kind, tower, width = ("user", TOWERS[0], info.user_features) if request.kind == pb.USER else ("peer", TOWERS[1], info.peer_features)
+        kind, tower, width = (
+            ("user", TOWERS[0], info.user_features)
+            if request.kind == pb.USER
+            else ("peer", TOWERS[1], info.peer_features)
+        )
         ids = id_array(request.ids, "ids", info.max_tower_rows, "max_queue_rows")
-        features = feature_rows(tensor_array(request.features, "features"), "features", width, info.max_tower_rows, "max_queue_rows")
+        features = feature_rows(
+            tensor_array(request.features, "features"), "features", width, info.max_tower_rows, "max_queue_rows"
+        )
         if features.shape[0] != ids.size:
-            raise InvalidInput(f"features has {features.shape[0]} rows for {ids.size} ids; send one row of {width} features per id")
+            raise InvalidInput(
+                f"features has {features.shape[0]} rows for {ids.size} ids; send one row of {width} features per id"
+            )
         served.cache.check_upsert(kind, ids)  # before the tower run: a bad request costs no core time
         vectors = finite_output(await served.runtime.embed(tower, features, deadline_of(context)), f"{tower} output")
         # in a worker thread: an upsert copies the kind's table (~1 ms per 2,500 cached rows), which must
@@ -86,12 +101,19 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         served = self.versions.resolve(request.model_version) if request.model_version else self.served
         peer_ids = id_array(request.peer_ids, "peer_ids", self.info.max_peers, "max_peers")
         labels = self.info.num_labels
-        check_reply_size(peer_ids.size * labels, f"{peer_ids.size} peer_ids x {labels} labels", "send fewer peer_ids", self.info.max_message_bytes)
+        check_reply_size(
+            peer_ids.size * labels,
+            f"{peer_ids.size} peer_ids x {labels} labels",
+            "send fewer peer_ids",
+            self.info.max_message_bytes,
+        )
         start = time.perf_counter()
         scores = served.cache.score_by_ids(int(request.user_id), peer_ids)  # [M, K, D] gather + one einsum: ~0.1 ms
         finite_output(scores, "scores")
         self.metrics.execution(CACHED, rows=peer_ids.size, requests=1, compute_s=time.perf_counter() - start)
-        return pb.ScoreResponse(scores=tensor_proto(scores), label_names=self.info.label_names, model_version=served.info.version)
+        return pb.ScoreResponse(
+            scores=tensor_proto(scores), label_names=self.info.label_names, model_version=served.info.version
+        )
 
     async def _score_matrix(self, request: pb.ScoreMatrixRequest, context) -> pb.ScoreMatrixResponse:
         """A whole tick, N users x M peers, on the host's BLAS: per label one [N, D] x [D, M] matmul over
@@ -112,9 +134,14 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         )
         start = time.perf_counter()
         scores = await asyncio.get_running_loop().run_in_executor(None, served.cache.score_matrix, user_ids, peer_ids)
-        self.metrics.execution(CACHED, rows=user_ids.size * peer_ids.size, requests=1, compute_s=time.perf_counter() - start)
-        return pb.ScoreMatrixResponse(scores=tensor_proto(finite_output(scores, "scores")), label_names=info.label_names, model_version=served.info.version)
-
+        self.metrics.execution(
+            CACHED, rows=user_ids.size * peer_ids.size, requests=1, compute_s=time.perf_counter() - start
+        )
+        return pb.ScoreMatrixResponse(
+            scores=tensor_proto(finite_output(scores, "scores")),
+            label_names=info.label_names,
+            model_version=served.info.version,
+        )
 
     async def _score_tick(self, request: pb.ScoreTickRequest, context) -> pb.ScoreTickResponse:
         """A matching tick (docs/tick.md): top-k per person from the cached vectors, in a worker thread."""
@@ -125,28 +152,67 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         users = tick_ids(request.user_ids, request.user_ids_packed, "user_ids", *limit, required=False)
         peers = tick_ids(request.peer_ids, request.peer_ids_packed, "peer_ids", *limit, required=False)
         if (pool is None) == (users is None and peers is None):
-            raise InvalidInput("send either pool_ids (or pool_ids_packed) or user_ids and peer_ids (or their _packed forms), not both or neither")
+            raise InvalidInput(
+                "send either pool_ids (or pool_ids_packed) or user_ids and peer_ids (or their _packed forms), not both or neither"
+            )
         if pool is None and (users is None or peers is None):
-            raise InvalidInput(f"{'peer_ids' if peers is None else 'user_ids'} is missing: users x peers mode needs both user_ids and peer_ids")
-        blocked_a = tick_ids(request.blocked_user_ids, request.blocked_user_ids_packed, "blocked_user_ids", MAX_BLOCKED_PAIRS, "bound on blocked pairs", required=False)
-        blocked_b = tick_ids(request.blocked_peer_ids, request.blocked_peer_ids_packed, "blocked_peer_ids", MAX_BLOCKED_PAIRS, "bound on blocked pairs", required=False)
+            raise InvalidInput(
+                f"{'peer_ids' if peers is None else 'user_ids'} is missing: users x peers mode needs both user_ids and peer_ids"
+            )
+        blocked_a = tick_ids(
+            request.blocked_user_ids,
+            request.blocked_user_ids_packed,
+            "blocked_user_ids",
+            MAX_BLOCKED_PAIRS,
+            "bound on blocked pairs",
+            required=False,
+        )
+        blocked_b = tick_ids(
+            request.blocked_peer_ids,
+            request.blocked_peer_ids_packed,
+            "blocked_peer_ids",
+            MAX_BLOCKED_PAIRS,
+            "bound on blocked pairs",
+            required=False,
+        )
         if (0 if blocked_a is None else blocked_a.size) != (0 if blocked_b is None else blocked_b.size):
-            raise InvalidInput(f"blocked_user_ids and blocked_peer_ids are parallel lists: got {0 if blocked_a is None else blocked_a.size} "
-                               f"and {0 if blocked_b is None else blocked_b.size} ids")
+            raise InvalidInput(
+                f"blocked_user_ids and blocked_peer_ids are parallel lists: got {0 if blocked_a is None else blocked_a.size} "
+                f"and {0 if blocked_b is None else blocked_b.size} ids"
+            )
         spaces = {req.PROBABILITY: tick.PROBABILITY, req.LOGIT: tick.LOGIT}
-        mutuals = {req.ONE_WAY: tick.ONE_WAY, req.PRODUCT: tick.PRODUCT, req.MINIMUM: tick.MINIMUM, req.HARMONIC_MEAN: tick.HARMONIC_MEAN}
+        mutuals = {
+            req.ONE_WAY: tick.ONE_WAY,
+            req.PRODUCT: tick.PRODUCT,
+            req.MINIMUM: tick.MINIMUM,
+            req.HARMONIC_MEAN: tick.HARMONIC_MEAN,
+        }
         if request.label_space not in spaces:
             raise InvalidInput(f"label_space must be PROBABILITY or LOGIT, got {request.label_space}")
         if request.mutual not in mutuals:
             raise InvalidInput(f"mutual must be ONE_WAY, PRODUCT, MINIMUM or HARMONIC_MEAN, got {request.mutual}")
         rows, cols = (pool, pool) if pool is not None else (users, peers)
         candidates = rows.size - 1 if pool is not None else cols.size
-        spec = tick.make_spec(request.k, list(request.weights), info.num_labels, candidates, label_space=spaces[request.label_space],
-                              mutual=mutuals[request.mutual], include_label_scores=request.include_label_scores,
-                              candidates_what="pool size - 1" if pool is not None else "peer_ids")
+        spec = tick.make_spec(
+            request.k,
+            list(request.weights),
+            info.num_labels,
+            candidates,
+            label_space=spaces[request.label_space],
+            mutual=mutuals[request.mutual],
+            include_label_scores=request.include_label_scores,
+            candidates_what="pool size - 1" if pool is not None else "peer_ids",
+        )
         mutual = spec.mutual != tick.ONE_WAY
-        per_pair = 12 + (4 * info.num_labels * (1 + mutual) if spec.include_label_scores else 0)  # id + value (+ label scores)
-        check_reply_size(rows.size * spec.k * per_pair // 4, f"{rows.size} persons x k={spec.k} x {per_pair} bytes", "send a smaller k or split the tick", info.max_message_bytes)
+        per_pair = 12 + (
+            4 * info.num_labels * (1 + mutual) if spec.include_label_scores else 0
+        )  # id + value (+ label scores)
+        check_reply_size(
+            rows.size * spec.k * per_pair // 4,
+            f"{rows.size} persons x k={spec.k} x {per_pair} bytes",
+            "send a smaller k or split the tick",
+            info.max_message_bytes,
+        )
         start = time.perf_counter()
         result = await asyncio.to_thread(self._tick, served.cache, pool, rows, cols, blocked_a, blocked_b, spec)
         self.metrics.execution(CACHED, rows=rows.size * cols.size, requests=1, compute_s=time.perf_counter() - start)
@@ -154,15 +220,20 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         valid = np.arange(spec.k)[None, :] < counts[:, None]
         finite_output(result.values[valid], "tick values")
         reply = pb.ScoreTickResponse(
-            ids=result.ids.astype("<i8", copy=False).tobytes(), values=tensor_proto(result.values), counts=counts.astype("<i4").tobytes(),
-            k=spec.k, label_names=info.label_names, model_version=served.info.version)
+            ids=result.ids.astype("<i8", copy=False).tobytes(),
+            values=tensor_proto(result.values),
+            counts=counts.astype("<i4").tobytes(),
+            k=spec.k,
+            label_names=info.label_names,
+            model_version=served.info.version,
+        )
         if result.label_scores is not None:
             reply.label_scores.CopyFrom(tensor_proto(result.label_scores))
         if result.reverse_label_scores is not None:
             reply.reverse_label_scores.CopyFrom(tensor_proto(result.reverse_label_scores))
         return reply
 
-    def _tick(self, cache, pool, rows, cols, blocked_a, blocked_b, spec) -> "tick.TickResult":
+    def _tick(self, cache, pool, rows, cols, blocked_a, blocked_b, spec) -> tick.TickResult:
         """The tick's work, off the event loop: one snapshot of `cache`'s vectors (the cache of the version
         the request resolved: never two versions' vectors in one tick), exclusions, score_tick."""
         mutual = spec.mutual != tick.ONE_WAY
@@ -170,27 +241,56 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         col_ids = cols[order]
         if pool is not None:
             user_vectors, peer_vectors = cache.lookup_many([("user", rows, "pool_ids"), ("peer", rows, "pool_ids")])
-            rows_user, rows_peer, cols_peer, cols_user = user_vectors, peer_vectors, peer_vectors[order], user_vectors[order]
+            rows_user, rows_peer, cols_peer, cols_user = (
+                user_vectors,
+                peer_vectors,
+                peer_vectors[order],
+                user_vectors[order],
+            )
         else:
             wanted = [("user", rows, "user_ids"), ("peer", col_ids, "peer_ids")]
             if mutual:  # c(v->u): each peer's user vector and each user's peer vector
-                wanted += [("user", col_ids, "peer_ids (as users, for mutual)"), ("peer", rows, "user_ids (as peers, for mutual)")]
+                wanted += [
+                    ("user", col_ids, "peer_ids (as users, for mutual)"),
+                    ("peer", rows, "user_ids (as peers, for mutual)"),
+                ]
             got = cache.lookup_many(wanted)
             rows_user, cols_peer = got[0], got[1]
             cols_user, rows_peer = (got[2], got[3]) if mutual else (None, None)
-        excluded = tick.exclusions(rows, col_ids, exclude_self=pool is not None, blocked_rows=blocked_a, blocked_cols=blocked_b, symmetric=pool is not None)
-        return tick.score_tick(rows, col_ids, rows_user, cols_peer, cache.label_bias, spec, rows_peer=rows_peer, cols_user=cols_user,
-                               excluded=excluded, pool=pool is not None)
+        excluded = tick.exclusions(
+            rows,
+            col_ids,
+            exclude_self=pool is not None,
+            blocked_rows=blocked_a,
+            blocked_cols=blocked_b,
+            symmetric=pool is not None,
+        )
+        return tick.score_tick(
+            rows,
+            col_ids,
+            rows_user,
+            cols_peer,
+            cache.label_bias,
+            spec,
+            rows_peer=rows_peer,
+            cols_user=cols_user,
+            excluded=excluded,
+            pool=pool is not None,
+        )
 
 
-def tick_ids(repeated: Sequence[int], packed: bytes, field: str, max_ids: int, limit: str, *, required: bool = True) -> Optional[np.ndarray]:
+def tick_ids(
+    repeated: Sequence[int], packed: bytes, field: str, max_ids: int, limit: str, *, required: bool = True
+) -> np.ndarray | None:
     """A list of distinct ids sent as `field` (repeated int64) or `field`_packed (little-endian int64
     bytes), exactly one of the two; None when neither is sent and not `required`."""
     if len(repeated) and len(packed):
         raise InvalidInput(f"{field} and {field}_packed are both set; send the ids in one of them")
     if len(packed):
         if len(packed) % 8:
-            raise InvalidInput(f"{field}_packed has {len(packed)} bytes; it holds little-endian int64 ids, 8 bytes each")
+            raise InvalidInput(
+                f"{field}_packed has {len(packed)} bytes; it holds little-endian int64 ids, 8 bytes each"
+            )
         ids = np.frombuffer(packed, dtype="<i8").astype(np.int64, copy=False)
         field = f"{field}_packed"
     elif len(repeated):

@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from neuronserve.config import ServerConfig
 from neuronserve.errors import ConfigError, Unavailable
@@ -51,7 +51,9 @@ def _command(args: argparse.Namespace) -> int:
 def run(config: ServerConfig) -> int:
     """Serve until SIGTERM/SIGINT, then drain; 0 after a clean drain."""
     if config.artifact is None and config.model_repository is None:
-        raise ConfigError("no artifact configured: pass --artifact DIR (or NEURONSERVE_ARTIFACT, or 'artifact' in --config)")
+        raise ConfigError(
+            "no artifact configured: pass --artifact DIR (or NEURONSERVE_ARTIFACT, or 'artifact' in --config)"
+        )
     from neuronserve.tls import load_tls
 
     if load_tls(config) is not None:  # bad TLS files fail here, before a pool forks (each server reads them again)
@@ -82,7 +84,12 @@ def with_workers(config: ServerConfig) -> ServerConfig:
 
 
 def configure_logging(prefix: str = "") -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s",
+        force=True,
+    )
 
 
 def run_loop(main):
@@ -110,7 +117,9 @@ def _print_ready(server: Server) -> None:
     print(server.ready_line(), flush=True)
 
 
-async def serve_process(config: ServerConfig, member: Optional[PoolMember] = None, on_ready: Callable[[Server], None] = _print_ready) -> int:
+async def serve_process(
+    config: ServerConfig, member: PoolMember | None = None, on_ready: Callable[[Server], None] = _print_ready
+) -> int:
     """Start a Server, call `on_ready`, serve until SIGTERM/SIGINT, drain; 0 after a clean drain."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -138,11 +147,16 @@ async def serve_process(config: ServerConfig, member: Optional[PoolMember] = Non
     await stopping.wait()
     stopping.clear()  # a second SIGTERM/SIGINT cuts the drain delay short
     if config.drain_delay_s > 0:
-        log.info("shutting down: health NOT_SERVING, serving for the drain delay (%.1f s), then draining accepted requests (grace period %.1f s)",
-                 config.drain_delay_s, config.grace_period_s)
+        log.info(
+            "shutting down: health NOT_SERVING, serving for the drain delay (%.1f s), then draining accepted requests (grace period %.1f s)",
+            config.drain_delay_s,
+            config.grace_period_s,
+        )
     else:
         log.info("shutting down: draining accepted requests (grace period %.1f s)", config.grace_period_s)
     await server.stop(drain_delay_s=config.drain_delay_s, cut_short=stopping)
     answered = server.metrics.outcomes() if server.metrics is not None else {}
-    log.info("stopped cleanly; requests answered: %s", " ".join(f"{k}={v}" for k, v in sorted(answered.items())) or "none")
+    log.info(
+        "stopped cleanly; requests answered: %s", " ".join(f"{k}={v}" for k, v in sorted(answered.items())) or "none"
+    )
     return 0

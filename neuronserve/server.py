@@ -31,7 +31,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from collections.abc import Callable
 
 from neuronserve.admin_auth import AdminGuard, load_token
 from neuronserve.config import Placement, ServerConfig
@@ -48,7 +48,7 @@ class PoolMember:
 
     index: int
     cache: object  # the pool's embeddings.EmbeddingCache, in memory every worker shares
-    peer_addresses: Callable[[], List[str]]  # the other live workers' private gRPC addresses (host:port)
+    peer_addresses: Callable[[], list[str]]  # the other live workers' private gRPC addresses (host:port)
 
 
 def new_cache(manifest, max_rows: int):
@@ -94,17 +94,19 @@ def model_info(manifest, config: ServerConfig, backend_name: str):
 class Server:
     """One serving process's objects, started and stopped on the running event loop."""
 
-    def __init__(self, config: ServerConfig, member: Optional[PoolMember] = None) -> None:
+    def __init__(self, config: ServerConfig, member: PoolMember | None = None) -> None:
         if config.artifact is None and config.model_repository is None:
-            raise ConfigError("no artifact configured: pass --artifact DIR (or NEURONSERVE_ARTIFACT, or 'artifact' in --config)")
+            raise ConfigError(
+                "no artifact configured: pass --artifact DIR (or NEURONSERVE_ARTIFACT, or 'artifact' in --config)"
+            )
         self.config = config
         self.member = member
-        self.port: Optional[int] = None
-        self.private_port: Optional[int] = None  # a pool member's own port
-        self.metrics_port: Optional[int] = None
+        self.port: int | None = None
+        self.private_port: int | None = None  # a pool member's own port
+        self.metrics_port: int | None = None
         self.manifest = None
         self.backend = None
-        self.cores: Optional[int] = None  # resolved at start: config.cores or the backend's default
+        self.cores: int | None = None  # resolved at start: config.cores or the backend's default
         self._abandon = threading.Event()  # set by abandon_start(); read by the stage-loading thread
         self.pipeline = None
         self.runtime = None
@@ -115,16 +117,20 @@ class Server:
         self._grpc = None
         self._grpc_started = False
         self._health = None
-        self._health_names: Tuple[str, ...] = ()
+        self._health_names: tuple[str, ...] = ()
         self._watcher = None  # health.DeviceWatcher, from _open to stop
-        self._follower = None  # fleet.Follower of a lone server with --embedding-store (a pool's runs in its supervisor)
+        self._follower = (
+            None  # fleet.Follower of a lone server with --embedding-store (a pool's runs in its supervisor)
+        )
         self._store_watcher = None  # health.DeviceWatcher of the store's health name, with --embedding-store
         self._metrics_server = None
-        self.versions = None  # versions.VersionTable: the versions served (the first built here, others by model_control)
+        self.versions = (
+            None  # versions.VersionTable: the versions served (the first built here, others by model_control)
+        )
         self.control = None  # model_control.ModelControl: the repository's versions loaded and unloaded
-        self._placement: Optional[Placement] = None
+        self._placement: Placement | None = None
         self._span = None
-        self._first_version: Optional[int] = None
+        self._first_version: int | None = None
 
     async def start(self) -> None:
         try:
@@ -139,13 +145,21 @@ class Server:
         from neuronserve.metrics import Metrics, cache_samples
 
         config = self.config
-        self._admin = AdminGuard(load_token(config.admin_token_file)) if config.admin_token_file else None  # a bad file fails before warm-up
-        self.manifest = manifest = await asyncio.to_thread(load_manifest, self._first_artifact(), True, config.trusted_key, True)  # keep_files: stages load from the checked bytes
+        self._admin = (
+            AdminGuard(load_token(config.admin_token_file)) if config.admin_token_file else None
+        )  # a bad file fails before warm-up
+        self.manifest = manifest = await asyncio.to_thread(
+            load_manifest, self._first_artifact(), True, config.trusted_key, True
+        )  # keep_files: stages load from the checked bytes
         backend = resolve_backend(config.backend, manifest)
         span = core_span(backend, config.cores)
         self.cores, self._span = span.count, span
         self.backend = make_backend(
-            backend, manifest, dataclasses.replace(config.sim, num_cores=span.count), visible_cores=span, model_process=config.model_process
+            backend,
+            manifest,
+            dataclasses.replace(config.sim, num_cores=span.count),
+            visible_cores=span,
+            model_process=config.model_process,
         )
         if config.placement:
             placement = Placement.parse(config.placement, span.count, first=span.first)
@@ -154,7 +168,9 @@ class Server:
         self._placement = placement
         self.metrics = Metrics(version=manifest.model_version, batch_buckets=self.buckets)
         self.cache = self.member.cache if self.member is not None else new_cache(manifest, config.cache_max_rows)
-        if self.member is None and config.embedding_store != "embedded":  # the fleet: writes go through the shared store
+        if (
+            self.member is None and config.embedding_store != "embedded"
+        ):  # the fleet: writes go through the shared store
             from neuronserve.fleet import open_fleet
 
             self.cache, self._follower = open_fleet(config.embedding_store, manifest, self.cache)
@@ -194,11 +210,15 @@ class Server:
         if self._first_version is not None:  # a repository's integer version
             info = dataclasses.replace(info, oip_version=str(self._first_version))
         self.state = ServingState()
-        self.versions = VersionTable(ServedVersion(int(info.oip_version), info, None, self.cache, manifest=self.manifest))
+        self.versions = VersionTable(
+            ServedVersion(int(info.oip_version), info, None, self.cache, manifest=self.manifest)
+        )
         peers = self.member.peer_addresses if self.member is not None else None
         self._servicers = [
             ScorerService(info, None, self.cache, self.metrics, self.state, self.versions),
-            InferenceService(info, None, self.cache, self.metrics, self.state, peer_addresses=peers, versions=self.versions),
+            InferenceService(
+                info, None, self.cache, self.metrics, self.state, peer_addresses=peers, versions=self.versions
+            ),
         ]
         server = grpc.aio.server(
             options=[
@@ -215,14 +235,22 @@ class Server:
         add_service(server, self._servicers[0], scorer, scorer_pb2)
         add_service(server, self._servicers[1], inference, open_inference_pb2)
         self._health = HealthServicer()  # grpc_health's (set(), enter_graceful_shutdown()) with List ...
-        add_service(server, self._health, health_pb2.DESCRIPTOR.services_by_name["Health"], health_pb2, self.metrics)  # ... behind the guard
+        add_service(
+            server, self._health, health_pb2.DESCRIPTOR.services_by_name["Health"], health_pb2, self.metrics
+        )  # ... behind the guard
         services = (scorer.full_name, inference.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         self._health_names = ("",) + services
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if config.reflection:
             # reflection.enable_server_reflection, behind the guard: a malformed message is INVALID_ARGUMENT
             reflecting = reflection.aio.ReflectionServicer(services + (reflection.SERVICE_NAME,))
-            add_service(server, reflecting, reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"], reflection_pb2, self.metrics)
+            add_service(
+                server,
+                reflecting,
+                reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+                reflection_pb2,
+                self.metrics,
+            )
 
     async def _set_health(self, status=None) -> None:
         """Every health name to `status`; by default to what the server is: the Health service SERVING
@@ -233,7 +261,9 @@ class Server:
         for name in self._health_names:
             if status is None:
                 up = self.state.serving and (self.state.devices_ready or name == "grpc.health.v1.Health")
-                await self._health.set(name, health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING)
+                await self._health.set(
+                    name, health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
             else:
                 await self._health.set(name, status)
 
@@ -243,7 +273,9 @@ class Server:
         if healthy:
             log.info("a core group can run every stage again: health SERVING, ModelReady true")
         else:
-            log.warning("no core group can run every stage (all out of rotation after faults): health NOT_SERVING, ModelReady false until a core is back")
+            log.warning(
+                "no core group can run every stage (all out of rotation after faults): health NOT_SERVING, ModelReady false until a core is back"
+            )
         await self._set_health()
 
     async def _listen(self) -> None:
@@ -277,16 +309,27 @@ class Server:
             try:
                 self.metrics_port = await self._metrics_server.start(host, port)
             except OSError as exc:
-                raise ConfigError(f"cannot listen on {host}:{port} for metrics ({exc.strerror}); choose another --metrics-port") from None
+                raise ConfigError(
+                    f"cannot listen on {host}:{port} for metrics ({exc.strerror}); choose another --metrics-port"
+                ) from None
 
     async def _warm_up(self, backend: str, placement: Placement) -> None:
         from neuronserve.pipeline import Pipeline
 
         self.pipeline = Pipeline(self.backend, placement)
         if self.member is None:
-            log.info("gRPC port %d NOT_SERVING while loading and warming up every stage at every bucket: backend %s, placement %s", self.port, backend, placement)
+            log.info(
+                "gRPC port %d NOT_SERVING while loading and warming up every stage at every bucket: backend %s, placement %s",
+                self.port,
+                backend,
+                placement,
+            )
         else:
-            log.info("loading and warming up every stage at every bucket (joining the shared port when warm): backend %s, placement %s", backend, placement)
+            log.info(
+                "loading and warming up every stage at every bucket (joining the shared port when warm): backend %s, placement %s",
+                backend,
+                placement,
+            )
         await asyncio.to_thread(self.pipeline.start, self._abandon)
 
     async def _warm_up_and_load(self, backend: str, placement: Placement) -> None:
@@ -335,7 +378,9 @@ class Server:
         gc.freeze()  # everything built so far lives as long as the server: keep it out of the collector's scans
         self.state.serving = True
         await self._set_health()
-        self._watcher = DeviceWatcher(lambda: (self.versions.current.pipeline or self.pipeline).healthy(), self._devices_changed)
+        self._watcher = DeviceWatcher(
+            lambda: (self.versions.current.pipeline or self.pipeline).healthy(), self._devices_changed
+        )
         self._watcher.start()
         store_status = getattr(self.cache, "status", None)
         if store_status is not None:  # health name neuronserve.EmbeddingStore: NOT_SERVING while the copy is stale
@@ -355,7 +400,9 @@ class Server:
         repository = Repository(Path(config.model_repository))
         scan = repository.scan(repository.only_model(), VersionPolicy.parse(config.version_policy))
         if not scan.selected:
-            raise ConfigError(f"model repository {config.model_repository}: the version policy {config.version_policy} selects none of {list(scan.versions) or 'no versions'}")
+            raise ConfigError(
+                f"model repository {config.model_repository}: the version policy {config.version_policy} selects none of {list(scan.versions) or 'no versions'}"
+            )
         self._first_version = scan.selected[-1]
         return scan.path(self._first_version)
 
@@ -371,9 +418,13 @@ class Server:
             repository = Repository(Path(config.model_repository))
             model = repository.only_model()
         else:
-            repository = Repository.of_artifact(self.manifest.directory, self.manifest.model_name, self.manifest.model_version)
+            repository = Repository.of_artifact(
+                self.manifest.directory, self.manifest.model_name, self.manifest.model_version
+            )
             model = self.manifest.model_name
-        self.control = ModelControl(repository, model, policy, self.versions, self.build_version, config.model_control, config.grace_period_s)
+        self.control = ModelControl(
+            repository, model, policy, self.versions, self.build_version, config.model_control, config.grace_period_s
+        )
         self._servicers[1].control = self.control
         self._servicers[1].admin = self._admin
         from neuronserve.model_control import control_samples
@@ -404,14 +455,23 @@ class Server:
 
         config = self.config
         manifest = await asyncio.to_thread(load_manifest, path, True, config.trusted_key, True)
-        shape = lambda m: (m.model_config.user_features, m.model_config.peer_features, m.model_config.num_labels, m.model_config.label_dim, tuple(m.label_names))  # noqa: E731
+
+        def shape(m):
+            cfg = m.model_config
+            return cfg.user_features, cfg.peer_features, cfg.num_labels, cfg.label_dim, tuple(m.label_names)
+
         if shape(manifest) != shape(self.manifest):
-            raise ArtifactError(f"{path}: its inputs and outputs (F_u, F_p, K, D, labels) {shape(manifest)} differ from the served model's "
-                                f"{shape(self.manifest)}; versions of one model must share them (serve it as another model)")
+            raise ArtifactError(
+                f"{path}: its inputs and outputs (F_u, F_p, K, D, labels) {shape(manifest)} differ from the served model's "
+                f"{shape(self.manifest)}; versions of one model must share them (serve it as another model)"
+            )
         reference = manifest.file_bytes(manifest.reference_file)
         backend = make_backend(
-            resolve_backend(config.backend, manifest), manifest, dataclasses.replace(config.sim, num_cores=self.cores),
-            visible_cores=self._span, model_process=config.model_process,
+            resolve_backend(config.backend, manifest),
+            manifest,
+            dataclasses.replace(config.sim, num_cores=self.cores),
+            visible_cores=self._span,
+            model_process=config.model_process,
         )
         pipeline = Pipeline(backend, self._placement)
         try:
@@ -425,14 +485,16 @@ class Server:
             backend.close()
             raise
         info = dataclasses.replace(model_info(manifest, config, backend.name), oip_version=str(version))
-        return ServedVersion(version, info, runtime, new_cache(manifest, config.cache_max_rows), pipeline, backend, manifest)
+        return ServedVersion(
+            version, info, runtime, new_cache(manifest, config.cache_max_rows), pipeline, backend, manifest
+        )
 
     @property
     def serving(self) -> bool:
         return self.state is not None and self.state.serving
 
     @property
-    def buckets(self) -> Tuple[int, ...]:
+    def buckets(self) -> tuple[int, ...]:
         return self.manifest.stage("user_tower").batch_sizes
 
     def ready_line(self) -> str:
@@ -449,7 +511,7 @@ class Server:
         self._abandon.set()
 
     async def stop(
-        self, grace_period_s: Optional[float] = None, drain_delay_s: float = 0.0, cut_short: Optional[asyncio.Event] = None
+        self, grace_period_s: float | None = None, drain_delay_s: float = 0.0, cut_short: asyncio.Event | None = None
     ) -> None:
         """Drain and stop within `grace_period_s` (default: the config's): health NOT_SERVING, new requests
         UNAVAILABLE, queued requests answered, gRPC stopped, pipeline closed. Safe on a half-started server.

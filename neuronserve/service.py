@@ -25,8 +25,8 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Optional, Protocol, Sequence, Tuple
-INTERNAL_MESSAGE = "internal error in neuronserve; the server log has the details"
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 import grpc
 import numpy as np
@@ -35,6 +35,8 @@ from google.protobuf.message import DecodeError
 from neuronserve.errors import DeadlineExceeded, InvalidInput, NeuronServeError, Unavailable
 from neuronserve.protos import open_inference_pb2 as oip
 from neuronserve.protos import scorer_pb2 as pb
+
+INTERNAL_MESSAGE = "internal error in neuronserve; the server log has the details"
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ class ModelInfo:
     peer_features: int
     num_labels: int
     label_dim: int
-    label_names: Tuple[str, ...]
+    label_names: tuple[str, ...]
     max_peers: int  # M per Score / ScoreByIds / ScoreMatrix / OIP twotower request
     max_tower_rows: int  # rows per UpsertEmbeddings / OIP tower request
     max_message_bytes: int
@@ -113,10 +115,10 @@ def oip_version_of(artifact_version: str) -> str:
 class Runtime(Protocol):
     """What the services call below them (server.Runtime: batchers over the pipeline)."""
 
-    async def score(self, user_features: np.ndarray, peer_features: np.ndarray, deadline_s: Optional[float]) -> np.ndarray:
+    async def score(self, user_features: np.ndarray, peer_features: np.ndarray, deadline_s: float | None) -> np.ndarray:
         """[1, F_u] and [M, F_p] float32 -> logits [M, K]; deadline_s absolute on time.monotonic()."""
 
-    async def embed(self, tower: str, features: np.ndarray, deadline_s: Optional[float]) -> np.ndarray:
+    async def embed(self, tower: str, features: np.ndarray, deadline_s: float | None) -> np.ndarray:
         """`tower` in TOWERS, [N, F] float32 -> tower outputs [N, K, D]."""
 
 
@@ -162,7 +164,9 @@ def array_from_bytes(data: bytes, shape: Sequence[int], field: str) -> np.ndarra
 def check_dims(shape: Sequence[int], field: str) -> None:
     """At most MAX_DIMS dimensions: numpy refuses more than 64 (an INTERNAL error, if not caught here)."""
     if len(shape) > MAX_DIMS:
-        raise InvalidInput(f"{field}: shape {shape_text(shape)} has more than {MAX_DIMS} dimensions; inputs here have 1 or 2")
+        raise InvalidInput(
+            f"{field}: shape {shape_text(shape)} has more than {MAX_DIMS} dimensions; inputs here have 1 or 2"
+        )
 
 
 def tensor_array(tensor: pb.Tensor, field: str) -> np.ndarray:
@@ -181,7 +185,9 @@ def fp32_contents(contents: oip.InferTensorContents, field: str) -> np.ndarray:
     then the little-endian float32 values."""
     others = [f.name for f, _ in contents.ListFields() if f.name != "fp32_contents"]
     if others:
-        raise InvalidInput(f"{field}: datatype FP32 takes its values in contents.fp32_contents, got {', '.join(others)}")
+        raise InvalidInput(
+            f"{field}: datatype FP32 takes its values in contents.fp32_contents, got {', '.join(others)}"
+        )
     wire = contents.SerializeToString()
     if not wire:
         return np.empty(0, dtype=F32_LE)
@@ -201,7 +207,9 @@ def check_reply_size(values: int, what: str, advice: str, max_message_bytes: int
     """Refuse, before any work, a request whose float32 reply would not fit in one message."""
     reply_bytes = 4 * values
     if reply_bytes > max_message_bytes - _RESPONSE_HEADROOM_BYTES:
-        raise InvalidInput(f"{what} = {reply_bytes} bytes of float32 in the reply, above the server's max_message_bytes of {max_message_bytes}; {advice}")
+        raise InvalidInput(
+            f"{what} = {reply_bytes} bytes of float32 in the reply, above the server's max_message_bytes of {max_message_bytes}; {advice}"
+        )
 
 
 def finite_output(array: np.ndarray, what: str) -> np.ndarray:
@@ -227,13 +235,15 @@ def scores_checked(scores: np.ndarray, inputs: Sequence[np.ndarray], fields: Seq
     event loop: the pipeline turns the scores of every row with a non-finite feature into NaN). So a
     finite output means finite inputs; otherwise the error names the input at fault, else the output."""
     if not np.isfinite(scores).all():
-        for array, field in zip(inputs, fields):
+        for array, field in zip(inputs, fields, strict=False):
             check_finite(array, field)
         finite_output(scores, "scores")
     return scores
 
 
-def feature_rows(array: np.ndarray, field: str, width: int, max_rows: int, limit: str, finite: bool = True) -> np.ndarray:
+def feature_rows(
+    array: np.ndarray, field: str, width: int, max_rows: int, limit: str, finite: bool = True
+) -> np.ndarray:
     """A [rows, width] feature matrix with 1 <= rows <= max_rows (`limit` names the setting), all finite
     (unless finite=False: the score path checks its output instead, see scores_checked)."""
     if array.ndim != 2 or array.shape[1] != width:
@@ -264,7 +274,7 @@ def id_array(values: Sequence[int], field: str, max_ids: int, limit: str) -> np.
     return ids
 
 
-def deadline_of(context: grpc.aio.ServicerContext) -> Optional[float]:
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     """The gRPC deadline as an absolute time.monotonic() value (None: the caller set none)."""
     remaining_s = context.time_remaining()
     return None if remaining_s is None else time.monotonic() + remaining_s
@@ -278,7 +288,7 @@ class _Malformed:
     error: str
 
 
-def streaming(method) -> Tuple[bool, bool]:
+def streaming(method) -> tuple[bool, bool]:
     """(client_streaming, server_streaming) of a MethodDescriptor. protobuf < 3.20 (the 3.19.5 of AWS's
     Inf1 image) has no such attributes: there they come from the method's descriptor proto."""
     try:
@@ -314,7 +324,10 @@ def add_service(server: grpc.aio.Server, servicer, service, messages, metrics=No
     async def refuse(request: _Malformed, type_name: str, context) -> None:
         if metrics is not None:
             metrics.request(UNKNOWN_MODEL, grpc.StatusCode.INVALID_ARGUMENT.name, 0.0)
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _bounded(f"the request body is not a valid {type_name} protobuf ({request.error})"))
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            _bounded(f"the request body is not a valid {type_name} protobuf ({request.error})"),
+        )
 
     def checked(requests, type_name: str, context):
         async def each():
@@ -329,19 +342,23 @@ def add_service(server: grpc.aio.Server, servicer, service, messages, metrics=No
         type_name = method.input_type.full_name
         if streaming(method)[0]:  # the handler reads the stream: each message is checked as it comes
             if inspect.isasyncgenfunction(handler):
+
                 async def call(requests, context):
                     async for reply in handler(checked(requests, type_name, context), context):
                         yield reply
             else:
+
                 async def call(requests, context):
                     return await handler(checked(requests, type_name, context), context)
         elif inspect.isasyncgenfunction(handler):
+
             async def call(request, context):
                 if isinstance(request, _Malformed):
                     await refuse(request, type_name, context)
                 async for reply in handler(request, context):
                     yield reply
         else:
+
             async def call(request, context):
                 if isinstance(request, _Malformed):
                     await refuse(request, type_name, context)
@@ -379,7 +396,9 @@ class Servicer:
     whose shapes differ); a reply names `served.info`'s version. `runtime` and `cache` are the
     current version's."""
 
-    def __init__(self, info: ModelInfo, runtime: Optional[Runtime], cache, metrics, state: ServingState, versions=None) -> None:
+    def __init__(
+        self, info: ModelInfo, runtime: Runtime | None, cache, metrics, state: ServingState, versions=None
+    ) -> None:
         from neuronserve.versions import ServedVersion, VersionTable
 
         self.info = info
@@ -393,11 +412,11 @@ class Servicer:
         self.served = served
 
     @property
-    def runtime(self) -> Optional[Runtime]:
+    def runtime(self) -> Runtime | None:
         return self.served.runtime
 
     @runtime.setter
-    def runtime(self, runtime: Optional[Runtime]) -> None:
+    def runtime(self, runtime: Runtime | None) -> None:
         self.served.runtime = runtime
 
     @property
@@ -422,7 +441,9 @@ class Servicer:
                 self.state.check()
                 remaining_s = context.time_remaining()
                 if remaining_s is not None and remaining_s <= 0:  # shed a backlog at the door: nobody waits for it
-                    raise DeadlineExceeded(f"the request's deadline passed {-remaining_s * 1e3:.1f} ms before it was served; the server is overloaded")
+                    raise DeadlineExceeded(
+                        f"the request's deadline passed {-remaining_s * 1e3:.1f} ms before it was served; the server is overloaded"
+                    )
             reply = await handler(request, context)
         except NeuronServeError as exc:
             code = getattr(grpc.StatusCode, exc.status, grpc.StatusCode.INTERNAL)

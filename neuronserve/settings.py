@@ -10,7 +10,8 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any
+from collections.abc import Callable, Mapping
 
 from neuronserve.config import BatchingConfig, ServerConfig, SimConfig, read_json_object
 from neuronserve.errors import ConfigError
@@ -105,41 +106,140 @@ class _Setting:
         return ENV_PREFIX + self.key.upper()
 
 
-SETTINGS: Tuple[_Setting, ...] = (
-    _Setting("artifact", _optional(_text), "DIR", "compiled artifact directory (default: the demo model, compiled for the CPU on first run)"),
-    _Setting("backend", _text, "NAME", "auto | cpu | sim | neuron (auto: neuron when torch-neuron and a NeuronCore are here and the artifact was compiled for neuron, else cpu)"),
-    _Setting("cores", _integer, "N", "NeuronCores to use, over all workers (neuron: the NEURON_RT_VISIBLE_CORES range when set, else 4, one Inferentia chip; sim: cores simulated, default 4; cpu: executor threads, default one per usable CPU less one per worker for its event loop)"),
-    _Setting("workers", _optional(_integer), "N", "serving processes sharing the gRPC port, each owning an even share of the cores (1: one process, no supervisor; default: cpu 1, neuron and sim one per 4 cores while each keeps 4 host CPUs)"),
-    _Setting("cpu_affinity", _text, "MODE", "workers: 'split' pins each worker to an even share of the usable CPUs; 'none' leaves them unpinned"),
-    _Setting("worker_timeout_s", _number, "S", "workers: one whose event loop has not ticked for this long is killed and replaced"),
-    _Setting("placement", _text, "SPEC", "stage placement, e.g. user_tower=0,peer_tower=1-2,pair_scorer=3 (default: data parallel)"),
+SETTINGS: tuple[_Setting, ...] = (
+    _Setting(
+        "artifact",
+        _optional(_text),
+        "DIR",
+        "compiled artifact directory (default: the demo model, compiled for the CPU on first run)",
+    ),
+    _Setting(
+        "backend",
+        _text,
+        "NAME",
+        "auto | cpu | sim | neuron (auto: neuron when torch-neuron and a NeuronCore are here and the artifact was compiled for neuron, else cpu)",
+    ),
+    _Setting(
+        "cores",
+        _integer,
+        "N",
+        "NeuronCores to use, over all workers (neuron: the NEURON_RT_VISIBLE_CORES range when set, else 4, one Inferentia chip; sim: cores simulated, default 4; cpu: executor threads, default one per usable CPU less one per worker for its event loop)",
+    ),
+    _Setting(
+        "workers",
+        _optional(_integer),
+        "N",
+        "serving processes sharing the gRPC port, each owning an even share of the cores (1: one process, no supervisor; default: cpu 1, neuron and sim one per 4 cores while each keeps 4 host CPUs)",
+    ),
+    _Setting(
+        "cpu_affinity",
+        _text,
+        "MODE",
+        "workers: 'split' pins each worker to an even share of the usable CPUs; 'none' leaves them unpinned",
+    ),
+    _Setting(
+        "worker_timeout_s",
+        _number,
+        "S",
+        "workers: one whose event loop has not ticked for this long is killed and replaced",
+    ),
+    _Setting(
+        "placement",
+        _text,
+        "SPEC",
+        "stage placement, e.g. user_tower=0,peer_tower=1-2,pair_scorer=3 (default: data parallel)",
+    ),
     _Setting("host", _text, "HOST", "address to listen on"),
     _Setting("port", _integer, "PORT", "gRPC port, 0 = any free port"),
     _Setting("metrics_port", _optional(_integer), "PORT", "Prometheus /metrics port, 0 = any, 'off' = none"),
     _Setting("max_peers", _integer, "M", "most peers (and users) per scoring request"),
     _Setting("max_message_bytes", _integer, "BYTES", "gRPC max send/receive message size (1024 to 2**31 - 1)"),
     _Setting("grace_period_s", _number, "S", "shutdown: seconds to answer accepted requests"),
-    _Setting("drain_delay_s", _number, "S", "shutdown: on SIGTERM health goes NOT_SERVING at once but requests are still served this long (so load balancers and Kubernetes endpoints stop sending first), then the drain; a second signal cuts it short"),
-    _Setting("max_connection_age_s", _optional(_number), "S", "close each client connection (GOAWAY) after about this long, its calls given the grace period, so clients rebalance over new replicas; 'off' = never"),
-    _Setting("tls_cert", _optional(_text), "FILE", "serve gRPC over TLS with this PEM certificate (chain); needs --tls-key"),
+    _Setting(
+        "drain_delay_s",
+        _number,
+        "S",
+        "shutdown: on SIGTERM health goes NOT_SERVING at once but requests are still served this long (so load balancers and Kubernetes endpoints stop sending first), then the drain; a second signal cuts it short",
+    ),
+    _Setting(
+        "max_connection_age_s",
+        _optional(_number),
+        "S",
+        "close each client connection (GOAWAY) after about this long, its calls given the grace period, so clients rebalance over new replicas; 'off' = never",
+    ),
+    _Setting(
+        "tls_cert", _optional(_text), "FILE", "serve gRPC over TLS with this PEM certificate (chain); needs --tls-key"
+    ),
     _Setting("tls_key", _optional(_text), "FILE", "the PEM private key (unencrypted) of --tls-cert"),
-    _Setting("tls_client_ca", _optional(_text), "FILE", "mTLS: require a client certificate signed by a CA in this PEM file (needs --tls-cert)"),
-    _Setting("admin_token_file", _optional(_text), "FILE", "the model repository RPCs (index, load, unload) need metadata 'authorization: Bearer <token>' with the token in this file (one line, >= 16 bytes); needed for --model-control on a non-loopback --host unless --tls-client-ca is set"),
-    _Setting("trusted_key", _optional(_text), "FILE", "refuse an artifact not signed (manifest.sig) by a key in this PEM file of Ed25519 public keys (one or more, concatenated; `neuronserve keygen` makes a pair); unset: integrity checks only"),
+    _Setting(
+        "tls_client_ca",
+        _optional(_text),
+        "FILE",
+        "mTLS: require a client certificate signed by a CA in this PEM file (needs --tls-cert)",
+    ),
+    _Setting(
+        "admin_token_file",
+        _optional(_text),
+        "FILE",
+        "the model repository RPCs (index, load, unload) need metadata 'authorization: Bearer <token>' with the token in this file (one line, >= 16 bytes); needed for --model-control on a non-loopback --host unless --tls-client-ca is set",
+    ),
+    _Setting(
+        "trusted_key",
+        _optional(_text),
+        "FILE",
+        "refuse an artifact not signed (manifest.sig) by a key in this PEM file of Ed25519 public keys (one or more, concatenated; `neuronserve keygen` makes a pair); unset: integrity checks only",
+    ),
     _Setting("reflection", _switch, "on|off", "gRPC server reflection"),
-    _Setting("model_process", _switch, "on|off", "cpu backend: run each core group's fused graph in a process of its own, fed through shared memory from the event loop (no executor thread waiting for the GIL: docs/benchmarks.md)"),
+    _Setting(
+        "model_process",
+        _switch,
+        "on|off",
+        "cpu backend: run each core group's fused graph in a process of its own, fed through shared memory from the event loop (no executor thread waiting for the GIL: docs/benchmarks.md)",
+    ),
     _Setting("cache_max_rows", _integer, "ROWS", "embedding cache bound per kind"),
-    _Setting("embedding_store", _store_url, "URL", "'embedded' (the in-process cache only) or redis://HOST:PORT/DB: a shared store every replica writes upserts to and follows into its local cache, loaded before SERVING (docs/fleet.md)"),
-    _Setting("model_repository", _optional(_text), "DIR", "a model repository, DIR/<model>/<integer version>/ each an artifact (Triton's layout), instead of --artifact; one model directory"),
-    _Setting("model_control", _text, "MODE", "none | explicit (Triton's RepositoryModelLoad/Unload switch versions while serving) | poll (rescan the repository every --repository-poll-s)"),
-    _Setting("version_policy", _text, "POLICY", "versions of the repository's model to serve: latest, latest:N, all or specific:V1,V2; requests naming no version get the highest"),
+    _Setting(
+        "embedding_store",
+        _store_url,
+        "URL",
+        "'embedded' (the in-process cache only) or redis://HOST:PORT/DB: a shared store every replica writes upserts to and follows into its local cache, loaded before SERVING (docs/fleet.md)",
+    ),
+    _Setting(
+        "model_repository",
+        _optional(_text),
+        "DIR",
+        "a model repository, DIR/<model>/<integer version>/ each an artifact (Triton's layout), instead of --artifact; one model directory",
+    ),
+    _Setting(
+        "model_control",
+        _text,
+        "MODE",
+        "none | explicit (Triton's RepositoryModelLoad/Unload switch versions while serving) | poll (rescan the repository every --repository-poll-s)",
+    ),
+    _Setting(
+        "version_policy",
+        _text,
+        "POLICY",
+        "versions of the repository's model to serve: latest, latest:N, all or specific:V1,V2; requests naming no version get the highest",
+    ),
     _Setting("repository_poll_s", _number, "S", "--model-control poll: seconds between rescans of the repository"),
     _Setting("max_queue_delay_ms", _number, "MS", "batching delay bound from the oldest queued request"),
     _Setting("max_queue_rows", _integer, "ROWS", "queue bound in rows (memory); past it RESOURCE_EXHAUSTED at once"),
-    _Setting("max_queue_wait_ms", _number, "MS", "queue bound in time: a request whose queue ahead needs longer to drain is RESOURCE_EXHAUSTED at once"),
+    _Setting(
+        "max_queue_wait_ms",
+        _number,
+        "MS",
+        "queue bound in time: a request whose queue ahead needs longer to drain is RESOURCE_EXHAUSTED at once",
+    ),
     _Setting("max_batch_rows", _optional(_integer), "ROWS", "rows per batch (default: the largest compiled bucket)"),
-    _Setting("max_in_flight_batches", _optional(_integer), "N", "batches in flight per batcher (default: the pipeline's executor slots)"),
-    _Setting("sim_latency_scale", _number, "X", "sim backend: multiply the device latency model (0 = as fast as the CPU)"),
+    _Setting(
+        "max_in_flight_batches",
+        _optional(_integer),
+        "N",
+        "batches in flight per batcher (default: the pipeline's executor slots)",
+    ),
+    _Setting(
+        "sim_latency_scale", _number, "X", "sim backend: multiply the device latency model (0 = as fast as the CPU)"
+    ),
     _Setting("sim_core_timeout_s", _number, "S", "sim backend: an execution past this is a hung core"),
     _Setting("sim_reset_s", _number, "S", "sim backend: a faulted core is back in rotation after this"),
 )
@@ -149,19 +249,26 @@ _SECTIONS = {"server": ServerConfig, "batching": BatchingConfig, "sim": SimConfi
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Every setting as a flag (raw strings: resolve_config parses them and names the flag on error)."""
     parser.add_argument(
-        "--config", metavar="FILE.json", default=None, help=f"JSON object of settings (keys: the flag names with _); env {ENV_PREFIX}CONFIG"
+        "--config",
+        metavar="FILE.json",
+        default=None,
+        help=f"JSON object of settings (keys: the flag names with _); env {ENV_PREFIX}CONFIG",
     )
     for setting in SETTINGS:
         default = getattr(_SECTIONS[setting.section](), setting.field)
-        shown = "" if default is None else f" (default {('off', 'on')[default] if isinstance(default, bool) else default})"
-        parser.add_argument(setting.flag, dest=setting.key, metavar=setting.metavar, help=f"{setting.help}{shown}; env {setting.env}")
+        shown = (
+            "" if default is None else f" (default {('off', 'on')[default] if isinstance(default, bool) else default})"
+        )
+        parser.add_argument(
+            setting.flag, dest=setting.key, metavar=setting.metavar, help=f"{setting.help}{shown}; env {setting.env}"
+        )
 
 
-def resolve_config(args: argparse.Namespace, environ: Optional[Mapping[str, str]] = None) -> ServerConfig:
+def resolve_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerConfig:
     """ServerConfig from flags > --config file > NEURONSERVE_* environment > defaults. A bad value is a
     ConfigError naming where it came from (the flag, the file and key, or the variable)."""
     environ = os.environ if environ is None else environ
-    values: Dict[str, Tuple[Any, str]] = {}  # key -> (raw value, source)
+    values: dict[str, tuple[Any, str]] = {}  # key -> (raw value, source)
     for setting in SETTINGS:
         if setting.env in environ:
             values[setting.key] = (environ[setting.env], f"environment variable {setting.env}")
@@ -176,7 +283,7 @@ def resolve_config(args: argparse.Namespace, environ: Optional[Mapping[str, str]
         value = getattr(args, setting.key, None)
         if value is not None:
             values[setting.key] = (value, setting.flag)
-    sections: Dict[str, Dict[str, Any]] = {name: {} for name in _SECTIONS}
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
     for setting in SETTINGS:
         if setting.key not in values:
             continue
@@ -191,7 +298,7 @@ def resolve_config(args: argparse.Namespace, environ: Optional[Mapping[str, str]
     return ServerConfig(**server, batching=BatchingConfig(**sections["batching"]), sim=SimConfig(**sections["sim"]))
 
 
-def _read_config_file(path: str) -> Dict[str, Any]:
+def _read_config_file(path: str) -> dict[str, Any]:
     data = read_json_object(path, f"config file {path}")
     known = {s.key for s in SETTINGS}
     unknown = sorted(set(data) - known)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any
+from collections.abc import Callable
 
 from neuronserve.errors import NotFound, Unavailable
 
@@ -40,7 +41,7 @@ class ServedVersion:
     manifest: Any = None
 
     @property
-    def names(self) -> Tuple[str, ...]:
+    def names(self) -> tuple[str, ...]:
         """The strings a request may name this version by: the integer and the artifact's version."""
         return (str(self.version), self.info.version)
 
@@ -62,9 +63,9 @@ class VersionTable:
     """version -> ServedVersion, with `current` the highest; mutated on the event loop only."""
 
     def __init__(self, first: ServedVersion) -> None:
-        self._by_version: Dict[int, ServedVersion] = {}
-        self._by_name: Dict[str, ServedVersion] = {}
-        self._listeners: List[Listener] = []
+        self._by_version: dict[int, ServedVersion] = {}
+        self._by_name: dict[str, ServedVersion] = {}
+        self._listeners: list[Listener] = []
         self.current = first
         self._add(first)
 
@@ -79,24 +80,26 @@ class VersionTable:
             return self.current
         served = self._by_name.get(name)
         if served is None:
-            raise NotFound(f"version {name[:64]!r} is not served; served versions: {', '.join(map(str, self.versions))} (or send none for {self.current.version})")
+            raise NotFound(
+                f"version {name[:64]!r} is not served; served versions: {', '.join(map(str, self.versions))} (or send none for {self.current.version})"
+            )
         return served
 
     def serves(self, name: str) -> bool:
         """Whether a request naming `name` (integer or artifact version) is answered."""
         return name in self._by_name
 
-    def get(self, version: int) -> Optional[ServedVersion]:
+    def get(self, version: int) -> ServedVersion | None:
         return self._by_version.get(version)
 
     @property
-    def versions(self) -> Tuple[int, ...]:
+    def versions(self) -> tuple[int, ...]:
         return tuple(sorted(self._by_version))
 
-    def all(self) -> Tuple[ServedVersion, ...]:
+    def all(self) -> tuple[ServedVersion, ...]:
         return tuple(self._by_version[v] for v in self.versions)
 
-    def install(self, served: ServedVersion) -> Optional[ServedVersion]:
+    def install(self, served: ServedVersion) -> ServedVersion | None:
         """Serve `served` (warm, runtime attached); `current` becomes the highest version. Returns the
         ServedVersion it replaces at the same number (the caller drains and closes it), else None."""
         replaced = self._by_version.get(served.version)
@@ -125,7 +128,7 @@ class VersionTable:
         """False after unload_all, until a version is installed again."""
         return bool(self._by_version)
 
-    def unload_all(self) -> Tuple[ServedVersion, ...]:
+    def unload_all(self) -> tuple[ServedVersion, ...]:
         """Serve nothing: `current` becomes a stand-in whose runtime and cache answer UNAVAILABLE
         (metrics still read the last version's counters). Returns the versions removed (the caller
         drains and closes them)."""

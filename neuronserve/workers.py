@@ -17,6 +17,7 @@ ports live in shared arrays. docs/workers.md has the rules and the measurements 
 
 from __future__ import annotations
 
+import contextlib
 import asyncio
 import ctypes
 import dataclasses
@@ -27,7 +28,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
 
 from neuronserve.config import VISIBLE_CORES_ENV, CoreGroup, ServerConfig
 from neuronserve.errors import ConfigError, NeuronServeError
@@ -46,10 +47,12 @@ STOP_MARGIN_S = 5.0  # past the drain delay and the grace period, a worker still
 class WorkerPlan:
     index: int
     cores: CoreGroup  # neuron: absolute NeuronCores (its NEURON_RT_VISIBLE_CORES); sim: simulated cores; cpu: executor threads
-    cpus: Optional[Tuple[int, ...]] = None  # host CPUs it is pinned to (--cpu-affinity split)
+    cpus: tuple[int, ...] | None = None  # host CPUs it is pinned to (--cpu-affinity split)
 
 
-def plan_workers(config: ServerConfig, backend: str, pipeline_cores: int, usable_cpus: Tuple[int, ...]) -> List[WorkerPlan]:
+def plan_workers(
+    config: ServerConfig, backend: str, pipeline_cores: int, usable_cpus: tuple[int, ...]
+) -> list[WorkerPlan]:
     """Split the cores evenly over config.workers workers. neuron/sim: the span core_span gives (the device
     plugin's NEURON_RT_VISIBLE_CORES, --cores, or one chip), in contiguous ranges of a multiple of the
     artifact's pipeline cores. cpu: --cores executor threads in all, by default one per usable CPU less one
@@ -60,7 +63,9 @@ def plan_workers(config: ServerConfig, backend: str, pipeline_cores: int, usable
     if backend == "cpu":
         total = config.cores or max(n, len(usable_cpus) - n) // n * n
         if total < n or total % n:
-            raise ConfigError(f"--cores {total} executors do not split evenly over --workers {n}; use a multiple of {n}")
+            raise ConfigError(
+                f"--cores {total} executors do not split evenly over --workers {n}; use a multiple of {n}"
+            )
         spans = [CoreGroup(0, total // n)] * n
     else:
         span = core_span(backend, config.cores)
@@ -71,10 +76,12 @@ def plan_workers(config: ServerConfig, backend: str, pipeline_cores: int, usable
                 "(the artifact's pipeline cores); choose --workers dividing the cores"
             )
         spans = [CoreGroup(span.first + i * per, per) if backend == "neuron" else CoreGroup(0, per) for i in range(n)]
-    cpus: List[Optional[Tuple[int, ...]]] = [None] * n
+    cpus: list[tuple[int, ...] | None] = [None] * n
     if config.cpu_affinity == "split":
         if len(usable_cpus) < n:
-            raise ConfigError(f"--cpu-affinity split needs a CPU per worker: {len(usable_cpus)} usable CPUs for --workers {n}")
+            raise ConfigError(
+                f"--cpu-affinity split needs a CPU per worker: {len(usable_cpus)} usable CPUs for --workers {n}"
+            )
         share = len(usable_cpus) // n
         cpus = [tuple(usable_cpus[i * share : (i + 1) * share]) for i in range(n)]
     return [WorkerPlan(i, spans[i], cpus[i]) for i in range(n)]
@@ -88,7 +95,7 @@ class WorkerReady:
     index: int
     pid: int
     private_port: int
-    metrics_port: Optional[int]
+    metrics_port: int | None
 
 
 @dataclass(frozen=True)
@@ -109,7 +116,7 @@ class PoolShared:
         self.heartbeats = multiprocessing.RawArray(ctypes.c_double, workers)
         self.ports = multiprocessing.RawArray(ctypes.c_int, workers)
 
-    def peer_addresses(self, index: int) -> List[str]:
+    def peer_addresses(self, index: int) -> list[str]:
         from neuronserve.server import grpc_address
 
         return [grpc_address(self.host, port) for i, port in enumerate(self.ports) if i != index and port]
@@ -191,10 +198,10 @@ class RestartPolicy:
         self.max_restarts, self.window_s = max_restarts, window_s
         self.first_delay_s, self.max_delay_s = first_delay_s, max_delay_s
         self._clock = clock
-        self._exits: List[float] = []
-        self._delay_s: Dict[int, float] = {}
+        self._exits: list[float] = []
+        self._delay_s: dict[int, float] = {}
 
-    def on_exit(self, index: int) -> Optional[float]:
+    def on_exit(self, index: int) -> float | None:
         """Seconds to wait before restarting worker `index`, or None: give up, the pool is crash-looping."""
         now = self._clock()
         self._exits = [t for t in self._exits if now - t < self.window_s] + [now]
@@ -214,15 +221,17 @@ class RestartPolicy:
 @dataclass
 class _Worker:
     plan: WorkerPlan
-    process: Optional[multiprocessing.process.BaseProcess] = None
+    process: multiprocessing.process.BaseProcess | None = None
     conn: object = None  # the supervisor's end of the worker's pipe
-    ready: Optional[WorkerReady] = None
-    restart_at: Optional[float] = None  # monotonic time of the next start; None: running or stopped
+    ready: WorkerReady | None = None
+    restart_at: float | None = None  # monotonic time of the next start; None: running or stopped
     restarts: int = 0
 
 
 class Supervisor:
-    def __init__(self, config: ServerConfig, plans: List[WorkerPlan], shared: PoolShared, ready_line: Callable[[Optional[int]], str]) -> None:
+    def __init__(
+        self, config: ServerConfig, plans: list[WorkerPlan], shared: PoolShared, ready_line: Callable[[int | None], str]
+    ) -> None:
         self.config = config
         self.shared = shared
         self.workers = [_Worker(plan) for plan in plans]
@@ -230,8 +239,8 @@ class Supervisor:
         self._ready_line = ready_line
         self._context = multiprocessing.get_context("fork")
         self._stopping = asyncio.Event()
-        self._failure: Optional[str] = None  # why the pool gave up
-        self.metrics_port: Optional[int] = None
+        self._failure: str | None = None  # why the pool gave up
+        self.metrics_port: int | None = None
 
     async def run(self) -> int:
         from neuronserve.metrics_http import MetricsServer
@@ -247,7 +256,9 @@ class Supervisor:
             try:
                 self.metrics_port = await metrics_server.start(host, self.config.metrics_port)
             except OSError as exc:
-                raise ConfigError(f"cannot listen on {host}:{self.config.metrics_port} for metrics ({exc.strerror}); choose another --metrics-port") from None
+                raise ConfigError(
+                    f"cannot listen on {host}:{self.config.metrics_port} for metrics ({exc.strerror}); choose another --metrics-port"
+                ) from None
         for worker in self.workers:
             self._start(worker)
         announced = False
@@ -257,10 +268,8 @@ class Supervisor:
                 if not announced and all(w.ready for w in self.workers):
                     print(self._ready_line(self.metrics_port), flush=True)
                     announced = True
-                try:
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), POLL_S)
-                except asyncio.TimeoutError:
-                    pass
             code = await self._stop_all()
         finally:
             if metrics_server is not None:
@@ -275,13 +284,20 @@ class Supervisor:
         receive, send = self._context.Pipe(duplex=False)
         self.shared.heartbeats[worker.plan.index] = time.monotonic()
         process = self._context.Process(
-            target=_worker_main, args=(self.config, worker.plan, self.shared, send), name=f"neuronserve-worker{worker.plan.index}"
+            target=_worker_main,
+            args=(self.config, worker.plan, self.shared, send),
+            name=f"neuronserve-worker{worker.plan.index}",
         )
         process.start()
         send.close()
         worker.process, worker.conn, worker.ready, worker.restart_at = process, receive, None, None
-        log.info("worker %d started: pid %d, cores %s%s", worker.plan.index, process.pid, worker.plan.cores,
-                 f", cpus {list(worker.plan.cpus)}" if worker.plan.cpus else "")
+        log.info(
+            "worker %d started: pid %d, cores %s%s",
+            worker.plan.index,
+            process.pid,
+            worker.plan.cores,
+            f", cpus {list(worker.plan.cpus)}" if worker.plan.cpus else "",
+        )
 
     def _check(self, now: float) -> None:
         """One pass: messages, exits, hangs, due restarts."""
@@ -295,7 +311,12 @@ class Supervisor:
             self._read_messages(worker)
             hung = worker.ready is not None and now - self.shared.heartbeats[index] > self.config.worker_timeout_s
             if worker.process.exitcode is None and hung:  # a starting worker's loop may block on imports for seconds
-                log.error("worker %d (pid %d) has not ticked for %.1f s: killing it", index, worker.process.pid, now - self.shared.heartbeats[index])
+                log.error(
+                    "worker %d (pid %d) has not ticked for %.1f s: killing it",
+                    index,
+                    worker.process.pid,
+                    now - self.shared.heartbeats[index],
+                )
                 worker.process.kill()
                 worker.process.join(5.0)
             if worker.process.exitcode is not None:
@@ -309,7 +330,9 @@ class Supervisor:
                     worker.ready = message
                     self.shared.ports[message.index] = message.private_port
                     self.policy.on_ready(message.index)
-                    log.info("worker %d ready: pid %d, private port %d", message.index, message.pid, message.private_port)
+                    log.info(
+                        "worker %d ready: pid %d, private port %d", message.index, message.pid, message.private_port
+                    )
                 elif isinstance(message, WorkerFailed):
                     self._failure = f"worker {message.index} cannot start: {message.message}"
         except (EOFError, OSError):
@@ -334,7 +357,12 @@ class Supervisor:
     async def _stop_all(self) -> int:
         """SIGTERM every live worker (each drains), wait for them; 0 when every one exited 0."""
         live = [w for w in self.workers if w.process is not None]
-        log.info("shutting down: draining %d workers (drain delay %.1f s, grace period %.1f s)", len(live), self.config.drain_delay_s, self.config.grace_period_s)
+        log.info(
+            "shutting down: draining %d workers (drain delay %.1f s, grace period %.1f s)",
+            len(live),
+            self.config.drain_delay_s,
+            self.config.grace_period_s,
+        )
         for worker in live:
             worker.process.terminate()
         end = time.monotonic() + self.config.drain_delay_s + self.config.grace_period_s + STOP_MARGIN_S
@@ -352,18 +380,24 @@ class Supervisor:
         return code
 
 
-def reserve_port(host: str, port: int) -> Tuple[socket.socket, int]:
+def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
     """A socket bound to host:port with SO_REUSEPORT, not listening (the kernel hands connections only to
     listening sockets): it keeps the port ours while workers come and go. A port someone else holds
     fails here, before any worker starts."""
-    family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
     if port:
         probe = socket.socket(family, kind, proto)
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: old TIME_WAIT connections do not hold the port
+        probe.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as gRPC does: old TIME_WAIT connections do not hold the port
         try:
             probe.bind(address)  # without SO_REUSEPORT: fails if anyone holds the port, even another pool
         except OSError as exc:
-            raise ConfigError(f"cannot listen on {host}:{port} for gRPC ({exc.strerror}); choose another --port or --host") from None
+            raise ConfigError(
+                f"cannot listen on {host}:{port} for gRPC ({exc.strerror}); choose another --port or --host"
+            ) from None
         finally:
             probe.close()
     sock = socket.socket(family, kind, proto)
@@ -397,7 +431,7 @@ def supervise(config: ServerConfig) -> int:
     shared = PoolShared(config.workers, cache, config.host)
     buckets = ",".join(map(str, manifest.stage("user_tower").batch_sizes))
 
-    def ready_line(metrics_port: Optional[int]) -> str:
+    def ready_line(metrics_port: int | None) -> str:
         metrics = f"{config.host}:{metrics_port}" if metrics_port is not None else "-"
         return (
             f"neuronserve ready: grpc={config.host}:{port} metrics={metrics} backend={backend} "

@@ -11,7 +11,6 @@ says which cores a process serves.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from neuronserve.artifact import Manifest
 from neuronserve.backends.base import Backend, FusedRunner, Runner, StageRunner
@@ -45,7 +44,7 @@ def default_workers(name: str, cores: int, usable_cpus: int) -> int:
     return 1 if name == "cpu" else max(1, min(cores // 4, usable_cpus // 4))
 
 
-def core_span(name: str, cores: Optional[int]) -> CoreGroup:
+def core_span(name: str, cores: int | None) -> CoreGroup:
     """The cores this process serves, as one range. neuron: NEURON_RT_VISIBLE_CORES when the operator
     (or the Kubernetes device plugin) set it, since other processes hold the other cores; `cores`, if
     given, must then agree with it. Otherwise 0..cores-1 (`cores` None: the backend's default)."""
@@ -62,7 +61,11 @@ def core_span(name: str, cores: Optional[int]) -> CoreGroup:
 
 
 def make_backend(
-    name: str, manifest: Manifest, sim: SimConfig = SimConfig(), visible_cores: Optional[CoreGroup] = None, model_process: bool = False
+    name: str,
+    manifest: Manifest,
+    sim: SimConfig = SimConfig(),
+    visible_cores: CoreGroup | None = None,
+    model_process: bool = False,
 ) -> Backend:
     """`visible_cores`: the span of NeuronCores this process serves (core_span); the neuron runtime pins
     it at the first load (NEURON_RT_VISIBLE_CORES). None: the neuron backend pins the environment's
@@ -83,4 +86,15 @@ def make_backend(
     raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
 
 
-__all__ = ["Backend", "Runner", "StageRunner", "FusedRunner", "make_backend", "resolve_backend", "default_cores", "default_workers", "core_span", "BACKEND_NAMES"]
+__all__ = [
+    "Backend",
+    "Runner",
+    "StageRunner",
+    "FusedRunner",
+    "make_backend",
+    "resolve_backend",
+    "default_cores",
+    "default_workers",
+    "core_span",
+    "BACKEND_NAMES",
+]

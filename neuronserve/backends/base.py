@@ -9,7 +9,7 @@ scorer in one execution per batch: user rows plus a user index in, scores out).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -30,15 +30,15 @@ class Runner(ABC):
 
     stage: str
     cores: CoreGroup
-    batch_sizes: Tuple[int, ...]
+    batch_sizes: tuple[int, ...]
     max_in_flight: int = 1
-    threads: Optional[int] = None
+    threads: int | None = None
 
     @abstractmethod
     def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray: ...
 
     @abstractmethod
-    def input_shapes(self) -> Tuple[Tuple[int, ...], ...]:
+    def input_shapes(self) -> tuple[tuple[int, ...], ...]:
         """Per (feature) input, the shape without the batch dimension."""
 
     @abstractmethod
@@ -49,7 +49,7 @@ class Runner(ABC):
         """False while the core group is out of rotation (faulted, resetting): the pipeline routes around it."""
         return True
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 -- an optional hook: runners that hold something override it
         """Release the core group (default: nothing to release)."""
 
 
@@ -72,7 +72,7 @@ class StageRunner(Runner):
         if len(inputs) != len(shapes):
             raise InvalidInput(f"{self.stage} takes {len(shapes)} input(s), got {len(inputs)}")
         batch_size = inputs[0].shape[0] if inputs[0].ndim else -1
-        for i, (array, shape) in enumerate(zip(inputs, shapes)):
+        for i, (array, shape) in enumerate(zip(inputs, shapes, strict=False)):
             if array.dtype != np.float32 or not array.flags.c_contiguous:
                 raise InvalidInput(f"{self.stage} input {i} must be a C-contiguous float32 array, got {array.dtype}")
             if array.shape != (batch_size,) + tuple(shape) or batch_size not in self.batch_sizes:
@@ -82,7 +82,7 @@ class StageRunner(Runner):
                 )
         return batch_size
 
-    def latency_s(self, batch_size: int) -> Optional[float]:
+    def latency_s(self, batch_size: int) -> float | None:
         """Expected seconds of one execution at `batch_size` (a bucket) if the backend models its device
         (sim); None: unknown, and the pipeline times one run per bucket at start-up instead."""
         return None
@@ -101,25 +101,29 @@ class FusedRunner(Runner):
 
     stage = FUSED_STAGE
 
-    def __init__(self, cores: CoreGroup, pairs: Iterable[Tuple[int, int]], shapes: Sequence[Tuple[int, ...]]) -> None:
+    def __init__(self, cores: CoreGroup, pairs: Iterable[tuple[int, int]], shapes: Sequence[tuple[int, ...]]) -> None:
         self.cores = cores
-        self.pairs: Tuple[Tuple[int, int], ...] = tuple(sorted(set((int(b), int(u)) for b, u in pairs)))  # (B, U), ascending
+        self.pairs: tuple[tuple[int, int], ...] = tuple(
+            sorted(set((int(b), int(u)) for b, u in pairs))
+        )  # (B, U), ascending
         if not self.pairs:
             raise ValueError(f"{FUSED_STAGE} needs at least one compiled (batch, user batch) pair")
         self.batch_sizes = tuple(sorted({b for b, _ in self.pairs}))
-        self._users: Dict[int, Tuple[int, ...]] = {b: tuple(u for bb, u in self.pairs if bb == b) for b in self.batch_sizes}
+        self._users: dict[int, tuple[int, ...]] = {
+            b: tuple(u for bb, u in self.pairs if bb == b) for b in self.batch_sizes
+        }
         user_shape, peer_shape = (tuple(int(d) for d in shape) for shape in shapes)
-        self._shapes: Tuple[Tuple[int, ...], Tuple[int, ...]] = (user_shape, peer_shape)
+        self._shapes: tuple[tuple[int, ...], tuple[int, ...]] = (user_shape, peer_shape)
 
-    def user_batch_sizes(self, batch_size: int) -> Tuple[int, ...]:
+    def user_batch_sizes(self, batch_size: int) -> tuple[int, ...]:
         """The user batches U compiled with peer batch `batch_size`, ascending (empty if it is not a bucket)."""
         return self._users.get(batch_size, ())
 
-    def input_shapes(self) -> Tuple[Tuple[int, ...], ...]:
+    def input_shapes(self) -> tuple[tuple[int, ...], ...]:
         """(user feature shape (F_u,), peer feature shape (F_p,)); the user index is [B] int64."""
         return self._shapes
 
-    def latency_s(self, batch_size: int, user_batch_size: int) -> Optional[float]:
+    def latency_s(self, batch_size: int, user_batch_size: int) -> float | None:
         """Expected seconds of one execution at (B, U) if the backend models its device; None: unknown
         (the pipeline times it)."""
         return None
@@ -129,7 +133,7 @@ class FusedRunner(Runner):
         for batch, users in self.pairs:
             self.run(self.zero_inputs(batch, users))
 
-    def zero_inputs(self, batch_size: int, user_batch_size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def zero_inputs(self, batch_size: int, user_batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Valid inputs of zeros at (B, U): for warm-up and timing."""
         user_shape, peer_shape = self._shapes
         return (
@@ -138,16 +142,20 @@ class FusedRunner(Runner):
             np.zeros((batch_size,), dtype=np.int64),
         )
 
-    def check_inputs(self, inputs: Sequence[np.ndarray]) -> Tuple[int, int]:
+    def check_inputs(self, inputs: Sequence[np.ndarray]) -> tuple[int, int]:
         """(B, U), after checking `inputs` are a compiled shape (as the device requires) and every
         user index is in [0, U) (the device would read past the user rows, not fail)."""
         if len(inputs) != 3:
-            raise InvalidInput(f"{self.stage} takes 3 inputs (user_features, peer_features, user_index), got {len(inputs)}")
+            raise InvalidInput(
+                f"{self.stage} takes 3 inputs (user_features, peer_features, user_index), got {len(inputs)}"
+            )
         user, peer, index = inputs
         for i, (array, dtype) in enumerate(((user, np.float32), (peer, np.float32), (index, np.int64))):
             if not isinstance(array, np.ndarray) or array.dtype != dtype or not array.flags.c_contiguous:
                 got = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
-                raise InvalidInput(f"{self.stage} input {i} must be a C-contiguous {np.dtype(dtype).name} array, got {got}")
+                raise InvalidInput(
+                    f"{self.stage} input {i} must be a C-contiguous {np.dtype(dtype).name} array, got {got}"
+                )
         users = user.shape[0] if user.ndim else -1
         batch = peer.shape[0] if peer.ndim else -1
         user_shape, peer_shape = self._shapes
@@ -163,7 +171,9 @@ class FusedRunner(Runner):
                 f"with (B, U) in {list(self.pairs)}"
             )
         if batch and (int(index.min()) < 0 or int(index.max()) >= users):
-            raise InvalidInput(f"{self.stage} user_index values must be in [0, {users}) (the user rows), got {int(index.min())}..{int(index.max())}")
+            raise InvalidInput(
+                f"{self.stage} user_index values must be in [0, {users}) (the user rows), got {int(index.min())}..{int(index.max())}"
+            )
         return batch, users
 
 
@@ -176,12 +186,12 @@ class Backend(ABC):
         self.manifest = manifest
 
     @abstractmethod
-    def load(self, stage: str, cores: CoreGroup) -> Union[StageRunner, FusedRunner]:
+    def load(self, stage: str, cores: CoreGroup) -> StageRunner | FusedRunner:
         """Load `stage` at every compiled bucket onto `cores`: a StageRunner for the three stages, a
         FusedRunner for FUSED_STAGE (an ArtifactError if the artifact predates it: serve three stages)."""
 
-    def buckets(self, stage: str) -> Tuple[int, ...]:
+    def buckets(self, stage: str) -> tuple[int, ...]:
         return self.manifest.stage(stage).batch_sizes
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 -- an optional hook, as Runner.close
         """Release everything the backend holds."""

@@ -8,7 +8,7 @@ backend wraps it for exact outputs. FUSED_STAGE loads as a CpuFusedRunner: one s
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -42,9 +42,9 @@ class CpuBackend(Backend):
         torch.set_num_threads(1)
         self.model_process = model_process
 
-    def load(self, stage: str, cores: CoreGroup) -> Union["CpuRunner", "CpuFusedRunner"]:
+    def load(self, stage: str, cores: CoreGroup) -> CpuRunner | CpuFusedRunner:
         spec = self.manifest.stage(stage)
-        loaded: Dict[str, torch.jit.ScriptModule] = {}  # each file once: a fused cpu graph serves several pairs
+        loaded: dict[str, torch.jit.ScriptModule] = {}  # each file once: a fused cpu graph serves several pairs
 
         def graph(file: str) -> torch.jit.ScriptModule:
             if file not in loaded:
@@ -60,7 +60,6 @@ class CpuBackend(Backend):
         graphs = {b.batch_size: graph(b.file) for b in spec.buckets}
         shapes = tuple(tuple(t.shape[1:]) for t in spec.inputs)
         return CpuRunner(stage, cores, graphs, shapes)
-
 
     def _model_process(self, spec, shapes, cores: CoreGroup) -> ModelProcess:
         """The fused graph's process for one core group, started (blocking until it is warm). A slot
@@ -84,14 +83,20 @@ class CpuBackend(Backend):
 class CpuRunner(StageRunner):
     max_in_flight, threads = CPU_IN_FLIGHT, CPU_THREADS
 
-    def __init__(self, stage: str, cores: CoreGroup, graphs: Dict[int, torch.jit.ScriptModule], shapes: Tuple[Tuple[int, ...], ...]) -> None:
+    def __init__(
+        self,
+        stage: str,
+        cores: CoreGroup,
+        graphs: dict[int, torch.jit.ScriptModule],
+        shapes: tuple[tuple[int, ...], ...],
+    ) -> None:
         self.stage = stage
         self.cores = cores
         self.batch_sizes = tuple(sorted(graphs))
         self._graphs = graphs
         self._shapes = shapes
 
-    def input_shapes(self) -> Tuple[Tuple[int, ...], ...]:
+    def input_shapes(self) -> tuple[tuple[int, ...], ...]:
         return self._shapes
 
     def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
@@ -116,15 +121,15 @@ class CpuFusedRunner(FusedRunner):
     def __init__(
         self,
         cores: CoreGroup,
-        graphs: Dict[Tuple[int, int], torch.jit.ScriptModule],
-        shapes: Sequence[Tuple[int, ...]],
-        process: Optional[ModelProcess] = None,
+        graphs: dict[tuple[int, int], torch.jit.ScriptModule],
+        shapes: Sequence[tuple[int, ...]],
+        process: ModelProcess | None = None,
     ) -> None:
         super().__init__(cores, graphs, shapes)
         self._graphs = graphs  # (B, U) -> graph: warm-up, timing, and jobs too large for the process's slots
         self.process = process  # the pipeline's batches go here when set (submit)
 
-    def submit(self, chunks: Sequence[Tuple[Sequence[np.ndarray], int]]):
+    def submit(self, chunks: Sequence[tuple[Sequence[np.ndarray], int]]):
         """On the loop: the batch's padded chunks ([user, peer, index], rows) in the model process -> an
         asyncio future of (scores, busy seconds); None when there is no process or they do not fit a slot."""
         if self.process is None or not self.process.fits(chunks):

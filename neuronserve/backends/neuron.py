@@ -30,7 +30,7 @@ import importlib.util
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ INSTALL_HINT = (
 )
 
 
-def neuron_devices() -> List[str]:
+def neuron_devices() -> list[str]:
     """The Neuron device files of this host (/dev/neuron0, ...): one per Inferentia chip, 4 NeuronCores each."""
     return sorted(glob.glob("/dev/neuron*"))
 
@@ -71,7 +71,7 @@ def available() -> bool:
 class _ProcessCores:
     """The core range this process's Neuron runtime reserved (None until the first load)."""
 
-    pinned: Optional[CoreGroup] = None
+    pinned: CoreGroup | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)  # loads and placement contexts are not thread-safe
 
 
@@ -83,7 +83,7 @@ class NeuronBackend(Backend):
 
     name = "neuron"
 
-    def __init__(self, manifest: Manifest, visible_cores: Optional[CoreGroup] = None) -> None:
+    def __init__(self, manifest: Manifest, visible_cores: CoreGroup | None = None) -> None:
         super().__init__(manifest)
         if manifest.target != "neuron":
             raise BackendUnavailable(
@@ -93,7 +93,9 @@ class NeuronBackend(Backend):
         try:
             self._torch_neuron = importlib.import_module("torch_neuron")
         except ImportError as exc:
-            raise BackendUnavailable(f"the neuron backend needs torch-neuron, which is not importable ({exc}): {INSTALL_HINT}") from None
+            raise BackendUnavailable(
+                f"the neuron backend needs torch-neuron, which is not importable ({exc}): {INSTALL_HINT}"
+            ) from None
         if not neuron_devices():
             raise BackendUnavailable(
                 "the neuron backend found no NeuronCore (no /dev/neuron* device): run on an Inf1 instance with the "
@@ -101,7 +103,7 @@ class NeuronBackend(Backend):
             )
         self.visible_cores = visible_cores
 
-    def load(self, stage: str, cores: CoreGroup) -> Union[StageRunner, FusedRunner]:
+    def load(self, stage: str, cores: CoreGroup) -> StageRunner | FusedRunner:
         spec = self.manifest.stage(stage)
         pipeline_cores = self.manifest.pipeline_cores
         if cores.count % pipeline_cores:
@@ -111,9 +113,11 @@ class NeuronBackend(Backend):
             )
         with _PROCESS.lock:
             pinned = self._pin(cores)
-            modules: Dict[Tuple[int, int], torch.jit.ScriptModule] = {}  # (B, U or 0) -> graph
+            modules: dict[tuple[int, int], torch.jit.ScriptModule] = {}  # (B, U or 0) -> graph
             # Relative to the pinned range; nc_count = the whole group (replicas when it exceeds pipeline_cores).
-            placement = self._torch_neuron.experimental.neuron_cores_context(start_nc=cores.first - pinned.first, nc_count=cores.count)
+            placement = self._torch_neuron.experimental.neuron_cores_context(
+                start_nc=cores.first - pinned.first, nc_count=cores.count
+            )
             with placement:
                 for bucket in spec.buckets:
                     path = self.manifest.path(bucket.file)
@@ -162,7 +166,11 @@ class NeuronRunner(StageRunner):
     (a graph pipelined over N cores streams N executions; extra cores in the group hold replicas)."""
 
     def __init__(
-        self, stage: str, cores: CoreGroup, modules: Dict[int, torch.jit.ScriptModule], shapes: Tuple[Tuple[int, ...], ...]
+        self,
+        stage: str,
+        cores: CoreGroup,
+        modules: dict[int, torch.jit.ScriptModule],
+        shapes: tuple[tuple[int, ...], ...],
     ) -> None:
         self.stage = stage
         self.cores = cores
@@ -171,7 +179,7 @@ class NeuronRunner(StageRunner):
         self._modules = modules
         self._shapes = shapes
 
-    def input_shapes(self) -> Tuple[Tuple[int, ...], ...]:
+    def input_shapes(self) -> tuple[tuple[int, ...], ...]:
         return self._shapes
 
     def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
@@ -181,7 +189,9 @@ class NeuronRunner(StageRunner):
             with torch.inference_mode():
                 out = self._modules[batch_size](*tensors)
         except RuntimeError as exc:
-            raise CoreFault(f"NeuronCores {self.cores} failed running {self.stage} at batch {batch_size}: {_first_line(exc)}") from None
+            raise CoreFault(
+                f"NeuronCores {self.cores} failed running {self.stage} at batch {batch_size}: {_first_line(exc)}"
+            ) from None
         return np.ascontiguousarray(out.numpy(), dtype=np.float32)
 
     def close(self) -> None:
@@ -192,7 +202,12 @@ class NeuronFusedRunner(FusedRunner):
     """FUSED_STAGE on one NeuronCore group: one fixed-shape graph per compiled (B, U) pair, one
     execution per batch (the user gather runs on the device). Thread-safe like NeuronRunner."""
 
-    def __init__(self, cores: CoreGroup, modules: Dict[Tuple[int, int], torch.jit.ScriptModule], shapes: Sequence[Tuple[int, ...]]) -> None:
+    def __init__(
+        self,
+        cores: CoreGroup,
+        modules: dict[tuple[int, int], torch.jit.ScriptModule],
+        shapes: Sequence[tuple[int, ...]],
+    ) -> None:
         super().__init__(cores, modules, shapes)
         self.max_in_flight = cores.count
         self._modules = modules  # (B, U) -> graph

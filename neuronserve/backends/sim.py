@@ -37,7 +37,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -88,7 +88,7 @@ class FusedLatency:
         return self.fixed_s + self.user_row_s * user_batch_size + self.peer_row_s * batch_size
 
     @classmethod
-    def from_stages(cls, stages: Mapping[str, StageLatency]) -> "FusedLatency":
+    def from_stages(cls, stages: Mapping[str, StageLatency]) -> FusedLatency:
         """From the three stages' figures: one execution overhead (the user tower's), the user tower's
         per-row cost per user row, the peer tower's plus the pair scorer's per peer row. It counts each
         stage's own I/O, so it overstates a graph that keeps tower outputs on the device."""
@@ -101,13 +101,13 @@ class LatencyModel:
     """Modelled device seconds of one execution per stage and bucket (before SimConfig.latency_scale).
     `fused` None: FusedLatency.from_stages(stages)."""
 
-    stages: Dict[str, StageLatency]
-    fused: Optional[FusedLatency] = None
+    stages: dict[str, StageLatency]
+    fused: FusedLatency | None = None
 
     def fused_latency(self) -> FusedLatency:
         return self.fused if self.fused is not None else FusedLatency.from_stages(self.stages)
 
-    def latency_s(self, stage: str, batch_size: int, user_batch_size: Optional[int] = None) -> float:
+    def latency_s(self, stage: str, batch_size: int, user_batch_size: int | None = None) -> float:
         """`user_batch_size` (U) is required for FUSED_STAGE and ignored otherwise."""
         if stage == FUSED_STAGE:
             if user_batch_size is None:
@@ -116,7 +116,7 @@ class LatencyModel:
         return self.stages[stage].latency_s(batch_size)
 
     @classmethod
-    def estimate(cls, config: ModelConfig) -> "LatencyModel":
+    def estimate(cls, config: ModelConfig) -> LatencyModel:
         """Per row: its multiply-accumulates at NEURONCORE_MACS_PER_S plus the bytes (float32; int64
         index) the execution copies between host and device at HOST_DEVICE_BYTES_PER_S; per execution:
         EXECUTION_OVERHEAD_S. The fused graph copies only its own inputs and outputs (features in,
@@ -125,11 +125,13 @@ class LatencyModel:
 
         def tower_macs(features: int) -> int:
             widths = (features,) + config.hidden_sizes + (config.embedding_dim,)
-            return sum(a * b for a, b in zip(widths, widths[1:])) + config.embedding_dim * projected
+            return sum(a * b for a, b in zip(widths, widths[1:], strict=False)) + config.embedding_dim * projected
 
         def tower(features: int) -> StageLatency:
             io_bytes = 4 * (features + projected)
-            return StageLatency(EXECUTION_OVERHEAD_S, tower_macs(features) / NEURONCORE_MACS_PER_S + io_bytes / HOST_DEVICE_BYTES_PER_S)
+            return StageLatency(
+                EXECUTION_OVERHEAD_S, tower_macs(features) / NEURONCORE_MACS_PER_S + io_bytes / HOST_DEVICE_BYTES_PER_S
+            )
 
         scorer_bytes = 4 * (2 * projected + config.num_labels)
         fused_peer_bytes = 4 * config.peer_features + 8 + 4 * config.num_labels
@@ -143,8 +145,10 @@ class LatencyModel:
             },
             FusedLatency(
                 EXECUTION_OVERHEAD_S,
-                tower_macs(config.user_features) / NEURONCORE_MACS_PER_S + 4 * config.user_features / HOST_DEVICE_BYTES_PER_S,
-                (tower_macs(config.peer_features) + projected) / NEURONCORE_MACS_PER_S + fused_peer_bytes / HOST_DEVICE_BYTES_PER_S,
+                tower_macs(config.user_features) / NEURONCORE_MACS_PER_S
+                + 4 * config.user_features / HOST_DEVICE_BYTES_PER_S,
+                (tower_macs(config.peer_features) + projected) / NEURONCORE_MACS_PER_S
+                + fused_peer_bytes / HOST_DEVICE_BYTES_PER_S,
             ),
         )
 
@@ -165,8 +169,8 @@ class SimStats:
     `busiest_core_s` modelled seconds: throughput in device time = work / busiest_core_s.
     Utilisation over a window: `busy_fractions(earlier)`, device time / clock time per core."""
 
-    cores: Tuple[SimCoreStats, ...]
-    executions: Dict[str, int]  # per stage, completed
+    cores: tuple[SimCoreStats, ...]
+    executions: dict[str, int]  # per stage, completed
     peak_in_flight: int  # most executions accepted at the same moment (host or device phase), device-wide
     clock_s: float  # the backend's clock when the snapshot was taken
     latency_scale: float  # SimConfig.latency_scale: clock seconds per modelled second
@@ -179,15 +183,18 @@ class SimStats:
     def busiest_core_s(self) -> float:
         return max(c.busy_s for c in self.cores)
 
-    def busy_fractions(self, since: "SimStats") -> Tuple[float, ...]:
+    def busy_fractions(self, since: SimStats) -> tuple[float, ...]:
         """Per core, the share of the clock window since `since` its device spent running executions
         (completed ones; so up to one execution per core off at either edge of the window)."""
         window_s = self.clock_s - since.clock_s
         if window_s <= 0:
             raise ValueError("busy_fractions needs a later snapshot than `since`")
-        return tuple((now.busy_s - before.busy_s) * self.latency_scale / window_s for now, before in zip(self.cores, since.cores))
+        return tuple(
+            (now.busy_s - before.busy_s) * self.latency_scale / window_s
+            for now, before in zip(self.cores, since.cores, strict=False)
+        )
 
-    def utilisation(self, since: "SimStats") -> float:
+    def utilisation(self, since: SimStats) -> float:
         """The device's mean busy fraction over the window since `since` (see busy_fractions)."""
         fractions = self.busy_fractions(since)
         return sum(fractions) / len(fractions)
@@ -202,7 +209,7 @@ class _Core:
         self.busy_s = 0.0
         self.executions = 0
         self.faults = 0
-        self.pending: Deque[str] = deque()  # injected fault kinds, for the next executions
+        self.pending: deque[str] = deque()  # injected fault kinds, for the next executions
         self.down_from_s = -math.inf  # the last fault showed at this time ...
         self.out_until_s = -math.inf  # ... and the core is back in rotation at this one
 
@@ -221,8 +228,8 @@ class SimBackend(Backend):
         self,
         manifest: Manifest,
         sim: SimConfig = SimConfig(),
-        latency: Optional[LatencyModel] = None,
-        inner: Optional[Backend] = None,
+        latency: LatencyModel | None = None,
+        inner: Backend | None = None,
         in_flight_per_core: int = IN_FLIGHT_PER_CORE,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
@@ -262,7 +269,7 @@ class SimBackend(Backend):
             return SimFusedRunner(self, cores, inner)
         return SimRunner(self, stage, cores, inner)
 
-    def full_bucket_s(self, stage: str, user_batch_size: Optional[int] = None) -> float:
+    def full_bucket_s(self, stage: str, user_batch_size: int | None = None) -> float:
         """Clock seconds (latency model x latency_scale) of one execution of `stage` at its largest
         compiled bucket. FUSED_STAGE: at the smallest compiled user batch U >= `user_batch_size`
         (None: the smallest compiled U) for that bucket."""
@@ -271,10 +278,14 @@ class SimBackend(Backend):
         users = None
         if stage == FUSED_STAGE:
             compiled = spec.user_batch_sizes(batch)
-            users = compiled[0] if user_batch_size is None else next((u for u in compiled if u >= user_batch_size), compiled[-1])
+            users = (
+                compiled[0]
+                if user_batch_size is None
+                else next((u for u in compiled if u >= user_batch_size), compiled[-1])
+            )
         return self.latency.latency_s(stage, batch, users) * self.sim.latency_scale
 
-    def ideal_rows_per_s(self, stage: str, num_cores: Optional[int] = None, user_batch_size: Optional[int] = None) -> float:
+    def ideal_rows_per_s(self, stage: str, num_cores: int | None = None, user_batch_size: int | None = None) -> float:
         """The device's ideal throughput in rows (peer rows for FUSED_STAGE) per clock second: every
         core (`num_cores`, default all) running full buckets back to back, i.e. cores x largest
         bucket / full_bucket_s. Infinite at latency_scale 0."""
@@ -312,7 +323,9 @@ class SimBackend(Backend):
             now = self._clock()
             return not any(self._cores[c].out_of_rotation(now) for c in cores.cores)
 
-    def _execute(self, stage: str, cores: CoreGroup, modelled_s: float, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    def _execute(
+        self, stage: str, cores: CoreGroup, modelled_s: float, compute: Callable[[], np.ndarray]
+    ) -> np.ndarray:
         """One execution on `cores`: accept it on a core, run `compute` (the host phase), then the
         device phase of `modelled_s` modelled seconds; blocking (see the module docstring)."""
         with self._lock:
@@ -330,7 +343,11 @@ class SimBackend(Backend):
                     "the caller oversubscribed it"
                 )
             faulty = [c for c in free if self._cores[c].pending]
-            core = faulty[0] if faulty else min(free, key=lambda c: (self._cores[c].in_flight, self._cores[c].device_free_s, c))
+            core = (
+                faulty[0]
+                if faulty
+                else min(free, key=lambda c: (self._cores[c].in_flight, self._cores[c].device_free_s, c))
+            )
             state = self._cores[core]
             fault = state.pending.popleft() if faulty else None
             state.in_flight += 1
@@ -347,7 +364,7 @@ class SimBackend(Backend):
             with self._lock:
                 ready_s = self._clock()
                 start_s = max(ready_s, state.device_free_s)
-                error: Optional[CoreFault] = None
+                error: CoreFault | None = None
                 if fault is not None:
                     wake_s = start_s + (self.sim.core_timeout_s if fault == "hang" else 0.0)
                     state.faults += 1
@@ -391,19 +408,19 @@ class SimRunner(StageRunner):
         self._inner = inner
         self._shapes = tuple(inner.input_shapes())
 
-    def input_shapes(self) -> Tuple[Tuple[int, ...], ...]:
+    def input_shapes(self) -> tuple[tuple[int, ...], ...]:
         return self._shapes
 
     def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
         batch_size = self.check_inputs(inputs)
-        arrays: List[np.ndarray] = list(inputs)
+        arrays: list[np.ndarray] = list(inputs)
         modelled_s = self._device.latency.latency_s(self.stage, batch_size)
         return self._device._execute(self.stage, self.cores, modelled_s, lambda: self._inner.run(arrays))
 
     def healthy(self) -> bool:
         return self._device.healthy(self.cores)
 
-    def latency_s(self, batch_size: int) -> Optional[float]:
+    def latency_s(self, batch_size: int) -> float | None:
         """Device seconds of one execution (the model x latency_scale); host time not included."""
         return self._device.latency.latency_s(self.stage, batch_size) * self._device.sim.latency_scale
 
@@ -423,14 +440,14 @@ class SimFusedRunner(FusedRunner):
 
     def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
         batch_size, user_batch_size = self.check_inputs(inputs)
-        arrays: List[np.ndarray] = list(inputs)
+        arrays: list[np.ndarray] = list(inputs)
         modelled_s = self._device.latency.latency_s(self.stage, batch_size, user_batch_size)
         return self._device._execute(self.stage, self.cores, modelled_s, lambda: self._inner.run(arrays))
 
     def healthy(self) -> bool:
         return self._device.healthy(self.cores)
 
-    def latency_s(self, batch_size: int, user_batch_size: int) -> Optional[float]:
+    def latency_s(self, batch_size: int, user_batch_size: int) -> float | None:
         """Device seconds of one execution at (B, U) (the model x latency_scale); host time not included."""
         return self._device.latency.latency_s(self.stage, batch_size, user_batch_size) * self._device.sim.latency_scale
 
