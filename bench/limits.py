@@ -166,6 +166,7 @@ def transport_limit(
         text=True,
     )
     try:
+        assert echo.stdout is not None  # stdout=PIPE
         line = echo.stdout.readline()
         if "port=" not in line:
             raise Unavailable(

@@ -24,6 +24,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from collections.abc import Callable
 
+from typing import Any
+
 import numpy as np
 
 HIST_MAX_US = 120_000_000  # 2 minutes: the histogram's highest trackable latency
@@ -230,7 +232,7 @@ async def _client(index: int, spec: LoadSpec, offsets_s: np.ndarray, start_at, g
     payloads = spec.payloads
     hist, tick_hist, late_hist = new_histogram(), new_histogram(), new_histogram()
     errors: Counter = Counter()
-    error_hists: dict[str, object] = {}  # status name -> HdrHistogram of those requests' latencies
+    error_hists: dict[str, Any] = {}  # status name -> HdrHistogram of those requests' latencies
     counts = {"sent": 0, "sent_all": 0, "done": 0, "ok": 0, "last_done": window_start}
     gc.collect()
     gc.freeze()
@@ -445,7 +447,7 @@ def _collect(spec: LoadSpec, out, procs, t0: float, progress: Progress | None, o
 def _merge(spec: LoadSpec, finals: dict[int, dict], t0: float) -> LoadResult:
     hist, late_hist = new_histogram(), new_histogram()
     errors: Counter = Counter()
-    error_hists: dict[str, object] = {}
+    error_hists: dict[str, Any] = {}
     sent = ok = late = 0
     last_done = t0 + spec.warmup_s
     for final in finals.values():

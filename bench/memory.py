@@ -64,7 +64,7 @@ class Server:
         self.argv = argv
         self.port = 0
         self.pid = 0
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen = None  # type: ignore[assignment]  # set by start(), before any other call
 
     def __enter__(self) -> Server:
         # its stderr is ours (errors show); stdout is read for the ready line, then drained
@@ -73,6 +73,7 @@ class Server:
         lines: queue.Queue[str] = queue.Queue()
 
         def read() -> None:
+            assert self._proc.stdout is not None  # stdout=PIPE
             for out in self._proc.stdout:
                 lines.put(out)
             lines.put("")

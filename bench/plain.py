@@ -43,12 +43,12 @@ def load_model(manifest, fused: bool = True) -> Callable[[np.ndarray, np.ndarray
     if fused and FUSED in manifest.stages:
         twotower = graph(FUSED)
 
-        def score(user: np.ndarray, peers: np.ndarray) -> np.ndarray:
+        def score_fused(user: np.ndarray, peers: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
                 index = torch.zeros(peers.shape[0], dtype=torch.int64)  # every peer row meets user 0
                 return twotower(torch.from_numpy(user), torch.from_numpy(peers), index).numpy()
 
-        return score
+        return score_fused
     user_tower, peer_tower, pair_scorer = (graph(s) for s in STAGES)
 
     def score(user: np.ndarray, peers: np.ndarray) -> np.ndarray:
@@ -183,6 +183,7 @@ class PlainServer:
 
     def __enter__(self) -> PlainServer:
         self._proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True)
+        assert self._proc.stdout is not None  # stdout=PIPE
         line = self._proc.stdout.readline()  # "" at once if it exits; its stderr is bench's
         if "port=" not in line:
             self.__exit__()

@@ -258,7 +258,7 @@ def compare(
     )
 
 
-def _ms(value: float) -> str:
+def _ms(value: float | None) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
 
 

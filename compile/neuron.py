@@ -110,7 +110,7 @@ def trace_neuron(
     compiler_args = compiler_args_for(pipeline_cores, fast_math)
     _import_torch_neuron()
     try:
-        traced = torch.neuron.trace(
+        traced = torch.neuron.trace(  # type: ignore[attr-defined]  # torch-neuron's plugin adds torch.neuron
             module,
             example_inputs=tuple(example_inputs),
             compiler_args=list(compiler_args),

@@ -153,7 +153,7 @@ class DynamicBatcher:
         self._slowdown = 1.0
         self._hold_until_s = float("inf")  # when the dispatcher's current hold ends, on `clock` (inf: none)
         self._running: dict[asyncio.Task, _Batch] = {}
-        self._wake: asyncio.Event | None = None
+        self._wake: asyncio.Event = None  # type: ignore[assignment]  # made in start(), on the running loop
         self._dispatcher: asyncio.Task | None = None
         self._closing = False
         self._batches = self._batch_rows = 0

@@ -95,8 +95,10 @@ class _Shared:
             for (dtype, shape), offset in zip(layout, offsets, strict=False)
         ]
         self.header, self.versions = views[0], views[1]
-        self.vectors = views[2::2]  # per kind: float32 [slots, K, D]
-        self.indexes = views[3::2]  # per kind: int64 [buffer, (id, slot, seq), max_rows], first COUNT rows valid
+        self.vectors: list[np.ndarray] = views[2::2]  # per kind: float32 [slots, K, D]
+        self.indexes: list[np.ndarray] = views[
+            3::2
+        ]  # per kind: int64 [buffer, (id, slot, seq), max_rows], first COUNT rows valid
 
     def index(self, state: int, k: int) -> np.ndarray:
         """Kind k's index [(ids, slots, seqs), rows] in the snapshot `state`, sorted by id."""

@@ -157,9 +157,9 @@ class Pipeline:
             for stage in group.stages:
                 if abort is not None and abort.is_set():
                     raise Unavailable("start-up abandoned: the server was asked to stop while loading its stages")
-                runner = self.backend.load(stage, group.cores)
-                runner.warmup()
-                group.runners[stage] = runner
+                loaded = self.backend.load(stage, group.cores)
+                loaded.warmup()
+                group.runners[stage] = loaded
         self.backend.manifest.release_files()  # every stage is loaded: drop the verified file bytes kept for it
         for group in self._groups:
             group.capacity = max(r.max_in_flight for r in group.runners.values())
@@ -174,6 +174,7 @@ class Pipeline:
             self._plans[stage] = _plan_table(self._buckets[stage], self._cost_s[stage], 2 * largest)
         if FUSED_STAGE in self._stage_groups:
             fused = self._stage_groups[FUSED_STAGE][0].runners[FUSED_STAGE]
+            assert isinstance(fused, FusedRunner)
             self._user_buckets = {b: fused.user_batch_sizes(b) for b in fused.batch_sizes}
         self._started = True
         self._estimates = [0.0] + [self._estimate_s(rows) for rows in range(1, self.max_batch_rows + 1)]
@@ -187,6 +188,7 @@ class Pipeline:
             modelled = runner.latency_s(batch_size, users)
             inputs = list(runner.zero_inputs(batch_size, users))
         else:
+            assert isinstance(runner, StageRunner)
             modelled = runner.latency_s(batch_size)
             inputs = [np.zeros((batch_size,) + shape, dtype=np.float32) for shape in runner.input_shapes()]
         if modelled is not None:
@@ -414,6 +416,7 @@ class Pipeline:
                 done, executions = sent
                 done.add_done_callback(functools.partial(self._settle, future, group, executions=executions))
             else:
+                assert group.executor is not None  # set by start()
                 try:
                     done = group.executor.submit(job, group.runners, *args)
                 except RuntimeError:  # the executor is shut down: the pipeline is closing

@@ -182,11 +182,10 @@ class Repository:
     def scan(self, model: str, policy: VersionPolicy = VersionPolicy()) -> ModelScan:
         """The versions of `model` on disk now and those `policy` selects. NotFound for an unknown model."""
         if self.single is not None:
-            name, version, path = self.single
+            name, only, path = self.single
             if model != name:
                 raise NotFound(f"unknown model {model!r}; this server's repository holds {name}")
-            available = (VersionDir(version, path),)
-            return ModelScan(name, available, policy.select([version]), policy)
+            return ModelScan(name, (VersionDir(only, path),), policy.select([only]), policy)
         if model not in self.models():
             raise NotFound(
                 f"unknown model {model!r}; the repository {self.root} holds {', '.join(self.models()) or 'nothing'}"

@@ -192,6 +192,7 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         if request.mutual not in mutuals:
             raise InvalidInput(f"mutual must be ONE_WAY, PRODUCT, MINIMUM or HARMONIC_MEAN, got {request.mutual}")
         rows, cols = (pool, pool) if pool is not None else (users, peers)
+        assert rows is not None and cols is not None  # refused above: a pool, or users and peers
         candidates = rows.size - 1 if pool is not None else cols.size
         spec = tick.make_spec(
             request.k,

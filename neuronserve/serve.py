@@ -62,7 +62,7 @@ def run(config: ServerConfig) -> int:
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     configure_logging()
     config = with_workers(config)
-    if config.workers > 1:
+    if (config.workers or 1) > 1:
         from neuronserve.workers import supervise
 
         return supervise(config)
@@ -155,7 +155,7 @@ async def serve_process(
     else:
         log.info("shutting down: draining accepted requests (grace period %.1f s)", config.grace_period_s)
     await server.stop(drain_delay_s=config.drain_delay_s, cut_short=stopping)
-    answered = server.metrics.outcomes() if server.metrics is not None else {}
+    answered: dict[str, int] = server.metrics.outcomes() if server.metrics is not None else {}
     log.info(
         "stopped cleanly; requests answered: %s", " ".join(f"{k}={v}" for k, v in sorted(answered.items())) or "none"
     )

@@ -348,7 +348,7 @@ def add_service(server: grpc.aio.Server, servicer, service, messages, metrics=No
                         yield reply
             else:
 
-                async def call(requests, context):
+                async def call(requests, context):  # type: ignore[misc]  # one `call` per cardinality
                     return await handler(checked(requests, type_name, context), context)
         elif inspect.isasyncgenfunction(handler):
 
@@ -359,7 +359,7 @@ def add_service(server: grpc.aio.Server, servicer, service, messages, metrics=No
                     yield reply
         else:
 
-            async def call(request, context):
+            async def call(request, context):  # type: ignore[misc]  # one `call` per cardinality
                 if isinstance(request, _Malformed):
                     await refuse(request, type_name, context)
                 reply = handler(request, context)  # (a coroutine, or a generated base class's sync stub)

@@ -53,7 +53,7 @@ class CpuBackend(Backend):
             return loaded[file]
 
         if stage == FUSED_STAGE:
-            pairs = {(b.batch_size, b.user_batch_size): graph(b.file) for b in spec.buckets}
+            pairs = {(b.batch_size, int(b.user_batch_size or 0)): graph(b.file) for b in spec.buckets}
             shapes = tuple(tuple(t.shape[1:]) for t in spec.inputs[:2])
             process = self._model_process(spec, shapes, cores) if self.model_process else None
             return CpuFusedRunner(cores, pairs, shapes, process)

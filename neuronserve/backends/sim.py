@@ -42,7 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from neuronserve.artifact import FUSED_STAGE, Manifest, ModelConfig
-from neuronserve.backends.base import Backend, FusedRunner, Runner, StageRunner
+from neuronserve.backends.base import Backend, FusedRunner, StageRunner
 from neuronserve.config import STAGES, CoreGroup, SimConfig
 from neuronserve.errors import ConfigError, CoreFault, CoreResetting, InvalidInput, NeuronServeError
 
@@ -253,7 +253,7 @@ class SimBackend(Backend):
         self._in_flight = 0
         self._peak_in_flight = 0
 
-    def load(self, stage: str, cores: CoreGroup) -> Runner:
+    def load(self, stage: str, cores: CoreGroup) -> StageRunner | FusedRunner:
         if cores.last >= self.sim.num_cores:
             raise ConfigError(
                 f"cannot load {stage} on cores {cores}: the simulated device has cores 0-{self.sim.num_cores - 1} (sim num_cores={self.sim.num_cores})"
@@ -265,7 +265,7 @@ class SimBackend(Backend):
                 f"so its core group needs a multiple of {pipeline_cores} cores, not {cores.count}"
             )
         inner = self._inner.load(stage, cores)
-        if stage == FUSED_STAGE:
+        if isinstance(inner, FusedRunner):
             return SimFusedRunner(self, cores, inner)
         return SimRunner(self, stage, cores, inner)
 
