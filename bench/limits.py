@@ -25,10 +25,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from neuronserve.artifact import FUSED_STAGE
 from neuronserve.bench.loadgen import LoadSpec, run_load
 from neuronserve.bench.workloads import Workload
 from neuronserve.errors import Unavailable
+from neuronserve.contract import FUSED_STAGE, PAIR_SCORER, PEER_TOWER, USER_TOWER
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,8 @@ def compute_limit(
 ) -> Limit:
     import torch
 
-    from neuronserve.artifact import STAGE_NAMES, load_manifest
+    from neuronserve.artifact import load_manifest
+    from neuronserve.contract import STAGES
     from neuronserve.backends import default_cores, make_backend
     from neuronserve.config import CoreGroup
 
@@ -67,7 +68,7 @@ def compute_limit(
             steps, how = _fused_steps([engine.load(FUSED_STAGE, CoreGroup(i)) for i in range(threads)], m)
         else:
             steps, how = _stage_steps(
-                [{s: engine.load(s, CoreGroup(i)) for s in STAGE_NAMES} for i in range(threads)], m, cfg
+                [{s: engine.load(s, CoreGroup(i)) for s in STAGES} for i in range(threads)], m, cfg
             )
         how = f"{backend} backend in-process, {threads} thread(s), {how}"
     else:
@@ -133,8 +134,8 @@ def _fused_steps(runners, peers_per_request: int) -> tuple[list[Callable[[], int
 
 def _stage_steps(stages, peers_per_request: int, cfg) -> tuple[list[Callable[[], int]], str]:
     """User tower, peer tower and pair scorer per step (an artifact without the fused graph), at the largest bucket."""
-    rows = max(stages[0]["peer_tower"].batch_sizes)  # the largest batch the server can form
-    user_buckets = stages[0]["user_tower"].batch_sizes
+    rows = max(stages[0][PEER_TOWER].batch_sizes)  # the largest batch the server can form
+    user_buckets = stages[0][USER_TOWER].batch_sizes
     user_rows = min(
         [b for b in user_buckets if b >= -(-rows // peers_per_request)] or [max(user_buckets)]
     )  # one user per request in the batch
@@ -144,10 +145,10 @@ def _stage_steps(stages, peers_per_request: int, cfg) -> tuple[list[Callable[[],
         peers = np.zeros((rows, cfg.peer_features), np.float32)
 
         def step() -> int:
-            u = runners["user_tower"].run([user])
-            p = runners["peer_tower"].run([peers])
+            u = runners[USER_TOWER].run([user])
+            p = runners[PEER_TOWER].run([peers])
             u_rows = np.ascontiguousarray(np.repeat(u[:1], rows, axis=0))  # each peer row meets its user
-            runners["pair_scorer"].run([u_rows, p])
+            runners[PAIR_SCORER].run([u_rows, p])
             return rows
 
         return step

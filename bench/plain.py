@@ -22,10 +22,10 @@ from collections.abc import Callable
 import numpy as np
 
 from neuronserve.bench.echo import bench_server, serve_until_signalled
+from neuronserve.contract import FUSED_STAGE, STAGES
 from neuronserve.errors import Unavailable
 
-STAGES = ("user_tower", "peer_tower", "pair_scorer")
-FUSED = "twotower"  # the artifact's one-graph stage, when it has one
+FUSED = FUSED_STAGE  # the artifact's one-graph stage, when it has one
 HOW = "grpc.aio + uvloop, the artifact's CPU TorchScript graph(s) once per request on the event loop, 1 torch thread, no batching"
 
 

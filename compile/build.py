@@ -24,10 +24,8 @@ import numpy as np
 import torch
 
 from neuronserve.artifact import (
-    FUSED_STAGE,
     MANIFEST_NAME,
     REFERENCE_NAME,
-    STAGE_NAMES,
     BucketEntry,
     Manifest,
     ModelConfig,
@@ -39,6 +37,7 @@ from neuronserve.artifact import (
 from neuronserve.compile.model import TwoTowerScorer, random_model
 from neuronserve.errors import ArtifactError, ConfigError
 from neuronserve.signing import load_signing_key, write_signature
+from neuronserve.contract import FUSED_STAGE, PAIR_SCORER, PEER_TOWER, STAGES, USER_TOWER
 
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 8, 32, 128, 512, 1024)
 # Max |traced - eager| allowed. CPU tracing replays the same float32 kernels; neuron casts matmuls to
@@ -53,15 +52,15 @@ def stage_specs(config: ModelConfig) -> dict[str, tuple[tuple[TensorSpec, ...], 
     """Inputs and outputs of each stage; -1 is the batch dimension."""
     k, d = config.num_labels, config.label_dim
     return {
-        "user_tower": (
+        USER_TOWER: (
             (TensorSpec("user_features", "float32", (-1, config.user_features)),),
             (TensorSpec("user_embeddings", "float32", (-1, k, d)),),
         ),
-        "peer_tower": (
+        PEER_TOWER: (
             (TensorSpec("peer_features", "float32", (-1, config.peer_features)),),
             (TensorSpec("peer_embeddings", "float32", (-1, k, d)),),
         ),
-        "pair_scorer": (
+        PAIR_SCORER: (
             (
                 TensorSpec("user_embeddings", "float32", (-1, k, d)),
                 TensorSpec("peer_embeddings", "float32", (-1, k, d)),
@@ -303,14 +302,14 @@ def _compile_into(
     pairs = fused_pairs(sizes)
     fused_graphs = len(pairs) if target == "neuron" else 1
     bar = tqdm(
-        total=len(STAGE_NAMES) * len(sizes) + fused_graphs,
+        total=len(STAGES) * len(sizes) + fused_graphs,
         desc=f"compile {target}",
         unit="graph",
         disable=not progress,
         file=sys.stderr,
     )
     with bar:
-        for stage in STAGE_NAMES:
+        for stage in STAGES:
             inputs_spec, outputs_spec = specs[stage]
             entries = []
             for batch in sizes:
@@ -418,8 +417,8 @@ def _write_reference(path: Path, model: TwoTowerScorer, generator: torch.Generat
     user_index = torch.arange(REFERENCE_ROWS, dtype=torch.int64) % REFERENCE_USERS
     with torch.no_grad():
         stages = model.stages()
-        user_emb = stages["user_tower"](user)
-        peer_emb = stages["peer_tower"](peer)
+        user_emb = stages[USER_TOWER](user)
+        peer_emb = stages[PEER_TOWER](peer)
         scores = model(user, peer)
         indexed_scores = model(user[:REFERENCE_USERS].index_select(0, user_index), peer)
     np.savez(

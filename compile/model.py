@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from neuronserve.artifact import ModelConfig
+from neuronserve.contract import PAIR_SCORER, PEER_TOWER, USER_TOWER
 
 
 class Tower(nn.Module):
@@ -59,15 +60,15 @@ class TwoTowerScorer(nn.Module):
 
     def stages(self) -> dict[str, nn.Module]:
         return {
-            "user_tower": _ScaledTower(self.user_tower, self.label_weight),
-            "peer_tower": self.peer_tower,
-            "pair_scorer": PairScorer(self.label_bias),
+            USER_TOWER: _ScaledTower(self.user_tower, self.label_weight),
+            PEER_TOWER: self.peer_tower,
+            PAIR_SCORER: PairScorer(self.label_bias),
         }
 
     def fused(self) -> FusedScorer:
         """The artifact's fused stage: the three stages of `stages()` composed, the gather included."""
         stages = self.stages()
-        return FusedScorer(stages["user_tower"], stages["peer_tower"], stages["pair_scorer"])
+        return FusedScorer(stages[USER_TOWER], stages[PEER_TOWER], stages[PAIR_SCORER])
 
 
 class _ScaledTower(nn.Module):

@@ -11,7 +11,7 @@ manifest.json's bytes, by that key. Every file is read through one descriptor, i
 directory and a regular file only (read_artifact_file); bytes handed to a loader (Manifest.file_bytes)
 are the bytes whose sha256 was checked, never a second read of the path.
 
-Stages: STAGE_NAMES, the three graphs model pipelining places on core groups (user_tower, peer_tower,
+Stages: STAGES, the three graphs model pipelining places on core groups (user_tower, peer_tower,
 pair_scorer), plus FUSED_STAGE ("twotower"), the whole scorer as one graph for data parallelism:
 user_features [U, F_u] f32, peer_features [B, F_p] f32, user_index [B] int64 (values in [0, U)) ->
 scores [B, K] f32, exactly user_tower -> take(user_index) -> pair_scorer, the gather done on the device
@@ -38,6 +38,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from neuronserve.contract import FUSED_STAGE, STAGES
 from neuronserve.errors import ArtifactError
 from neuronserve.signing import SIGNATURE_NAME, SignatureCheck, check_signature, load_trusted_keys
 
@@ -47,8 +48,6 @@ SCHEMA_VERSION = 2  # 2: manifest_sha256
 MANIFEST_HASH_KEY = "manifest_sha256"
 MANIFEST_NAME = "manifest.json"
 REFERENCE_NAME = "reference.npz"
-STAGE_NAMES: tuple[str, ...] = ("user_tower", "peer_tower", "pair_scorer")  # the pipelining stages
-FUSED_STAGE = "twotower"  # the three stages as one graph (optional; see the module docstring)
 TARGETS: tuple[str, ...] = ("cpu", "neuron")
 
 
@@ -328,7 +327,7 @@ class Manifest:
             raise ArtifactError(
                 f"{where}: label_bias has {len(manifest.label_bias)} values for {manifest.model_config.num_labels} labels"
             )
-        missing = [s for s in STAGE_NAMES if s not in manifest.stages]
+        missing = [s for s in STAGES if s not in manifest.stages]
         if missing:
             raise ArtifactError(f"{where}: missing stages {missing}; recompile the artifact")
         for spec in manifest.stages.values():
@@ -574,7 +573,7 @@ def summary_lines(manifest: Manifest) -> list[str]:
         f"config     F_u={cfg.user_features} F_p={cfg.peer_features} hidden={list(cfg.hidden_sizes)} E={cfg.embedding_dim} K={cfg.num_labels} D={cfg.label_dim}",
         f"labels     {', '.join(manifest.label_names)}",
     ]
-    for name in STAGE_NAMES:
+    for name in STAGES:
         spec = manifest.stages[name]
         lines.append(f"stage      {name}: {_signature(spec)}")
         for b in spec.buckets:

@@ -9,9 +9,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from neuronserve.contract import STAGES
 from neuronserve.errors import ConfigError
-
-STAGES: tuple[str, ...] = ("user_tower", "peer_tower", "pair_scorer")
 
 
 def read_json_object(path, what: str) -> dict[str, Any]:

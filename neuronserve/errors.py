@@ -1,22 +1,24 @@
 """Error classes that carry the gRPC status they map to.
 
-A leaf module: every layer raises these; only service.py turns `status` (a grpc.StatusCode
-name) into a real gRPC status, and the CLI turns them into a one-line message and exit code.
+A leaf module: every layer raises these; only service.py answers with `status`, and the CLI turns
+them into a one-line message and exit code.
 """
 
 from __future__ import annotations
 
+from grpc import StatusCode
+
 
 class NeuronServeError(Exception):
-    """Base class. `status` is the name of the grpc.StatusCode the service answers with."""
+    """Base class. `status` is the gRPC status the service answers with."""
 
-    status = "INTERNAL"
+    status: StatusCode = StatusCode.INTERNAL
 
 
 class InvalidInput(NeuronServeError):
     """A request or a setting is malformed: wrong shape, dtype, size, value."""
 
-    status = "INVALID_ARGUMENT"
+    status: StatusCode = StatusCode.INVALID_ARGUMENT
 
 
 class ConfigError(InvalidInput):
@@ -26,25 +28,25 @@ class ConfigError(InvalidInput):
 class NotFound(NeuronServeError):
     """An unknown model, version or entity id."""
 
-    status = "NOT_FOUND"
+    status: StatusCode = StatusCode.NOT_FOUND
 
 
 class Overloaded(NeuronServeError):
     """The queue is full: rejected at once rather than waiting silently."""
 
-    status = "RESOURCE_EXHAUSTED"
+    status: StatusCode = StatusCode.RESOURCE_EXHAUSTED
 
 
 class DeadlineExceeded(NeuronServeError):
     """The request's deadline has passed or cannot be met."""
 
-    status = "DEADLINE_EXCEEDED"
+    status: StatusCode = StatusCode.DEADLINE_EXCEEDED
 
 
 class Unavailable(NeuronServeError):
     """The server is draining or not ready, or the core running the request failed."""
 
-    status = "UNAVAILABLE"
+    status: StatusCode = StatusCode.UNAVAILABLE
 
 
 class StoreUnavailable(Unavailable):
@@ -65,22 +67,22 @@ class CoreResetting(CoreFault):
 class Unauthenticated(NeuronServeError):
     """An administrative RPC without the admin token (admin_auth.py)."""
 
-    status = "UNAUTHENTICATED"
+    status: StatusCode = StatusCode.UNAUTHENTICATED
 
 
 class ArtifactError(NeuronServeError):
     """An artifact is missing, tampered with, truncated or incompatible."""
 
-    status = "FAILED_PRECONDITION"
+    status: StatusCode = StatusCode.FAILED_PRECONDITION
 
 
 class BackendUnavailable(NeuronServeError):
     """A backend cannot run here (e.g. torch-neuron or a NeuronCore is missing)."""
 
-    status = "FAILED_PRECONDITION"
+    status: StatusCode = StatusCode.FAILED_PRECONDITION
 
 
 class ModelControlError(NeuronServeError):
     """A repository load or unload the server's --model-control does not allow (none or poll)."""
 
-    status = "FAILED_PRECONDITION"
+    status: StatusCode = StatusCode.FAILED_PRECONDITION

@@ -35,6 +35,7 @@ import numpy as np
 from neuronserve.errors import ArtifactError, InvalidInput, ModelControlError, NeuronServeError, NotFound
 from neuronserve.repository import Repository, VersionPolicy, parse_version
 from neuronserve.versions import ServedVersion, VersionTable
+from neuronserve.contract import PEER_TOWER, USER_TOWER
 
 log = logging.getLogger(__name__)
 
@@ -288,13 +289,13 @@ async def check_reference(pipeline, manifest, reference: dict[str, np.ndarray]) 
     where = manifest.path(manifest.reference_file)
     checks = [
         (
-            "user_tower",
-            await pipeline.run_stage("user_tower", [reference["user_features"]]),
+            USER_TOWER,
+            await pipeline.run_stage(USER_TOWER, [reference["user_features"]]),
             reference["user_embeddings"],
         ),
         (
-            "peer_tower",
-            await pipeline.run_stage("peer_tower", [reference["peer_features"]]),
+            PEER_TOWER,
+            await pipeline.run_stage(PEER_TOWER, [reference["peer_features"]]),
             reference["peer_embeddings"],
         ),
     ]

@@ -35,10 +35,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from neuronserve.artifact import FUSED_STAGE
 from neuronserve.backends.base import Backend, FusedRunner, Runner, StageRunner
-from neuronserve.config import STAGES, CoreGroup, Placement
+from neuronserve.config import CoreGroup, Placement
 from neuronserve.errors import CoreFault, CoreResetting, InvalidInput, Unavailable
+from neuronserve.contract import FUSED_STAGE, PAIR_SCORER, PEER_TOWER, STAGES, USER_TOWER
 
 
 @dataclass(frozen=True)
@@ -239,12 +239,12 @@ class Pipeline:
         scorer; chunks counted one after another."""
         if FUSED_STAGE in self._stage_groups:
             return self.plan_cost_s(FUSED_STAGE, rows)
-        user, peer = self.plan_cost_s("user_tower", rows), self.plan_cost_s("peer_tower", rows)
-        tower_groups = {g.index for stage in ("user_tower", "peer_tower") for g in self._stage_groups[stage]}
+        user, peer = self.plan_cost_s(USER_TOWER, rows), self.plan_cost_s(PEER_TOWER, rows)
+        tower_groups = {g.index for stage in (USER_TOWER, PEER_TOWER) for g in self._stage_groups[stage]}
         towers = (
             max(user, peer) if len(tower_groups) > 1 and not self._fused else user + peer
         )  # fused: one job, in turn
-        return towers + self.plan_cost_s("pair_scorer", rows)
+        return towers + self.plan_cost_s(PAIR_SCORER, rows)
 
     async def run_stage(self, stage: str, inputs: Sequence[np.ndarray]) -> np.ndarray:
         """Run `stage` on any number of rows >= 1: pad/split to compiled buckets, unpad the output."""
@@ -335,21 +335,19 @@ class Pipeline:
             )
         if not self._fused:  # stages on their own groups: each overlaps other batches' stages
             user, peer = await asyncio.gather(
-                self.run_stage("user_tower", [user_features]), self.run_stage("peer_tower", [peer_features])
+                self.run_stage(USER_TOWER, [user_features]), self.run_stage(PEER_TOWER, [peer_features])
             )
-            return await self.run_stage("pair_scorer", [np.take(user, user_index, axis=0), peer])
-        (user,), _ = self._check("user_tower", [user_features])
-        (peer,), _ = self._check("peer_tower", [peer_features])
-        return await self._execute("user_tower", self._score_on, user, peer, user_index)
+            return await self.run_stage(PAIR_SCORER, [np.take(user, user_index, axis=0), peer])
+        (user,), _ = self._check(USER_TOWER, [user_features])
+        (peer,), _ = self._check(PEER_TOWER, [peer_features])
+        return await self._execute(USER_TOWER, self._score_on, user, peer, user_index)
 
     def _score_on(self, runners: dict[str, StageRunner], user: np.ndarray, peer: np.ndarray, user_index: np.ndarray):
         """Blocking, on one group's executor thread: the three stages one after another (the fused path)."""
-        u, user_s, user_runs = _run_chunks(runners["user_tower"], [user], self._chunks("user_tower", user.shape[0]))
-        p, peer_s, peer_runs = _run_chunks(runners["peer_tower"], [peer], self._chunks("peer_tower", peer.shape[0]))
+        u, user_s, user_runs = _run_chunks(runners[USER_TOWER], [user], self._chunks(USER_TOWER, user.shape[0]))
+        p, peer_s, peer_runs = _run_chunks(runners[PEER_TOWER], [peer], self._chunks(PEER_TOWER, peer.shape[0]))
         pairs = [np.take(u, user_index, axis=0), p]
-        scores, pair_s, pair_runs = _run_chunks(
-            runners["pair_scorer"], pairs, self._chunks("pair_scorer", peer.shape[0])
-        )
+        scores, pair_s, pair_runs = _run_chunks(runners[PAIR_SCORER], pairs, self._chunks(PAIR_SCORER, peer.shape[0]))
         return scores, user_s + peer_s + pair_s, user_runs + peer_runs + pair_runs
 
     def healthy(self) -> bool:

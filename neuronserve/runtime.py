@@ -24,7 +24,7 @@ class Runtime:
 
     def __init__(self, pipeline, batching: BatchingConfig, metrics) -> None:
         from neuronserve.batcher import DynamicBatcher
-        from neuronserve.service import TOWERS, TWOTOWER
+        from neuronserve.contract import TOWERS, TWOTOWER
 
         self.pipeline = pipeline
         self.metrics = metrics

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from neuronserve.admin_auth import AdminGuard, load_token
 from neuronserve.config import Placement, ServerConfig
 from neuronserve.errors import ConfigError
+from neuronserve.contract import USER_TOWER
 
 log = logging.getLogger(__name__)
 
@@ -495,7 +496,7 @@ class Server:
 
     @property
     def buckets(self) -> tuple[int, ...]:
-        return self.manifest.stage("user_tower").batch_sizes
+        return self.manifest.stage(USER_TOWER).batch_sizes
 
     def ready_line(self) -> str:
         metrics = f"{self.config.host}:{self.metrics_port}" if self.metrics_port is not None else "-"

@@ -32,6 +32,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from neuronserve.contract import TOWERS, TWOTOWER  # noqa: F401  (re-exported: the servicers' model names)
 from neuronserve.errors import DeadlineExceeded, InvalidInput, NeuronServeError, Unavailable
 from neuronserve.protos import open_inference_pb2 as oip
 from neuronserve.protos import scorer_pb2 as pb
@@ -41,8 +42,6 @@ INTERNAL_MESSAGE = "internal error in neuronserve; the server log has the detail
 log = logging.getLogger(__name__)
 
 # Model names: the OIP models and the metrics' `model` label.
-TWOTOWER = "twotower"  # Score and OIP twotower: features -> towers -> pair scorer
-TOWERS = ("user_tower", "peer_tower")  # UpsertEmbeddings and the OIP tower models
 CACHED = "twotower_cached"  # ScoreByIds and ScoreMatrix: cached tower outputs, no tower run (metrics only)
 FP32 = "FP32"
 TRITON_EXTENSIONS = ("model_configuration", "statistics")  # the Triton RPCs beyond the OIP served here
@@ -446,7 +445,7 @@ class Servicer:
                     )
             reply = await handler(request, context)
         except NeuronServeError as exc:
-            code = getattr(grpc.StatusCode, exc.status, grpc.StatusCode.INTERNAL)
+            code = exc.status
             message = str(exc) or type(exc).__name__
             if code == grpc.StatusCode.INTERNAL:  # a bug below us, reduced to a message: logged, not sent
                 log.error("%s: internal error answering %s: %s", model, type(request).__name__, message, exc_info=True)

@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 from neuronserve.config import VISIBLE_CORES_ENV, CoreGroup, ServerConfig
 from neuronserve.errors import ConfigError, NeuronServeError
+from neuronserve.contract import USER_TOWER
 
 log = logging.getLogger(__name__)
 
@@ -429,7 +430,7 @@ def supervise(config: ServerConfig) -> int:
         follower.warm_start()
         follower.start()
     shared = PoolShared(config.workers, cache, config.host)
-    buckets = ",".join(map(str, manifest.stage("user_tower").batch_sizes))
+    buckets = ",".join(map(str, manifest.stage(USER_TOWER).batch_sizes))
 
     def ready_line(metrics_port: int | None) -> str:
         metrics = f"{config.host}:{metrics_port}" if metrics_port is not None else "-"

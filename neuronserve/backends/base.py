@@ -13,7 +13,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from neuronserve.artifact import FUSED_STAGE, Manifest
+from neuronserve.artifact import Manifest
+from neuronserve.contract import FUSED_STAGE
 from neuronserve.config import CoreGroup
 from neuronserve.errors import InvalidInput
 

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from neuronserve.artifact import FUSED_STAGE, Manifest
+from neuronserve.artifact import Manifest
+from neuronserve.contract import FUSED_STAGE
 from neuronserve.backends.base import Backend, FusedRunner, StageRunner
 from neuronserve.config import CoreGroup
 from neuronserve.errors import BackendUnavailable

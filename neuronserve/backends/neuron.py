@@ -35,7 +35,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from neuronserve.artifact import FUSED_STAGE, Manifest
+from neuronserve.artifact import Manifest
+from neuronserve.contract import FUSED_STAGE
 from neuronserve.backends.base import Backend, FusedRunner, StageRunner
 from neuronserve.backends.cpu import as_tensor
 from neuronserve.config import VISIBLE_CORES_ENV, CoreGroup, parse_visible_cores
