@@ -123,7 +123,7 @@ def _model_config(path):
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from neuronserve.artifact import summary_lines
+    from neuronserve.artifact_summary import summary_lines
     from neuronserve.compile.build import compile_artifact
 
     manifest = compile_artifact(
@@ -146,7 +146,8 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from neuronserve.artifact import load_manifest, summary_lines
+    from neuronserve.artifact import load_manifest
+    from neuronserve.artifact_summary import summary_lines
 
     print("\n".join(summary_lines(load_manifest(args.artifact, verify=True, trusted_key=args.trusted_key))))
     return 0

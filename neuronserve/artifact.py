@@ -1,28 +1,11 @@
 """The artifact: a directory of traced stages plus manifest.json, the contract between compile and runtime.
 
 compile/ writes it (write_manifest); the runtime reads it (load_manifest), which verifies the schema,
-the manifest's own content hash (`manifest_sha256`: label bias, names and config are served from it)
-and the sha256 of every file, and refuses a tampered, truncated or incompatible artifact with an
-ArtifactError naming the file. Nothing here imports torch.
-
-That is integrity, not authenticity: whoever can write the artifact can also recompute the hashes.
-With a trusted key (signing.py), load_manifest also requires manifest.sig, an Ed25519 signature over
-manifest.json's bytes, by that key. Every file is read through one descriptor, inside the artifact
-directory and a regular file only (read_artifact_file); bytes handed to a loader (Manifest.file_bytes)
-are the bytes whose sha256 was checked, never a second read of the path.
-
-Stages: STAGES, the three graphs model pipelining places on core groups (user_tower, peer_tower,
-pair_scorer), plus FUSED_STAGE ("twotower"), the whole scorer as one graph for data parallelism:
-user_features [U, F_u] f32, peer_features [B, F_p] f32, user_index [B] int64 (values in [0, U)) ->
-scores [B, K] f32, exactly user_tower -> take(user_index) -> pair_scorer, the gather done on the device
-(index_select). In its StageSpec each BucketEntry is one compiled (B, U) pair (`user_batch_size` = U;
-U and B from the compiled bucket list, U <= B). Files: neuron, one fixed-shape graph per (U, B) pair;
-cpu, one graph shared by every pair (a CPU-traced graph is shape-generic, so more files would be
-copies of it and of the weights; compile checks its parity at each pair), and the runtime still runs
-only the listed pairs, as the device does. The fused
-stage is optional on load: artifacts compiled before it lack it and the runtime falls back to the
-three stages; compile always writes it. Adding it kept the schema at 2: readers that predate it
-ignore the stage and the bucket field, so old artifacts load here and new ones load there.
+the manifest's own content hash (`manifest_sha256`) and the sha256 of every file, and with a trusted key
+(signing.py) an Ed25519 signature over manifest.json, refusing a tampered, truncated or incompatible
+artifact with an ArtifactError naming the file. Bytes handed to a loader (Manifest.file_bytes) are the
+bytes whose sha256 was checked, never a second read of the path. Nothing here imports torch. The
+stages, the fused graph's (B, U) pairs and the schema's compatibility rules: docs/artifact.md.
 """
 
 from __future__ import annotations
@@ -33,12 +16,18 @@ import json
 import logging
 import math
 import os
-import stat
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from neuronserve.contract import FUSED_STAGE, STAGES
+from neuronserve.contract import FUSED_STAGE
+from neuronserve.artifact_files import (  # noqa: F401 (read_artifact_file, sha256_file: compile imports them from here)
+    path_exists,
+    plain_file_name,
+    read_artifact_file,
+    sha256_file,
+)
+from neuronserve.artifact_checks import check_manifest
 from neuronserve.errors import ArtifactError
 from neuronserve.signing import SIGNATURE_NAME, SignatureCheck, check_signature, load_trusted_keys
 
@@ -48,7 +37,6 @@ SCHEMA_VERSION = 2  # 2: manifest_sha256
 MANIFEST_HASH_KEY = "manifest_sha256"
 MANIFEST_NAME = "manifest.json"
 REFERENCE_NAME = "reference.npz"
-TARGETS: tuple[str, ...] = ("cpu", "neuron")
 
 
 MAX_DIMENSION = 1 << 20  # a model dimension above it is a typo, not a model
@@ -266,7 +254,7 @@ class Manifest:
     def max_parity_error(self) -> float:
         """The largest parity error over every stage and bucket; NaN if any bucket was not checked
         (a neuron graph compiled on a host without NeuronCores)."""
-        return _worst(b.parity_max_abs_err for s in self.stages.values() for b in s.buckets)
+        return worst_error(b.parity_max_abs_err for s in self.stages.values() for b in s.buckets)
 
     def to_dict(self) -> dict:
         return {
@@ -316,62 +304,8 @@ class Manifest:
             raise ArtifactError(
                 f"{where}: malformed manifest ({type(exc).__name__}: {exc}); recompile the artifact"
             ) from None
-        for name in manifest.files:
-            if not _plain_file_name(name):
-                raise ArtifactError(
-                    f"{where}: file name {name!r} is not a plain file name in the artifact directory (no '/', '..' or absolute paths); recompile the artifact"
-                )
-        if manifest.target not in TARGETS:
-            raise ArtifactError(f"{where}: unknown target {manifest.target!r}; expected one of {', '.join(TARGETS)}")
-        if len(manifest.label_bias) != manifest.model_config.num_labels:
-            raise ArtifactError(
-                f"{where}: label_bias has {len(manifest.label_bias)} values for {manifest.model_config.num_labels} labels"
-            )
-        missing = [s for s in STAGES if s not in manifest.stages]
-        if missing:
-            raise ArtifactError(f"{where}: missing stages {missing}; recompile the artifact")
-        for spec in manifest.stages.values():
-            if not spec.buckets:
-                raise ArtifactError(f"{where}: stage {spec.name} has no buckets")
-            for bucket in spec.buckets:
-                if bucket.file not in manifest.files:
-                    raise ArtifactError(f"{where}: stage file {bucket.file} has no sha256 entry")
-            _check_user_batches(spec, where)
-        if manifest.target == "neuron" and manifest.has_fused_stage:
-            files = [b.file for b in manifest.stages[FUSED_STAGE].buckets]
-            if len(set(files)) != len(files):
-                raise ArtifactError(
-                    f"{where}: a neuron graph has fixed shapes, so every {FUSED_STAGE} pair needs its own file"
-                )
-        if manifest.reference_file not in manifest.files:
-            raise ArtifactError(f"{where}: reference file {manifest.reference_file} has no sha256 entry")
+        check_manifest(manifest, where)
         return manifest
-
-
-def _check_user_batches(spec: StageSpec, where: Path) -> None:
-    """FUSED_STAGE buckets are distinct (B, U) pairs with 1 <= U <= B; no other stage has a user batch."""
-    fused = spec.name == FUSED_STAGE
-    for bucket in spec.buckets:
-        user = bucket.user_batch_size
-        if fused and (user is None or not 1 <= user <= bucket.batch_size):
-            raise ArtifactError(
-                f"{where}: {spec.name} bucket {bucket.file} needs a user_batch_size from 1 to its batch size {bucket.batch_size}, got {user!r}"
-            )
-        if not fused and user is not None:
-            raise ArtifactError(
-                f"{where}: stage {spec.name} bucket {bucket.file} has a user_batch_size; only {FUSED_STAGE} takes one"
-            )
-    keys = [b.key for b in spec.buckets]
-    if len(set(keys)) != len(keys):
-        raise ArtifactError(f"{where}: stage {spec.name} lists a bucket twice")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def manifest_hash(data: dict) -> str:
@@ -389,64 +323,6 @@ def write_manifest(manifest: Manifest) -> Path:
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
     return path
-
-
-def _plain_file_name(name: str) -> bool:
-    """True for a name that stays in the artifact directory: one path component, not '.' or '..'."""
-    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
-
-
-_FILE_KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
-def read_artifact_file(directory, name: str) -> bytes:
-    """The whole content of DIR/`name`, read through one file descriptor. Refused with an ArtifactError
-    naming the path when it leads outside the artifact directory (`..`, a symlink out: a symlink to
-    another file inside is followed), is missing, is not a regular file (a directory, a device such as
-    /dev/zero, a FIFO: opened non-blocking, so a FIFO never hangs the read) or cannot be read
-    (permissions: one line, never a traceback)."""
-    directory = Path(directory)
-    path = directory / name
-    if not _plain_file_name(name):
-        raise ArtifactError(
-            f"artifact file {path} leads outside the artifact directory {directory}; recompile the artifact"
-        )
-    root = os.path.realpath(directory)
-    real = os.path.realpath(path)
-    if os.path.commonpath([root, real]) != root:
-        raise ArtifactError(
-            f"artifact file {path} is a symlink to {real}, outside the artifact directory: every file must be inside it; "
-            "copy the artifact whole (no symlinks out) or recompile it"
-        )
-    try:
-        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise ArtifactError(f"artifact file {path} is missing; recompile or restore the artifact") from None
-    except OSError as exc:
-        raise ArtifactError(
-            f"artifact file {path} cannot be read ({exc.strerror}); give the serving user read access to the artifact"
-        ) from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = next((text for test, text in _FILE_KINDS if test(mode)), "not a regular file")
-            raise ArtifactError(
-                f"artifact file {path} is {kind}, not a regular file; recompile or restore the artifact"
-            )
-        with os.fdopen(fd, "rb", closefd=False) as handle:
-            return handle.read()
-    except OSError as exc:
-        raise ArtifactError(
-            f"artifact file {path} cannot be read ({exc.strerror}); give the serving user read access to the artifact"
-        ) from None
-    finally:
-        os.close(fd)
 
 
 def _checked(manifest: Manifest, name: str, data: bytes) -> bytes:
@@ -487,20 +363,6 @@ class _VerifiedFiles:
             self._bytes.clear()
 
 
-def _exists(path: Path, follow: bool = False) -> bool:
-    """Whether `path` exists (unless `follow`, a dangling symlink does: reading it says why it fails);
-    an ArtifactError when that cannot be known (a directory on the way the serving user may not search)."""
-    try:
-        os.stat(path) if follow else os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    except OSError as exc:
-        raise ArtifactError(
-            f"{path} cannot be read ({exc.strerror}); give the serving user access to the artifact"
-        ) from None
-    return True
-
-
 def load_manifest(directory, verify: bool = True, trusted_key=None, keep_files: bool = False) -> Manifest:
     """Read DIR/manifest.json; errors name the file.
 
@@ -512,7 +374,7 @@ def load_manifest(directory, verify: bool = True, trusted_key=None, keep_files: 
     """
     directory = Path(directory)
     path = directory / MANIFEST_NAME
-    if not _exists(directory, follow=True):
+    if not path_exists(directory, follow=True):
         raise ArtifactError(
             f"artifact directory {directory} does not exist; compile one with `neuronserve compile --out {directory}`"
         )
@@ -520,11 +382,11 @@ def load_manifest(directory, verify: bool = True, trusted_key=None, keep_files: 
         raise ArtifactError(
             f"{directory} is a file; an artifact is the directory `neuronserve compile --out DIR` wrote"
         )
-    if not _exists(path):
+    if not path_exists(path):
         raise ArtifactError(
             f"{path} is missing: {directory} is not a neuronserve artifact (compile one with `neuronserve compile`)"
         )
-    sig_present = _exists(directory / SIGNATURE_NAME)
+    sig_present = path_exists(directory / SIGNATURE_NAME)
     trusted = load_trusted_keys(trusted_key) if trusted_key is not None else None
     raw = read_artifact_file(directory, MANIFEST_NAME)
     sig_bytes = read_artifact_file(directory, SIGNATURE_NAME) if sig_present else None
@@ -561,56 +423,7 @@ def verify_files(manifest: Manifest, keep: bool = False) -> None:
             manifest._verified.keep(name, data)
 
 
-def summary_lines(manifest: Manifest) -> list[str]:
-    """Human-readable summary, for `neuronserve inspect` and the compile report."""
-    cfg = manifest.model_config
-    lines = [
-        f"artifact   {manifest.directory}",
-        f"model      {manifest.model_name} version {manifest.model_version} (schema {manifest.schema_version})",
-        f"target     {manifest.target}  pipeline_cores={manifest.pipeline_cores}  compiler_args={' '.join(manifest.compiler_args) or '-'}",
-        f"torch      {manifest.torch_version}"
-        + (f"  torch-neuron {manifest.torch_neuron_version}" if manifest.torch_neuron_version else ""),
-        f"config     F_u={cfg.user_features} F_p={cfg.peer_features} hidden={list(cfg.hidden_sizes)} E={cfg.embedding_dim} K={cfg.num_labels} D={cfg.label_dim}",
-        f"labels     {', '.join(manifest.label_names)}",
-    ]
-    for name in STAGES:
-        spec = manifest.stages[name]
-        lines.append(f"stage      {name}: {_signature(spec)}")
-        for b in spec.buckets:
-            lines.append(f"             batch {b.batch_size:>5}  {b.file}  parity max|err|={b.parity_max_abs_err:.2e}")
-    if manifest.has_fused_stage:
-        spec = manifest.stages[FUSED_STAGE]
-        lines.append(f"stage      {FUSED_STAGE} (fused, U user rows): {_signature(spec)}")
-        files: dict[tuple[int, str], list[BucketEntry]] = {}
-        for b in spec.buckets:  # one line per B and file: its user batches (a cpu file serves them all)
-            files.setdefault((b.batch_size, b.file), []).append(b)
-        for (batch, file), entries in files.items():
-            users = ",".join(str(b.user_batch_size) for b in entries)
-            worst = _worst(b.parity_max_abs_err for b in entries)
-            lines.append(
-                f"             batch {batch:>5}  users {users:<{_users_width(spec)}}  {file}  parity max|err|={worst:.2e}"
-            )
-    else:
-        lines.append(
-            f"stage      {FUSED_STAGE}: not in this artifact (compiled before the fused graph); served as three stages"
-        )
-    lines.append(f"parity     max |err| {manifest.max_parity_error():.2e} (tolerance {manifest.parity_tolerance:.0e})")
-    lines.append(f"files      {len(manifest.files) + 1} verified by sha256")
-    if manifest.signature is not None:
-        lines.append(f"signature  {manifest.signature.describe()}")
-    return lines
-
-
-def _signature(spec: StageSpec) -> str:
-    ins = ", ".join(f"{t.name}{list(t.shape)}" for t in spec.inputs)
-    outs = ", ".join(f"{t.name}{list(t.shape)}" for t in spec.outputs)
-    return f"({ins}) -> ({outs})"
-
-
-def _users_width(spec: StageSpec) -> int:
-    return max(len(",".join(map(str, spec.user_batch_sizes(b)))) for b in spec.batch_sizes)
-
-
-def _worst(errors) -> float:
+def worst_error(errors) -> float:
+    """The largest parity error; NaN if any is NaN (not checked)."""
     errors = list(errors)
     return float("nan") if any(math.isnan(e) for e in errors) else max(errors)

@@ -1,29 +1,14 @@
-"""The pipeline: the three stages on NeuronCore groups, bucket padding and splitting, dispatch.
+"""The pipeline: the three stages (or the fused graph) on NeuronCore groups, bucket padding and
+splitting, dispatch to the least-loaded healthy group.
 
-On the request path between the batcher (above, which hands it whole batches as run_batch) and a
-backend (below, which runs one traced graph at one compiled bucket on one core group). Each distinct
-core group of the Placement owns a ThreadPoolExecutor with one thread per execution it may hold
-(`runner.max_in_flight`: 1, or N for a graph compiled with --neuroncore-pipeline-cores N); torch
-releases the GIL, so groups run in parallel.
-
-- Data parallel: a stage placed on several groups goes to the least-loaded healthy one.
-- Model pipelining: stages placed on different groups overlap across batches (batch i+1's towers run
-  while batch i is scored); the hand-off between stages is bounded because a stage execution waits
-  for a free slot on its groups, and the batcher keeps at most `concurrency` batches in flight.
-- One execution per score batch: when the artifact holds the fused stage (FUSED_STAGE: both towers
-  and the scorer in one graph, user rows plus a user index in) and every group holds every stage (data
-  parallel), a score batch is assembled and padded on the event loop and run as ONE execution on one
-  group's executor thread: one thread hop and one device call per batch, the user vectors gathered
-  inside the graph.
-  Without it (older artifacts), the same job runs the three stages in turn.
-- Buckets: see `_plan`; padding rows never leave this module.
-- Faults: a CoreFault fails only the batch that hit it; the runner reports its group unhealthy until
-  the core is reset, and dispatch routes around it; with no healthy group left: Unavailable.
+Between the batcher (above: whole batches, `score_requests`) and a backend (below: one graph at one
+compiled bucket on one core group). Contract: outputs are unpadded and in request order; a core fault
+fails only its batch and takes its group out of rotation; no healthy group left -> Unavailable.
+Data parallelism, pipelining, the fused path and the bucket rule: docs/pipeline.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import asyncio
 import functools
 import threading
@@ -37,6 +22,19 @@ import numpy as np
 
 from neuronserve.backends.base import Backend, FusedRunner, Runner, StageRunner
 from neuronserve.config import CoreGroup, Placement
+from neuronserve.bucket_plan import BucketPlan
+from neuronserve.execution import (
+    JobResult,
+    call_soon,
+    chunk_starts,
+    concat,
+    mark_nonfinite,
+    padded,
+    remote_fused,
+    run_chunks,
+    run_fused,
+    timed_run,
+)
 from neuronserve.errors import CoreFault, CoreResetting, InvalidInput, Unavailable
 from neuronserve.contract import FUSED_STAGE, PAIR_SCORER, PEER_TOWER, STAGES, USER_TOWER
 
@@ -98,25 +96,6 @@ class _Group:
         return all(runner.healthy() for runner in self.runners.values())
 
 
-def _plan_table(buckets: tuple[int, ...], cost_s: dict[int, float], limit: int) -> list[tuple[int, ...]]:
-    """table[r] = the chunks (bucket sizes) covering r rows at least total device time, for r <= limit.
-
-    Dynamic programming over the bucket costs: best(r) = min over buckets b of cost(b) + best(r - b),
-    with best(r <= 0) = 0, i.e. the last chunk is padded up. Ties go to fewer chunks, then fewer rows.
-    """
-    best: list[tuple[float, int, int]] = [(0.0, 0, 0)] * (limit + 1)
-    table: list[tuple[int, ...]] = [()] * (limit + 1)
-    for rows in range(1, limit + 1):
-        options = []
-        for b in buckets:
-            cost, chunks, total = best[max(rows - b, 0)]
-            options.append(((cost + cost_s[b], chunks + 1, total + b), b))
-        key, b = min(options)
-        best[rows] = key
-        table[rows] = (b,) + table[max(rows - b, 0)]
-    return table
-
-
 class Pipeline:
     def __init__(self, backend: Backend, placement: Placement) -> None:
         self.backend = backend
@@ -130,9 +109,7 @@ class Pipeline:
             stage: [g for g in self._groups if stage in g.stages] for stage in STAGES if placement.groups.get(stage)
         }
         self._shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
-        self._buckets: dict[str, tuple[int, ...]] = {}
-        self._cost_s: dict[str, dict[int, float]] = {}
-        self._plans: dict[str, list[tuple[int, ...]]] = {}
+        self._plans: dict[str, BucketPlan] = {}
         self._stage_counts = {stage: [0, 0, 0] for stage in STAGES + (FUSED_STAGE,)}  # executions, rows, padded rows
         self._estimates: list[float] = []  # score batch of r rows -> modelled seconds, r <= max_batch_rows
         self._user_buckets: dict[int, tuple[int, ...]] = {}  # fused: peer bucket -> its compiled user buckets
@@ -168,10 +145,9 @@ class Pipeline:
         for stage, groups in self._stage_groups.items():
             runner = groups[0].runners[stage]
             self._shapes[stage] = tuple(runner.input_shapes())
-            self._buckets[stage] = tuple(sorted(runner.batch_sizes))
-            self._cost_s[stage] = {b: self._bucket_cost_s(runner, b) for b in self._buckets[stage]}
-            largest = self._buckets[stage][-1]
-            self._plans[stage] = _plan_table(self._buckets[stage], self._cost_s[stage], 2 * largest)
+            self._plans[stage] = BucketPlan(
+                runner.batch_sizes, {b: self._bucket_cost_s(runner, b) for b in runner.batch_sizes}
+            )
         if FUSED_STAGE in self._stage_groups:
             fused = self._stage_groups[FUSED_STAGE][0].runners[FUSED_STAGE]
             assert isinstance(fused, FusedRunner)
@@ -193,11 +169,11 @@ class Pipeline:
             inputs = [np.zeros((batch_size,) + shape, dtype=np.float32) for shape in runner.input_shapes()]
         if modelled is not None:
             return modelled
-        return min(_timed_run(runner, inputs)[1] for _ in range(3))
+        return min(timed_run(runner, inputs)[1] for _ in range(3))
 
     @property
     def max_batch_rows(self) -> int:
-        return min(buckets[-1] for buckets in self._buckets.values())
+        return min(plan.buckets[-1] for plan in self._plans.values())
 
     @property
     def concurrency(self) -> int:
@@ -209,24 +185,11 @@ class Pipeline:
         """Batches that run in parallel on separate core groups: while fewer run, a core idles."""
         return len(self._groups)
 
-    def _plan(self, stage: str, rows: int) -> tuple[int, ...]:
-        """Chunks for `rows`: full largest buckets while more than two of them remain, then the cheapest
-        cover of the rest by the latency model (_plan_table): pad up when one bigger bucket costs less
-        device time than splitting, split when it does not (e.g. 513 rows -> 512 + 1, not 1024)."""
-        largest = self._buckets[stage][-1]
-        full = max(0, rows - largest) // largest
-        return (largest,) * full + self._plans[stage][rows - full * largest]
-
     def _chunks(self, stage: str, rows: int) -> tuple[tuple[int, int], ...]:
-        """(rows, bucket) of every execution covering `rows` rows, in order."""
-        chunks, start = [], 0
-        for bucket in self._plan(stage, rows):
-            chunks.append((min(bucket, rows - start), bucket))
-            start += bucket
-        return tuple(chunks)
+        return self._plans[stage].chunks(rows)
 
     def plan_cost_s(self, stage: str, rows: int) -> float:
-        return sum(self._cost_s[stage][b] for b in self._plan(stage, rows))
+        return self._plans[stage].total_cost_s(rows)
 
     def estimate_latency_s(self, rows: int) -> float:
         """Device time of a score batch of `rows` peers (a table lookup: the batcher asks per request)."""
@@ -255,7 +218,7 @@ class Pipeline:
                 f"stage {stage!r} is not placed on any core group; placed: {', '.join(self._stage_groups)}"
             )
         arrays, rows = self._check(stage, inputs)
-        chunks = self._plan(stage, rows)
+        chunks = self._plans[stage].plan(rows)
         if len(chunks) == 1:
             return await self._run_chunk(stage, arrays, 0, rows, chunks[0])
         starts = np.cumsum((0,) + chunks[:-1])
@@ -269,18 +232,14 @@ class Pipeline:
 
     async def score_requests(self, users: Sequence[np.ndarray], peers: Sequence[np.ndarray]) -> ScoredBatch:
         """A batch of score requests: request i is users[i] ([1, F_u]) against peers[i] ([m_i, F_p]);
-        -> logits [sum m_i, K] in request order, NaN in every row with a non-finite feature.
-
-        With the fused graph the batch is assembled and padded here, on the event loop (a few vectorised
-        copies per batch), and the core's executor thread only runs the executions: a thread that
-        needed the GIL for many short numpy steps would wait for it behind a busy event loop at each
-        one (the GIL convoy that made an overloaded server collapse)."""
+        -> logits [sum m_i, K] in request order, NaN in every row with a non-finite feature. With the fused
+        graph the batch is assembled and padded here, on the event loop (docs/pipeline.md says why)."""
         if not self._started:
             raise Unavailable("the pipeline is not started: call start() first")
         start_s = time.perf_counter()
-        user, user_index = _concat(users), np.repeat(np.arange(len(users), dtype=np.int64), [p.shape[0] for p in peers])
+        user, user_index = concat(users), np.repeat(np.arange(len(users), dtype=np.int64), [p.shape[0] for p in peers])
         if FUSED_STAGE not in self._stage_groups:
-            peer = _concat(peers)
+            peer = concat(peers)
             sent_s = time.perf_counter()
             scores = await self.score(user, peer, user_index)
         else:
@@ -288,10 +247,10 @@ class Pipeline:
             peer, inputs = self._fused_inputs(user, peers, user_index, chunks)
             sent_s = time.perf_counter()
             scores = await self._execute(
-                FUSED_STAGE, _run_fused, inputs, chunks, remote=functools.partial(_remote_fused, inputs, chunks)
+                FUSED_STAGE, run_fused, inputs, chunks, remote=functools.partial(remote_fused, inputs, chunks)
             )
         back_s = time.perf_counter()
-        scores = _mark_nonfinite(scores, user, peer, user_index)
+        scores = mark_nonfinite(scores, user, peer, user_index)
         return ScoredBatch(scores, sent_s - start_s, back_s - sent_s, time.perf_counter() - back_s)
 
     def _fused_inputs(
@@ -304,20 +263,20 @@ class Pipeline:
             padded_peer = np.empty((bucket, peers[0].shape[1]), dtype=np.float32)
             np.concatenate(peers, axis=0, out=padded_peer[:rows])
             padded_peer[rows:] = 0
-            peer, padded = padded_peer[:rows], [padded_peer]
+            peer, peer_inputs = padded_peer[:rows], [padded_peer]
         else:
-            peer = _concat(peers)
-            padded = [
-                _padded(peer[start : start + rows], bucket)
-                for start, (rows, bucket) in zip(_starts(chunks), chunks, strict=False)
+            peer = concat(peers)
+            peer_inputs = [
+                padded(peer[start : start + rows], bucket)
+                for start, (rows, bucket) in zip(chunk_starts(chunks), chunks, strict=False)
             ]
         inputs = []
-        for start, (rows, bucket), peer_input in zip(_starts(chunks), chunks, padded, strict=False):
+        for start, (rows, bucket), peer_input in zip(chunk_starts(chunks), chunks, peer_inputs, strict=True):
             first, last = int(user_index[start]), int(user_index[start + rows - 1])
             user_bucket = next(u for u in self._user_buckets[bucket] if u > last - first)
             index = np.zeros(bucket, dtype=np.int64)
             index[:rows] = user_index[start : start + rows] - first
-            inputs.append([_padded(user[first : last + 1], user_bucket), peer_input, index])
+            inputs.append([padded(user[first : last + 1], user_bucket), peer_input, index])
         return peer, inputs
 
     async def score(self, user_features: np.ndarray, peer_features: np.ndarray, user_index: np.ndarray) -> np.ndarray:
@@ -344,11 +303,12 @@ class Pipeline:
 
     def _score_on(self, runners: dict[str, StageRunner], user: np.ndarray, peer: np.ndarray, user_index: np.ndarray):
         """Blocking, on one group's executor thread: the three stages one after another (the fused path)."""
-        u, user_s, user_runs = _run_chunks(runners[USER_TOWER], [user], self._chunks(USER_TOWER, user.shape[0]))
-        p, peer_s, peer_runs = _run_chunks(runners[PEER_TOWER], [peer], self._chunks(PEER_TOWER, peer.shape[0]))
-        pairs = [np.take(u, user_index, axis=0), p]
-        scores, pair_s, pair_runs = _run_chunks(runners[PAIR_SCORER], pairs, self._chunks(PAIR_SCORER, peer.shape[0]))
-        return scores, user_s + peer_s + pair_s, user_runs + peer_runs + pair_runs
+        u = run_chunks(runners[USER_TOWER], [user], self._chunks(USER_TOWER, user.shape[0]))
+        p = run_chunks(runners[PEER_TOWER], [peer], self._chunks(PEER_TOWER, peer.shape[0]))
+        pairs = [np.take(u.out, user_index, axis=0), p.out]
+        scores = run_chunks(runners[PAIR_SCORER], pairs, self._chunks(PAIR_SCORER, peer.shape[0]))
+        busy_s = u.busy_s + p.busy_s + scores.busy_s
+        return JobResult(scores.out, busy_s, u.executions + p.executions + scores.executions)
 
     def healthy(self) -> bool:
         """Every placed stage has a healthy core group (so every model can run); False once every group
@@ -393,7 +353,7 @@ class Pipeline:
     async def _run_chunk(self, stage: str, arrays: list[np.ndarray], start: int, rows: int, bucket: int) -> np.ndarray:
         """Rows [start, start+rows) padded to `bucket`, on the least-loaded healthy group; unpadded output."""
         chunk = [array[start : start + rows] for array in arrays]  # contiguous views, no copy
-        return await self._execute(stage, lambda runners: _run_chunks(runners[stage], chunk, ((rows, bucket),)))
+        return await self._execute(stage, lambda runners: run_chunks(runners[stage], chunk, ((rows, bucket),)))
 
     async def _execute(self, stage: str, job, *args, remote=None) -> np.ndarray:
         """`job(group.runners, *args)` -> (output, busy seconds, executions) on a slot of the least-loaded
@@ -422,12 +382,12 @@ class Pipeline:
                     raise Unavailable("the pipeline is closed") from None
                 # One hop back: the job's completion settles `future` and frees the slot in one loop callback.
                 # The slot is freed by the job, never by the caller: a cancelled caller keeps it until the core is done.
-                done.add_done_callback(functools.partial(_call_soon, loop, self._settle, future, group))
+                done.add_done_callback(functools.partial(call_soon, loop, self._settle, future, group))
             try:
-                out, _, _ = await future
+                result = await future
             except CoreResetting:
                 continue
-            return out
+            return result.out
 
     def _settle(self, future: asyncio.Future, group: _Group, done, executions=None) -> None:
         """Loop thread, once a job ends (`done`: its concurrent.futures.Future, or the model process's
@@ -439,8 +399,9 @@ class Pipeline:
             else done.exception()
         )
         result = None if error is not None else done.result()
-        if result is not None and executions is not None:
-            result = (*result, executions)
+        if result is not None and executions is not None:  # the model process's (output, busy seconds)
+            out, busy_s = result
+            result = JobResult(out, busy_s, executions)
         self._finish(group, result, error)
         if not future.done():
             if error is None:
@@ -467,7 +428,7 @@ class Pipeline:
             self._waiters.append(waiter)
             await waiter
 
-    def _finish(self, group: _Group, result, error: BaseException | None) -> None:
+    def _finish(self, group: _Group, result: JobResult | None, error: BaseException | None) -> None:
         """Loop thread: free the slot, wake waiters, count the job's (output, busy seconds, executions)."""
         group.in_flight -= 1
         waiters, self._waiters = self._waiters, deque()
@@ -477,89 +438,10 @@ class Pipeline:
         if isinstance(error, CoreFault) and not isinstance(error, CoreResetting):
             group.faults += 1
         if result is not None:
-            _, busy_s, executions = result
-            group.busy_s += busy_s
-            for stage, rows, bucket in executions:
+            group.busy_s += result.busy_s
+            for execution in result.executions:
                 group.executions += 1
-                counts = self._stage_counts[stage]
+                counts = self._stage_counts[execution.stage]
                 counts[0] += 1
-                counts[1] += rows
-                counts[2] += bucket - rows
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
-    """loop.call_soon_threadsafe(callback, *args) from an executor thread; nothing once the loop is closed
-    (a job that outlived its server)."""
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(callback, *args)
-
-
-def _run_fused(runners: dict[str, Runner], inputs: Sequence[list[np.ndarray]], chunks: Sequence[tuple[int, int]]):
-    """Blocking, on the group's executor thread: one fused execution per chunk of padded inputs ->
-    (unpadded scores concatenated, busy seconds, [(stage, rows, bucket)] per execution)."""
-    outs, busy_s = [], 0.0
-    for chunk, (rows, _) in zip(inputs, chunks, strict=False):
-        out, seconds = _timed_run(runners[FUSED_STAGE], chunk)
-        outs.append(out[:rows])
-        busy_s += seconds
-    return _concat(outs), busy_s, [(FUSED_STAGE, rows, bucket) for rows, bucket in chunks]
-
-
-def _remote_fused(inputs: Sequence[list[np.ndarray]], chunks: Sequence[tuple[int, int]], runners: dict[str, Runner]):
-    """_run_fused's job in the group's model process, when its runner has one (cpu backend): (an asyncio
-    future of (unpadded scores, busy seconds), executions); None to run it on the executor instead."""
-    submit = getattr(runners[FUSED_STAGE], "submit", None)
-    done = (
-        submit([(chunk, rows) for chunk, (rows, _) in zip(inputs, chunks, strict=False)])
-        if submit is not None
-        else None
-    )
-    return None if done is None else (done, [(FUSED_STAGE, rows, bucket) for rows, bucket in chunks])
-
-
-def _run_chunks(runner: StageRunner, arrays: Sequence[np.ndarray], chunks: Sequence[tuple[int, int]]):
-    """Blocking, on the group's executor thread: one execution per (rows, bucket) chunk over the rows of
-    `arrays` in order, each padded with zero rows up to its bucket; -> (unpadded outputs concatenated,
-    busy seconds, [(stage, rows, bucket)] per execution)."""
-    outs, busy_s = [], 0.0
-    for start, (rows, bucket) in zip(_starts(chunks), chunks, strict=False):
-        out, seconds = _timed_run(runner, [_padded(array[start : start + rows], bucket) for array in arrays])
-        outs.append(out[:rows])
-        busy_s += seconds
-    return _concat(outs), busy_s, [(runner.stage, rows, bucket) for rows, bucket in chunks]
-
-
-def _starts(chunks: Sequence[tuple[int, int]]) -> list[int]:
-    """The first row of each (rows, bucket) chunk."""
-    return [sum(rows for rows, _ in chunks[:i]) for i in range(len(chunks))]
-
-
-def _concat(parts: Sequence[np.ndarray]) -> np.ndarray:
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-
-
-def _mark_nonfinite(scores: np.ndarray, user: np.ndarray, peer: np.ndarray, user_index: np.ndarray) -> np.ndarray:
-    """Scores with NaN in every row whose user or peer features are not all finite (NaN, Inf), so the
-    service, which checks only the output, refuses exactly those requests (a model can map an Inf input
-    to a finite score). One vectorised check per batch; per row only if it fails."""
-    if np.isfinite(peer).all() and np.isfinite(user).all():
-        return scores
-    bad = ~np.isfinite(peer).all(axis=1) | ~np.isfinite(user).all(axis=1)[user_index]
-    scores = np.array(scores, dtype=np.float32)
-    scores[bad] = np.nan
-    return scores
-
-
-def _padded(array: np.ndarray, rows: int) -> np.ndarray:
-    """`array` as a C-contiguous float32 array of `rows` rows, zero rows after its own (no copy if it is one)."""
-    if array.shape[0] == rows:
-        return np.ascontiguousarray(array, dtype=np.float32)
-    padded = np.zeros((rows,) + array.shape[1:], dtype=np.float32)
-    padded[: array.shape[0]] = array
-    return padded
-
-
-def _timed_run(runner: Runner, inputs: list[np.ndarray]) -> tuple[np.ndarray, float]:
-    start = time.perf_counter()
-    out = runner.run(inputs)
-    return out, time.perf_counter() - start
+                counts[1] += execution.rows
+                counts[2] += execution.bucket - execution.rows

@@ -1,25 +1,9 @@
 """The composition root of one serving process: artifact -> backend -> pipeline -> runtime (batchers)
 -> embedding cache -> gRPC services (+ health, reflection) -> metrics. The only place objects are wired.
 
-Start-up: load and verify the artifact; build the backend and the placement; start gRPC (health
-NOT_SERVING, the door closed: inference calls UNAVAILABLE at once) and /metrics, so a taken port fails
-before the warm-up; load and warm up every stage at every bucket (in a thread; a stop request meanwhile
-abandons it at the next stage, and nothing is served); build the Runtime and attach it to the services;
-gc.freeze(); the door opens, health SERVING. A worker of a pool (`PoolMember`, see workers.py) differs in
-three ways: it joins the shared port (SO_REUSEPORT) only once warm, so no connection lands on a warming
-worker; it also listens on a private port of its own (statistics fan-out, per-worker probes); its /metrics
-is private (the supervisor serves the pool's); and its embedding cache is the pool's shared one.
-With --embedding-store redis://... (fleet.py) the cache writes upserts through the shared store, and a
-lone server loads the store's rows beside the warm-up and follows its changes (a pool's supervisor does
-that for its workers); the health name neuronserve.EmbeddingStore says whether the copy is current.
-
-Shutdown (Server.stop): health NOT_SERVING (with --drain-delay-s, requests are still served that long),
-the door closes (new requests UNAVAILABLE), the batchers drain and the calls in the service finish (every
-accepted request is answered, within the grace period), gRPC gets REPLY_WRITE_S to write the answers and
-ends what is left (e.g. Health.Watch streams), the pipeline closes. (A call that reaches gRPC's transport
-in the instant its shutdown begins never reaches the service: grpc.aio cancels calls it has not yet picked
-up, and that client sees CANCELLED. Clients that heed NOT_SERVING, or a load balancer that does, are gone
-by then.)
+Contract: `start()` serves only once every stage is warm (health NOT_SERVING and inference UNAVAILABLE
+before); `stop()` answers every accepted request within the grace period. The steps and the one
+shutdown race are in docs/server.md.
 """
 
 from __future__ import annotations
@@ -37,6 +21,7 @@ from neuronserve.admin_auth import AdminGuard, load_token
 from neuronserve.config import Placement, ServerConfig
 from neuronserve.errors import ConfigError
 from neuronserve.contract import USER_TOWER
+from neuronserve.version_build import VersionBuilder, first_artifact, model_info, new_cache
 
 log = logging.getLogger(__name__)
 
@@ -52,44 +37,9 @@ class PoolMember:
     peer_addresses: Callable[[], list[str]]  # the other live workers' private gRPC addresses (host:port)
 
 
-def new_cache(manifest, max_rows: int):
-    """The embedding cache for `manifest`'s model (a pool's supervisor builds it before forking)."""
-    from neuronserve.embeddings import EmbeddingCache
-
-    cfg = manifest.model_config
-    return EmbeddingCache(
-        model_version=manifest.model_version,
-        num_labels=cfg.num_labels,
-        label_dim=cfg.label_dim,
-        label_bias=manifest.label_bias,
-        max_rows=max_rows,
-    )
-
-
 def grpc_address(host: str, port: int) -> str:
     host = host.strip("[]")
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 literal in brackets
-
-
-def model_info(manifest, config: ServerConfig, backend_name: str):
-    """service.ModelInfo of an artifact (manifest) served with `config` on backend `backend_name`."""
-    from neuronserve.service import ModelInfo, oip_version_of
-
-    cfg = manifest.model_config
-    return ModelInfo(
-        name=manifest.model_name,
-        version=manifest.model_version,
-        user_features=cfg.user_features,
-        peer_features=cfg.peer_features,
-        num_labels=cfg.num_labels,
-        label_dim=cfg.label_dim,
-        label_names=tuple(manifest.label_names),
-        max_peers=config.max_peers,
-        max_tower_rows=config.batching.max_queue_rows,
-        max_message_bytes=config.max_message_bytes,
-        platform=f"neuronserve_{backend_name}",
-        oip_version=oip_version_of(manifest.model_version),
-    )
 
 
 class Server:
@@ -120,14 +70,12 @@ class Server:
         self._health = None
         self._health_names: tuple[str, ...] = ()
         self._watcher = None  # health.DeviceWatcher, from _open to stop
-        self._follower = (
-            None  # fleet.Follower of a lone server with --embedding-store (a pool's runs in its supervisor)
-        )
+        # fleet.Follower of a lone server with --embedding-store (a pool's runs in its supervisor)
+        self._follower = None
         self._store_watcher = None  # health.DeviceWatcher of the store's health name, with --embedding-store
         self._metrics_server = None
-        self.versions = (
-            None  # versions.VersionTable: the versions served (the first built here, others by model_control)
-        )
+        # versions.VersionTable: the versions served (the first built here, others by model_control)
+        self.versions = None
         self.control = None  # model_control.ModelControl: the repository's versions loaded and unloaded
         self._placement: Placement | None = None
         self._span = None
@@ -146,11 +94,11 @@ class Server:
         from neuronserve.metrics import Metrics, cache_samples
 
         config = self.config
-        self._admin = (
-            AdminGuard(load_token(config.admin_token_file)) if config.admin_token_file else None
-        )  # a bad file fails before warm-up
+        # a bad token file fails before the warm-up
+        self._admin = AdminGuard(load_token(config.admin_token_file)) if config.admin_token_file else None
+        path, self._first_version = first_artifact(config)
         self.manifest = manifest = await asyncio.to_thread(
-            load_manifest, self._first_artifact(), True, config.trusted_key, True
+            load_manifest, path, True, config.trusted_key, True
         )  # keep_files: stages load from the checked bytes
         backend = resolve_backend(config.backend, manifest)
         span = core_span(backend, config.cores)
@@ -169,9 +117,7 @@ class Server:
         self._placement = placement
         self.metrics = Metrics(version=manifest.model_version, batch_buckets=self.buckets)
         self.cache = self.member.cache if self.member is not None else new_cache(manifest, config.cache_max_rows)
-        if (
-            self.member is None and config.embedding_store != "embedded"
-        ):  # the fleet: writes go through the shared store
+        if self.member is None and config.embedding_store != "embedded":  # the fleet: writes go through the store
             from neuronserve.fleet import open_fleet
 
             self.cache, self._follower = open_fleet(config.embedding_store, manifest, self.cache)
@@ -318,19 +264,12 @@ class Server:
         from neuronserve.pipeline import Pipeline
 
         self.pipeline = Pipeline(self.backend, placement)
-        if self.member is None:
-            log.info(
-                "gRPC port %d NOT_SERVING while loading and warming up every stage at every bucket: backend %s, placement %s",
-                self.port,
-                backend,
-                placement,
-            )
-        else:
-            log.info(
-                "loading and warming up every stage at every bucket (joining the shared port when warm): backend %s, placement %s",
-                backend,
-                placement,
-            )
+        where = (
+            f"gRPC port {self.port} NOT_SERVING while" if self.member is None else "joining the shared port when warm,"
+        )
+        log.info(
+            "%s loading and warming up every stage at every bucket: backend %s, placement %s", where, backend, placement
+        )
         await asyncio.to_thread(self.pipeline.start, self._abandon)
 
     async def _warm_up_and_load(self, backend: str, placement: Placement) -> None:
@@ -390,23 +329,6 @@ class Server:
             await self._store_changed(self._store_watcher.healthy)
             self._store_watcher.start()
 
-    def _first_artifact(self):
-        """The artifact served first: --artifact, or the highest version the policy selects in
-        --model-repository (`_first_version` then holds its integer version)."""
-        from neuronserve.repository import Repository, VersionPolicy
-
-        config = self.config
-        if config.model_repository is None:
-            return config.artifact
-        repository = Repository(Path(config.model_repository))
-        scan = repository.scan(repository.only_model(), VersionPolicy.parse(config.version_policy))
-        if not scan.selected:
-            raise ConfigError(
-                f"model repository {config.model_repository}: the version policy {config.version_policy} selects none of {list(scan.versions) or 'no versions'}"
-            )
-        self._first_version = scan.selected[-1]
-        return scan.path(self._first_version)
-
     async def _start_control(self) -> None:
         """The repository's control (model_control.py) over the VersionTable: --artifact is a one-version
         repository (its index answers; loads are refused). The policy's other versions load after."""
@@ -424,7 +346,13 @@ class Server:
             )
             model = self.manifest.model_name
         self.control = ModelControl(
-            repository, model, policy, self.versions, self.build_version, config.model_control, config.grace_period_s
+            repository,
+            model,
+            policy,
+            self.versions,
+            VersionBuilder(config, self.manifest, self._span, self._placement, self.metrics, self._abandon),
+            config.model_control,
+            config.grace_period_s,
         )
         self._servicers[1].control = self.control
         self._servicers[1].admin = self._admin
@@ -435,60 +363,6 @@ class Server:
             self.control.start(config.repository_poll_s)
             if len(repository.scan(model, policy).selected) > 1:
                 self.control.apply_soon()
-
-    async def build_version(self, path, version: int):
-        """model_control's Build: the artifact at `path` verified (checksums, signature), its schema the
-        served one's, every stage loaded and warmed up on this server's cores (a thread), its reference
-        outputs checked on the backend, a Runtime started and a new empty cache -> a versions.ServedVersion.
-        Cores: the new version's stages load on the same core groups as the served one's (the Neuron
-        runtime holds both models in a core's memory while the first still serves)."""
-        import io
-
-        import numpy as np
-
-        from neuronserve.artifact import load_manifest
-        from neuronserve.backends import make_backend, resolve_backend
-        from neuronserve.errors import ArtifactError
-        from neuronserve.model_control import check_reference
-        from neuronserve.pipeline import Pipeline
-        from neuronserve.runtime import Runtime
-        from neuronserve.versions import ServedVersion
-
-        config = self.config
-        manifest = await asyncio.to_thread(load_manifest, path, True, config.trusted_key, True)
-
-        def shape(m):
-            cfg = m.model_config
-            return cfg.user_features, cfg.peer_features, cfg.num_labels, cfg.label_dim, tuple(m.label_names)
-
-        if shape(manifest) != shape(self.manifest):
-            raise ArtifactError(
-                f"{path}: its inputs and outputs (F_u, F_p, K, D, labels) {shape(manifest)} differ from the served model's "
-                f"{shape(self.manifest)}; versions of one model must share them (serve it as another model)"
-            )
-        reference = manifest.file_bytes(manifest.reference_file)
-        backend = make_backend(
-            resolve_backend(config.backend, manifest),
-            manifest,
-            dataclasses.replace(config.sim, num_cores=self.cores),
-            visible_cores=self._span,
-            model_process=config.model_process,
-        )
-        pipeline = Pipeline(backend, self._placement)
-        try:
-            await asyncio.to_thread(pipeline.start, self._abandon)
-            with np.load(io.BytesIO(reference)) as data:
-                await check_reference(pipeline, manifest, {k: data[k] for k in data.files})
-            runtime = Runtime(pipeline, config.batching, self.metrics)
-            runtime.start()
-        except BaseException:
-            await asyncio.to_thread(pipeline.close)
-            backend.close()
-            raise
-        info = dataclasses.replace(model_info(manifest, config, backend.name), oip_version=str(version))
-        return ServedVersion(
-            version, info, runtime, new_cache(manifest, config.cache_max_rows), pipeline, backend, manifest
-        )
 
     @property
     def serving(self) -> bool:

@@ -413,7 +413,7 @@ def supervise(config: ServerConfig) -> int:
     from neuronserve.artifact import load_manifest
     from neuronserve.backends import resolve_backend
     from neuronserve.serve import run_loop
-    from neuronserve.server import new_cache
+    from neuronserve.version_build import new_cache
 
     manifest = load_manifest(config.artifact, True, config.trusted_key)  # refused here, before any worker forks
     backend = resolve_backend(config.backend, manifest)

@@ -25,7 +25,8 @@ from neuronserve.protos import open_inference_pb2 as oip
 from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
 from neuronserve.protos import scorer_pb2 as pb
 from neuronserve.protos import scorer_pb2_grpc as pb_grpc
-from neuronserve.server import Server, model_info
+from neuronserve.server import Server
+from neuronserve.version_build import model_info
 from neuronserve.oip_service import model_statistics
 from neuronserve.service import oip_version_of
 

@@ -24,7 +24,8 @@ from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
 from neuronserve.protos import scorer_pb2 as pb
 from neuronserve.protos import scorer_pb2_grpc as pb_grpc
 from neuronserve.runtime import Runtime
-from neuronserve.server import Server, model_info
+from neuronserve.server import Server
+from neuronserve.version_build import model_info
 from neuronserve.oip_service import InferenceService
 from neuronserve.scorer_service import ScorerService
 from neuronserve.service import ServingState

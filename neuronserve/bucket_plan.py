@@ -1,0 +1,54 @@
+"""How a batch of rows is cut into executions at the compiled buckets: the cheapest cover.
+
+A leaf of the pipeline: given each bucket's measured device time, the chunks covering r rows at least
+total time, for every r up to a limit, computed once at start-up (a table lookup per batch after).
+"""
+
+from __future__ import annotations
+
+
+def plan_table(buckets: tuple[int, ...], cost_s: dict[int, float], limit: int) -> list[tuple[int, ...]]:
+    """table[r] = the chunks (bucket sizes) covering r rows at least total device time, for r <= limit.
+
+    Dynamic programming over the bucket costs: best(r) = min over buckets b of cost(b) + best(r - b),
+    with best(r <= 0) = 0, i.e. the last chunk is padded up. Ties go to fewer chunks, then fewer rows.
+    """
+    best: list[tuple[float, int, int]] = [(0.0, 0, 0)] * (limit + 1)
+    table: list[tuple[int, ...]] = [()] * (limit + 1)
+    for rows in range(1, limit + 1):
+        options = []
+        for b in buckets:
+            cost, chunks, total = best[max(rows - b, 0)]
+            options.append(((cost + cost_s[b], chunks + 1, total + b), b))
+        key, b = min(options)
+        best[rows] = key
+        table[rows] = (b,) + table[max(rows - b, 0)]
+    return table
+
+
+class BucketPlan:
+    """One stage's plan: its compiled buckets and their device seconds -> the chunks for any row count."""
+
+    def __init__(self, buckets: tuple[int, ...], cost_s: dict[int, float]) -> None:
+        self.buckets = tuple(sorted(buckets))
+        self.cost_s = cost_s
+        self._table = plan_table(self.buckets, cost_s, 2 * self.buckets[-1])
+
+    def plan(self, rows: int) -> tuple[int, ...]:
+        """Buckets for `rows`: full largest buckets while more than two of them remain, then the cheapest
+        cover of the rest (plan_table): pad up when one bigger bucket costs less device time than
+        splitting, split when it does not (e.g. 513 rows -> 512 + 1, not 1024)."""
+        largest = self.buckets[-1]
+        full = max(0, rows - largest) // largest
+        return (largest,) * full + self._table[rows - full * largest]
+
+    def chunks(self, rows: int) -> tuple[tuple[int, int], ...]:
+        """(rows, bucket) of every execution covering `rows` rows, in order."""
+        chunks, start = [], 0
+        for bucket in self.plan(rows):
+            chunks.append((min(bucket, rows - start), bucket))
+            start += bucket
+        return tuple(chunks)
+
+    def total_cost_s(self, rows: int) -> float:
+        return sum(self.cost_s[b] for b in self.plan(rows))

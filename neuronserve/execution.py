@@ -1,0 +1,116 @@
+"""What runs on a core group's executor thread: a batch's chunks through a stage's runner, each padded
+to its compiled bucket, timed; and the typed result a job hands back to the pipeline on the loop.
+
+Chunks are (rows, bucket) pairs in row order (pipeline._chunks plans them); padding rows never leave
+this module and the pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from neuronserve.backends.base import Runner, StageRunner
+from neuronserve.contract import FUSED_STAGE
+
+Chunks = Sequence[tuple[int, int]]  # (caller rows, compiled bucket) per execution, in row order
+
+
+@dataclass(frozen=True)
+class Execution:
+    """One device execution: `rows` caller rows of `stage` padded to `bucket`."""
+
+    stage: str
+    rows: int
+    bucket: int
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """A job's unpadded output, the seconds its runner was busy, and its executions."""
+
+    out: np.ndarray
+    busy_s: float
+    executions: tuple[Execution, ...]
+
+
+def executions(stage: str, chunks: Chunks) -> tuple[Execution, ...]:
+    return tuple(Execution(stage, rows, bucket) for rows, bucket in chunks)
+
+
+def run_fused(runners: dict[str, Runner], inputs: Sequence[list[np.ndarray]], chunks: Chunks) -> JobResult:
+    """Blocking: one fused execution per chunk of already padded inputs."""
+    outs, busy_s = [], 0.0
+    for chunk, (rows, _) in zip(inputs, chunks, strict=True):
+        out, seconds = timed_run(runners[FUSED_STAGE], chunk)
+        outs.append(out[:rows])
+        busy_s += seconds
+    return JobResult(concat(outs), busy_s, executions(FUSED_STAGE, chunks))
+
+
+def remote_fused(inputs: Sequence[list[np.ndarray]], chunks: Chunks, runners: dict[str, Runner]):
+    """run_fused's job sent to the group's model process, when its runner has one (cpu backend):
+    (an asyncio future of (unpadded scores, busy seconds), executions); None to use the executor."""
+    submit = getattr(runners[FUSED_STAGE], "submit", None)
+    if submit is None:
+        return None
+    done = submit([(chunk, rows) for chunk, (rows, _) in zip(inputs, chunks, strict=True)])
+    return None if done is None else (done, executions(FUSED_STAGE, chunks))
+
+
+def run_chunks(runner: StageRunner, arrays: Sequence[np.ndarray], chunks: Chunks) -> JobResult:
+    """Blocking: one execution per chunk over the rows of `arrays` in order, each padded with zero rows."""
+    outs, busy_s = [], 0.0
+    for start, (rows, bucket) in zip(chunk_starts(chunks), chunks, strict=True):
+        out, seconds = timed_run(runner, [padded(array[start : start + rows], bucket) for array in arrays])
+        outs.append(out[:rows])
+        busy_s += seconds
+    return JobResult(concat(outs), busy_s, executions(runner.stage, chunks))
+
+
+def chunk_starts(chunks: Chunks) -> list[int]:
+    """The first row of each chunk."""
+    return [sum(rows for rows, _ in chunks[:i]) for i in range(len(chunks))]
+
+
+def concat(parts: Sequence[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+
+def padded(array: np.ndarray, rows: int) -> np.ndarray:
+    """`array` as a C-contiguous float32 array of `rows` rows, zero rows after its own (no copy if it is one)."""
+    if array.shape[0] == rows:
+        return np.ascontiguousarray(array, dtype=np.float32)
+    out = np.zeros((rows,) + array.shape[1:], dtype=np.float32)
+    out[: array.shape[0]] = array
+    return out
+
+
+def mark_nonfinite(scores: np.ndarray, user: np.ndarray, peer: np.ndarray, user_index: np.ndarray) -> np.ndarray:
+    """Scores with NaN in every row whose user or peer features are not all finite (NaN, Inf), so the
+    service, which checks only the output, refuses exactly those requests (a model can map an Inf input
+    to a finite score). One vectorised check per batch; per row only if it fails."""
+    if np.isfinite(peer).all() and np.isfinite(user).all():
+        return scores
+    bad = ~np.isfinite(peer).all(axis=1) | ~np.isfinite(user).all(axis=1)[user_index]
+    scores = np.array(scores, dtype=np.float32)
+    scores[bad] = np.nan
+    return scores
+
+
+def timed_run(runner: Runner, inputs: list[np.ndarray]) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    out = runner.run(inputs)
+    return out, time.perf_counter() - start
+
+
+def call_soon(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
+    """loop.call_soon_threadsafe(callback, *args) from an executor thread; nothing once the loop is closed
+    (a job that outlived its server)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback, *args)

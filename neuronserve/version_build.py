@@ -1,0 +1,130 @@
+"""One served version built from an artifact: its ModelInfo and embedding cache, and for a repository's
+later versions its backend, pipeline and runtime, verified and warm (model_control's Build).
+
+A later version's stages load on the served version's core groups: the Neuron runtime holds both models
+in a core's memory while the first still serves (docs/design.md, model lifecycle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from neuronserve.config import Placement, ServerConfig
+from neuronserve.errors import ArtifactError, ConfigError
+
+
+def new_cache(manifest, max_rows: int):
+    """The embedding cache for `manifest`'s model (a pool's supervisor builds it before forking)."""
+    from neuronserve.embeddings import EmbeddingCache
+
+    cfg = manifest.model_config
+    return EmbeddingCache(
+        model_version=manifest.model_version,
+        num_labels=cfg.num_labels,
+        label_dim=cfg.label_dim,
+        label_bias=manifest.label_bias,
+        max_rows=max_rows,
+    )
+
+
+def model_info(manifest, config: ServerConfig, backend_name: str):
+    """service.ModelInfo of an artifact (manifest) served with `config` on backend `backend_name`."""
+    from neuronserve.service import ModelInfo, oip_version_of
+
+    cfg = manifest.model_config
+    return ModelInfo(
+        name=manifest.model_name,
+        version=manifest.model_version,
+        user_features=cfg.user_features,
+        peer_features=cfg.peer_features,
+        num_labels=cfg.num_labels,
+        label_dim=cfg.label_dim,
+        label_names=tuple(manifest.label_names),
+        max_peers=config.max_peers,
+        max_tower_rows=config.batching.max_queue_rows,
+        max_message_bytes=config.max_message_bytes,
+        platform=f"neuronserve_{backend_name}",
+        oip_version=oip_version_of(manifest.model_version),
+    )
+
+
+def first_artifact(config: ServerConfig) -> tuple[Any, int | None]:
+    """The artifact served first and its integer version: --artifact (no integer version: its content
+    hash stands in), or the highest version the policy selects in --model-repository."""
+    from neuronserve.repository import Repository, VersionPolicy
+
+    if config.model_repository is None:
+        return config.artifact, None
+    repository = Repository(Path(config.model_repository))
+    scan = repository.scan(repository.only_model(), VersionPolicy.parse(config.version_policy))
+    if not scan.selected:
+        raise ConfigError(
+            f"model repository {config.model_repository}: the version policy {config.version_policy} "
+            f"selects none of {list(scan.versions) or 'no versions'}"
+        )
+    return scan.path(scan.selected[-1]), scan.selected[-1]
+
+
+def _schema(manifest) -> tuple:
+    cfg = manifest.model_config
+    return cfg.user_features, cfg.peer_features, cfg.num_labels, cfg.label_dim, tuple(manifest.label_names)
+
+
+@dataclass(frozen=True)
+class VersionBuilder:
+    """model_control's Build on one server: the artifact at `path` verified (checksums, signature), its
+    schema the served one's, every stage loaded and warmed up on the served cores (in a thread), its
+    reference outputs checked on the backend, a Runtime started, a new empty cache."""
+
+    config: ServerConfig
+    served: Any  # artifact.Manifest of the version served first
+    span: Any  # backends.CoreSpan: the cores this server holds
+    placement: Placement
+    metrics: Any  # metrics.Metrics
+    abandon: threading.Event  # set when the server stops: a load in progress gives up
+
+    async def __call__(self, path, version: int):
+        from neuronserve.artifact import load_manifest
+        from neuronserve.backends import make_backend, resolve_backend
+        from neuronserve.model_control import check_reference
+        from neuronserve.pipeline import Pipeline
+        from neuronserve.runtime import Runtime
+        from neuronserve.versions import ServedVersion
+
+        config = self.config
+        manifest = await asyncio.to_thread(load_manifest, path, True, config.trusted_key, True)
+        if _schema(manifest) != _schema(self.served):
+            raise ArtifactError(
+                f"{path}: its inputs and outputs (F_u, F_p, K, D, labels) {_schema(manifest)} differ from the served "
+                f"model's {_schema(self.served)}; versions of one model must share them (serve it as another model)"
+            )
+        reference = manifest.file_bytes(manifest.reference_file)
+        backend = make_backend(
+            resolve_backend(config.backend, manifest),
+            manifest,
+            dataclasses.replace(config.sim, num_cores=self.span.count),
+            visible_cores=self.span,
+            model_process=config.model_process,
+        )
+        pipeline = Pipeline(backend, self.placement)
+        try:
+            await asyncio.to_thread(pipeline.start, self.abandon)
+            with np.load(io.BytesIO(reference)) as data:
+                await check_reference(pipeline, manifest, {k: data[k] for k in data.files})
+            runtime = Runtime(pipeline, config.batching, self.metrics)
+            runtime.start()
+        except BaseException:
+            await asyncio.to_thread(pipeline.close)
+            backend.close()
+            raise
+        info = dataclasses.replace(model_info(manifest, config, backend.name), oip_version=str(version))
+        cache = new_cache(manifest, config.cache_max_rows)
+        return ServedVersion(version, info, runtime, cache, pipeline, backend, manifest)
