@@ -1,20 +1,14 @@
 """The embedding cache: tower outputs per user / peer id, for the two-tower fast path, shared by forked workers.
 
-Place on the request path: UpsertEmbeddings runs the towers on the cores and stores their outputs here;
-ScoreByIds and ScoreMatrix then score from this cache with numpy only (no tower, no core):
-score_k = <u_k, p_k> + b_k, with w_k already folded into u_k. ScoreMatrix is one float32 BLAS matmul per
-label (U_k @ P_k^T) on the CPU: for cached vectors that beats a round trip through the `pair_scorer` graph.
+UpsertEmbeddings stores tower outputs here; ScoreByIds and ScoreMatrix score from it with numpy only
+(score_k = <u_k, p_k> + b_k, w_k folded into u_k; one BLAS matmul per label for a matrix).
 
-Contract. The storage is one anonymous MAP_SHARED mapping made by the constructor: every process forked
-from the constructing one afterwards (the pool's workers, a restarted worker) shares the same rows, held
-once. An upsert() or clear_for() in any process is seen by every reader in every process once it returns.
-A read sees one committed snapshot: never a torn row, a half upsert or a mix of model versions. Readers
-take no lock and never wait for a writer; writers are serialised across processes by a POSIX record lock
-that the kernel drops when its holder dies, and a writer killed at any point leaves the last committed
-snapshot intact. At most max_rows rows per kind: an upsert that would exceed it evicts the least
-recently upserted ids of that kind first (within one upsert, earlier rows first). Hit / miss / eviction
-counters count this process's calls (a forked child starts from zero); rows and bytes are the shared
-figures. Design and the memory-ordering argument: docs/embeddings.md.
+Contract: one anonymous MAP_SHARED mapping, shared by every process forked after the constructor; an
+upsert or clear_for in any process is seen by every reader once it returns; a read sees one committed
+snapshot (never a torn row, a half upsert or a mix of versions) without a lock; writers are serialised
+across processes by a POSIX record lock the kernel drops when its holder dies; at most max_rows rows per
+kind, least recently upserted evicted first. Hit / miss / eviction counters are this process's; rows
+and bytes are shared. Design and the memory-ordering argument: docs/embeddings.md.
 """
 
 from __future__ import annotations
@@ -22,7 +16,6 @@ from __future__ import annotations
 import fcntl
 import contextlib
 import logging
-import mmap
 import os
 import tempfile
 import threading
@@ -35,25 +28,24 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
+from neuronserve.shared_table import (
+    KINDS,
+    COUNT,
+    GENERATION,
+    MAX_VERSION_BYTES,
+    NEXT_SEQ,
+    STATE,
+    SharedTable,
+    VERSION_BIT,
+    VERSION_LEN,
+    WRITER_PID,
+)
 from neuronserve.errors import ConfigError, InvalidInput, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
-KINDS = ("user", "peer")
-MAX_VERSION_BYTES = 256  # the model version's UTF-8 bytes, in a fixed-size field of the mapping
 _MAX_NAMED_IDS = 10
 _READ_TIMEOUT_S = 2.0  # a read that keeps seeing commits land under it for this long gives up
-
-# Header fields (int64). STATE is the commit word: (generation << 3) | bits, where bit k (k = 0 user,
-# 1 peer) selects kind k's active index buffer (A or B) and bit 2 the active model-version field. A writer
-# prepares a whole new snapshot in memory no reader of the current one looks at, then publishes it with
-# one aligned 8-byte store of STATE; the generation makes every commit change STATE.
-_STATE, _NEXT_SEQ, _WRITER_PID = 0, 1, 2
-_VERSION_LEN = 3  # + buffer (0 / 1): byte length of the model version in that field
-_COUNT = 5  # + 2 * kind + buffer: rows in that index buffer
-_HEADER_FIELDS = 9
-_VERSION_BIT = 1 << len(KINDS)
-_GENERATION = 1 << (len(KINDS) + 1)
 
 T = TypeVar("T")
 
@@ -68,48 +60,6 @@ class CacheStats:
     misses: int
     evictions: int
     model_version: str
-
-
-class _Shared:
-    """Numpy views of one cache's shared mapping. Per kind: a slot table of 2 * max_rows vectors and two
-    index buffers (A / B), each three int64 rows: sorted ids, the slot of each id's vector, its upsert
-    sequence."""
-
-    def __init__(self, num_labels: int, label_dim: int, max_rows: int) -> None:
-        slots = 2 * max_rows
-        layout: list[tuple[np.dtype, tuple[int, ...]]] = [
-            (np.dtype(np.int64), (_HEADER_FIELDS,)),
-            (np.dtype(np.uint8), (2, MAX_VERSION_BYTES)),
-        ]
-        for _ in KINDS:
-            layout += [(np.dtype(np.float32), (slots, num_labels, label_dim)), (np.dtype(np.int64), (2, 3, max_rows))]
-        offsets, size = [], 0
-        for dtype, shape in layout:
-            offsets.append(size)
-            size += -(-int(np.prod(shape)) * dtype.itemsize // 64) * 64  # 64-byte aligned parts
-        # Anonymous and shared: inherited by fork, zero-filled, and a page takes memory only once written.
-        self.map = mmap.mmap(-1, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self.size = size
-        views = [
-            np.frombuffer(self.map, dtype, int(np.prod(shape)), offset).reshape(shape)
-            for (dtype, shape), offset in zip(layout, offsets, strict=False)
-        ]
-        self.header, self.versions = views[0], views[1]
-        self.vectors: list[np.ndarray] = views[2::2]  # per kind: float32 [slots, K, D]
-        self.indexes: list[np.ndarray] = views[
-            3::2
-        ]  # per kind: int64 [buffer, (id, slot, seq), max_rows], first COUNT rows valid
-
-    def index(self, state: int, k: int) -> np.ndarray:
-        """Kind k's index [(ids, slots, seqs), rows] in the snapshot `state`, sorted by id."""
-        buf = (state >> k) & 1
-        rows = min(max(int(self.header[_COUNT + 2 * k + buf]), 0), self.indexes[k].shape[2])  # clipped: may be torn
-        return self.indexes[k][buf, :, :rows]
-
-    def version(self, state: int) -> str:
-        buf = int(bool(state & _VERSION_BIT))
-        length = min(max(int(self.header[_VERSION_LEN + buf]), 0), MAX_VERSION_BYTES)
-        return self.versions[buf, :length].tobytes().decode("utf-8", errors="replace")
 
 
 _CACHES: weakref.WeakSet[EmbeddingCache] = weakref.WeakSet()
@@ -139,9 +89,9 @@ class EmbeddingCache:
             raise ConfigError(f"label_bias must hold num_labels={num_labels} floats, got shape {bias.shape}")
         version = _encode_version(model_version)
         self._k, self._d, self._bias, self._max_rows = num_labels, label_dim, bias, max_rows
-        self._mem: _Shared | None = _Shared(num_labels, label_dim, max_rows)
+        self._mem: SharedTable | None = SharedTable(num_labels, label_dim, max_rows)
         self._mem.versions[0, : len(version)] = np.frombuffer(version, np.uint8)
-        self._mem.header[_VERSION_LEN] = len(version)  # STATE 0: generation 0, buffers A, version field 0
+        self._mem.header[VERSION_LEN] = len(version)  # STATE 0: generation 0, buffers A, version field 0
         # The writers' lock between processes: a POSIX record lock on an unlinked temporary file whose
         # descriptor forked children inherit. Record locks belong to a process and die with it.
         fd, path = tempfile.mkstemp(prefix="neuronserve-cache-lock-")
@@ -177,7 +127,7 @@ class EmbeddingCache:
                 mapping.close()
         self._close_fd()
 
-    def _shared(self) -> _Shared:
+    def _shared(self) -> SharedTable:
         mem = self._mem
         if mem is None:
             raise Unavailable("the embedding cache is closed")
@@ -186,42 +136,42 @@ class EmbeddingCache:
     # -- writers -------------------------------------------------------------------------------------
 
     @contextmanager
-    def _writing(self) -> Iterator[tuple[_Shared, int]]:
+    def _writing(self) -> Iterator[tuple[SharedTable, int]]:
         """Hold the write lock (threads of this process, then processes); yields the mapping and STATE."""
         mem = self._shared()
         with self._write_lock:
             fcntl.lockf(self._lock_fd, fcntl.LOCK_EX)
             try:
-                dead = int(mem.header[_WRITER_PID])
+                dead = int(mem.header[WRITER_PID])
                 if dead:
                     log.warning(
                         "embedding cache: writer pid %d died in the middle of an update; its partial "
                         "update was never published and is discarded",
                         dead,
                     )
-                mem.header[_WRITER_PID] = os.getpid()  # left behind only by a writer that died holding the lock
+                mem.header[WRITER_PID] = os.getpid()  # left behind only by a writer that died holding the lock
                 try:
-                    yield mem, int(mem.header[_STATE])
+                    yield mem, int(mem.header[STATE])
                 finally:
-                    mem.header[_WRITER_PID] = 0
+                    mem.header[WRITER_PID] = 0
             finally:
                 fcntl.lockf(self._lock_fd, fcntl.LOCK_UN)
 
     @staticmethod
-    def _commit(mem: _Shared, state: int, flip: int) -> None:
+    def _commit(mem: SharedTable, state: int, flip: int) -> None:
         """Publish the prepared snapshot: one aligned 8-byte store (next generation, flipped buffers)."""
-        mem.header[_STATE] = ((state & ~(_GENERATION - 1)) + _GENERATION) | ((state ^ flip) & (_GENERATION - 1))
+        mem.header[STATE] = ((state & ~(GENERATION - 1)) + GENERATION) | ((state ^ flip) & (GENERATION - 1))
 
     def clear_for(self, model_version: str) -> None:
         """Drop every row and take `model_version` (a new artifact was loaded). Counters keep counting."""
         version = _encode_version(model_version)
         with self._writing() as (mem, state):
-            buf = int(not state & _VERSION_BIT)  # the inactive version field
+            buf = int(not state & VERSION_BIT)  # the inactive version field
             mem.versions[buf, : len(version)] = np.frombuffer(version, np.uint8)
-            mem.header[_VERSION_LEN + buf] = len(version)
+            mem.header[VERSION_LEN + buf] = len(version)
             for k in range(len(KINDS)):
-                mem.header[_COUNT + 2 * k + (1 - ((state >> k) & 1))] = 0  # empty inactive index buffers
-            self._commit(mem, state, _GENERATION - 1)  # flip every buffer and the version at once
+                mem.header[COUNT + 2 * k + (1 - ((state >> k) & 1))] = 0  # empty inactive index buffers
+            self._commit(mem, state, GENERATION - 1)  # flip every buffer and the version at once
 
     def check_upsert(self, kind: str, ids: np.ndarray) -> np.ndarray:
         """`ids` as int64 if upsert() would take them: distinct, at most max_rows. The service calls it
@@ -292,10 +242,10 @@ class EmbeddingCache:
             used[old[1]] = True
             new_slots = np.flatnonzero(~used[: len(old_ids) + m])[:m]
             mem.vectors[k][new_slots] = vectors
-            next_seq = int(mem.header[_NEXT_SEQ])
+            next_seq = int(mem.header[NEXT_SEQ])
             if seqs is None:
                 seqs = next_seq + np.arange(m)  # a row's seq: its place in `ids`
-            mem.header[_NEXT_SEQ] = max(next_seq + m, int(seqs.max()) + 1)  # sequences stay distinct
+            mem.header[NEXT_SEQ] = max(next_seq + m, int(seqs.max()) + 1)  # sequences stay distinct
             # The merged index goes to the inactive buffer: survivors (already sorted) + new rows.
             order = np.argsort(ids, kind="stable")
             new = np.stack([ids[order], new_slots[order], seqs[order]])
@@ -309,7 +259,7 @@ class EmbeddingCache:
             for out_row, new_row, survivor_row in zip(out, new, survivors, strict=False):
                 out_row[at] = new_row
                 out_row[is_old] = survivor_row
-            mem.header[_COUNT + 2 * k + buf] = rows
+            mem.header[COUNT + 2 * k + buf] = rows
             self._commit(mem, state, 1 << k)
         if excess > 0:
             with self._count_lock:
@@ -318,16 +268,16 @@ class EmbeddingCache:
 
     # -- readers -------------------------------------------------------------------------------------
 
-    def _read(self, read: Callable[[_Shared, int], T]) -> T:
+    def _read(self, read: Callable[[SharedTable, int], T]) -> T:
         """read(mapping, STATE) on one committed snapshot: retried while a commit lands during it (a
         later writer may then be reusing that snapshot's memory). `read` must copy what it returns and
         must not raise on garbage: only a result read under an unchanged STATE is used."""
         mem = self._shared()
         deadline, attempt = 0.0, 0
         while True:
-            state = int(mem.header[_STATE])
+            state = int(mem.header[STATE])
             result = read(mem, state)
-            if int(mem.header[_STATE]) == state:
+            if int(mem.header[STATE]) == state:
                 return result
             attempt += 1
             now = time.monotonic()
@@ -341,7 +291,7 @@ class EmbeddingCache:
             time.sleep(0 if attempt < 10 else 0.0005)
 
     @staticmethod
-    def _gather(mem: _Shared, state: int, k: int, ids: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    def _gather(mem: SharedTable, state: int, k: int, ids: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         """(copied vectors of `ids` or None if some are missing, found mask) in snapshot `state`."""
         index_ids, index_slots, _ = mem.index(state, k)
         if not len(index_ids):

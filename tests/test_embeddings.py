@@ -12,7 +12,7 @@ import threading
 import numpy as np
 import pytest
 
-from neuronserve import embeddings
+from neuronserve import shared_table
 from neuronserve.embeddings import KINDS, CacheStats, EmbeddingCache
 from neuronserve.errors import ConfigError, InvalidInput, NotFound, Unavailable
 
@@ -246,11 +246,11 @@ def test_a_writer_killed_at_any_point_leaves_the_cache_usable(caplog):
             for k in range(len(KINDS)):
                 inactive = 1 - ((state >> k) & 1)
                 mem.indexes[k][inactive] = 7
-                mem.header[embeddings._COUNT + 2 * k + inactive] = 5
+                mem.header[shared_table.COUNT + 2 * k + inactive] = 5
                 used = np.zeros(len(mem.vectors[k]), bool)
                 used[mem.index(state, k)[1]] = True
                 mem.vectors[k][~used] = np.nan
-            mem.header[embeddings._NEXT_SEQ] += 1000
+            mem.header[shared_table.NEXT_SEQ] += 1000
             os.kill(os.getpid(), signal.SIGKILL)
 
     def dies_just_before_publishing():

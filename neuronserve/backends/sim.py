@@ -1,33 +1,10 @@
-"""The `sim` backend: simulated Inf1 NeuronCores over the CPU-traced stages.
+"""The `sim` backend: simulated Inf1 NeuronCores over the CPU-traced stages, below the pipeline.
 
-Sits where the neuron backend sits, below the pipeline: the pipeline cannot tell them apart.
-Outputs are exact (each stage, and the fused FUSED_STAGE graph, runs its CPU-traced graph through
-CpuBackend's runner); the device is emulated: `SimConfig.num_cores` cores, compiled shapes only, a
-per-bucket latency model, injectable faults (a core that fails or hangs, then resets), and a clock of
-modelled busy seconds per core, so tests and reports compute throughput and utilisation in device
-time rather than on a noisy CPU's wall clock.
-
-The execution model (AWS Neuron's guidance: keep two executions in flight per core, so the host
-prepares the next batch while the device runs the current one). Each core accepts up to
-`in_flight_per_core` executions (default IN_FLIGHT_PER_CORE = 2; a runner on a group of N cores holds
-N times that). An execution has two phases:
-- host: the CPU-traced graph computes the exact output (standing for input preparation and the copy
-  to the device); it overlaps the device phase of the core's other execution;
-- device: starts at max(host ready, the core's device-free time) and lasts the modelled latency
-  (times SimConfig.latency_scale); per core the device phases never overlap.
-The caller returns when its device phase ends, so one execution takes host + device, while
-back-to-back executions on a core take max(host, device) each. Busy seconds per core are device
-time only, so busy / wall window is the core's utilisation.
-
-Faults: an injected fault goes to the next execution accepted on that core. It shows when that
-execution's device phase starts ("fail") or core_timeout_s later ("hang": the core looks healthy
-until then, and accepts work); that execution raises CoreFault then, and the core is out of
-rotation (refuses new executions) for reset_s. A fault fails only the execution that hit it: one
-ahead of it in device order finishes normally, one already accepted behind it keeps its place and
-runs when the reset ends (delayed, not lost), so a fault costs exactly one batch.
-
-Time is injectable (`clock`, `sleep`; default time.monotonic, time.sleep) so tests run the latency
-model, overlap and resets on a fake clock.
+Contract: outputs exact (the CPU-traced graphs); compiled shapes only; per core at most
+`in_flight_per_core` executions, device phases never overlapping, each lasting the latency model's
+time; injected faults fail exactly one execution and take the core out of rotation for reset_s. Time
+is injectable (`clock`, `sleep`) so tests run on a fake clock. The execution model, the faults and the
+derivation of the constants: docs/sim.md.
 """
 
 from __future__ import annotations
@@ -48,16 +25,7 @@ from neuronserve.config import CoreGroup, SimConfig
 from neuronserve.errors import ConfigError, CoreFault, CoreResetting, InvalidInput, NeuronServeError
 from neuronserve.contract import FUSED_STAGE, PAIR_SCORER, PEER_TOWER, STAGES, USER_TOWER
 
-# Latency model defaults, from published Inf1 figures (AWS Neuron SDK performance pages); an estimate, not a measurement.
-# - Compute rate: BERT-base data parallel at batch 6 on inf1.xlarge runs 1,181 seq/s over 4 cores,
-#   295 seq/s per core; one 128-token sequence is ~11.2 GMAC (85M encoder weights x 128 tokens plus
-#   attention), so a NeuronCore-v1 sustains ~3.3e12 MAC/s on a large model.
-# - Fixed cost per execution: BERT-base real time at batch 3 has p99 10.7 ms; its compute at that rate
-#   is 3 x 11.2e9 / 3.3e12 = 10.2 ms, which leaves ~0.5 ms for the runtime's per-execution overhead.
-# - Host<->device copies: BERT's inputs are a few KiB, so its figures say nothing about bandwidth; we
-#   assume an effective 1 GB/s for a framework's small per-execution copies (PCIe Gen3 peaks far higher).
-# For the demo two-tower MLP (64 -> 256 -> 128 -> 4x64) a tower row is 82 kMAC (25 ns at that rate)
-# and 1.3 KiB of I/O (1.3 us): a small model is I/O- and overhead-bound, ~0.5 ms + 1.3 us per row.
+# Latency model defaults from published Inf1 figures (derivation: docs/sim.md); an estimate, not a measurement.
 NEURONCORE_MACS_PER_S = 3.3e12
 EXECUTION_OVERHEAD_S = 0.5e-3
 HOST_DEVICE_BYTES_PER_S = 1.0e9

@@ -1,0 +1,67 @@
+"""The embedding cache's shared-memory layout: one anonymous MAP_SHARED mapping of int64 header fields,
+two model-version fields, and per kind a slot table of vectors and two index buffers (A / B).
+
+A leaf of embeddings.py (which holds the protocol that reads and writes it; docs/embeddings.md).
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+
+KINDS = ("user", "peer")
+MAX_VERSION_BYTES = 256  # the model version's UTF-8 bytes, in a fixed-size field of the mapping
+
+# Header fields (int64). STATE is the commit word: (generation << 3) | bits, where bit k (k = 0 user,
+# 1 peer) selects kind k's active index buffer (A or B) and bit 2 the active model-version field. A writer
+# prepares a whole new snapshot in memory no reader of the current one looks at, then publishes it with
+# one aligned 8-byte store of STATE; the generation makes every commit change STATE.
+STATE, NEXT_SEQ, WRITER_PID = 0, 1, 2
+VERSION_LEN = 3  # + buffer (0 / 1): byte length of the model version in that field
+COUNT = 5  # + 2 * kind + buffer: rows in that index buffer
+HEADER_FIELDS = 9
+VERSION_BIT = 1 << len(KINDS)
+GENERATION = 1 << (len(KINDS) + 1)
+
+
+class SharedTable:
+    """Numpy views of one cache's shared mapping. Per kind: a slot table of 2 * max_rows vectors and two
+    index buffers (A / B), each three int64 rows: sorted ids, the slot of each id's vector, its upsert
+    sequence."""
+
+    def __init__(self, num_labels: int, label_dim: int, max_rows: int) -> None:
+        slots = 2 * max_rows
+        layout: list[tuple[np.dtype, tuple[int, ...]]] = [
+            (np.dtype(np.int64), (HEADER_FIELDS,)),
+            (np.dtype(np.uint8), (2, MAX_VERSION_BYTES)),
+        ]
+        for _ in KINDS:
+            layout += [(np.dtype(np.float32), (slots, num_labels, label_dim)), (np.dtype(np.int64), (2, 3, max_rows))]
+        offsets, size = [], 0
+        for dtype, shape in layout:
+            offsets.append(size)
+            size += -(-int(np.prod(shape)) * dtype.itemsize // 64) * 64  # 64-byte aligned parts
+        # Anonymous and shared: inherited by fork, zero-filled, and a page takes memory only once written.
+        self.map = mmap.mmap(-1, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.size = size
+        views = [
+            np.frombuffer(self.map, dtype, int(np.prod(shape)), offset).reshape(shape)
+            for (dtype, shape), offset in zip(layout, offsets, strict=False)
+        ]
+        self.header, self.versions = views[0], views[1]
+        self.vectors: list[np.ndarray] = views[2::2]  # per kind: float32 [slots, K, D]
+        self.indexes: list[np.ndarray] = views[
+            3::2
+        ]  # per kind: int64 [buffer, (id, slot, seq), max_rows], first COUNT rows valid
+
+    def index(self, state: int, k: int) -> np.ndarray:
+        """Kind k's index [(ids, slots, seqs), rows] in the snapshot `state`, sorted by id."""
+        buf = (state >> k) & 1
+        rows = min(max(int(self.header[COUNT + 2 * k + buf]), 0), self.indexes[k].shape[2])  # clipped: may be torn
+        return self.indexes[k][buf, :, :rows]
+
+    def version(self, state: int) -> str:
+        buf = int(bool(state & VERSION_BIT))
+        length = min(max(int(self.header[VERSION_LEN + buf]), 0), MAX_VERSION_BYTES)
+        return self.versions[buf, :length].tobytes().decode("utf-8", errors="replace")
