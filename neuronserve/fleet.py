@@ -385,7 +385,7 @@ def _prefetched(batches: Iterator[T], depth: int = 2) -> Iterator[T]:
 
 def store_samples(state: StoreState, version: str) -> list:
     """metrics.Sample lines of a StoreState (the collector hook, as cache_samples)."""
-    from neuronserve.metrics import Sample
+    from neuronserve.metric_families import Sample
 
     labels = (("version", version),)
     return [

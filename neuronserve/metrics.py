@@ -10,26 +10,7 @@ and prometheus-client's `generate_latest` writes the text format. The scrape run
 atomic under the GIL) or copied on write (a new model, a new failure reason, a new collector replaces its
 dict or tuple, never resizes one a reader may be iterating). Every metric name is in FAMILIES below.
 
-Triton's names and semantics where they exist (cumulative counters, per model and version; `model` is
-twotower (Score, OIP twotower), user_tower / peer_tower (UpsertEmbeddings, OIP towers) or
-twotower_cached (ScoreByIds, ScoreMatrix: cached tower outputs); `version` is the artifact's version,
-the content hash unless compile named one):
-  nv_inference_request_success / nv_inference_request_failure{reason}  requests answered OK / not;
-      reason is the gRPC status name (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, CANCELLED, ...)
-  nv_inference_count            inferences (rows: peers scored, tower rows) in executed batches
-  nv_inference_exec_count       executions (batches; a cached-embedding request is one execution)
-  nv_inference_request_duration_us       summed over successful requests, in the server
-  nv_inference_queue_duration_us         summed over requests: batch start - arrival (the batcher's)
-  nv_inference_compute_input_duration_us / _infer_ / _output_   summed over requests: the time the batch
-      each was in spent preparing inputs / running / extracting outputs (every request of a batch is
-      charged its batch's times, as Triton charges the requests of a dynamic batch)
-  nv_inference_pending_request_count     requests queued now (gauge)
-Triton's counters have no `_total` (prometheus-cpp's text); prometheus-client appends `_total` to every
-counter's HELP/TYPE lines, so render_samples puts Triton's names back on those two lines.
-neuronserve_* for the rest (`_total` = counter), among them neuronserve_request_duration_seconds: a
-histogram per model of successful requests' time in the server (LATENCY_BUCKETS_S, 0.5 ms .. 1 s around
-a 100 ms budget), so P99 is histogram_quantile(0.99, ...) server-side. process_* are prometheus-client's
-ProcessCollector's (Linux /proc) plus process_threads.
+The metric families and their semantics (Triton's names where they exist): metric_families.py.
 
 ModelStatistics (Triton's statistics extension, `statistics()`) differs from the Prometheus counters in
 one way, as Triton's does for a model with max_batch_size 0: inference_count counts requests, not rows.
@@ -44,7 +25,7 @@ from bisect import bisect_left
 from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 try:  # prometheus-client >= 0.14; before it a collector is any object with collect()
@@ -52,164 +33,22 @@ try:  # prometheus-client >= 0.14; before it a collector is any object with coll
 except ImportError:  # pragma: no cover
     _CollectorBase = object  # type: ignore[assignment,misc]
 
+from neuronserve.metric_families import FAMILIES, LATENCY_BUCKETS_S, Collector, Labels, Sample
+from neuronserve.metric_sources import batcher_samples, process_samples
+
 log = logging.getLogger(__name__)
 
-Labels = tuple[tuple[str, str], ...]
-
-# Upper bounds of neuronserve_request_duration_seconds, seconds: fine below 10 ms (the unloaded P50 is a
-# few ms), exact at the 100 ms budget (le="0.1": the fraction within budget), up to 1 s.
-LATENCY_BUCKETS_S: tuple[float, ...] = (
-    0.0005,
-    0.001,
-    0.002,
-    0.003,
-    0.005,
-    0.0075,
-    0.01,
-    0.015,
-    0.02,
-    0.03,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.25,
-    0.5,
-    1.0,
-)
 
 # The render pauses this long between families (about 45): the GIL is held ~25 us at a time, not the
 # whole 1-2 ms render, so the serving loop waits less for it (a render takes ~5 ms more, on the /metrics
 # thread). time.sleep(0) releases the GIL but the renderer usually takes it straight back.
 GIL_PAUSE_S = 0.0001
 
-# Every metric family: name -> (type, help).
-FAMILIES: dict[str, tuple[str, str]] = {
-    "nv_inference_request_success": ("counter", "Successful inference requests"),
-    "nv_inference_request_failure": ("counter", "Failed inference requests, by gRPC status"),
-    "nv_inference_count": ("counter", "Inferences performed (rows in executed batches)"),
-    "nv_inference_exec_count": ("counter", "Model executions (batches) performed"),
-    "nv_inference_request_duration_us": (
-        "counter",
-        "Cumulative successful request duration in the server, microseconds",
-    ),
-    "nv_inference_queue_duration_us": ("counter", "Cumulative queue duration over requests, microseconds"),
-    "nv_inference_compute_input_duration_us": (
-        "counter",
-        "Cumulative compute input duration over requests, microseconds",
-    ),
-    "nv_inference_compute_infer_duration_us": ("counter", "Cumulative compute duration over requests, microseconds"),
-    "nv_inference_compute_output_duration_us": (
-        "counter",
-        "Cumulative compute output duration over requests, microseconds",
-    ),
-    "nv_inference_pending_request_count": ("gauge", "Requests queued, not yet in a batch"),
-    "neuronserve_request_duration_seconds": ("histogram", "Successful requests' time in the server, seconds"),
-    "neuronserve_batch_rows": ("histogram", "Rows per executed batch"),
-    "neuronserve_queue_rows": ("gauge", "Rows queued, not yet in a batch"),
-    "neuronserve_in_flight_batches": ("gauge", "Batches running now"),
-    "neuronserve_rejected_total": ("counter", "Requests the batcher refused, by reason"),
-    "neuronserve_cancelled_total": ("counter", "Queued requests dropped because their caller went away"),
-    "neuronserve_batch_failed_total": ("counter", "Requests failed by an error in their batch"),
-    "neuronserve_core_group_busy_seconds_total": ("counter", "Seconds a core group spent running executions"),
-    "neuronserve_core_group_executions_total": ("counter", "Executions completed on a core group"),
-    "neuronserve_sim_core_device_seconds_total": (
-        "counter",
-        "sim backend: seconds of (simulated) device time a core ran",
-    ),
-    "neuronserve_core_group_faults_total": ("counter", "Core faults on a core group"),
-    "neuronserve_core_group_healthy": ("gauge", "1 while the core group is in rotation"),
-    "neuronserve_stage_executions_total": ("counter", "Executions of a stage at a compiled bucket"),
-    "neuronserve_stage_rows_total": ("counter", "Caller rows run by a stage"),
-    "neuronserve_stage_padded_rows_total": ("counter", "Padding rows added to reach compiled buckets"),
-    "neuronserve_cache_rows": ("gauge", "Cached tower outputs, by kind"),
-    "neuronserve_cache_max_rows": ("gauge", "Cache bound per kind (rows)"),
-    "neuronserve_cache_bytes": ("gauge", "Bytes held by the embedding cache"),
-    "neuronserve_cache_hits_total": ("counter", "Looked-up ids found in the cache"),
-    "neuronserve_cache_misses_total": ("counter", "Looked-up ids not in the cache"),
-    "neuronserve_cache_evictions_total": ("counter", "Rows evicted to stay within the bound"),
-    "neuronserve_embedding_store_up": (
-        "gauge",
-        "--embedding-store: 1 while this host's copy follows the shared store, 0 while the store is unreachable (the copy is stale)",
-    ),
-    "neuronserve_embedding_store_stale_seconds": (
-        "gauge",
-        "--embedding-store: seconds since the local copy was last known current (0 while following)",
-    ),
-    "neuronserve_embedding_store_last_contact_timestamp_seconds": (
-        "gauge",
-        "--embedding-store: unix time the store last answered (stale since then while it is down)",
-    ),
-    "neuronserve_embedding_store_loading": (
-        "gauge",
-        "--embedding-store: 1 while the rows are being loaded (warm start or reload)",
-    ),
-    "neuronserve_embedding_store_rows_loaded": ("gauge", "--embedding-store: rows applied by the current or last load"),
-    "neuronserve_embedding_store_load_seconds": (
-        "gauge",
-        "--embedding-store: duration of the last load (so far, while loading)",
-    ),
-    "neuronserve_embedding_store_changes_applied_total": (
-        "counter",
-        "--embedding-store: change-stream entries (upserts) applied to the local copy",
-    ),
-    "neuronserve_embedding_store_reloads_total": (
-        "counter",
-        "--embedding-store: full reloads after missed changes or a reset store",
-    ),
-    "neuronserve_metrics_renders_total": (
-        "counter",
-        "/metrics pages rendered (this one included); concurrent scrapes share one",
-    ),
-    "neuronserve_metrics_scrapes_total": (
-        "counter",
-        "/metrics scrapes by result: rendered (started a render), shared (joined one), rejected (503)",
-    ),
-    "process_cpu_seconds_total": ("counter", "Total user and system CPU time spent in seconds."),
-    "process_resident_memory_bytes": ("gauge", "Resident memory size in bytes."),
-    "process_virtual_memory_bytes": ("gauge", "Virtual memory size in bytes."),
-    "process_start_time_seconds": ("gauge", "Start time of the process since unix epoch in seconds."),
-    "process_open_fds": ("gauge", "Number of open file descriptors."),
-    "process_max_fds": ("gauge", "Maximum number of open file descriptors."),
-    "process_threads": ("gauge", "Threads of the server process"),
-    "neuronserve_child_cpu_seconds_total": (
-        "counter",
-        "User and system CPU time of the server's child processes (--model-process), live and exited",
-    ),
-    "neuronserve_model_loads_total": (
-        "counter",
-        "Model repository: version loads by outcome (loaded, failed) and versions unloaded",
-    ),
-    "neuronserve_model_version_served": (
-        "gauge",
-        "Model repository: 1 for each integer version served, by version and whether it is the default (current)",
-    ),
-    "neuronserve_worker_up": ("gauge", "workers: 1 while the worker serves (ready and alive)"),
-    "neuronserve_worker_restarts_total": ("counter", "workers: times the worker was restarted"),
-    "neuronserve_worker_requests_total": (
-        "counter",
-        "workers: requests the worker answered (any status), since it last started",
-    ),
-}
-
 # Triton's counters, named without `_total` (see render_samples).
 _BARE_COUNTERS = tuple(
     name for name, (kind, _) in FAMILIES.items() if kind == "counter" and not name.endswith("_total")
 )
 _FAMILY_CLASSES = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One line of the exposition: a family in FAMILIES, its labels and value."""
-
-    name: str
-    labels: Labels
-    value: float
-    suffix: str = ""  # "_bucket", "_sum", "_count" for histogram lines
-
-
-Collector = Callable[[], Iterable[Sample]]
 
 
 @dataclass(frozen=True)
@@ -477,103 +316,3 @@ def _exposition(text: bytes) -> str:
             f"# TYPE {name}_total counter\n", f"# TYPE {name} counter\n", 1
         )
     return page
-
-
-def batcher_samples(model: str, version: str, stats) -> list[Sample]:
-    """From a batcher.BatcherStats of the batcher in front of `model`."""
-    mv: Labels = (("model", model), ("version", version))
-    return [
-        Sample("nv_inference_queue_duration_us", mv, stats.queue_s_total * 1e6),
-        Sample("nv_inference_pending_request_count", mv, stats.queued_requests),
-        Sample("neuronserve_queue_rows", mv, stats.queued_rows),
-        Sample("neuronserve_in_flight_batches", mv, stats.in_flight_batches),
-        Sample("neuronserve_rejected_total", mv + (("reason", "overload"),), stats.rejected_overload),
-        Sample("neuronserve_rejected_total", mv + (("reason", "deadline"),), stats.rejected_deadline),
-        Sample("neuronserve_cancelled_total", mv, stats.cancelled),
-        Sample("neuronserve_batch_failed_total", mv, stats.failed),
-    ]
-
-
-def pipeline_samples(stats) -> list[Sample]:
-    """From a pipeline.PipelineStats: per core group and per stage."""
-    out: list[Sample] = []
-    for g in stats.groups:
-        labels: Labels = (("cores", g.cores), ("stages", ",".join(g.stages)))
-        out += [
-            Sample("neuronserve_core_group_busy_seconds_total", labels, g.busy_s),
-            Sample("neuronserve_core_group_executions_total", labels, g.executions),
-            Sample("neuronserve_core_group_faults_total", labels, g.faults),
-            Sample("neuronserve_core_group_healthy", labels, 1 if g.healthy else 0),
-        ]
-    for stage, s in stats.stages.items():
-        labels = (("stage", stage),)
-        out += [
-            Sample("neuronserve_stage_executions_total", labels, s.executions),
-            Sample("neuronserve_stage_rows_total", labels, s.rows),
-            Sample("neuronserve_stage_padded_rows_total", labels, s.padded_rows),
-        ]
-    return out
-
-
-def sim_samples(stats) -> list[Sample]:
-    """From a backends.sim.SimStats: per simulated core, the device seconds it ran (latency_scale
-    applied: wall seconds of device time), so busy fraction = its rate of increase."""
-    return [
-        Sample("neuronserve_sim_core_device_seconds_total", (("core", str(c.core)),), c.busy_s * stats.latency_scale)
-        for c in stats.cores
-    ]
-
-
-def cache_samples(stats) -> list[Sample]:
-    """From an embeddings.CacheStats."""
-    version: Labels = (("version", stats.model_version),)
-    return [
-        Sample("neuronserve_cache_rows", version + (("kind", "user"),), stats.user_rows),
-        Sample("neuronserve_cache_rows", version + (("kind", "peer"),), stats.peer_rows),
-        Sample("neuronserve_cache_max_rows", version, stats.max_rows),
-        Sample("neuronserve_cache_bytes", version, stats.bytes),
-        Sample("neuronserve_cache_hits_total", version, stats.hits),
-        Sample("neuronserve_cache_misses_total", version, stats.misses),
-        Sample("neuronserve_cache_evictions_total", version, stats.evictions),
-    ]
-
-
-_PROCESS = ProcessCollector(registry=None)  # process_cpu_seconds_total, _resident_memory_bytes, ... (Linux /proc)
-
-
-def process_samples() -> list[Sample]:
-    """This process's figures: prometheus-client's ProcessCollector (psutil where it has no /proc) and
-    process_threads (every OS thread, gRPC's too)."""
-    import psutil
-
-    process = psutil.Process()
-    out = [
-        Sample(s.name, tuple(s.labels.items()), s.value)
-        for family in _PROCESS.collect()
-        for s in family.samples
-        if s.name in FAMILIES
-    ]
-    if not out:  # no /proc: the two figures the benchmark reads
-        cpu = process.cpu_times()
-        out = [
-            Sample("process_cpu_seconds_total", (), cpu.user + cpu.system),
-            Sample("process_resident_memory_bytes", (), process.memory_info().rss),
-        ]
-    out.append(Sample("process_threads", (), process.num_threads()))
-    out.append(Sample("neuronserve_child_cpu_seconds_total", (), _children_cpu_s(process)))
-    return out
-
-
-def _children_cpu_s(process) -> float:
-    """CPU seconds of the live children plus those already reaped (the model processes)."""
-    import psutil
-
-    own = process.cpu_times()
-    total = own.children_user + own.children_system
-    for child in process.children():
-        try:
-            times = child.cpu_times()
-        except psutil.Error:  # exited meanwhile: counted once reaped
-            continue
-        total += times.user + times.system
-    return total

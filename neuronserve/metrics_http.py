@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from neuronserve.metrics import Sample
+from neuronserve.metric_families import Sample
 
 log = logging.getLogger(__name__)
 

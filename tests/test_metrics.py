@@ -17,7 +17,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Dict, List, Set
 
 import grpc
 import numpy as np
@@ -25,7 +24,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from neuronserve.config import ServerConfig
-from neuronserve.metrics import FAMILIES, LATENCY_BUCKETS_S, Metrics
+from neuronserve.metric_families import FAMILIES, LATENCY_BUCKETS_S
+from neuronserve.metrics import Metrics
 from neuronserve.metrics_http import MetricsServer
 from neuronserve.pool_metrics import PoolMetrics
 from neuronserve.protos import scorer_pb2 as pb
@@ -48,14 +48,14 @@ def get(port: int, path: str = "/metrics") -> str:
         return response.read().decode()
 
 
-def values(text: str) -> Dict[tuple, float]:
+def values(text: str) -> dict[tuple, float]:
     """(sample name, sorted labels) -> value, through prometheus-client's parser."""
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples
     }
 
 
-def sample_names(text: str) -> Set[str]:
+def sample_names(text: str) -> set[str]:
     """Every sample name on a page, as written (a counter's name as it is: nv_inference_count, x_total)."""
     return {re.split(r"[{ ]", line, 1)[0] for line in text.splitlines() if line and not line.startswith("#")}
 
@@ -134,7 +134,7 @@ def test_rendering_on_another_thread_while_the_writer_adds_models_and_reasons():
     renders never break one (copy on write), and the last page counts everything."""
     metrics = Metrics(version="v1", batch_buckets=(1, 4))
     done = threading.Event()
-    errors: List[BaseException] = []
+    errors: list[BaseException] = []
 
     def render_loop() -> None:
         while not done.is_set():
@@ -190,7 +190,7 @@ def test_waiting_scrapes_past_the_bound_get_503_at_once_and_the_rest_share_rende
     source = GatedSource()
     server = MetricsServer(source, min_interval_s=0.0, max_waiting=2)
     port = asyncio.run(server.start("127.0.0.1", 0))
-    replies: Dict[str, bytes] = {}
+    replies: dict[str, bytes] = {}
     try:
         first = threading.Thread(target=lambda: replies.__setitem__("first", raw_get(port)))
         first.start()
@@ -216,7 +216,7 @@ def test_concurrent_scrapes_share_one_render():
     source = GatedSource()
     server = MetricsServer(source, min_interval_s=0.0)
     port = asyncio.run(server.start("127.0.0.1", 0))
-    replies: List[bytes] = []
+    replies: list[bytes] = []
     try:
         threads = [threading.Thread(target=lambda: replies.append(raw_get(port))) for _ in range(6)]
         threads[0].start()
@@ -256,7 +256,7 @@ def test_a_taken_port_is_an_oserror_and_close_ends_the_thread():
 
 
 def test_the_render_runs_on_the_metrics_thread_and_a_scrape_sees_the_requests_before_it(live):
-    threads: Set[str] = set()
+    threads: set[str] = set()
     live.server.metrics.add_collector(lambda: threads.add(threading.current_thread().name) or [])
     before = values(get(live.server.metrics_port))
     live.scorer.Score(score_request(1), timeout=10)
@@ -273,9 +273,9 @@ def test_a_scrape_flood_is_bounded_in_renders_and_grpc_requests_all_succeed(live
     the rest of the scrapes shared a render."""
     port, interval = live.server.metrics_port, MetricsServer.MIN_INTERVAL_S
     stop = threading.Event()
-    scrapes: List[int] = []
-    failures: List[str] = []
-    calls: List[int] = []
+    scrapes: list[int] = []
+    failures: list[str] = []
+    calls: list[int] = []
 
     def scraper() -> None:
         count = 0
@@ -360,7 +360,7 @@ PROMQL_WORDS = {
 }
 
 
-def metric_names(expr: str) -> Set[str]:
+def metric_names(expr: str) -> set[str]:
     """The metric (sample) names a PromQL expression selects: identifiers left once strings, label
     matchers, ranges and label lists are removed, that are not functions, keywords or numbers."""
     expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
@@ -381,11 +381,11 @@ def test_the_promql_name_extractor():
     assert metric_names(expr) == {"a_bucket", "b_total"}
 
 
-def dashboard_queries() -> List[str]:
+def dashboard_queries() -> list[str]:
     """Every PromQL expression in the dashboard: panel targets (nested rows too) and template variables
     (label_values(metric, label): the metric part)."""
     dashboard = json.loads(DASHBOARD.read_text())
-    exprs: List[str] = []
+    exprs: list[str] = []
 
     def walk(node) -> None:
         if isinstance(node, dict):

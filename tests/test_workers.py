@@ -15,7 +15,8 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import NamedTuple
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -25,7 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from neuronserve.config import VISIBLE_CORES_ENV, CoreGroup, ServerConfig
 from neuronserve.embeddings import CacheStats
 from neuronserve.errors import ConfigError
-from neuronserve.metrics import Metrics, Sample, cache_samples
+from neuronserve.metric_families import Sample
+from neuronserve.metric_sources import cache_samples
+from neuronserve.metrics import Metrics
 from neuronserve.pool_metrics import merge, parse_samples
 from neuronserve.pool_stats import WORKER_SCOPE, add_statistics
 from neuronserve.protos import open_inference_pb2 as oip
@@ -47,7 +50,7 @@ LABELS = 3
 # ---- the plan ------------------------------------------------------------------------------------
 
 
-def plan(backend: str, cpus: int = 2, pipeline_cores: int = 1, **settings) -> List[WorkerPlan]:
+def plan(backend: str, cpus: int = 2, pipeline_cores: int = 1, **settings) -> list[WorkerPlan]:
     config = ServerConfig(**{"workers": 2, **settings})
     return plan_workers(config, backend, pipeline_cores, tuple(range(cpus)))
 
@@ -165,7 +168,7 @@ def worker_text(requests: int, queue_rows: int, hits: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def merged() -> Dict[Tuple[str, str, frozenset], float]:
+def merged() -> dict[tuple[str, str, frozenset], float]:
     """Two workers' texts, parsed and merged: (family, suffix, labels) -> value."""
     samples = merge({0: parse_samples(worker_text(3, 5, hits=10)), 1: parse_samples(worker_text(2, 1, hits=4))})
     return {(s.name, s.suffix, frozenset(s.labels)): s.value for s in samples}
@@ -280,13 +283,13 @@ class Worker(NamedTuple):
 class Pool:
     """A serving subprocess in its own process group (supervisor and workers; stop() kills them all)."""
 
-    def __init__(self, argv: List[str], env: Optional[Dict[str, Optional[str]]] = None) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str | None] | None = None) -> None:
         environ = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}  # None: unset
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ, start_new_session=True
         )
-        self.stdout: List[str] = []
-        self.stderr: List[str] = []
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
         self._pumps = [
             threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout), daemon=True),
             threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr), daemon=True),
@@ -295,7 +298,7 @@ class Pool:
             pump.start()
 
     @staticmethod
-    def _pump(stream, sink: List[str]) -> None:
+    def _pump(stream, sink: list[str]) -> None:
         for line in stream:
             sink.append(line.rstrip("\n"))
 
@@ -313,14 +316,14 @@ class Pool:
 
         return poll(found, timeout_s, lambda: "no ready line; " + self.log())
 
-    def lines(self, pattern: str) -> List[re.Match]:
+    def lines(self, pattern: str) -> list[re.Match]:
         return [m for m in map(re.compile(pattern).search, list(self.stderr)) if m]
 
-    def wait_for(self, pattern: str, count: int = 1, timeout_s: float = 60.0) -> List[re.Match]:
+    def wait_for(self, pattern: str, count: int = 1, timeout_s: float = 60.0) -> list[re.Match]:
         """The stderr lines matching `pattern`, once there are at least `count`."""
         return poll(lambda: len(self.lines(pattern)) >= count and self.lines(pattern), timeout_s, lambda: f"no {count} x {pattern!r}; " + self.log())
 
-    def workers(self, count: int = 2) -> Dict[int, Worker]:
+    def workers(self, count: int = 2) -> dict[int, Worker]:
         """Each worker's latest 'worker I ready' line (waits for `count` such lines)."""
         self.wait_for(WORKER_READY.pattern, count)
         return {int(m["index"]): Worker(int(m["pid"]), int(m["port"])) for m in self.lines(WORKER_READY.pattern)}
@@ -339,7 +342,7 @@ class Pool:
         self.proc.wait(10)
 
 
-def serve_argv(manifest, *extra: str) -> List[str]:
+def serve_argv(manifest, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "neuronserve", "serve", "--artifact", str(manifest.directory), "--backend", "cpu",
         "--workers", "2", "--port", "0", "--metrics-port", "0", *extra,
@@ -349,9 +352,9 @@ def serve_argv(manifest, *extra: str) -> List[str]:
 @pytest.fixture
 def pools():
     """start(argv, env) -> a Pool, killed (with its workers) after the test."""
-    started: List[Pool] = []
+    started: list[Pool] = []
 
-    def start(argv: List[str], env: Optional[Dict[str, Optional[str]]] = None) -> Pool:
+    def start(argv: list[str], env: dict[str, str | None] | None = None) -> Pool:
         started.append(Pool(argv, env))
         return started[-1]
 
@@ -389,7 +392,7 @@ def score(address: str, seed: int = 0, calls: int = 1) -> pb.ScoreResponse:
     return reply
 
 
-def scrape(pool: Pool) -> Dict[Tuple[str, frozenset], float]:
+def scrape(pool: Pool) -> dict[tuple[str, frozenset], float]:
     """The pool's /metrics: (sample name, labels) -> value."""
     port = pool.ready()["metrics"].rsplit(":", 1)[1]
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=20) as response:
@@ -397,7 +400,7 @@ def scrape(pool: Pool) -> Dict[Tuple[str, frozenset], float]:
     return {(s.name, frozenset(s.labels.items())): s.value for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def per_worker(metrics: Dict[Tuple[str, frozenset], float], name: str) -> Dict[int, float]:
+def per_worker(metrics: dict[tuple[str, frozenset], float], name: str) -> dict[int, float]:
     """A neuronserve_worker_* family by worker index."""
     return {int(dict(labels)["worker"]): value for (sample, labels), value in metrics.items() if sample == name}
 
@@ -420,7 +423,7 @@ class Load:
     def __init__(self, address: str, clients: int) -> None:
         self.address = address
         self.clients = clients
-        self.outcomes: List[Outcome] = []
+        self.outcomes: list[Outcome] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
@@ -440,7 +443,7 @@ class Load:
                 if code != "OK":
                     self._stop.wait(0.01)  # no busy loop against a closed port
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for thread in self._threads:
             thread.start()
         return self
@@ -457,7 +460,7 @@ class Load:
     def wait_ok(self, count: int, timeout_s: float = 60.0) -> None:
         poll(lambda: self.ok() >= count, timeout_s, lambda: f"{self.ok()} of {count} OK calls; outcomes {self.failures()[:5]}")
 
-    def failures(self) -> List[Outcome]:
+    def failures(self) -> list[Outcome]:
         with self._lock:
             return [o for o in self.outcomes if o.code != "OK"]
 
@@ -479,14 +482,14 @@ def test_the_pool_prints_one_ready_line_and_serves_through_the_shared_port(pool,
     assert scores(score(shared_address(pool))).shape == (5, LABELS)
 
 
-def statistics(address: str, scope: Tuple = ()) -> oip.ModelStatistics:
+def statistics(address: str, scope: tuple = ()) -> oip.ModelStatistics:
     with connect(address) as channel:
         stub = oip_grpc.GRPCInferenceServiceStub(channel)
         (stats,) = stub.ModelStatistics(oip.ModelStatisticsRequest(name="twotower"), metadata=scope, timeout=10).model_stats
     return stats
 
 
-def counters(stats: oip.ModelStatistics) -> Dict[str, int]:
+def counters(stats: oip.ModelStatistics) -> dict[str, int]:
     out = {"inference_count": stats.inference_count, "execution_count": stats.execution_count}
     for field in oip.InferStatistics.DESCRIPTOR.fields:
         duration = getattr(stats.inference_stats, field.name)
@@ -577,7 +580,7 @@ def test_a_killed_worker_costs_only_its_calls_in_flight_and_is_replaced(pools, s
     assert per_worker(metrics, "neuronserve_worker_up") == {0: 1, 1: 1}
 
 
-def restarted(before, after) -> Dict[int, float]:
+def restarted(before, after) -> dict[int, float]:
     """Restarts per worker between two scrapes (a worker killed while starting, see HUNG_TIMEOUT_S, is not counted)."""
     old, new = (per_worker(m, "neuronserve_worker_restarts_total") for m in (before, after))
     return {i: new[i] - old[i] for i in new}
@@ -629,9 +632,9 @@ def test_a_worker_that_cannot_start_stops_the_pool_with_the_reason(pools, small_
 # ---- SIGTERM --------------------------------------------------------------------------------------
 
 
-def answered_by_workers(stderr: List[str]) -> Dict[str, int]:
+def answered_by_workers(stderr: list[str]) -> dict[str, int]:
     """The workers' own counts of the requests they answered, from their last log lines, summed."""
-    totals: Dict[str, int] = {}
+    totals: dict[str, int] = {}
     lines = [line for line in stderr if "stopped cleanly; requests answered:" in line]
     assert len(lines) == 2, stderr[-20:]
     for line in lines:
@@ -654,7 +657,7 @@ def test_sigterm_under_load_drains_both_workers_and_exits_0(pools, small_artifac
         pool.proc.send_signal(signal.SIGTERM)
         exit_code = pool.wait()
     assert exit_code == 0, pool.log()
-    received: Dict[str, int] = {}
+    received: dict[str, int] = {}
     for outcome in load.outcomes:
         received[outcome.code] = received.get(outcome.code, 0) + 1
     refused_at_door = sum(1 for o in load.outcomes if o.code == "UNAVAILABLE" and "shutting down" in o.details)
@@ -699,7 +702,7 @@ def test_each_neuron_worker_pins_its_own_core_range(pools, neuron_artifact, tmp_
     pool = pools(argv, env={VISIBLE_CORES_ENV: "0-3"})
     ready = pool.ready()
     assert (ready["backend"], ready["cores"], ready["workers"]) == ("neuron", "4", "2")
-    pinned: Dict[int, set] = {}
+    pinned: dict[int, set] = {}
     for m in pool.lines(r"standin: pid (\d+) runtime (\S+) group (\S+) placement \((\d+), (\d+)\)"):
         pinned.setdefault(int(m[1]), set()).add((m[2], m[3], int(m[4]), int(m[5])))
     workers = pool.workers()
