@@ -148,7 +148,8 @@ class Server:
         from neuronserve.protos import open_inference_pb2, scorer_pb2
         from neuronserve.oip_service import InferenceService
         from neuronserve.scorer_service import ScorerService
-        from neuronserve.service import ServingState, add_service
+        from neuronserve.registration import add_service
+        from neuronserve.service import ServingState
         from neuronserve.tls import connection_options
 
         config = self.config

@@ -1,17 +1,15 @@
 """What the gRPC servicers share: the top of the request path, and the only place that knows gRPC status
 codes. The servicers themselves: scorer_service.py (neuronserve.v1.Scorer) and oip_service.py (the Open
-Inference Protocol, KServe v2, inference.GRPCInferenceService). Here: the model's description
-(ModelInfo), the door (ServingState), the tensor codec, the registration guard (add_service) and the
-error mapping (Servicer._answer).
+Inference Protocol, KServe v2, inference.GRPCInferenceService); their registration: registration.py.
+Here: the model's description (ModelInfo), the door (ServingState), the tensor codec and the error
+mapping (Servicer._answer).
 
 Down: proto -> validated float32 arrays (np.frombuffer, never a Python object per element) -> the
 injected Runtime (batcher -> pipeline -> backend) or the EmbeddingCache, with the gRPC deadline turned
 into the batcher's absolute deadline. Up: array -> little-endian float32 bytes. Errors: a
-NeuronServeError answers with its `status` (a grpc.StatusCode name) and its message; any other
+NeuronServeError answers with its `status` (a grpc.StatusCode) and its message; any other
 exception answers INTERNAL with a short message and is logged here with its traceback, never sent.
-Every RPC the server registers (these two services, health, reflection) goes through add_service: a
-body that does not parse is INVALID_ARGUMENT with one line, counted in the metrics, never a traceback;
-client strings quoted in an error message are cut to ECHO_CHARS (see echo), every message to
+Client strings quoted in an error message are cut to ECHO_CHARS (see echo), every message to
 MAX_DETAILS_CHARS, so a reply always fits gRPC's metadata limits.
 Every inference RPC passes the door (ServingState) first: closed while warming up and while draining,
 so a request the server will not finish is refused with UNAVAILABLE instead of accepted and dropped.
@@ -20,7 +18,6 @@ so a request the server will not finish is refused with UNAVAILABLE instead of a
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import math
 import time
@@ -30,7 +27,6 @@ from typing import Protocol
 
 import grpc
 import numpy as np
-from google.protobuf.message import DecodeError
 
 from neuronserve.contract import TOWERS, TWOTOWER  # noqa: F401  (re-exported: the servicers' model names)
 from neuronserve.errors import DeadlineExceeded, InvalidInput, NeuronServeError, Unavailable
@@ -98,7 +94,7 @@ def shape_text(shape: Sequence[int]) -> str:
     return f"[{', '.join(str(int(d)) for d in shape[:MAX_DIMS])}, ...] ({len(shape)} dimensions)"
 
 
-def _bounded(message: str) -> str:
+def bounded(message: str) -> str:
     return message if len(message) <= MAX_DETAILS_CHARS else message[: MAX_DETAILS_CHARS - 3] + "..."
 
 
@@ -279,110 +275,6 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining_s is None else time.monotonic() + remaining_s
 
 
-# ---- registration: a body that is not protobuf is INVALID_ARGUMENT ------------------------------
-
-
-@dataclass(frozen=True)
-class _Malformed:
-    error: str
-
-
-def streaming(method) -> tuple[bool, bool]:
-    """(client_streaming, server_streaming) of a MethodDescriptor. protobuf < 3.20 (the 3.19.5 of AWS's
-    Inf1 image) has no such attributes: there they come from the method's descriptor proto."""
-    try:
-        return method.client_streaming, method.server_streaming
-    except AttributeError:
-        from google.protobuf import descriptor_pb2
-
-        service = method.containing_service
-        file = descriptor_pb2.FileDescriptorProto.FromString(service.file.serialized_pb)
-        (proto,) = [m for s in file.service if s.name == service.name for m in s.method if m.name == method.name]
-        return proto.client_streaming, proto.server_streaming
-
-
-def add_service(server: grpc.aio.Server, servicer, service, messages, metrics=None) -> None:
-    """Register `servicer` for `service` (a ServiceDescriptor; request and response classes from the
-    generated module `messages`) as the generated add_*_to_server does, except that a request body that
-    does not parse is answered INVALID_ARGUMENT with one line and counted in `metrics` (default: the
-    servicer's) as a failure of model UNKNOWN_MODEL. (The generated deserializer raises inside gRPC:
-    the client sees UNKNOWN, and the server logs a traceback per request.) Any cardinality: unary or
-    streaming requests (each message of a stream is checked as it is read), unary or streaming replies
-    (an async generator, or a coroutine writing with context.write, as grpc_health's Watch)."""
-    metrics = getattr(servicer, "metrics", None) if metrics is None else metrics
-
-    def lenient(parse):
-        def deserialize(data: bytes):
-            try:
-                return parse(data)
-            except DecodeError as exc:
-                return _Malformed(str(exc))
-
-        return deserialize
-
-    async def refuse(request: _Malformed, type_name: str, context) -> None:
-        if metrics is not None:
-            metrics.request(UNKNOWN_MODEL, grpc.StatusCode.INVALID_ARGUMENT.name, 0.0)
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            _bounded(f"the request body is not a valid {type_name} protobuf ({request.error})"),
-        )
-
-    def checked(requests, type_name: str, context):
-        async def each():
-            async for request in requests:
-                if isinstance(request, _Malformed):
-                    await refuse(request, type_name, context)
-                yield request
-
-        return each()
-
-    def guarded(handler, method):
-        type_name = method.input_type.full_name
-        if streaming(method)[0]:  # the handler reads the stream: each message is checked as it comes
-            if inspect.isasyncgenfunction(handler):
-
-                async def call(requests, context):
-                    async for reply in handler(checked(requests, type_name, context), context):
-                        yield reply
-            else:
-
-                async def call(requests, context):  # type: ignore[misc]  # one `call` per cardinality
-                    return await handler(checked(requests, type_name, context), context)
-        elif inspect.isasyncgenfunction(handler):
-
-            async def call(request, context):
-                if isinstance(request, _Malformed):
-                    await refuse(request, type_name, context)
-                async for reply in handler(request, context):
-                    yield reply
-        else:
-
-            async def call(request, context):  # type: ignore[misc]  # one `call` per cardinality
-                if isinstance(request, _Malformed):
-                    await refuse(request, type_name, context)
-                reply = handler(request, context)  # (a coroutine, or a generated base class's sync stub)
-                return await reply if inspect.isawaitable(reply) else reply
-
-        return call
-
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    handlers = {
-        method.name: kinds[streaming(method)](
-            guarded(getattr(servicer, method.name), method),
-            request_deserializer=lenient(getattr(messages, method.input_type.name).FromString),
-            response_serializer=getattr(messages, method.output_type.name).SerializeToString,
-        )
-        for method in service.methods
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-
-
 # ---- the common guard --------------------------------------------------------------------------
 
 
@@ -465,4 +357,4 @@ class Servicer:
             self.state.in_flight -= inference
         if inference:
             self.metrics.request(model, code.name, time.perf_counter() - start)
-        await context.abort(code, _bounded(message))
+        await context.abort(code, bounded(message))
