@@ -45,7 +45,7 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
@@ -64,6 +64,13 @@ class Slice:
 
 
 RunBatch = Callable[[Sequence[Slice]], Awaitable[np.ndarray]]
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+CallLater = Callable[[float, Callable[[], None]], Cancellable]  # (delay_s, callback) -> a timer handle
 
 
 @dataclass(frozen=True)
@@ -115,11 +122,13 @@ _Member = tuple[_Request, int, int]
 class DynamicBatcher:
     """One queue of requests in rows for one run_batch; see the module docstring for the rules.
 
-    max_batch_rows: the largest batch (config.max_batch_rows, if set, caps it lower). max_in_flight:
-    batches running at once (config.max_in_flight_batches, if set, overrides it). estimate_latency_s:
-    rows -> seconds a batch of that many rows takes; it runs on the dispatcher, so it must be cheap
-    and must not raise. devices: batches that really run in parallel (core groups); slots beyond
-    them are the spare ones the dispatcher fills. clock: seconds, the clock every deadline_s is on.
+        max_batch_rows: the largest batch (config.max_batch_rows, if set, caps it lower). max_in_flight:
+        batches running at once (config.max_in_flight_batches, if set, overrides it). estimate_latency_s:
+        rows -> seconds a batch of that many rows takes; it runs on the dispatcher, so it must be cheap
+        and must not raise. devices: batches that really run in parallel (core groups); slots beyond
+        them are the spare ones the dispatcher fills. clock: seconds, the clock every deadline_s is on;
+    call_later(delay_s, callback) -> a handle with cancel(): the hold's timer on that clock (default: the
+    running loop's, which runs on time.monotonic like the default clock).
     """
 
     def __init__(
@@ -132,6 +141,7 @@ class DynamicBatcher:
         estimate_latency_s: Callable[[int], float] | None = None,
         devices: int = 1,
         clock: Callable[[], float] = time.monotonic,
+        call_later: CallLater | None = None,
         name: str = "batcher",
     ) -> None:
         if max_batch_rows < 1 or max_in_flight < 1 or devices < 1:
@@ -148,6 +158,7 @@ class DynamicBatcher:
         self._delay_s = config.max_queue_delay_ms / 1e3
         self._estimate_s = estimate_latency_s
         self._clock = clock
+        self._call_later = call_later  # None: the running loop's call_later
         self._queues: dict[int, deque[_Request]] = {}  # priority -> FIFO
         self._queued_rows = 0
         self._slowdown = 1.0
@@ -261,7 +272,8 @@ class DynamicBatcher:
             if hold_s > 0:
                 self._wake.clear()
                 self._hold_until_s = self._clock() + hold_s
-                timer = asyncio.get_running_loop().call_later(hold_s, self._wake.set)  # no task per hold
+                call_later = self._call_later or asyncio.get_running_loop().call_later
+                timer = call_later(hold_s, self._wake.set)  # no task per hold
                 try:
                     await self._wake.wait()
                 finally:

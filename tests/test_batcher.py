@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import grpc
 import numpy as np
@@ -20,12 +20,37 @@ pytestmark = pytest.mark.timeout(20)
 NEVER_MS = 1e9  # a max_queue_delay_ms no test could wait out: nothing may depend on it
 
 
+class Timer:
+    def __init__(self, due_s: float, callback: Callable[[], None]) -> None:
+        self.due_s, self.callback, self.cancelled = due_s, callback, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class Clock:
+    """The batcher's fake time: `now_s` is what clock() reads; a timer set with call_later fires when
+    advance_to() moves the clock past it, never on real time."""
+
     def __init__(self) -> None:
         self.now_s = 0.0
+        self.timers: List[Timer] = []
 
     def __call__(self) -> float:
         return self.now_s
+
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> Timer:
+        timer = Timer(self.now_s + delay_s, callback)
+        self.timers.append(timer)
+        return timer
+
+    def advance_to(self, now_s: float) -> None:
+        self.now_s = now_s
+        due = [t for t in self.timers if t.due_s <= now_s]
+        self.timers = [t for t in self.timers if t.due_s > now_s]
+        for timer in due:
+            if not timer.cancelled:
+                timer.callback()
 
 
 class Runner:
@@ -88,6 +113,7 @@ def make(
 ) -> DynamicBatcher:
     config.setdefault("max_queue_delay_ms", NEVER_MS)
     config.setdefault("max_queue_wait_ms", NEVER_MS)
+    clock = clock or Clock()
     batcher = DynamicBatcher(
         runner,
         max_batch_rows=max_batch_rows,
@@ -95,7 +121,8 @@ def make(
         max_in_flight=max_in_flight,
         estimate_latency_s=estimate,
         devices=devices,
-        clock=clock or Clock(),
+        clock=clock,
+        call_later=clock.call_later,
         name="test",
     )
     batcher.start()
@@ -164,12 +191,12 @@ def test_a_free_slot_is_held_for_the_delay_from_the_oldest_arrival_while_the_dev
         await settle()
         b = submit(batcher, "b", 1)
         await settle()
-        clock.now_s = 0.009
+        clock.advance_to(0.009)
         c = submit(batcher, "c", 1)
-        await asyncio.sleep(0.05)  # real time passes, the batcher's clock does not: b is 9 ms old, < 10 ms
+        await settle()  # b is 9 ms old, < 10 ms
         assert runner.batches == [[("a", 0, 1)]]  # a slot is free, but a runs: b and c wait to batch
-        clock.now_s = 0.0101  # the OLDEST (b, arrived at 0) has waited the delay; c only 1.1 ms
-        await asyncio.sleep(0.05)
+        clock.advance_to(0.0101)  # the OLDEST (b, arrived at 0) has waited the delay; c only 1.1 ms
+        await settle()
         assert runner.batches[1] == [("b", 0, 1), ("c", 0, 1)]
         d = submit(batcher, "d", 2)
         e = submit(batcher, "e", 2)
