@@ -29,15 +29,21 @@ def check_manifest(manifest: Manifest, where: Path) -> None:
         raise ArtifactError(
             f"{where}: label_bias has {len(manifest.label_bias)} values for {manifest.model_config.num_labels} labels"
         )
+    if manifest.reference_file not in manifest.files:
+        raise ArtifactError(f"{where}: reference file {manifest.reference_file} has no sha256 entry")
+    _check_stages(manifest, where)
+
+
+def _check_stages(manifest: Manifest, where: Path) -> None:
     missing = [s for s in STAGES if s not in manifest.stages]
     if missing:
         raise ArtifactError(f"{where}: missing stages {missing}; recompile the artifact")
     for spec in manifest.stages.values():
         if not spec.buckets:
             raise ArtifactError(f"{where}: stage {spec.name} has no buckets")
-        for bucket in spec.buckets:
-            if bucket.file not in manifest.files:
-                raise ArtifactError(f"{where}: stage file {bucket.file} has no sha256 entry")
+        unhashed = [b.file for b in spec.buckets if b.file not in manifest.files]
+        if unhashed:
+            raise ArtifactError(f"{where}: stage file {unhashed[0]} has no sha256 entry")
         _check_user_batches(spec, where)
     if manifest.target == "neuron" and manifest.has_fused_stage:
         files = [b.file for b in manifest.stages[FUSED_STAGE].buckets]
@@ -45,8 +51,6 @@ def check_manifest(manifest: Manifest, where: Path) -> None:
             raise ArtifactError(
                 f"{where}: a neuron graph has fixed shapes, so every {FUSED_STAGE} pair needs its own file"
             )
-    if manifest.reference_file not in manifest.files:
-        raise ArtifactError(f"{where}: reference file {manifest.reference_file} has no sha256 entry")
 
 
 def _check_user_batches(spec: StageSpec, where: Path) -> None:

@@ -242,79 +242,90 @@ class ServerConfig:
     sim: SimConfig = field(default_factory=SimConfig)
 
     def __post_init__(self) -> None:
-        if self.backend not in ("auto", "cpu", "sim", "neuron"):
-            raise ConfigError(f"backend must be one of auto, cpu, sim, neuron; got {self.backend!r}")
-        for name in ("port",):
+        self._check_process()
+        self._check_limits()
+        self._check_security()
+        self._check_repository()
+
+    def _check_process(self) -> None:
+        _require(
+            self.backend in ("auto", "cpu", "sim", "neuron"),
+            f"backend must be one of auto, cpu, sim, neuron; got {self.backend!r}",
+        )
+        _require(0 <= self.port <= 65535, f"port must be 0-65535, got {self.port}")
+        _require(
+            self.metrics_port is None or 0 <= self.metrics_port <= 65535,
+            f"metrics_port must be 0-65535, got {self.metrics_port}",
+        )
+        _require(self.cores is None or self.cores >= 1, f"cores must be >= 1, got {self.cores}")
+        _require(self.workers is None or self.workers >= 1, f"workers must be >= 1, got {self.workers}")
+        _require(
+            self.cpu_affinity in ("none", "split"), f"cpu_affinity must be none or split, got {self.cpu_affinity!r}"
+        )
+        _require(self.worker_timeout_s > 0, f"worker_timeout_s must be > 0, got {self.worker_timeout_s}")
+        _require(
+            self.placement is None or (self.workers or 1) == 1,
+            "placement and workers > 1 do not combine: each worker serves its cores data parallel; drop one",
+        )
+        _require(isinstance(self.reflection, bool), f"reflection must be on or off, got {self.reflection!r}")
+
+    def _check_limits(self) -> None:
+        _require(self.max_peers >= 1, f"max_peers must be >= 1, got {self.max_peers}")
+        _require(
+            1024 <= self.max_message_bytes <= MAX_GRPC_MESSAGE_BYTES,
+            f"max_message_bytes must be >= 1024 and <= {MAX_GRPC_MESSAGE_BYTES} (gRPC's limit), "
+            f"got {self.max_message_bytes}",
+        )
+        _require(self.grace_period_s >= 0, f"grace_period_s must be >= 0, got {self.grace_period_s}")
+        _require(self.cache_max_rows >= 1, f"cache_max_rows must be >= 1, got {self.cache_max_rows}")
+        _require(self.drain_delay_s >= 0, f"drain_delay_s must be >= 0, got {self.drain_delay_s}")
+        age_s = self.max_connection_age_s
+        _require(
+            age_s is None or 0.001 <= age_s <= MAX_GRPC_DURATION_S,
+            f"max_connection_age_s must be >= 0.001 and <= {MAX_GRPC_DURATION_S} (gRPC's limit), or off; got {age_s}",
+        )
+
+    def _check_security(self) -> None:
+        # the files must be readable too: checked at start-up (tls.load_tls, load_manifest, admin_auth)
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "trusted_key", "admin_token_file"):
             value = getattr(self, name)
-            if not 0 <= value <= 65535:
-                raise ConfigError(f"{name} must be 0-65535, got {value}")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ConfigError(f"metrics_port must be 0-65535, got {self.metrics_port}")
-        if self.cores is not None and self.cores < 1:
-            raise ConfigError(f"cores must be >= 1, got {self.cores}")
-        if self.workers is not None and self.workers < 1:
-            raise ConfigError(f"workers must be >= 1, got {self.workers}")
-        if self.cpu_affinity not in ("none", "split"):
-            raise ConfigError(f"cpu_affinity must be none or split, got {self.cpu_affinity!r}")
-        if not self.worker_timeout_s > 0:
-            raise ConfigError(f"worker_timeout_s must be > 0, got {self.worker_timeout_s}")
-        if self.placement is not None and (self.workers or 1) > 1:
-            raise ConfigError(
-                "placement and workers > 1 do not combine: each worker serves its cores data parallel; drop one"
+            _require(
+                value is None or (isinstance(value, str) and bool(value.strip())),
+                f"{name} must be a file path, got {value!r}",
             )
-        if self.max_peers < 1:
-            raise ConfigError(f"max_peers must be >= 1, got {self.max_peers}")
-        if not 1024 <= self.max_message_bytes <= MAX_GRPC_MESSAGE_BYTES:
-            raise ConfigError(
-                f"max_message_bytes must be >= 1024 and <= {MAX_GRPC_MESSAGE_BYTES} (gRPC's limit), got {self.max_message_bytes}"
-            )
-        if self.grace_period_s < 0:
-            raise ConfigError(f"grace_period_s must be >= 0, got {self.grace_period_s}")
-        if self.cache_max_rows < 1:
-            raise ConfigError(f"cache_max_rows must be >= 1, got {self.cache_max_rows}")
-        if self.drain_delay_s < 0:
-            raise ConfigError(f"drain_delay_s must be >= 0, got {self.drain_delay_s}")
-        if self.max_connection_age_s is not None and not 0.001 <= self.max_connection_age_s <= MAX_GRPC_DURATION_S:
-            raise ConfigError(
-                f"max_connection_age_s must be >= 0.001 and <= {MAX_GRPC_DURATION_S} (gRPC's limit), or off; got {self.max_connection_age_s}"
-            )
-        for name in (
-            "tls_cert",
-            "tls_key",
-            "tls_client_ca",
-            "trusted_key",
-            "admin_token_file",
-        ):  # readable: checked at start-up (tls.load_tls, load_manifest)
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise ConfigError(f"{name} must be a file path, got {value!r}")
-        if self.model_control not in ("none", "explicit", "poll"):
-            raise ConfigError(f"model_control must be none, explicit or poll, got {self.model_control!r}")
-        if self.model_control != "none" and self.model_repository is None:
-            raise ConfigError("model_control explicit or poll needs a model repository: pass --model-repository DIR")
         loopback = self.host in ("localhost", "::1") or self.host.startswith("127.")
-        if (
-            self.model_control != "none"
-            and not loopback
-            and self.admin_token_file is None
-            and self.tls_client_ca is None
-        ):
-            raise ConfigError(
-                f"model_control {self.model_control} on {self.host} would let anyone who can connect load and unload "
-                "models: pass --admin-token-file FILE (or --tls-client-ca for mTLS), or listen on loopback"
-            )
-        if self.model_repository is not None and self.artifact is not None:
-            raise ConfigError(
-                "artifact and model_repository do not combine: serve one artifact or a repository of versions"
-            )
-        if self.model_repository is not None and ((self.workers or 1) > 1 or self.embedding_store != "embedded"):
-            raise ConfigError(
-                "model_repository serves one process with its own caches for now: use workers 1 and embedding_store embedded"
-            )
+        guarded = loopback or self.admin_token_file is not None or self.tls_client_ca is not None
+        _require(
+            self.model_control == "none" or guarded,
+            f"model_control {self.model_control} on {self.host} would let anyone who can connect load and unload "
+            "models: pass --admin-token-file FILE (or --tls-client-ca for mTLS), or listen on loopback",
+        )
+
+    def _check_repository(self) -> None:
         from neuronserve.repository import VersionPolicy
 
+        _require(
+            self.model_control in ("none", "explicit", "poll"),
+            f"model_control must be none, explicit or poll, got {self.model_control!r}",
+        )
+        _require(
+            self.model_control == "none" or self.model_repository is not None,
+            "model_control explicit or poll needs a model repository: pass --model-repository DIR",
+        )
+        _require(
+            self.model_repository is None or self.artifact is None,
+            "artifact and model_repository do not combine: serve one artifact or a repository of versions",
+        )
+        _require(
+            self.model_repository is None or ((self.workers or 1) == 1 and self.embedding_store == "embedded"),
+            "model_repository serves one process with its own caches for now: "
+            "use workers 1 and embedding_store embedded",
+        )
         VersionPolicy.parse(self.version_policy)
-        if not self.repository_poll_s > 0:
-            raise ConfigError(f"repository_poll_s must be > 0, got {self.repository_poll_s}")
-        if not isinstance(self.reflection, bool):
-            raise ConfigError(f"reflection must be on or off, got {self.reflection!r}")
+        _require(self.repository_poll_s > 0, f"repository_poll_s must be > 0, got {self.repository_poll_s}")
+
+
+def _require(ok: bool, message: str) -> None:
+    """A ConfigError with `message` unless `ok`."""
+    if not ok:
+        raise ConfigError(message)

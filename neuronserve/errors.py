@@ -6,19 +6,40 @@ them into a one-line message and exit code.
 
 from __future__ import annotations
 
-from grpc import StatusCode
+import enum
+
+
+class Status(enum.Enum):
+    """The gRPC statuses an error answers with, by grpc.StatusCode name. grpc is not imported here:
+    this module loads before the CLI sets GRPC_VERBOSITY, which grpc-core reads once, at import."""
+
+    INTERNAL = enum.auto()
+    INVALID_ARGUMENT = enum.auto()
+    NOT_FOUND = enum.auto()
+    RESOURCE_EXHAUSTED = enum.auto()
+    DEADLINE_EXCEEDED = enum.auto()
+    UNAVAILABLE = enum.auto()
+    UNAUTHENTICATED = enum.auto()
+    FAILED_PRECONDITION = enum.auto()
+
+    @property
+    def code(self):
+        """The grpc.StatusCode of the same name."""
+        import grpc
+
+        return grpc.StatusCode[self.name]
 
 
 class NeuronServeError(Exception):
     """Base class. `status` is the gRPC status the service answers with."""
 
-    status: StatusCode = StatusCode.INTERNAL
+    status: Status = Status.INTERNAL
 
 
 class InvalidInput(NeuronServeError):
     """A request or a setting is malformed: wrong shape, dtype, size, value."""
 
-    status: StatusCode = StatusCode.INVALID_ARGUMENT
+    status: Status = Status.INVALID_ARGUMENT
 
 
 class ConfigError(InvalidInput):
@@ -28,25 +49,25 @@ class ConfigError(InvalidInput):
 class NotFound(NeuronServeError):
     """An unknown model, version or entity id."""
 
-    status: StatusCode = StatusCode.NOT_FOUND
+    status: Status = Status.NOT_FOUND
 
 
 class Overloaded(NeuronServeError):
     """The queue is full: rejected at once rather than waiting silently."""
 
-    status: StatusCode = StatusCode.RESOURCE_EXHAUSTED
+    status: Status = Status.RESOURCE_EXHAUSTED
 
 
 class DeadlineExceeded(NeuronServeError):
     """The request's deadline has passed or cannot be met."""
 
-    status: StatusCode = StatusCode.DEADLINE_EXCEEDED
+    status: Status = Status.DEADLINE_EXCEEDED
 
 
 class Unavailable(NeuronServeError):
     """The server is draining or not ready, or the core running the request failed."""
 
-    status: StatusCode = StatusCode.UNAVAILABLE
+    status: Status = Status.UNAVAILABLE
 
 
 class StoreUnavailable(Unavailable):
@@ -67,22 +88,22 @@ class CoreResetting(CoreFault):
 class Unauthenticated(NeuronServeError):
     """An administrative RPC without the admin token (admin_auth.py)."""
 
-    status: StatusCode = StatusCode.UNAUTHENTICATED
+    status: Status = Status.UNAUTHENTICATED
 
 
 class ArtifactError(NeuronServeError):
     """An artifact is missing, tampered with, truncated or incompatible."""
 
-    status: StatusCode = StatusCode.FAILED_PRECONDITION
+    status: Status = Status.FAILED_PRECONDITION
 
 
 class BackendUnavailable(NeuronServeError):
     """A backend cannot run here (e.g. torch-neuron or a NeuronCore is missing)."""
 
-    status: StatusCode = StatusCode.FAILED_PRECONDITION
+    status: Status = Status.FAILED_PRECONDITION
 
 
 class ModelControlError(NeuronServeError):
     """A repository load or unload the server's --model-control does not allow (none or poll)."""
 
-    status: StatusCode = StatusCode.FAILED_PRECONDITION
+    status: Status = Status.FAILED_PRECONDITION

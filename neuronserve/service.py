@@ -337,7 +337,7 @@ class Servicer:
                     )
             reply = await handler(request, context)
         except NeuronServeError as exc:
-            code = exc.status
+            code = exc.status.code
             message = str(exc) or type(exc).__name__
             if code == grpc.StatusCode.INTERNAL:  # a bug below us, reduced to a message: logged, not sent
                 log.error("%s: internal error answering %s: %s", model, type(request).__name__, message, exc_info=True)

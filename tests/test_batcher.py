@@ -522,7 +522,7 @@ def test_wrong_number_of_rows_from_run_batch_is_an_internal_error():
         batcher = make(runner)
         with pytest.raises(NeuronServeError, match=r"returned shape \(2, 2\) for a batch of 3 rows") as info:
             await batcher.submit(payload("a", 3), 3)
-        assert info.value.status == grpc.StatusCode.INTERNAL
+        assert info.value.status.code == grpc.StatusCode.INTERNAL
         check(await batcher.submit(payload("b", 3), 3), "b", 3)
         await batcher.close()
 

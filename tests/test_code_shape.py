@@ -64,5 +64,10 @@ ERROR_CLASSES = [
 
 @pytest.mark.parametrize("cls", ERROR_CLASSES, ids=lambda cls: cls.__name__)
 def test_every_error_maps_to_a_real_grpc_status(cls):
-    assert isinstance(cls.status, grpc.StatusCode)
-    assert cls.status is not grpc.StatusCode.OK
+    assert isinstance(cls.status, errors.Status)
+    assert isinstance(cls.status.code, grpc.StatusCode) and cls.status.code is not grpc.StatusCode.OK
+
+
+def test_every_status_is_a_grpc_status():
+    assert {status.code.name for status in errors.Status} <= {code.name for code in grpc.StatusCode}
+
