@@ -25,6 +25,7 @@ import grpc
 import numpy as np
 import pytest
 
+from neuronserve.errors import Status
 from test_server_e2e import Serve, tensor
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -428,7 +429,7 @@ def test_an_unreachable_store_refuses_the_upsert_with_unavailable_naming_it():
     fleet_cache = FleetCache(cache, RedisStore(url, model_name="m", model_version="v1", num_labels=2, label_dim=4, timeout_s=0.5), StoreStatus())
     with pytest.raises(StoreUnavailable) as info:
         fleet_cache.upsert("peer", np.array([1]), np.zeros((1, 2, 4), np.float32), "v1")
-    assert info.value.status == "UNAVAILABLE" and "embedding store redis://:***@127.0.0.1" in str(info.value) and "secret" not in str(info.value)
+    assert info.value.status is Status.UNAVAILABLE and "embedding store redis://:***@127.0.0.1" in str(info.value) and "secret" not in str(info.value)
     assert cache.rows("peer") == 0  # nothing applied locally
 
 
