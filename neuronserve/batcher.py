@@ -1,42 +1,17 @@
 """DynamicBatcher: queues requests in rows and hands batches to an injected `run_batch`.
 
-On the request path between the service (above: `await submit(payload, rows)` per request) and the
-pipeline (below: `run_batch(slices)` runs one batch). Generic: it never looks inside a payload; a
-Slice names rows [start, stop) of one request's payload and run_batch returns one array holding those
-rows in slice order, which the batcher cuts back per request (concatenating the parts of a split one).
+Between the service (above: `await submit(payload, rows)` per request) and the pipeline (below:
+`run_batch(slices)` runs one batch). Generic: it never looks inside a payload; a Slice names rows
+[start, stop) of one request's payload, and run_batch returns one array holding those rows in slice
+order, which the batcher cuts back per request.
 
-The firing rule (one dispatcher task on the event loop; Triton's dynamic batcher, made work-conserving):
-  A batch can form only while a slot is free (fewer than max_in_flight batches running) and a row is
-  queued. It then forms at once when (a) fewer than `devices` batches are running (an idle core never
-  waits: at low load a lone request goes straight to a core), or (b) the queue holds a full batch
-  (max_batch_rows), or (c) the head of the queue is the rest of a request split across batches
-  (already running), or (d) both: the OLDEST queued request has waited max_queue_delay_ms since its
-  arrival, and a busy device is expected to free within max_queue_delay_ms. Otherwise every device is
-  busy, and the free slot (e.g. the second execution a NeuronCore holds, so the host prepares the
-  next batch while the device runs the current one) is held to let more rows join: a batch formed
-  earlier would only wait for the device with fewer rows, and bigger batches amortise the
-  per-execution cost. The delay is measured from the oldest request's arrival, never from when a
-  collector started (the TorchServe/MLServer flaw). When a device frees is expected from the latency
-  model times the observed slowdown; a batch that finishes early wakes the dispatcher at once.
-  Rule (a) runs inside submit (an idle device takes the request in the caller's own loop step), and
-  a submit wakes the dispatcher only when it can change a decision (the queue was empty, a full batch
-  is queued, or the current hold is over): per request, no dispatcher turn that would find nothing to do.
-  A batch takes what is queued, in order (lowest priority value first, FIFO within a priority), up to
-  max_batch_rows; a request larger than the room left is split and its first part fills the batch,
-  the rest stays at the head of the queue. stats().queue_s_total sums every request's wait.
-
-Admission, at once and before any work (so overload is refused before it costs a core): rows >= 1
-(InvalidInput); queued rows + rows <= config.max_queue_rows, else Overloaded. The expected completion
-is now + the backlog's drain time (the running batches' remaining time and the queued rows, by the
-latency model times the observed slowdown, over the devices) + this request's batch: past its
-deadline (absolute, on `clock`) it is DeadlineExceeded, and a drain time past
-config.max_queue_wait_ms is Overloaded (the queue bound in time, which is what callers reason
-about). The deadline is checked again as the request joins a batch: it joins only if clock() +
-estimate_latency_s(rows of the batch with it) <= its deadline and every earlier member's (otherwise
-it is rejected, or, if only an earlier member would miss, it waits for the next batch).
-Failure: an exception in run_batch (or a result with the wrong number of rows) fails exactly the
-requests of that batch, once each (a split request as a whole), and the batcher keeps serving.
-A caller cancelled while waiting is dropped: its rows not yet batched never run.
+Contract: a batch forms only while a slot is free; at once when a device is idle, a full batch is
+queued or a split request's rest heads the queue; else the free slot is held until the OLDEST queued
+request has waited max_queue_delay_ms (Triton's delay clock, made work-conserving). Admission is at
+once and before any work: a request whose expected completion misses its deadline is
+DeadlineExceeded, a backlog past max_queue_wait_ms or max_queue_rows is Overloaded. A failing batch
+fails exactly its requests, once each; a cancelled caller's unbatched rows never run. The rules in
+full, with the reasons: docs/batching.md.
 """
 
 from __future__ import annotations
@@ -115,20 +90,22 @@ class _Batch:
     finish_s: float
 
 
-# A batch member: the request and the rows [start, stop) of it in this batch.
-_Member = tuple[_Request, int, int]
+@dataclass(frozen=True)
+class _Member:
+    """A batch member: the request and the rows [start, stop) of it in this batch."""
+
+    request: _Request
+    start: int
+    stop: int
 
 
 class DynamicBatcher:
-    """One queue of requests in rows for one run_batch; see the module docstring for the rules.
+    """One queue of requests in rows for one run_batch (rules: docs/batching.md).
 
-        max_batch_rows: the largest batch (config.max_batch_rows, if set, caps it lower). max_in_flight:
-        batches running at once (config.max_in_flight_batches, if set, overrides it). estimate_latency_s:
-        rows -> seconds a batch of that many rows takes; it runs on the dispatcher, so it must be cheap
-        and must not raise. devices: batches that really run in parallel (core groups); slots beyond
-        them are the spare ones the dispatcher fills. clock: seconds, the clock every deadline_s is on;
-    call_later(delay_s, callback) -> a handle with cancel(): the hold's timer on that clock (default: the
-    running loop's, which runs on time.monotonic like the default clock).
+    max_batch_rows / max_in_flight: the largest batch and the batches running at once (config's, if set,
+    override them); estimate_latency_s(rows) -> seconds (cheap, never raises); devices: batches that
+    really run in parallel; clock: the seconds every deadline_s is on; call_later(delay_s, callback) ->
+    a handle with cancel(): the hold's timer on that clock (default: the running loop's).
     """
 
     def __init__(
@@ -207,31 +184,13 @@ class DynamicBatcher:
                 f"{self.name}: a request of {rows} rows can never fit the queue (max_queue_rows={self._max_queue_rows}); split it"
             )
         now = self._clock()
-        wait_s = self._backlog_s(now)
-        if deadline_s is not None:
-            shortfall_s = self._shortfall_s(now + wait_s, min(rows, self._max_rows), deadline_s)
-            if shortfall_s > 0:
-                self._rejected_deadline += 1
-                raise self._deadline_error(rows, min(rows, self._max_rows), shortfall_s, wait_s)
-        if wait_s > self._max_wait_s:
-            self._rejected_overload += 1
-            raise Overloaded(
-                f"{self.name}: the queue ahead would take {wait_s * 1e3:.1f} ms to drain, above max_queue_wait_ms="
-                f"{self._max_wait_s * 1e3:g}; retry later or on another replica"
-            )
-        if self._queued_rows + rows > self._max_queue_rows:
-            self._rejected_overload += 1
-            raise Overloaded(
-                f"{self.name}: queue holds {self._queued_rows} rows; {rows} more would pass max_queue_rows={self._max_queue_rows}"
-            )
+        self._admit(rows, now, deadline_s)
         request = _Request(payload, rows, priority, now, deadline_s, asyncio.get_running_loop().create_future())
         self._queues.setdefault(priority, deque()).append(request)
         self._queued_rows += rows
         if len(self._running) < self._devices:
             self._launch()  # rule (a) at once: an idle device does not wait for the dispatcher's turn
-        # Wake the dispatcher only when these rows can change its decision: the queue was empty (it may
-        # be waiting for rows), it now holds a full batch (rule (b)), or its hold is over by `clock`. A
-        # younger request moves neither the oldest arrival nor a device's expected finish.
+        # Wake the dispatcher only when these rows can change its decision (docs/batching.md).
         if self._queued_rows and (
             self._queued_rows == rows or self._queued_rows >= self._max_rows or now >= self._hold_until_s
         ):
@@ -259,8 +218,6 @@ class DynamicBatcher:
             slowdown=self._slowdown,
         )
 
-    # -- dispatch -------------------------------------------------------------------------------
-
     async def _dispatch(self) -> None:
         while True:
             while self._queued_rows == 0 or len(self._running) >= self._max_in_flight:
@@ -283,11 +240,11 @@ class DynamicBatcher:
             self._launch()
 
     def _launch(self) -> None:
-        """Form one batch (per the rule in the module docstring) and start running it."""
+        """Form one batch (per the firing rule, docs/batching.md) and start running it."""
         members = self._form()
         if members:
             now = self._clock()
-            rows = sum(stop - start for _, start, stop in members)
+            rows = sum(m.stop - m.start for m in members)
             device_start_s = max(now, self._device_free_s(now))
             batch = _Batch(rows, device_start_s, device_start_s + self._expected_s(rows))
             task = asyncio.get_running_loop().create_task(self._run(members, batch))
@@ -295,7 +252,7 @@ class DynamicBatcher:
             task.add_done_callback(self._finished)
 
     def _hold_s(self) -> float:
-        """Seconds to hold a free slot for more rows (rule (a)-(c) in the module docstring); <= 0: fire now."""
+        """Seconds to hold a free slot for more rows (rules (a)-(d), docs/batching.md); <= 0: fire now."""
         if len(self._running) < self._devices or self._closing or self._queued_rows >= self._max_rows:
             return 0.0
         heads = [queue[0] for queue in self._queues.values() if queue]
@@ -317,8 +274,28 @@ class DynamicBatcher:
     def _expected_s(self, rows: int) -> float:
         return self._estimate_s(rows) * self._slowdown if self._estimate_s is not None else 0.0
 
+    def _admit(self, rows: int, now: float, deadline_s: float | None) -> None:
+        """Refuse at once what cannot be served in time or would overflow the queue (docs/batching.md)."""
+        wait_s = self._backlog_s(now)
+        if deadline_s is not None:
+            shortfall_s = self._shortfall_s(now + wait_s, min(rows, self._max_rows), deadline_s)
+            if shortfall_s > 0:
+                self._rejected_deadline += 1
+                raise self._deadline_error(rows, min(rows, self._max_rows), shortfall_s, wait_s)
+        if wait_s > self._max_wait_s:
+            self._rejected_overload += 1
+            raise Overloaded(
+                f"{self.name}: the queue ahead would take {wait_s * 1e3:.1f} ms to drain, above max_queue_wait_ms="
+                f"{self._max_wait_s * 1e3:g}; retry later or on another replica"
+            )
+        if self._queued_rows + rows > self._max_queue_rows:
+            self._rejected_overload += 1
+            raise Overloaded(
+                f"{self.name}: queue holds {self._queued_rows} rows; {rows} more would pass max_queue_rows={self._max_queue_rows}"
+            )
+
     def _form(self) -> list[_Member]:
-        """Take queued rows for one batch, per the rule in the module docstring."""
+        """Take queued rows for one batch, per the firing rule (docs/batching.md)."""
         now = self._clock()
         members: list[_Member] = []
         rows = 0
@@ -327,24 +304,12 @@ class DynamicBatcher:
             queue = self._queues[priority]
             while queue and rows < self._max_rows:
                 request = queue[0]
-                if request.future.done():  # caller cancelled in this loop iteration; submit's handler not run yet
-                    self._unqueue(request)
-                    continue
                 part = min(request.rows - request.taken, self._max_rows - rows)
-                if request.deadline_s is not None:
-                    shortfall_s = self._shortfall_s(now, rows + part, request.deadline_s)
-                    if shortfall_s > 0:
-                        error = self._deadline_error(request.rows, rows + part, shortfall_s)
-                        self._rejected_deadline += self._fail(request, error)
-                        continue
+                if self._dropped(request, now, rows + part):
+                    continue
                 if members and self._shortfall_s(now, rows + part, members_deadline_s) > 0:
                     return self._count(members, rows)  # it would make an earlier member late: next batch
-                if request.taken == 0:
-                    self._batched_requests += 1
-                    self._queue_s_total += now - request.arrival_s
-                members.append((request, request.taken, request.taken + part))
-                request.taken += part
-                self._queued_rows -= part
+                members.append(self._take(request, part, now))
                 rows += part
                 if request.deadline_s is not None:
                     members_deadline_s = min(members_deadline_s, request.deadline_s)
@@ -356,6 +321,30 @@ class DynamicBatcher:
                 break
         return self._count(members, rows)
 
+    def _dropped(self, request: _Request, now: float, batch_rows: int) -> bool:
+        """Whether the request at the head of its queue left it instead of joining a batch of `batch_rows`:
+        its caller went away (this loop step; submit's handler has not run yet), or it would miss its deadline."""
+        if request.future.done():
+            self._unqueue(request)
+            return True
+        if request.deadline_s is None:
+            return False
+        shortfall_s = self._shortfall_s(now, batch_rows, request.deadline_s)
+        if shortfall_s > 0:
+            self._rejected_deadline += self._fail(request, self._deadline_error(request.rows, batch_rows, shortfall_s))
+            return True
+        return False
+
+    def _take(self, request: _Request, part: int, now: float) -> _Member:
+        """The next `part` rows of the request at the head of its queue, into the batch being formed."""
+        if request.taken == 0:
+            self._batched_requests += 1
+            self._queue_s_total += now - request.arrival_s
+        member = _Member(request, request.taken, request.taken + part)
+        request.taken += part
+        self._queued_rows -= part
+        return member
+
     def _count(self, members: list[_Member], rows: int) -> list[_Member]:
         if members:
             self._batches += 1
@@ -365,15 +354,15 @@ class DynamicBatcher:
     async def _run(self, members: list[_Member], batch: _Batch) -> None:
         rows = batch.rows
         try:
-            out = await self._run_batch([Slice(request.payload, start, stop) for request, start, stop in members])
+            out = await self._run_batch([Slice(m.request.payload, m.start, m.stop) for m in members])
             self._observe(rows, self._clock() - batch.device_start_s)
             if not isinstance(out, np.ndarray) or out.ndim < 1 or out.shape[0] != rows:
                 got = f"shape {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
                 raise NeuronServeError(f"internal: {self.name} run_batch returned {got} for a batch of {rows} rows")
             offset = 0
-            for request, start, stop in members:
-                self._deliver(request, start, out[offset : offset + stop - start])
-                offset += stop - start
+            for m in members:
+                self._deliver(m.request, m.start, out[offset : offset + m.stop - m.start])
+                offset += m.stop - m.start
         except asyncio.CancelledError:
             self._fail_batch(members, Unavailable(f"{self.name}: batch of {rows} rows was cancelled"))
             raise
@@ -397,8 +386,6 @@ class DynamicBatcher:
         if self._queued_rows or self._closing:  # else nothing to dispatch: the next submit wakes it
             self._wake.set()
 
-    # -- results --------------------------------------------------------------------------------
-
     def _deliver(self, request: _Request, start: int, rows: np.ndarray) -> None:
         if request.future.done():  # cancelled, or failed through another part
             return
@@ -413,8 +400,8 @@ class DynamicBatcher:
             request.parts.clear()
 
     def _fail_batch(self, members: list[_Member], exc: BaseException) -> None:
-        for request, _, _ in members:
-            self._failed += self._fail(request, exc)
+        for m in members:
+            self._failed += self._fail(m.request, exc)
 
     def _fail(self, request: _Request, exc: BaseException) -> bool:
         """Fail a request once, as a whole (True if this call failed it); its rows not yet batched leave the queue."""
@@ -431,8 +418,6 @@ class DynamicBatcher:
         self._queues[request.priority].remove(request)
         self._queued_rows -= request.rows - request.taken
         request.taken = request.rows
-
-    # -- deadlines ------------------------------------------------------------------------------
 
     def _backlog_s(self, now: float) -> float:
         """Expected seconds until the batches running and the rows queued now have run: the running

@@ -14,14 +14,14 @@ import gc
 import logging
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from collections.abc import Callable
 
 from neuronserve.admin_auth import AdminGuard, load_token
 from neuronserve.config import Placement, ServerConfig
 from neuronserve.errors import ConfigError
 from neuronserve.contract import USER_TOWER
-from neuronserve.version_build import VersionBuilder, first_artifact, model_info, new_cache
+from neuronserve.model_control import control_samples
+from neuronserve.version_build import VersionBuilder, first_artifact, model_info, new_cache, start_control
 
 log = logging.getLogger(__name__)
 
@@ -332,39 +332,12 @@ class Server:
             self._store_watcher.start()
 
     async def _start_control(self) -> None:
-        """The repository's control (model_control.py) over the VersionTable: --artifact is a one-version
-        repository (its index answers; loads are refused). The policy's other versions load after."""
-        from neuronserve.model_control import ModelControl
-        from neuronserve.repository import Repository, VersionPolicy
-
-        config = self.config
-        policy = VersionPolicy.parse(config.version_policy)
-        if config.model_repository is not None:
-            repository = Repository(Path(config.model_repository))
-            model = repository.only_model()
-        else:
-            repository = Repository.of_artifact(
-                self.manifest.directory, self.manifest.model_name, self.manifest.model_version
-            )
-            model = self.manifest.model_name
-        self.control = ModelControl(
-            repository,
-            model,
-            policy,
-            self.versions,
-            VersionBuilder(config, self.manifest, self._span, self._placement, self.metrics, self._abandon),
-            config.model_control,
-            config.grace_period_s,
-        )
+        """The repository's control over the VersionTable (version_build.start_control)."""
+        builder = VersionBuilder(self.config, self.manifest, self._span, self._placement, self.metrics, self._abandon)
+        self.control = start_control(self.config, self.manifest, self.versions, builder)
         self._servicers[1].control = self.control
         self._servicers[1].admin = self._admin
-        from neuronserve.model_control import control_samples
-
         self.metrics.add_collector(lambda: control_samples(self.control))
-        if config.model_repository is not None:
-            self.control.start(config.repository_poll_s)
-            if len(repository.scan(model, policy).selected) > 1:
-                self.control.apply_soon()
 
     @property
     def serving(self) -> bool:
@@ -396,7 +369,13 @@ class Server:
         health went NOT_SERVING, so load balancers and Kubernetes endpoints stop sending before the door
         closes; `cut_short` (set by a second signal) ends the delay early. The grace period follows it."""
         grace_s = self.config.grace_period_s if grace_period_s is None else grace_period_s
-        loop = asyncio.get_running_loop()
+        await self._stop_serving(drain_delay_s, cut_short)
+        end_s = asyncio.get_running_loop().time() + grace_s
+        await self._drain(end_s)
+        await self._release()
+
+    async def _stop_serving(self, drain_delay_s: float, cut_short: asyncio.Event | None) -> None:
+        """Health NOT_SERVING and ready false; with a drain delay, still serving that long."""
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         if self.state is not None:
@@ -408,7 +387,11 @@ class Server:
                 log.info("drain delay cut short by a second signal")
             except asyncio.TimeoutError:
                 pass
-        end = loop.time() + grace_s
+
+    async def _drain(self, end_s: float) -> None:
+        """The door closes; every accepted request is answered (until `end_s`, on the loop's clock); gRPC
+        gets REPLY_WRITE_S to write the answers."""
+        loop = asyncio.get_running_loop()
         if self.state is not None:
             self.state.serving = False
         if self.control is not None:
@@ -416,15 +399,18 @@ class Server:
         others = [v for v in self.versions.all() if v.runtime is not self.runtime] if self.versions is not None else []
         for runtime in [self.runtime] + [v.runtime for v in others]:
             if runtime is not None:
-                await runtime.close(timeout_s=end - loop.time())
+                await runtime.close(timeout_s=end_s - loop.time())
         self.runtime = None
-        while self.state is not None and self.state.in_flight and loop.time() < end:
+        while self.state is not None and self.state.in_flight and loop.time() < end_s:
             await asyncio.sleep(0.01)  # calls outside the batchers (ScoreByIds, ScoreMatrix) finishing
         if self._grpc is not None and self._grpc_started:
             # Every accepted call has its answer now: give gRPC a moment to write them, then end what is
             # left, e.g. Health.Watch streams, which would otherwise hold the rest of the grace period.
-            await self._grpc.stop(min(max(0.0, end - loop.time()), REPLY_WRITE_S))
+            await self._grpc.stop(min(max(0.0, end_s - loop.time()), REPLY_WRITE_S))
             self._grpc = None
+
+    async def _release(self) -> None:
+        """Everything else the server holds, in dependency order."""
         for servicer in self._servicers:
             if getattr(servicer, "pool", None) is not None:
                 await servicer.pool.close()
@@ -440,6 +426,9 @@ class Server:
         if self._follower is not None:
             await asyncio.to_thread(self._follower.stop)
             self._follower = None
+        others = (
+            [v for v in self.versions.all() if v.pipeline is not self.pipeline] if self.versions is not None else []
+        )
         for other in others:  # versions model_control loaded (the first one's objects close below)
             await other.close(0.0)
         if self.pipeline is not None:

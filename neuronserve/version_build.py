@@ -128,3 +128,25 @@ class VersionBuilder:
         info = dataclasses.replace(model_info(manifest, config, backend.name), oip_version=str(version))
         cache = new_cache(manifest, config.cache_max_rows)
         return ServedVersion(version, info, runtime, cache, pipeline, backend, manifest)
+
+
+def start_control(config: ServerConfig, manifest, versions, builder: VersionBuilder):
+    """The repository's model_control.ModelControl over `versions`: --artifact is a one-version repository
+    (its index answers; loads are refused); with --model-repository it polls (if asked) and loads the
+    policy's other versions soon after."""
+    from neuronserve.model_control import ModelControl
+    from neuronserve.repository import Repository, VersionPolicy
+
+    policy = VersionPolicy.parse(config.version_policy)
+    if config.model_repository is not None:
+        repository = Repository(Path(config.model_repository))
+        model = repository.only_model()
+    else:
+        repository = Repository.of_artifact(manifest.directory, manifest.model_name, manifest.model_version)
+        model = manifest.model_name
+    control = ModelControl(repository, model, policy, versions, builder, config.model_control, config.grace_period_s)
+    if config.model_repository is not None:
+        control.start(config.repository_poll_s)
+        if len(repository.scan(model, policy).selected) > 1:
+            control.apply_soon()
+    return control
