@@ -1,9 +1,10 @@
 """`neuronserve bench`: measure a running server from outside, over gRPC only.
 
-The command that wires the benchmark: workloads.py builds the requests, loadgen.py sends them
-open-loop, search.py picks the rates, limits.py measures the model and gRPC alone, plain.py is the
-reference server of `--reference plain` (measured the same way, right after the target), report.py
-compares, prints and writes the results. Imports nothing heavy until the command runs.
+The command that wires the benchmark: workloads.py builds the requests, runs.py measures one
+server (loadgen.py sends the load open-loop, search.py picks the rates), limits.py measures the
+model and gRPC alone, plain.py is the reference server of `--reference plain` (measured the same
+way, right after the target), report.py computes the server figures and the comparison, render.py
+prints and writes the report. Imports nothing heavy until the command runs.
 
     neuronserve bench --target 127.0.0.1:8001 --workload score --rate 500 --duration-s 20
     neuronserve bench --target 127.0.0.1:8001 --rate 750,1800,4500,750 --duration-s 20 --timeout-ms 100 \
@@ -19,11 +20,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from neuronserve.bench.runs import Runner, ServerRuns
+    from neuronserve.bench.workloads import Workload, WorkloadSpec
 
 BENCH_DATE_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
 
 
 def register(subparsers) -> argparse.ArgumentParser:
+    """The `bench` subcommand and its flags; it runs `run`."""
     p = subparsers.add_parser(
         "bench",
         help="open-loop gRPC benchmark of a running server (fixed rate, or a search for the highest rate under a P99 bound)",
@@ -39,7 +46,15 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--users", type=int, default=16, help="N users per matrix request (default 16)")
     p.add_argument("--model", default="twotower", help="the OIP model name (metadata and the oip workload)")
-    mode = p.add_argument_group("mode")
+    _add_mode_args(p.add_argument_group("mode"))
+    _add_client_args(p.add_argument_group("client"))
+    _add_output_args(p.add_argument_group("limits and output"))
+    p.set_defaults(func=run)
+    return p
+
+
+def _add_mode_args(mode) -> None:
+    """--rate or --search, and how long each run lasts."""
     mode.add_argument(
         "--rate",
         default=None,
@@ -68,7 +83,10 @@ def register(subparsers) -> argparse.ArgumentParser:
         default=0.05,
         help="stop bisecting when pass and fail rates are this close (fraction)",
     )
-    client = p.add_argument_group("client")
+
+
+def _add_client_args(client) -> None:
+    """The load generator's processes, connections, deadline and seed."""
     client.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
     client.add_argument("--channels", type=int, default=2, help="gRPC connections per client process (default 2)")
     client.add_argument("--timeout-ms", type=float, default=1000.0, help="per-request deadline (default 1000)")
@@ -76,7 +94,10 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--late-ms", type=float, default=2.0, help="a send this much behind schedule counts as late (default 2)"
     )
     client.add_argument("--seed", type=int, default=0)
-    limits = p.add_argument_group("limits and output")
+
+
+def _add_output_args(limits) -> None:
+    """The server's metrics, the limits, the plain reference and the output files."""
     limits.add_argument(
         "--metrics-url", default=None, help="the server's Prometheus endpoint, e.g. http://127.0.0.1:8002/metrics"
     )
@@ -98,8 +119,6 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--plot", default=None, help="write a PNG of latency percentiles against offered rate here (search)"
     )
     limits.add_argument("--quiet", action="store_true", help="no progress display on stderr")
-    p.set_defaults(func=run)
-    return p
 
 
 def parse_rates(text: str | None) -> tuple[float, ...]:
@@ -121,22 +140,10 @@ def parse_rates(text: str | None) -> tuple[float, ...]:
 
 def check_outputs(args: argparse.Namespace, rates: tuple[float, ...] = ()) -> None:
     """What would otherwise fail only after the whole run (and lose it): checked before any load."""
-    from urllib.parse import urlsplit
-
     from neuronserve.errors import ConfigError
 
     if args.metrics_url:
-        try:
-            url = urlsplit(args.metrics_url)
-            _ = url.port  # raises ValueError on a malformed port
-        except ValueError as exc:
-            raise ConfigError(
-                f"--metrics-url {args.metrics_url!r} is not a URL ({exc}); e.g. http://127.0.0.1:8002/metrics"
-            ) from None
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ConfigError(
-                f"--metrics-url {args.metrics_url!r} is not an http URL; e.g. http://127.0.0.1:8002/metrics"
-            )
+        _check_metrics_url(args.metrics_url)
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         parent = os.path.dirname(os.path.abspath(path)) if path else None
         if parent and not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
@@ -144,12 +151,7 @@ def check_outputs(args: argparse.Namespace, rates: tuple[float, ...] = ()) -> No
     if not args.no_limits and args.limit_s <= 0:
         raise ConfigError(f"--limit-s must be > 0, got {args.limit_s} (or pass --no-limits)")
     if args.reference:
-        if not args.artifact:
-            raise ConfigError("--reference plain needs --artifact (the plain server serves that artifact)")
-        if args.workload not in ("score", "oip"):
-            raise ConfigError(f"--reference plain serves the score and oip workloads, not {args.workload}")
-        if len(rates) > 1:
-            raise ConfigError("--reference plain compares one run: give one --rate (or --search), not a list")
+        _check_reference(args, rates)
     if args.artifact and (args.reference or not args.no_limits):
         from neuronserve.artifact import load_manifest
 
@@ -160,14 +162,60 @@ def check_outputs(args: argparse.Namespace, rates: tuple[float, ...] = ()) -> No
             )
 
 
-def run(args: argparse.Namespace) -> int:
-    import platform
-    import time
+def _check_metrics_url(text: str) -> None:
+    """A ConfigError unless --metrics-url is an http(s) URL with a host."""
+    from urllib.parse import urlsplit
 
-    from neuronserve.bench import limits, report
-    from neuronserve.bench.loadgen import LoadSpec, run_load, stderr_progress
-    from neuronserve.bench.search import search_rate
+    from neuronserve.errors import ConfigError
+
+    try:
+        url = urlsplit(text)
+        _ = url.port  # raises ValueError on a malformed port
+    except ValueError as exc:
+        raise ConfigError(f"--metrics-url {text!r} is not a URL ({exc}); e.g. http://127.0.0.1:8002/metrics") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"--metrics-url {text!r} is not an http URL; e.g. http://127.0.0.1:8002/metrics")
+
+
+def _check_reference(args: argparse.Namespace, rates: tuple[float, ...]) -> None:
+    """A ConfigError unless --reference plain has what it needs: --artifact, a workload it serves, one run."""
+    from neuronserve.errors import ConfigError
+
+    if not args.artifact:
+        raise ConfigError("--reference plain needs --artifact (the plain server serves that artifact)")
+    if args.workload not in ("score", "oip"):
+        raise ConfigError(f"--reference plain serves the score and oip workloads, not {args.workload}")
+    if len(rates) > 1:
+        raise ConfigError("--reference plain compares one run: give one --rate (or --search), not a list")
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command: check the flags, measure the target (and the reference), then the limits; print and write."""
+    from neuronserve.bench import render
+    from neuronserve.bench.loadgen import stderr_progress
+    from neuronserve.bench.runs import Endpoint, Runner
     from neuronserve.bench.workloads import DEFAULT_PEERS, WorkloadSpec, prepare_workload
+
+    rates = _check_args(args)
+    progress = None if args.quiet else stderr_progress
+    peers = args.peers or DEFAULT_PEERS[args.workload]
+    workload_spec = WorkloadSpec(name=args.workload, peers=peers, users=args.users, model=args.model, seed=args.seed)
+    workload = prepare_workload(args.target, workload_spec)
+    runner = Runner(args, rates, workload)
+    out = _header(args, rates, workload.describe())
+    target = runner.measure(Endpoint(args.target, args.metrics_url, None, progress))
+    out.update(target.section)
+    if args.reference:
+        out.update(_reference(args, runner, workload_spec, target, progress))
+    served = target.measured.result.achieved_rate_per_s if target.measured else None
+    out["limits"] = _limits(args, workload, served, progress)
+    print(render.table(out), flush=True)
+    _write_files(args, out)
+    return 0
+
+
+def _check_args(args: argparse.Namespace) -> tuple[float, ...]:
+    """The --rate list, after every check that can fail before any load (a ConfigError)."""
     from neuronserve.errors import ConfigError
 
     if args.search == (args.rate is not None):
@@ -176,112 +224,15 @@ def run(args: argparse.Namespace) -> int:
         )
     rates = parse_rates(args.rate)
     check_outputs(args, rates)
-    progress = None if args.quiet else stderr_progress
-    peers = args.peers or DEFAULT_PEERS[args.workload]
-    workload_spec = WorkloadSpec(name=args.workload, peers=peers, users=args.users, model=args.model, seed=args.seed)
-    workload = prepare_workload(args.target, workload_spec)
+    return rates
 
-    def measured_run(
-        target: str, rate: float, metrics_url: str | None, pid: int | None, say, warmup_s: float
-    ) -> report.Measured:
-        """One open-loop run; server batches, CPU and memory read at the window's start and after the last reply."""
-        spec = LoadSpec(
-            target=target,
-            method=workload.method,
-            payloads=workload.payloads,
-            duration_s=args.duration_s,
-            warmup_s=warmup_s,
-            rate_per_s=rate,
-            arrival=args.arrival,
-            clients=args.clients,
-            channels=args.channels,
-            timeout_ms=args.timeout_ms,
-            late_ms=args.late_ms,
-            seed=args.seed,
-        )
-        before: dict[str, float] = {}
-        pid_start = []  # (cpu seconds, rss bytes) at the window's start
 
-        def snapshot() -> None:
-            if metrics_url:
-                before.update(report.scrape_metrics(metrics_url))
-            if pid:
-                pid_start.append((report.process_cpu_seconds(pid), report.process_rss_bytes(pid)))
+def _header(args: argparse.Namespace, rates: tuple[float, ...], workload: dict) -> dict:
+    """The report's first keys: when, on what machine, against what, with which client and workload."""
+    import platform
+    import time
 
-        if say:
-            say(f"offered rate {rate:.1f}/s: {warmup_s:g} s warm-up + {args.duration_s:g} s measured")
-        result = run_load(spec, progress=say, on_window_start=snapshot)
-        stats = cpu = memory = None
-        if metrics_url:
-            after = report.scrape_metrics(metrics_url)
-            stats, cpu, memory = (
-                report.batch_stats(before, after),
-                report.metrics_cpu(before, after, result.sent),
-                report.metrics_memory(before, after),
-            )
-        if pid:
-            cpu_s, rss = pid_start[0]
-            cpu = report.ServerCpu(report.process_cpu_seconds(pid) - cpu_s, result.sent, f"psutil, pid {pid}")
-            memory = report.ServerMemory(rss, report.process_rss_bytes(pid), f"psutil, pid {pid}")
-        return report.Measured(result, stats, cpu, memory)
-
-    def measure(
-        target: str, metrics_url: str | None, pid: int | None, say
-    ) -> tuple[dict, report.Measured | None, bool]:
-        """The fixed-rate run(s) or the search against one server: its report section, the run to compare
-        (for a --rate list, the one with the highest achieved rate: what the limits are set against),
-        and whether a search passed every step (never found the bound)."""
-        section: dict = {}
-        never_failed = False
-        if args.search:
-            by_rate: dict[float, report.Measured] = {}
-
-            def step(rate: float):
-                by_rate[rate] = measured_run(target, rate, metrics_url, pid, say, args.warmup_s)
-                return by_rate[rate].result
-
-            def on_step(s) -> None:
-                if say:
-                    lat = s.result.latency_ms
-                    say(
-                        f"step {s.rate_per_s:.1f}/s: p99 {lat['p99']:.1f} ms, errors {s.result.failed}, late {s.result.late_sends} -> {'pass' if s.passed else 'fail'}"
-                    )
-
-            found = search_rate(
-                step,
-                bound_ms=args.latency_bound_ms,
-                start_rate_per_s=args.search_start_rate,
-                step_s=args.warmup_s + args.duration_s + 3.0,
-                max_steps=args.search_max_steps,
-                max_total_s=args.search_max_s,
-                precision=args.search_precision,
-                on_step=on_step,
-            )
-            best = found.best
-            section["search"] = {
-                "latency_bound_ms": args.latency_bound_ms,
-                "rule": found.rule,
-                "best_rate_per_s": best.rate_per_s if best else None,
-                "steps": [dict(s.result.to_dict(), passed=s.passed) for s in found.steps],
-            }
-            measured = by_rate[best.rate_per_s] if best else None
-            never_failed = all(s.passed for s in found.steps)
-        elif len(rates) > 1:  # in order, back to back: only the first has a warm-up
-            runs = [
-                measured_run(target, rate, metrics_url, pid, say, args.warmup_s if i == 0 else 0.0)
-                for i, rate in enumerate(rates)
-            ]
-            section["runs"] = [m.section(workload.pairs_per_request) for m in runs]
-            return section, max(runs, key=lambda m: m.result.achieved_rate_per_s), False
-        else:
-            measured = measured_run(target, rates[0], metrics_url, pid, say, args.warmup_s)
-        if measured:
-            section.update(measured.section(workload.pairs_per_request))
-        else:
-            section.update(result=None, server_batches=None, server_cpu=None, server_memory=None)
-        return section, measured, never_failed
-
-    out = {
+    return {
         "date": time.strftime(BENCH_DATE_FORMAT),
         "machine": {
             "nproc": os.cpu_count(),
@@ -293,62 +244,78 @@ def run(args: argparse.Namespace) -> int:
         "channels_per_client": args.channels,
         "timeout_ms": args.timeout_ms,
         "arrival": args.arrival,
-        "workload": workload.describe(),
+        "workload": workload,
         "mode": "search" if args.search else "fixed-rate" if len(rates) == 1 else "rate-sequence",
     }
-    section, measured, never_failed = measure(args.target, args.metrics_url, None, progress)
-    out.update(section)
-    if args.reference:
-        from neuronserve.bench.plain import HOW, PlainServer
 
-        if progress:
-            progress(f"reference: starting the {args.reference} server on {args.artifact}")
-        say = (lambda line: progress(f"[{args.reference}] {line}")) if progress else None
-        with PlainServer(args.artifact, args.model) as plain:
-            if prepare_workload(plain.target, workload_spec).payloads != workload.payloads:
-                raise ConfigError(
-                    f"--reference: the model of --artifact {args.artifact} has other feature sizes than the target's; give the target's artifact"
-                )
-            ref_section, ref_measured, ref_never_failed = measure(plain.target, None, plain.pid, say)
-        out["reference"] = {
-            "server": args.reference,
-            "target": plain.target,
-            "pid": plain.pid,
-            "how": HOW,
-            **ref_section,
-        }
-        unbounded = [name for name, flag in (("neuronserve", never_failed), (args.reference, ref_never_failed)) if flag]
-        comparison = report.compare(
-            args.reference, measured, ref_measured, args.latency_bound_ms if args.search else None, unbounded
-        )
-        out["versus_reference"] = comparison.to_dict()
-    served = measured.result.achieved_rate_per_s if measured else None
-    out["limits"] = {}
+
+def _reference(
+    args: argparse.Namespace, runner: Runner, workload_spec: WorkloadSpec, target: ServerRuns, progress
+) -> dict:
+    """Start the plain server on --artifact and measure it the same way: the report's `reference` and
+    `versus_reference` keys."""
+    from neuronserve.bench import report
+    from neuronserve.bench.plain import HOW, PlainServer
+    from neuronserve.bench.runs import Endpoint
+    from neuronserve.bench.workloads import prepare_workload
+    from neuronserve.errors import ConfigError
+
+    if progress:
+        progress(f"reference: starting the {args.reference} server on {args.artifact}")
+    say = (lambda line: progress(f"[{args.reference}] {line}")) if progress else None
+    with PlainServer(args.artifact, args.model) as plain:
+        if prepare_workload(plain.target, workload_spec).payloads != runner.workload.payloads:
+            raise ConfigError(
+                f"--reference: the model of --artifact {args.artifact} has other feature sizes than the target's; give the target's artifact"
+            )
+        ref = runner.measure(Endpoint(plain.target, None, plain.pid, say))
+    unbounded = [
+        name for name, flag in (("neuronserve", target.never_failed), (args.reference, ref.never_failed)) if flag
+    ]
+    comparison = report.compare(
+        args.reference, target.measured, ref.measured, args.latency_bound_ms if args.search else None, unbounded
+    )
+    return {
+        "reference": {"server": args.reference, "target": plain.target, "pid": plain.pid, "how": HOW, **ref.section},
+        "versus_reference": comparison.to_dict(),
+    }
+
+
+def _limits(args: argparse.Namespace, workload: Workload, served: float | None, progress) -> dict:
+    """The report's `limits`: the compute limit (with --artifact) and the transport limit, or why skipped."""
+    from neuronserve.bench import limits
+
     if args.no_limits:
-        out["limits"] = {"compute": {"skipped": "--no-limits"}, "transport": {"skipped": "--no-limits"}}
-    else:
-        if progress:
-            progress("measuring the compute limit and the transport limit")
-        if args.artifact:
-            out["limits"]["compute"] = limits.compute_limit(
-                args.artifact, workload, seconds=args.limit_s, backend=args.compute_backend
-            ).to_dict(served)
-        else:
-            out["limits"]["compute"] = {"skipped": "no --artifact given"}
-        out["limits"]["transport"] = limits.transport_limit(
-            workload, seconds=args.limit_s, clients=args.clients, channels=args.channels
+        return {"compute": {"skipped": "--no-limits"}, "transport": {"skipped": "--no-limits"}}
+    if progress:
+        progress("measuring the compute limit and the transport limit")
+    out: dict = {}
+    if args.artifact:
+        out["compute"] = limits.compute_limit(
+            args.artifact, workload, seconds=args.limit_s, backend=args.compute_backend
         ).to_dict(served)
-    print(report.table(out), flush=True)
+    else:
+        out["compute"] = {"skipped": "no --artifact given"}
+    out["transport"] = limits.transport_limit(
+        workload, seconds=args.limit_s, clients=args.clients, channels=args.channels
+    ).to_dict(served)
+    return out
+
+
+def _write_files(args: argparse.Namespace, out: dict) -> None:
+    """--json and --plot (a plot only of a search)."""
+    from neuronserve.bench import render
+
     if args.json:
-        report.write_json(out, args.json)
-    if args.plot:
-        if args.search:
-            report.plot_search(
-                out["search"]["steps"], args.latency_bound_ms, args.plot, title=f"{args.workload} against {args.target}"
-            )
-        else:
-            print(
-                "neuronserve bench: --plot needs --search (a plot of one rate says nothing); no plot written",
-                file=sys.stderr,
-            )
-    return 0
+        render.write_json(out, args.json)
+    if not args.plot:
+        return
+    if args.search:
+        render.plot_search(
+            out["search"]["steps"], args.latency_bound_ms, args.plot, title=f"{args.workload} against {args.target}"
+        )
+    else:
+        print(
+            "neuronserve bench: --plot needs --search (a plot of one rate says nothing); no plot written",
+            file=sys.stderr,
+        )

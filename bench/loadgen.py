@@ -5,32 +5,32 @@ request bytes to one gRPC method (any server: neuronserve, Triton, the echo serv
 and never parses the replies. Like wrk2, a request's latency runs from when the schedule said to
 send it, not from when it was actually sent, so a stalled server shows in the tail instead of
 silently slowing the generator (coordinated omission). The schedule (Poisson or constant arrivals)
-is drawn once in the parent and dealt round-robin to `clients` spawned processes, each with its
-own event loop and channels; each process reports how late its sends left against the schedule,
-so the report can say when the generator itself was the bottleneck. Failed requests are timed on
-the same clock, in one histogram per gRPC status, so a refusal at the door (RESOURCE_EXHAUSTED in
-a millisecond) and a client deadline (DEADLINE_EXCEEDED at the full timeout) are told apart. A
-closed-loop mode (a fixed number of requests in flight, flat out) measures the transport limit.
+is drawn once in the parent and dealt round-robin to `clients` spawned processes (loadclient.py),
+each with its own event loop and channels; each reports how late its sends left against the
+schedule, so the report can say when the generator itself was the bottleneck. Failed requests are
+timed on the same clock, in one histogram per gRPC status, so a refusal at the door
+(RESOURCE_EXHAUSTED in a millisecond) and a client deadline (DEADLINE_EXCEEDED at the full timeout)
+are told apart. A closed-loop mode (a fixed number of requests in flight, flat out) measures the
+transport limit. The clients talk to the parent in the messages Ready, Tick, Done and Failed.
 """
 
 from __future__ import annotations
 
-import asyncio
 import multiprocessing as mp
 import queue as queue_mod
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from collections.abc import Callable
-
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-HIST_MAX_US = 120_000_000  # 2 minutes: the histogram's highest trackable latency
-HIST_DIGITS = 3
+from neuronserve.bench.histograms import count_above, decode_histogram, new_histogram
+
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+LATENCY_KEYS = (*(f"p{p:g}" for p in PERCENTILES), "max", "mean")  # of LoadResult.latency_ms
 ARRIVALS = ("poisson", "constant")
 
 
@@ -157,30 +157,6 @@ class LoadResult:
         }
 
 
-def new_histogram():
-    from hdrh.histogram import HdrHistogram
-
-    return HdrHistogram(1, HIST_MAX_US, HIST_DIGITS)
-
-
-def decode_histogram(encoded: bytes):
-    hist = new_histogram()
-    if encoded:
-        hist.decode_and_add(encoded)
-    return hist
-
-
-def count_above(hist, bound: float) -> int:
-    """How many recorded values are above `bound` (at the histogram's precision)."""
-    if hist.get_total_count() == 0:
-        return 0
-    return sum(
-        it.count_at_value_iterated_to
-        for it in hist.get_recorded_iterator()
-        if hist.get_lowest_equivalent_value(it.value_iterated_to) > bound
-    )
-
-
 def arrival_offsets_s(rate_per_s: float, span_s: float, arrival: str, seed: int) -> np.ndarray:
     """Scheduled send times in [0, span_s): Poisson (exponential gaps) or evenly spaced."""
     if arrival == "constant":
@@ -192,135 +168,51 @@ def arrival_offsets_s(rate_per_s: float, span_s: float, arrival: str, seed: int)
     return offsets[offsets < span_s]
 
 
-# ---------------------------------------------------------------- the client process
+# ---------------------------------------------------------------- client -> parent messages
 
 
-def _client_main(index: int, spec: LoadSpec, offsets_s: np.ndarray, start_at, go, out) -> None:
-    """Entry point of one spawned client process."""
-    try:
-        import uvloop
+@dataclass(frozen=True)
+class Ready:
+    """A client process is connected and waits for the start."""
 
-        uvloop.install()
-    except ImportError:  # uvloop is optional (e.g. Windows)
-        pass
-    try:
-        asyncio.run(_client(index, spec, offsets_s, start_at, go, out))
-    except BaseException as exc:  # report, never hang the parent
-        out.put(("failed", index, f"{type(exc).__name__}: {exc}"))
+    index: int
 
 
-async def _client(index: int, spec: LoadSpec, offsets_s: np.ndarray, start_at, go, out) -> None:
-    import gc
+@dataclass(frozen=True)
+class Tick:
+    """About once a second: a client's running totals (warm-up included) and its last second's latencies."""
 
-    import grpc
+    index: int
+    sent: int
+    replied: int
+    errors: int
+    histogram: bytes  # encoded HdrHistogram of the successful latencies since the last Tick, in us
 
-    options = [
-        ("grpc.max_receive_message_length", 256 << 20),
-        ("grpc.max_send_message_length", 256 << 20),
-        ("grpc.use_local_subchannel_pool", 1),
-    ]
-    channels = [grpc.aio.insecure_channel(spec.target, options=options) for _ in range(spec.channels)]
-    await asyncio.gather(*(asyncio.wait_for(ch.channel_ready(), 20.0) for ch in channels))
-    calls = [ch.unary_unary(spec.method) for ch in channels]  # bytes in, bytes out: no (de)serialization
-    out.put(("ready", index, None))
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, go.wait)
-    t0 = start_at.value
-    window_start = t0 + spec.warmup_s
-    window_end = window_start + spec.duration_s
-    timeout_s = spec.timeout_ms / 1000.0
-    payloads = spec.payloads
-    hist, tick_hist, late_hist = new_histogram(), new_histogram(), new_histogram()
-    errors: Counter = Counter()
-    error_hists: dict[str, Any] = {}  # status name -> HdrHistogram of those requests' latencies
-    counts = {"sent": 0, "sent_all": 0, "done": 0, "ok": 0, "last_done": window_start}
-    gc.collect()
-    gc.freeze()
 
-    async def one(k: int, t_sched: float, measured: bool, scheduled: bool = False) -> None:
-        if measured and scheduled:  # lateness at the real send, after any backlog of task starts ahead of it
-            late_hist.record_value(min(HIST_MAX_US, max(1, int((time.monotonic() - t_sched) * 1e6))))
-        code = None
-        try:
-            await calls[k % len(calls)](payloads[k % len(payloads)], timeout=timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code().name
-        t_done = time.monotonic()
-        counts["done"] += 1
-        if not measured:
-            return
-        latency_us = min(HIST_MAX_US, max(1, int((t_done - t_sched) * 1e6)))
-        if code is None:
-            hist.record_value(latency_us)
-            tick_hist.record_value(latency_us)
-            counts["ok"] += 1
-            counts["last_done"] = max(counts["last_done"], t_done)
-        else:
-            errors[code] += 1
-            if code not in error_hists:
-                error_hists[code] = new_histogram()
-            error_hists[code].record_value(latency_us)
+@dataclass(frozen=True)
+class Done:
+    """A client's counts and histograms over the measured window, after its last reply."""
 
-    async def open_loop() -> None:
-        tasks = set()
-        for k, offset in enumerate(offsets_s.tolist()):
-            t_sched = t0 + offset
-            delay = t_sched - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            elif k % 32 == 0:
-                await asyncio.sleep(0)  # behind schedule: send the backlog, but let replies in
-            measured = window_start <= t_sched < window_end
-            counts["sent"] += measured
-            counts["sent_all"] += 1
-            task = loop.create_task(one(k, t_sched, measured, scheduled=True))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.wait(tasks)
+    index: int
+    sent: int
+    ok: int
+    errors: dict[str, int]  # gRPC status name -> count
+    error_histograms: dict[str, bytes]  # status name -> encoded HdrHistogram, in us
+    last_done: float  # time.monotonic() of the last successful reply
+    histogram: bytes  # encoded HdrHistogram of successful latencies, in us
+    late_histogram: bytes  # encoded HdrHistogram of send lateness, in us
+    late_count: int  # sends later than LoadSpec.late_ms
 
-    async def closed_loop(worker: int) -> None:
-        k = worker
-        while True:
-            t_send = time.monotonic()
-            if t_send >= window_end:
-                return
-            measured = t_send >= window_start
-            counts["sent"] += measured
-            counts["sent_all"] += 1
-            await one(k, t_send, measured)
-            k += spec.concurrency
 
-    async def ticker() -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            out.put(("tick", index, (counts["sent_all"], counts["done"], sum(errors.values()), tick_hist.encode())))
-            tick_hist.reset()
+@dataclass(frozen=True)
+class Failed:
+    """A client process raised; `error` says what."""
 
-    tick_task = loop.create_task(ticker())
-    if spec.concurrency > 0:
-        await asyncio.gather(*(closed_loop(w) for w in range(spec.concurrency)))
-    else:
-        await open_loop()
-    tick_task.cancel()
-    for ch in channels:
-        await ch.close()
-    out.put(
-        (
-            "done",
-            index,
-            {
-                "sent": counts["sent"],
-                "ok": counts["ok"],
-                "errors": dict(errors),
-                "error_hists": {code: h.encode() for code, h in error_hists.items()},
-                "last_done": counts["last_done"],
-                "hist": hist.encode(),
-                "late_hist": late_hist.encode(),
-                "late_count": count_above(late_hist, spec.late_ms * 1000.0),
-            },
-        )
-    )
+    index: int
+    error: str
+
+
+ClientMessage = Ready | Tick | Done | Failed
 
 
 # ---------------------------------------------------------------- the parent
@@ -337,6 +229,7 @@ def run_load(
     `progress` receives a one-line status about once a second; `on_window_start` is called when
     the warm-up ends (e.g. to snapshot the server's metrics).
     """
+    from neuronserve.bench.loadclient import client_main
     from neuronserve.errors import Unavailable
 
     span_s = spec.warmup_s + spec.duration_s
@@ -350,13 +243,13 @@ def run_load(
     go = ctx.Event()
     start_at = ctx.Value("d", 0.0)
     procs = [
-        ctx.Process(target=_client_main, args=(i, spec, shares[i], start_at, go, out), daemon=True)
+        ctx.Process(target=client_main, args=(i, spec, shares[i], start_at, go, out), daemon=True)
         for i in range(spec.clients)
     ]
     for proc in procs:
         proc.start()
     try:
-        _await_all(out, procs, "ready", 60.0)
+        _await_ready(out, procs, 60.0)
         start_at.value = time.monotonic() + 0.1
         go.set()
         finals = _collect(spec, out, procs, start_at.value, progress, on_window_start)
@@ -367,124 +260,152 @@ def run_load(
                 proc.kill()
     if len(finals) != spec.clients:
         raise Unavailable(f"load: {spec.clients - len(finals)} client process(es) did not finish")
-    return _merge(spec, finals, start_at.value)
+    return _merge(spec, list(finals.values()), start_at.value)
 
 
-def _await_all(out, procs, kind: str, timeout_s: float) -> None:
+def _await_ready(out, procs, timeout_s: float) -> None:
+    """Until every client process has said Ready; Unavailable if one fails, exits or is not ready in time."""
     from neuronserve.errors import Unavailable
 
     pending = set(range(len(procs)))
     deadline = time.monotonic() + timeout_s
     while pending:
         try:
-            msg_kind, index, detail = out.get(timeout=0.2)
+            msg: ClientMessage = out.get(timeout=0.2)
         except queue_mod.Empty:
             dead = [i for i in pending if not procs[i].is_alive()]
             if dead or time.monotonic() > deadline:
                 why = (
                     f"exited (code {procs[dead[0]].exitcode})"
                     if dead
-                    else f"not {kind} after {timeout_s:.0f} s (is the target reachable?)"
+                    else f"not ready after {timeout_s:.0f} s (is the target reachable?)"
                 )
                 raise Unavailable(f"load: client processes {dead or sorted(pending)} {why}") from None
             continue
-        if msg_kind == "failed":
-            raise Unavailable(f"load: client process {index} failed: {detail}")
-        if msg_kind == kind:
-            pending.discard(index)
+        if isinstance(msg, Failed):
+            raise Unavailable(f"load: client process {msg.index} failed: {msg.error}")
+        if isinstance(msg, Ready):
+            pending.discard(msg.index)
 
 
-def _collect(spec: LoadSpec, out, procs, t0: float, progress: Progress | None, on_window_start) -> dict[int, dict]:
+def _collect(spec: LoadSpec, out, procs, t0: float, progress: Progress | None, on_window_start) -> dict[int, Done]:
+    """Every client's Done (fewer if all exited first), feeding `progress` from their Ticks meanwhile.
+
+    `on_window_start` is called once: when the warm-up ends, or at the end if the run ended before.
+    """
     from neuronserve.errors import Unavailable
 
-    finals: dict[int, dict] = {}
-    ticks: dict[int, tuple[int, int, int]] = {}
-    window_hist = new_histogram()
-    last_print = time.monotonic()
-    window_started = False
+    finals: dict[int, Done] = {}
+    display = _ProgressLine(spec, t0, progress)
+    window = _WindowStart(t0 + spec.warmup_s, on_window_start)
     deadline = t0 + spec.warmup_s + spec.duration_s + spec.timeout_ms / 1000.0 + 30.0
     while len(finals) < len(procs):
         now = time.monotonic()
-        if not window_started and now >= t0 + spec.warmup_s:
-            window_started = True
-            if on_window_start is not None:
-                on_window_start()
+        wait_s = window.poll(now)
         if now > deadline:
             raise Unavailable(f"load: clients still running {deadline - t0:.0f} s after the start")
-        wait_s = 0.2 if window_started else min(0.2, max(0.0, t0 + spec.warmup_s - now))  # wake for the window's start
         try:
-            kind, index, detail = out.get(timeout=wait_s) if wait_s > 0 else out.get_nowait()
+            msg: ClientMessage = out.get(timeout=wait_s) if wait_s > 0 else out.get_nowait()
         except queue_mod.Empty:
             if not any(p.is_alive() for p in procs):
                 break
             continue
-        if kind == "failed":
-            raise Unavailable(f"load: client process {index} failed: {detail}")
-        if kind == "done":
-            finals[index] = detail
-        elif kind == "tick":
-            sent, done, errs, encoded = detail
-            ticks[index] = (sent, done, errs)
-            window_hist.decode_and_add(encoded)
-            if progress is not None and time.monotonic() - last_print >= 0.9:
-                sent_t, done_t, err_t = (sum(v[i] for v in ticks.values()) for i in range(3))
-                p99 = (
-                    window_hist.get_value_at_percentile(99.0) / 1000.0
-                    if window_hist.get_total_count()
-                    else float("nan")
-                )
-                phase = "warm-up" if now < t0 + spec.warmup_s else "measure"
-                progress(
-                    f"t={now - t0:5.1f}s {phase}  sent {sent_t}  done {done_t}  errors {err_t}  p99(last 1s) {p99:.1f} ms"
-                )
-                window_hist.reset()
-                last_print = time.monotonic()
-    if not window_started and on_window_start is not None:
-        on_window_start()
+        if isinstance(msg, Failed):
+            raise Unavailable(f"load: client process {msg.index} failed: {msg.error}")
+        if isinstance(msg, Done):
+            finals[msg.index] = msg
+        elif isinstance(msg, Tick):
+            display.tick(msg, now)
+    window.close()
     return finals
 
 
-def _merge(spec: LoadSpec, finals: dict[int, dict], t0: float) -> LoadResult:
+class _WindowStart:
+    """The measured window's start: `on_start` is called once, at the first poll at or after `at`, or at close()."""
+
+    def __init__(self, at: float, on_start: Callable[[], None] | None) -> None:
+        self.at, self.on_start, self.started = at, on_start, False
+
+    def poll(self, now: float) -> float:
+        """Start the window if it is time; how long the caller may block (it must wake for the start)."""
+        if now >= self.at:
+            self.close()
+        return 0.2 if self.started else min(0.2, max(0.0, self.at - now))
+
+    def close(self) -> None:
+        if not self.started:
+            self.started = True
+            if self.on_start is not None:
+                self.on_start()
+
+
+class _ProgressLine:
+    """The status line of a run, from the clients' Ticks, at most about once a second."""
+
+    def __init__(self, spec: LoadSpec, t0: float, progress: Progress | None) -> None:
+        self.t0, self.window_at, self.progress = t0, t0 + spec.warmup_s, progress
+        self.ticks: dict[int, Tick] = {}  # the latest of each client
+        self.window_hist = new_histogram()  # the successful latencies since the last line
+        self.last_print = time.monotonic()
+
+    def tick(self, msg: Tick, now: float) -> None:
+        self.ticks[msg.index] = msg
+        self.window_hist.decode_and_add(msg.histogram)
+        if self.progress is None or time.monotonic() - self.last_print < 0.9:
+            return
+        sent = sum(t.sent for t in self.ticks.values())
+        replied = sum(t.replied for t in self.ticks.values())
+        errors = sum(t.errors for t in self.ticks.values())
+        hist = self.window_hist
+        p99 = hist.get_value_at_percentile(99.0) / 1000.0 if hist.get_total_count() else float("nan")
+        phase = "warm-up" if now < self.window_at else "measure"
+        self.progress(
+            f"t={now - self.t0:5.1f}s {phase}  sent {sent}  done {replied}  errors {errors}  p99(last 1s) {p99:.1f} ms"
+        )
+        hist.reset()
+        self.last_print = time.monotonic()
+
+
+def _merge(spec: LoadSpec, finals: list[Done], t0: float) -> LoadResult:
+    """The clients' Done messages as one LoadResult."""
     hist, late_hist = new_histogram(), new_histogram()
     errors: Counter = Counter()
     error_hists: dict[str, Any] = {}
-    sent = ok = late = 0
-    last_done = t0 + spec.warmup_s
-    for final in finals.values():
-        hist.decode_and_add(final["hist"])
-        late_hist.decode_and_add(final["late_hist"])
-        errors.update(final["errors"])
-        for code, encoded in final["error_hists"].items():
+    for final in finals:
+        hist.decode_and_add(final.histogram)
+        late_hist.decode_and_add(final.late_histogram)
+        errors.update(final.errors)
+        for code, encoded in final.error_histograms.items():
             error_hists.setdefault(code, new_histogram()).decode_and_add(encoded)
-        sent += final["sent"]
-        ok += final["ok"]
-        late += final["late_count"]
-        last_done = max(last_done, final["last_done"])
+    ok = sum(final.ok for final in finals)
+    last_done = max([t0 + spec.warmup_s, *(final.last_done for final in finals)])
     elapsed_s = max(spec.duration_s, last_done - (t0 + spec.warmup_s)) if spec.concurrency == 0 else spec.duration_s
-    latency = (
-        {f"p{p:g}": hist.get_value_at_percentile(p) / 1000.0 for p in PERCENTILES}
-        if ok
-        else {f"p{p:g}": float("nan") for p in PERCENTILES}
-    )
-    latency["max"] = hist.get_max_value() / 1000.0 if ok else float("nan")
-    latency["mean"] = hist.get_mean_value() / 1000.0 if ok else float("nan")
+    late_count = late_hist.get_total_count()
     return LoadResult(
         offered_rate_per_s=spec.rate_per_s,
         duration_s=spec.duration_s,
-        sent=sent,
+        sent=sum(final.sent for final in finals),
         ok=ok,
         errors=dict(sorted(errors.items())),
         achieved_rate_per_s=ok / elapsed_s,
-        latency_ms=latency,
-        late_sends=late if spec.concurrency == 0 else 0,
+        latency_ms=_latency_ms(hist) if ok else {key: float("nan") for key in LATENCY_KEYS},
+        late_sends=sum(final.late_count for final in finals) if spec.concurrency == 0 else 0,
         late_threshold_ms=spec.late_ms,
-        late_p99_ms=late_hist.get_value_at_percentile(99.0) / 1000.0 if late_hist.get_total_count() else 0.0,
-        late_max_ms=late_hist.get_max_value() / 1000.0 if late_hist.get_total_count() else 0.0,
+        late_p99_ms=late_hist.get_value_at_percentile(99.0) / 1000.0 if late_count else 0.0,
+        late_max_ms=late_hist.get_max_value() / 1000.0 if late_count else 0.0,
         histogram=hist.encode(),
         error_latency_ms={code: Percentiles.of(error_hists[code]) for code in sorted(error_hists)},
         error_histograms={code: error_hists[code].encode() for code in sorted(error_hists)},
         warmup_s=spec.warmup_s,
     )
+
+
+def _latency_ms(hist) -> dict[str, float]:
+    """LoadResult.latency_ms of a histogram of microseconds that is not empty."""
+    latency = {f"p{p:g}": hist.get_value_at_percentile(p) / 1000.0 for p in PERCENTILES}
+    latency["max"] = hist.get_max_value() / 1000.0
+    latency["mean"] = hist.get_mean_value() / 1000.0
+    return latency
 
 
 def stderr_progress(line: str) -> None:

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -125,15 +126,43 @@ def tensor(pb, array: np.ndarray):
     return pb.Tensor(data=array.tobytes(), shape=array.shape)
 
 
-def measure(artifact: str, workers: int, rows: int, seed: int = 0) -> dict:
-    """One server with `workers` workers: fill, read, measure, stop. The run's numbers as a dict."""
-    import grpc
+@dataclass(frozen=True)
+class ProcessMemory:
+    """One process of the server's tree, after the reads."""
 
-    from neuronserve.artifact import load_manifest
-    from neuronserve.protos import scorer_pb2 as pb
-    from neuronserve.protos import scorer_pb2_grpc as pb_grpc
+    pid: int
+    pss_bytes: int
+    rss_bytes: int
+    uss_bytes: int
 
-    cfg = load_manifest(artifact).model_config
+
+@dataclass(frozen=True)
+class MemoryRun:
+    """One server's run: its fill and its memory summed over its process tree (supervisor and workers)."""
+
+    workers: int
+    processes: int
+    rows: int  # peers upserted
+    cache_rows: int  # the most rows the server said its cache held
+    fill_s: float
+    pss_bytes: int
+    rss_bytes: int
+    uss_bytes: int
+    per_process: tuple[ProcessMemory, ...]
+    exit_code: int | None  # after SIGTERM; None if it had to be killed
+    pss_ratio: float = 1.0  # pss_bytes against the first run's (set by main)
+
+    def line(self, first_workers: int) -> str:
+        """The run as main's one line of output."""
+        return (
+            f"workers={self.workers} processes={self.processes} rows={self.rows} cache_rows={self.cache_rows} fill_s={self.fill_s:.1f} "
+            f"PSS_total_MiB={self.pss_bytes / MIB:.0f} RSS_sum_MiB={self.rss_bytes / MIB:.0f} USS_sum_MiB={self.uss_bytes / MIB:.0f} "
+            f"PSS_ratio_vs_workers={first_workers}={self.pss_ratio:.2f}x exit={self.exit_code}"
+        )
+
+
+def server_argv(artifact: str, workers: int, rows: int) -> list[str]:
+    """The `neuronserve serve` command line of one run: cpu backend, any port, no metrics, `workers` workers."""
     argv = [
         sys.executable,
         "-m",
@@ -154,8 +183,19 @@ def measure(artifact: str, workers: int, rows: int, seed: int = 0) -> dict:
     ]
     if rows > DEFAULT_CACHE_MAX_ROWS:
         argv += ["--cache-max-rows", str(rows)]  # else the fill would evict its own rows
+    return argv
+
+
+def measure(artifact: str, workers: int, rows: int, seed: int = 0) -> MemoryRun:
+    """One server with `workers` workers: fill, read, measure, stop."""
+    import grpc
+
+    from neuronserve.artifact import load_manifest
+    from neuronserve.protos import scorer_pb2_grpc as pb_grpc
+
+    cfg = load_manifest(artifact).model_config
     rng = np.random.default_rng(seed)
-    with Server(argv) as server:
+    with Server(server_argv(artifact, workers, rows)) as server:
         options = [
             ("grpc.max_send_message_length", 1 << 28),
             ("grpc.max_receive_message_length", 1 << 28),
@@ -165,56 +205,66 @@ def measure(artifact: str, workers: int, rows: int, seed: int = 0) -> dict:
         try:
             stubs = [pb_grpc.ScorerStub(channel) for channel in channels]
             started = time.monotonic()
-            cache_rows, next_report = 0, 0.1
-            for i, start in enumerate(range(0, rows, CHUNK)):
-                ids = np.arange(start, min(rows, start + CHUNK), dtype=np.int64)
-                features = rng.standard_normal((len(ids), cfg.peer_features), dtype=np.float32)
-                reply = stubs[i % CHANNELS].UpsertEmbeddings(
-                    pb.UpsertEmbeddingsRequest(kind=pb.PEER, ids=ids.tolist(), features=tensor(pb, features)),
-                    timeout=120,
-                )
-                cache_rows = max(cache_rows, reply.cache_rows)
-                done = (start + len(ids)) / rows
-                if done >= next_report or done == 1.0:
-                    progress(
-                        f"workers={workers}: {start + len(ids):,}/{rows:,} peers upserted ({done:.0%}), {time.monotonic() - started:.1f} s"
-                    )
-                    next_report = (int(done * 10) + 1) / 10
-            user = rng.standard_normal((1, cfg.user_features), dtype=np.float32)
-            stubs[0].UpsertEmbeddings(
-                pb.UpsertEmbeddingsRequest(kind=pb.USER, ids=[1], features=tensor(pb, user)), timeout=60
-            )
+            cache_rows = _fill(stubs, cfg, workers, rows, rng)
             fill_s = time.monotonic() - started
-            for r in range(READS):  # on every connection: every worker touches the table
-                peer_ids = rng.integers(0, rows, READ_PEERS)
-                reply = stubs[r % CHANNELS].ScoreByIds(
-                    pb.ScoreByIdsRequest(user_id=1, peer_ids=peer_ids.tolist()), timeout=30
-                )
-                if tuple(reply.scores.shape)[:1] != (READ_PEERS,):
-                    raise RuntimeError(
-                        f"ScoreByIds answered scores of shape {tuple(reply.scores.shape)} for {READ_PEERS} peers"
-                    )
+            _read(stubs, rows, rng)
         finally:
             for channel in channels:
                 channel.close()
         tree = server.tree()
         infos = [process.memory_full_info() for process in tree]
-        run = {
-            "workers": workers,
-            "processes": len(tree),
-            "rows": rows,
-            "cache_rows": cache_rows,
-            "fill_s": round(fill_s, 2),
-            "pss_bytes": sum(info.pss for info in infos),
-            "rss_bytes": sum(info.rss for info in infos),
-            "uss_bytes": sum(info.uss for info in infos),
-            "per_process": [
-                {"pid": p.pid, "pss_bytes": i.pss, "rss_bytes": i.rss, "uss_bytes": i.uss}
-                for p, i in zip(tree, infos, strict=False)
-            ],
-        }
-        run["exit_code"] = server.stop()
-    return run
+        per_process = tuple(ProcessMemory(p.pid, i.pss, i.rss, i.uss) for p, i in zip(tree, infos, strict=False))
+        exit_code = server.stop()
+    return MemoryRun(
+        workers=workers,
+        processes=len(tree),
+        rows=rows,
+        cache_rows=cache_rows,
+        fill_s=round(fill_s, 2),
+        pss_bytes=sum(p.pss_bytes for p in per_process),
+        rss_bytes=sum(p.rss_bytes for p in per_process),
+        uss_bytes=sum(p.uss_bytes for p in per_process),
+        per_process=per_process,
+        exit_code=exit_code,
+    )
+
+
+def _fill(stubs: list, cfg, workers: int, rows: int, rng: np.random.Generator) -> int:
+    """Upsert `rows` peers in chunks over every connection, then user 1; the most cache rows the server reported."""
+    from neuronserve.protos import scorer_pb2 as pb
+
+    started = time.monotonic()
+    cache_rows, next_report = 0, 0.1
+    for i, start in enumerate(range(0, rows, CHUNK)):
+        ids = np.arange(start, min(rows, start + CHUNK), dtype=np.int64)
+        features = rng.standard_normal((len(ids), cfg.peer_features), dtype=np.float32)
+        reply = stubs[i % CHANNELS].UpsertEmbeddings(
+            pb.UpsertEmbeddingsRequest(kind=pb.PEER, ids=ids.tolist(), features=tensor(pb, features)),
+            timeout=120,
+        )
+        cache_rows = max(cache_rows, reply.cache_rows)
+        done = (start + len(ids)) / rows
+        if done >= next_report or done == 1.0:
+            progress(
+                f"workers={workers}: {start + len(ids):,}/{rows:,} peers upserted ({done:.0%}), {time.monotonic() - started:.1f} s"
+            )
+            next_report = (int(done * 10) + 1) / 10
+    user = rng.standard_normal((1, cfg.user_features), dtype=np.float32)
+    stubs[0].UpsertEmbeddings(pb.UpsertEmbeddingsRequest(kind=pb.USER, ids=[1], features=tensor(pb, user)), timeout=60)
+    return cache_rows
+
+
+def _read(stubs: list, rows: int, rng: np.random.Generator) -> None:
+    """READS ScoreByIds of READ_PEERS random cached peers, on every connection: every worker touches the table."""
+    from neuronserve.protos import scorer_pb2 as pb
+
+    for r in range(READS):
+        peer_ids = rng.integers(0, rows, READ_PEERS)
+        reply = stubs[r % CHANNELS].ScoreByIds(pb.ScoreByIdsRequest(user_id=1, peer_ids=peer_ids.tolist()), timeout=30)
+        if tuple(reply.scores.shape)[:1] != (READ_PEERS,):
+            raise RuntimeError(
+                f"ScoreByIds answered scores of shape {tuple(reply.scores.shape)} for {READ_PEERS} peers"
+            )
 
 
 def cpu_model() -> str:
@@ -259,19 +309,14 @@ def main(argv: list[str] | None = None) -> int:
         if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
             parser.error(f"--json {args.json}: directory {parent} does not exist or is not writable")
 
-    runs: list[dict] = []
+    runs: list[MemoryRun] = []
     ok = True
     for workers in counts:
         run = measure(args.artifact, workers, args.rows)
-        run["pss_ratio"] = run["pss_bytes"] / runs[0]["pss_bytes"] if runs else 1.0
+        run = replace(run, pss_ratio=run.pss_bytes / runs[0].pss_bytes if runs else 1.0)
         runs.append(run)
-        ok = ok and run["exit_code"] == 0 and run["cache_rows"] >= min(args.rows, DEFAULT_CACHE_MAX_ROWS)
-        print(
-            f"workers={workers} processes={run['processes']} rows={args.rows} cache_rows={run['cache_rows']} fill_s={run['fill_s']:.1f} "
-            f"PSS_total_MiB={run['pss_bytes'] / MIB:.0f} RSS_sum_MiB={run['rss_bytes'] / MIB:.0f} USS_sum_MiB={run['uss_bytes'] / MIB:.0f} "
-            f"PSS_ratio_vs_workers={counts[0]}={run['pss_ratio']:.2f}x exit={run['exit_code']}",
-            flush=True,
-        )
+        ok = ok and run.exit_code == 0 and run.cache_rows >= min(args.rows, DEFAULT_CACHE_MAX_ROWS)
+        print(run.line(counts[0]), flush=True)
     if args.json:
         report = {
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -281,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             "chunk": CHUNK,
             "channels": CHANNELS,
             "reads": {"requests": READS, "peers": READ_PEERS},
-            "runs": runs,
+            "runs": [asdict(run) for run in runs],
         }
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)

@@ -29,7 +29,10 @@ FUSED = FUSED_STAGE  # the artifact's one-graph stage, when it has one
 HOW = "grpc.aio + uvloop, the artifact's CPU TorchScript graph(s) once per request on the event loop, 1 torch thread, no batching"
 
 
-def load_model(manifest, fused: bool = True) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+Score = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (user [1, F_u], peers [M, F_p]) -> scores [M, K]
+
+
+def load_model(manifest, fused: bool = True) -> Score:
     """score(user [1, F_u], peers [M, F_p]) -> scores [M, K]: the fused stage if asked for and there,
     else user_tower, peer_tower and pair_scorer; each graph from its largest bucket (CPU-traced graphs
     take any batch size)."""
@@ -61,12 +64,9 @@ def load_model(manifest, fused: bool = True) -> Callable[[np.ndarray, np.ndarray
 
 
 async def serve(artifact: str, port: int, model_name: str, fused: bool) -> None:
-    import grpc
-
+    """Serve `artifact`'s model on `port` (0: any) until SIGTERM or SIGINT; prints the ready line when serving."""
     from neuronserve.artifact import load_manifest
-    from neuronserve.protos import open_inference_pb2 as oip
     from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
-    from neuronserve.protos import scorer_pb2 as pb
     from neuronserve.protos import scorer_pb2_grpc as pb_grpc
 
     manifest = load_manifest(artifact)
@@ -75,26 +75,48 @@ async def serve(artifact: str, port: int, model_name: str, fused: bool) -> None:
             f"plain server: {artifact} is a {manifest.target} artifact; it runs --target cpu artifacts only"
         )
     score = load_model(manifest, fused)
-    cfg, version = manifest.model_config, manifest.model_version
+    server = bench_server()
+    pb_grpc.add_ScorerServicer_to_server(_scorer(score, manifest.model_config, manifest.model_version), server)
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(_inference(score, manifest.model_config, model_name), server)
+    await serve_until_signalled(server, port, "plain ready: port={port} pid=" + str(os.getpid()))
 
-    def features(data: bytes, shape, width: int) -> np.ndarray | None:
-        """Float32 rows of `width`, writable (torch wants it); None when the bytes do not fit the shape."""
-        shape = tuple(shape)
-        if len(shape) != 2 or shape[1] != width or shape[0] < 1 or len(data) != 4 * shape[0] * width:
-            return None
-        return np.frombuffer(data, dtype="<f4").reshape(shape).copy()
 
-    async def invalid(context, what: str):
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT, f"{what}: expected float32 [rows, features] of the model's widths"
-        )
+def _features(data: bytes, shape, width: int) -> np.ndarray | None:
+    """Float32 rows of `width`, writable (torch wants it); None when the bytes do not fit the shape."""
+    shape = tuple(shape)
+    if len(shape) != 2 or shape[1] != width or shape[0] < 1 or len(data) != 4 * shape[0] * width:
+        return None
+    return np.frombuffer(data, dtype="<f4").reshape(shape).copy()
+
+
+async def _invalid(context, what: str) -> None:
+    """Abort the call: INVALID_ARGUMENT naming the expected inputs."""
+    import grpc
+
+    await context.abort(
+        grpc.StatusCode.INVALID_ARGUMENT, f"{what}: expected float32 [rows, features] of the model's widths"
+    )
+
+
+async def _check_model(context, name: str, model_name: str) -> None:
+    """Abort the call with NOT_FOUND unless it names the model this server answers to."""
+    import grpc
+
+    if name != model_name:
+        await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}; this server serves {model_name}")
+
+
+def _scorer(score: Score, cfg, version: str):
+    """The Scorer servicer: Score, one user against M peers, the model once per request."""
+    from neuronserve.protos import scorer_pb2 as pb
+    from neuronserve.protos import scorer_pb2_grpc as pb_grpc
 
     class Scorer(pb_grpc.ScorerServicer):
         async def Score(self, request, context):
-            user = features(request.user_features.data, request.user_features.shape, cfg.user_features)
-            peers = features(request.peer_features.data, request.peer_features.shape, cfg.peer_features)
+            user = _features(request.user_features.data, request.user_features.shape, cfg.user_features)
+            peers = _features(request.peer_features.data, request.peer_features.shape, cfg.peer_features)
             if user is None or user.shape[0] != 1 or peers is None:
-                await invalid(context, "user_features [1, F_u] and peer_features [M, F_p]")
+                await _invalid(context, "user_features [1, F_u] and peer_features [M, F_p]")
             scores = score(user, peers)
             return pb.ScoreResponse(
                 scores=pb.Tensor(data=scores.tobytes(), shape=scores.shape),
@@ -102,8 +124,15 @@ async def serve(artifact: str, port: int, model_name: str, fused: bool) -> None:
                 model_version=version,
             )
 
+    return Scorer()
+
+
+def _metadata(model_name: str, cfg):
+    """The OIP ModelMetadataResponse of the two-tower model: USER_FEATURES, PEER_FEATURES -> SCORES."""
+    from neuronserve.protos import open_inference_pb2 as oip
+
     meta = oip.ModelMetadataResponse.TensorMetadata
-    metadata = oip.ModelMetadataResponse(
+    return oip.ModelMetadataResponse(
         name=model_name,
         versions=["1"],  # an integer, as Triton's tools expect
         platform="plain",
@@ -114,52 +143,53 @@ async def serve(artifact: str, port: int, model_name: str, fused: bool) -> None:
         outputs=[meta(name="SCORES", datatype="FP32", shape=[-1, cfg.num_labels])],
     )
 
+
+def _model_config(metadata):
+    """Triton's model configuration of the model in `metadata`, which perf_analyzer reads first."""
+    from neuronserve.protos import open_inference_pb2 as oip
+
+    config = oip.ModelConfig(name=metadata.name, platform="plain", max_batch_size=0)
+    config.input.extend(oip.ModelInput(name=t.name, data_type=oip.TYPE_FP32, dims=t.shape) for t in metadata.inputs)
+    config.output.extend(oip.ModelOutput(name=t.name, data_type=oip.TYPE_FP32, dims=t.shape) for t in metadata.outputs)
+    return oip.ModelConfigResponse(config=config)
+
+
+def _inference(score: Score, cfg, model_name: str):
+    """The OIP servicer: ServerReady, ServerMetadata, ModelMetadata, ModelConfig and ModelInfer of `model_name`."""
+    from neuronserve.protos import open_inference_pb2 as oip
+    from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
+
+    metadata = _metadata(model_name, cfg)
+
     class Inference(oip_grpc.GRPCInferenceServiceServicer):
         async def ServerReady(self, request, context):
             return oip.ServerReadyResponse(ready=True)
 
         async def ModelMetadata(self, request, context):
-            if request.name != model_name:
-                await context.abort(
-                    grpc.StatusCode.NOT_FOUND, f"unknown model {request.name!r}; this server serves {model_name}"
-                )
+            await _check_model(context, request.name, model_name)
             return metadata
 
         async def ServerMetadata(self, request, context):
             return oip.ServerMetadataResponse(name="plain", version="1", extensions=["model_configuration"])
 
         async def ModelConfig(self, request, context):
-            """Triton's model configuration, which perf_analyzer reads first."""
-            config = oip.ModelConfig(name=model_name, platform="plain", max_batch_size=0)
-            config.input.extend(
-                oip.ModelInput(name=t.name, data_type=oip.TYPE_FP32, dims=t.shape) for t in metadata.inputs
-            )
-            config.output.extend(
-                oip.ModelOutput(name=t.name, data_type=oip.TYPE_FP32, dims=t.shape) for t in metadata.outputs
-            )
-            return oip.ModelConfigResponse(config=config)
+            return _model_config(metadata)
 
         async def ModelInfer(self, request, context):
-            if request.model_name != model_name:
-                await context.abort(
-                    grpc.StatusCode.NOT_FOUND, f"unknown model {request.model_name!r}; this server serves {model_name}"
-                )
+            await _check_model(context, request.model_name, model_name)
             raw = dict(zip((t.name for t in request.inputs), request.raw_input_contents, strict=False))
             shapes = {t.name: t.shape for t in request.inputs}
-            user = features(raw.get("USER_FEATURES", b""), shapes.get("USER_FEATURES", ()), cfg.user_features)
-            peers = features(raw.get("PEER_FEATURES", b""), shapes.get("PEER_FEATURES", ()), cfg.peer_features)
+            user = _features(raw.get("USER_FEATURES", b""), shapes.get("USER_FEATURES", ()), cfg.user_features)
+            peers = _features(raw.get("PEER_FEATURES", b""), shapes.get("PEER_FEATURES", ()), cfg.peer_features)
             if user is None or user.shape[0] != 1 or peers is None:
-                await invalid(context, "USER_FEATURES [1, F_u] and PEER_FEATURES [M, F_p] in raw_input_contents")
+                await _invalid(context, "USER_FEATURES [1, F_u] and PEER_FEATURES [M, F_p] in raw_input_contents")
             scores = score(user, peers)
             response = oip.ModelInferResponse(model_name=model_name, model_version="1", id=request.id)
             response.outputs.add(name="SCORES", datatype="FP32", shape=scores.shape)
             response.raw_output_contents.append(scores.tobytes())
             return response
 
-    server = bench_server()
-    pb_grpc.add_ScorerServicer_to_server(Scorer(), server)
-    oip_grpc.add_GRPCInferenceServiceServicer_to_server(Inference(), server)
-    await serve_until_signalled(server, port, "plain ready: port={port} pid=" + str(os.getpid()))
+    return Inference()
 
 
 class PlainServer:

@@ -15,6 +15,14 @@ from neuronserve.errors import ConfigError
 
 
 def register(subparsers) -> None:
+    """The `compile`, `inspect`, `keygen` and `sign` subcommands, each with its flags and its function."""
+    _add_compile(subparsers)
+    _add_inspect(subparsers)
+    _add_keygen(subparsers)
+    _add_sign(subparsers)
+
+
+def _add_compile(subparsers) -> None:
     compile_parser = subparsers.add_parser(
         "compile",
         help="trace the two-tower scorer into an artifact (cpu or neuron)",
@@ -65,6 +73,8 @@ def register(subparsers) -> None:
     )
     compile_parser.set_defaults(func=_compile)
 
+
+def _add_inspect(subparsers) -> None:
     inspect_parser = subparsers.add_parser(
         "inspect",
         help="verify an artifact and print its summary",
@@ -79,6 +89,8 @@ def register(subparsers) -> None:
     )
     inspect_parser.set_defaults(func=_inspect)
 
+
+def _add_keygen(subparsers) -> None:
     keygen_parser = subparsers.add_parser(
         "keygen",
         help="make an Ed25519 key pair for signing artifacts",
@@ -91,6 +103,8 @@ def register(subparsers) -> None:
     keygen_parser.add_argument("--force", action="store_true", help="replace an existing key pair")
     keygen_parser.set_defaults(func=_keygen)
 
+
+def _add_sign(subparsers) -> None:
     sign_parser = subparsers.add_parser(
         "sign",
         help="sign a compiled artifact (manifest.sig)",
