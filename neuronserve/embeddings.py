@@ -188,14 +188,8 @@ class EmbeddingCache:
             raise InvalidInput(f"ids must be distinct; {kind} id {int(dup[0])} appears more than once")
         return ids
 
-    def upsert(
-        self, kind: str, ids: np.ndarray, vectors: np.ndarray, model_version: str, seqs: np.ndarray | None = None
-    ) -> int:
-        """Store tower outputs for distinct `ids`; existing ids are overwritten. Returns the rows of `kind` now cached.
-
-        `seqs` (the fleet's store, fleet.py): each row's sequence number in the shared store, kept as its
-        upsert sequence. A row whose id is already cached with an equal or higher number is skipped (a
-        replayed or older change), so applying changes twice or out of order leaves each id's newest row."""
+    def _checked_rows(self, kind: str, ids, vectors, seqs):
+        """(ids, vectors, seqs) as arrays of the right shapes and types, or InvalidInput naming the field."""
         ids = self.check_upsert(kind, ids)
         vectors = np.asarray(vectors)
         if vectors.shape != (len(ids), self._k, self._d) or vectors.dtype != np.float32:
@@ -209,6 +203,17 @@ class EmbeddingCache:
                 raise InvalidInput(
                     f"seqs must hold one sequence number per id ({len(ids)}), got shape {list(seqs.shape)}"
                 )
+        return ids, vectors, seqs
+
+    def upsert(
+        self, kind: str, ids: np.ndarray, vectors: np.ndarray, model_version: str, seqs: np.ndarray | None = None
+    ) -> int:
+        """Store tower outputs for distinct `ids`; existing ids are overwritten. Returns the rows of `kind` now cached.
+
+        `seqs` (the fleet's store, fleet.py): each row's sequence number in the shared store, kept as its
+        upsert sequence. A row whose id is already cached with an equal or higher number is skipped (a
+        replayed or older change), so applying changes twice or out of order leaves each id's newest row."""
+        ids, vectors, seqs = self._checked_rows(kind, ids, vectors, seqs)
         k = KINDS.index(kind)
         with self._writing() as (mem, state):
             current = mem.version(state)
@@ -219,13 +224,10 @@ class EmbeddingCache:
                 )
             old = mem.index(state, k)  # [(ids, slots, seqs), n] of the active buffer
             old_ids, old_seqs = old[0], old[2]
-            if seqs is not None and len(old_ids):  # skip rows not newer than the cached ones
-                pos = np.minimum(np.searchsorted(old_ids, ids), len(old_ids) - 1)
-                newer = (old_ids[pos] != ids) | (old_seqs[pos] < seqs)
-                if not newer.all():
-                    ids, vectors, seqs = ids[newer], vectors[newer], seqs[newer]
-                    if not len(ids):
-                        return len(old_ids)
+            if seqs is not None:  # skip rows not newer than the cached ones
+                ids, vectors, seqs = _newer_only(old_ids, old_seqs, ids, vectors, seqs)
+                if not len(ids):
+                    return len(old_ids)
             m = len(ids)
             keep = np.ones(len(old_ids), bool)  # rows of the active index that stay
             if len(old_ids):
@@ -390,6 +392,15 @@ class EmbeddingCache:
             return CacheStats(
                 user_rows, peer_rows, self._max_rows, nbytes, self._hits, self._misses, self._evictions, version
             )
+
+
+def _newer_only(old_ids: np.ndarray, old_seqs: np.ndarray, ids: np.ndarray, vectors: np.ndarray, seqs: np.ndarray):
+    """The rows of (ids, vectors, seqs) whose id is not cached (sorted `old_ids`) with an equal or higher seq."""
+    if not len(old_ids):
+        return ids, vectors, seqs
+    pos = np.minimum(np.searchsorted(old_ids, ids), len(old_ids) - 1)
+    newer = (old_ids[pos] != ids) | (old_seqs[pos] < seqs)
+    return (ids, vectors, seqs) if newer.all() else (ids[newer], vectors[newer], seqs[newer])
 
 
 def _encode_version(model_version: str) -> bytes:

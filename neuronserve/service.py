@@ -314,6 +314,16 @@ class Servicer:
     def cache(self):
         return self.served.cache
 
+    def _pass_door(self, context: grpc.aio.ServicerContext) -> None:
+        """Unavailable while the door is closed; DeadlineExceeded for a request whose deadline already
+        passed (a backlog shed at the door: nobody waits for it)."""
+        self.state.check()
+        remaining_s = context.time_remaining()
+        if remaining_s is not None and remaining_s <= 0:
+            raise DeadlineExceeded(
+                f"the request's deadline passed {-remaining_s * 1e3:.1f} ms before it was served; the server is overloaded"
+            )
+
     async def _answer(
         self,
         context: grpc.aio.ServicerContext,
@@ -329,12 +339,7 @@ class Servicer:
         self.state.in_flight += inference
         try:
             if inference:
-                self.state.check()
-                remaining_s = context.time_remaining()
-                if remaining_s is not None and remaining_s <= 0:  # shed a backlog at the door: nobody waits for it
-                    raise DeadlineExceeded(
-                        f"the request's deadline passed {-remaining_s * 1e3:.1f} ms before it was served; the server is overloaded"
-                    )
+                self._pass_door(context)
             reply = await handler(request, context)
         except NeuronServeError as exc:
             code = exc.status.code

@@ -267,8 +267,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerConfig:
     """ServerConfig from flags > --config file > NEURONSERVE_* environment > defaults. A bad value is a
     ConfigError naming where it came from (the flag, the file and key, or the variable)."""
-    environ = os.environ if environ is None else environ
-    values: dict[str, tuple[Any, str]] = {}  # key -> (raw value, source)
+    sections = _parsed_sections(_raw_values(args, os.environ if environ is None else environ))
+    return ServerConfig(
+        **sections["server"], batching=BatchingConfig(**sections["batching"]), sim=SimConfig(**sections["sim"])
+    )
+
+
+def _raw_values(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    """key -> (raw value, where it came from), the later sources overriding the earlier."""
+    values: dict[str, tuple[Any, str]] = {}
     for setting in SETTINGS:
         if setting.env in environ:
             values[setting.key] = (environ[setting.env], f"environment variable {setting.env}")
@@ -283,6 +290,11 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str] | None =
         value = getattr(args, setting.key, None)
         if value is not None:
             values[setting.key] = (value, setting.flag)
+    return values
+
+
+def _parsed_sections(values: dict[str, tuple[Any, str]]) -> dict[str, dict[str, Any]]:
+    """section -> field -> parsed value, each checked alone by its dataclass; errors name the source."""
     sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
     for setting in SETTINGS:
         if setting.key not in values:
@@ -294,8 +306,7 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str] | None =
         except (ValueError, ConfigError) as exc:
             raise ConfigError(f"{source}: {exc}") from None
         sections[setting.section][setting.field] = parsed
-    server = sections["server"]
-    return ServerConfig(**server, batching=BatchingConfig(**sections["batching"]), sim=SimConfig(**sections["sim"]))
+    return sections
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
