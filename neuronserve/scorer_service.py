@@ -145,78 +145,65 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
 
     async def _score_tick(self, request: pb.ScoreTickRequest, context) -> pb.ScoreTickResponse:
         """A matching tick (docs/tick.md): top-k per person from the cached vectors, in a worker thread."""
-        info, req = self.info, pb.ScoreTickRequest
         served = self.versions.resolve(request.model_version) if request.model_version else self.served
-        limit = (info.max_peers, "max_peers")
+        pool, rows, cols = self._tick_people(request)
+        blocked_a, blocked_b = _blocked_pairs(request)
+        spec = self._tick_spec(request, rows, cols, pool is not None)
+        start = time.perf_counter()
+        result = await asyncio.to_thread(self._tick, served.cache, pool, rows, cols, blocked_a, blocked_b, spec)
+        self.metrics.execution(CACHED, rows=rows.size * cols.size, requests=1, compute_s=time.perf_counter() - start)
+        return self._tick_reply(result, spec, served.info.version)
+
+    def _tick_people(self, request: pb.ScoreTickRequest) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """(pool or None, row ids, column ids): a pool is both rows and columns; else users x peers."""
+        limit = (self.info.max_peers, "max_peers")
         pool = tick_ids(request.pool_ids, request.pool_ids_packed, "pool_ids", *limit, required=False)
         users = tick_ids(request.user_ids, request.user_ids_packed, "user_ids", *limit, required=False)
         peers = tick_ids(request.peer_ids, request.peer_ids_packed, "peer_ids", *limit, required=False)
-        if (pool is None) == (users is None and peers is None):
+        if pool is not None:
+            if users is not None or peers is not None:
+                raise InvalidInput(
+                    "send either pool_ids (or pool_ids_packed) or user_ids and peer_ids (or their _packed forms), not both"
+                )
+            return pool, pool, pool
+        if users is None and peers is None:
             raise InvalidInput(
-                "send either pool_ids (or pool_ids_packed) or user_ids and peer_ids (or their _packed forms), not both or neither"
+                "send either pool_ids (or pool_ids_packed) or user_ids and peer_ids (or their _packed forms): got neither"
             )
-        if pool is None and (users is None or peers is None):
+        if users is None or peers is None:
             raise InvalidInput(
                 f"{'peer_ids' if peers is None else 'user_ids'} is missing: users x peers mode needs both user_ids and peer_ids"
             )
-        blocked_a = tick_ids(
-            request.blocked_user_ids,
-            request.blocked_user_ids_packed,
-            "blocked_user_ids",
-            MAX_BLOCKED_PAIRS,
-            "bound on blocked pairs",
-            required=False,
-        )
-        blocked_b = tick_ids(
-            request.blocked_peer_ids,
-            request.blocked_peer_ids_packed,
-            "blocked_peer_ids",
-            MAX_BLOCKED_PAIRS,
-            "bound on blocked pairs",
-            required=False,
-        )
-        if (0 if blocked_a is None else blocked_a.size) != (0 if blocked_b is None else blocked_b.size):
-            raise InvalidInput(
-                f"blocked_user_ids and blocked_peer_ids are parallel lists: got {0 if blocked_a is None else blocked_a.size} "
-                f"and {0 if blocked_b is None else blocked_b.size} ids"
-            )
-        spaces = {req.PROBABILITY: tick.PROBABILITY, req.LOGIT: tick.LOGIT}
-        mutuals = {
-            req.ONE_WAY: tick.ONE_WAY,
-            req.PRODUCT: tick.PRODUCT,
-            req.MINIMUM: tick.MINIMUM,
-            req.HARMONIC_MEAN: tick.HARMONIC_MEAN,
-        }
-        if request.label_space not in spaces:
+        return None, users, peers
+
+    def _tick_spec(self, request: pb.ScoreTickRequest, rows: np.ndarray, cols: np.ndarray, is_pool: bool):
+        """The tick's tick.TickSpec from the request, and a reply that fits max_message_bytes."""
+        info = self.info
+        if request.label_space not in _LABEL_SPACES:
             raise InvalidInput(f"label_space must be PROBABILITY or LOGIT, got {request.label_space}")
-        if request.mutual not in mutuals:
+        if request.mutual not in _MUTUALS:
             raise InvalidInput(f"mutual must be ONE_WAY, PRODUCT, MINIMUM or HARMONIC_MEAN, got {request.mutual}")
-        rows, cols = (pool, pool) if pool is not None else (users, peers)
-        assert rows is not None and cols is not None  # refused above: a pool, or users and peers
-        candidates = rows.size - 1 if pool is not None else cols.size
         spec = tick.make_spec(
             request.k,
             list(request.weights),
             info.num_labels,
-            candidates,
-            label_space=spaces[request.label_space],
-            mutual=mutuals[request.mutual],
+            rows.size - 1 if is_pool else cols.size,
+            label_space=_LABEL_SPACES[request.label_space],
+            mutual=_MUTUALS[request.mutual],
             include_label_scores=request.include_label_scores,
-            candidates_what="pool size - 1" if pool is not None else "peer_ids",
+            candidates_what="pool size - 1" if is_pool else "peer_ids",
         )
         mutual = spec.mutual != tick.ONE_WAY
-        per_pair = 12 + (
-            4 * info.num_labels * (1 + mutual) if spec.include_label_scores else 0
-        )  # id + value (+ label scores)
+        per_pair = 12 + (4 * info.num_labels * (1 + mutual) if spec.include_label_scores else 0)  # id, value, labels
         check_reply_size(
             rows.size * spec.k * per_pair // 4,
             f"{rows.size} persons x k={spec.k} x {per_pair} bytes",
             "send a smaller k or split the tick",
             info.max_message_bytes,
         )
-        start = time.perf_counter()
-        result = await asyncio.to_thread(self._tick, served.cache, pool, rows, cols, blocked_a, blocked_b, spec)
-        self.metrics.execution(CACHED, rows=rows.size * cols.size, requests=1, compute_s=time.perf_counter() - start)
+        return spec
+
+    def _tick_reply(self, result: tick.TickResult, spec, version: str) -> pb.ScoreTickResponse:
         counts = result.counts
         valid = np.arange(spec.k)[None, :] < counts[:, None]
         finite_output(result.values[valid], "tick values")
@@ -225,8 +212,8 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
             values=tensor_proto(result.values),
             counts=counts.astype("<i4").tobytes(),
             k=spec.k,
-            label_names=info.label_names,
-            model_version=served.info.version,
+            label_names=self.info.label_names,
+            model_version=version,
         )
         if result.label_scores is not None:
             reply.label_scores.CopyFrom(tensor_proto(result.label_scores))
@@ -308,3 +295,29 @@ def tick_ids(
         if dup.size:
             raise InvalidInput(f"{field} must hold distinct ids; {int(dup[0])} appears more than once")
     return ids
+
+
+_LABEL_SPACES = {pb.ScoreTickRequest.PROBABILITY: tick.PROBABILITY, pb.ScoreTickRequest.LOGIT: tick.LOGIT}
+_MUTUALS = {
+    pb.ScoreTickRequest.ONE_WAY: tick.ONE_WAY,
+    pb.ScoreTickRequest.PRODUCT: tick.PRODUCT,
+    pb.ScoreTickRequest.MINIMUM: tick.MINIMUM,
+    pb.ScoreTickRequest.HARMONIC_MEAN: tick.HARMONIC_MEAN,
+}
+
+
+def _blocked_pairs(request: pb.ScoreTickRequest) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The caller's blocked (user, peer) pairs as two parallel id arrays (None: none given)."""
+    bound = (MAX_BLOCKED_PAIRS, "bound on blocked pairs")
+    blocked_a = tick_ids(
+        request.blocked_user_ids, request.blocked_user_ids_packed, "blocked_user_ids", *bound, required=False
+    )
+    blocked_b = tick_ids(
+        request.blocked_peer_ids, request.blocked_peer_ids_packed, "blocked_peer_ids", *bound, required=False
+    )
+    sizes = (0 if blocked_a is None else blocked_a.size, 0 if blocked_b is None else blocked_b.size)
+    if sizes[0] != sizes[1]:
+        raise InvalidInput(
+            f"blocked_user_ids and blocked_peer_ids are parallel lists: got {sizes[0]} and {sizes[1]} ids"
+        )
+    return blocked_a, blocked_b

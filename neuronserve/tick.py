@@ -13,13 +13,8 @@ Definitions (docs/tick.md states them with the algorithm and the block size):
 Per row, candidates sorted by value descending, ties by the lower peer id. Excluded pairs (self-pairs
 when asked, blocked pairs) are never candidates.
 
-Compute, per block of `block_rows` rows on a thread pool (one BLAS thread per block): the direction's
-combined values in one [B, M] float32 matrix (LOGIT: one matmul over the concatenated, weight-scaled
-labels; PROBABILITY: per label one matmul, then w_k / (1 + exp(-s_k))), the reverse direction the same
-way, the mutual combination, exclusions set to -inf, then a top-k pruned to the chunks of columns that
-can hold it. A mutual pool of at most ~11,585 people (POOL_MATRIX_BYTES) computes one direction only:
-the whole [N, N] forward matrix F, then per row block the combination of F's rows with F's columns.
-docs/tick.md derives each step.
+Compute: blocked matmuls fused with the combination and a pruned top-k, on a thread pool; the
+algorithm, the block sizes and the one-direction path for small mutual pools: docs/tick.md.
 """
 
 from __future__ import annotations
@@ -31,10 +26,10 @@ from dataclasses import dataclass
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from threadpoolctl import threadpool_limits
 
 from neuronserve.errors import InvalidInput
+from neuronserve.topk import padded_width, top_k
 
 PROBABILITY, LOGIT = "probability", "logit"
 LABEL_SPACES = (PROBABILITY, LOGIT)
@@ -43,7 +38,6 @@ MUTUALS = (ONE_WAY, PRODUCT, MINIMUM, HARMONIC_MEAN)
 PAD_ID = -1  # padding of a row with fewer than k candidates (its value: -inf); `counts` is authoritative
 BLOCK_BYTES = 4 << 20  # one [B, M] float32 working matrix: about 4 MiB (see block_rows_for)
 MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 16, 1024
-CHUNK_COLUMNS = 32  # the pruned top-k's chunk width (see _top_k)
 TILE_COLUMNS = 256  # a mutual pool's combination reads F's transposed side in tiles of this width
 POOL_MATRIX_BYTES = 512 << 20  # a mutual pool's whole [N, N] float32 forward matrix, at most: N <= 11,585
 
@@ -197,52 +191,6 @@ def _combine_transposed(matrix: np.ndarray, start: int, stop: int, how: str, out
     return out
 
 
-def _padded_width(m: int) -> int:
-    """Columns of a block's working matrix: m rounded up to whole CHUNK_COLUMNS chunks (see _top_k)."""
-    return -(-m // CHUNK_COLUMNS) * CHUNK_COLUMNS
-
-
-def _top_k(padded: np.ndarray, k: int, m: int) -> np.ndarray:
-    """Columns [B, k] of each row's k largest values among the first m columns of padded [B, M'] (M' =
-    _padded_width(m); the columns past m hold -inf), sorted by value descending, ties by lower column.
-
-    Pruned: only the CHUNK_COLUMNS-wide chunks holding the k largest chunk maxima are searched. Their
-    smallest maximum t is a lower bound of the row's k-th value, and every value above t lies in them; a
-    row whose k-th value found equals t (ties at the bound, -inf among them) is searched whole."""
-    b = padded.shape[0]
-    chunks = padded.shape[1] // CHUNK_COLUMNS
-    if chunks < 2 * k:  # too few chunks for the pruning to pay
-        return _select(padded[:, :m], np.broadcast_to(np.arange(m), (b, m)), k)
-    by_chunk = padded.reshape(b, chunks, CHUNK_COLUMNS)
-    maxima = torch.from_numpy(by_chunk).amax(dim=2).numpy()  # torch's reduction is vectorised (numpy's is not)
-    best = np.argpartition(maxima, chunks - k, axis=1)[:, chunks - k :]
-    bound = np.take_along_axis(maxima, best, axis=1).min(axis=1)
-    candidates = by_chunk[np.arange(b)[:, None], best].reshape(b, k * CHUNK_COLUMNS)  # whole chunks: [B, k, C]
-    columns = (best[:, :, None] * CHUNK_COLUMNS + np.arange(CHUNK_COLUMNS)).reshape(b, k * CHUNK_COLUMNS)
-    top = _select(candidates, columns, k)
-    for row in np.flatnonzero(padded[np.arange(b), top[:, -1]] <= bound):  # ties at the bound: the whole row
-        top[row] = _select(padded[row : row + 1, :m], np.arange(m)[None, :], k)[0]
-    return top
-
-
-def _select(values: np.ndarray, columns: np.ndarray, k: int) -> np.ndarray:
-    """Of candidates values [B, c] at columns [B, c] (distinct per row, any order): the columns of each
-    row's k largest values, sorted by value descending, ties by lower column."""
-    b, c = values.shape
-    part = np.argpartition(values, c - k, axis=1)[:, c - k :] if k < c else np.broadcast_to(np.arange(c), (b, c)).copy()
-    threshold = np.take_along_axis(values, part, axis=1).min(axis=1)
-    # argpartition picks arbitrarily among values equal to the threshold: where more candidates than chosen
-    # reach it, take those above it and then the lowest columns equal to it
-    for row in np.flatnonzero(np.count_nonzero(values >= threshold[:, None], axis=1) > k):
-        above = np.flatnonzero(values[row] > threshold[row])
-        equal = np.flatnonzero(values[row] == threshold[row])
-        equal = equal[np.argsort(columns[row, equal], kind="stable")][: k - len(above)]
-        part[row] = np.concatenate([above, equal])
-    chosen, chosen_columns = np.take_along_axis(values, part, axis=1), np.take_along_axis(columns, part, axis=1)
-    order = np.lexsort((chosen_columns, -chosen), axis=1)
-    return np.take_along_axis(chosen_columns, order, axis=1)
-
-
 def exclusions(
     row_ids: np.ndarray,
     col_ids: np.ndarray,
@@ -369,7 +317,7 @@ class _Blocks:
     def run(self, start: int, size: int) -> None:
         m, k = self.m, self.spec.k
         stop = min(start + size, len(self.ids))
-        padded = np.empty((stop - start, _padded_width(m)), np.float32)
+        padded = np.empty((stop - start, padded_width(m)), np.float32)
         padded[:, m:] = -np.inf
         out = padded[:, :m]
         if self.matrix is not None:  # c(v->u) = F[v, u]: the block's columns, transposed (combine is symmetric)
@@ -383,7 +331,7 @@ class _Blocks:
                 _mutual(out, back, self.spec.mutual)
         lo, hi = np.searchsorted(self.ex_rows, start), np.searchsorted(self.ex_rows, stop)
         out[self.ex_rows[lo:hi] - start, self.ex_cols[lo:hi]] = -np.inf
-        top = _top_k(padded, k, m)
+        top = top_k(padded, k, m)
         valid = np.arange(k)[None, :] < self.counts[start:stop, None]
         self.ids[start:stop] = np.where(valid, self.col_ids[top], PAD_ID)
         self.values[start:stop] = np.where(valid, np.take_along_axis(out, top, axis=1), -np.inf)
@@ -444,61 +392,3 @@ def pair_logits(users: np.ndarray, peers: np.ndarray, bias: np.ndarray, swap: bo
     if swap:
         return np.einsum("bjkd,bkd->bjk", users, peers) + bias
     return np.einsum("bkd,bjkd->bjk", users, peers) + bias
-
-
-def reference_tick(
-    row_ids: np.ndarray,
-    col_ids: np.ndarray,
-    rows_user: np.ndarray,
-    cols_peer: np.ndarray,
-    bias: np.ndarray,
-    spec: TickSpec,
-    *,
-    rows_peer: np.ndarray | None = None,
-    cols_user: np.ndarray | None = None,
-    excluded: tuple[np.ndarray, np.ndarray] = (np.empty(0, np.int64), np.empty(0, np.int64)),
-) -> TickResult:
-    """The plain definition, for tests: the whole [N, M, K] logits in float64, combined, a full sort per
-    row (value descending, then peer id ascending). col_ids need not be sorted here."""
-    n, m = len(row_ids), len(col_ids)
-    w, b = spec.weights.astype(np.float64), np.asarray(bias, np.float64)
-
-    def combined(u: np.ndarray, p: np.ndarray) -> np.ndarray:
-        logits = np.einsum("nkd,mkd->nmk", u.astype(np.float64), p.astype(np.float64)) + b
-        return (logits if spec.label_space == LOGIT else 1.0 / (1.0 + np.exp(-logits))) @ w
-
-    value = combined(rows_user, cols_peer)
-    if spec.mutual != ONE_WAY:
-        assert cols_user is not None and rows_peer is not None, "a mutual tick needs rows_peer and cols_user"
-        back = combined(cols_user, rows_peer).T  # c(v->u) at [u, v]
-        if spec.mutual == PRODUCT:
-            value = value * back
-        elif spec.mutual == MINIMUM:
-            value = np.minimum(value, back)
-        else:
-            total = value + back
-            value = np.where(total == 0, 0.0, 2 * value * back / np.where(total == 0, 1.0, total))
-    allowed = np.ones((n, m), bool)
-    allowed[excluded[0], excluded[1]] = False
-    k = spec.k
-    ids = np.full((n, k), PAD_ID, np.int64)
-    values = np.full((n, k), -np.inf, np.float32)
-    counts = np.zeros(n, np.int32)
-    labels = np.zeros((n, k, rows_user.shape[1]), np.float32) if spec.include_label_scores else None
-    reverse_labels = np.zeros_like(labels) if labels is not None and spec.mutual != ONE_WAY else None
-    for i in range(n):
-        cols = np.flatnonzero(allowed[i])
-        cols = cols[np.lexsort((col_ids[cols], -value[i, cols]))][:k]
-        counts[i] = len(cols)
-        ids[i, : len(cols)] = col_ids[cols]
-        values[i, : len(cols)] = value[i, cols]
-        if labels is not None:
-            labels[i, : len(cols)] = (
-                np.einsum("kd,jkd->jk", rows_user[i].astype(np.float64), cols_peer[cols].astype(np.float64)) + b
-            )
-            if reverse_labels is not None:
-                assert cols_user is not None and rows_peer is not None
-                reverse_labels[i, : len(cols)] = (
-                    np.einsum("jkd,kd->jk", cols_user[cols].astype(np.float64), rows_peer[i].astype(np.float64)) + b
-                )
-    return TickResult(ids, values, counts, labels, reverse_labels)

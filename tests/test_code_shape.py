@@ -25,13 +25,11 @@ def sources() -> list[Path]:
     )
 
 
-@pytest.mark.xfail(strict=True, reason="the splits of issue 16 are in progress")
 def test_no_module_is_too_long():
     long = {str(p.relative_to(ROOT)): n for p in sources() if (n := p.read_text().count("\n")) > MAX_MODULE_LINES}
     assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
 
 
-@pytest.mark.xfail(strict=True, reason="the splits of issue 16 are in progress")
 def test_no_function_is_too_long():
     long = {}
     for path in sources():

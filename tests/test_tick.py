@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from neuronserve import tick as T
+from neuronserve import topk
+from neuronserve.tick_reference import reference_tick
 from neuronserve.config import ServerConfig
 from neuronserve.errors import InvalidInput
 from neuronserve.protos import scorer_pb2 as pb
@@ -49,7 +51,7 @@ def run_pool(ids, users, peers, bias, spec, blocked=(None, None), **kwargs):
     excluded = T.exclusions(ids, cols, exclude_self=True, blocked_rows=blocked[0], blocked_cols=blocked[1], symmetric=True)
     args = (ids, cols, users, peers[order], bias, spec)
     extra = dict(rows_peer=peers, cols_user=users[order], excluded=excluded)
-    return T.score_tick(*args, **extra, **kwargs), T.reference_tick(*args, **extra)
+    return T.score_tick(*args, **extra, **kwargs), reference_tick(*args, **extra)
 
 
 def assert_same(got: T.TickResult, want: T.TickResult, exact_ids: bool = False) -> None:
@@ -134,7 +136,7 @@ def test_users_x_peers_tick_equals_the_reference(space, mutual):
     spec = T.make_spec(m - 1, [0.5, 1.0, 0.25], k_labels, m, label_space=space, mutual=mutual, include_label_scores=True)
     args = (user_ids, peer_ids, rows_user, cols_peer, bias, spec)
     extra = dict(rows_peer=rows_peer, cols_user=cols_user, excluded=excluded)
-    assert_same(T.score_tick(*args, **extra, block_rows=8, threads=2), T.reference_tick(*args, **extra))
+    assert_same(T.score_tick(*args, **extra, block_rows=8, threads=2), reference_tick(*args, **extra))
 
 
 @pytest.mark.parametrize("space,mutual", [(T.PROBABILITY, T.PRODUCT), (T.LOGIT, T.MINIMUM), (T.LOGIT, T.ONE_WAY)])
@@ -146,7 +148,7 @@ def test_the_pruned_top_k_equals_the_reference(space, mutual, quantized):
     spec = T.make_spec(6, [0.5, 0.25, 1.0], 3, len(ids) - 1, label_space=space, mutual=mutual)
     blocked = (np.repeat(ids[0], len(ids) - 4), ids[4:])
     got, want = run_pool(ids, users, peers, bias, spec, blocked, block_rows=64, threads=2)
-    assert T._padded_width(650) // T.CHUNK_COLUMNS >= 2 * spec.k
+    assert topk.padded_width(650) // topk.CHUNK_COLUMNS >= 2 * spec.k
     assert got.counts[0] == 3
     assert_same(got, want, exact_ids=quantized)
 
@@ -154,12 +156,12 @@ def test_the_pruned_top_k_equals_the_reference(space, mutual, quantized):
 @pytest.mark.parametrize("m", [64 * 5, 64 * 5 + 17])
 def test_top_k_on_ties_and_minus_infinity_equals_a_full_sort(m):
     rng = np.random.default_rng(m)
-    k, width = 5, T._padded_width(m)
+    k, width = 5, topk.padded_width(m)
     values = np.full((40, width), -np.inf, np.float32)
     values[:, :m] = rng.integers(0, 6, (40, m)).astype(np.float32)  # six values: ties everywhere
     values[:10, : m - 2] = -np.inf  # rows with 2 finite values: -inf ties at the bound
     values[10:20, :m] = rng.standard_normal((10, m)).astype(np.float32)
-    top = T._top_k(values, k, m)
+    top = topk.top_k(values, k, m)
     for row in range(len(values)):
         want = np.lexsort((np.arange(m), -values[row, :m]))[:k]
         np.testing.assert_array_equal(top[row], want)
@@ -283,7 +285,7 @@ def test_score_tick_on_a_pool_equals_the_reference(served, small_artifact, space
     order = np.argsort(pool)
     spec = T.make_spec(7, weights, k_labels, len(pool) - 1, label_space=space, mutual=mutual, include_label_scores=True)
     excluded = T.exclusions(pool, pool[order], exclude_self=True, blocked_rows=blocked_a, blocked_cols=blocked_b, symmetric=True)
-    want = T.reference_tick(pool, pool[order], users, peers[order], bias, spec, rows_peer=peers, cols_user=users[order], excluded=excluded)
+    want = reference_tick(pool, pool[order], users, peers[order], bias, spec, rows_peer=peers, cols_user=users[order], excluded=excluded)
     assert_same(decode(reply, len(pool)), want)
 
 
@@ -306,7 +308,7 @@ def test_score_tick_users_x_peers_mutual_needs_both_kinds(served, small_artifact
     spec = T.make_spec(30, [], k_labels, len(peers), mutual=T.MINIMUM)
     order = np.argsort(peers)
     cols = peers[order]
-    want = T.reference_tick(users, cols, server.cache.lookup("user", users), server.cache.lookup("peer", cols), np.asarray(small_artifact.label_bias, np.float32),
+    want = reference_tick(users, cols, server.cache.lookup("user", users), server.cache.lookup("peer", cols), np.asarray(small_artifact.label_bias, np.float32),
                             spec, rows_peer=server.cache.lookup("peer", users), cols_user=server.cache.lookup("user", cols))
     assert_same(decode(reply, len(users)), want)
     # one way, users cached only as users are fine; mutual needs them as peers too
