@@ -191,8 +191,5 @@ class Backend(ABC):
         """Load `stage` at every compiled bucket onto `cores`: a StageRunner for the three stages, a
         FusedRunner for FUSED_STAGE (an ArtifactError if the artifact predates it: serve three stages)."""
 
-    def buckets(self, stage: str) -> tuple[int, ...]:
-        return self.manifest.stage(stage).batch_sizes
-
     def close(self) -> None:  # noqa: B027 -- an optional hook, as Runner.close
         """Release everything the backend holds."""
