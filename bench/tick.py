@@ -61,7 +61,7 @@ def _start_server(artifact: str | None, max_ids: int) -> tuple[subprocess.Popen,
         "0",
         "--metrics-port",
         "off",
-        "--max-peers",
+        "--max-tick-ids",
         str(max_ids),
     ] + (["--artifact", artifact] if artifact else [])
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)

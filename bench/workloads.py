@@ -157,18 +157,17 @@ def _prepare(channel, spec: WorkloadSpec, timeout_s: float) -> Workload:
                 ids = np.arange(lo, min(count, lo + UPSERT_CHUNK_ROWS), dtype=np.int64)
                 feats = rng.standard_normal((len(ids), features), dtype=np.float32)
                 stub.UpsertEmbeddings(
-                    pb.UpsertEmbeddingsRequest(kind=kind, ids=ids.tolist(), features=_tensor(feats)), timeout=timeout_s
+                    pb.UpsertEmbeddingsRequest(kind=kind, ids_packed=_packed(ids), features=_tensor(feats)),
+                    timeout=timeout_s,
                 )
-        for _ in range(DISTINCT_REQUESTS):
-            peer_ids = rng.choice(spec.pool_peers, size=m, replace=False).tolist()
+        for _ in range(DISTINCT_REQUESTS):  # ids packed: 8 little-endian bytes each, no varint per id
+            peer_ids = _packed(rng.choice(spec.pool_peers, size=m, replace=False))
             if spec.name == "score-ids":
-                requests.append(pb.ScoreByIdsRequest(user_id=int(rng.integers(spec.pool_users)), peer_ids=peer_ids))
+                user_id = int(rng.integers(spec.pool_users))
+                requests.append(pb.ScoreByIdsRequest(user_id=user_id, peer_ids_packed=peer_ids))
             else:
-                requests.append(
-                    pb.ScoreMatrixRequest(
-                        user_ids=rng.choice(spec.pool_users, size=n, replace=False).tolist(), peer_ids=peer_ids
-                    )
-                )
+                user_ids = _packed(rng.choice(spec.pool_users, size=n, replace=False))
+                requests.append(pb.ScoreMatrixRequest(user_ids_packed=user_ids, peer_ids_packed=peer_ids))
 
     if spec.name == "oip":
         method = OIP + "ModelInfer"
@@ -191,3 +190,7 @@ def _prepare(channel, spec: WorkloadSpec, timeout_s: float) -> Workload:
         peer_features=f_p,
         num_labels=k,
     )
+
+
+def _packed(ids: np.ndarray) -> bytes:
+    return np.asarray(ids, dtype="<i8").tobytes()

@@ -217,6 +217,7 @@ class ServerConfig:
     port: int = 8001
     metrics_port: int | None = 8002
     max_peers: int = 4096
+    max_tick_ids: int = 20_000  # ScoreTick: a pool's people (or users, or peers); docs/tick.md
     max_message_bytes: int = 64 * 1024 * 1024
     grace_period_s: float = 10.0
     drain_delay_s: float = 0.0  # SIGTERM: health NOT_SERVING at once, requests still served this long, then the drain
@@ -271,6 +272,7 @@ class ServerConfig:
 
     def _check_limits(self) -> None:
         _require(self.max_peers >= 1, f"max_peers must be >= 1, got {self.max_peers}")
+        _require(self.max_tick_ids >= 1, f"max_tick_ids must be >= 1, got {self.max_tick_ids}")
         _require(
             1024 <= self.max_message_bytes <= MAX_GRPC_MESSAGE_BYTES,
             f"max_message_bytes must be >= 1024 and <= {MAX_GRPC_MESSAGE_BYTES} (gRPC's limit), "

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -24,7 +23,8 @@ from neuronserve.service import (
     deadline_of,
     feature_rows,
     finite_output,
-    id_array,
+    id_list,
+    ids_required,
     one_user,
     scores_checked,
     tensor_array,
@@ -32,6 +32,8 @@ from neuronserve.service import (
 )
 
 log = logging.getLogger(__name__)
+
+MATRIX_BLOCK_BYTES = 4 << 20  # ScoreMatrixStream: scores per reply, at most (one user row at least)
 
 
 class ScorerService(Servicer, pb_grpc.ScorerServicer):
@@ -49,6 +51,9 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
 
     async def ScoreMatrix(self, request: pb.ScoreMatrixRequest, context) -> pb.ScoreMatrixResponse:
         return await self._answer(context, CACHED, self._score_matrix, request)
+
+    async def ScoreMatrixStream(self, request: pb.ScoreMatrixRequest, context) -> None:
+        await self._answer(context, CACHED, self._score_matrix_stream, request)
 
     async def ScoreTick(self, request: pb.ScoreTickRequest, context) -> pb.ScoreTickResponse:
         return await self._answer(context, CACHED, self._score_tick, request)
@@ -82,7 +87,7 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
             if request.kind == pb.USER
             else ("peer", TOWERS[1], info.peer_features)
         )
-        ids = id_array(request.ids, "ids", info.max_tower_rows, "max_queue_rows")
+        ids = ids_required(request.ids, request.ids_packed, "ids", info.max_tower_rows, "max_queue_rows")
         features = feature_rows(
             tensor_array(request.features, "features"), "features", width, info.max_tower_rows, "max_queue_rows"
         )
@@ -99,7 +104,7 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
 
     async def _score_by_ids(self, request: pb.ScoreByIdsRequest, context) -> pb.ScoreResponse:
         served = self.versions.resolve(request.model_version) if request.model_version else self.served
-        peer_ids = id_array(request.peer_ids, "peer_ids", self.info.max_peers, "max_peers")
+        peer_ids = ids_required(request.peer_ids, request.peer_ids_packed, "peer_ids", self.info.max_peers, "max_peers")
         labels = self.info.num_labels
         check_reply_size(
             peer_ids.size * labels,
@@ -124,8 +129,7 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         so the event loop keeps serving; the cache swaps whole arrays on upsert, so readers stay consistent."""
         info = self.info
         served = self.versions.resolve(request.model_version) if request.model_version else self.served
-        user_ids = id_array(request.user_ids, "user_ids", info.max_peers, "max_peers")
-        peer_ids = id_array(request.peer_ids, "peer_ids", info.max_peers, "max_peers")
+        user_ids, peer_ids = self._matrix_ids(request)
         check_reply_size(
             user_ids.size * peer_ids.size * info.num_labels,
             f"{user_ids.size} user_ids x {peer_ids.size} peer_ids x {info.num_labels} labels",
@@ -143,6 +147,38 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
             model_version=served.info.version,
         )
 
+    def _matrix_ids(self, request: pb.ScoreMatrixRequest) -> tuple[np.ndarray, np.ndarray]:
+        limit = (self.info.max_peers, "max_peers")
+        return (
+            ids_required(request.user_ids, request.user_ids_packed, "user_ids", *limit),
+            ids_required(request.peer_ids, request.peer_ids_packed, "peer_ids", *limit),
+        )
+
+    async def _score_matrix_stream(self, request: pb.ScoreMatrixRequest, context) -> None:
+        """ScoreMatrix in blocks of whole user rows, each at most MATRIX_BLOCK_BYTES of scores (one row at
+        least, and within max_message_bytes), written in order. Each block reads one snapshot of the
+        cache: an upsert between two blocks shows in the later one. A caller that goes away stops it."""
+        info = self.info
+        served = self.versions.resolve(request.model_version) if request.model_version else self.served
+        user_ids, peer_ids = self._matrix_ids(request)
+        row_values = peer_ids.size * info.num_labels
+        check_reply_size(row_values, f"one row of {row_values} scores", "send fewer peer_ids", info.max_message_bytes)
+        rows = max(1, min(MATRIX_BLOCK_BYTES, info.max_message_bytes // 2) // (4 * row_values))
+        loop, compute_s = asyncio.get_running_loop(), 0.0
+        for first in range(0, user_ids.size, rows):
+            block = user_ids[first : first + rows]
+            start = time.perf_counter()
+            scores = await loop.run_in_executor(None, served.cache.score_matrix, block, peer_ids)
+            compute_s += time.perf_counter() - start
+            reply = pb.ScoreMatrixResponse(
+                scores=tensor_proto(finite_output(scores, "scores")),
+                label_names=info.label_names,
+                model_version=served.info.version,
+                first_user=first,
+            )
+            await context.write(reply)
+        self.metrics.execution(CACHED, rows=user_ids.size * peer_ids.size, requests=1, compute_s=compute_s)
+
     async def _score_tick(self, request: pb.ScoreTickRequest, context) -> pb.ScoreTickResponse:
         """A matching tick (docs/tick.md): top-k per person from the cached vectors, in a worker thread."""
         served = self.versions.resolve(request.model_version) if request.model_version else self.served
@@ -156,10 +192,10 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
 
     def _tick_people(self, request: pb.ScoreTickRequest) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         """(pool or None, row ids, column ids): a pool is both rows and columns; else users x peers."""
-        limit = (self.info.max_peers, "max_peers")
-        pool = tick_ids(request.pool_ids, request.pool_ids_packed, "pool_ids", *limit, required=False)
-        users = tick_ids(request.user_ids, request.user_ids_packed, "user_ids", *limit, required=False)
-        peers = tick_ids(request.peer_ids, request.peer_ids_packed, "peer_ids", *limit, required=False)
+        limit = (self.info.max_tick_ids, "max_tick_ids")
+        pool = id_list(request.pool_ids, request.pool_ids_packed, "pool_ids", *limit, required=False, distinct=True)
+        users = id_list(request.user_ids, request.user_ids_packed, "user_ids", *limit, required=False, distinct=True)
+        peers = id_list(request.peer_ids, request.peer_ids_packed, "peer_ids", *limit, required=False, distinct=True)
         if pool is not None:
             if users is not None or peers is not None:
                 raise InvalidInput(
@@ -267,36 +303,6 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         )
 
 
-def tick_ids(
-    repeated: Sequence[int], packed: bytes, field: str, max_ids: int, limit: str, *, required: bool = True
-) -> np.ndarray | None:
-    """A list of distinct ids sent as `field` (repeated int64) or `field`_packed (little-endian int64
-    bytes), exactly one of the two; None when neither is sent and not `required`."""
-    if len(repeated) and len(packed):
-        raise InvalidInput(f"{field} and {field}_packed are both set; send the ids in one of them")
-    if len(packed):
-        if len(packed) % 8:
-            raise InvalidInput(
-                f"{field}_packed has {len(packed)} bytes; it holds little-endian int64 ids, 8 bytes each"
-            )
-        ids = np.frombuffer(packed, dtype="<i8").astype(np.int64, copy=False)
-        field = f"{field}_packed"
-    elif len(repeated):
-        ids = np.fromiter(repeated, dtype=np.int64, count=len(repeated))
-    elif required:
-        raise InvalidInput(f"{field} is empty; send between 1 and {max_ids} ids")
-    else:
-        return None
-    if ids.size > max_ids:
-        raise InvalidInput(f"{field} has {ids.size} ids, above the server's {limit} of {max_ids}; split the request")
-    if not field.startswith("blocked_"):
-        ordered = np.sort(ids)
-        dup = ordered[1:][ordered[1:] == ordered[:-1]]
-        if dup.size:
-            raise InvalidInput(f"{field} must hold distinct ids; {int(dup[0])} appears more than once")
-    return ids
-
-
 _LABEL_SPACES = {pb.ScoreTickRequest.PROBABILITY: tick.PROBABILITY, pb.ScoreTickRequest.LOGIT: tick.LOGIT}
 _MUTUALS = {
     pb.ScoreTickRequest.ONE_WAY: tick.ONE_WAY,
@@ -309,10 +315,10 @@ _MUTUALS = {
 def _blocked_pairs(request: pb.ScoreTickRequest) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The caller's blocked (user, peer) pairs as two parallel id arrays (None: none given)."""
     bound = (MAX_BLOCKED_PAIRS, "bound on blocked pairs")
-    blocked_a = tick_ids(
+    blocked_a = id_list(
         request.blocked_user_ids, request.blocked_user_ids_packed, "blocked_user_ids", *bound, required=False
     )
-    blocked_b = tick_ids(
+    blocked_b = id_list(
         request.blocked_peer_ids, request.blocked_peer_ids_packed, "blocked_peer_ids", *bound, required=False
     )
     sizes = (0 if blocked_a is None else blocked_a.size, 0 if blocked_b is None else blocked_b.size)

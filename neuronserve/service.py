@@ -71,6 +71,7 @@ class ModelInfo:
     max_message_bytes: int
     platform: str = "neuronserve"  # the server puts the backend in it, e.g. neuronserve_cpu
     oip_version: str = "1"  # oip_version_of(version)
+    max_tick_ids: int = 20_000  # people in a ScoreTick pool (or users, or peers)
 
     @property
     def oip_platform(self) -> str:
@@ -260,12 +261,47 @@ def one_user(array: np.ndarray, field: str, width: int, allow_vector: bool) -> n
     return array.reshape(1, width)
 
 
-def id_array(values: Sequence[int], field: str, max_ids: int, limit: str) -> np.ndarray:
-    ids = np.fromiter(values, dtype=np.int64, count=len(values))
-    if ids.size < 1:
+def id_list(
+    repeated: Sequence[int],
+    packed: bytes,
+    field: str,
+    max_ids: int,
+    limit: str,
+    *,
+    required: bool = True,
+    distinct: bool = False,
+) -> np.ndarray | None:
+    """Ids sent as `field` (repeated int64) or `field`_packed (little-endian int64 bytes, decoded with no
+    Python int per id), exactly one of the two; None when neither is sent and not `required`."""
+    if len(repeated) and len(packed):
+        raise InvalidInput(f"{field} and {field}_packed are both set; send the ids in one of them")
+    if len(packed):
+        if len(packed) % 8:
+            raise InvalidInput(
+                f"{field}_packed has {len(packed)} bytes; it holds little-endian int64 ids, 8 bytes each"
+            )
+        ids = np.frombuffer(packed, dtype="<i8").astype(np.int64, copy=False)
+        field = f"{field}_packed"
+    elif len(repeated):
+        ids = np.fromiter(repeated, dtype=np.int64, count=len(repeated))
+    elif required:
         raise InvalidInput(f"{field} is empty; send between 1 and {max_ids} ids")
+    else:
+        return None
     if ids.size > max_ids:
         raise InvalidInput(f"{field} has {ids.size} ids, above the server's {limit} of {max_ids}; split the request")
+    if distinct:
+        ordered = np.sort(ids)
+        dup = ordered[1:][ordered[1:] == ordered[:-1]]
+        if dup.size:
+            raise InvalidInput(f"{field} must hold distinct ids; {int(dup[0])} appears more than once")
+    return ids
+
+
+def ids_required(repeated: Sequence[int], packed: bytes, field: str, max_ids: int, limit: str) -> np.ndarray:
+    """id_list for a list that must be sent."""
+    ids = id_list(repeated, packed, field, max_ids, limit)
+    assert ids is not None  # required: id_list raised otherwise
     return ids
 
 

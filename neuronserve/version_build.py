@@ -49,6 +49,7 @@ def model_info(manifest, config: ServerConfig, backend_name: str):
         label_dim=cfg.label_dim,
         label_names=tuple(manifest.label_names),
         max_peers=config.max_peers,
+        max_tick_ids=config.max_tick_ids,
         max_tower_rows=config.batching.max_queue_rows,
         max_message_bytes=config.max_message_bytes,
         platform=f"neuronserve_{backend_name}",

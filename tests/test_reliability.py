@@ -137,7 +137,7 @@ def finish(call, streaming: bool) -> grpc.StatusCode:
 def test_10000_malformed_bodies_on_every_rpc_are_invalid_argument_counted_and_never_a_traceback(cpu, cpu_server, caplog):
     rounds, per_rpc_round = 5, 140
     rpcs = every_rpc()
-    assert len(rpcs) == 20  # 5 scorer + 8 OIP + 3 repository (Triton) + health Check, List and Watch + reflection
+    assert len(rpcs) == 21  # 6 scorer + 8 OIP + 3 repository (Triton) + health Check, List and Watch + reflection
     rng = np.random.default_rng(12)
     bodies = {path: malformed_bodies(cls, rng, rounds * per_rpc_round) for path, cls, _, _ in rpcs}
     good = score_request(rng_features(3, 1, F), rng_features(4, 9, F))

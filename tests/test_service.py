@@ -222,6 +222,66 @@ def test_score_by_ids_equals_score_and_score_matrix_equals_per_user_score(cpu, s
     np.testing.assert_allclose(array(reply.scores), per_user[2][[36, 0, 17]], atol=1e-5)
 
 
+def packed(ids) -> bytes:
+    return np.asarray(ids, dtype="<i8").tobytes()
+
+
+def test_packed_ids_equal_repeated_ids_on_every_rpc_that_takes_many(cpu, small_artifact):
+    cfg = small_artifact.model_config
+    user_ids, peer_ids = [20, 21], list(range(300, 340))
+    users, peers = rng_features(41, 2, cfg.user_features), rng_features(42, len(peer_ids), cfg.peer_features)
+    request = pb.UpsertEmbeddingsRequest(kind=pb.USER, ids_packed=packed(user_ids), features=tensor(users))
+    assert cpu.scorer.UpsertEmbeddings(request, timeout=10).upserted == 2
+    upsert(cpu, pb.PEER, peer_ids, peers)
+    by_ids = cpu.scorer.ScoreByIds(pb.ScoreByIdsRequest(user_id=21, peer_ids=peer_ids), timeout=10)
+    by_packed = cpu.scorer.ScoreByIds(pb.ScoreByIdsRequest(user_id=21, peer_ids_packed=packed(peer_ids)), timeout=10)
+    np.testing.assert_array_equal(array(by_ids.scores), array(by_packed.scores))
+    matrix = cpu.scorer.ScoreMatrix(pb.ScoreMatrixRequest(user_ids=user_ids, peer_ids=peer_ids), timeout=10)
+    request = pb.ScoreMatrixRequest(user_ids_packed=packed(user_ids), peer_ids_packed=packed(peer_ids))
+    np.testing.assert_array_equal(array(matrix.scores), array(cpu.scorer.ScoreMatrix(request, timeout=10).scores))
+    np.testing.assert_allclose(array(matrix.scores)[1], array(by_ids.scores), atol=1e-5)  # matmul vs einsum
+
+
+@pytest.mark.parametrize(
+    "rpc, request_, words",
+    [
+        ("ScoreByIds", pb.ScoreByIdsRequest(user_id=1, peer_ids=[1], peer_ids_packed=packed([1])), ["peer_ids", "both"]),
+        ("ScoreByIds", pb.ScoreByIdsRequest(user_id=1, peer_ids_packed=b"1234567"), ["peer_ids_packed", "7 bytes"]),
+        ("ScoreMatrix", pb.ScoreMatrixRequest(user_ids_packed=b"123", peer_ids=[1]), ["user_ids_packed", "3 bytes"]),
+        ("UpsertEmbeddings", pb.UpsertEmbeddingsRequest(kind=pb.PEER, ids=[1], ids_packed=packed([1]), features=tensor(np.zeros((1, 16), np.float32))), ["ids", "both"]),  # 16: the small artifact's F
+    ],
+)
+def test_packed_ids_that_are_malformed_or_sent_twice_are_invalid_argument_naming_the_field(cpu, rpc, request_, words):
+    error = rpc_error(getattr(cpu.scorer, rpc), request_, timeout=10)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and all(w in error.details() for w in words), error.details()
+
+
+def test_score_matrix_stream_sends_a_matrix_larger_than_one_message_in_blocks_equal_to_the_unary_one(loop_thread, small_artifact):
+    cfg = small_artifact.model_config
+    server = start_server(loop_thread, small_artifact, backend="cpu", cores=1, max_message_bytes=32 * 1024)
+    stubs = Stubs(server.port)
+    try:
+        user_ids, peer_ids = list(range(MAX_PEERS)), list(range(1000, 1000 + MAX_PEERS))
+        upsert(stubs, pb.USER, user_ids, rng_features(51, len(user_ids), cfg.user_features))
+        upsert(stubs, pb.PEER, peer_ids, rng_features(52, len(peer_ids), cfg.peer_features))
+        request = pb.ScoreMatrixRequest(user_ids=user_ids, peer_ids=peer_ids)  # 64 x 64 x 3 float32: 49 KB > 32 KB
+        assert rpc_error(stubs.scorer.ScoreMatrix, request, timeout=10).code() == grpc.StatusCode.INVALID_ARGUMENT
+        blocks = list(stubs.scorer.ScoreMatrixStream(request, timeout=10))
+        assert len(blocks) >= 2 and all(b.ByteSize() < 32 * 1024 for b in blocks)
+        assert [b.first_user for b in blocks] == list(np.cumsum([0] + [b.scores.shape[0] for b in blocks[:-1]]))
+        whole = np.concatenate([array(b.scores) for b in blocks])
+        assert whole.shape == (len(user_ids), len(peer_ids), cfg.num_labels)
+        for rows in (slice(0, 30), slice(30, 64)):  # the unary call, on blocks that fit one message
+            part = pb.ScoreMatrixRequest(user_ids=user_ids[rows], peer_ids=peer_ids)
+            np.testing.assert_allclose(whole[rows], array(stubs.scorer.ScoreMatrix(part, timeout=10).scores), atol=1e-5)
+        missing = pb.ScoreMatrixRequest(user_ids=[99999], peer_ids=peer_ids)
+        error = rpc_error(lambda r, timeout: list(stubs.scorer.ScoreMatrixStream(r, timeout=timeout)), missing, timeout=10)
+        assert error.code() == grpc.StatusCode.NOT_FOUND and "99999" in error.details()
+    finally:
+        stubs.channel.close()
+        loop_thread.run(server.stop(5.0))
+
+
 def test_upsert_overwrites_an_id(cpu, small_artifact):
     cfg = small_artifact.model_config
     first, second = rng_features(41, 1, cfg.user_features), rng_features(42, 1, cfg.user_features)

@@ -228,7 +228,7 @@ MAX_PEERS = 64
 @pytest.fixture(scope="module")
 def served(small_artifact):
     loop = LoopThread()
-    server = Server(ServerConfig(artifact=str(small_artifact.directory), port=0, metrics_port=None, max_peers=MAX_PEERS, backend="cpu", cores=1))
+    server = Server(ServerConfig(artifact=str(small_artifact.directory), port=0, metrics_port=None, max_peers=MAX_PEERS, max_tick_ids=MAX_PEERS, backend="cpu", cores=1))
     loop.run(server.start())
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     stub = pb_grpc.ScorerStub(channel)
@@ -339,7 +339,7 @@ def bad_cases(pool):
         ("weights-length", dict(pool_ids=p, k=2, weights=[1.0]), INVALID, ["weights has 1 values"]),
         ("weights-nan", dict(pool_ids=p, k=2, weights=[1.0, float("nan"), 1.0]), INVALID, ["weights[1]", "finite"]),
         ("weights-inf", dict(pool_ids=p, k=2, weights=[float("-inf"), 1.0, 1.0]), INVALID, ["weights[0]", "finite"]),
-        ("pool-above-max-peers", dict(pool_ids_packed=packed(np.arange(1, MAX_PEERS + 2)), k=2), INVALID, ["pool_ids_packed", str(MAX_PEERS + 1), "max_peers"]),
+        ("pool-above-max-tick-ids", dict(pool_ids_packed=packed(np.arange(1, MAX_PEERS + 2)), k=2), INVALID, ["pool_ids_packed", str(MAX_PEERS + 1), "max_tick_ids"]),
         ("duplicate-pool-ids", dict(pool_ids=p[:4] + [p[1]], k=2), INVALID, ["pool_ids", "distinct", str(p[1])]),
         ("duplicate-peer-ids", dict(user_ids=p[:2], peer_ids=[p[3], p[3]], k=1), INVALID, ["peer_ids", "distinct"]),
         ("both-forms", dict(pool_ids=p[:4], pool_ids_packed=packed(p[:4]), k=2), INVALID, ["pool_ids and pool_ids_packed"]),
