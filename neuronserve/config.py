@@ -239,6 +239,7 @@ class ServerConfig:
     model_control: str = "none"  # none | explicit (RepositoryModelLoad/Unload) | poll (rescan every repository_poll_s)
     version_policy: str = "latest:1"  # latest[:N] | all | specific:V1,V2 (repository.VersionPolicy.parse)
     repository_poll_s: float = 5.0  # --model-control poll: seconds between rescans
+    experiment: str | None = None  # JSON spec of an A/B or switch-back between two versions (experiments.py)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     sim: SimConfig = field(default_factory=SimConfig)
 
@@ -324,6 +325,10 @@ class ServerConfig:
             "use workers 1 and embedding_store embedded",
         )
         VersionPolicy.parse(self.version_policy)
+        _require(
+            self.experiment is None or self.model_repository is not None,
+            "experiment needs a model repository serving both of its versions: pass --model-repository DIR",
+        )
         _require(self.repository_poll_s > 0, f"repository_poll_s must be > 0, got {self.repository_poll_s}")
 
 

@@ -10,6 +10,10 @@ parameters alone; nothing here serves. Contract:
   changes arm starts with `burn_in_s` of burn-in: served by its arm, flagged so analysis drops it
   (carry-over from the previous arm: matches already in flight).
 - A request naming its version explicitly is served by it, arm "explicit", outside the experiment.
+- A request the experiment does not apply to (A/B: no single user id; switch-back: before its start)
+  gets the default version, arm "default" (versions.VersionTable.route applies this order).
+A design is written as a JSON spec (`serve --experiment FILE`, `experiment assign --spec FILE`), its
+keys the CLI's flags: design, control, candidate, share, salt, seed, window_s, burn_in_s, start.
 Time comes from an injected clock (a callable returning seconds), so tests run on a fake clock.
 The CLI (`neuronserve experiment assign|schedule`) reproduces any (user, time) and the schedule.
 """
@@ -25,10 +29,12 @@ import time
 from dataclasses import asdict, dataclass
 from collections.abc import Callable
 
+from neuronserve.config import read_json_object
 from neuronserve.errors import ConfigError
 
 BUCKETS = 10_000
-CONTROL, CANDIDATE, EXPLICIT = "control", "candidate", "explicit"
+CONTROL, CANDIDATE, EXPLICIT, DEFAULT = "control", "candidate", "explicit", "default"
+ARMS = (DEFAULT, CONTROL, CANDIDATE, EXPLICIT)  # every arm a reply or a metric label names
 
 
 def user_bucket(user_id: int, salt: str = "") -> int:
@@ -127,10 +133,13 @@ class SwitchBack:
         return [self.window(i) for i in range(int(math.ceil((until_s - self.start_s) / self.window_s)))]
 
 
+Design = ABTest | SwitchBack
+
+
 class Experiment:
     """An A/B test or a switch-back over the injected clock; explicit versions bypass it."""
 
-    def __init__(self, design, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, design: Design, clock: Callable[[], float] = time.time) -> None:
         self.design, self.clock = design, clock
 
     def assign(self, user_id: int, explicit_version: int | None = None) -> Assignment:
@@ -139,6 +148,51 @@ class Experiment:
         if isinstance(self.design, ABTest):
             return self.design.assign(user_id)
         return self.design.assign(self.clock())
+
+    def route(self, user_id: int | None) -> Assignment | None:
+        """A served request's assignment, or None when the experiment does not apply to it: an A/B
+        request without one user id, a switch-back request before the experiment's start."""
+        design = self.design
+        if isinstance(design, ABTest):
+            return None if user_id is None else design.assign(user_id)
+        t = self.clock()
+        return None if t < design.start_s else design.assign(t)
+
+
+_SPEC_KEYS = ("design", "control", "candidate", "share", "salt", "seed", "window_s", "burn_in_s", "start")
+
+
+def design_from_spec(spec: dict, source: str = "experiment spec") -> Design:
+    """An ABTest or SwitchBack from a JSON object keyed as the CLI's flags (module docstring); a
+    ConfigError naming `source` and the key for anything else."""
+    unknown = sorted(set(spec) - set(_SPEC_KEYS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown keys {unknown}; known keys: {', '.join(_SPEC_KEYS)}")
+    if spec.get("design") not in ("ab", "switchback"):
+        raise ConfigError(f'{source}: \'design\' must be "ab" or "switchback", got {spec.get("design")!r}')
+    for key in ("control", "candidate", "seed"):
+        value = spec.get(key, 0 if key == "seed" else None)
+        if isinstance(value, bool) or not isinstance(value, int) or (key != "seed" and value < 1):
+            raise ConfigError(
+                f"{source}: {key!r} must be {'an integer' if key == 'seed' else 'a positive integer version'}, got {value!r}"
+            )
+    if spec["control"] == spec["candidate"]:
+        raise ConfigError(f"{source}: control and candidate are both version {spec['control']}; name two versions")
+    for key in ("share", "window_s", "burn_in_s", "start"):
+        value = spec.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{source}: {key!r} must be a finite number, got {value!r}")
+    if not isinstance(spec.get("salt", ""), str):
+        raise ConfigError(f"{source}: 'salt' must be a string, got {spec['salt']!r}")
+    try:
+        return _design(argparse.Namespace(**{k: spec.get(k) for k in _SPEC_KEYS}))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_design(path: str) -> Design:
+    """The design of the JSON spec file at `path` (design_from_spec)."""
+    return design_from_spec(read_json_object(path, f"experiment spec {path}"), f"experiment spec {path}")
 
 
 # ---- the CLI: `neuronserve experiment assign|schedule` ------------------------------------------
@@ -169,6 +223,9 @@ def register(subparsers) -> None:
         p.add_argument("--window-s", type=float, default=3600.0)
         p.add_argument("--burn-in-s", type=float, default=0.0)
         p.add_argument("--start", type=float, default=0.0, help="switch-back: the experiment's start (unix seconds)")
+        p.add_argument(
+            "--spec", default=None, help="a JSON spec as `serve --experiment` reads (replaces the flags above)"
+        )
         if name == "assign":
             p.add_argument("--user", type=int, required=True)
             p.add_argument("--time", type=float, default=None, help="unix seconds (default: now)")
@@ -177,15 +234,24 @@ def register(subparsers) -> None:
         p.set_defaults(func=_command)
 
 
-def _design(args):
+def _design(args) -> Design:
+    """A design from the CLI's flags, or a spec's keys (None: the flag's default)."""
     if args.design == "ab":
-        return ABTest(args.control, args.candidate, 0.1 if args.share is None else args.share, args.salt)
+        return ABTest(args.control, args.candidate, 0.1 if args.share is None else args.share, args.salt or "")
     share = 0.5 if args.share is None else args.share
-    return SwitchBack(args.control, args.candidate, args.seed, args.window_s, args.burn_in_s, args.start, share)
+    return SwitchBack(
+        args.control,
+        args.candidate,
+        args.seed or 0,
+        3600.0 if args.window_s is None else args.window_s,
+        args.burn_in_s or 0.0,
+        args.start or 0.0,
+        share,
+    )
 
 
 def _command(args: argparse.Namespace) -> int:
-    design = _design(args)
+    design = load_design(args.spec) if args.spec else _design(args)
     if args.action == "assign":
         t = time.time() if args.time is None else args.time
         assignment = Experiment(design, clock=lambda: t).assign(args.user)

@@ -73,6 +73,10 @@ FAMILIES: dict[str, tuple[str, str]] = {
     ),
     "nv_inference_pending_request_count": ("gauge", "Requests queued, not yet in a batch"),
     "neuronserve_request_duration_seconds": ("histogram", "Successful requests' time in the server, seconds"),
+    "neuronserve_requests_total": (
+        "counter",
+        "Requests routed to a version, by model, integer version, arm (default, control, candidate, explicit) and status",
+    ),
     "neuronserve_batch_rows": ("histogram", "Rows per executed batch"),
     "neuronserve_queue_rows": ("gauge", "Rows queued, not yet in a batch"),
     "neuronserve_in_flight_batches": ("gauge", "Batches running now"),

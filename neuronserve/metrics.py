@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover
 
 from neuronserve.metric_families import FAMILIES, LATENCY_BUCKETS_S, Collector, Labels, Sample
 from neuronserve.metric_sources import batcher_samples, process_samples
+from neuronserve.versions import ROUTED
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ class Metrics:
         self.version = version
         self._bounds: tuple[int, ...] = tuple(sorted(set(int(b) for b in batch_buckets)))
         self._models: dict[str, _ModelCounters] = {}  # copied on write (a new model)
+        # (model, integer version, arm, status) -> requests: neuronserve_requests_total; copied on write
+        self._routed: dict[tuple[str, int, str, str], int] = {}
         self._collectors: tuple[Collector, ...] = (process_samples,)  # copied on write
         self._batcher_stats: dict[str, Callable] = {}  # copied on write
         self._write = threading.Lock()  # the rare structural changes above
@@ -125,7 +128,16 @@ class Metrics:
 
     def request(self, model: str, status: str, duration_s: float) -> None:
         """One request answered: status "OK" or the gRPC status name it failed with. A successful one
-        also goes into neuronserve_request_duration_seconds."""
+        also goes into neuronserve_request_duration_seconds. A request routed to a version (its
+        versions.Route in ROUTED, this task's) is counted by version and arm too."""
+        route = ROUTED.get()
+        if route is not None:
+            ROUTED.set(None)
+            key = (model, route.version, route.arm, status)
+            if key in self._routed:
+                self._routed[key] += 1
+            else:  # bounded: the served versions x 4 arms x statuses
+                self._routed = {**self._routed, key: 1}
         counters = self._models.get(model) or self._model(model)
         counters.last_request_ms = int(time.time() * 1e3)
         if status == "OK":
@@ -219,6 +231,10 @@ class Metrics:
                 "neuronserve_request_duration_seconds", mv, latency_le, list(c.latency_counts), c.request_s
             )
             out += _histogram("neuronserve_batch_rows", mv, batch_le, list(c.batch_counts), c.rows)
+        out += [
+            Sample("neuronserve_requests_total", (("model", m), ("version", str(v)), ("arm", a), ("status", s)), n)
+            for (m, v, a, s), n in sorted(self._routed.items())
+        ]
         for collector in self._collectors:
             try:
                 out.extend(_collect(collector))

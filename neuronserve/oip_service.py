@@ -112,6 +112,25 @@ def model_statistics(stats, version: str) -> oip.ModelStatistics:
     )
 
 
+def user_id_of(parameters) -> int | None:
+    """ModelInfer's request parameter `user_id` (int64, or a decimal string of one) for an A/B
+    experiment; None when unset (the request is outside an A/B)."""
+    if "user_id" not in parameters:
+        return None
+    parameter = parameters["user_id"]
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind == "int64_param":
+        return int(parameter.int64_param)
+    if kind == "string_param":
+        try:
+            value = int(parameter.string_param)
+        except ValueError:
+            value = None
+        if value is not None and -(2**63) <= value < 2**63:
+            return value
+    raise InvalidInput(f"parameter user_id must be an int64 (or a decimal string of one), got {echo(str(parameter))}")
+
+
 class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService: models `twotower` (SCORES [M, K] logits) and the two towers;
     the OIP's six RPCs plus Triton's ModelConfig and ModelStatistics, which perf_analyzer calls."""
@@ -268,7 +287,8 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: oip.ModelInferRequest, context) -> oip.ModelInferResponse:
         model = self._model(request.model_name, request.model_version)
-        served = self.versions.resolve(request.model_version) if request.model_version else self.served
+        route = self.versions.route(request.model_version, user_id_of(request.parameters))
+        served = route.served
         arrays = self._inputs(model, request)
         output = model.outputs[0].name  # each model has one output; a request may name it, once
         if request.outputs:
@@ -297,6 +317,7 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
         data = np.ascontiguousarray(out, dtype=F32_LE).tobytes()
         # raw contents, as Triton answers
         response = oip.ModelInferResponse(model_name=model.name, model_version=served.info.oip_version, id=request.id)
+        response.parameters["arm"].string_param = route.arm  # explicit | control | candidate | default
         response.outputs.add(name=output, datatype=FP32, shape=out.shape)  # (nested kwargs: 2x slower)
         response.raw_output_contents.append(data)
         return response

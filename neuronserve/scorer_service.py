@@ -60,7 +60,8 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
 
     async def _score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         info = self.info
-        served = self.versions.resolve(request.model_version) if request.model_version else self.served
+        route = self.versions.route(request.model_version, request.user_id if request.HasField("user_id") else None)
+        served = route.served
         user = one_user(tensor_array(request.user_features, "user_features"), "user_features", info.user_features, True)
         peers = feature_rows(
             tensor_array(request.peer_features, "peer_features"),
@@ -73,12 +74,16 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         scores = await served.runtime.score(user, peers, deadline_of(context))
         scores_checked(scores, (user, peers), ("user_features", "peer_features"))
         return pb.ScoreResponse(
-            scores=tensor_proto(scores), label_names=info.label_names, model_version=served.info.version
+            scores=tensor_proto(scores),
+            label_names=info.label_names,
+            model_version=served.info.version,
+            version=served.version,
+            arm=route.arm,
         )
 
     async def _upsert(self, request: pb.UpsertEmbeddingsRequest, context) -> pb.UpsertEmbeddingsResponse:
         info = self.info
-        served = self.versions.resolve(request.model_version) if request.model_version else self.served
+        served = self.versions.route(request.model_version, experiment=False).served  # upserts go where named
         if request.kind not in (pb.USER, pb.PEER):
             name = pb.EntityKind.Name(request.kind) if request.kind in pb.EntityKind.values() else str(request.kind)
             raise InvalidInput(f"kind must be USER or PEER, got {name}")
@@ -103,7 +108,8 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         return pb.UpsertEmbeddingsResponse(upserted=ids.size, cache_rows=rows, model_version=served.info.version)
 
     async def _score_by_ids(self, request: pb.ScoreByIdsRequest, context) -> pb.ScoreResponse:
-        served = self.versions.resolve(request.model_version) if request.model_version else self.served
+        route = self.versions.route(request.model_version, int(request.user_id))
+        served = route.served
         peer_ids = ids_required(request.peer_ids, request.peer_ids_packed, "peer_ids", self.info.max_peers, "max_peers")
         labels = self.info.num_labels
         check_reply_size(
@@ -117,7 +123,11 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         finite_output(scores, "scores")
         self.metrics.execution(CACHED, rows=peer_ids.size, requests=1, compute_s=time.perf_counter() - start)
         return pb.ScoreResponse(
-            scores=tensor_proto(scores), label_names=self.info.label_names, model_version=served.info.version
+            scores=tensor_proto(scores),
+            label_names=self.info.label_names,
+            model_version=served.info.version,
+            version=served.version,
+            arm=route.arm,
         )
 
     async def _score_matrix(self, request: pb.ScoreMatrixRequest, context) -> pb.ScoreMatrixResponse:
@@ -128,7 +138,8 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         (26 M for that tick: a few ms on one host core). Runs in a worker thread (BLAS releases the GIL),
         so the event loop keeps serving; the cache swaps whole arrays on upsert, so readers stay consistent."""
         info = self.info
-        served = self.versions.resolve(request.model_version) if request.model_version else self.served
+        route = self.versions.route(request.model_version)  # several users: A/B does not apply
+        served = route.served
         user_ids, peer_ids = self._matrix_ids(request)
         check_reply_size(
             user_ids.size * peer_ids.size * info.num_labels,
@@ -145,6 +156,8 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
             scores=tensor_proto(finite_output(scores, "scores")),
             label_names=info.label_names,
             model_version=served.info.version,
+            version=served.version,
+            arm=route.arm,
         )
 
     def _matrix_ids(self, request: pb.ScoreMatrixRequest) -> tuple[np.ndarray, np.ndarray]:
@@ -159,7 +172,8 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         least, and within max_message_bytes), written in order. Each block reads one snapshot of the
         cache: an upsert between two blocks shows in the later one. A caller that goes away stops it."""
         info = self.info
-        served = self.versions.resolve(request.model_version) if request.model_version else self.served
+        route = self.versions.route(request.model_version)  # several users: A/B does not apply
+        served = route.served
         user_ids, peer_ids = self._matrix_ids(request)
         row_values = peer_ids.size * info.num_labels
         check_reply_size(row_values, f"one row of {row_values} scores", "send fewer peer_ids", info.max_message_bytes)
@@ -175,20 +189,25 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
                 label_names=info.label_names,
                 model_version=served.info.version,
                 first_user=first,
+                version=served.version,
+                arm=route.arm,
             )
             await context.write(reply)
         self.metrics.execution(CACHED, rows=user_ids.size * peer_ids.size, requests=1, compute_s=compute_s)
 
     async def _score_tick(self, request: pb.ScoreTickRequest, context) -> pb.ScoreTickResponse:
         """A matching tick (docs/tick.md): top-k per person from the cached vectors, in a worker thread."""
-        served = self.versions.resolve(request.model_version) if request.model_version else self.served
+        route = self.versions.route(request.model_version)  # several users: A/B does not apply
+        served = route.served
         pool, rows, cols = self._tick_people(request)
         blocked_a, blocked_b = _blocked_pairs(request)
         spec = self._tick_spec(request, rows, cols, pool is not None)
         start = time.perf_counter()
         result = await asyncio.to_thread(self._tick, served.cache, pool, rows, cols, blocked_a, blocked_b, spec)
         self.metrics.execution(CACHED, rows=rows.size * cols.size, requests=1, compute_s=time.perf_counter() - start)
-        return self._tick_reply(result, spec, served.info.version)
+        reply = self._tick_reply(result, spec, served.info.version)
+        reply.version, reply.arm = served.version, route.arm
+        return reply
 
     def _tick_people(self, request: pb.ScoreTickRequest) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         """(pool or None, row ids, column ids): a pool is both rows and columns; else users x peers."""

@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from collections.abc import Callable
 
@@ -45,7 +46,8 @@ def grpc_address(host: str, port: int) -> str:
 class Server:
     """One serving process's objects, started and stopped on the running event loop."""
 
-    def __init__(self, config: ServerConfig, member: PoolMember | None = None) -> None:
+    def __init__(self, config: ServerConfig, member: PoolMember | None = None, clock=time.time) -> None:
+        self.clock = clock  # the --experiment's clock (experiments.py): tests inject a fake one
         if config.artifact is None and config.model_repository is None:
             raise ConfigError(
                 "no artifact configured: pass --artifact DIR (or NEURONSERVE_ARTIFACT, or 'artifact' in --config)"
@@ -154,13 +156,15 @@ class Server:
 
         config = self.config
         from neuronserve.versions import ServedVersion, VersionTable
+        from neuronserve.version_build import experiment_of
 
         info = model_info(self.manifest, config, self.backend.name)
         if self._first_version is not None:  # a repository's integer version
             info = dataclasses.replace(info, oip_version=str(self._first_version))
         self.state = ServingState()
         self.versions = VersionTable(
-            ServedVersion(int(info.oip_version), info, None, self.cache, manifest=self.manifest)
+            ServedVersion(int(info.oip_version), info, None, self.cache, manifest=self.manifest),
+            experiment_of(config, self.clock),
         )
         peers = self.member.peer_addresses if self.member is not None else None
         self._servicers = [

@@ -223,6 +223,12 @@ SETTINGS: tuple[_Setting, ...] = (
         "versions of the repository's model to serve: latest, latest:N, all or specific:V1,V2; requests naming no version get the highest",
     ),
     _Setting("repository_poll_s", _number, "S", "--model-control poll: seconds between rescans of the repository"),
+    _Setting(
+        "experiment",
+        _optional(_text),
+        "FILE",
+        'JSON spec of an experiment between two versions of --model-repository, e.g. {"design": "ab", "control": 1, "candidate": 2, "share": 0.1} or {"design": "switchback", "control": 1, "candidate": 2, "seed": 7, "window_s": 1800, "burn_in_s": 300, "start": UNIX_S}; requests naming no version are routed by it (docs/lifecycle.md)',
+    ),
     _Setting("max_queue_delay_ms", _number, "MS", "batching delay bound from the oldest queued request"),
     _Setting("max_queue_rows", _integer, "ROWS", "queue bound in rows (memory); past it RESOURCE_EXHAUSTED at once"),
     _Setting(

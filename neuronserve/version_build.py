@@ -74,6 +74,28 @@ def first_artifact(config: ServerConfig) -> tuple[Any, int | None]:
     return scan.path(scan.selected[-1]), scan.selected[-1]
 
 
+def experiment_of(config: ServerConfig, clock):
+    """--experiment's experiments.Experiment on `clock` (None without one). Its two versions must be in
+    the repository and selected by the version policy: a ConfigError naming them otherwise (at start-up;
+    a version unloaded later sends its arm's requests to the default version, versions.VersionTable)."""
+    if config.experiment is None:
+        return None
+    from neuronserve.experiments import Experiment, load_design
+    from neuronserve.repository import Repository, VersionPolicy
+
+    design = load_design(config.experiment)
+    repository = Repository(Path(str(config.model_repository)))
+    scan = repository.scan(repository.only_model(), VersionPolicy.parse(config.version_policy))
+    missing = [v for v in (design.control, design.candidate) if v not in scan.selected]
+    if missing:
+        raise ConfigError(
+            f"experiment spec {config.experiment}: version {missing} is not served; the version policy "
+            f"{config.version_policy} selects {list(scan.selected)} of {list(scan.versions)} in {config.model_repository} "
+            "(serve both, e.g. --version-policy specific:CONTROL,CANDIDATE)"
+        )
+    return Experiment(design, clock)
+
+
 def _schema(manifest) -> tuple:
     cfg = manifest.model_config
     return cfg.user_features, cfg.peer_features, cfg.num_labels, cfg.label_dim, tuple(manifest.label_names)

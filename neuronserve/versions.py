@@ -11,17 +11,25 @@ version's batcher in one event-loop step (no await between), so once the table n
 version, every call that will use its runtime is already queued there; Runtime.close(drain) answers
 them all, then the pipeline and backend close. Calls on the cache alone (ScoreByIds, ScoreMatrix,
 ScoreTick) keep the cache object they resolved alive until they finish; nothing closes a cache.
+
+Routing (`route`), the one place a request gets its version and arm: a version the request names
+(arm "explicit"), else the experiment's assignment (experiments.py: A/B by the request's user id,
+switch-back by time; arm "control" or "candidate") when the assigned version is served, else
+`current` (arm "default"). The route is also left in the ROUTED context variable of the request's
+task, where metrics.Metrics.request reads it for the version and arm labels.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 from collections.abc import Callable
 
 from neuronserve.errors import NotFound, Unavailable
+from neuronserve.experiments import DEFAULT, EXPLICIT, Experiment
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +67,66 @@ class ServedVersion:
 Listener = Callable[["ServedVersion"], None]
 
 
+@dataclass(frozen=True)
+class Route:
+    """The version that serves a request and the arm that chose it (experiments.ARMS)."""
+
+    served: ServedVersion
+    arm: str
+
+    @property
+    def version(self) -> int:
+        return self.served.version
+
+
+# The route of the request being answered in this task (set by VersionTable.route; metrics read it).
+ROUTED: ContextVar[Route | None] = ContextVar("neuronserve_route", default=None)
+
+
 class VersionTable:
     """version -> ServedVersion, with `current` the highest; mutated on the event loop only."""
 
-    def __init__(self, first: ServedVersion) -> None:
+    def __init__(self, first: ServedVersion, experiment: Experiment | None = None) -> None:
         self._by_version: dict[int, ServedVersion] = {}
         self._by_name: dict[str, ServedVersion] = {}
         self._listeners: list[Listener] = []
         self.current = first
+        self.experiment = experiment  # --experiment: between two versions of this table
+        self._unserved_logged: tuple[int, ...] = ()  # assigned versions not served, last logged
         self._add(first)
+
+    def route(self, name: str, user_id: int | None = None, *, experiment: bool = True) -> Route:
+        """The version and arm serving a request naming version `name` ("" = none), for user `user_id`
+        (None: no single user); `experiment=False` skips the experiment (upserts go where they name).
+        Resolves and records in one step, no await (see the module docstring on draining)."""
+        if name:
+            route = Route(self.resolve(name), EXPLICIT)
+        else:
+            assigned = self._assigned(user_id) if experiment and self.experiment is not None else None
+            route = assigned or Route(self.current, DEFAULT)
+        ROUTED.set(route)
+        return route
+
+    def _assigned(self, user_id: int | None) -> Route | None:
+        """The experiment's route, or None when it does not apply or its version is not served (logged
+        once per load: the experiment resumes by itself when the version is loaded again)."""
+        assert self.experiment is not None
+        assignment = self.experiment.route(user_id)
+        if assignment is None:
+            return None
+        served = self._by_version.get(assignment.version)
+        if served is None:
+            if assignment.version not in self._unserved_logged:
+                self._unserved_logged = self._unserved_logged + (assignment.version,)
+                log.warning(
+                    "experiment: the %s version %d is not served (served: %s); its requests get version %d, arm default",
+                    assignment.arm,
+                    assignment.version,
+                    ", ".join(map(str, self.versions)) or "none",
+                    self.current.version,
+                )
+            return None
+        return Route(served, assignment.arm)
 
     def listen(self, listener: Listener) -> None:
         """`listener(current)` now and after every change of `current` (same event-loop step)."""
@@ -142,6 +201,7 @@ class VersionTable:
         return removed
 
     def _add(self, served: ServedVersion) -> None:
+        self._unserved_logged = ()  # a version loaded: log again what is still missing
         self._by_version[served.version] = served
         names = dict(self._by_name)
         for name in served.names:
