@@ -218,6 +218,9 @@ class ServerConfig:
     metrics_port: int | None = 8002
     max_peers: int = 4096
     max_tick_ids: int = 20_000  # ScoreTick: a pool's people (or users, or peers); docs/tick.md
+    # RPCs in the server at once, gRPC's own limit: more are RESOURCE_EXHAUSTED before their body is read.
+    # A bound on memory and on the work queued; near the in-flight need it also sheds overload (docs)
+    max_concurrent_rpcs: int = 256
     max_message_bytes: int = 64 * 1024 * 1024
     grace_period_s: float = 10.0
     drain_delay_s: float = 0.0  # SIGTERM: health NOT_SERVING at once, requests still served this long, then the drain
@@ -274,6 +277,7 @@ class ServerConfig:
     def _check_limits(self) -> None:
         _require(self.max_peers >= 1, f"max_peers must be >= 1, got {self.max_peers}")
         _require(self.max_tick_ids >= 1, f"max_tick_ids must be >= 1, got {self.max_tick_ids}")
+        _require(self.max_concurrent_rpcs >= 1, f"max_concurrent_rpcs must be >= 1, got {self.max_concurrent_rpcs}")
         _require(
             1024 <= self.max_message_bytes <= MAX_GRPC_MESSAGE_BYTES,
             f"max_message_bytes must be >= 1024 and <= {MAX_GRPC_MESSAGE_BYTES} (gRPC's limit), "

@@ -174,13 +174,14 @@ class Server:
             ),
         ]
         server = grpc.aio.server(
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             options=[
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 # a lone server on a taken port fails instead of sharing it; pool members share the port
                 ("grpc.so_reuseport", int(self.member is not None)),
                 *connection_options(config),  # keepalive, --max-connection-age-s (tls.py)
-            ]
+            ],
         )
         self._grpc = server
         scorer = scorer_pb2.DESCRIPTOR.services_by_name["Scorer"]

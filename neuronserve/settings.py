@@ -154,6 +154,12 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("metrics_port", _optional(_integer), "PORT", "Prometheus /metrics port, 0 = any, 'off' = none"),
     _Setting("max_peers", _integer, "M", "most peers (and users) per scoring request"),
     _Setting("max_tick_ids", _integer, "N", "most people in a ScoreTick pool (or users, or peers)"),
+    _Setting(
+        "max_concurrent_rpcs",
+        _integer,
+        "N",
+        "RPCs in the server at once; more get RESOURCE_EXHAUSTED at once (docs/benchmarks.md: overload)",
+    ),
     _Setting("max_message_bytes", _integer, "BYTES", "gRPC max send/receive message size (1024 to 2**31 - 1)"),
     _Setting("grace_period_s", _number, "S", "shutdown: seconds to answer accepted requests"),
     _Setting(

@@ -767,3 +767,26 @@ def test_a_body_that_is_not_protobuf_is_invalid_argument(cpu, method, caplog):
     assert "not a valid" in error.details() and "protobuf" in error.details()
     assert "Traceback" not in caplog.text
     assert list(cpu.scorer.Score(score_request(GOOD_USER, GOOD_PEERS), timeout=10).scores.shape) == [4, 3]
+
+
+def test_rpcs_above_max_concurrent_rpcs_are_resource_exhausted_at_once(loop_thread, small_artifact):
+    server = start_server(loop_thread, small_artifact, backend="cpu", cores=1, max_concurrent_rpcs=1)
+    stubs = Stubs(server.port)
+    try:
+        assert list(stubs.scorer.Score(score_request(GOOD_USER, GOOD_PEERS), timeout=10).scores.shape) == [4, 3]
+        watch = stubs.health.Watch(health_pb2.HealthCheckRequest(), timeout=30)  # stays open: the one RPC allowed
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        error = rpc_error(stubs.scorer.Score, score_request(GOOD_USER, GOOD_PEERS), timeout=10)
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        watch.cancel()
+        wait_until(lambda: _serves(stubs))  # the slot is free again once the stream ends
+    finally:
+        stubs.channel.close()
+        loop_thread.run(server.stop(5.0))
+
+
+def _serves(stubs) -> bool:
+    try:
+        return list(stubs.scorer.Score(score_request(GOOD_USER, GOOD_PEERS), timeout=10).scores.shape) == [4, 3]
+    except grpc.RpcError:
+        return False
