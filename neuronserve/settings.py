@@ -307,18 +307,29 @@ def _raw_values(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[st
 
 
 def _parsed_sections(values: dict[str, tuple[Any, str]]) -> dict[str, dict[str, Any]]:
-    """section -> field -> parsed value, each checked alone by its dataclass; errors name the source."""
+    """section -> field -> parsed value, each checked alone by its dataclass; errors name the source. A
+    value refused alone but accepted with the others (a rule across settings, such as --model-control
+    explicit needing --model-repository) is kept: the whole config is checked again when it is built."""
     sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    refused: list[tuple[str, str, ConfigError]] = []  # (section, source, error) of values refused alone
     for setting in SETTINGS:
         if setting.key not in values:
             continue
         raw, source = values[setting.key]
         try:
             parsed = setting.parse(raw)
-            _SECTIONS[setting.section](**{setting.field: parsed})  # the dataclass's own checks, for this value alone
         except (ValueError, ConfigError) as exc:
             raise ConfigError(f"{source}: {exc}") from None
+        try:
+            _SECTIONS[setting.section](**{setting.field: parsed})  # the dataclass's own checks, for this value alone
+        except (ValueError, ConfigError) as exc:
+            refused.append((setting.section, source, ConfigError(str(exc))))
         sections[setting.section][setting.field] = parsed
+    for section, source, alone in refused:
+        try:
+            _SECTIONS[section](**sections[section])
+        except (ValueError, ConfigError):
+            raise ConfigError(f"{source}: {alone}") from None
     return sections
 
 

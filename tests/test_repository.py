@@ -385,3 +385,17 @@ def _infer(user, peers) -> oip.ModelInferRequest:
         request.inputs.add(name=name, datatype="FP32", shape=values.shape)
         request.raw_input_contents.append(np.ascontiguousarray(values, "<f4").tobytes())
     return request
+
+
+def test_model_control_from_the_command_line_with_a_repository_is_accepted(tmp_path):
+    """A rule across settings (--model-control explicit needs --model-repository) holds for the whole
+    command line, not for each flag alone."""
+    from neuronserve.cli import build_parser as cli_parser
+    from neuronserve.settings import resolve_config
+
+    args = cli_parser().parse_args(["serve", "--model-repository", str(tmp_path), "--model-control", "explicit"])
+    config = resolve_config(args, environ={})
+    assert (config.model_control, config.model_repository) == ("explicit", str(tmp_path))
+    args = cli_parser().parse_args(["serve", "--artifact", str(tmp_path), "--model-control", "explicit"])
+    with pytest.raises(ConfigError, match="--model-control: model_control explicit or poll needs a model repository"):
+        resolve_config(args, environ={})
