@@ -485,3 +485,17 @@ def test_bad_bench_arguments_fail_before_any_load(extra, words):
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     for word in words:
         assert word in lines[0], (word, lines[0])
+
+
+def test_the_switch_summary_counts_version_changes_in_send_order_and_failures():
+    from neuronserve.bench.switches import Reply, Switch, _summarise
+
+    replies = [Reply(0.1 * i, 5.0, "OK", 1) for i in range(10)]  # steady: version 1
+    replies += [Reply(1.5, 40.0, "OK", 2), Reply(1.2, 30.0, "OK", 1), Reply(1.6, 6.0, "UNAVAILABLE", 0)]
+    summary = _summarise(replies, [Switch(2, 1.1, 1.4)])
+    assert summary.version_changes == 1  # sent in order: 1 ... 1 (at 1.2 s), then 2 (at 1.5 s)
+    assert summary.failures == {"UNAVAILABLE": 1} and not summary.ok
+    assert summary.steady_p99_ms == 5.0 and summary.loading_p99_ms == 30.0 and summary.after_p99_ms == 40.0
+    back_and_forth = replies[:3] + [Reply(0.35, 5.0, "OK", 2)]  # a version 2 reply between version 1 replies
+    assert _summarise(back_and_forth, [Switch(2, 0.3, 0.31)]).version_changes == 1
+    assert _summarise(back_and_forth + [Reply(0.4, 5.0, "OK", 1)], [Switch(2, 0.3, 0.31)]).version_changes == 2
