@@ -9,6 +9,7 @@ shutdown race are in docs/server.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -16,15 +17,31 @@ import threading
 import time
 from dataclasses import dataclass
 from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from neuronserve.admin_auth import AdminGuard, load_token
-from neuronserve.config import Placement, ServerConfig
-from neuronserve.errors import ConfigError
+from neuronserve.config import CoreGroup, Placement, ServerConfig
+from neuronserve.errors import ConfigError, Unavailable
 from neuronserve.contract import USER_TOWER
-from neuronserve.model_control import control_samples
+from neuronserve.model_control import ModelControl, control_samples
 from neuronserve.version_build import VersionBuilder, first_artifact, model_info, new_cache, start_control
 
+if TYPE_CHECKING:  # types only: grpc and the serving stack load in start(), not when the CLI imports this
+    import grpc
+    from neuronserve.artifact import Manifest
+    from neuronserve.backends.base import Backend
+    from neuronserve.embeddings import EmbeddingCache
+    from neuronserve.fleet import FleetCache, Follower
+    from neuronserve.health import DeviceWatcher, HealthServicer
+    from neuronserve.metrics import Metrics
+    from neuronserve.metrics_http import MetricsServer
+    from neuronserve.pipeline import Pipeline
+    from neuronserve.runtime import Runtime
+    from neuronserve.service import ServingState
+    from neuronserve.versions import VersionTable
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 REPLY_WRITE_S = 1.0  # shutdown: time for gRPC to write answers already given, before it cancels what is left
 
@@ -34,13 +51,19 @@ class PoolMember:
     """What makes a Server one worker of a pool (workers.py builds it in the worker, after the fork)."""
 
     index: int
-    cache: object  # the pool's embeddings.EmbeddingCache, in memory every worker shares
+    cache: EmbeddingCache | FleetCache  # the pool's cache, in memory every worker shares
     peer_addresses: Callable[[], list[str]]  # the other live workers' private gRPC addresses (host:port)
 
 
 def grpc_address(host: str, port: int) -> str:
     host = host.strip("[]")
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 literal in brackets
+
+
+def _started(value: T | None) -> T:
+    """`value`, which start() set: for code that runs only on a started (or starting, past that step) server."""
+    assert value is not None, "used before start() set it"
+    return value
 
 
 class Server:
@@ -57,30 +80,28 @@ class Server:
         self.port: int | None = None
         self.private_port: int | None = None  # a pool member's own port
         self.metrics_port: int | None = None
-        self.manifest = None
-        self.backend = None
+        self.manifest: Manifest | None = None
+        self.backend: Backend | None = None
         self.cores: int | None = None  # resolved at start: config.cores or the backend's default
         self._abandon = threading.Event()  # set by abandon_start(); read by the stage-loading thread
-        self.pipeline = None
-        self.runtime = None
-        self.cache = None
-        self.metrics = None
-        self.state = None
+        self.pipeline: Pipeline | None = None
+        self.runtime: Runtime | None = None
+        self.cache: EmbeddingCache | FleetCache | None = None
+        self.metrics: Metrics | None = None
+        self.state: ServingState | None = None
         self._servicers: list = []
-        self._grpc = None
+        self._grpc: grpc.aio.Server | None = None
         self._grpc_started = False
-        self._health = None
+        self._health: HealthServicer | None = None
         self._health_names: tuple[str, ...] = ()
-        self._watcher = None  # health.DeviceWatcher, from _open to stop
-        # fleet.Follower of a lone server with --embedding-store (a pool's runs in its supervisor)
-        self._follower = None
-        self._store_watcher = None  # health.DeviceWatcher of the store's health name, with --embedding-store
-        self._metrics_server = None
-        # versions.VersionTable: the versions served (the first built here, others by model_control)
-        self.versions = None
-        self.control = None  # model_control.ModelControl: the repository's versions loaded and unloaded
+        self._watcher: DeviceWatcher | None = None  # from _open to stop
+        self._follower: Follower | None = None  # of a lone server with --embedding-store (a pool's: its supervisor's)
+        self._store_watcher: DeviceWatcher | None = None  # of the store's health name, with --embedding-store
+        self._metrics_server: MetricsServer | None = None
+        self.versions: VersionTable | None = None  # the versions served (the first built here, others by model_control)
+        self.control: ModelControl | None = None  # the repository's versions loaded and unloaded
         self._placement: Placement | None = None
-        self._span = None
+        self._span: CoreGroup | None = None
         self._first_version: int | None = None
 
     async def start(self) -> None:
@@ -106,13 +127,8 @@ class Server:
         backend = resolve_backend(config.backend, manifest)
         span = core_span(backend, config.cores)
         self.cores, self._span = span.count, span
-        self.backend = make_backend(
-            backend,
-            manifest,
-            dataclasses.replace(config.sim, num_cores=span.count),
-            visible_cores=span,
-            model_process=config.model_process,
-        )
+        sim = dataclasses.replace(config.sim, num_cores=span.count)
+        self.backend = make_backend(backend, manifest, sim, visible_cores=span, model_process=config.model_process)
         if config.placement:
             placement = Placement.parse(config.placement, span.count, first=span.first)
         else:
@@ -124,7 +140,7 @@ class Server:
             from neuronserve.fleet import open_fleet
 
             self.cache, self._follower = open_fleet(config.embedding_store, manifest, self.cache)
-        self.metrics.add_collector(lambda: cache_samples(self.versions.current.cache.stats()))  # the current version's
+        self.metrics.add_collector(lambda: cache_samples(_started(self.versions).current.cache.stats()))
         store_status = getattr(self.cache, "status", None)  # fleet.StoreStatus, shared by a pool's workers
         if store_status is not None:
             from neuronserve.fleet import store_samples
@@ -153,12 +169,11 @@ class Server:
         from neuronserve.registration import add_service
         from neuronserve.service import ServingState
         from neuronserve.tls import connection_options
-
-        config = self.config
         from neuronserve.versions import ServedVersion, VersionTable
         from neuronserve.version_build import experiment_of
 
-        info = model_info(self.manifest, config, self.backend.name)
+        config = self.config
+        info = model_info(self.manifest, config, _started(self.backend).name)
         if self._first_version is not None:  # a repository's integer version
             info = dataclasses.replace(info, oip_version=str(self._first_version))
         self.state = ServingState()
@@ -173,7 +188,7 @@ class Server:
                 info, None, self.cache, self.metrics, self.state, peer_addresses=peers, versions=self.versions
             ),
         ]
-        server = grpc.aio.server(
+        self._grpc = server = grpc.aio.server(
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             options=[
                 ("grpc.max_send_message_length", config.max_message_bytes),
@@ -183,28 +198,21 @@ class Server:
                 *connection_options(config),  # keepalive, --max-connection-age-s (tls.py)
             ],
         )
-        self._grpc = server
         scorer = scorer_pb2.DESCRIPTOR.services_by_name["Scorer"]
         inference = open_inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
         add_service(server, self._servicers[0], scorer, scorer_pb2)
         add_service(server, self._servicers[1], inference, open_inference_pb2)
+        health = health_pb2.DESCRIPTOR.services_by_name["Health"]
         self._health = HealthServicer()  # grpc_health's (set(), enter_graceful_shutdown()) with List ...
-        add_service(
-            server, self._health, health_pb2.DESCRIPTOR.services_by_name["Health"], health_pb2, self.metrics
-        )  # ... behind the guard
-        services = (scorer.full_name, inference.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+        add_service(server, self._health, health, health_pb2, self.metrics)  # ... behind the guard
+        services = (scorer.full_name, inference.full_name, health.full_name)
         self._health_names = ("",) + services
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if config.reflection:
             # reflection.enable_server_reflection, behind the guard: a malformed message is INVALID_ARGUMENT
             reflecting = reflection.aio.ReflectionServicer(services + (reflection.SERVICE_NAME,))
-            add_service(
-                server,
-                reflecting,
-                reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
-                reflection_pb2,
-                self.metrics,
-            )
+            described = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
+            add_service(server, reflecting, described, reflection_pb2, self.metrics)
 
     async def _set_health(self, status=None) -> None:
         """Every health name to `status`; by default to what the server is: the Health service SERVING
@@ -212,18 +220,17 @@ class Server:
         group can run every stage (ServingState.devices_ready, kept by the DeviceWatcher)."""
         from grpc_health.v1 import health_pb2
 
+        state, health, answer = _started(self.state), _started(self._health), health_pb2.HealthCheckResponse
         for name in self._health_names:
             if status is None:
-                up = self.state.serving and (self.state.devices_ready or name == "grpc.health.v1.Health")
-                await self._health.set(
-                    name, health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
-                )
+                up = state.serving and (state.devices_ready or name == "grpc.health.v1.Health")
+                await health.set(name, answer.SERVING if up else answer.NOT_SERVING)
             else:
-                await self._health.set(name, status)
+                await health.set(name, status)
 
     async def _devices_changed(self, healthy: bool) -> None:
         """The DeviceWatcher's call: health and ServerReady/ModelReady follow the core groups."""
-        self.state.devices_ready = healthy
+        _started(self.state).devices_ready = healthy
         if healthy:
             log.info("a core group can run every stage again: health SERVING, ModelReady true")
         else:
@@ -235,18 +242,17 @@ class Server:
     async def _listen(self) -> None:
         """Bind gRPC (and /metrics) and start serving; the door stays closed until _open()."""
         from neuronserve.metrics_http import MetricsServer
-
         from neuronserve.tls import load_tls, server_credentials
 
-        config = self.config
+        config, server = self.config, _started(self._grpc)
         address = grpc_address(config.host, config.port)
         tls = load_tls(config)  # None: plaintext; a bad file is a ConfigError naming its flag
         if tls is not None:
             credentials = server_credentials(tls)
-            bind = lambda where: self._grpc.add_secure_port(where, credentials)  # noqa: E731
+            bind = lambda where: server.add_secure_port(where, credentials)  # noqa: E731
             log.info("gRPC over %s", tls.mode)
         else:
-            bind = self._grpc.add_insecure_port
+            bind = server.add_insecure_port
         try:
             self.port = bind(address)
             if self.member is not None:  # the private port is as secure as the shared one
@@ -255,7 +261,7 @@ class Server:
             raise ConfigError(f"cannot listen on {address} for gRPC ({exc}); choose another --port or --host") from None
         if not self.port:
             raise ConfigError(f"cannot listen on {address} for gRPC; choose another --port or --host")
-        await self._grpc.start()
+        await server.start()
         self._grpc_started = True
         if config.metrics_port is not None:
             host, port = (config.host.strip("[]"), config.metrics_port) if self.member is None else ("127.0.0.1", 0)
@@ -270,7 +276,7 @@ class Server:
     async def _warm_up(self, backend: str, placement: Placement) -> None:
         from neuronserve.pipeline import Pipeline
 
-        self.pipeline = Pipeline(self.backend, placement)
+        self.pipeline = Pipeline(_started(self.backend), placement)
         where = (
             f"gRPC port {self.port} NOT_SERVING while" if self.member is None else "joining the shared port when warm,"
         )
@@ -293,8 +299,6 @@ class Server:
             await asyncio.gather(loading, return_exceptions=True)
             raise
         if not loaded:
-            from neuronserve.errors import Unavailable
-
             raise Unavailable("start-up abandoned while loading the embedding store")
         self._follower.start()
 
@@ -304,29 +308,30 @@ class Server:
         from neuronserve.fleet import HEALTH_NAME
 
         status = health_pb2.HealthCheckResponse
-        await self._health.set(HEALTH_NAME, status.SERVING if up else status.NOT_SERVING)
+        await _started(self._health).set(HEALTH_NAME, status.SERVING if up else status.NOT_SERVING)
 
     async def _open(self) -> None:
         from neuronserve.health import DeviceWatcher
         from neuronserve.metric_sources import pipeline_samples, sim_samples
         from neuronserve.runtime import Runtime
 
-        self.runtime = Runtime(self.pipeline, self.config.batching, self.metrics)
+        metrics, versions, backend = _started(self.metrics), _started(self.versions), _started(self.backend)
+        self.runtime = Runtime(self.pipeline, self.config.batching, metrics)
         self.runtime.start()
         for model in self.runtime.batchers:  # the current version's batchers and pipeline
-            self.metrics.add_batcher(model, lambda m=model: self.versions.current.runtime.batchers[m].stats())
-        self.metrics.add_collector(lambda: pipeline_samples((self.versions.current.pipeline or self.pipeline).stats()))
-        if hasattr(self.backend, "stats"):  # the sim's device clock
-            self.metrics.add_collector(lambda: sim_samples(self.backend.stats()))
-        first = self.versions.current
+            metrics.add_batcher(model, lambda m=model: versions.current.runtime.batchers[m].stats())
+        metrics.add_collector(lambda: pipeline_samples((versions.current.pipeline or _started(self.pipeline)).stats()))
+        if hasattr(backend, "stats"):  # the sim's device clock
+            metrics.add_collector(lambda: sim_samples(backend.stats()))
+        first = versions.current
         first.runtime, first.pipeline, first.backend = self.runtime, self.pipeline, self.backend
         await self._start_control()
         gc.collect()
         gc.freeze()  # everything built so far lives as long as the server: keep it out of the collector's scans
-        self.state.serving = True
+        _started(self.state).serving = True
         await self._set_health()
         self._watcher = DeviceWatcher(
-            lambda: (self.versions.current.pipeline or self.pipeline).healthy(), self._devices_changed
+            lambda: (versions.current.pipeline or _started(self.pipeline)).healthy(), self._devices_changed
         )
         self._watcher.start()
         store_status = getattr(self.cache, "status", None)
@@ -338,11 +343,12 @@ class Server:
 
     async def _start_control(self) -> None:
         """The repository's control over the VersionTable (version_build.start_control)."""
-        builder = VersionBuilder(self.config, self.manifest, self._span, self._placement, self.metrics, self._abandon)
-        self.control = start_control(self.config, self.manifest, self.versions, builder)
-        self._servicers[1].control = self.control
+        placement, metrics = _started(self._placement), _started(self.metrics)
+        builder = VersionBuilder(self.config, self.manifest, self._span, placement, metrics, self._abandon)
+        self.control = control = start_control(self.config, self.manifest, self.versions, builder)
+        self._servicers[1].control = control
         self._servicers[1].admin = self._admin
-        self.metrics.add_collector(lambda: control_samples(self.control))
+        metrics.add_collector(lambda: control_samples(control))
 
     @property
     def serving(self) -> bool:
@@ -350,14 +356,15 @@ class Server:
 
     @property
     def buckets(self) -> tuple[int, ...]:
-        return self.manifest.stage(USER_TOWER).batch_sizes
+        return _started(self.manifest).stage(USER_TOWER).batch_sizes
 
     def ready_line(self) -> str:
         metrics = f"{self.config.host}:{self.metrics_port}" if self.metrics_port is not None else "-"
+        manifest, backend = _started(self.manifest), _started(self.backend)
         return (
-            f"neuronserve ready: grpc={self.config.host}:{self.port} metrics={metrics} backend={self.backend.name} "
+            f"neuronserve ready: grpc={self.config.host}:{self.port} metrics={metrics} backend={backend.name} "
             f"cores={self.cores} buckets={','.join(map(str, self.buckets))} "
-            f"model={self.manifest.model_name} version={self.manifest.model_version} workers=1"
+            f"model={manifest.model_name} version={manifest.model_version} workers=1"
         )
 
     def abandon_start(self) -> None:
@@ -387,11 +394,9 @@ class Server:
             self.state.draining = True  # ServerReady/ModelReady false with health, while the door stays open
         if drain_delay_s > 0 and self.serving:
             log.info("health NOT_SERVING; still serving for the drain delay (%.1f s) before the drain", drain_delay_s)
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for((cut_short or asyncio.Event()).wait(), drain_delay_s)
                 log.info("drain delay cut short by a second signal")
-            except asyncio.TimeoutError:
-                pass
 
     async def _drain(self, end_s: float) -> None:
         """The door closes; every accepted request is answered (until `end_s`, on the loop's clock); gRPC

@@ -61,6 +61,7 @@ def plan_workers(
     from neuronserve.backends import core_span
 
     n = config.workers
+    assert n is not None, "serve.with_workers resolves the worker count before a pool is planned"
     if backend == "cpu":
         total = config.cores or max(n, len(usable_cpus) - n) // n * n
         if total < n or total % n:
@@ -223,7 +224,7 @@ class RestartPolicy:
 class _Worker:
     plan: WorkerPlan
     process: multiprocessing.process.BaseProcess | None = None
-    conn: object = None  # the supervisor's end of the worker's pipe
+    conn: multiprocessing.connection.Connection | None = None  # the supervisor's end of the worker's pipe
     ready: WorkerReady | None = None
     restart_at: float | None = None  # monotonic time of the next start; None: running or stopped
     restarts: int = 0
@@ -310,13 +311,11 @@ class Supervisor:
                     self._start(worker)
                 continue
             self._read_messages(worker)
-            hung = worker.ready is not None and now - self.shared.heartbeats[index] > self.config.worker_timeout_s
+            silent_s = now - self.shared.heartbeats[index]
+            hung = worker.ready is not None and silent_s > self.config.worker_timeout_s
             if worker.process.exitcode is None and hung:  # a starting worker's loop may block on imports for seconds
                 log.error(
-                    "worker %d (pid %d) has not ticked for %.1f s: killing it",
-                    index,
-                    worker.process.pid,
-                    now - self.shared.heartbeats[index],
+                    "worker %d (pid %d) has not ticked for %.1f s: killing it", index, worker.process.pid, silent_s
                 )
                 worker.process.kill()
                 worker.process.join(5.0)
@@ -324,6 +323,7 @@ class Supervisor:
                 self._exited(worker, now)
 
     def _read_messages(self, worker: _Worker) -> None:
+        assert worker.conn is not None  # only started workers are read: set with the process in _start
         try:
             while worker.conn.poll():
                 message = worker.conn.recv()
@@ -342,6 +342,7 @@ class Supervisor:
     def _exited(self, worker: _Worker, now: float) -> None:
         index = worker.plan.index
         self.shared.ports[index] = 0
+        assert worker.process is not None and worker.conn is not None  # _check's started worker
         code = worker.process.exitcode
         self._read_messages(worker)  # what it said before it went, e.g. WorkerFailed
         worker.conn.close()
@@ -357,25 +358,25 @@ class Supervisor:
 
     async def _stop_all(self) -> int:
         """SIGTERM every live worker (each drains), wait for them; 0 when every one exited 0."""
-        live = [w for w in self.workers if w.process is not None]
+        live = [(w, w.process) for w in self.workers if w.process is not None]
         log.info(
             "shutting down: draining %d workers (drain delay %.1f s, grace period %.1f s)",
             len(live),
             self.config.drain_delay_s,
             self.config.grace_period_s,
         )
-        for worker in live:
-            worker.process.terminate()
+        for _, process in live:
+            process.terminate()
         end = time.monotonic() + self.config.drain_delay_s + self.config.grace_period_s + STOP_MARGIN_S
-        while any(w.process.exitcode is None for w in live) and time.monotonic() < end:
+        while any(p.exitcode is None for _, p in live) and time.monotonic() < end:
             await asyncio.sleep(POLL_S)
         code = 0
-        for worker in live:
-            if worker.process.exitcode is None:
+        for worker, process in live:
+            if process.exitcode is None:
                 log.error("worker %d did not stop within the grace period: killing it", worker.plan.index)
-                worker.process.kill()
-                worker.process.join(5.0)
-            if worker.process.exitcode != 0:
+                process.kill()
+                process.join(5.0)
+            if process.exitcode != 0:
                 code = 1
             self.shared.ports[worker.plan.index] = 0
         return code
@@ -429,7 +430,7 @@ def supervise(config: ServerConfig) -> int:
         cache, follower = open_fleet(config.embedding_store, manifest, cache)
         follower.warm_start()
         follower.start()
-    shared = PoolShared(config.workers, cache, config.host)
+    shared = PoolShared(len(plans), cache, config.host)  # a worker per plan: config.workers
     buckets = ",".join(map(str, manifest.stage(USER_TOWER).batch_sizes))
 
     def ready_line(metrics_port: int | None) -> str:
