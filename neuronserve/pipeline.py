@@ -76,6 +76,15 @@ class PipelineStats:
         return sum(g.faults for g in self.groups)
 
 
+@dataclass
+class _StageCounts:
+    """One stage's running counts (loop thread only); stats() snapshots them as StageStats."""
+
+    executions: int = 0
+    rows: int = 0
+    padded_rows: int = 0
+
+
 class _Group:
     """One core group: its runners (one per stage placed on it), executor and load. Loop-thread only."""
 
@@ -110,7 +119,7 @@ class Pipeline:
         }
         self._shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
         self._plans: dict[str, BucketPlan] = {}
-        self._stage_counts = {stage: [0, 0, 0] for stage in STAGES + (FUSED_STAGE,)}  # executions, rows, padded rows
+        self._stage_counts = {stage: _StageCounts() for stage in STAGES + (FUSED_STAGE,)}
         self._estimates: list[float] = []  # score batch of r rows -> modelled seconds, r <= max_batch_rows
         self._user_buckets: dict[int, tuple[int, ...]] = {}  # fused: peer bucket -> its compiled user buckets
         self._waiters: deque[asyncio.Future] = deque()
@@ -318,7 +327,7 @@ class Pipeline:
 
     def stats(self) -> PipelineStats:
         return PipelineStats(
-            stages={stage: StageStats(*counts) for stage, counts in self._stage_counts.items()},
+            stages={stage: StageStats(c.executions, c.rows, c.padded_rows) for stage, c in self._stage_counts.items()},
             groups=tuple(
                 GroupStats(str(g.cores), g.stages, g.executions, g.busy_s, g.faults, g.healthy()) for g in self._groups
             ),
@@ -442,6 +451,6 @@ class Pipeline:
             for execution in result.executions:
                 group.executions += 1
                 counts = self._stage_counts[execution.stage]
-                counts[0] += 1
-                counts[1] += execution.rows
-                counts[2] += execution.bucket - execution.rows
+                counts.executions += 1
+                counts.rows += execution.rows
+                counts.padded_rows += execution.bucket - execution.rows

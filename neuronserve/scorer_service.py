@@ -131,12 +131,8 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         )
 
     async def _score_matrix(self, request: pb.ScoreMatrixRequest, context) -> pb.ScoreMatrixResponse:
-        """A whole tick, N users x M peers, on the host's BLAS: per label one [N, D] x [D, M] matmul over
-        the cached tower outputs. Not on the cores: pair_scorer scores row-aligned pairs, so it would need
-        N*M rows of [K, D] materialised for both sides (N*M*K*D*8 bytes in, e.g. 100 x 1000 x 4 x 64 x 8 =
-        205 MB) plus the round trip, where the matmul reads (N + M)*K*D floats and does N*M*K*D MACs
-        (26 M for that tick: a few ms on one host core). Runs in a worker thread (BLAS releases the GIL),
-        so the event loop keeps serving; the cache swaps whole arrays on upsert, so readers stay consistent."""
+        """N users x M peers on the host's BLAS (per label one [N, D] x [D, M] matmul over the cached tower
+        outputs), in a worker thread; why not on the cores: docs/embeddings.md (ScoreMatrix)."""
         info = self.info
         route = self.versions.route(request.model_version)  # several users: A/B does not apply
         served = route.served
