@@ -10,6 +10,7 @@ Data parallelism, pipelining, the fused path and the bucket rule: docs/pipeline.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import threading
 import time
@@ -49,11 +50,13 @@ class GroupStats:
     healthy: bool
 
 
-@dataclass(frozen=True)
+@dataclass
 class StageStats:
-    executions: int
-    rows: int  # caller rows
-    padded_rows: int  # padding rows added to reach compiled buckets
+    """A stage's counts: the pipeline's running ones (loop thread only), and the copies stats() returns."""
+
+    executions: int = 0
+    rows: int = 0  # caller rows
+    padded_rows: int = 0  # padding rows added to reach compiled buckets
 
 
 @dataclass(frozen=True)
@@ -74,15 +77,6 @@ class PipelineStats:
     @property
     def faults(self) -> int:
         return sum(g.faults for g in self.groups)
-
-
-@dataclass
-class _StageCounts:
-    """One stage's running counts (loop thread only); stats() snapshots them as StageStats."""
-
-    executions: int = 0
-    rows: int = 0
-    padded_rows: int = 0
 
 
 class _Group:
@@ -119,7 +113,7 @@ class Pipeline:
         }
         self._shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
         self._plans: dict[str, BucketPlan] = {}
-        self._stage_counts = {stage: _StageCounts() for stage in STAGES + (FUSED_STAGE,)}
+        self._stage_counts = {stage: StageStats() for stage in STAGES + (FUSED_STAGE,)}
         self._estimates: list[float] = []  # score batch of r rows -> modelled seconds, r <= max_batch_rows
         self._user_buckets: dict[int, tuple[int, ...]] = {}  # fused: peer bucket -> its compiled user buckets
         self._waiters: deque[asyncio.Future] = deque()
@@ -327,7 +321,7 @@ class Pipeline:
 
     def stats(self) -> PipelineStats:
         return PipelineStats(
-            stages={stage: StageStats(c.executions, c.rows, c.padded_rows) for stage, c in self._stage_counts.items()},
+            stages={stage: dataclasses.replace(counts) for stage, counts in self._stage_counts.items()},
             groups=tuple(
                 GroupStats(str(g.cores), g.stages, g.executions, g.busy_s, g.faults, g.healthy()) for g in self._groups
             ),

@@ -52,7 +52,8 @@ class PoolMember:
 
     index: int
     cache: EmbeddingCache | FleetCache  # the pool's cache, in memory every worker shares
-    peer_addresses: Callable[[], list[str]]  # the other live workers' private gRPC addresses (host:port)
+    peer_addresses: Callable[[], list[str]]  # the other live workers' local gRPC addresses (Unix sockets)
+    local_address: str | None = None  # this worker's Unix socket, plaintext: the pool's own calls
 
 
 def grpc_address(host: str, port: int) -> str:
@@ -91,7 +92,7 @@ class Server:
         self.state: ServingState | None = None
         self._servicers: list = []
         self._grpc: grpc.aio.Server | None = None
-        self._grpc_started = False
+        self._grpc_started = False  # _grpc.start() ran: stop() must stop it
         self._health: HealthServicer | None = None
         self._health_names: tuple[str, ...] = ()
         self._watcher: DeviceWatcher | None = None  # from _open to stop
@@ -102,7 +103,7 @@ class Server:
         self.control: ModelControl | None = None  # the repository's versions loaded and unloaded
         self._placement: Placement | None = None
         self._span: CoreGroup | None = None
-        self._first_version: int | None = None
+        self._first_version: int | None = None  # a repository's integer version of the first artifact
 
     async def start(self) -> None:
         try:
@@ -231,12 +232,12 @@ class Server:
     async def _devices_changed(self, healthy: bool) -> None:
         """The DeviceWatcher's call: health and ServerReady/ModelReady follow the core groups."""
         _started(self.state).devices_ready = healthy
-        if healthy:
-            log.info("a core group can run every stage again: health SERVING, ModelReady true")
-        else:
-            log.warning(
-                "no core group can run every stage (all out of rotation after faults): health NOT_SERVING, ModelReady false until a core is back"
-            )
+        log.log(
+            logging.INFO if healthy else logging.WARNING,
+            "a core group can run every stage again: health SERVING, ModelReady true"
+            if healthy
+            else "no core group can run every stage (all out of rotation after faults): health NOT_SERVING, ModelReady false until a core is back",
+        )
         await self._set_health()
 
     async def _listen(self) -> None:
@@ -255,8 +256,10 @@ class Server:
             bind = server.add_insecure_port
         try:
             self.port = bind(address)
-            if self.member is not None:  # the private port is as secure as the shared one
+            if self.member is not None:  # the private port is as secure as the shared one; the socket is local
                 self.private_port = bind(grpc_address(config.host, 0))
+                if self.member.local_address:
+                    server.add_insecure_port(self.member.local_address)
         except RuntimeError as exc:
             raise ConfigError(f"cannot listen on {address} for gRPC ({exc}); choose another --port or --host") from None
         if not self.port:
@@ -277,9 +280,7 @@ class Server:
         from neuronserve.pipeline import Pipeline
 
         self.pipeline = Pipeline(_started(self.backend), placement)
-        where = (
-            f"gRPC port {self.port} NOT_SERVING while" if self.member is None else "joining the shared port when warm,"
-        )
+        where = f"gRPC port {self.port} NOT_SERVING while" if self.member is None else "joining the port when warm,"
         log.info(
             "%s loading and warming up every stage at every bucket: backend %s, placement %s", where, backend, placement
         )

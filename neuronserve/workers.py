@@ -24,14 +24,17 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 import socket
 import time
 from dataclasses import dataclass
 from collections.abc import Callable
 
-from neuronserve.config import VISIBLE_CORES_ENV, CoreGroup, ServerConfig
+from neuronserve.config import VISIBLE_CORES_ENV, ServerConfig
 from neuronserve.errors import ConfigError, NeuronServeError
+from neuronserve.worker_plan import WorkerPlan, plan_workers
 from neuronserve.contract import USER_TOWER
 
 log = logging.getLogger(__name__)
@@ -39,54 +42,6 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 0.5  # a worker's event loop writes its heartbeat this often
 POLL_S = 0.1  # the supervisor checks its workers this often
 STOP_MARGIN_S = 5.0  # past the drain delay and the grace period, a worker still running is killed
-
-
-# ---- the plan: which cores and CPUs each worker owns ------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WorkerPlan:
-    index: int
-    cores: CoreGroup  # neuron: absolute NeuronCores (its NEURON_RT_VISIBLE_CORES); sim: simulated cores; cpu: executor threads
-    cpus: tuple[int, ...] | None = None  # host CPUs it is pinned to (--cpu-affinity split)
-
-
-def plan_workers(
-    config: ServerConfig, backend: str, pipeline_cores: int, usable_cpus: tuple[int, ...]
-) -> list[WorkerPlan]:
-    """Split the cores evenly over config.workers workers. neuron/sim: the span core_span gives (the device
-    plugin's NEURON_RT_VISIBLE_CORES, --cores, or one chip), in contiguous ranges of a multiple of the
-    artifact's pipeline cores. cpu: --cores executor threads in all, by default one per usable CPU less one
-    per worker (its event loop), at least one each."""
-    from neuronserve.backends import core_span
-
-    n = config.workers
-    assert n is not None, "serve.with_workers resolves the worker count before a pool is planned"
-    if backend == "cpu":
-        total = config.cores or max(n, len(usable_cpus) - n) // n * n
-        if total < n or total % n:
-            raise ConfigError(
-                f"--cores {total} executors do not split evenly over --workers {n}; use a multiple of {n}"
-            )
-        spans = [CoreGroup(0, total // n)] * n
-    else:
-        span = core_span(backend, config.cores)
-        per = span.count // n
-        if span.count % n or per % pipeline_cores:
-            raise ConfigError(
-                f"{span.count} cores ({span}) do not split evenly over --workers {n} in groups of {pipeline_cores} "
-                "(the artifact's pipeline cores); choose --workers dividing the cores"
-            )
-        spans = [CoreGroup(span.first + i * per, per) if backend == "neuron" else CoreGroup(0, per) for i in range(n)]
-    cpus: list[tuple[int, ...] | None] = [None] * n
-    if config.cpu_affinity == "split":
-        if len(usable_cpus) < n:
-            raise ConfigError(
-                f"--cpu-affinity split needs a CPU per worker: {len(usable_cpus)} usable CPUs for --workers {n}"
-            )
-        share = len(usable_cpus) // n
-        cpus = [tuple(usable_cpus[i * share : (i + 1) * share]) for i in range(n)]
-    return [WorkerPlan(i, spans[i], cpus[i]) for i in range(n)]
 
 
 # ---- messages and state shared with the workers -------------------------------------------------------
@@ -110,18 +65,23 @@ class WorkerFailed:
 
 class PoolShared:
     """What the supervisor and every worker share, built before the first fork: the embedding cache,
-    each worker's last heartbeat (time.monotonic(), system-wide) and private gRPC port (0: not serving)."""
+    each worker's last heartbeat (time.monotonic(), system-wide) and private gRPC port (0: not serving),
+    and a private directory (0700) of one Unix socket per worker for the pool's own calls (the statistics
+    fan-out): plaintext there whatever the TCP ports use, since only this user can reach it."""
 
     def __init__(self, workers: int, cache, host: str) -> None:
         self.cache = cache
         self.host = host
         self.heartbeats = multiprocessing.RawArray(ctypes.c_double, workers)
         self.ports = multiprocessing.RawArray(ctypes.c_int, workers)
+        self.socket_dir = tempfile.mkdtemp(prefix="neuronserve-pool-")  # mode 0700
+
+    def local_address(self, index: int) -> str:
+        return f"unix:{self.socket_dir}/worker-{index}.sock"
 
     def peer_addresses(self, index: int) -> list[str]:
-        from neuronserve.server import grpc_address
-
-        return [grpc_address(self.host, port) for i, port in enumerate(self.ports) if i != index and port]
+        """The other serving workers' Unix sockets."""
+        return [self.local_address(i) for i, port in enumerate(self.ports) if i != index and port]
 
 
 # ---- the worker process ----------------------------------------------------------------------------
@@ -142,7 +102,9 @@ def _worker_main(config: ServerConfig, plan: WorkerPlan, shared: PoolShared, con
             os.sched_setaffinity(0, plan.cpus)
         if config.backend == "neuron":
             os.environ[VISIBLE_CORES_ENV] = plan.cores.visible_cores()  # before the Neuron runtime starts
-        member = PoolMember(plan.index, shared.cache, lambda: shared.peer_addresses(plan.index))
+        member = PoolMember(
+            plan.index, shared.cache, lambda: shared.peer_addresses(plan.index), shared.local_address(plan.index)
+        )
         worker_config = dataclasses.replace(config, cores=plan.cores.count, workers=1, cpu_affinity="none")
 
         def ready(server) -> None:
@@ -445,5 +407,6 @@ def supervise(config: ServerConfig) -> int:
         return run_loop(Supervisor(config, plans, shared, ready_line).run())
     finally:
         reservation.close()
+        shutil.rmtree(shared.socket_dir, ignore_errors=True)
         if follower is not None:
             follower.stop()

@@ -366,7 +366,6 @@ def test_a_pool_serves_tls_on_the_shared_port_and_on_every_private_port(pki, tls
             assert refused(channel).code() == grpc.StatusCode.UNAVAILABLE, target
 
 
-@pytest.mark.xfail(strict=True, reason="pool_stats.PoolStatistics dials the other workers' private ports in plaintext; with TLS they refuse it")
 def test_model_statistics_of_a_tls_pool_sum_both_workers(pki, tls_pool):
     workers = tls_pool.workers()
     own = []

@@ -36,7 +36,8 @@ from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
 from neuronserve.protos import scorer_pb2 as pb
 from neuronserve.protos import scorer_pb2_grpc as pb_grpc
 from neuronserve.settings import add_arguments, resolve_config
-from neuronserve.workers import RestartPolicy, WorkerPlan, plan_workers
+from neuronserve.worker_plan import WorkerPlan, plan_workers
+from neuronserve.workers import RestartPolicy
 from test_neuron_standin import STANDIN_DIR, neuron_artifact  # noqa: F401 - neuron_artifact is a fixture
 from test_server_e2e import READY, score_request, tensor
 
