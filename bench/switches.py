@@ -34,6 +34,7 @@ import grpc
 import numpy as np
 
 from neuronserve.artifact import load_manifest
+from neuronserve.bench.serve_process import start_serve
 from neuronserve.protos import open_inference_pb2 as oip
 from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
 from neuronserve.protos import scorer_pb2 as pb
@@ -111,14 +112,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _start_server(repository: Path) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "neuronserve", "serve", "--model-repository", str(repository)]
-    command += ["--model-control", "explicit", "--backend", "cpu", "--port", "0", "--metrics-port", "off"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None  # stdout=PIPE
-    for line in proc.stdout:  # the one ready line: "neuronserve ready: grpc=HOST:PORT ..."
-        if line.startswith("neuronserve ready:"):
-            return proc, line.split("grpc=", 1)[1].split()[0]
-    raise SystemExit(f"neuronserve serve exited ({proc.wait()}) before it was ready")
+    flags = ["--model-repository", str(repository), "--model-control", "explicit", "--backend", "cpu"]
+    return start_serve(flags + ["--port", "0", "--metrics-port", "off"])
 
 
 async def _run(args, address: str, model_dir: Path, manifest) -> tuple[list[Reply], list[Switch]]:

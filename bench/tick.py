@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from neuronserve.bench.serve_process import start_serve
 from neuronserve.protos import scorer_pb2 as pb
 from neuronserve.protos import scorer_pb2_grpc as pb_grpc
 
@@ -52,24 +53,8 @@ class PoolResult:
 
 
 def _start_server(artifact: str | None, max_ids: int) -> tuple[subprocess.Popen, str]:
-    command = [
-        sys.executable,
-        "-m",
-        "neuronserve",
-        "serve",
-        "--port",
-        "0",
-        "--metrics-port",
-        "off",
-        "--max-tick-ids",
-        str(max_ids),
-    ] + (["--artifact", artifact] if artifact else [])
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None  # stdout=PIPE
-    for line in proc.stdout:  # the one ready line: "neuronserve ready: grpc=HOST:PORT ..."
-        if line.startswith("neuronserve ready:"):
-            return proc, line.split("grpc=", 1)[1].split()[0]
-    raise SystemExit(f"neuronserve serve exited ({proc.wait()}) before it was ready")
+    flags = ["--port", "0", "--metrics-port", "off", "--max-tick-ids", str(max_ids)]
+    return start_serve(flags + (["--artifact", artifact] if artifact else []))
 
 
 def _num_labels(stub: pb_grpc.ScorerStub, pool_ids: np.ndarray) -> int:
