@@ -399,3 +399,31 @@ def test_model_control_from_the_command_line_with_a_repository_is_accepted(tmp_p
     args = cli_parser().parse_args(["serve", "--artifact", str(tmp_path), "--model-control", "explicit"])
     with pytest.raises(ConfigError, match="--model-control: model_control explicit or poll needs a model repository"):
         resolve_config(args, environ={})
+
+
+def test_poll_mode_loads_a_version_copied_into_the_repository(artifacts, tmp_path):
+    """--model-control poll: a version directory that appears is verified, loaded and made current
+    without any RPC."""
+    v1, v2 = artifacts
+    root = tmp_path / "repo"
+    shutil.copytree(v1.directory, root / "twotower" / "1")
+    loop = LoopThread()
+    config = ServerConfig(model_repository=str(root), model_control="poll", repository_poll_s=0.1, backend="cpu", cores=1, port=0, metrics_port=None, max_peers=64)
+    server = Server(config)
+    loop.run(server.start())
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    scorer = pb_grpc.ScorerStub(channel)
+    rng = np.random.default_rng(1)
+    request = pb.ScoreRequest(
+        user_features=tensor(rng.standard_normal((1, SMALL_CONFIG.user_features))),
+        peer_features=tensor(rng.standard_normal((3, SMALL_CONFIG.peer_features))),
+    )
+    try:
+        assert scorer.Score(request, timeout=10).version == 1
+        shutil.copytree(v2.directory, root / "twotower" / "2")
+        poll(lambda: scorer.Score(request, timeout=10).version == 2, 30, "the poll loads version 2")
+        assert scorer.Score(request, timeout=10).model_version == v2.model_version
+    finally:
+        channel.close()
+        loop.run(server.stop(5.0))
+        loop.close()
