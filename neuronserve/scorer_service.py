@@ -164,9 +164,10 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         )
 
     async def _score_matrix_stream(self, request: pb.ScoreMatrixRequest, context) -> None:
-        """ScoreMatrix in blocks of whole user rows, each at most MATRIX_BLOCK_BYTES of scores (one row at
-        least, and within max_message_bytes), written in order. Each block reads one snapshot of the
-        cache: an upsert between two blocks shows in the later one. A caller that goes away stops it."""
+        """ScoreMatrix in blocks of whole user rows, written in order: max(1, min(MATRIX_BLOCK_BYTES,
+        max_message_bytes // 2) // (4 * M * K)) rows each (one row must fit max_message_bytes). Each block
+        reads one snapshot of the cache: an upsert between two blocks shows in the later one. A caller
+        that goes away cancels the handler: no further block is computed."""
         info = self.info
         route = self.versions.route(request.model_version)  # several users: A/B does not apply
         served = route.served
