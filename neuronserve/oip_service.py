@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from neuronserve import __version__
+from neuronserve.experiments import DEFAULT
 from neuronserve.errors import InvalidInput, ModelControlError, NotFound
 from neuronserve.pool_stats import PoolStatistics, worker_scope
 from neuronserve.protos import open_inference_pb2 as oip
@@ -317,7 +318,8 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
         data = np.ascontiguousarray(out, dtype=F32_LE).tobytes()
         # raw contents, as Triton answers
         response = oip.ModelInferResponse(model_name=model.name, model_version=served.info.oip_version, id=request.id)
-        response.parameters["arm"].string_param = route.arm  # explicit | control | candidate | default
+        if route.arm != DEFAULT:  # explicit | control | candidate; absent: default (a reply as Triton's)
+            response.parameters["arm"].string_param = route.arm
         response.outputs.add(name=output, datatype=FP32, shape=out.shape)  # (nested kwargs: 2x slower)
         response.raw_output_contents.append(data)
         return response

@@ -287,7 +287,7 @@ def test_switch_back_switches_version_at_window_boundaries_on_a_fake_clock(repos
             ]
             oip_reply = inference.ModelInfer(infer(user_row, peers))
             return {(r.version, r.arm) for r in replies} | {
-                (int(oip_reply.model_version), oip_reply.parameters["arm"].string_param)
+                (int(oip_reply.model_version), oip_reply.parameters["arm"].string_param or "default")
             }
 
         assert served() == {(2, "default")}  # before the start: the current version
