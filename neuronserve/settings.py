@@ -158,7 +158,7 @@ SETTINGS: tuple[_Setting, ...] = (
         "max_concurrent_rpcs",
         _integer,
         "N",
-        "RPCs in the server at once; more get RESOURCE_EXHAUSTED at once (docs/benchmarks.md: overload)",
+        "RPCs in the server at once; more get RESOURCE_EXHAUSTED at once (grpcio >= 1.62; older: they wait)",
     ),
     _Setting("max_message_bytes", _integer, "BYTES", "gRPC max send/receive message size (1024 to 2**31 - 1)"),
     _Setting("grace_period_s", _number, "S", "shutdown: seconds to answer accepted requests"),
