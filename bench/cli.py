@@ -23,6 +23,8 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from neuronserve.bench.document import BenchReport, Header, Reference
+    from neuronserve.bench.limits import Limit, Skipped
     from neuronserve.bench.runs import Runner, ServerRuns
     from neuronserve.bench.workloads import Workload, WorkloadSpec
 
@@ -192,6 +194,7 @@ def _check_reference(args: argparse.Namespace, rates: tuple[float, ...]) -> None
 def run(args: argparse.Namespace) -> int:
     """The command: check the flags, measure the target (and the reference), then the limits; print and write."""
     from neuronserve.bench import render
+    from neuronserve.bench.document import BenchReport
     from neuronserve.bench.loadgen import stderr_progress
     from neuronserve.bench.runs import Endpoint, Runner
     from neuronserve.bench.workloads import DEFAULT_PEERS, WorkloadSpec, prepare_workload
@@ -202,15 +205,13 @@ def run(args: argparse.Namespace) -> int:
     workload_spec = WorkloadSpec(name=args.workload, peers=peers, users=args.users, model=args.model, seed=args.seed)
     workload = prepare_workload(args.target, workload_spec)
     runner = Runner(args, rates, workload)
-    out = _header(args, rates, workload.describe())
+    header = _header(args, rates)
     target = runner.measure(Endpoint(args.target, args.metrics_url, None, progress))
-    out.update(target.section)
-    if args.reference:
-        out.update(_reference(args, runner, workload_spec, target, progress))
-    served = target.measured.result.achieved_rate_per_s if target.measured else None
-    out["limits"] = _limits(args, workload, served, progress)
-    print(render.table(out), flush=True)
-    _write_files(args, out)
+    reference = _reference(args, runner, workload_spec, target, progress) if args.reference else None
+    compute, transport = _limits(args, workload, progress)
+    report = BenchReport(header, workload, target, reference, compute, transport)
+    print(render.table(report), flush=True)
+    _write_files(args, report)
     return 0
 
 
@@ -227,34 +228,31 @@ def _check_args(args: argparse.Namespace) -> tuple[float, ...]:
     return rates
 
 
-def _header(args: argparse.Namespace, rates: tuple[float, ...], workload: dict) -> dict:
-    """The report's first keys: when, on what machine, against what, with which client and workload."""
+def _header(args: argparse.Namespace, rates: tuple[float, ...]) -> Header:
+    """When, on what machine, against what, with which client settings."""
     import platform
     import time
 
-    return {
-        "date": time.strftime(BENCH_DATE_FORMAT),
-        "machine": {
-            "nproc": os.cpu_count(),
-            "cpu": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-        },
-        "target": args.target,
-        "clients": args.clients,
-        "channels_per_client": args.channels,
-        "timeout_ms": args.timeout_ms,
-        "arrival": args.arrival,
-        "workload": workload,
-        "mode": "search" if args.search else "fixed-rate" if len(rates) == 1 else "rate-sequence",
-    }
+    from neuronserve.bench.document import Header, Machine
+
+    return Header(
+        date=time.strftime(BENCH_DATE_FORMAT),
+        machine=Machine(os.cpu_count(), platform.processor() or platform.machine(), platform.python_version()),
+        target=args.target,
+        clients=args.clients,
+        channels_per_client=args.channels,
+        timeout_ms=args.timeout_ms,
+        arrival=args.arrival,
+        mode="search" if args.search else "fixed-rate" if len(rates) == 1 else "rate-sequence",
+    )
 
 
 def _reference(
     args: argparse.Namespace, runner: Runner, workload_spec: WorkloadSpec, target: ServerRuns, progress
-) -> dict:
-    """Start the plain server on --artifact and measure it the same way: the report's `reference` and
-    `versus_reference` keys."""
+) -> Reference:
+    """Start the plain server on --artifact and measure it the same way, and compare."""
     from neuronserve.bench import report
+    from neuronserve.bench.document import Reference
     from neuronserve.bench.plain import HOW, PlainServer
     from neuronserve.bench.runs import Endpoint
     from neuronserve.bench.workloads import prepare_workload
@@ -275,44 +273,38 @@ def _reference(
     comparison = report.compare(
         args.reference, target.measured, ref.measured, args.latency_bound_ms if args.search else None, unbounded
     )
-    return {
-        "reference": {"server": args.reference, "target": plain.target, "pid": plain.pid, "how": HOW, **ref.section},
-        "versus_reference": comparison.to_dict(),
-    }
+    return Reference(args.reference, plain.target, plain.pid, HOW, ref, comparison)
 
 
-def _limits(args: argparse.Namespace, workload: Workload, served: float | None, progress) -> dict:
-    """The report's `limits`: the compute limit (with --artifact) and the transport limit, or why skipped."""
+def _limits(args: argparse.Namespace, workload: Workload, progress) -> tuple[Limit | Skipped, Limit | Skipped]:
+    """The compute limit (with --artifact) and the transport limit, or why skipped."""
     from neuronserve.bench import limits
 
     if args.no_limits:
-        return {"compute": {"skipped": "--no-limits"}, "transport": {"skipped": "--no-limits"}}
+        return limits.Skipped("--no-limits"), limits.Skipped("--no-limits")
     if progress:
         progress("measuring the compute limit and the transport limit")
-    out: dict = {}
+    compute: Limit | Skipped = limits.Skipped("no --artifact given")
     if args.artifact:
-        out["compute"] = limits.compute_limit(
-            args.artifact, workload, seconds=args.limit_s, backend=args.compute_backend
-        ).to_dict(served)
-    else:
-        out["compute"] = {"skipped": "no --artifact given"}
-    out["transport"] = limits.transport_limit(
-        workload, seconds=args.limit_s, clients=args.clients, channels=args.channels
-    ).to_dict(served)
-    return out
+        compute = limits.compute_limit(args.artifact, workload, seconds=args.limit_s, backend=args.compute_backend)
+    transport = limits.transport_limit(workload, seconds=args.limit_s, clients=args.clients, channels=args.channels)
+    return compute, transport
 
 
-def _write_files(args: argparse.Namespace, out: dict) -> None:
+def _write_files(args: argparse.Namespace, report: BenchReport) -> None:
     """--json and --plot (a plot only of a search)."""
     from neuronserve.bench import render
 
     if args.json:
-        render.write_json(out, args.json)
+        render.write_json(report.to_dict(), args.json)
     if not args.plot:
         return
-    if args.search:
+    if report.target.search:
         render.plot_search(
-            out["search"]["steps"], args.latency_bound_ms, args.plot, title=f"{args.workload} against {args.target}"
+            report.target.search.found.steps,
+            args.latency_bound_ms,
+            args.plot,
+            title=f"{args.workload} against {args.target}",
         )
     else:
         print(

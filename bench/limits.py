@@ -32,13 +32,26 @@ from neuronserve.contract import FUSED_STAGE, PAIR_SCORER, PEER_TOWER, USER_TOWE
 
 
 @dataclass(frozen=True)
+class Skipped:
+    """A limit not measured, and why."""
+
+    reason: str
+
+    def to_dict(self, served_rate_per_s: float | None = None) -> dict:
+        return {"skipped": self.reason}
+
+
+@dataclass(frozen=True)
 class Limit:
     requests_per_s: float
     pairs_per_s: float
     how: str
 
+    def served_fraction(self, served_rate_per_s: float | None) -> float | None:
+        return served_rate_per_s / self.requests_per_s if served_rate_per_s and self.requests_per_s else None
+
     def to_dict(self, served_rate_per_s: float | None) -> dict:
-        fraction = served_rate_per_s / self.requests_per_s if served_rate_per_s and self.requests_per_s else None
+        fraction = self.served_fraction(served_rate_per_s)
         return {
             "requests_per_s": round(self.requests_per_s, 2),
             "pairs_per_s": round(self.pairs_per_s, 1),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from neuronserve.bench import report
 from neuronserve.bench.loadgen import LoadResult, LoadSpec, Progress, run_load
-from neuronserve.bench.search import SearchStep, search_rate
+from neuronserve.bench.search import SearchResult, SearchStep, search_rate
 from neuronserve.bench.workloads import Workload
 
 
@@ -28,6 +28,26 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class Search:
+    """A rate search's outcome, as reported: its bound and the steps it ran."""
+
+    latency_bound_ms: float
+    found: SearchResult
+
+    @property
+    def best_rate_per_s(self) -> float | None:
+        return self.found.best.rate_per_s if self.found.best else None
+
+    def to_dict(self) -> dict:
+        return {
+            "latency_bound_ms": self.latency_bound_ms,
+            "rule": self.found.rule,
+            "best_rate_per_s": self.best_rate_per_s,
+            "steps": [dict(s.result.to_dict(), passed=s.passed) for s in self.found.steps],
+        }
+
+
+@dataclass(frozen=True)
 class ServerRuns:
     """What measuring one server gave.
 
@@ -36,9 +56,23 @@ class ServerRuns:
     limits are set against). `never_failed`: a search passed every step (it never found the bound).
     """
 
-    section: dict  # its part of the report: search, runs or result, server_batches, server_cpu, server_memory
     measured: report.Measured | None
     never_failed: bool = False
+    runs: tuple[report.Measured, ...] = ()  # a --rate list, in order
+    search: Search | None = None
+
+    def to_dict(self, pairs_per_request: int) -> dict:
+        """Its part of the JSON report: search, runs, or result, server_batches, server_cpu, server_memory."""
+        out: dict = {}
+        if self.search:
+            out["search"] = self.search.to_dict()
+        if self.runs:
+            out["runs"] = [m.section(pairs_per_request) for m in self.runs]
+        elif self.measured:
+            out.update(self.measured.section(pairs_per_request))
+        elif self.search:
+            out.update(result=None, server_batches=None, server_cpu=None, server_memory=None)
+        return out
 
 
 class Runner:
@@ -53,8 +87,7 @@ class Runner:
             return self._search(server)
         if len(self.rates) > 1:
             return self._sequence(server)
-        measured = self.run_at(server, self.rates[0], self.args.warmup_s)
-        return ServerRuns(measured.section(self.workload.pairs_per_request), measured)
+        return ServerRuns(self.run_at(server, self.rates[0], self.args.warmup_s))
 
     def run_at(self, server: Endpoint, rate: float, warmup_s: float) -> report.Measured:
         """One open-loop run at `rate`; the server's batches, CPU and memory over its measured window."""
@@ -82,8 +115,7 @@ class Runner:
     def _sequence(self, server: Endpoint) -> ServerRuns:
         """The --rate list in order, back to back: only the first has a warm-up."""
         runs = [self.run_at(server, rate, self.args.warmup_s if i == 0 else 0.0) for i, rate in enumerate(self.rates)]
-        section = {"runs": [m.section(self.workload.pairs_per_request) for m in runs]}
-        return ServerRuns(section, max(runs, key=lambda m: m.result.achieved_rate_per_s))
+        return ServerRuns(max(runs, key=lambda m: m.result.achieved_rate_per_s), runs=tuple(runs))
 
     def _search(self, server: Endpoint) -> ServerRuns:
         """The highest rate whose P99 stays under --latency-bound-ms (search.py), each step one run."""
@@ -104,21 +136,9 @@ class Runner:
             precision=args.search_precision,
             on_step=(lambda s: _say_step(server.say, s)) if server.say else None,
         )
-        best = found.best
-        section: dict = {
-            "search": {
-                "latency_bound_ms": args.latency_bound_ms,
-                "rule": found.rule,
-                "best_rate_per_s": best.rate_per_s if best else None,
-                "steps": [dict(s.result.to_dict(), passed=s.passed) for s in found.steps],
-            }
-        }
-        measured = by_rate[best.rate_per_s] if best else None
-        if measured:
-            section.update(measured.section(self.workload.pairs_per_request))
-        else:
-            section.update(result=None, server_batches=None, server_cpu=None, server_memory=None)
-        return ServerRuns(section, measured, all(s.passed for s in found.steps))
+        measured = by_rate[found.best.rate_per_s] if found.best else None
+        search = Search(args.latency_bound_ms, found)
+        return ServerRuns(measured, all(s.passed for s in found.steps), search=search)
 
 
 def _say_step(say: Progress, s: SearchStep) -> None:
