@@ -66,7 +66,18 @@ def run(config: ServerConfig) -> int:
         from neuronserve.workers import supervise
 
         return supervise(config)
-    return run_loop(serve_process(config))
+    from neuronserve.watchdog import LoopWatchdog
+
+    watchdog = LoopWatchdog(config.worker_timeout_s)
+
+    def ready(server: Server) -> None:
+        _print_ready(server)
+        watchdog.arm()
+
+    try:
+        return run_loop(serve_process(config, on_ready=ready))
+    finally:
+        watchdog.stop()
 
 
 def with_workers(config: ServerConfig) -> ServerConfig:

@@ -141,7 +141,7 @@ SETTINGS: tuple[_Setting, ...] = (
         "worker_timeout_s",
         _number,
         "S",
-        "workers: one whose event loop has not ticked for this long is killed and replaced",
+        "an event loop that has not turned for this long: a pool's worker is killed and replaced, a single process exits 3 (watchdog.py)",
     ),
     _Setting(
         "placement",
