@@ -18,6 +18,12 @@ TOWERS: tuple[str, ...] = (USER_TOWER, PEER_TOWER)  # UpsertEmbeddings and the O
 
 FUSED_STAGE = "twotower"  # the three stages as one graph (data parallelism), and the OIP model name
 TWOTOWER = FUSED_STAGE
+# The stages each OIP model runs (any one of them without a healthy core group: the model is not ready).
+MODEL_STAGES: dict[str, frozenset[str]] = {
+    TWOTOWER: frozenset(STAGES + (FUSED_STAGE,)),
+    USER_TOWER: frozenset((USER_TOWER,)),
+    PEER_TOWER: frozenset((PEER_TOWER,)),
+}
 
 USER_FEATURES = "USER_FEATURES"  # OIP input  [1, F_u] float32
 PEER_FEATURES = "PEER_FEATURES"  # OIP input  [M, F_p] float32

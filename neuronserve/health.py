@@ -1,15 +1,15 @@
-"""Health that follows the device: a small task on the server's event loop polls whether some core
-group can still run every stage (Pipeline.healthy) and, when that changes, tells the server (which sets
-the grpc.health.v1 statuses and ServingState.devices_ready, so ServerReady and ModelReady follow).
+"""Health that follows the device: a small task on the server's event loop polls which stages no core
+group can run now (Pipeline.stages_down) and, when that changes, tells the server (which sets the
+grpc.health.v1 statuses and ServingState.stages_down, so ServerReady and ModelReady follow).
 
-With every core group out of rotation (faulted, resetting) no call that needs a core can succeed: the
-server then says NOT_SERVING, so a readiness probe or a load balancer takes the replica out of rotation,
-and SERVING again once a core is back. The poll is a few flag reads under the backend's lock, so it
+With every core group of a stage out of rotation (faulted, resetting) no call that needs that stage
+can succeed: the services and models that need it then say NOT_SERVING / not ready, so a readiness
+probe or a load balancer takes the replica out of rotation, and SERVING again once a core is back. The poll is a few flag reads under the backend's lock, so it
 runs on the loop; a change shows within one `interval_s`.
 
 A frozen event loop is not this task's business: it stops with the loop, and so does every answer.
 Liveness is the health RPC with a timeout (a frozen loop answers nothing, the probe times out); a
-pool's supervisor also kills a worker whose loop stops writing its heartbeat (workers.py).
+single process's watchdog thread (watchdog.py) and a pool's supervisor (workers.py) act sooner.
 
 The sleep is injectable, so tests run the watcher on a fake clock. HealthServicer: grpc_health's,
 with List answered.
@@ -21,30 +21,42 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from grpc_health.v1 import health, health_pb2
 
+from neuronserve.contract import MODEL_STAGES, TWOTOWER
+
+if TYPE_CHECKING:
+    from neuronserve.service import ServingState
+
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+ALL_STAGES = MODEL_STAGES[TWOTOWER]
 POLL_INTERVAL_S = 0.1  # a core group going out of (or back into) rotation shows within this
 
 
-class DeviceWatcher:
-    """Polls `probe()` (True: the model can run) every `interval_s` and awaits `on_change(healthy)`
-    on each change. Starts from `healthy=True` (the server opens once every stage is warm), so the
-    first call is a loss of health. A probe that raises counts as unhealthy (logged once per streak)."""
+class DeviceWatcher(Generic[T]):
+    """Polls `probe()` every `interval_s` and awaits `on_change(value)` on each change of its value
+    (the server's: the stages no core group can run). Starts from `initial` (what the server opened
+    with), so the first call is a change from it. A probe that raises reads as `failed` (logged once
+    per streak)."""
 
     def __init__(
         self,
-        probe: Callable[[], bool],
-        on_change: Callable[[bool], Awaitable[None]],
+        probe: Callable[[], T],
+        on_change: Callable[[T], Awaitable[None]],
         *,
+        initial: T,
+        failed: T,
         interval_s: float = POLL_INTERVAL_S,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if not interval_s > 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
-        self.healthy = True
+        self.value = initial
+        self._failed = failed
         self._probe = probe
         self._on_change = on_change
         self._interval_s = interval_s
@@ -67,21 +79,21 @@ class DeviceWatcher:
 
     async def poll(self) -> None:
         """One poll: read the probe, tell on a change."""
-        healthy = self._read()
-        if healthy != self.healthy:
-            self.healthy = healthy
-            await self._on_change(healthy)
+        value = self._read()
+        if value != self.value:
+            self.value = value
+            await self._on_change(value)
 
-    def _read(self) -> bool:
+    def _read(self) -> T:
         try:
-            healthy = bool(self._probe())
+            value = self._probe()
         except Exception:
             if not self._probe_failed:
                 log.exception("the device health probe failed: counted as unhealthy until it answers")
             self._probe_failed = True
-            return False
+            return self._failed
         self._probe_failed = False
-        return healthy
+        return value
 
     async def _run(self) -> None:
         while True:
@@ -103,3 +115,66 @@ class HealthServicer(health.aio.HealthServicer):
         return health_pb2.HealthListResponse(
             statuses={name: health_pb2.HealthCheckResponse(status=s) for name, s in statuses.items()}
         )
+
+
+class ServerHealth:
+    """One server's grpc.health.v1 statuses and the watchers that keep them current.
+
+    While the door is open (ServingState.serving): the Health service SERVING; the OIP service while
+    some model's stages all have a healthy core group (contract.MODEL_STAGES); the overall "" and the
+    Scorer while every stage has one; `store_name` while the embedding store's local copy follows it.
+    """
+
+    def __init__(self, servicer: HealthServicer, state: ServingState, services: tuple[str, ...], oip: str) -> None:
+        self.servicer, self._state, self._oip = servicer, state, oip
+        self._names = ("",) + services
+        self._devices: DeviceWatcher[frozenset[str]] | None = None
+        self._store: DeviceWatcher[bool] | None = None
+
+    async def set_all(self, status: int | None = None) -> None:
+        """Every name to `status`; by default to what the server is now."""
+        answer, state = health_pb2.HealthCheckResponse, self._state
+        oip_up = any(state.model_ready(model) for model in MODEL_STAGES)
+        for name in self._names:
+            if status is None:
+                up = state.serving and (
+                    name == health.SERVICE_NAME or (oip_up if name == self._oip else not state.stages_down)
+                )
+                status_now = answer.SERVING if up else answer.NOT_SERVING
+                await self.servicer.set(name, status_now)
+            else:
+                await self.servicer.set(name, status)
+
+    def watch_devices(self, stages_down: Callable[[], frozenset[str]]) -> None:
+        """Poll `stages_down()` (Pipeline.stages_down of the current version); statuses follow it."""
+        self._devices = DeviceWatcher(stages_down, self._devices_changed, initial=frozenset(), failed=ALL_STAGES)
+        self._devices.start()
+
+    async def watch_store(self, store_name: str, up: Callable[[], bool]) -> None:
+        """`store_name` SERVING while `up()` (the embedding store's local copy follows the store)."""
+
+        async def changed(now_up: bool) -> None:
+            answer = health_pb2.HealthCheckResponse
+            await self.servicer.set(store_name, answer.SERVING if now_up else answer.NOT_SERVING)
+
+        initial = up()
+        self._store = DeviceWatcher(up, changed, initial=initial, failed=False)
+        await changed(initial)
+        self._store.start()
+
+    async def stop_watching(self) -> None:
+        for watcher in (self._devices, self._store):
+            if watcher is not None:
+                await watcher.stop()
+        self._devices = self._store = None
+
+    async def _devices_changed(self, down: frozenset[str]) -> None:
+        self._state.stages_down = down
+        if down:
+            log.warning(
+                "no core group can run %s (all out of rotation after faults): the services and models that need it are NOT_SERVING / not ready until a core is back",
+                ", ".join(sorted(down)),
+            )
+        else:
+            log.info("a core group can run every stage again: health SERVING, ModelReady true")
+        await self.set_all()

@@ -164,7 +164,7 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
             and self.versions.loaded
             and (not request.version or self.versions.serves(request.version))
         )
-        return oip.ModelReadyResponse(ready=known and self.state.ready)
+        return oip.ModelReadyResponse(ready=known and self.state.model_ready(request.name))
 
     async def ServerMetadata(self, request, context) -> oip.ServerMetadataResponse:
         extensions = list(TRITON_EXTENSIONS) + (["model_repository"] if self.control is not None else [])

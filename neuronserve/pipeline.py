@@ -313,11 +313,10 @@ class Pipeline:
         busy_s = u.busy_s + p.busy_s + scores.busy_s
         return JobResult(scores.out, busy_s, u.executions + p.executions + scores.executions)
 
-    def healthy(self) -> bool:
-        """Every placed stage has a healthy core group (so every model can run); False once every group
-        holding some stage is out of rotation. Cheap (a flag per runner): the server's health watcher
-        polls it on the event loop."""
-        return all(any(g.healthy() for g in groups) for groups in self._stage_groups.values())
+    def stages_down(self) -> frozenset[str]:
+        """The placed stages whose every core group is out of rotation (empty: every model can run).
+        Cheap (a flag per runner): the server's health watcher polls it on the event loop."""
+        return frozenset(s for s, groups in self._stage_groups.items() if not any(g.healthy() for g in groups))
 
     def stats(self) -> PipelineStats:
         return PipelineStats(

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # types only: grpc and the serving stack load in start(), not
     from neuronserve.backends.base import Backend
     from neuronserve.embeddings import EmbeddingCache
     from neuronserve.fleet import FleetCache, Follower
-    from neuronserve.health import DeviceWatcher, HealthServicer
+    from neuronserve.health import ServerHealth
     from neuronserve.metrics import Metrics
     from neuronserve.metrics_http import MetricsServer
     from neuronserve.pipeline import Pipeline
@@ -93,11 +93,8 @@ class Server:
         self._servicers: list = []
         self._grpc: grpc.aio.Server | None = None
         self._grpc_started = False  # _grpc.start() ran: stop() must stop it
-        self._health: HealthServicer | None = None
-        self._health_names: tuple[str, ...] = ()
-        self._watcher: DeviceWatcher | None = None  # from _open to stop
+        self._health: ServerHealth | None = None
         self._follower: Follower | None = None  # of a lone server with --embedding-store (a pool's: its supervisor's)
-        self._store_watcher: DeviceWatcher | None = None  # of the store's health name, with --embedding-store
         self._metrics_server: MetricsServer | None = None
         self.versions: VersionTable | None = None  # the versions served (the first built here, others by model_control)
         self.control: ModelControl | None = None  # the repository's versions loaded and unloaded
@@ -163,7 +160,7 @@ class Server:
         from grpc_health.v1 import health_pb2
         from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-        from neuronserve.health import HealthServicer
+        from neuronserve.health import HealthServicer, ServerHealth
         from neuronserve.protos import open_inference_pb2, scorer_pb2
         from neuronserve.oip_service import InferenceService
         from neuronserve.scorer_service import ScorerService
@@ -204,41 +201,16 @@ class Server:
         add_service(server, self._servicers[0], scorer, scorer_pb2)
         add_service(server, self._servicers[1], inference, open_inference_pb2)
         health = health_pb2.DESCRIPTOR.services_by_name["Health"]
-        self._health = HealthServicer()  # grpc_health's (set(), enter_graceful_shutdown()) with List ...
-        add_service(server, self._health, health, health_pb2, self.metrics)  # ... behind the guard
+        servicer = HealthServicer()  # grpc_health's (set(), enter_graceful_shutdown()) with List ...
+        add_service(server, servicer, health, health_pb2, self.metrics)  # ... behind the guard
         services = (scorer.full_name, inference.full_name, health.full_name)
-        self._health_names = ("",) + services
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._health = ServerHealth(servicer, self.state, services, inference.full_name)
+        await self._health.set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
         if config.reflection:
             # reflection.enable_server_reflection, behind the guard: a malformed message is INVALID_ARGUMENT
             reflecting = reflection.aio.ReflectionServicer(services + (reflection.SERVICE_NAME,))
             described = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
             add_service(server, reflecting, described, reflection_pb2, self.metrics)
-
-    async def _set_health(self, status=None) -> None:
-        """Every health name to `status`; by default to what the server is: the Health service SERVING
-        while the door is open, the overall "" and the model services while it is open and some core
-        group can run every stage (ServingState.devices_ready, kept by the DeviceWatcher)."""
-        from grpc_health.v1 import health_pb2
-
-        state, health, answer = _started(self.state), _started(self._health), health_pb2.HealthCheckResponse
-        for name in self._health_names:
-            if status is None:
-                up = state.serving and (state.devices_ready or name == "grpc.health.v1.Health")
-                await health.set(name, answer.SERVING if up else answer.NOT_SERVING)
-            else:
-                await health.set(name, status)
-
-    async def _devices_changed(self, healthy: bool) -> None:
-        """The DeviceWatcher's call: health and ServerReady/ModelReady follow the core groups."""
-        _started(self.state).devices_ready = healthy
-        log.log(
-            logging.INFO if healthy else logging.WARNING,
-            "a core group can run every stage again: health SERVING, ModelReady true"
-            if healthy
-            else "no core group can run every stage (all out of rotation after faults): health NOT_SERVING, ModelReady false until a core is back",
-        )
-        await self._set_health()
 
     async def _listen(self) -> None:
         """Bind gRPC (and /metrics) and start serving; the door stays closed until _open()."""
@@ -303,16 +275,7 @@ class Server:
             raise Unavailable("start-up abandoned while loading the embedding store")
         self._follower.start()
 
-    async def _store_changed(self, up: bool) -> None:
-        """The store health name follows the local copy: SERVING while it follows the store."""
-        from grpc_health.v1 import health_pb2
-        from neuronserve.fleet import HEALTH_NAME
-
-        status = health_pb2.HealthCheckResponse
-        await _started(self._health).set(HEALTH_NAME, status.SERVING if up else status.NOT_SERVING)
-
     async def _open(self) -> None:
-        from neuronserve.health import DeviceWatcher
         from neuronserve.metric_sources import pipeline_samples, sim_samples
         from neuronserve.runtime import Runtime
 
@@ -330,17 +293,14 @@ class Server:
         gc.collect()
         gc.freeze()  # everything built so far lives as long as the server: keep it out of the collector's scans
         _started(self.state).serving = True
-        await self._set_health()
-        self._watcher = DeviceWatcher(
-            lambda: (versions.current.pipeline or _started(self.pipeline)).healthy(), self._devices_changed
-        )
-        self._watcher.start()
+        health = _started(self._health)
+        await health.set_all()
+        health.watch_devices(lambda: (versions.current.pipeline or _started(self.pipeline)).stages_down())
         store_status = getattr(self.cache, "status", None)
         if store_status is not None:  # health name neuronserve.EmbeddingStore: NOT_SERVING while the copy is stale
-            self._store_watcher = DeviceWatcher(lambda: store_status.state().up, self._store_changed)
-            self._store_watcher.healthy = store_status.state().up
-            await self._store_changed(self._store_watcher.healthy)
-            self._store_watcher.start()
+            from neuronserve.fleet import HEALTH_NAME
+
+            await health.watch_store(HEALTH_NAME, lambda: store_status.state().up)
 
     async def _start_control(self) -> None:
         """The repository's control over the VersionTable (version_build.start_control)."""
@@ -390,7 +350,7 @@ class Server:
     async def _stop_serving(self, drain_delay_s: float, cut_short: asyncio.Event | None) -> None:
         """Health NOT_SERVING and ready false; with a drain delay, still serving that long."""
         if self._health is not None:
-            await self._health.enter_graceful_shutdown()
+            await self._health.servicer.enter_graceful_shutdown()
         if self.state is not None:
             self.state.draining = True  # ServerReady/ModelReady false with health, while the door stays open
         if drain_delay_s > 0 and self.serving:
@@ -428,12 +388,8 @@ class Server:
         if self._metrics_server is not None:
             await self._metrics_server.close()
             self._metrics_server = None
-        if self._watcher is not None:  # before the pipeline it polls closes
-            await self._watcher.stop()
-            self._watcher = None
-        if self._store_watcher is not None:
-            await self._store_watcher.stop()
-            self._store_watcher = None
+        if self._health is not None:  # its watchers, before the pipeline they poll closes
+            await self._health.stop_watching()
         if self._follower is not None:
             await asyncio.to_thread(self._follower.stop)
             self._follower = None

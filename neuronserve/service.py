@@ -28,7 +28,7 @@ from typing import Protocol
 import grpc
 import numpy as np
 
-from neuronserve.contract import TOWERS, TWOTOWER  # noqa: F401  (re-exported: the servicers' model names)
+from neuronserve.contract import MODEL_STAGES, TOWERS, TWOTOWER  # noqa: F401  (re-exported: the servicers' model names)
 from neuronserve.errors import DeadlineExceeded, InvalidInput, NeuronServeError, Unavailable
 from neuronserve.protos import open_inference_pb2 as oip
 from neuronserve.protos import scorer_pb2 as pb
@@ -121,19 +121,23 @@ class Runtime(Protocol):
 class ServingState:
     """The door: open only between the end of warm-up and the start of a drain. `in_flight` counts the
     inference calls inside a handler, so a drain knows when every accepted one has its answer.
-    `devices_ready`: some core group can run every stage (the server's health.DeviceWatcher keeps it);
-    ServerReady and ModelReady answer `ready`: serving, devices ready and not draining. The door does not look at the devices: ScoreByIds
-    and ScoreMatrix need no core, and a call that does gets UNAVAILABLE from the pipeline."""
+    `stages_down`: the stages no core group can run now (the server's health.DeviceWatcher keeps it).
+    ServerReady answers `ready` (serving, not draining, every stage up); ModelReady `model_ready` (the
+    model's own stages up). The door does not look at the devices: ScoreByIds and ScoreMatrix need no
+    core, and a call that does gets UNAVAILABLE from the pipeline."""
 
     def __init__(self) -> None:
         self.serving = False
-        self.devices_ready = True
+        self.stages_down: frozenset[str] = frozenset()
         self.draining = False  # stop() began: not ready, though the door may stay open for the drain delay
         self.in_flight = 0
 
     @property
     def ready(self) -> bool:
-        return self.serving and self.devices_ready and not self.draining
+        return self.serving and not self.stages_down and not self.draining
+
+    def model_ready(self, model: str) -> bool:
+        return self.serving and not self.draining and not MODEL_STAGES[model] & self.stages_down
 
     def check(self) -> None:
         if not self.serving:

@@ -111,10 +111,10 @@ def test_a_child_that_dies_fails_its_batch_and_a_new_one_takes_over(manifest):
         os.kill(first.pid, signal.SIGKILL)
         with pytest.raises(CoreFault, match="exited"):
             await pipeline.score_requests(*requests(manifest, (3,), seed=1))
-        assert not pipeline.healthy()
+        assert pipeline.stages_down()
         with pytest.raises(Unavailable):  # out of rotation while the next child warms up
             await pipeline.score_requests(*requests(manifest, (3,), seed=2))
-        await asyncio.to_thread(wait_until, pipeline.healthy, 30)  # restarted after a 1 s backoff
+        await asyncio.to_thread(wait_until, lambda: not pipeline.stages_down(), 30)  # restarted after a 1 s backoff
         assert process._proc is not first and first.poll() is not None
         again = await pipeline.score_requests(*requests(manifest, (3,), seed=3))
         assert np.isfinite(again.scores).all()

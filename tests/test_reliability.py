@@ -327,16 +327,54 @@ def test_all_cores_failing_is_not_serving_and_not_ready_within_a_second_and_serv
         stubs.channel.close()
 
 
+PIPELINED = "user_tower=0,peer_tower=1,pair_scorer=2"
+
+
+@pytest.fixture(scope="module")
+def pipelined_server(loop_thread, small_artifact):
+    server = start_server(loop_thread, small_artifact, backend="sim", cores=3, placement=PIPELINED, sim=SimConfig(latency_scale=0.0, reset_s=RESET_S))
+    yield server
+    loop_thread.run(server.stop(5.0))
+
+
+def test_a_stage_out_of_rotation_is_visible_per_service_and_per_model_and_back_after_the_reset(pipelined_server, caplog):
+    """The user tower's only core faults: the Scorer and "" are NOT_SERVING and the models that run the
+    user tower are not ready, while the OIP service still serves the peer tower; all back after the reset."""
+    stubs = Stubs(pipelined_server.port)
+    try:
+        names = ("", "neuronserve.v1.Scorer", "inference.GRPCInferenceService", "grpc.health.v1.Health")
+        models = ("twotower", "user_tower", "peer_tower")
+
+        def seen():
+            health = tuple(stubs.health.Check(health_pb2.HealthCheckRequest(service=n), timeout=5).status for n in names)
+            ready = tuple(stubs.oip.ModelReady(oip.ModelReadyRequest(name=m), timeout=5).ready for m in models)
+            return health, ready, stubs.oip.ServerReady(oip.ServerReadyRequest(), timeout=5).ready
+
+        everything = ((SERVING,) * 4, (True, True, True), True)
+        assert seen() == everything
+        pipelined_server.backend.inject_fault(0, "fail")  # core 0 holds user_tower only
+        good = score_request(rng_features(5, 1, F), rng_features(6, 7, F))
+        assert rpc_error(stubs.scorer.Score, good, timeout=10).code() == grpc.StatusCode.UNAVAILABLE
+        partly = ((NOT_SERVING, NOT_SERVING, SERVING, SERVING), (False, False, True), False)
+        poll(lambda: seen() == partly, 5)
+        assert "no core group can run user_tower" in caplog.text
+        poll(lambda: seen() == everything, RESET_S + 2)
+        no_tracebacks(caplog)
+    finally:
+        stubs.channel.close()
+
+
 @pytest.mark.parametrize(
-    "placement, cores, faulted, healthy",
+    "placement, cores, faulted, down",
     [
-        ("data", 2, [0], True),  # one group of two still runs everything
-        ("data", 2, [0, 1], False),
-        ("user_tower=0,peer_tower=1,pair_scorer=2", 3, [1], False),  # peer_tower's only group: no model can run
-        ("user_tower=0,peer_tower=1,pair_scorer=2", 3, [], True),
+        ("data", 2, [0], set()),  # one group of two still runs everything
+        ("data", 2, [0, 1], {"user_tower", "peer_tower", "pair_scorer", "twotower"}),
+        (PIPELINED, 3, [1], {"peer_tower"}),  # peer_tower's only group
+        (PIPELINED, 3, [0, 2], {"user_tower", "pair_scorer"}),
+        (PIPELINED, 3, [], set()),
     ],
 )
-def test_pipeline_healthy_needs_a_healthy_group_for_every_stage_and_recovers_after_the_reset(small_artifact, placement, cores, faulted, healthy):
+def test_a_stage_is_down_while_every_group_holding_it_is_out_of_rotation_and_back_after_the_reset(small_artifact, placement, cores, faulted, down):
     from neuronserve.backends.sim import SimBackend
     from neuronserve.config import Placement
     from neuronserve.errors import CoreFault
@@ -358,13 +396,13 @@ def test_pipeline_healthy_needs_a_healthy_group_for_every_stage_and_recovers_aft
                 await pipeline.run_stage(stage, inputs)
 
         async def main():
-            assert pipeline.healthy()
+            assert pipeline.stages_down() == set()
             for core in faulted:
                 await fault(core)
             now[0] = 0.5  # inside the reset
-            assert pipeline.healthy() is healthy
+            assert pipeline.stages_down() == down
             now[0] = 1.0  # the reset is over
-            assert pipeline.healthy()
+            assert pipeline.stages_down() == set()
 
         asyncio.run(main())
     finally:
@@ -422,7 +460,7 @@ def test_the_device_watcher_tells_each_change_once_within_one_interval(caplog):
         async def on_change(healthy: bool) -> None:
             changes.append((clock.now, healthy))
 
-        watcher = DeviceWatcher(probe, on_change, interval_s=0.1, sleep=clock.sleep)
+        watcher = DeviceWatcher(probe, on_change, initial=True, failed=False, interval_s=0.1, sleep=clock.sleep)
         watcher.start()
         await clock.advance(5.0)
         assert changes == []  # healthy from the start: nothing to tell
