@@ -2,9 +2,11 @@
 
 compile_artifact: model (checkpoint or seeded random) -> per stage and bucket, a traced graph
 (torch.jit.trace for cpu, torch.neuron.trace for neuron) -> parity against the eager model ->
-reference outputs -> manifest.json with sha256 of every file. Besides the three pipelining stages it
-writes the fused stage (FUSED_STAGE) at every (B, U) pair of buckets with U <= B: for neuron one graph
-per pair, for cpu one shape-generic graph checked at every pair (see artifact.py). The artifact is
+reference outputs -> manifest.json with sha256 of every file. For neuron one graph per bucket (fixed
+shapes); for cpu one shape-generic graph per stage, traced at the largest bucket and checked at every
+bucket (every bucket entry names that file: fewer files to load, so a version loads faster). Besides
+the three pipelining stages it writes the fused stage (FUSED_STAGE) at every (B, U) pair of buckets
+with U <= B: for neuron one graph per pair, for cpu one graph checked at every pair (see artifact.py). The artifact is
 written into a temporary directory beside `out_dir` and moved into place only when complete, so a
 failed compile never leaves a half artifact behind.
 """
@@ -300,9 +302,10 @@ def _compile_into(
     files: dict[str, str] = {}
     compiler_args: tuple[str, ...] = ()
     pairs = fused_pairs(sizes)
-    fused_graphs = len(pairs) if target == "neuron" else 1
+    per_bucket = target == "neuron"  # fixed shapes; cpu: one shape-generic graph per stage
+    fused_graphs = len(pairs) if per_bucket else 1
     bar = tqdm(
-        total=len(STAGES) * len(sizes) + fused_graphs,
+        total=len(STAGES) * (len(sizes) if per_bucket else 1) + fused_graphs,
         desc=f"compile {target}",
         unit="graph",
         disable=not progress,
@@ -312,11 +315,19 @@ def _compile_into(
         for stage in STAGES:
             inputs_spec, outputs_spec = specs[stage]
             entries = []
+            traced_by_file: dict[str, torch.jit.ScriptModule] = {}
             for batch in sizes:
                 bar.set_postfix_str(f"{stage} batch {batch}")
-                inputs = _example_inputs(inputs_spec, batch, generator)
-                with torch.no_grad():
-                    traced, compiler_args = _trace(modules[stage], inputs, target, pipeline_cores, fast_math)
+                file_name = f"{stage}_b{batch}.pt" if per_bucket else f"{stage}.pt"
+                if file_name not in traced_by_file:  # cpu: traced at the largest bucket, checked at every one
+                    inputs = _example_inputs(inputs_spec, batch if per_bucket else max(sizes), generator)
+                    with torch.no_grad():
+                        traced, compiler_args = _trace(modules[stage], inputs, target, pipeline_cores, fast_math)
+                    torch.jit.save(traced, str(work / file_name))
+                    files[file_name] = sha256_file(work / file_name)
+                    traced_by_file[file_name] = traced
+                    bar.update(1)
+                traced = traced_by_file[file_name]
                 fresh = _example_inputs(inputs_spec, batch, generator)  # not the trace inputs: catches baked-in values
                 error = _parity(traced, modules[stage], fresh, f"{stage} batch {batch}", target)
                 if error is not UNCHECKED and not error <= tolerance:  # `not <=`: a NaN output fails too
@@ -324,11 +335,7 @@ def _compile_into(
                         f"parity check failed: {stage} at batch {batch} differs from the eager model by {error:.2e} "
                         f"(tolerance {tolerance:.0e} for {target}); the traced graph is wrong, do not ship it"
                     )
-                file_name = f"{stage}_b{batch}.pt"
-                torch.jit.save(traced, str(work / file_name))
-                files[file_name] = sha256_file(work / file_name)
                 entries.append(BucketEntry(batch, file_name, error))
-                bar.update(1)
             stages[stage] = StageSpec(stage, inputs_spec, outputs_spec, tuple(entries))
         inputs_spec, outputs_spec = specs[FUSED_STAGE]
         entries = _compile_fused(work, model, pairs, target, pipeline_cores, fast_math, files, bar)

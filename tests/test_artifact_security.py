@@ -36,7 +36,7 @@ from neuronserve.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, SIGNATURE_NAM
 
 pytestmark = pytest.mark.timeout(120)
 
-STAGE_FILE = "user_tower_b4.pt"  # one stage file of the artifact (buckets 1,4)
+STAGE_FILE = "user_tower.pt"  # one stage file of the artifact (every bucket of the stage on cpu)
 
 
 def cli(*args: str, env: Optional[dict] = None, prefix: List[str] = (), timeout: float = 90) -> subprocess.CompletedProcess:

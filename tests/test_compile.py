@@ -60,7 +60,9 @@ def test_compile_cli_writes_a_verified_artifact(tmp_path):
     assert [(b["batch_size"], b["user_batch_size"]) for b in fused] == [(b, u) for b in sizes for u in sizes if u <= b]
     assert {b["file"] for b in fused} == {"twotower.pt"}  # cpu: one shape-generic graph, checked at all 21 pairs
     assert [t["dtype"] for t in data["stages"][FUSED_STAGE]["inputs"]] == ["float32", "float32", "int64"]
-    assert len(data["files"]) == 3 * 6 + 1 + 1  # 18 stage graphs + the fused graph + reference.npz
+    for stage in ("user_tower", "peer_tower", "pair_scorer"):  # cpu: one shape-generic graph per stage
+        assert {b["file"] for b in data["stages"][stage]["buckets"]} == {f"{stage}.pt"}
+    assert len(data["files"]) == 3 + 1 + 1  # 3 stage graphs + the fused graph + reference.npz
     assert data["model_config"]["num_labels"] == 4 and data["label_names"] == ["like", "chat", "match", "report"]
     assert "parity" in result.stdout and "twotower-demo" in result.stdout
     assert "user_tower" in result.stderr  # the progress bar names the graph being traced
@@ -99,13 +101,13 @@ def test_one_changed_byte_is_refused_naming_the_file(tmp_path, small_config_file
     (header,) = [line for line in lines if line.startswith("stage      twotower")]
     assert "user_index[-1]" in header and "scores[-1, 3]" in header
     assert any("batch     4  users 1,4" in line and "twotower.pt" in line for line in lines), inspected.stdout
-    victim = out / "peer_tower_b4.pt"
+    victim = out / "peer_tower.pt"
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x01
     victim.write_bytes(bytes(data))
     line = one_line_error(neuronserve("inspect", out))
-    assert "peer_tower_b4.pt" in line and "checksum" in line
-    with pytest.raises(ArtifactError, match="peer_tower_b4.pt"):
+    assert "peer_tower.pt" in line and "checksum" in line
+    with pytest.raises(ArtifactError, match="peer_tower.pt"):
         load_manifest(out)
 
 
@@ -132,11 +134,11 @@ def test_a_model_config_value_that_is_not_a_positive_integer_is_refused(value):
 def test_truncated_missing_and_incompatible_artifacts_are_refused(tmp_path):
     out = tmp_path / "artifact"
     compile_artifact(out, config=SMALL_CONFIG, batch_sizes=(1,), seed=1)
-    (out / "user_tower_b1.pt").write_bytes((out / "user_tower_b1.pt").read_bytes()[:100])
-    with pytest.raises(ArtifactError, match="user_tower_b1.pt"):
+    (out / "user_tower.pt").write_bytes((out / "user_tower.pt").read_bytes()[:100])
+    with pytest.raises(ArtifactError, match="user_tower.pt"):
         load_manifest(out)
-    (out / "user_tower_b1.pt").unlink()
-    with pytest.raises(ArtifactError, match="user_tower_b1.pt.*missing"):
+    (out / "user_tower.pt").unlink()
+    with pytest.raises(ArtifactError, match="user_tower.pt.*missing"):
         load_manifest(out)
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["schema_version"] = 99

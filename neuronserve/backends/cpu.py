@@ -8,6 +8,7 @@ backend wraps it for exact outputs. FUSED_STAGE loads as a CpuFusedRunner: one s
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -42,16 +43,27 @@ class CpuBackend(Backend):
         # host intra-op threads of concurrent executions would only fight over the same cores.
         torch.set_num_threads(1)
         self.model_process = model_process
+        # Each file loaded once and shared by every core group (a TorchScript module runs concurrently
+        # on several threads): torch.jit.load holds the GIL, so a version loading beside served traffic
+        # stalls the event loop for each file it loads.
+        self._graphs: dict[str, torch.jit.ScriptModule] = {}
+        self._graphs_lock = threading.Lock()
+
+    def graph(self, file: str) -> torch.jit.ScriptModule:
+        with self._graphs_lock:
+            if file not in self._graphs:
+                # the bytes whose sha256 was checked, not the path again (artifact.Manifest.file_bytes)
+                self._graphs[file] = torch.jit.load(self.manifest.file_stream(file), map_location="cpu")
+            return self._graphs[file]
+
+    def close(self) -> None:
+        with self._graphs_lock:
+            self._graphs.clear()
+        super().close()
 
     def load(self, stage: str, cores: CoreGroup) -> CpuRunner | CpuFusedRunner:
         spec = self.manifest.stage(stage)
-        loaded: dict[str, torch.jit.ScriptModule] = {}  # each file once: a fused cpu graph serves several pairs
-
-        def graph(file: str) -> torch.jit.ScriptModule:
-            if file not in loaded:
-                # the bytes whose sha256 was checked, not the path again (artifact.Manifest.file_bytes)
-                loaded[file] = torch.jit.load(self.manifest.file_stream(file), map_location="cpu")
-            return loaded[file]
+        graph = self.graph
 
         if stage == FUSED_STAGE:
             pairs = {(b.batch_size, int(b.user_batch_size or 0)): graph(b.file) for b in spec.buckets}
