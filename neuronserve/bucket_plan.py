@@ -6,6 +6,11 @@ total time, for every r up to a limit, computed once at start-up (a table lookup
 
 from __future__ import annotations
 
+import numpy as np
+
+from neuronserve.backends.base import FusedRunner, Runner, StageRunner
+from neuronserve.execution import timed_run
+
 
 def plan_table(buckets: tuple[int, ...], cost_s: dict[int, float], limit: int) -> list[tuple[int, ...]]:
     """table[r] = the chunks (bucket sizes) covering r rows at least total device time, for r <= limit.
@@ -52,3 +57,27 @@ class BucketPlan:
 
     def total_cost_s(self, rows: int) -> float:
         return sum(self.cost_s[b] for b in self.plan(rows))
+
+
+def bucket_cost_s(runner: Runner, batch_size: int) -> float:
+    """Device seconds of one execution at `batch_size`: the backend's model (sim), else the best of 3
+    timed runs (a noisy host only adds time). The fused stage is costed with its fewest user rows."""
+    if isinstance(runner, FusedRunner):
+        users = runner.user_batch_sizes(batch_size)[0]
+        modelled = runner.latency_s(batch_size, users)
+        inputs = list(runner.zero_inputs(batch_size, users))
+    else:
+        assert isinstance(runner, StageRunner)
+        modelled = runner.latency_s(batch_size)
+        inputs = [np.zeros((batch_size,) + shape, dtype=np.float32) for shape in runner.input_shapes()]
+    if modelled is not None:
+        return modelled
+    return min(timed_run(runner, inputs)[1] for _ in range(3))
+
+
+def measured_plan(runner: Runner, known: BucketPlan | None = None) -> BucketPlan:
+    """`runner`'s plan: `known` (measured on graphs of the same shapes) when it has the same buckets,
+    else every bucket costed (timed on a host: CPU beside served traffic, which a version load avoids)."""
+    if known is not None and known.buckets == tuple(sorted(runner.batch_sizes)):
+        return known
+    return BucketPlan(runner.batch_sizes, {b: bucket_cost_s(runner, b) for b in runner.batch_sizes})

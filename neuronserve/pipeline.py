@@ -17,13 +17,13 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from neuronserve.backends.base import Backend, FusedRunner, Runner, StageRunner
 from neuronserve.config import CoreGroup, Placement
-from neuronserve.bucket_plan import BucketPlan
+from neuronserve.bucket_plan import BucketPlan, measured_plan
 from neuronserve.execution import (
     JobResult,
     call_soon,
@@ -34,7 +34,6 @@ from neuronserve.execution import (
     remote_fused,
     run_chunks,
     run_fused,
-    timed_run,
 )
 from neuronserve.errors import CoreFault, CoreResetting, InvalidInput, Unavailable
 from neuronserve.contract import FUSED_STAGE, PAIR_SCORER, PEER_TOWER, STAGES, USER_TOWER
@@ -120,8 +119,9 @@ class Pipeline:
         self._fused = False
         self._started = False
 
-    def start(self, abort: threading.Event | None = None) -> None:
-        """Load every stage on its groups and run every bucket once (blocking), then plan buckets.
+    def start(self, abort: threading.Event | None = None, plans: Mapping[str, BucketPlan] | None = None) -> None:
+        """Load every stage on its groups and run every bucket once (blocking), then plan buckets (reusing
+        `plans`, the `plans` of a pipeline of the same graphs' shapes, where they cover the same buckets).
         Once `abort` is set (from another thread), it gives up before the next stage load (Unavailable).
 
         gc.freeze() is deliberately not called here: the server calls it once everything is built."""
@@ -148,9 +148,7 @@ class Pipeline:
         for stage, groups in self._stage_groups.items():
             runner = groups[0].runners[stage]
             self._shapes[stage] = tuple(runner.input_shapes())
-            self._plans[stage] = BucketPlan(
-                runner.batch_sizes, {b: self._bucket_cost_s(runner, b) for b in runner.batch_sizes}
-            )
+            self._plans[stage] = measured_plan(runner, (plans or {}).get(stage))
         if FUSED_STAGE in self._stage_groups:
             fused = self._stage_groups[FUSED_STAGE][0].runners[FUSED_STAGE]
             assert isinstance(fused, FusedRunner)
@@ -158,21 +156,10 @@ class Pipeline:
         self._started = True
         self._estimates = [0.0] + [self._estimate_s(rows) for rows in range(1, self.max_batch_rows + 1)]
 
-    @staticmethod
-    def _bucket_cost_s(runner: Runner, batch_size: int) -> float:
-        """Device seconds of one execution at `batch_size`: the backend's model (sim), else the best of 3
-        timed runs (a noisy host only adds time). The fused stage is costed with its fewest user rows."""
-        if isinstance(runner, FusedRunner):
-            users = runner.user_batch_sizes(batch_size)[0]
-            modelled = runner.latency_s(batch_size, users)
-            inputs = list(runner.zero_inputs(batch_size, users))
-        else:
-            assert isinstance(runner, StageRunner)
-            modelled = runner.latency_s(batch_size)
-            inputs = [np.zeros((batch_size,) + shape, dtype=np.float32) for shape in runner.input_shapes()]
-        if modelled is not None:
-            return modelled
-        return min(timed_run(runner, inputs)[1] for _ in range(3))
+    @property
+    def plans(self) -> dict[str, BucketPlan]:
+        """Each stage's bucket plan (measured once at start; a later version of the same shapes reuses them)."""
+        return dict(self._plans)
 
     @property
     def max_batch_rows(self) -> int:

@@ -141,6 +141,26 @@ def test_the_cpu_backend_runs_under_the_pipeline_too(manifest):
     pipeline.close()
 
 
+def test_a_pipeline_of_the_same_shapes_reuses_the_bucket_plans_instead_of_timing_again(manifest, monkeypatch):
+    """A later version of one model plans with the served version's bucket costs: no timed runs beside
+    served traffic. A plan for other buckets is not reused."""
+    import neuronserve.bucket_plan as bucket_plan
+
+    first = Pipeline(CpuBackend(manifest), Placement.data_parallel(1))
+    first.start()
+    timed = []
+    monkeypatch.setattr(bucket_plan, "timed_run", lambda *args: timed.append(args) or (None, 1.0))
+    second = Pipeline(CpuBackend(manifest), Placement.data_parallel(1))
+    second.start(plans=first.plans)
+    assert timed == [] and all(second.plans[s] is first.plans[s] for s in first.plans)
+    stage, plan = next(iter(first.plans.items()))
+    third = Pipeline(CpuBackend(manifest), Placement.data_parallel(1))
+    third.start(plans={stage: bucket_plan.BucketPlan(plan.buckets[:-1], plan.cost_s)})
+    assert third.plans[stage].cost_s == dict.fromkeys(plan.buckets, 1.0) and len(timed) == 3 * len(plan.buckets) * len(first.plans)
+    for pipeline in (first, second, third):
+        pipeline.close()
+
+
 def test_the_cpu_backend_queues_the_next_execution_behind_the_running_one(manifest):
     """Two executions in flight on the host's one executor thread: they run one after the other, never
     at once (two torch calls on a small host would only fight over its cores), and the second starts
