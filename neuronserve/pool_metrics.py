@@ -8,9 +8,9 @@ workers at most once per min_interval_s).
 Merge rule per family: PER_WORKER families (a worker's cores, queue, process) keep their samples with a
 `worker` label added; SHARED families (the embedding cache, one store for the pool) are reported once;
 every other family is summed over workers, label set by label set. Plus the supervisor's own process
-figures and /metrics counters (worker="supervisor") and, per worker: neuronserve_worker_up, _restarts_total, _requests_total. A worker that is being restarted is
-absent from that scrape, so its counters restart from zero when it returns: Prometheus sees a counter
-reset on the summed series (rate() copes; docs/workers.md).
+figures and /metrics counters (worker="supervisor") and, per worker: neuronserve_worker_up,
+_restarts_total, _requests_total. The summed counters stay monotonic (Continuity): a worker absent from
+a scrape counts with what it had counted, and a restarted one's earlier counts carry on.
 """
 
 from __future__ import annotations
@@ -77,6 +77,43 @@ def merge(per_worker: dict[int, list[Sample]]) -> list[Sample]:
     return [Sample(name, labels, value, suffix) for (name, suffix, labels), value in merged.items()]
 
 
+def _summed_counter(name: str) -> bool:
+    return FAMILIES[name][0] in ("counter", "histogram") and name not in PER_WORKER and name not in SHARED
+
+
+@dataclasses.dataclass
+class _Seen:
+    start_s: float | None  # the worker process's process_start_time_seconds: another one is a restart
+    counters: list[Sample]
+
+
+class Continuity:
+    """Keeps the pool's summed counters from stepping down: a worker missing from a scrape (restarting,
+    slow) counts with its last-seen counters, and when a worker's process changes (another start time)
+    its last-seen counters carry on under the new process's. Without it a summed counter steps down,
+    and Prometheus' rate() reads the step as a reset and the whole remaining sum as new increase."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, _Seen] = {}
+        self._carry: dict[int, dict[tuple[str, str, tuple], float]] = {}  # per worker: (name, suffix, labels) -> sum
+
+    def apply(self, per_worker: dict[int, list[Sample]]) -> dict[int, list[Sample]]:
+        for index, samples in per_worker.items():
+            start_s = next((s.value for s in samples if s.name == "process_start_time_seconds"), None)
+            seen = self._seen.get(index)
+            if seen is not None and seen.start_s != start_s:
+                carry = self._carry.setdefault(index, {})
+                for s in seen.counters:
+                    carry[(s.name, s.suffix, s.labels)] = carry.get((s.name, s.suffix, s.labels), 0.0) + s.value
+            self._seen[index] = _Seen(start_s, [s for s in samples if _summed_counter(s.name)])
+        out: dict[int, list[Sample]] = {}
+        for index, seen in self._seen.items():
+            others = [s for s in per_worker.get(index, ()) if not _summed_counter(s.name)]
+            carried = [Sample(n, labels, v, suffix) for (n, suffix, labels), v in self._carry.get(index, {}).items()]
+            out[index] = others + seen.counters + carried  # merge() sums equal keys
+        return out
+
+
 class PoolMetrics:
     """`render()` for the supervisor's MetricsServer (awaited on its thread's loop). `supervisor`:
     workers.Supervisor (its .workers, read from that thread: a copy of the list, then plain attributes)."""
@@ -84,6 +121,7 @@ class PoolMetrics:
     def __init__(self, supervisor) -> None:
         self.supervisor = supervisor
         self._collectors: tuple[Callable[[], Iterable[Sample]], ...] = (process_samples,)  # the supervisor's own
+        self._continuity = Continuity()
 
     def add_collector(self, collector: Callable[[], Iterable[Sample]]) -> None:
         """The supervisor's own samples (its MetricsServer's counters), labelled worker="supervisor"."""
@@ -94,7 +132,7 @@ class PoolMetrics:
         live = {w.plan.index: w.ready.metrics_port for w in workers if w.ready is not None and w.ready.metrics_port}
         texts = await asyncio.gather(*(_fetch(port) for port in live.values()))
         per_worker = {index: parse_samples(text) for index, text in zip(live, texts, strict=False) if text is not None}
-        samples = merge(per_worker)
+        samples = merge(self._continuity.apply(per_worker))
         for collector in self._collectors:
             samples += [dataclasses.replace(s, labels=s.labels + (("worker", "supervisor"),)) for s in collector()]
         for w in workers:

@@ -424,3 +424,29 @@ def test_every_metric_the_dashboard_queries_exists_on_a_live_server(live):
     assert not queried - exposed, sorted(queried - exposed)
     assert {"neuronserve_request_duration_seconds_bucket", "nv_inference_request_failure", "neuronserve_core_group_busy_seconds_total",
             "nv_inference_pending_request_count", "neuronserve_batch_rows_bucket", "neuronserve_cache_hits_total"} <= queried
+
+
+def test_the_pools_summed_counters_never_step_down_when_a_worker_is_missing_or_restarts():
+    """Worker 1 misses a scrape, then comes back as a new process counting from zero: the summed
+    request counter keeps what it had counted; a gauge and a per-worker family are not carried."""
+    from neuronserve.metric_families import Sample
+    from neuronserve.pool_metrics import Continuity, merge
+
+    def page(start_s: float, ok: float, queue: float) -> list:
+        model = (("model", "twotower"), ("version", "1"))
+        return [
+            Sample("process_start_time_seconds", (), start_s),
+            Sample("nv_inference_request_success", model, ok),
+            Sample("neuronserve_queue_rows", (("model", "twotower"),), queue),
+        ]
+
+    def summed(per_worker: dict) -> tuple:
+        merged = merge(continuity.apply(per_worker))
+        ok = sum(s.value for s in merged if s.name == "nv_inference_request_success")
+        return ok, sorted(s.value for s in merged if s.name == "neuronserve_queue_rows")
+
+    continuity = Continuity()
+    assert summed({0: page(100.0, 10, 1), 1: page(100.0, 5, 2)}) == (15, [1, 2])
+    assert summed({0: page(100.0, 12, 1)}) == (17, [1])  # worker 1 missing: its 5 still count
+    assert summed({0: page(100.0, 12, 1), 1: page(200.0, 2, 3)}) == (19, [1, 3])  # a new process: 5 + 2
+    assert summed({0: page(100.0, 13, 1), 1: page(200.0, 4, 0)}) == (22, [0, 1])
