@@ -221,7 +221,12 @@ class ServerConfig:
     # RPCs in the server at once, gRPC's own limit: more are RESOURCE_EXHAUSTED before their body is read.
     # A bound on memory and on the work queued; near the in-flight need it also sheds overload (docs)
     max_concurrent_rpcs: int = 256
-    max_message_bytes: int = 64 * 1024 * 1024
+    # gRPC's send and receive limit; None: derived at start-up from the model and the limits above, the largest
+    # legitimate request plus 25% (memory_budget.message_bytes; docs/memory.md)
+    max_message_bytes: int | None = None
+    # ScoreMatrix, ScoreMatrixStream and ScoreTick's working memory at once; a call that does not fit is
+    # RESOURCE_EXHAUSTED at once. None: the largest legitimate call's (memory_budget.scoring_bytes)
+    max_scoring_bytes: int | None = None
     grace_period_s: float = 10.0
     drain_delay_s: float = 0.0  # SIGTERM: health NOT_SERVING at once, requests still served this long, then the drain
     max_connection_age_s: float | None = None  # None: connections are never aged (GOAWAY after ~this long)
@@ -279,9 +284,13 @@ class ServerConfig:
         _require(self.max_tick_ids >= 1, f"max_tick_ids must be >= 1, got {self.max_tick_ids}")
         _require(self.max_concurrent_rpcs >= 1, f"max_concurrent_rpcs must be >= 1, got {self.max_concurrent_rpcs}")
         _require(
-            1024 <= self.max_message_bytes <= MAX_GRPC_MESSAGE_BYTES,
-            f"max_message_bytes must be >= 1024 and <= {MAX_GRPC_MESSAGE_BYTES} (gRPC's limit), "
+            self.max_message_bytes is None or 1024 <= self.max_message_bytes <= MAX_GRPC_MESSAGE_BYTES,
+            f"max_message_bytes must be >= 1024 and <= {MAX_GRPC_MESSAGE_BYTES} (gRPC's limit), or unset; "
             f"got {self.max_message_bytes}",
+        )
+        _require(
+            self.max_scoring_bytes is None or self.max_scoring_bytes >= 1,
+            f"max_scoring_bytes must be >= 1, or unset; got {self.max_scoring_bytes}",
         )
         _require(self.grace_period_s >= 0, f"grace_period_s must be >= 0, got {self.grace_period_s}")
         _require(self.cache_max_rows >= 1, f"cache_max_rows must be >= 1, got {self.cache_max_rows}")

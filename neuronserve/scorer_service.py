@@ -11,6 +11,7 @@ import numpy as np
 
 from neuronserve import tick
 from neuronserve.errors import InvalidInput
+from neuronserve.memory_budget import ModelShape, matrix_working_bytes, stream_working_bytes, tick_working_bytes
 from neuronserve.protos import scorer_pb2 as pb
 from neuronserve.protos import scorer_pb2_grpc as pb_grpc
 from neuronserve.service import (
@@ -37,7 +38,13 @@ MATRIX_BLOCK_BYTES = 4 << 20  # ScoreMatrixStream: scores per reply, at most (on
 
 
 class ScorerService(Servicer, pb_grpc.ScorerServicer):
-    """neuronserve.v1.Scorer: score by features (through the towers) or by cached tower outputs."""
+    """neuronserve.v1.Scorer: score by features (through the towers) or by cached tower outputs. ScoreMatrix,
+    ScoreMatrixStream and ScoreTick reserve their working memory in the state's ScoringGate first."""
+
+    @property
+    def shape(self) -> ModelShape:
+        info = self.info
+        return ModelShape(info.user_features, info.peer_features, info.num_labels, info.label_dim)
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         return await self._answer(context, TWOTOWER, self._score, request)
@@ -140,21 +147,25 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         check_reply_size(
             user_ids.size * peer_ids.size * info.num_labels,
             f"{user_ids.size} user_ids x {peer_ids.size} peer_ids x {info.num_labels} labels",
-            "split the tick into smaller blocks",
+            "use ScoreMatrixStream (the same matrix in blocks of user rows) or send fewer ids",
             info.max_message_bytes,
         )
-        start = time.perf_counter()
-        scores = await asyncio.get_running_loop().run_in_executor(None, served.cache.score_matrix, user_ids, peer_ids)
-        self.metrics.execution(
-            CACHED, rows=user_ids.size * peer_ids.size, requests=1, compute_s=time.perf_counter() - start
-        )
-        return pb.ScoreMatrixResponse(
-            scores=tensor_proto(finite_output(scores, "scores")),
-            label_names=info.label_names,
-            model_version=served.info.version,
-            version=served.version,
-            arm=route.arm,
-        )
+        need = matrix_working_bytes(self.shape, user_ids.size, peer_ids.size)
+        with self.state.scoring.reserve(need, f"ScoreMatrix of {user_ids.size} x {peer_ids.size} ids"):
+            start = time.perf_counter()
+            scores = await asyncio.get_running_loop().run_in_executor(
+                None, served.cache.score_matrix, user_ids, peer_ids
+            )
+            self.metrics.execution(
+                CACHED, rows=user_ids.size * peer_ids.size, requests=1, compute_s=time.perf_counter() - start
+            )
+            return pb.ScoreMatrixResponse(
+                scores=tensor_proto(finite_output(scores, "scores")),
+                label_names=info.label_names,
+                model_version=served.info.version,
+                version=served.version,
+                arm=route.arm,
+            )
 
     def _matrix_ids(self, request: pb.ScoreMatrixRequest) -> tuple[np.ndarray, np.ndarray]:
         limit = (self.info.max_peers, "max_peers")
@@ -175,6 +186,13 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         row_values = peer_ids.size * info.num_labels
         check_reply_size(row_values, f"one row of {row_values} scores", "send fewer peer_ids", info.max_message_bytes)
         rows = max(1, min(MATRIX_BLOCK_BYTES, info.max_message_bytes // 2) // (4 * row_values))
+        need = stream_working_bytes(self.shape, min(rows, user_ids.size), peer_ids.size)
+        with self.state.scoring.reserve(need, f"ScoreMatrixStream of {user_ids.size} x {peer_ids.size} ids"):
+            await self._stream_blocks(context, served, route.arm, user_ids, peer_ids, rows)
+
+    async def _stream_blocks(self, context, served, arm: str, user_ids, peer_ids, rows: int) -> None:
+        """ScoreMatrixStream's blocks of `rows` user rows, computed and written one at a time."""
+        info = self.info
         loop, compute_s = asyncio.get_running_loop(), 0.0
         for first in range(0, user_ids.size, rows):
             block = user_ids[first : first + rows]
@@ -187,7 +205,7 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
                 model_version=served.info.version,
                 first_user=first,
                 version=served.version,
-                arm=route.arm,
+                arm=arm,
             )
             await context.write(reply)
         self.metrics.execution(CACHED, rows=user_ids.size * peer_ids.size, requests=1, compute_s=compute_s)
@@ -199,10 +217,23 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         pool, rows, cols = self._tick_people(request)
         blocked_a, blocked_b = _blocked_pairs(request)
         spec = self._tick_spec(request, rows, cols, pool is not None)
-        start = time.perf_counter()
-        result = await asyncio.to_thread(self._tick, served.cache, pool, rows, cols, blocked_a, blocked_b, spec)
-        self.metrics.execution(CACHED, rows=rows.size * cols.size, requests=1, compute_s=time.perf_counter() - start)
-        reply = self._tick_reply(result, spec, served.info.version)
+        need = tick_working_bytes(
+            self.shape,
+            rows.size,
+            cols.size,
+            spec.k,
+            mutual=spec.mutual != tick.ONE_WAY,
+            pool=pool is not None,
+            labels=spec.include_label_scores,
+            blocked=0 if blocked_a is None else blocked_a.size,
+        )
+        with self.state.scoring.reserve(need, f"ScoreTick of {rows.size} x {cols.size} people, k={spec.k}"):
+            start = time.perf_counter()
+            result = await asyncio.to_thread(self._tick, served.cache, pool, rows, cols, blocked_a, blocked_b, spec)
+            self.metrics.execution(
+                CACHED, rows=rows.size * cols.size, requests=1, compute_s=time.perf_counter() - start
+            )
+            reply = self._tick_reply(result, spec, served.info.version)
         reply.version, reply.arm = served.version, route.arm
         return reply
 

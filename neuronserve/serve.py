@@ -54,8 +54,10 @@ def run(config: ServerConfig) -> int:
         raise ConfigError(
             "no artifact configured: pass --artifact DIR (or NEURONSERVE_ARTIFACT, or 'artifact' in --config)"
         )
+    from neuronserve.memory_budget import tune_malloc
     from neuronserve.tls import load_tls
 
+    tune_malloc(os.environ)  # glibc keeps freed memory otherwise (docs/memory.md); inherited by forked workers
     if load_tls(config) is not None:  # bad TLS files fail here, before a pool forks (each server reads them again)
         # grpc-core logs every failed TLS handshake (a plaintext or port-scan probe) at INFO: one line per
         # connection anyone can open. Its errors still show; GRPC_VERBOSITY set by the operator wins.

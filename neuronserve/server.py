@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # types only: grpc and the serving stack load in start(), not
     from neuronserve.embeddings import EmbeddingCache
     from neuronserve.fleet import FleetCache, Follower
     from neuronserve.health import ServerHealth
+    from neuronserve.memory_budget import MemoryTrimmer
     from neuronserve.metrics import Metrics
     from neuronserve.metrics_http import MetricsServer
     from neuronserve.pipeline import Pipeline
@@ -96,6 +97,7 @@ class Server:
         self._health: ServerHealth | None = None
         self._follower: Follower | None = None  # of a lone server with --embedding-store (a pool's: its supervisor's)
         self._metrics_server: MetricsServer | None = None
+        self._trimmer: MemoryTrimmer | None = None  # from _open to stop: memory back after a burst
         self.versions: VersionTable | None = None  # the versions served (the first built here, others by model_control)
         self.control: ModelControl | None = None  # the repository's versions loaded and unloaded
         self._placement: Placement | None = None
@@ -160,6 +162,7 @@ class Server:
         from grpc_health.v1 import health_pb2
         from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+        from neuronserve.memory_budget import ModelShape, ScoringGate, scoring_bytes
         from neuronserve.health import HealthServicer, ServerHealth
         from neuronserve.protos import open_inference_pb2, scorer_pb2
         from neuronserve.oip_service import InferenceService
@@ -174,7 +177,7 @@ class Server:
         info = model_info(self.manifest, config, _started(self.backend).name)
         if self._first_version is not None:  # a repository's integer version
             info = dataclasses.replace(info, oip_version=str(self._first_version))
-        self.state = ServingState()
+        self.state = ServingState(ScoringGate(scoring_bytes(config, ModelShape.of(self.manifest))))
         self.versions = VersionTable(
             ServedVersion(int(info.oip_version), info, None, self.cache, manifest=self.manifest),
             experiment_of(config, self.clock),
@@ -189,8 +192,8 @@ class Server:
         self._grpc = server = grpc.aio.server(
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             options=[
-                ("grpc.max_send_message_length", config.max_message_bytes),
-                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", info.max_message_bytes),
+                ("grpc.max_receive_message_length", info.max_message_bytes),
                 # a lone server on a taken port fails instead of sharing it; pool members share the port
                 ("grpc.so_reuseport", int(self.member is not None)),
                 *connection_options(config),  # keepalive, --max-connection-age-s (tls.py)
@@ -276,6 +279,7 @@ class Server:
         self._follower.start()
 
     async def _open(self) -> None:
+        from neuronserve.memory_budget import ModelShape, start_keeping
         from neuronserve.metric_sources import pipeline_samples, sim_samples
         from neuronserve.runtime import Runtime
 
@@ -292,6 +296,7 @@ class Server:
         await self._start_control()
         gc.collect()
         gc.freeze()  # everything built so far lives as long as the server: keep it out of the collector's scans
+        self._trimmer = start_keeping(self.config, ModelShape.of(self.manifest))  # logs the memory budget
         _started(self.state).serving = True
         health = _started(self._health)
         await health.set_all()
@@ -390,6 +395,9 @@ class Server:
             self._metrics_server = None
         if self._health is not None:  # its watchers, before the pipeline they poll closes
             await self._health.stop_watching()
+        if self._trimmer is not None:
+            await self._trimmer.stop()
+            self._trimmer = None
         if self._follower is not None:
             await asyncio.to_thread(self._follower.stop)
             self._follower = None

@@ -30,6 +30,7 @@ import numpy as np
 
 from neuronserve.contract import MODEL_STAGES, TOWERS, TWOTOWER  # noqa: F401  (re-exported: the servicers' model names)
 from neuronserve.errors import DeadlineExceeded, InvalidInput, NeuronServeError, Unavailable
+from neuronserve.memory_budget import MAX_BLOCKED_PAIRS, ScoringGate  # noqa: F401  (re-exported)
 from neuronserve.protos import open_inference_pb2 as oip
 from neuronserve.protos import scorer_pb2 as pb
 
@@ -46,7 +47,6 @@ _RESPONSE_HEADROOM_BYTES = 4096  # room for a reply's non-tensor fields under ma
 UNKNOWN_MODEL = "_unknown"  # the metrics' model label of a request naming no model served, or whose body does not parse
 ECHO_CHARS = 64  # a client string quoted in an error message: at most this many characters of it (see echo)
 MAX_DIMS = 8  # dimensions of a request tensor (every input here has 1 or 2); more is refused before any work
-MAX_BLOCKED_PAIRS = 1 << 20  # ScoreTick: blocked pairs per request
 MAX_DETAILS_CHARS = 1024  # an error message's bound: gRPC refuses status details near 8 KiB (metadata limit)
 
 
@@ -126,7 +126,8 @@ class ServingState:
     model's own stages up). The door does not look at the devices: ScoreByIds and ScoreMatrix need no
     core, and a call that does gets UNAVAILABLE from the pipeline."""
 
-    def __init__(self) -> None:
+    def __init__(self, scoring: ScoringGate | None = None) -> None:
+        self.scoring = ScoringGate() if scoring is None else scoring  # the heavy calls' byte budget
         self.serving = False
         self.stages_down: frozenset[str] = frozenset()
         self.draining = False  # stop() began: not ready, though the door may stay open for the drain delay

@@ -160,7 +160,18 @@ SETTINGS: tuple[_Setting, ...] = (
         "N",
         "RPCs in the server at once; more get RESOURCE_EXHAUSTED at once (grpcio >= 1.62; older: they wait)",
     ),
-    _Setting("max_message_bytes", _integer, "BYTES", "gRPC max send/receive message size (1024 to 2**31 - 1)"),
+    _Setting(
+        "max_message_bytes",
+        _optional(_integer),
+        "BYTES",
+        "gRPC max send/receive message size (1024 to 2**31 - 1); default: the largest legitimate request plus 25%%, in whole MiB, from the model and --max-peers, --max-queue-rows, --max-tick-ids (logged at start-up; docs/memory.md)",
+    ),
+    _Setting(
+        "max_scoring_bytes",
+        _optional(_integer),
+        "BYTES",
+        "working memory of ScoreMatrix, ScoreMatrixStream and ScoreTick at once; a call that does not fit is RESOURCE_EXHAUSTED at once (default: the largest legitimate call's; docs/memory.md)",
+    ),
     _Setting("grace_period_s", _number, "S", "shutdown: seconds to answer accepted requests"),
     _Setting(
         "drain_delay_s",

@@ -25,23 +25,34 @@ VERSION_BIT = 1 << len(KINDS)
 GENERATION = 1 << (len(KINDS) + 1)
 
 
+def _layout(num_labels: int, label_dim: int, max_rows: int):
+    """(parts as (dtype, shape), their offsets, the mapping's size in bytes)."""
+    slots = 2 * max_rows
+    layout: list[tuple[np.dtype, tuple[int, ...]]] = [
+        (np.dtype(np.int64), (HEADER_FIELDS,)),
+        (np.dtype(np.uint8), (2, MAX_VERSION_BYTES)),
+    ]
+    for _ in KINDS:
+        layout += [(np.dtype(np.float32), (slots, num_labels, label_dim)), (np.dtype(np.int64), (2, 3, max_rows))]
+    offsets, size = [], 0
+    for dtype, shape in layout:
+        offsets.append(size)
+        size += -(-int(np.prod(shape)) * dtype.itemsize // 64) * 64  # 64-byte aligned parts
+    return layout, offsets, size
+
+
+def table_bytes(num_labels: int, label_dim: int, max_rows: int) -> int:
+    """The size of one cache's mapping: what it holds resident at most, once every slot was written."""
+    return _layout(num_labels, label_dim, max_rows)[2]
+
+
 class SharedTable:
     """Numpy views of one cache's shared mapping. Per kind: a slot table of 2 * max_rows vectors and two
     index buffers (A / B), each three int64 rows: sorted ids, the slot of each id's vector, its upsert
     sequence."""
 
     def __init__(self, num_labels: int, label_dim: int, max_rows: int) -> None:
-        slots = 2 * max_rows
-        layout: list[tuple[np.dtype, tuple[int, ...]]] = [
-            (np.dtype(np.int64), (HEADER_FIELDS,)),
-            (np.dtype(np.uint8), (2, MAX_VERSION_BYTES)),
-        ]
-        for _ in KINDS:
-            layout += [(np.dtype(np.float32), (slots, num_labels, label_dim)), (np.dtype(np.int64), (2, 3, max_rows))]
-        offsets, size = [], 0
-        for dtype, shape in layout:
-            offsets.append(size)
-            size += -(-int(np.prod(shape)) * dtype.itemsize // 64) * 64  # 64-byte aligned parts
+        layout, offsets, size = _layout(num_labels, label_dim, max_rows)
         # Anonymous and shared: inherited by fork, zero-filled, and a page takes memory only once written.
         self.map = mmap.mmap(-1, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.size = size

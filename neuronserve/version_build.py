@@ -37,6 +37,7 @@ def new_cache(manifest, max_rows: int):
 
 def model_info(manifest, config: ServerConfig, backend_name: str):
     """service.ModelInfo of an artifact (manifest) served with `config` on backend `backend_name`."""
+    from neuronserve.memory_budget import ModelShape, message_bytes
     from neuronserve.service import ModelInfo, oip_version_of
 
     cfg = manifest.model_config
@@ -51,7 +52,7 @@ def model_info(manifest, config: ServerConfig, backend_name: str):
         max_peers=config.max_peers,
         max_tick_ids=config.max_tick_ids,
         max_tower_rows=config.batching.max_queue_rows,
-        max_message_bytes=config.max_message_bytes,
+        max_message_bytes=message_bytes(config, ModelShape.of(manifest)),
         platform=f"neuronserve_{backend_name}",
         oip_version=oip_version_of(manifest.model_version),
     )

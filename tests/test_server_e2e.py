@@ -84,6 +84,7 @@ def test_flags_beat_the_config_file_which_beats_the_environment(tmp_path):
         (["--sim-latency-scale", "inf"], {}, None, ["--sim-latency-scale", "finite"]),
         ([], {}, {"max_queue_delay_ms": "Infinity"}, ["'max_queue_delay_ms'", "finite"]),
         (["--max-message-bytes", str(2**31)], {}, None, ["--max-message-bytes", f"<= {2**31 - 1}"]),
+        (["--max-scoring-bytes", "0"], {}, None, ["--max-scoring-bytes", ">= 1"]),
     ],
 )
 def test_a_bad_setting_is_a_config_error_naming_its_source(tmp_path, argv, environ, file_data, words):

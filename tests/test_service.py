@@ -439,7 +439,7 @@ def test_a_reply_too_large_for_one_message_is_refused_before_any_work(loop_threa
         assert "400 rows x 48 values of EMBEDDINGS = 76800 bytes" in error.details() and "max_message_bytes of 32768" in error.details()
         matrix = pb.ScoreMatrixRequest(user_ids=list(range(MAX_PEERS)), peer_ids=list(range(MAX_PEERS)))
         error = rpc_error(stubs.scorer.ScoreMatrix, matrix, timeout=10)  # 64 x 64 x 3 float32 = 49 KB
-        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "smaller blocks" in error.details()
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "use ScoreMatrixStream" in error.details()
         assert server.metrics.statistics("peer_tower").executions == 0  # refused before the cores
         assert stubs.oip.ModelInfer(infer_request(GOOD_USER, GOOD_PEERS), timeout=10).outputs[0].name == "SCORES"
     finally:

@@ -1,0 +1,345 @@
+"""The memory budget of one serving process: the settings' bound on its peak RSS, the limits derived from
+them (the default maximum message size, the scoring calls' byte budget), the gate that holds the heavy
+calls to that budget, and the trimmer that gives freed memory back to the system after a burst.
+
+A leaf module (config and errors only; tick is read lazily for its block rule). Contract:
+peak RSS <= memory_budget(...).total_bytes whatever the clients send, because every term is enforced:
+gRPC refuses calls above max_concurrent_rpcs and messages above max_message_bytes (RESOURCE_EXHAUSTED,
+before the body is read), and ScoreMatrix, ScoreMatrixStream and ScoreTick reserve their estimated
+working bytes in a ScoringGate first (RESOURCE_EXHAUSTED at once when it is spent). The formula, each
+term's derivation and the measurements: docs/memory.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import math
+import platform
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from neuronserve.errors import InvalidInput, Overloaded
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+MAX_BLOCKED_PAIRS = 1 << 20  # ScoreTick: blocked pairs per request
+ID_BYTES = 8  # an id on the wire, packed (little-endian int64); repeated int64 takes 1-10 bytes
+MESSAGE_HEADROOM = 1.25  # the derived max_message_bytes: the largest legitimate request x this, in whole MiB
+MESSAGE_COPIES = 3  # a message in flight: gRPC's buffer, Python's bytes, protobuf's copy (measured: 3.1)
+MATRIX_COPIES = 3  # ScoreMatrix's [N, M, K] scores: the matmul's and its transpose, then the bytes and the proto's copy
+SLACK_BYTES = 64 * MIB  # batches, call objects, metrics, allocator rounding (measured: docs/memory.md)
+TRIM_INTERVAL_S = 1.0  # the trimmer's look at the process's private memory
+TRIM_STEP_BYTES = 16 * MIB  # ... which it trims when this far above its baseline
+MMAP_THRESHOLD_BYTES = 4 * MIB  # glibc: larger blocks are mapped alone (unmapped when freed), fixed
+TRIM_THRESHOLD_BYTES = 1 * MIB  # glibc: an arena's free top above this goes back at once, fixed
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
+TRIM_BACKOFF_S = 8.0  # the longest interval, after trims that released nothing
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The model's widths the memory depends on (from the artifact's model config)."""
+
+    user_features: int
+    peer_features: int
+    num_labels: int
+    label_dim: int
+
+    @classmethod
+    def of(cls, manifest) -> ModelShape:
+        cfg = manifest.model_config
+        return cls(cfg.user_features, cfg.peer_features, cfg.num_labels, cfg.label_dim)
+
+    def vectors(self, rows: int) -> int:
+        """Bytes of `rows` cached vectors, float32 [rows, K, D]."""
+        return 4 * rows * self.num_labels * self.label_dim
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """A bound on the process's peak RSS and its terms, in bytes (docs/memory.md derives each)."""
+
+    baseline_bytes: int  # the process after the warm-up: interpreter, libraries, model, gRPC
+    cache_bytes: int  # every embedding cache's mapping, all slots written
+    calls_bytes: int  # max_concurrent_rpcs x calls' message copies and tower outputs
+    scoring_bytes: int  # the heavy calls' working memory, at once (max_scoring_bytes)
+    slack_bytes: int = SLACK_BYTES
+
+    @property
+    def total_bytes(self) -> int:
+        return self.baseline_bytes + self.cache_bytes + self.calls_bytes + self.scoring_bytes + self.slack_bytes
+
+    def describe(self) -> str:
+        parts = ("baseline", "cache", "calls", "scoring", "slack")
+        terms = " + ".join(f"{name} {getattr(self, name + '_bytes') / MIB:.0f}" for name in parts)
+        return f"peak RSS <= {self.total_bytes / MIB:.0f} MiB = {terms} (MiB; docs/memory.md)"
+
+
+def largest_request_bytes(shape: ModelShape, max_peers: int, max_tower_rows: int, max_tick_ids: int) -> int:
+    """The largest legitimate request message of any RPC, ids packed: Score / OIP twotower (one user, max_peers
+    peers), UpsertEmbeddings / an OIP tower (max_tower_rows rows and ids), ScoreMatrix (max_peers ids
+    each side), ScoreTick (users and peers of max_tick_ids each, MAX_BLOCKED_PAIRS blocked pairs)."""
+    widest = max(shape.user_features, shape.peer_features)
+    return max(
+        4 * (shape.user_features + max_peers * shape.peer_features),
+        max_tower_rows * (4 * widest + ID_BYTES),
+        2 * max_peers * ID_BYTES,
+        (2 * max_tick_ids + 2 * MAX_BLOCKED_PAIRS) * ID_BYTES,
+    )
+
+
+def message_bytes(config, shape: ModelShape) -> int:
+    """max_message_bytes as set, else the largest legitimate request x MESSAGE_HEADROOM in whole MiB."""
+    if config.max_message_bytes is not None:
+        return int(config.max_message_bytes)
+    largest = largest_request_bytes(shape, config.max_peers, config.batching.max_queue_rows, config.max_tick_ids)
+    return math.ceil(largest * MESSAGE_HEADROOM / MIB) * MIB
+
+
+def matrix_working_bytes(shape: ModelShape, users: int, peers: int) -> int:
+    """ScoreMatrix of users x peers: the gathered vectors (and their transposes) and the scores' copies."""
+    return 2 * shape.vectors(users + peers) + MATRIX_COPIES * 4 * users * peers * shape.num_labels
+
+
+def stream_working_bytes(shape: ModelShape, block_users: int, peers: int) -> int:
+    """ScoreMatrixStream: one block at a time (ScoreMatrix's working memory of one block of user rows)."""
+    return matrix_working_bytes(shape, block_users, peers)
+
+
+def tick_working_bytes(
+    shape: ModelShape, rows: int, cols: int, k: int, *, mutual: bool, pool: bool, labels: bool, blocked: int
+) -> int:
+    """ScoreTick of `rows` x `cols` people (a pool: rows == cols), top `k`, `blocked` blocked pairs. Held
+    throughout: the gathered vectors, the directions' arrangements, a mutual pool's whole matrix, the
+    exclusion list and the result arrays; plus the largest of three phases that follow one another: finding
+    the exclusions, the row blocks in flight (one per tick thread), the reply's bytes and proto copy.
+    tests/test_memory_budget.py checks it against tracemalloc's peak of the tick."""
+    from neuronserve import tick
+
+    big_k, dim, sides = shape.num_labels, shape.label_dim, 2 if mutual else 1
+    pairs = blocked * (2 if pool else 1) + (rows if pool else 0)  # exclusion candidates (both ways, self-pairs)
+    result = rows * k * (ID_BYTES + 4 + (4 * big_k * sides if labels else 0))
+    held = (
+        2 * sides * shape.vectors(rows + cols)  # gathered (and a pool's reordered copies)
+        + sides * 4 * big_k * (dim + 1) * (rows + cols)  # each direction's arrangement for the matmuls
+        + (4 * cols * cols if pool and mutual and 4 * cols * cols <= tick.POOL_MATRIX_BYTES else 0)
+        + 4 * ID_BYTES * pairs
+        + result
+    )
+    block = tick.block_rows_for(cols)
+    per_block = 4 * 4 * block * (cols + 64) + 24 * block * min(32 * k, cols + 64)  # working matrices; top-k
+    if labels:
+        per_block += sides * 4 * block * k * big_k * dim  # the winners' gathered vectors
+    threads = min(tick.default_threads(), max(1, -(-rows // block)))
+    return held + max(16 * ID_BYTES * pairs, threads * per_block, 2 * result)
+
+
+def tick_reply_k(shape: ModelShape, people: int, max_message: int, candidates: int) -> int:
+    """The largest k a reply of `people` rows fits in max_message with label scores both ways."""
+    per_pair = 12 + 8 * shape.num_labels
+    return max(1, min(candidates, (max_message - 4096) // max(1, people * per_pair)))
+
+
+def largest_tick_bytes(shape: ModelShape, max_tick_ids: int, max_message: int) -> int:
+    """The working memory of the largest legitimate ScoreTick: mutual, label scores, every blocked pair,
+    k as large as the reply allows; the larger of a pool at max_tick_ids, a pool at the largest size
+    whose whole matrix is used, and users x peers of max_tick_ids each."""
+    from neuronserve import tick
+
+    whole = min(max_tick_ids, math.isqrt(tick.POOL_MATRIX_BYTES // 4))
+    cases = [(n, True) for n in {whole, max_tick_ids} if n >= 2] + [(max_tick_ids, False)]
+    return max(
+        tick_working_bytes(
+            shape,
+            n,
+            n,
+            tick_reply_k(shape, n, max_message, n - 1 if pool else n),
+            mutual=True,
+            pool=pool,
+            labels=True,
+            blocked=MAX_BLOCKED_PAIRS,
+        )
+        for n, pool in cases
+    )
+
+
+def scoring_bytes(config, shape: ModelShape) -> int:
+    """max_scoring_bytes as set, else the larger of the largest legitimate ScoreMatrix (its reply as large
+    as max_message_bytes allows) and the largest legitimate ScoreTick: each can always run alone."""
+    if config.max_scoring_bytes is not None:
+        return int(config.max_scoring_bytes)
+    max_message = message_bytes(config, shape)
+    matrix = 2 * shape.vectors(2 * config.max_peers) + MATRIX_COPIES * max_message  # its reply fits one message
+    return max(matrix, largest_tick_bytes(shape, config.max_tick_ids, max_message))
+
+
+def call_bytes(config, shape: ModelShape) -> int:
+    """One call in flight, at most: its request and its reply, MESSAGE_COPIES each, and the tower outputs
+    of an upsert of max_queue_rows rows (as the batcher returns them, and concatenated)."""
+    return 2 * MESSAGE_COPIES * message_bytes(config, shape) + 2 * shape.vectors(config.batching.max_queue_rows)
+
+
+def memory_budget(config, shape: ModelShape, baseline_bytes: int, versions: int = 1) -> MemoryBudget:
+    """The budget of a process serving `config` (a config.ServerConfig) for a model of `shape`, whose RSS
+    after the warm-up, less its shared memory, is `baseline_bytes`; `versions` served (a cache each)."""
+    from neuronserve.shared_table import table_bytes
+
+    return MemoryBudget(
+        baseline_bytes=baseline_bytes,
+        cache_bytes=versions * table_bytes(shape.num_labels, shape.label_dim, config.cache_max_rows),
+        calls_bytes=config.max_concurrent_rpcs * call_bytes(config, shape),
+        scoring_bytes=scoring_bytes(config, shape),
+    )
+
+
+class ScoringGate:
+    """The byte budget of ScoreMatrix, ScoreMatrixStream and ScoreTick together: a call reserves its
+    estimated working bytes before it allocates and releases them when it ends. Never waits: a call
+    larger than the whole budget is InvalidInput (it can never run here), one that does not fit beside
+    the calls in progress is Overloaded (RESOURCE_EXHAUSTED: retry later or elsewhere)."""
+
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = capacity  # None: unbounded (a service built without a server, in tests)
+        self.reserved = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int, what: str) -> Iterator[None]:
+        capacity = self.capacity
+        if capacity is not None:
+            if nbytes > capacity:
+                raise InvalidInput(
+                    f"{what} needs about {nbytes / MIB:.1f} MiB of working memory, above the server's "
+                    f"max_scoring_bytes of {capacity / MIB:.1f} MiB; send fewer ids or a smaller k"
+                )
+            with self._lock:
+                if self.reserved + nbytes > capacity:
+                    raise Overloaded(
+                        f"{what} needs about {nbytes / MIB:.1f} MiB of working memory; {self.reserved / MIB:.1f} "
+                        f"of the server's max_scoring_bytes of {capacity / MIB:.1f} MiB are held by calls in "
+                        "progress; retry shortly or on another replica"
+                    )
+                self.reserved += nbytes
+        try:
+            yield
+        finally:
+            if capacity is not None:
+                with self._lock:
+                    self.reserved -= nbytes
+
+
+@dataclass(frozen=True)
+class ProcessMemory:
+    """A process's memory from /proc/PID/status, in bytes: resident now, its peak (VmHWM, reset by writing 5
+    to /proc/PID/clear_refs), and the resident shared memory (the embedding cache's mapping)."""
+
+    rss: int
+    peak: int
+    shared: int
+
+    @property
+    def private(self) -> int:
+        return self.rss - self.shared
+
+
+def process_memory(pid: int | str = "self") -> ProcessMemory:
+    """ProcessMemory of `pid` (Linux); elsewhere psutil's resident size (peak = rss, shared 0)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+    except OSError:
+        import psutil
+
+        rss = psutil.Process(None if pid == "self" else int(pid)).memory_info().rss
+        return ProcessMemory(rss, rss, 0)
+
+    def kib(name: str) -> int:
+        return 1024 * int(fields.get(name, "0 kB").split()[0])
+
+    return ProcessMemory(kib("VmRSS"), kib("VmHWM"), kib("RssShmem"))
+
+
+def _glibc(name: str):
+    """glibc's function `name`, or None elsewhere (musl, macOS: tune_malloc and the trimmer are no-ops)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+
+
+def _malloc_trim():
+    trim = _glibc("malloc_trim")
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def tune_malloc(environ) -> bool:
+    """Fix glibc's mmap and trim thresholds (MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES) for this process
+    and the workers it forks, unless the operator tuned malloc (GLIBC_TUNABLES, MALLOC_*_ environment).
+    glibc raises both after a large block is freed (up to 32 and 64 MiB): freed replies and score
+    matrices then stay in a thread's arena for good (docs/memory.md). True when set."""
+    mallopt = _glibc("mallopt")
+    if (
+        mallopt is None
+        or "malloc" in environ.get("GLIBC_TUNABLES", "")
+        or any(k.startswith("MALLOC_") for k in environ)
+    ):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
+class MemoryTrimmer:
+    """Gives memory freed after a burst back to the system: every TRIM_INTERVAL_S (backing off to
+    TRIM_BACKOFF_S while trims release nothing) it reads the process's private resident memory and, when
+    that is TRIM_STEP_BYTES above the baseline measured at start(), runs glibc's malloc_trim(0) in a
+    thread. Why: glibc keeps freed memory in its arenas (docs/memory.md). A no-op without glibc."""
+
+    def __init__(self) -> None:
+        self._trim = _malloc_trim()
+        self._task: asyncio.Task | None = None
+        self.baseline = 0
+        self.trims = 0
+
+    def start(self) -> None:
+        self.baseline = process_memory().private
+        if self._trim is not None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        interval = TRIM_INTERVAL_S
+        while True:
+            await asyncio.sleep(interval)
+            before = process_memory().private
+            if before <= self.baseline + TRIM_STEP_BYTES:
+                interval = TRIM_INTERVAL_S
+                continue
+            await asyncio.to_thread(self._trim, 0)
+            self.trims += 1
+            released = before - process_memory().private
+            interval = TRIM_INTERVAL_S if released >= TRIM_STEP_BYTES else min(2 * interval, TRIM_BACKOFF_S)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def start_keeping(config, shape: ModelShape, versions: int = 1) -> MemoryTrimmer:
+    """At the end of the start-up, on the serving loop: log the budget (baseline measured now) and start
+    the trimmer. The caller stops it (MemoryTrimmer.stop) when the server stops."""
+    trimmer = MemoryTrimmer()
+    trimmer.start()
+    budget = memory_budget(config, shape, trimmer.baseline, versions)
+    log.info("memory budget: %s", budget.describe())
+    return trimmer
