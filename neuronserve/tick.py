@@ -1,5 +1,5 @@
 """The matching tick: every person's top-k candidates over a whole pool (or users x peers), from the
-cached tower outputs, without ever holding the [N, M, K] scores. numpy (and torch for one reduction); the service's ScoreTick
+cached tower outputs, without ever holding the [N, M, K] scores. numpy (torch for the sigmoid and one reduction); the service's ScoreTick
 gathers the vectors from the embedding cache and runs `score_tick` in a worker thread.
 
 Definitions (docs/tick.md states them with the algorithm and the block size):
@@ -29,6 +29,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from neuronserve.errors import InvalidInput
+from neuronserve.tick_sigmoid import sigmoid_
 from neuronserve.topk import padded_width, top_k
 
 PROBABILITY, LOGIT = "probability", "logit"
@@ -38,6 +39,7 @@ MUTUALS = (ONE_WAY, PRODUCT, MINIMUM, HARMONIC_MEAN)
 PAD_ID = -1  # padding of a row with fewer than k candidates (its value: -inf); `counts` is authoritative
 BLOCK_BYTES = 4 << 20  # one [B, M] float32 working matrix: about 4 MiB (see block_rows_for)
 MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 16, 1024
+FILL_COLUMNS = 512  # PROBABILITY's column tile: the K logits of [B, 512] per batched matmul (docs/tick.md)
 TILE_COLUMNS = 256  # a mutual pool's combination reads F's transposed side in tiles of this width
 POOL_MATRIX_BYTES = 512 << 20  # a mutual pool's whole [N, N] float32 forward matrix, at most: N <= 11,585
 
@@ -114,7 +116,8 @@ def default_threads() -> int:
 
 class _Direction:
     """One direction's combined values c(row -> column) for blocks of rows: the row side's vectors and
-    the column side's, pre-arranged for one matmul (LOGIT) or one per label (PROBABILITY)."""
+    the column side's, pre-arranged for one matmul (LOGIT) or one batched matmul of the K labels in
+    column tiles (PROBABILITY)."""
 
     def __init__(self, rows: np.ndarray, cols: np.ndarray, bias: np.ndarray, spec: TickSpec) -> None:
         # rows [N, K, D] (the row side's vectors of the labels' left factor), cols [M, K, D]
@@ -125,39 +128,42 @@ class _Direction:
             self.rows = np.ascontiguousarray((rows * w[None, :, None]).reshape(n, k * d))
             self.cols = np.ascontiguousarray(cols.reshape(len(cols), k * d))
             self.const = np.float32(np.dot(w.astype(np.float64), bias.astype(np.float64)))
-        else:  # per label [-U_k, -b_k] . [P_k, 1] = -s_k, then w_k / (1 + exp(-s_k)) and a sum
+        else:  # per label [U_k, b_k] . [P_k, 1] = s_k, then sigmoid, times w_k, summed over k
             self.rows = np.empty((k, n, d + 1), np.float32)
-            self.rows[:, :, :d] = -rows.transpose(1, 0, 2)
-            self.rows[:, :, d] = -bias[:, None]
+            self.rows[:, :, :d] = rows.transpose(1, 0, 2)
+            self.rows[:, :, d] = bias[:, None]
             self.cols = np.ones((k, len(cols), d + 1), np.float32)
             self.cols[:, :, :d] = cols.transpose(1, 0, 2)
-            self.weights = w
+            self.weights = w[:, None, None]
+            self.uniform = bool((w == w[0]).all())  # the default 1/K: sum the probabilities, then one multiply
 
-    def block(self, start: int, stop: int, out: np.ndarray, tmp: np.ndarray, transposed: bool = False) -> np.ndarray:
-        """c(row -> column) for rows start:stop into out [stop - start, M] (tmp: same shape, scratch);
-        transposed: c(row -> column) for columns start:stop and every row, into out [stop - start, N]."""
-
-        def product(rows: np.ndarray, cols: np.ndarray, target: np.ndarray) -> None:
-            if transposed:
-                np.matmul(cols[start:stop], rows.T, out=target)
-            else:
-                np.matmul(rows[start:stop], cols.T, out=target)
-
+    def block(self, start: int, stop: int, out: np.ndarray, transposed: bool = False) -> np.ndarray:
+        """c(row -> column) for rows start:stop into out [stop - start, M]; transposed: c(row -> column)
+        for columns start:stop and every row, into out [stop - start, N]."""
+        left, right = (self.cols, self.rows) if transposed else (self.rows, self.cols)
         if self.logit:
-            product(self.rows, self.cols, out)
+            np.matmul(left[start:stop], right.T, out=out)
             out += self.const
             return out
-        # numpy's ufuncs, not torch's: torch's sigmoid rounds a vector's tail differently from its body, so
-        # equal logits at different columns could differ in the last bit and break the tie rule
-        with np.errstate(over="ignore"):  # exp(-s) overflows to inf for s < -88: 1 / (1 + inf) = 0, exactly
-            for label, weight in enumerate(self.weights):
-                target = out if label == 0 else tmp
-                product(self.rows[label], self.cols[label], target)  # -s_k
-                np.exp(target, out=target)
-                target += 1
-                np.divide(weight, target, out=target)
-                if label:
-                    out += tmp
+        # the K labels' logits of a column tile in one padded scratch [K, B, W]: one batched matmul, then
+        # torch's sigmoid on whole aligned chunks (tick_sigmoid: equal logits, equal probabilities)
+        lhs, m = left[:, start:stop], right.shape[1]
+        scratch = np.zeros((len(lhs), stop - start, min(FILL_COLUMNS, padded_width(m))), np.float32)
+        for j in range(0, m, scratch.shape[2]):
+            c = min(scratch.shape[2], m - j)
+            np.matmul(lhs, right[:, j : j + c].transpose(0, 2, 1), out=scratch[:, :, :c])
+            sigmoid_(scratch)
+            if not self.uniform:
+                scratch *= self.weights
+            target, labels = out[:, j : j + c], scratch[:, :, :c]
+            if len(labels) == 1:
+                np.copyto(target, labels[0])
+            else:  # ((p_1 + p_2) + p_3) + ...: the same order for every pair
+                np.add(labels[0], labels[1], out=target)
+                for label in labels[2:]:
+                    target += label
+            if self.uniform:
+                target *= self.weights[0]
         return out
 
 
@@ -312,7 +318,7 @@ class _Blocks:
     def fill(self, start: int, size: int) -> None:
         assert self.matrix is not None
         stop = min(start + size, len(self.matrix))
-        self.forward.block(start, stop, self.matrix[start:stop], np.empty((stop - start, self.m), np.float32))
+        self.forward.block(start, stop, self.matrix[start:stop])
 
     def run(self, start: int, size: int) -> None:
         m, k = self.m, self.spec.k
@@ -323,11 +329,10 @@ class _Blocks:
         if self.matrix is not None:  # c(v->u) = F[v, u]: the block's columns, transposed (combine is symmetric)
             _combine_transposed(self.matrix, start, stop, self.spec.mutual, out)
         else:
-            tmp = np.empty_like(out)
-            self.forward.block(start, stop, out, tmp)
+            self.forward.block(start, stop, out)
             if self.reverse is not None:
                 back = np.empty_like(out)
-                _reverse_block(self.reverse, start, stop, back, tmp)
+                _reverse_block(self.reverse, start, stop, back)
                 _mutual(out, back, self.spec.mutual)
         lo, hi = np.searchsorted(self.ex_rows, start), np.searchsorted(self.ex_rows, stop)
         out[self.ex_rows[lo:hi] - start, self.ex_cols[lo:hi]] = -np.inf
@@ -380,10 +385,10 @@ def _in_blocks(steps, starts: list[int], threads: int | None) -> None:
             list(executor.map(step, starts))  # numpy's matmul and ufuncs, and torch's ops, release the GIL
 
 
-def _reverse_block(reverse: _Direction, start: int, stop: int, out: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+def _reverse_block(reverse: _Direction, start: int, stop: int, out: np.ndarray) -> np.ndarray:
     """c(v->u) for the rows u in start:stop and every column v: [stop - start, M]. `reverse`'s rows are
     the columns' user vectors and its cols the rows' peer vectors, so this is its transposed block."""
-    return reverse.block(start, stop, out, tmp, transposed=True)
+    return reverse.block(start, stop, out, transposed=True)
 
 
 def pair_logits(users: np.ndarray, peers: np.ndarray, bias: np.ndarray, swap: bool = False) -> np.ndarray:

@@ -21,23 +21,28 @@ def top_k(padded: np.ndarray, k: int, m: int) -> np.ndarray:
     """Columns [B, k] of each row's k largest values among the first m columns of padded [B, M'] (M' =
     padded_width(m); the columns past m hold -inf), sorted by value descending, ties by lower column.
 
-    Pruned: only the CHUNK_COLUMNS-wide chunks holding the k largest chunk maxima are searched. Their
-    smallest maximum t is a lower bound of the row's k-th value, and every value above t lies in them; a
-    row whose k-th value found equals t (ties at the bound, -inf among them) is searched whole."""
+    Pruned: t, the k-th largest of the rows' CHUNK_COLUMNS-wide chunk maxima, is at most the row's k-th
+    value (k chunks hold a value >= t each), so the values >= t hold the top k and every tie with the
+    k-th; only they are sorted (t = -inf when exclusions leave fewer than k: the whole row)."""
     b = padded.shape[0]
     chunks = padded.shape[1] // CHUNK_COLUMNS
     if chunks < 2 * k:  # too few chunks for the pruning to pay
         return select(padded[:, :m], np.broadcast_to(np.arange(m), (b, m)), k)
-    by_chunk = padded.reshape(b, chunks, CHUNK_COLUMNS)
-    maxima = torch.from_numpy(by_chunk).amax(dim=2).numpy()  # torch's reduction is vectorised (numpy's is not)
-    best = np.argpartition(maxima, chunks - k, axis=1)[:, chunks - k :]
-    bound = np.take_along_axis(maxima, best, axis=1).min(axis=1)
-    candidates = by_chunk[np.arange(b)[:, None], best].reshape(b, k * CHUNK_COLUMNS)  # whole chunks: [B, k, C]
-    columns = (best[:, :, None] * CHUNK_COLUMNS + np.arange(CHUNK_COLUMNS)).reshape(b, k * CHUNK_COLUMNS)
-    top = select(candidates, columns, k)
-    for row in np.flatnonzero(padded[np.arange(b), top[:, -1]] <= bound):  # ties at the bound: the whole row
-        top[row] = select(padded[row : row + 1, :m], np.arange(m)[None, :], k)[0]
-    return top
+    maxima = torch.from_numpy(padded.reshape(b, chunks, CHUNK_COLUMNS)).amax(dim=2).numpy()  # vectorised
+    bound = np.partition(maxima, chunks - k, axis=1)[:, chunks - k]
+    values = padded[:, :m]
+    rows, cols = np.divmod(np.flatnonzero(values >= bound[:, None]), m)  # by row, then column
+    return first_k(values[rows, cols], rows, cols, b, k)
+
+
+def first_k(values: np.ndarray, rows: np.ndarray, cols: np.ndarray, b: int, k: int) -> np.ndarray:
+    """Columns [b, k]: per row the k first of the candidates (values at rows, cols; sorted by row, then
+    column; at least k per row) by value descending, ties by lower column."""
+    bits = (values + np.float32(0)).view(np.int32).astype(np.int64)  # + 0: -0.0 becomes 0.0 (equal, one key)
+    descending = 0x7FFFFFFF - (bits ^ ((bits >> 31) & 0x7FFFFFFF))  # float order, reversed, in [0, 2**32)
+    order = np.argsort((rows.astype(np.int64) << 32) | descending, kind="stable")  # stable: ties keep column order
+    starts = np.searchsorted(rows, np.arange(b))
+    return cols[order][starts[:, None] + np.arange(k)]
 
 
 def select(values: np.ndarray, columns: np.ndarray, k: int) -> np.ndarray:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from neuronserve import tick as T
-from neuronserve import topk
+from neuronserve import tick_sigmoid, topk
 from neuronserve.tick_reference import reference_tick
 from neuronserve.config import ServerConfig
 from neuronserve.errors import InvalidInput
@@ -90,7 +90,7 @@ def test_pool_tick_equals_the_reference(space, mutual, threads):
     assert_same(got, want)
     for row, person in enumerate(ids):  # never itself, never a blocked partner (either side of the pair)
         assert person not in got.ids[row]
-    for a, b in zip(*blocked):
+    for a, b in zip(*blocked, strict=True):
         assert b not in got.ids[np.flatnonzero(ids == a)[0]] and a not in got.ids[np.flatnonzero(ids == b)[0]]
 
 
@@ -165,6 +165,52 @@ def test_top_k_on_ties_and_minus_infinity_equals_a_full_sort(m):
     for row in range(len(values)):
         want = np.lexsort((np.arange(m), -values[row, :m]))[:k]
         np.testing.assert_array_equal(top[row], want)
+
+
+def test_sigmoid_gives_equal_logits_equal_probabilities_wherever_they_sit():
+    # torch computes a range's last partial vector with a scalar routine: a logit in the last 32 elements
+    # (and at a chunk's end) must get the bits it gets anywhere else
+    rng = np.random.default_rng(12)
+    logits = rng.standard_normal(tick_sigmoid.SIGMOID_CHUNK * 2 + 32 * 7).astype(np.float32) * 4
+    logits[-40:] = logits[:40]  # the tail holds values of the body
+    chunk = tick_sigmoid.SIGMOID_CHUNK
+    logits[chunk - 16 : chunk + 16] = logits[100:132]  # across a chunk boundary
+    got = tick_sigmoid.sigmoid_(logits.copy())
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got[-40:], got[:40])
+    np.testing.assert_array_equal(got[chunk - 16 : chunk + 16], got[100:132])
+    np.testing.assert_allclose(got, 1 / (1 + np.exp(-logits.astype(np.float64))), rtol=1e-6, atol=1e-7)
+    by_one = np.array([tick_sigmoid.sigmoid_(np.full(32, x, np.float32))[0] for x in logits[:40]])
+    np.testing.assert_array_equal(by_one, got[:40])
+    for bad in (np.zeros(33, np.float32), np.zeros(64, np.float64), np.zeros((64, 2), np.float32)[:, 0]):
+        with pytest.raises(ValueError, match="multiple of 32"):
+            tick_sigmoid.sigmoid_(bad)
+
+
+def test_first_k_orders_by_value_then_column_and_takes_zero_and_minus_zero_as_equal():
+    values = np.array([0.5, -0.0, 0.0, 0.5, -np.inf, 2.0, -np.inf, -np.inf], np.float32)
+    rows = np.array([0, 0, 0, 0, 0, 1, 1, 1])
+    cols = np.array([1, 3, 4, 9, 11, 0, 2, 5])
+    top = topk.first_k(values, rows, cols, 2, 3)
+    np.testing.assert_array_equal(top, [[1, 9, 3], [0, 2, 5]])  # -0.0 == 0.0: the lower column first
+
+
+@pytest.mark.parametrize("mutual", [T.ONE_WAY, T.PRODUCT, T.HARMONIC_MEAN])
+def test_ties_across_the_padded_fill_tile_equal_the_reference(mutual, monkeypatch):
+    # 75 people in fill tiles of 32 columns: the last tile holds 11 columns and 21 stale scratch columns;
+    # the last people are copies of the first, so equal values sit in the body and in the ragged tail
+    monkeypatch.setattr(T, "FILL_COLUMNS", 32)
+    ids, users, peers, bias = pool_case(13, 75, quantized=True)
+    order = np.argsort(ids)
+    users[order[-6:]], peers[order[-6:]] = users[order[:6]], peers[order[:6]]
+    spec = T.make_spec(10, [0.5, 0.5, 0.5], 3, len(ids) - 1, mutual=mutual)
+    for pool in (False, True):
+        got, want = run_pool(ids, users, peers, bias, spec, block_rows=16, threads=2, pool=pool)
+        assert_same(got, want, exact_ids=True)
+    spec = T.make_spec(10, [0.25, 1.0, 0.5], 3, len(ids) - 1, mutual=mutual)  # weights not uniform
+    got, want = run_pool(ids, users, peers, bias, spec, block_rows=16, threads=2, pool=True)
+    assert_same(got, want, exact_ids=True)
+    assert got.values.dtype == np.float32
 
 
 def test_a_larger_pool_in_default_blocks_equals_the_reference():
