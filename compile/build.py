@@ -1,12 +1,8 @@
-"""Trace the two-tower scorer's stages at every batch bucket into a verified, versioned artifact.
+"""Compile the two-tower scorer into a verified, versioned artifact.
 
-compile_artifact: model (checkpoint or seeded random) -> per stage and bucket, a traced graph
-(torch.jit.trace for cpu, torch.neuron.trace for neuron) -> parity against the eager model ->
-reference outputs -> manifest.json with sha256 of every file. For neuron one graph per bucket (fixed
-shapes); for cpu one shape-generic graph per stage, traced at the largest bucket and checked at every
-bucket (every bucket entry names that file: fewer files to load, so a version loads faster). Besides
-the three pipelining stages it writes the fused stage (FUSED_STAGE) at every (B, U) pair of buckets
-with U <= B: for neuron one graph per pair, for cpu one graph checked at every pair (see artifact.py). The artifact is
+compile_artifact: model (checkpoint or seeded random) -> the stages' graphs, traced and checked against
+the eager model at every bucket (graphs.py; the fused stage, FUSED_STAGE, at every (B, U) pair of
+buckets with U <= B) -> reference outputs -> manifest.json with sha256 of every file. The artifact is
 written into a temporary directory beside `out_dir` and moved into place only when complete, so a
 failed compile never leaves a half artifact behind.
 """
@@ -20,7 +16,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +24,6 @@ import torch
 from neuronserve.artifact import (
     MANIFEST_NAME,
     REFERENCE_NAME,
-    BucketEntry,
     Manifest,
     ModelConfig,
     StageSpec,
@@ -36,16 +31,13 @@ from neuronserve.artifact import (
     sha256_file,
     write_manifest,
 )
+from neuronserve.compile.graphs import PARITY_TOLERANCE, compile_fused, compile_stage
 from neuronserve.compile.model import TwoTowerScorer, random_model
-from neuronserve.errors import ArtifactError, ConfigError
+from neuronserve.errors import ConfigError
 from neuronserve.signing import load_signing_key, write_signature
 from neuronserve.contract import FUSED_STAGE, PAIR_SCORER, PEER_TOWER, STAGES, USER_TOWER
 
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 8, 32, 128, 512, 1024)
-# Max |traced - eager| allowed. CPU tracing replays the same float32 kernels; neuron casts matmuls to
-# BF16 by default (8-bit mantissa: ~4e-3 relative), so its tolerance is looser.
-PARITY_TOLERANCE = {"cpu": 1e-5, "neuron": 5e-2}
-UNCHECKED = float("nan")  # the parity error recorded for a neuron graph that cannot run on the compiling host
 REFERENCE_ROWS = 5
 REFERENCE_USERS = 2  # reference.npz's fused case: REFERENCE_ROWS peers against the first 2 users
 
@@ -157,57 +149,6 @@ def content_version(model: TwoTowerScorer) -> str:
     return digest.hexdigest()[:12]
 
 
-def _example_inputs(
-    specs: Sequence[TensorSpec], batch_size: int, generator: torch.Generator
-) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.randn((batch_size,) + tuple(s.shape[1:]), generator=generator) for s in specs)
-
-
-def _fused_inputs(
-    config: ModelConfig, batch_size: int, user_batch_size: int, generator: torch.Generator
-) -> tuple[torch.Tensor, ...]:
-    """Random users [U, F_u], peers [B, F_p] and a user index [B] in [0, U), every user used when U <= B."""
-    index = torch.randint(0, user_batch_size, (batch_size,), generator=generator, dtype=torch.int64)
-    index[:user_batch_size] = torch.randperm(user_batch_size, generator=generator)[:batch_size]
-    return (
-        torch.randn(user_batch_size, config.user_features, generator=generator),
-        torch.randn(batch_size, config.peer_features, generator=generator),
-        index,
-    )
-
-
-def _trace(
-    module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], target: str, pipeline_cores: int, fast_math: str | None
-):
-    """(traced module, compiler args) for the target."""
-    if target == "cpu":
-        return torch.jit.trace(module, inputs), ()
-    from neuronserve.compile.neuron import trace_neuron
-
-    return trace_neuron(module, inputs, pipeline_cores=pipeline_cores, fast_math=fast_math)
-
-
-def _parity(
-    traced, module: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], where: str, target: str
-) -> float:
-    """Max |traced - eager|; NaN (recorded as "not checked") only when a neuron graph cannot run on this
-    host (no NeuronCores). A CPU graph that fails to run is a broken artifact."""
-    with torch.no_grad():
-        expected = module(*inputs)
-        try:
-            actual = traced(*inputs)
-        except RuntimeError as exc:
-            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if target != "neuron":
-                raise ArtifactError(f"parity check failed: the traced {where} does not run ({first_line})") from None
-            print(
-                f"warning: parity not checked for {where}: the traced graph does not run here ({first_line})",
-                file=sys.stderr,
-            )
-            return UNCHECKED
-    return float((actual - expected).abs().max())
-
-
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -297,7 +238,6 @@ def _compile_into(
     specs = stage_specs(model.config)
     modules = model.stages()
     generator = torch.Generator().manual_seed(1234)
-    tolerance = PARITY_TOLERANCE[target]
     stages: dict[str, StageSpec] = {}
     files: dict[str, str] = {}
     compiler_args: tuple[str, ...] = ()
@@ -314,31 +254,23 @@ def _compile_into(
     with bar:
         for stage in STAGES:
             inputs_spec, outputs_spec = specs[stage]
-            entries = []
-            traced_by_file: dict[str, torch.jit.ScriptModule] = {}
-            for batch in sizes:
-                bar.set_postfix_str(f"{stage} batch {batch}")
-                file_name = f"{stage}_b{batch}.pt" if per_bucket else f"{stage}.pt"
-                if file_name not in traced_by_file:  # cpu: traced at the largest bucket, checked at every one
-                    inputs = _example_inputs(inputs_spec, batch if per_bucket else max(sizes), generator)
-                    with torch.no_grad():
-                        traced, compiler_args = _trace(modules[stage], inputs, target, pipeline_cores, fast_math)
-                    torch.jit.save(traced, str(work / file_name))
-                    files[file_name] = sha256_file(work / file_name)
-                    traced_by_file[file_name] = traced
-                    bar.update(1)
-                traced = traced_by_file[file_name]
-                fresh = _example_inputs(inputs_spec, batch, generator)  # not the trace inputs: catches baked-in values
-                error = _parity(traced, modules[stage], fresh, f"{stage} batch {batch}", target)
-                if error is not UNCHECKED and not error <= tolerance:  # `not <=`: a NaN output fails too
-                    raise ArtifactError(
-                        f"parity check failed: {stage} at batch {batch} differs from the eager model by {error:.2e} "
-                        f"(tolerance {tolerance:.0e} for {target}); the traced graph is wrong, do not ship it"
-                    )
-                entries.append(BucketEntry(batch, file_name, error))
+            entries, args = compile_stage(
+                work,
+                stage,
+                modules[stage],
+                inputs_spec,
+                sizes,
+                target,
+                pipeline_cores,
+                fast_math,
+                files,
+                bar,
+                generator,
+            )
+            compiler_args = args or compiler_args
             stages[stage] = StageSpec(stage, inputs_spec, outputs_spec, tuple(entries))
         inputs_spec, outputs_spec = specs[FUSED_STAGE]
-        entries = _compile_fused(work, model, pairs, target, pipeline_cores, fast_math, files, bar)
+        entries = compile_fused(work, model, pairs, target, pipeline_cores, fast_math, files, bar)
         stages[FUSED_STAGE] = StageSpec(FUSED_STAGE, inputs_spec, outputs_spec, tuple(entries))
     if target == "neuron":
         from neuronserve.compile.neuron import torch_neuron_version
@@ -366,53 +298,10 @@ def _compile_into(
         pipeline_cores=pipeline_cores,
         torch_version=torch.__version__,
         torch_neuron_version=neuron_version,
-        parity_tolerance=tolerance,
+        parity_tolerance=PARITY_TOLERANCE[target],
         directory=work,
     )
     write_manifest(manifest)
-
-
-def _compile_fused(
-    work: Path, model: TwoTowerScorer, pairs, target, pipeline_cores, fast_math, files: dict[str, str], bar
-) -> list[BucketEntry]:
-    """FUSED_STAGE at every (B, U) pair: neuron traces each pair (fixed shapes); cpu traces once, at
-    the largest B with the smallest U (distinct when there are two buckets, so a graph that assumed
-    U == B fails), and checks that one graph at every pair. Parity: against the original eager model
-    on the gathered rows, model(users[user_index], peers), not only against the module traced."""
-    fused = model.fused()
-    tolerance = PARITY_TOLERANCE[target]
-    generator = torch.Generator().manual_seed(
-        4321
-    )  # its own: the three stages' inputs and reference.npz stay as they were
-
-    def eager(users: torch.Tensor, peers: torch.Tensor, user_index: torch.Tensor) -> torch.Tensor:
-        return model(users.index_select(0, user_index), peers)
-
-    traced_by_file: dict[str, object] = {}
-    entries = []
-    for batch, users in pairs:
-        bar.set_postfix_str(f"{FUSED_STAGE} batch {batch} users {users}")
-        file_name = f"{FUSED_STAGE}_b{batch}_u{users}.pt" if target == "neuron" else f"{FUSED_STAGE}.pt"
-        if file_name not in traced_by_file:
-            shape = (batch, users) if target == "neuron" else (max(b for b, _ in pairs), min(u for _, u in pairs))
-            with torch.no_grad():
-                traced, _ = _trace(
-                    fused, _fused_inputs(model.config, *shape, generator), target, pipeline_cores, fast_math
-                )
-            torch.jit.save(traced, str(work / file_name))
-            files[file_name] = sha256_file(work / file_name)
-            traced_by_file[file_name] = traced
-            bar.update(1)
-        fresh = _fused_inputs(model.config, batch, users, generator)
-        where = f"{FUSED_STAGE} batch {batch} users {users}"
-        error = _parity(traced_by_file[file_name], eager, fresh, where, target)
-        if error is not UNCHECKED and not error <= tolerance:
-            raise ArtifactError(
-                f"parity check failed: {where} differs from the eager model by {error:.2e} "
-                f"(tolerance {tolerance:.0e} for {target}); the traced graph is wrong, do not ship it"
-            )
-        entries.append(BucketEntry(batch, file_name, error, users))
-    return entries
 
 
 def _write_reference(path: Path, model: TwoTowerScorer, generator: torch.Generator) -> str:
