@@ -310,7 +310,10 @@ class Server:
     async def _start_control(self) -> None:
         """The repository's control over the VersionTable (version_build.start_control)."""
         placement, metrics = _started(self._placement), _started(self.metrics)
-        builder = VersionBuilder(self.config, self.manifest, self._span, placement, metrics, self._abandon)
+        versions = _started(self.versions)
+        builder = VersionBuilder(
+            self.config, self.manifest, self._span, placement, metrics, self._abandon, lambda: versions.current
+        )
         self.control = control = start_control(self.config, self.manifest, self.versions, builder)
         self._servicers[1].control = control
         self._servicers[1].admin = self._admin

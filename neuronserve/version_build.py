@@ -13,6 +13,7 @@ import io
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -114,6 +115,7 @@ class VersionBuilder:
     placement: Placement
     metrics: Any  # metrics.Metrics
     abandon: threading.Event  # set when the server stops: a load in progress gives up
+    current: Callable[[], Any] = lambda: None  # versions.ServedVersion serving now: its bucket plans are reused
 
     async def __call__(self, path, version: int):
         from neuronserve.artifact import load_manifest
@@ -140,7 +142,7 @@ class VersionBuilder:
         )
         pipeline = Pipeline(backend, self.placement)
         try:
-            await asyncio.to_thread(pipeline.start, self.abandon)
+            await asyncio.to_thread(pipeline.start, self.abandon, self._plans_like(manifest, backend.name))
             with np.load(io.BytesIO(reference)) as data:
                 await check_reference(pipeline, manifest, {k: data[k] for k in data.files})
             runtime = Runtime(pipeline, config.batching, self.metrics)
@@ -152,6 +154,16 @@ class VersionBuilder:
         info = dataclasses.replace(model_info(manifest, config, backend.name), oip_version=str(version))
         cache = new_cache(manifest, config.cache_max_rows)
         return ServedVersion(version, info, runtime, cache, pipeline, backend, manifest)
+
+    def _plans_like(self, manifest, backend: str) -> dict | None:
+        """The serving version's bucket plans when the new one's graphs have the same shapes and backend
+        (a retrained model): its costs hold, and timing every bucket again would take CPU, and the GIL,
+        from the traffic being served while the version loads."""
+        now = self.current()
+        if now is None or now.pipeline is None or now.backend is None or now.backend.name != backend:
+            return None
+        same = now.manifest.model_config == manifest.model_config and now.manifest.target == manifest.target
+        return now.pipeline.plans if same else None
 
 
 def start_control(config: ServerConfig, manifest, versions, builder: VersionBuilder):

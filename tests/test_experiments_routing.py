@@ -259,6 +259,9 @@ def test_ab_sends_each_user_consistently_to_its_arm(repository, tmp_path):
             assert metrics[(model, version, arm, "OK")] == count, (model, version, arm)
         assert {arm for (_, _, arm, _) in metrics} <= {"default", "control", "candidate", "explicit"}
         assert {version for (_, version, _, _) in metrics} == {"1", "2"}
+        first, second = sorted(server.versions.all(), key=lambda v: v.version)
+        # one model's second version: the first's bucket costs reused, not timed again beside the traffic
+        assert all(second.pipeline.plans[stage] is plan for stage, plan in first.pipeline.plans.items())
 
 
 def _with_string_user(request: oip.ModelInferRequest, text: str) -> oip.ModelInferRequest:
