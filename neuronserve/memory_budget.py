@@ -281,6 +281,34 @@ def _malloc_trim():
     return trim
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _free_held():
+    """A function giving the bytes glibc holds freed in its arenas (mallinfo2's fordblks, every arena),
+    or None without it (glibc < 2.33, not glibc)."""
+    mallinfo2 = _glibc("mallinfo2")
+    if mallinfo2 is None:
+        return None
+    mallinfo2.argtypes, mallinfo2.restype = [], _Mallinfo2
+    return lambda: int(mallinfo2().fordblks)
+
+
 def tune_malloc(environ) -> bool:
     """Fix glibc's mmap and trim thresholds (MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES) for this process
     and the workers it forks, unless the operator tuned malloc (GLIBC_TUNABLES, MALLOC_*_ environment).
@@ -298,13 +326,16 @@ def tune_malloc(environ) -> bool:
 
 
 class MemoryTrimmer:
-    """Gives memory freed after a burst back to the system: every TRIM_INTERVAL_S (backing off to
-    TRIM_BACKOFF_S while trims release nothing) it reads the process's private resident memory and, when
-    that is TRIM_STEP_BYTES above the baseline measured at start(), runs glibc's malloc_trim(0) in a
-    thread. Why: glibc keeps freed memory in its arenas (docs/memory.md). A no-op without glibc."""
+    """Gives memory freed after a burst back to the system: every TRIM_INTERVAL_S it reads how much freed
+    memory glibc's arenas hold (mallinfo2) and, when that is TRIM_STEP_BYTES or more, runs glibc's
+    malloc_trim(0) in a thread. Without mallinfo2: when private resident memory is TRIM_STEP_BYTES above
+    the baseline measured at start() (backing off to TRIM_BACKOFF_S while trims release nothing). Why:
+    glibc keeps freed memory in its arenas (docs/memory.md). A trim holds the arenas' locks (measured
+    2-50 ms), so it runs only when there is a burst's worth to give back. A no-op without glibc."""
 
     def __init__(self) -> None:
         self._trim = _malloc_trim()
+        self._free_held = _free_held()
         self._task: asyncio.Task | None = None
         self.baseline = 0
         self.trims = 0
@@ -318,6 +349,11 @@ class MemoryTrimmer:
         interval = TRIM_INTERVAL_S
         while True:
             await asyncio.sleep(interval)
+            if self._free_held is not None:
+                if self._free_held() >= TRIM_STEP_BYTES:
+                    await asyncio.to_thread(self._trim, 0)
+                    self.trims += 1
+                continue
             before = process_memory().private
             if before <= self.baseline + TRIM_STEP_BYTES:
                 interval = TRIM_INTERVAL_S
