@@ -2,7 +2,8 @@
 them (the default maximum message size, the scoring calls' byte budget), the gate that holds the heavy
 calls to that budget, and the trimmer that gives freed memory back to the system after a burst.
 
-A leaf module (config and errors only; tick is read lazily for its block rule). Contract:
+A leaf module (config and errors only; tick is read lazily for its block rule; freed memory goes back to
+the system by memory_release.py). Contract:
 peak RSS <= memory_budget(...).total_bytes whatever the clients send, because every term is enforced:
 gRPC refuses calls above max_concurrent_rpcs and messages above max_message_bytes (RESOURCE_EXHAUSTED,
 before the body is read), and ScoreMatrix, ScoreMatrixStream and ScoreTick reserve their estimated
@@ -12,33 +13,24 @@ term's derivation and the measurements: docs/memory.md.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import ctypes
 import logging
 import math
-import platform
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from neuronserve.errors import InvalidInput, Overloaded
+from neuronserve.memory_release import MIB, MemoryTrimmer
 
 log = logging.getLogger(__name__)
 
-MIB = 1 << 20
 MAX_BLOCKED_PAIRS = 1 << 20  # ScoreTick: blocked pairs per request
 ID_BYTES = 8  # an id on the wire, packed (little-endian int64); repeated int64 takes 1-10 bytes
 MESSAGE_HEADROOM = 1.25  # the derived max_message_bytes: the largest legitimate request x this, in whole MiB
 MESSAGE_COPIES = 3  # a message in flight: gRPC's buffer, Python's bytes, protobuf's copy (measured: 3.1)
 MATRIX_COPIES = 3  # ScoreMatrix's [N, M, K] scores: the matmul's and its transpose, then the bytes and the proto's copy
 SLACK_BYTES = 64 * MIB  # batches, call objects, metrics, allocator rounding (measured: docs/memory.md)
-TRIM_INTERVAL_S = 1.0  # the trimmer's look at the process's private memory
-TRIM_STEP_BYTES = 16 * MIB  # ... which it trims when this far above its baseline
-MMAP_THRESHOLD_BYTES = 4 * MIB  # glibc: larger blocks are mapped alone (unmapped when freed), fixed
-TRIM_THRESHOLD_BYTES = 1 * MIB  # glibc: an arena's free top above this goes back at once, fixed
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
-TRIM_BACKOFF_S = 8.0  # the longest interval, after trims that released nothing
 
 
 @dataclass(frozen=True)
@@ -231,144 +223,6 @@ class ScoringGate:
             if capacity is not None:
                 with self._lock:
                     self.reserved -= nbytes
-
-
-@dataclass(frozen=True)
-class ProcessMemory:
-    """A process's memory from /proc/PID/status, in bytes: resident now, its peak (VmHWM, reset by writing 5
-    to /proc/PID/clear_refs), and the resident shared memory (the embedding cache's mapping)."""
-
-    rss: int
-    peak: int
-    shared: int
-
-    @property
-    def private(self) -> int:
-        return self.rss - self.shared
-
-
-def process_memory(pid: int | str = "self") -> ProcessMemory:
-    """ProcessMemory of `pid` (Linux); elsewhere psutil's resident size (peak = rss, shared 0)."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            fields = dict(line.split(":", 1) for line in status if ":" in line)
-    except OSError:
-        import psutil
-
-        rss = psutil.Process(None if pid == "self" else int(pid)).memory_info().rss
-        return ProcessMemory(rss, rss, 0)
-
-    def kib(name: str) -> int:
-        return 1024 * int(fields.get(name, "0 kB").split()[0])
-
-    return ProcessMemory(kib("VmRSS"), kib("VmHWM"), kib("RssShmem"))
-
-
-def _glibc(name: str):
-    """glibc's function `name`, or None elsewhere (musl, macOS: tune_malloc and the trimmer are no-ops)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return getattr(ctypes.CDLL(None), name)
-    except (OSError, AttributeError):
-        return None
-
-
-def _malloc_trim():
-    trim = _glibc("malloc_trim")
-    if trim is not None:
-        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
-
-
-class _Mallinfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
-
-
-def _free_held():
-    """A function giving the bytes glibc holds freed in its arenas (mallinfo2's fordblks, every arena),
-    or None without it (glibc < 2.33, not glibc)."""
-    mallinfo2 = _glibc("mallinfo2")
-    if mallinfo2 is None:
-        return None
-    mallinfo2.argtypes, mallinfo2.restype = [], _Mallinfo2
-    return lambda: int(mallinfo2().fordblks)
-
-
-def tune_malloc(environ) -> bool:
-    """Fix glibc's mmap and trim thresholds (MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES) for this process
-    and the workers it forks, unless the operator tuned malloc (GLIBC_TUNABLES, MALLOC_*_ environment).
-    glibc raises both after a large block is freed (up to 32 and 64 MiB): freed replies and score
-    matrices then stay in a thread's arena for good (docs/memory.md). True when set."""
-    mallopt = _glibc("mallopt")
-    if (
-        mallopt is None
-        or "malloc" in environ.get("GLIBC_TUNABLES", "")
-        or any(k.startswith("MALLOC_") for k in environ)
-    ):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
-
-
-class MemoryTrimmer:
-    """Gives memory freed after a burst back to the system: every TRIM_INTERVAL_S it reads how much freed
-    memory glibc's arenas hold (mallinfo2) and, when that is TRIM_STEP_BYTES or more, runs glibc's
-    malloc_trim(0) in a thread. Without mallinfo2: when private resident memory is TRIM_STEP_BYTES above
-    the baseline measured at start() (backing off to TRIM_BACKOFF_S while trims release nothing). Why:
-    glibc keeps freed memory in its arenas (docs/memory.md). A trim holds the arenas' locks (measured
-    2-50 ms), so it runs only when there is a burst's worth to give back. A no-op without glibc."""
-
-    def __init__(self) -> None:
-        self._trim = _malloc_trim()
-        self._free_held = _free_held()
-        self._task: asyncio.Task | None = None
-        self.baseline = 0
-        self.trims = 0
-
-    def start(self) -> None:
-        self.baseline = process_memory().private
-        if self._trim is not None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        interval = TRIM_INTERVAL_S
-        while True:
-            await asyncio.sleep(interval)
-            if self._free_held is not None:
-                if self._free_held() >= TRIM_STEP_BYTES:
-                    await asyncio.to_thread(self._trim, 0)
-                    self.trims += 1
-                continue
-            before = process_memory().private
-            if before <= self.baseline + TRIM_STEP_BYTES:
-                interval = TRIM_INTERVAL_S
-                continue
-            await asyncio.to_thread(self._trim, 0)
-            self.trims += 1
-            released = before - process_memory().private
-            interval = TRIM_INTERVAL_S if released >= TRIM_STEP_BYTES else min(2 * interval, TRIM_BACKOFF_S)
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
 
 def start_keeping(config, shape: ModelShape, versions: int = 1) -> MemoryTrimmer:

@@ -54,7 +54,7 @@ def run(config: ServerConfig) -> int:
         raise ConfigError(
             "no artifact configured: pass --artifact DIR (or NEURONSERVE_ARTIFACT, or 'artifact' in --config)"
         )
-    from neuronserve.memory_budget import tune_malloc
+    from neuronserve.memory_release import tune_malloc
     from neuronserve.tls import load_tls
 
     tune_malloc(os.environ)  # glibc keeps freed memory otherwise (docs/memory.md); inherited by forked workers

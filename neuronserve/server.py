@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # types only: grpc and the serving stack load in start(), not
     from neuronserve.embeddings import EmbeddingCache
     from neuronserve.fleet import FleetCache, Follower
     from neuronserve.health import ServerHealth
-    from neuronserve.memory_budget import MemoryTrimmer
+    from neuronserve.memory_release import MemoryTrimmer
     from neuronserve.metrics import Metrics
     from neuronserve.metrics_http import MetricsServer
     from neuronserve.pipeline import Pipeline

@@ -26,6 +26,7 @@ from neuronserve import tick
 from neuronserve.config import ServerConfig
 from neuronserve.embeddings import EmbeddingCache
 from neuronserve.errors import InvalidInput, Overloaded
+from neuronserve.memory_release import process_memory
 from neuronserve.memory_budget import (
     MIB,
     ModelShape,
@@ -34,7 +35,6 @@ from neuronserve.memory_budget import (
     matrix_working_bytes,
     memory_budget,
     message_bytes,
-    process_memory,
     tick_working_bytes,
 )
 from neuronserve.protos import scorer_pb2 as pb
