@@ -406,3 +406,97 @@ def test_bad_input_gets_its_status_and_a_message_naming_the_field(served, small_
         assert error.code() == status, (name, error.details())
         for word in words:
             assert word in error.details(), (name, word, error.details())
+
+
+# ---- the bound-pruned pool path (tick_pool) ---------------------------------------------------------
+
+from neuronserve import tick_pool as TP  # noqa: E402
+
+PRUNED = [c for c in COMBOS if c[0] == T.PROBABILITY and c[1] != T.ONE_WAY]
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """The pruned path on, tiles of 32 and a probe of 64 columns: a pool of a few hundred has many pair
+    tiles past the probe."""
+    monkeypatch.setattr(T, "PRUNED_POOL", True)
+    monkeypatch.setattr(TP, "PAIR_TILE", 32)
+    monkeypatch.setattr(TP, "PROBE_COLUMNS", 64)
+
+
+@pytest.mark.parametrize("space,mutual", PRUNED)
+@pytest.mark.parametrize("quantized", [False, True])
+def test_the_pruned_pool_path_equals_the_reference_and_the_exact_path(space, mutual, quantized, small_tiles, monkeypatch):
+    ids, users, peers, bias = pool_case(21, 301, quantized=quantized)
+    spec = T.make_spec(9, [0.5, 0.0, 1.0], 3, len(ids) - 1, label_space=space, mutual=mutual, include_label_scores=True)
+    blocked = (np.repeat(ids[:3], 40), np.concatenate([ids[5:45], ids[100:140], ids[200:240]]))  # rows left with < k
+    got, want = run_pool(ids, users, peers, bias, spec, blocked, threads=2, pool=True)
+    monkeypatch.setattr(T, "PRUNED_POOL", False)
+    exact, _ = run_pool(ids, users, peers, bias, spec, blocked, threads=2, pool=True)
+    if quantized:
+        assert np.count_nonzero(want.values[:, 1:] == want.values[:, :-1]) > 50, "the case must hold ties"
+    assert_same(got, want, exact_ids=quantized)
+    assert_same(got, exact, exact_ids=True)  # the same pairs, the same values, whichever path
+
+
+@pytest.mark.parametrize("thresholds", ["above-every-value", "minus-infinity", "the-k-th-value"])
+def test_the_pruned_path_is_exact_whatever_the_thresholds(thresholds, small_tiles, monkeypatch):
+    # T_u only decides how much is computed: too high, every row falls back to the exact row; -inf, nothing
+    # is pruned; exactly the row's k-th value, the ties at the threshold must all be candidates
+    ids, users, peers, bias = pool_case(22, 200, quantized=True)
+    spec = T.make_spec(7, [1, 1, 1], 3, len(ids) - 1, mutual=T.PRODUCT)
+    want = run_pool(ids, users, peers, bias, spec, threads=2, pool=True)[1]
+    fallbacks = []
+
+    def fixed(self, probe_values):
+        if thresholds == "above-every-value":
+            return np.full(self.n, 1e9, np.float32)
+        if thresholds == "minus-infinity":
+            return np.full(self.n, -np.inf, np.float32)
+        order = np.argsort(ids)
+        return want.values[order, spec.k - 1].astype(np.float32)
+
+    original = TP.PoolTick.run
+    monkeypatch.setattr(TP.PoolTick, "thresholds", fixed)
+    monkeypatch.setattr(TP.PoolTick, "run", lambda self, threads: (original(self, threads), fallbacks.append(self.fallbacks))[0])
+    got = run_pool(ids, users, peers, bias, spec, threads=2, pool=True)[0]
+    assert_same(got, want, exact_ids=True)
+    probe = min(len(ids), TP.PROBE_COLUMNS)
+    if thresholds != "the-k-th-value":  # that one: the reference's float64 k-th value may sit an ulp above ours
+        assert fallbacks[0] == (len(ids) - probe if thresholds == "above-every-value" else 0)
+
+
+def test_an_all_equal_pool_ties_everywhere_and_takes_the_lowest_ids(small_tiles):
+    ids, users, peers, bias = pool_case(23, 150)
+    users[:], peers[:] = users[0], peers[0]  # every pair has the same value: the bound ties the threshold
+    for mutual in (T.PRODUCT, T.MINIMUM, T.HARMONIC_MEAN):
+        spec = T.make_spec(10, [0.25, 0.5, 0.25], 3, len(ids) - 1, mutual=mutual)
+        got, want = run_pool(ids, users, peers, bias, spec, threads=2, pool=True)
+        assert_same(got, want, exact_ids=True)
+        cols = np.sort(ids)
+        for row, person in enumerate(ids):
+            np.testing.assert_array_equal(got.ids[row], cols[cols != person][:10])
+
+
+def test_the_pruned_path_needs_probabilities_and_weights_that_bound(small_tiles):
+    spec = lambda weights, space=T.PROBABILITY, mutual=T.MINIMUM: T.make_spec(3, weights, 3, 9, label_space=space, mutual=mutual)  # noqa: E731
+    assert T._prunable(spec([1, 0, 2]), 10)
+    assert not T._prunable(spec([1, -0.5, 2]), 10)  # a negative weight: the bound does not hold
+    assert not T._prunable(spec([0, 0, 0]), 10)
+    assert not T._prunable(spec([0, -0.0, 0]), 10)
+    assert not T._prunable(spec([1, 1, 1], T.LOGIT), 10)
+
+
+@pytest.mark.parametrize("weights", [[1.0, -0.5, 2.0], [0.0, 0.0, 0.0]])
+def test_weights_the_bound_cannot_take_use_the_exact_path(weights, small_tiles, monkeypatch):
+    monkeypatch.setattr(TP.PoolTick, "run", lambda *a: pytest.fail("the pruned path ran"))
+    ids, users, peers, bias = pool_case(24, 120)
+    spec = T.make_spec(5, weights, 3, len(ids) - 1, mutual=T.MINIMUM)
+    got, want = run_pool(ids, users, peers, bias, spec, threads=2, pool=True)
+    assert_same(got, want)
+
+
+def test_the_sigmoid_bound_holds_near_zero_and_far_out():
+    x = np.concatenate([np.linspace(-30, 30, 200_001), [-1e-6, 0.0, 1e-6]]).astype(np.float64)
+    bound = 0.5 + x / 4 + np.maximum(0, -x) ** 3 / 48
+    assert (1 / (1 + np.exp(-x)) <= bound).all()
