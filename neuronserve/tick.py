@@ -29,7 +29,6 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from neuronserve.errors import InvalidInput
-from neuronserve.tick_pool import PoolTick
 from neuronserve.tick_sigmoid import sigmoid_
 from neuronserve.topk import padded_width, top_k
 
@@ -43,9 +42,6 @@ MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 16, 1024
 FILL_COLUMNS = 512  # PROBABILITY's column tile: the K logits of [B, 512] per batched matmul (docs/tick.md)
 TILE_COLUMNS = 256  # a mutual pool's combination reads F's transposed side in tiles of this width
 POOL_MATRIX_BYTES = 512 << 20  # a mutual pool's whole [N, N] float32 forward matrix, at most: N <= 11,585
-# a mutual pool in PROBABILITY with weights >= 0 by tick_pool's bound-pruned pair tiles (docs/tick.md):
-# off unless NEURONSERVE_TICK_PRUNE=1 (same results; not yet measured faster end to end on this host)
-PRUNED_POOL = os.environ.get("NEURONSERVE_TICK_PRUNE", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -275,36 +271,18 @@ def score_tick(
     mutual = spec.mutual != ONE_WAY
     if mutual and (rows_peer is None or cols_user is None):
         raise ValueError("a mutual tick needs rows_peer and cols_user")
-    pruned = pool and mutual and _prunable(spec, m)
-    whole = pool and mutual and not pruned and 4 * m * m <= POOL_MATRIX_BYTES  # one forward matrix for the pool
+    whole = pool and mutual and 4 * m * m <= POOL_MATRIX_BYTES  # one forward matrix for the whole pool
     pos = None
-    if whole or pruned:  # work with the rows in column order (row a is column a); back to row_ids' order at the end
+    if whole:  # work with the rows in column order (row a is column a); they go back to row_ids' order at the end
         pos, excluded = _pool_order(row_ids, col_ids, excluded)
         rows_user, rows_peer = cols_user, cols_peer  # type: ignore[assignment]  # mutual: cols_user is set
-    bias = np.asarray(bias, np.float32)
-    blocks = _Blocks(col_ids, rows_user, cols_peer, rows_peer, cols_user, bias, spec, excluded, whole, pruned)
+    blocks = _Blocks(
+        col_ids, rows_user, cols_peer, rows_peer, cols_user, np.asarray(bias, np.float32), spec, excluded, whole
+    )
     block = block_rows or block_rows_for(m)
-    if pruned:
-        combine = functools.partial(_mutual, how=spec.mutual)
-        pooled = PoolTick(cols_user, cols_peer, bias, spec.weights, spec.mutual, spec.k, excluded, combine)
-        top, values = pooled.run(min(threads or default_threads(), max(1, m // 256)))
-        store = functools.partial(_store_rows, blocks, top, values, size=block)
-        _in_blocks([store], list(range(0, n, block)), threads)
-        return blocks.result(pos)
     steps = ([blocks.fill] if whole else []) + [blocks.run]  # whole: all of F before any block reads its columns
     _in_blocks([functools.partial(step, size=block) for step in steps], list(range(0, n, block)), threads)
     return blocks.result(pos)
-
-
-def _prunable(spec: TickSpec, m: int) -> bool:
-    """tick_pool's bound holds: PROBABILITY, every weight >= 0 and some > 0 (docs/tick.md)."""
-    w = spec.weights
-    return PRUNED_POOL and spec.label_space == PROBABILITY and bool((w >= 0).all() and w.sum() > 0) and m < 1 << 21
-
-
-def _store_rows(blocks: _Blocks, top: np.ndarray, values: np.ndarray, start: int, size: int) -> None:
-    stop = min(start + size, len(top))
-    blocks.store(start, stop, top[start:stop], values[start:stop])
 
 
 class _Blocks:
@@ -312,7 +290,7 @@ class _Blocks:
     (values, exclusions, top-k and label scores of a block of rows into the result arrays)."""
 
     def __init__(
-        self, col_ids, rows_user, cols_peer, rows_peer, cols_user, bias, spec: TickSpec, excluded, whole, pruned=False
+        self, col_ids, rows_user, cols_peer, rows_peer, cols_user, bias, spec: TickSpec, excluded, whole: bool
     ) -> None:
         n, m, k = len(rows_user), len(col_ids), spec.k
         self.col_ids, self.rows_user, self.cols_peer, self.rows_peer, self.cols_user = (
@@ -324,9 +302,9 @@ class _Blocks:
         )
         self.bias, self.spec, self.m = bias, spec, m
         mutual = spec.mutual != ONE_WAY
-        self.forward = None if pruned else _Direction(rows_user, cols_peer, bias, spec)
+        self.forward = _Direction(rows_user, cols_peer, bias, spec)
         # c(v->u) per row block: its "rows" are the columns' user vectors, its "cols" the rows' peer vectors
-        self.reverse = _Direction(cols_user, rows_peer, bias, spec) if mutual and not (whole or pruned) else None
+        self.reverse = _Direction(cols_user, rows_peer, bias, spec) if mutual and not whole else None
         self.matrix = np.empty((n, m), np.float32) if whole else None  # c(u->v) for every pair of the pool
         self.ex_rows, self.ex_cols = excluded
         per_row = np.bincount(self.ex_rows, minlength=n) if len(self.ex_rows) else np.zeros(n, np.int64)
@@ -340,7 +318,6 @@ class _Blocks:
     def fill(self, start: int, size: int) -> None:
         assert self.matrix is not None
         stop = min(start + size, len(self.matrix))
-        assert self.forward is not None
         self.forward.block(start, stop, self.matrix[start:stop])
 
     def run(self, start: int, size: int) -> None:
@@ -352,7 +329,6 @@ class _Blocks:
         if self.matrix is not None:  # c(v->u) = F[v, u]: the block's columns, transposed (combine is symmetric)
             _combine_transposed(self.matrix, start, stop, self.spec.mutual, out)
         else:
-            assert self.forward is not None
             self.forward.block(start, stop, out)
             if self.reverse is not None:
                 back = np.empty_like(out)
@@ -361,14 +337,9 @@ class _Blocks:
         lo, hi = np.searchsorted(self.ex_rows, start), np.searchsorted(self.ex_rows, stop)
         out[self.ex_rows[lo:hi] - start, self.ex_cols[lo:hi]] = -np.inf
         top = top_k(padded, k, m)
-        self.store(start, stop, top, np.take_along_axis(out, top, axis=1))
-
-    def store(self, start: int, stop: int, top: np.ndarray, values: np.ndarray) -> None:
-        """Rows start:stop of the result from their top columns and values [B, k] (past counts: padding)."""
-        k = self.spec.k
         valid = np.arange(k)[None, :] < self.counts[start:stop, None]
         self.ids[start:stop] = np.where(valid, self.col_ids[top], PAD_ID)
-        self.values[start:stop] = np.where(valid, values, -np.inf)
+        self.values[start:stop] = np.where(valid, np.take_along_axis(out, top, axis=1), -np.inf)
         if self.labels is not None:
             logits = pair_logits(self.rows_user[start:stop], self.cols_peer[top], self.bias)
             self.labels[start:stop] = np.where(valid[:, :, None], logits, 0)
