@@ -392,7 +392,12 @@ def test_the_fused_runner_refuses_what_the_device_would_not_run(fused_runner, in
         fused_runner.run(inputs)
 
 
-def test_fused_warmup_runs_every_compiled_pair(small_artifact):
+def test_fused_warmup_runs_every_compiled_pair_and_the_cpu_one_graph_at_its_smallest_pairs(small_artifact):
+    """A device warms every compiled (B, U) pair (FusedRunner.warmup); the cpu backend's one shape-generic
+    graph is profiled by its first call and optimized at its second, whatever the shapes, so it runs its
+    smallest pair twice and its second smallest once (cpu.warm_keys)."""
+    from neuronserve.backends.base import FusedRunner
+
     runner = CpuBackend(small_artifact).load(FUSED_STAGE, CoreGroup(0))
     seen = []
     real_run = runner.run
@@ -402,8 +407,11 @@ def test_fused_warmup_runs_every_compiled_pair(small_artifact):
         return real_run(inputs)
 
     runner.run = run
-    runner.warmup()
+    FusedRunner.warmup(runner)
     assert seen == [(1, 1), (4, 1), (4, 4), (16, 1), (16, 4), (16, 16)]
+    seen.clear()
+    runner.warmup()
+    assert seen == [(1, 1), (1, 1), (4, 1)]
 
 
 def test_an_artifact_without_the_fused_stage_still_loads_and_serves_three_stages(tmp_path):
