@@ -69,7 +69,14 @@ class MemoryBudget:
     def describe(self) -> str:
         parts = ("baseline", "cache", "calls", "scoring", "slack")
         terms = " + ".join(f"{name} {getattr(self, name + '_bytes') / MIB:.0f}" for name in parts)
-        return f"peak RSS <= {self.total_bytes / MIB:.0f} MiB = {terms} (MiB; docs/memory.md)"
+        largest = max(parts, key=lambda name: getattr(self, name + "_bytes"))
+        advice = {
+            "calls": "lower --max-concurrent-rpcs or --max-message-bytes to lower it",
+            "cache": "lower --cache-max-rows to lower it",
+            "scoring": "lower --max-scoring-bytes to lower it",
+        }.get(largest, "")
+        tail = f"; {largest} is the largest term: {advice}" if advice else ""
+        return f"peak RSS <= {self.total_bytes / MIB:.0f} MiB = {terms} (MiB; docs/memory.md){tail}"
 
 
 def largest_request_bytes(shape: ModelShape, max_peers: int, max_tower_rows: int, max_tick_ids: int) -> int:
