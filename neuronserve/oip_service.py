@@ -320,6 +320,8 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
         response = oip.ModelInferResponse(model_name=model.name, model_version=served.info.oip_version, id=request.id)
         if route.arm != DEFAULT:  # explicit | control | candidate; absent: default (a reply as Triton's)
             response.parameters["arm"].string_param = route.arm
+        if route.burn_in:  # switch-back: in the burn-in after a switch
+            response.parameters["burn_in"].bool_param = True
         response.outputs.add(name=output, datatype=FP32, shape=out.shape)  # (nested kwargs: 2x slower)
         response.raw_output_contents.append(data)
         return response

@@ -14,6 +14,7 @@ from neuronserve.errors import InvalidInput
 from neuronserve.memory_budget import ModelShape, matrix_working_bytes, stream_working_bytes, tick_working_bytes
 from neuronserve.protos import scorer_pb2 as pb
 from neuronserve.protos import scorer_pb2_grpc as pb_grpc
+from neuronserve.versions import Route
 from neuronserve.service import (
     CACHED,
     MAX_BLOCKED_PAIRS,
@@ -86,6 +87,7 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
             model_version=served.info.version,
             version=served.version,
             arm=route.arm,
+            burn_in=route.burn_in,
         )
 
     async def _upsert(self, request: pb.UpsertEmbeddingsRequest, context) -> pb.UpsertEmbeddingsResponse:
@@ -135,6 +137,7 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
             model_version=served.info.version,
             version=served.version,
             arm=route.arm,
+            burn_in=route.burn_in,
         )
 
     async def _score_matrix(self, request: pb.ScoreMatrixRequest, context) -> pb.ScoreMatrixResponse:
@@ -165,6 +168,7 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
                 model_version=served.info.version,
                 version=served.version,
                 arm=route.arm,
+                burn_in=route.burn_in,
             )
 
     def _matrix_ids(self, request: pb.ScoreMatrixRequest) -> tuple[np.ndarray, np.ndarray]:
@@ -188,9 +192,9 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         rows = max(1, min(MATRIX_BLOCK_BYTES, info.max_message_bytes // 2) // (4 * row_values))
         need = stream_working_bytes(self.shape, min(rows, user_ids.size), peer_ids.size)
         with self.state.scoring.reserve(need, f"ScoreMatrixStream of {user_ids.size} x {peer_ids.size} ids"):
-            await self._stream_blocks(context, served, route.arm, user_ids, peer_ids, rows)
+            await self._stream_blocks(context, served, route, user_ids, peer_ids, rows)
 
-    async def _stream_blocks(self, context, served, arm: str, user_ids, peer_ids, rows: int) -> None:
+    async def _stream_blocks(self, context, served, route: Route, user_ids, peer_ids, rows: int) -> None:
         """ScoreMatrixStream's blocks of `rows` user rows, computed and written one at a time."""
         info = self.info
         loop, compute_s = asyncio.get_running_loop(), 0.0
@@ -205,7 +209,8 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
                 model_version=served.info.version,
                 first_user=first,
                 version=served.version,
-                arm=arm,
+                arm=route.arm,
+                burn_in=route.burn_in,
             )
             await context.write(reply)
         self.metrics.execution(CACHED, rows=user_ids.size * peer_ids.size, requests=1, compute_s=compute_s)
@@ -234,7 +239,7 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
                 CACHED, rows=rows.size * cols.size, requests=1, compute_s=time.perf_counter() - start
             )
             reply = self._tick_reply(result, spec, served.info.version)
-        reply.version, reply.arm = served.version, route.arm
+        reply.version, reply.arm, reply.burn_in = served.version, route.arm, route.burn_in
         return reply
 
     def _tick_people(self, request: pb.ScoreTickRequest) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:

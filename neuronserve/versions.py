@@ -69,10 +69,12 @@ Listener = Callable[["ServedVersion"], None]
 
 @dataclass(frozen=True)
 class Route:
-    """The version that serves a request and the arm that chose it (experiments.ARMS)."""
+    """The version that serves a request and the arm that chose it (experiments.ARMS); `burn_in`: a
+    switch-back request in the burn-in after a switch (served by its arm, flagged so analysis drops it)."""
 
     served: ServedVersion
     arm: str
+    burn_in: bool = False
 
     @property
     def version(self) -> int:
@@ -126,7 +128,7 @@ class VersionTable:
                     self.current.version,
                 )
             return None
-        return Route(served, assignment.arm)
+        return Route(served, assignment.arm, assignment.burn_in)
 
     def listen(self, listener: Listener) -> None:
         """`listener(current)` now and after every change of `current` (same event-loop step)."""

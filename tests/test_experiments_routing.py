@@ -280,8 +280,8 @@ def test_switch_back_switches_version_at_window_boundaries_on_a_fake_clock(repos
         peers = np.stack([features[i] for i in PEERS])
         user_row = features[USERS[0]][None, :]
 
-        def served() -> set[tuple[int, str]]:
-            """(version, arm) of one request per RPC at the clock's time: they must agree."""
+        def served() -> set[tuple[int, str, bool]]:
+            """(version, arm, burn-in) of one request per RPC at the clock's time: they must agree."""
             replies = [
                 scorer.Score(pb.ScoreRequest(user_features=tensor(user_row), peer_features=tensor(peers), user_id=7)),
                 scorer.ScoreByIds(pb.ScoreByIdsRequest(user_id=USERS[1], peer_ids=PEERS)),
@@ -289,23 +289,29 @@ def test_switch_back_switches_version_at_window_boundaries_on_a_fake_clock(repos
                 scorer.ScoreTick(pb.ScoreTickRequest(pool_ids=USERS[:6], k=2)),
             ]
             oip_reply = inference.ModelInfer(infer(user_row, peers))
-            return {(r.version, r.arm) for r in replies} | {
-                (int(oip_reply.model_version), oip_reply.parameters["arm"].string_param or "default")
+            return {(r.version, r.arm, r.burn_in) for r in replies} | {
+                (
+                    int(oip_reply.model_version),
+                    oip_reply.parameters["arm"].string_param or "default",
+                    oip_reply.parameters["burn_in"].bool_param,  # absent: False
+                )
             }
 
-        assert served() == {(2, "default")}  # before the start: the current version
-        seen = []
+        assert served() == {(2, "default", False)}  # before the start: the current version
+        seen, burn_ins = [], []
         for window in windows:
             for t in (window.start_s, window.start_s + burn_in_s / 2, window.end_s - 0.001):
                 clock.t = t
                 want = design.assign(t)
-                assert served() == {(want.version, want.arm)}, (window, t)
+                assert served() == {(want.version, want.arm, want.burn_in)}, (window, t)
+                burn_ins.append(want.burn_in)
                 got = cli_assign("--spec", str(path), "--user", "7", "--time", repr(t))
                 assert (got["arm"], got["version"], got["window"]) == (want.arm, want.version, window.index)
                 seen.append(want.version)
         # the version changes exactly at the boundaries where the schedule switches arm
         switches = sum(a != b for a, b in zip(seen, seen[1:]))
         assert switches == sum(a.arm != b.arm for a, b in zip(windows, windows[1:])) > 0
+        assert True in burn_ins and False in burn_ins  # the replies flagged the burn-in after a switch, and only it
 
         # an explicit version wins in every window
         named = scorer.ScoreTick(pb.ScoreTickRequest(pool_ids=USERS[:6], k=2, model_version="1"))
