@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -200,12 +199,12 @@ class ScoringGate:
     """The byte budget of ScoreMatrix, ScoreMatrixStream and ScoreTick together: a call reserves its
     estimated working bytes before it allocates and releases them when it ends. Never waits: a call
     larger than the whole budget is InvalidInput (it can never run here), one that does not fit beside
-    the calls in progress is Overloaded (RESOURCE_EXHAUSTED: retry later or elsewhere)."""
+    the calls in progress is Overloaded (RESOURCE_EXHAUSTED: retry later or elsewhere). Used on the
+    event loop only (the handlers reserve before they hand work to a thread), so it needs no lock."""
 
     def __init__(self, capacity: int | None = None) -> None:
         self.capacity = capacity  # None: unbounded (a service built without a server, in tests)
         self.reserved = 0
-        self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def reserve(self, nbytes: int, what: str) -> Iterator[None]:
@@ -216,20 +215,18 @@ class ScoringGate:
                     f"{what} needs about {nbytes / MIB:.1f} MiB of working memory, above the server's "
                     f"max_scoring_bytes of {capacity / MIB:.1f} MiB; send fewer ids or a smaller k"
                 )
-            with self._lock:
-                if self.reserved + nbytes > capacity:
-                    raise Overloaded(
-                        f"{what} needs about {nbytes / MIB:.1f} MiB of working memory; {self.reserved / MIB:.1f} "
-                        f"of the server's max_scoring_bytes of {capacity / MIB:.1f} MiB are held by calls in "
-                        "progress; retry shortly or on another replica"
-                    )
-                self.reserved += nbytes
+            if self.reserved + nbytes > capacity:
+                raise Overloaded(
+                    f"{what} needs about {nbytes / MIB:.1f} MiB of working memory; {self.reserved / MIB:.1f} "
+                    f"of the server's max_scoring_bytes of {capacity / MIB:.1f} MiB are held by calls in "
+                    "progress; retry shortly or on another replica"
+                )
+            self.reserved += nbytes
         try:
             yield
         finally:
             if capacity is not None:
-                with self._lock:
-                    self.reserved -= nbytes
+                self.reserved -= nbytes
 
 
 def start_keeping(config, shape: ModelShape, versions: int = 1) -> MemoryTrimmer:

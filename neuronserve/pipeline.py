@@ -120,8 +120,8 @@ class Pipeline:
         self._started = False
 
     def start(self, abort: threading.Event | None = None, plans: Mapping[str, BucketPlan] | None = None) -> None:
-        """Load every stage on its groups and run every bucket once (blocking), then plan buckets (reusing
-        `plans`, the `plans` of a pipeline of the same graphs' shapes, where they cover the same buckets).
+        """Load and warm up every stage on its groups (blocking), then plan buckets (reusing `plans`, the
+        `plans` of a pipeline of the same graphs' shapes, where they cover the same buckets).
         Once `abort` is set (from another thread), it gives up before the next stage load (Unavailable).
 
         gc.freeze() is deliberately not called here: the server calls it once everything is built."""

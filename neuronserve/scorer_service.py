@@ -11,13 +11,18 @@ import numpy as np
 
 from neuronserve import tick
 from neuronserve.errors import InvalidInput
-from neuronserve.memory_budget import ModelShape, matrix_working_bytes, stream_working_bytes, tick_working_bytes
+from neuronserve.memory_budget import (
+    MAX_BLOCKED_PAIRS,
+    ModelShape,
+    matrix_working_bytes,
+    stream_working_bytes,
+    tick_working_bytes,
+)
 from neuronserve.protos import scorer_pb2 as pb
 from neuronserve.protos import scorer_pb2_grpc as pb_grpc
 from neuronserve.versions import Route
 from neuronserve.service import (
     CACHED,
-    MAX_BLOCKED_PAIRS,
     TOWERS,
     TWOTOWER,
     Servicer,

@@ -28,9 +28,10 @@ from typing import Protocol
 import grpc
 import numpy as np
 
-from neuronserve.contract import MODEL_STAGES, TOWERS, TWOTOWER  # noqa: F401  (re-exported: the servicers' model names)
+from neuronserve.contract import MODEL_STAGES
+from neuronserve.contract import TOWERS, TWOTOWER  # noqa: F401  (re-exported: the servicers' model names)
 from neuronserve.errors import DeadlineExceeded, InvalidInput, NeuronServeError, Unavailable
-from neuronserve.memory_budget import MAX_BLOCKED_PAIRS, ScoringGate  # noqa: F401  (re-exported)
+from neuronserve.memory_budget import ScoringGate
 from neuronserve.protos import open_inference_pb2 as oip
 from neuronserve.protos import scorer_pb2 as pb
 
