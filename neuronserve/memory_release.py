@@ -15,7 +15,7 @@ MIB = 1 << 20
 TRIM_INTERVAL_S = 1.0  # the trimmer's look at the process's private memory
 TRIM_STEP_BYTES = 16 * MIB  # ... which it trims when this far above its baseline
 MMAP_THRESHOLD_BYTES = 4 * MIB  # glibc: larger blocks are mapped alone (unmapped when freed), fixed
-TRIM_THRESHOLD_BYTES = 1 * MIB  # glibc: an arena's free top above this goes back at once, fixed
+TRIM_THRESHOLD_BYTES = 4 * MIB  # glibc: a free arena top above this goes back at once (1 MiB: docs/memory.md)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 TRIM_BACKOFF_S = 8.0  # the longest interval, after trims that released nothing
 
