@@ -333,9 +333,9 @@ class ServerConfig:
             "artifact and model_repository do not combine: serve one artifact or a repository of versions",
         )
         _require(
-            self.model_repository is None or ((self.workers or 1) == 1 and self.embedding_store == "embedded"),
-            "model_repository serves one process with its own caches for now: "
-            "use workers 1 and embedding_store embedded",
+            self.model_repository is None or self.embedding_store == "embedded",
+            "model_repository keeps a cache per version in this server's memory; the fleet store holds one "
+            "model version: use embedding_store embedded with a repository",
         )
         VersionPolicy.parse(self.version_policy)
         _require(

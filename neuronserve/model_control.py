@@ -28,7 +28,8 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -44,6 +45,14 @@ MODES = (NONE, EXPLICIT, POLL)
 READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
 
 Build = Callable[[Path, int], Awaitable[ServedVersion]]
+
+
+class PoolHooks(Protocol):
+    """A pool worker's shared version state (pool_versions.WorkerVersions)."""
+
+    def served(self, versions: Sequence[int]) -> None: ...  # an explicit load or unload left these served
+
+    def released(self, version: int) -> None: ...  # this worker closed the version: its cache slot may go
 
 
 @dataclass(frozen=True)
@@ -77,11 +86,13 @@ class ModelControl:
         build: Build,
         mode: str = NONE,
         drain_timeout_s: float = 10.0,
+        pool: PoolHooks | None = None,
     ) -> None:
         if mode not in MODES:
             raise InvalidInput(f"model control must be one of {', '.join(MODES)}, got {mode!r}")
         self.repository, self.model, self.policy, self.table = repository, model, policy, table
         self.mode, self._build, self.drain_timeout_s = mode, build, drain_timeout_s
+        self._pool = pool
         self._lock = asyncio.Lock()
         self._status: dict[int, VersionStatus] = {}  # versions not READY: loading, failed, unloading
         self._retiring: set = set()  # drain-and-close tasks
@@ -122,6 +133,8 @@ class ModelControl:
         async with self._lock:
             served = await self._apply(policy)
         self.policy = policy
+        if self._pool is not None:
+            self._pool.served(served)
         return served
 
     async def unload(self, model: str, version: str = "") -> tuple[int, ...]:
@@ -138,10 +151,14 @@ class ModelControl:
                         f"version {version[:64]!r} of model {self.model} is not loaded; loaded: {list(self.table.versions)}"
                     )
                 self._retire(self.table.remove(number))
-                return self.table.versions
-            for served in self.table.unload_all():
-                self._retire(served)
-            return ()
+                left = self.table.versions
+            else:
+                for served in self.table.unload_all():
+                    self._retire(served)
+                left = ()
+        if self._pool is not None:
+            self._pool.served(left)
+        return left
 
     # ---- poll ----------------------------------------------------------------------------------
 
@@ -264,6 +281,8 @@ class ModelControl:
                 if self._status.get(served.version, VersionStatus(self.model, 0, "")).state == UNLOADING:
                     del self._status[served.version]
                 self.counts = LoadCounts(self.counts.loaded, self.counts.failed, self.counts.unloaded + 1)
+                if self._pool is not None and self.table.get(served.version) is None:
+                    self._pool.released(served.version)
                 log.info("model %s version %d drained and unloaded", self.model, served.version)
 
         task = asyncio.ensure_future(retire())

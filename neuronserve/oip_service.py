@@ -186,6 +186,7 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
     # server; None: a server without a repository's control answers FAILED_PRECONDITION).
     control = None
     admin = None  # admin_auth.AdminGuard when --admin-token-file is set: the repository RPCs need the token
+    pool_loads = None  # pool_loads.PoolLoads of a pool's worker: loads and unloads reach the other workers
 
     async def RepositoryIndex(self, request: oip.RepositoryIndexRequest, context) -> oip.RepositoryIndexResponse:
         return await self._answer(context, UNKNOWN_MODEL, self._repository_index, request, inference=False)
@@ -219,6 +220,7 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
     async def _repository_load(self, request, context) -> oip.RepositoryModelLoadResponse:
         config = request.parameters["config"].string_param if "config" in request.parameters else ""
         await self._control(context).load(request.model_name, config or None)
+        await self._to_pool("RepositoryModelLoad", request, context)
         return oip.RepositoryModelLoadResponse()
 
     async def _repository_unload(self, request, context) -> oip.RepositoryModelUnloadResponse:
@@ -229,7 +231,13 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
             else (version.string_param or (str(version.int64_param) if version.int64_param else ""))
         )
         await self._control(context).unload(request.model_name, text)
+        await self._to_pool("RepositoryModelUnload", request, context)
         return oip.RepositoryModelUnloadResponse()
+
+    async def _to_pool(self, method: str, request, context) -> None:
+        """A client's load or unload, applied here, goes to the pool's other workers too."""
+        if self.pool_loads is not None and not worker_scope(context):
+            await self.pool_loads.forward(method, request, context)
 
     def _label(self, name: str) -> str:
         """A model name as the metrics and the log name it: a model served, else UNKNOWN_MODEL (a client's

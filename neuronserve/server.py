@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # types only: grpc and the serving stack load in start(), not
     from neuronserve.metrics import Metrics
     from neuronserve.metrics_http import MetricsServer
     from neuronserve.pipeline import Pipeline
+    from neuronserve.pool_versions import WorkerVersions
     from neuronserve.runtime import Runtime
     from neuronserve.service import ServingState
     from neuronserve.versions import VersionTable
@@ -55,11 +56,20 @@ class PoolMember:
     cache: EmbeddingCache | FleetCache  # the pool's cache, in memory every worker shares
     peer_addresses: Callable[[], list[str]]  # the other live workers' local gRPC addresses (Unix sockets)
     local_address: str | None = None  # this worker's Unix socket, plaintext: the pool's own calls
+    versions: WorkerVersions | None = None  # a pool serving a model repository: the caches per version
 
 
 def grpc_address(host: str, port: int) -> str:
     host = host.strip("[]")
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 literal in brackets
+
+
+async def _close_pool_channels(servicers) -> None:
+    """The channels a pool's worker holds to its peers (statistics, repository loads)."""
+    for servicer in servicers:
+        for pool in (getattr(servicer, "pool", None), getattr(servicer, "pool_loads", None)):
+            if pool is not None:
+                await pool.close()
 
 
 def _started(value: T | None) -> T:
@@ -135,7 +145,12 @@ class Server:
             placement = Placement.data_parallel(span.count, group_size=manifest.pipeline_cores, first=span.first)
         self._placement = placement
         self.metrics = Metrics(version=manifest.model_version, batch_buckets=self.buckets)
-        self.cache = self.member.cache if self.member is not None else new_cache(manifest, config.cache_max_rows)
+        if self.member is None:
+            self.cache = new_cache(manifest, config.cache_max_rows)
+        elif self.member.versions is not None:  # a repository's pool: the cache of the version served first
+            self.cache = self.member.versions.cache_for(_started(self._first_version), manifest)
+        else:
+            self.cache = self.member.cache
         if self.member is None and config.embedding_store != "embedded":  # the fleet: writes go through the store
             from neuronserve.fleet import open_fleet
 
@@ -280,6 +295,7 @@ class Server:
 
     async def _open(self) -> None:
         from neuronserve.memory_budget import ModelShape, start_keeping
+        from neuronserve.pool_versions import repository_slots
         from neuronserve.metric_sources import pipeline_samples, sim_samples
         from neuronserve.runtime import Runtime
 
@@ -296,7 +312,8 @@ class Server:
         await self._start_control()
         gc.collect()
         gc.freeze()  # everything built so far lives as long as the server: keep it out of the collector's scans
-        self._trimmer = start_keeping(self.config, ModelShape.of(self.manifest))  # logs the memory budget
+        caches = repository_slots(self.config) if self.config.model_repository is not None else 1
+        self._trimmer = start_keeping(self.config, ModelShape.of(self.manifest), caches)  # logs the memory budget
         _started(self.state).serving = True
         health = _started(self._health)
         await health.set_all()
@@ -311,11 +328,16 @@ class Server:
         """The repository's control over the VersionTable (version_build.start_control)."""
         placement, metrics = _started(self._placement), _started(self.metrics)
         versions = _started(self.versions)
+        pool = self.member.versions if self.member is not None else None
         builder = VersionBuilder(
-            self.config, self.manifest, self._span, placement, metrics, self._abandon, lambda: versions.current
+            self.config, self.manifest, self._span, placement, metrics, self._abandon, lambda: versions.current, pool
         )
         self.control = control = start_control(self.config, self.manifest, self.versions, builder)
         self._servicers[1].control = control
+        if pool is not None and self.member is not None:  # a load through this worker reaches every worker
+            from neuronserve.pool_loads import PoolLoads
+
+            self._servicers[1].pool_loads = PoolLoads(self.member.peer_addresses)
         self._servicers[1].admin = self._admin
         metrics.add_collector(lambda: control_samples(control))
 
@@ -390,9 +412,7 @@ class Server:
 
     async def _release(self) -> None:
         """Everything else the server holds, in dependency order."""
-        for servicer in self._servicers:
-            if getattr(servicer, "pool", None) is not None:
-                await servicer.pool.close()
+        await _close_pool_channels(self._servicers)
         if self._metrics_server is not None:
             await self._metrics_server.close()
             self._metrics_server = None

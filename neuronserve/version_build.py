@@ -107,7 +107,8 @@ def _schema(manifest) -> tuple:
 class VersionBuilder:
     """model_control's Build on one server: the artifact at `path` verified (checksums, signature), its
     schema the served one's, every stage loaded and warmed up on the served cores (in a thread), its
-    reference outputs checked on the backend, a Runtime started, a new empty cache."""
+    reference outputs checked on the backend, a Runtime started, a new empty cache (a pool's worker: the
+    version's cache the workers share)."""
 
     config: ServerConfig
     served: Any  # artifact.Manifest of the version served first
@@ -116,6 +117,7 @@ class VersionBuilder:
     metrics: Any  # metrics.Metrics
     abandon: threading.Event  # set when the server stops: a load in progress gives up
     current: Callable[[], Any] = lambda: None  # versions.ServedVersion serving now: its bucket plans are reused
+    pool: Any = None  # pool_versions.WorkerVersions of a pool's worker: caches shared by the workers
 
     async def __call__(self, path, version: int):
         from neuronserve.artifact import load_manifest
@@ -145,6 +147,10 @@ class VersionBuilder:
             await asyncio.to_thread(pipeline.start, self.abandon, self._plans_like(manifest, backend.name))
             with np.load(io.BytesIO(reference)) as data:
                 await check_reference(pipeline, manifest, {k: data[k] for k in data.files})
+            if self.pool is None:
+                cache = new_cache(manifest, config.cache_max_rows)
+            else:  # the version's cache every worker of the pool shares (pool_versions.py)
+                cache = self.pool.cache_for(version, manifest)
             runtime = Runtime(pipeline, config.batching, self.metrics)
             runtime.start()
         except BaseException:
@@ -152,7 +158,6 @@ class VersionBuilder:
             backend.close()
             raise
         info = dataclasses.replace(model_info(manifest, config, backend.name), oip_version=str(version))
-        cache = new_cache(manifest, config.cache_max_rows)
         return ServedVersion(version, info, runtime, cache, pipeline, backend, manifest)
 
     def _plans_like(self, manifest, backend: str) -> dict | None:
@@ -180,7 +185,9 @@ def start_control(config: ServerConfig, manifest, versions, builder: VersionBuil
     else:
         repository = Repository.of_artifact(manifest.directory, manifest.model_name, manifest.model_version)
         model = manifest.model_name
-    control = ModelControl(repository, model, policy, versions, builder, config.model_control, config.grace_period_s)
+    control = ModelControl(
+        repository, model, policy, versions, builder, config.model_control, config.grace_period_s, builder.pool
+    )
     if config.model_repository is not None:
         control.start(config.repository_poll_s)
         if len(repository.scan(model, policy).selected) > 1:

@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 from neuronserve.config import VISIBLE_CORES_ENV, ServerConfig
 from neuronserve.errors import ConfigError, NeuronServeError
+from neuronserve.pool_versions import PoolVersions, WorkerVersions, repository_slots
 from neuronserve.worker_plan import WorkerPlan, plan_workers
 from neuronserve.contract import USER_TOWER
 
@@ -69,8 +70,9 @@ class PoolShared:
     and a private directory (0700) of one Unix socket per worker for the pool's own calls (the statistics
     fan-out): plaintext there whatever the TCP ports use, since only this user can reach it."""
 
-    def __init__(self, workers: int, cache, host: str) -> None:
-        self.cache = cache
+    def __init__(self, workers: int, cache, host: str, versions: PoolVersions | None = None) -> None:
+        self.cache = cache  # None when serving a model repository: `versions` holds a cache per version
+        self.versions = versions
         self.host = host
         self.heartbeats = multiprocessing.RawArray(ctypes.c_double, workers)
         self.ports = multiprocessing.RawArray(ctypes.c_int, workers)
@@ -102,8 +104,17 @@ def _worker_main(config: ServerConfig, plan: WorkerPlan, shared: PoolShared, con
             os.sched_setaffinity(0, plan.cpus)
         if config.backend == "neuron":
             os.environ[VISIBLE_CORES_ENV] = plan.cores.visible_cores()  # before the Neuron runtime starts
+        versions = None
+        if shared.versions is not None:
+            shared.versions.forget(plan.index)  # what this place's previous worker held
+            versions = WorkerVersions(shared.versions, plan.index)
+            config = dataclasses.replace(config, version_policy=_policy_now(config, shared.versions))
         member = PoolMember(
-            plan.index, shared.cache, lambda: shared.peer_addresses(plan.index), shared.local_address(plan.index)
+            plan.index,
+            shared.cache,
+            lambda: shared.peer_addresses(plan.index),
+            shared.local_address(plan.index),
+            versions,
         )
         worker_config = dataclasses.replace(config, cores=plan.cores.count, workers=1, cpu_affinity="none")
 
@@ -126,6 +137,13 @@ def _worker_main(config: ServerConfig, plan: WorkerPlan, shared: PoolShared, con
     finally:
         logging.shutdown()
         os._exit(code)  # a forked child: no atexit handlers or finalizers of the supervisor's objects
+
+
+def _policy_now(config: ServerConfig, versions: PoolVersions) -> str:
+    """The version policy a (re)starting worker serves: the versions an explicit load or unload left
+    served on the pool, else the configured policy."""
+    wanted = versions.wanted()
+    return f"specific:{','.join(map(str, wanted))}" if wanted else config.version_policy
 
 
 async def _heartbeat(heartbeats, index: int) -> None:
@@ -376,14 +394,21 @@ def supervise(config: ServerConfig) -> int:
     from neuronserve.artifact import load_manifest
     from neuronserve.backends import resolve_backend
     from neuronserve.serve import run_loop
-    from neuronserve.version_build import new_cache
+    from neuronserve.version_build import first_artifact, new_cache
 
-    manifest = load_manifest(config.artifact, True, config.trusted_key)  # refused here, before any worker forks
+    path, _ = first_artifact(config)
+    manifest = load_manifest(path, True, config.trusted_key)  # refused here, before any worker forks
     backend = resolve_backend(config.backend, manifest)
     plans = plan_workers(config, backend, manifest.pipeline_cores, tuple(sorted(os.sched_getaffinity(0))))
     reservation, port = reserve_port(config.host, config.port)
     config = dataclasses.replace(config, port=port, backend=backend)
-    cache, follower = new_cache(manifest, config.cache_max_rows), None
+    cache, follower, versions = None, None, None
+    if config.model_repository is None:
+        cache = new_cache(manifest, config.cache_max_rows)
+    else:  # a cache per version, shared by the workers (pool_versions.py)
+        versions = PoolVersions(
+            len(plans), repository_slots(config), lambda: new_cache(manifest, config.cache_max_rows)
+        )
     if config.embedding_store != "embedded":
         # The host's one store follower runs here (it needs the cache, not a model), loaded before any
         # worker forks: every worker opens with the store's rows, and writes through it (fleet.py).
@@ -392,7 +417,7 @@ def supervise(config: ServerConfig) -> int:
         cache, follower = open_fleet(config.embedding_store, manifest, cache)
         follower.warm_start()
         follower.start()
-    shared = PoolShared(len(plans), cache, config.host)  # a worker per plan: config.workers
+    shared = PoolShared(len(plans), cache, config.host, versions)  # a worker per plan: config.workers
     buckets = ",".join(map(str, manifest.stage(USER_TOWER).batch_sizes))
 
     def ready_line(metrics_port: int | None) -> str:
