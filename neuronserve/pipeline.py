@@ -17,7 +17,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -119,10 +119,17 @@ class Pipeline:
         self._fused = False
         self._started = False
 
-    def start(self, abort: threading.Event | None = None, plans: Mapping[str, BucketPlan] | None = None) -> None:
+    def start(
+        self,
+        abort: threading.Event | None = None,
+        plans: Mapping[str, BucketPlan] | None = None,
+        pace: Callable[[], None] | None = None,
+    ) -> None:
         """Load and warm up every stage on its groups (blocking), then plan buckets (reusing `plans`, the
         `plans` of a pipeline of the same graphs' shapes, where they cover the same buckets).
         Once `abort` is set (from another thread), it gives up before the next stage load (Unavailable).
+        `pace` runs after each stage's load and warm-up (a version loading beside traffic sleeps there, so
+        the serving threads get the GIL back between the stalls of torch.jit.load and the warm-up).
 
         gc.freeze() is deliberately not called here: the server calls it once everything is built."""
         # Data parallel (every group holds all three stages): a score batch runs start to end on one
@@ -140,6 +147,8 @@ class Pipeline:
                 loaded = self.backend.load(stage, group.cores)
                 loaded.warmup()
                 group.runners[stage] = loaded
+                if pace is not None:
+                    pace()
         self.backend.manifest.release_files()  # every stage is loaded: drop the verified file bytes kept for it
         for group in self._groups:
             group.capacity = max(r.max_in_flight for r in group.runners.values())

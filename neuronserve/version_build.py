@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import io
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
@@ -20,6 +22,11 @@ import numpy as np
 
 from neuronserve.config import Placement, ServerConfig
 from neuronserve.errors import ArtifactError, ConfigError
+
+# A version loading beside traffic sleeps this long after each stage's load and warm-up: torch.jit.load
+# and the warm-up hold the GIL in stalls of a few ms each, and back to back they add up for the
+# requests in flight (docs/lifecycle.md, five switches under load).
+LOAD_PACE_S = 0.03
 
 
 def new_cache(manifest, max_rows: int):
@@ -144,7 +151,8 @@ class VersionBuilder:
         )
         pipeline = Pipeline(backend, self.placement)
         try:
-            await asyncio.to_thread(pipeline.start, self.abandon, self._plans_like(manifest, backend.name))
+            pace = functools.partial(time.sleep, LOAD_PACE_S)
+            await asyncio.to_thread(pipeline.start, self.abandon, self._plans_like(manifest, backend.name), pace)
             with np.load(io.BytesIO(reference)) as data:
                 await check_reference(pipeline, manifest, {k: data[k] for k in data.files})
             if self.pool is None:

@@ -161,6 +161,17 @@ def test_a_pipeline_of_the_same_shapes_reuses_the_bucket_plans_instead_of_timing
         pipeline.close()
 
 
+def test_a_paced_start_pauses_after_every_stage_it_loads(manifest):
+    """The pace (a version loading beside traffic sleeps there) runs once per stage loaded and warm."""
+    pipeline = Pipeline(CpuBackend(manifest), Placement.data_parallel(1))
+    loaded = []
+    pipeline.start(pace=lambda: loaded.append(sorted(pipeline._groups[0].runners)))
+    stages = sorted(pipeline._groups[0].runners)
+    assert len(loaded) == len(stages) and loaded[-1] == stages
+    assert [len(names) for names in loaded] == list(range(1, len(stages) + 1))
+    pipeline.close()
+
+
 def test_the_cpu_backend_queues_the_next_execution_behind_the_running_one(manifest):
     """Two executions in flight on the host's one executor thread: they run one after the other, never
     at once (two torch calls on a small host would only fight over its cores), and the second starts

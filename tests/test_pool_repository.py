@@ -20,7 +20,7 @@ from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
 from neuronserve.protos import scorer_pb2 as pb
 from neuronserve.protos import scorer_pb2_grpc as pb_grpc
 from test_repository import artifacts  # noqa: F401 - a fixture: versions 1 and 2 of one model
-from test_workers import FEATURES, LABELS, connect, pools, scores, tensor  # noqa: F401 - pools is a fixture
+from test_workers import FEATURES, LABELS, connect, poll, pools, scores, tensor  # noqa: F401 - pools is a fixture
 
 class _Cache:
     def __init__(self) -> None:
@@ -61,9 +61,10 @@ def test_a_restarting_worker_drops_what_its_predecessor_held_and_reads_the_wante
 
 
 def _serve(pools, root, *extra: str):
+    control = () if "--model-control" in extra else ("--model-control", "explicit")
     argv = [
         sys.executable, "-m", "neuronserve", "serve", "--model-repository", str(root), "--backend", "cpu",
-        "--workers", "2", "--port", "0", "--metrics-port", "0", "--model-control", "explicit", *extra,
+        "--workers", "2", "--port", "0", "--metrics-port", "0", *control, *extra,
     ]  # fmt: skip
     pool = pools(argv)
     pool.ready()
@@ -126,3 +127,14 @@ def test_a_load_through_one_worker_is_served_by_both_and_their_caches_are_one(po
         with pytest.raises(grpc.RpcError) as failed:
             _score(worker.address)
         assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_with_poll_every_worker_serves_a_version_copied_into_the_repository(pools, artifacts, tmp_path):
+    v1, v2 = artifacts
+    root = tmp_path / "repo"
+    shutil.copytree(v1.directory, root / "twotower" / "1")
+    pool = _serve(pools, root, "--model-control", "poll", "--repository-poll-s", "0.2")
+    workers = pool.workers()
+    shutil.copytree(v2.directory, root / "twotower" / "2")
+    for worker in workers.values():
+        poll(lambda w=worker: _score(w.address).model_version == v2.model_version, 60, lambda: pool.log())
