@@ -53,7 +53,9 @@ class PoolMember:
     """What makes a Server one worker of a pool (workers.py builds it in the worker, after the fork)."""
 
     index: int
-    cache: EmbeddingCache | FleetCache  # the pool's cache, in memory every worker shares
+    cache: (
+        EmbeddingCache | FleetCache | None
+    )  # the pool's cache, every worker shares (None: one per version, `versions`)
     peer_addresses: Callable[[], list[str]]  # the other live workers' local gRPC addresses (Unix sockets)
     local_address: str | None = None  # this worker's Unix socket, plaintext: the pool's own calls
     versions: WorkerVersions | None = None  # a pool serving a model repository: the caches per version
