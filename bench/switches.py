@@ -4,8 +4,9 @@ Not part of `neuronserve bench` (a rate sweep against a running server): this on
 repository from two artifacts of one model (A as version 1), starts `neuronserve serve
 --model-repository DIR --model-control explicit` on a free loopback port, and sends Score requests
 (1 user x `--peers` peers, seeded) at `--rate` per second, Poisson arrivals, from an asyncio client on
-`--channels` connections, for the whole run. After `--steady-s` of steady load it switches `--switches`
-times: version n+1 (B, A, B, ... alternately) is copied into the repository and RepositoryModelLoad
+`--channels` connections, for the whole run. The first `--warmup-s` of load (a freshly started server
+and client settle: P99 2-5x the rest here) are left out of every latency figure; after `--steady-s` more
+of steady load it switches `--switches` times: version n+1 (B, A, B, ... alternately) is copied into the repository and RepositoryModelLoad
 makes it current while the load goes on (the old version drains), then `--gap-s` more of load. It
 prints the failures by status, P50/P99 of the steady window against the windows around the switches,
 and the number of times the version changes in send order (exactly one per switch when every request
@@ -85,15 +86,19 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = Path(tmp) / manifest.model_name
         shutil.copytree(args.artifact, model_dir / "1")
         proc, address = _start_server(Path(tmp))
+        cpu_before = _cpu_ticks()
         try:
             replies, switches = asyncio.run(_run(args, address, model_dir, manifest))
         finally:
             proc.terminate()
             proc.wait(30)
-    summary = _summarise(replies, switches)
-    print(json.dumps({**asdict(summary), "ok": summary.ok}, indent=2))
+    summary = _summarise(replies, switches, args.warmup_s)
+    # the hypervisor's share of this VM's CPU time during the run: a tail spike may be the host's, not ours
+    steal_pct = _steal_pct(cpu_before, _cpu_ticks())
+    report = {**asdict(summary), "ok": summary.ok, "cpu_steal_pct": steal_pct}
+    print(json.dumps(report, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps({**asdict(summary), "ok": summary.ok, "args": vars(args)}, indent=2))
+        Path(args.json).write_text(json.dumps({**report, "args": vars(args)}, indent=2))
     return 0 if summary.ok else 1
 
 
@@ -105,7 +110,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", type=int, default=128)
     p.add_argument("--channels", type=int, default=4)
     p.add_argument("--switches", type=int, default=5)
-    p.add_argument("--steady-s", type=float, default=8.0, help="load before the first switch (default 8)")
+    p.add_argument(
+        "--warmup-s", type=float, default=5.0, help="first load, left out of the latency figures (default 5)"
+    )
+    p.add_argument(
+        "--steady-s", type=float, default=8.0, help="load after the warm-up, before the first switch (default 8)"
+    )
     p.add_argument("--gap-s", type=float, default=4.0, help="load after each switch (default 4)")
     p.add_argument("--json", help="write the summary here too")
     return p
@@ -130,7 +140,7 @@ async def _run(args, address: str, model_dir: Path, manifest) -> tuple[list[Repl
     load = asyncio.ensure_future(_load(stubs, request, args.rate, start, replies, stop))
     switches: list[Switch] = []
     try:
-        await asyncio.sleep(args.steady_s)
+        await asyncio.sleep(args.warmup_s + args.steady_s)
         repository = oip_grpc.GRPCInferenceServiceStub(channels[0])
         for n in range(2, args.switches + 2):
             source = args.artifact_b if n % 2 == 0 else args.artifact
@@ -175,18 +185,20 @@ async def _one(stub, request, start: float, replies: list[Reply]) -> None:
     replies.append(Reply(sent - start, (time.perf_counter() - sent) * 1e3, status, version))
 
 
-def _summarise(replies: list[Reply], switches: list[Switch]) -> Summary:
+def _summarise(replies: list[Reply], switches: list[Switch], warmup_s: float = 0.0) -> Summary:
+    """Failures and version changes over the whole run; latencies of the requests sent after `warmup_s`."""
     failures: dict[str, int] = {}
     for r in replies:
         if r.status != "OK":
             failures[r.status] = failures.get(r.status, 0) + 1
     ok = sorted((r for r in replies if r.status == "OK"), key=lambda r: r.sent_s)
+    measured = [r for r in ok if r.sent_s >= warmup_s]
     first = switches[0].started_s if switches else float("inf")
     near = [(s.started_s, s.done_s + 1.0) for s in switches]  # the load, and a second of draining after
-    steady = [r.latency_ms for r in ok if r.sent_s < first]
-    switching = [r.latency_ms for r in ok if any(a <= r.sent_s <= b for a, b in near)]
-    loading = [r.latency_ms for r in ok if any(s.started_s <= r.sent_s <= s.done_s for s in switches)]
-    after = [r.latency_ms for r in ok if any(s.done_s < r.sent_s <= s.done_s + 1.0 for s in switches)]
+    steady = [r.latency_ms for r in measured if r.sent_s < first]
+    switching = [r.latency_ms for r in measured if any(a <= r.sent_s <= b for a, b in near)]
+    loading = [r.latency_ms for r in measured if any(s.started_s <= r.sent_s <= s.done_s for s in switches)]
+    after = [r.latency_ms for r in measured if any(s.done_s < r.sent_s <= s.done_s + 1.0 for s in switches)]
     versions = [r.version for r in ok]
     changes = sum(1 for a, b in zip(versions, versions[1:], strict=False) if a != b)
     return Summary(
@@ -198,11 +210,24 @@ def _summarise(replies: list[Reply], switches: list[Switch]) -> Summary:
         switching_p99_ms=_percentile(switching, 99),
         loading_p99_ms=_percentile(loading, 99),
         after_p99_ms=_percentile(after, 99),
-        all_p99_ms=_percentile([r.latency_ms for r in ok], 99),
+        all_p99_ms=_percentile([r.latency_ms for r in measured], 99),
         version_changes=changes,
         switches=len(switches),
         load_s=[round(s.done_s - s.started_s, 3) for s in switches],
     )
+
+
+def _cpu_ticks() -> list[int]:
+    """The machine's CPU time counters (/proc/stat's cpu line: user ... steal); [] off Linux."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return []
+
+
+def _steal_pct(before: list[int], after: list[int]) -> float | None:
+    deltas = [b - a for a, b in zip(before, after, strict=False)]
+    return round(100.0 * deltas[7] / sum(deltas), 1) if len(deltas) == 8 and sum(deltas) > 0 else None
 
 
 def _percentile(values: list[float], q: float) -> float:

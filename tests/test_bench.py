@@ -499,3 +499,6 @@ def test_the_switch_summary_counts_version_changes_in_send_order_and_failures():
     back_and_forth = replies[:3] + [Reply(0.35, 5.0, "OK", 2)]  # a version 2 reply between version 1 replies
     assert _summarise(back_and_forth, [Switch(2, 0.3, 0.31)]).version_changes == 1
     assert _summarise(back_and_forth + [Reply(0.4, 5.0, "OK", 1)], [Switch(2, 0.3, 0.31)]).version_changes == 2
+    warm = _summarise([Reply(0.0, 900.0, "OK", 1)] + replies, [Switch(2, 1.1, 1.4)], warmup_s=0.05)
+    assert warm.steady_p99_ms == 5.0 and warm.all_p99_ms < 100  # the warm-up's 900 ms left out
+    assert warm.requests == summary.requests + 1  # ... but counted, with the failures and version changes
