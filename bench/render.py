@@ -66,6 +66,10 @@ def _measured_lines(measured: Measured, pairs_per_request: int) -> list[str]:
             f"  server RSS        {_mib(memory.before_bytes)} MiB at the window's start, {_mib(memory.after_bytes)} MiB after the last reply"
             f" ({(memory.after_bytes - memory.before_bytes) / 2**20:+.1f} MiB; {memory.source})"
         )
+    if measured.steal_pct is not None:
+        lines.append(
+            f"  CPU steal         {measured.steal_pct:.1f}% of this machine's CPU time in the window (the hypervisor's)"
+        )
     return lines
 
 

@@ -120,6 +120,22 @@ def metrics_cpu(before: dict[str, float], after: dict[str, float], requests: int
     return ServerCpu(after[PROCESS_CPU] - before[PROCESS_CPU] + children, requests, source)
 
 
+def cpu_ticks() -> list[int]:
+    """This machine's CPU time counters (/proc/stat's cpu line: user ... steal); [] off Linux."""
+    try:
+        with open("/proc/stat") as stat:
+            return [int(v) for v in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return []
+
+
+def steal_pct(before: list[int], after: list[int]) -> float | None:
+    """Of the machine's CPU time between two cpu_ticks(), the percentage a hypervisor took (steal): on a
+    shared VM a latency spike may be the host's, not the server's."""
+    deltas = [b - a for a, b in zip(before, after, strict=False)]
+    return round(100.0 * deltas[7] / sum(deltas), 1) if len(deltas) == 8 and sum(deltas) > 0 else None
+
+
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a local process so far (psutil)."""
     import psutil
@@ -167,6 +183,7 @@ class Measured:
     batches: BatchStats | None  # from --metrics-url
     cpu: ServerCpu | None
     memory: ServerMemory | None = None  # from --metrics-url, or psutil for a server bench started
+    steal_pct: float | None = None  # the machine's CPU time the hypervisor took over the window (None: unknown)
 
     def section(self, pairs_per_request: int) -> dict:
         """This run as a report section: result, server_batches, server_cpu, server_memory."""
@@ -177,6 +194,7 @@ class Measured:
             "server_batches": self.batches.to_dict() if self.batches else None,
             "server_cpu": self.cpu.to_dict() if self.cpu else None,
             "server_memory": self.memory.to_dict() if self.memory else None,
+            "cpu_steal_pct": self.steal_pct,
         }
 
 

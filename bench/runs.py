@@ -156,8 +156,10 @@ class _ServerProbe:
         self.before: dict[str, float] = {}  # the metrics page at the start
         self.cpu_start_s = 0.0  # the process's, at the start (with a pid)
         self.rss_start = 0.0
+        self.ticks: list[int] = []  # the machine's CPU counters at the start
 
     def start(self) -> None:
+        self.ticks = report.cpu_ticks()
         if self.server.metrics_url:
             self.before.update(report.scrape_metrics(self.server.metrics_url))
         if self.server.pid:
@@ -177,4 +179,4 @@ class _ServerProbe:
             source = f"psutil, pid {pid}"
             cpu = report.ServerCpu(report.process_cpu_seconds(pid) - self.cpu_start_s, result.sent, source)
             memory = report.ServerMemory(self.rss_start, report.process_rss_bytes(pid), source)
-        return report.Measured(result, stats, cpu, memory)
+        return report.Measured(result, stats, cpu, memory, report.steal_pct(self.ticks, report.cpu_ticks()))

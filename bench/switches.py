@@ -35,6 +35,7 @@ import grpc
 import numpy as np
 
 from neuronserve.artifact import load_manifest
+from neuronserve.bench.report import cpu_ticks, steal_pct
 from neuronserve.bench.serve_process import start_serve
 from neuronserve.protos import open_inference_pb2 as oip
 from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = Path(tmp) / manifest.model_name
         shutil.copytree(args.artifact, model_dir / "1")
         proc, address = _start_server(Path(tmp))
-        cpu_before = _cpu_ticks()
+        cpu_before = cpu_ticks()
         try:
             replies, switches = asyncio.run(_run(args, address, model_dir, manifest))
         finally:
@@ -94,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait(30)
     summary = _summarise(replies, switches, args.warmup_s)
     # the hypervisor's share of this VM's CPU time during the run: a tail spike may be the host's, not ours
-    steal_pct = _steal_pct(cpu_before, _cpu_ticks())
-    report = {**asdict(summary), "ok": summary.ok, "cpu_steal_pct": steal_pct}
+    steal = steal_pct(cpu_before, cpu_ticks())
+    report = {**asdict(summary), "ok": summary.ok, "cpu_steal_pct": steal}
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps({**report, "args": vars(args)}, indent=2))
@@ -215,19 +216,6 @@ def _summarise(replies: list[Reply], switches: list[Switch], warmup_s: float = 0
         switches=len(switches),
         load_s=[round(s.done_s - s.started_s, 3) for s in switches],
     )
-
-
-def _cpu_ticks() -> list[int]:
-    """The machine's CPU time counters (/proc/stat's cpu line: user ... steal); [] off Linux."""
-    try:
-        return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
-        return []
-
-
-def _steal_pct(before: list[int], after: list[int]) -> float | None:
-    deltas = [b - a for a, b in zip(before, after, strict=False)]
-    return round(100.0 * deltas[7] / sum(deltas), 1) if len(deltas) == 8 and sum(deltas) > 0 else None
 
 
 def _percentile(values: list[float], q: float) -> float:
