@@ -5,12 +5,14 @@ repository from two artifacts of one model (A as version 1), starts `neuronserve
 --model-repository DIR --model-control explicit` on a free loopback port, and sends Score requests
 (1 user x `--peers` peers, seeded) at `--rate` per second, Poisson arrivals, from an asyncio client on
 `--channels` connections, for the whole run. The first `--warmup-s` of load (a freshly started server
-and client settle: P99 2-5x the rest here) are left out of every latency figure; after `--steady-s` more
-of steady load it switches `--switches` times: version n+1 (B, A, B, ... alternately) is copied into the repository and RepositoryModelLoad
-makes it current while the load goes on (the old version drains), then `--gap-s` more of load. It
-prints the failures by status, P50/P99 of the steady window against the windows around the switches,
-and the number of times the version changes in send order (exactly one per switch when every request
-sent after a switch gets the new version and none before it does). Run:
+and client settle: P99 2-5x the rest here) are left out of every latency figure. After `--steady-s`
+more of steady load it switches `--switches` times: version n+1 (B, A, B, ... alternately) is copied
+into the repository and RepositoryModelLoad makes it current while the load goes on (the old version
+drains), then `--gap-s` more of load. It prints the failures by status; P50/P99 of the steady window
+against the windows around the switches; the whole run's P99 against the P99 outside the switch
+windows (steady state over the same span, so the host's drift over the run cancels); and the number
+of times the version changes in send order (exactly one per switch when every request sent after a
+switch gets the new version and none before it does). Run:
 
     python -m neuronserve.bench.switches --artifact A --artifact-b B [--rate 500] [--switches 5]
 
@@ -71,6 +73,7 @@ class Summary:
     loading_p99_ms: float  # sent while a version loaded and warmed up
     after_p99_ms: float  # sent in the second after the switch (the old version draining, the new one's first batches)
     all_p99_ms: float  # the whole run
+    outside_p99_ms: float  # steady state over the same span: sent outside every switch's load and the second after
     version_changes: int
     switches: int
     load_s: list[float]  # each RepositoryModelLoad's duration
@@ -198,6 +201,7 @@ def _summarise(replies: list[Reply], switches: list[Switch], warmup_s: float = 0
     near = [(s.started_s, s.done_s + 1.0) for s in switches]  # the load, and a second of draining after
     steady = [r.latency_ms for r in measured if r.sent_s < first]
     switching = [r.latency_ms for r in measured if any(a <= r.sent_s <= b for a, b in near)]
+    outside = [r.latency_ms for r in measured if not any(a <= r.sent_s <= b for a, b in near)]
     loading = [r.latency_ms for r in measured if any(s.started_s <= r.sent_s <= s.done_s for s in switches)]
     after = [r.latency_ms for r in measured if any(s.done_s < r.sent_s <= s.done_s + 1.0 for s in switches)]
     versions = [r.version for r in ok]
@@ -212,6 +216,7 @@ def _summarise(replies: list[Reply], switches: list[Switch], warmup_s: float = 0
         loading_p99_ms=_percentile(loading, 99),
         after_p99_ms=_percentile(after, 99),
         all_p99_ms=_percentile([r.latency_ms for r in measured], 99),
+        outside_p99_ms=_percentile(outside, 99),
         version_changes=changes,
         switches=len(switches),
         load_s=[round(s.done_s - s.started_s, 3) for s in switches],
