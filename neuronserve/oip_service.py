@@ -187,6 +187,7 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
     control = None
     admin = None  # admin_auth.AdminGuard when --admin-token-file is set: the repository RPCs need the token
     pool_loads = None  # pool_loads.PoolLoads of a pool's worker: loads and unloads reach the other workers
+    carry = None  # pool_carry.CarriedStatistics of a pool's worker: its predecessor's counts
 
     async def RepositoryIndex(self, request: oip.RepositoryIndexRequest, context) -> oip.RepositoryIndexResponse:
         return await self._answer(context, UNKNOWN_MODEL, self._repository_index, request, inference=False)
@@ -286,12 +287,20 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
         """Cumulative counters of one model, or of every OIP model when no name is given. `twotower`
         counts the scorer API's Score too: it is the same model."""
         names = [self._model(request.name, request.version).name] if request.name else list(self.models)
-        version = self.versions.resolve(request.version).info.oip_version
-        reply = oip.ModelStatisticsResponse(
-            model_stats=[model_statistics(self.metrics.statistics(n), version) for n in names]
-        )
+        reply = self.own_statistics(names, request.version)
         if self.pool is not None and not worker_scope(context):
             await self.pool.add_peers(reply, request)
+        return reply
+
+    def own_statistics(self, names: list[str] | None = None, version: str = "") -> oip.ModelStatisticsResponse:
+        """This process's counters of `names` (default: every model) for `version` (default: the current
+        one), with what a pool worker carried over its predecessor's exit (pool_carry.py)."""
+        number = self.versions.resolve(version).info.oip_version
+        reply = oip.ModelStatisticsResponse(
+            model_stats=[model_statistics(self.metrics.statistics(n), number) for n in names or self.models]
+        )
+        if self.carry is not None:
+            self.carry.add_to(reply)
         return reply
 
     async def _infer(self, request: oip.ModelInferRequest, context) -> oip.ModelInferResponse:

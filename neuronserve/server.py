@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # types only: grpc and the serving stack load in start(), not
     from neuronserve.metrics import Metrics
     from neuronserve.metrics_http import MetricsServer
     from neuronserve.pipeline import Pipeline
+    from neuronserve.pool_carry import CarriedStatistics
     from neuronserve.pool_versions import WorkerVersions
     from neuronserve.runtime import Runtime
     from neuronserve.service import ServingState
@@ -59,6 +60,7 @@ class PoolMember:
     peer_addresses: Callable[[], list[str]]  # the other live workers' local gRPC addresses (Unix sockets)
     local_address: str | None = None  # this worker's Unix socket, plaintext: the pool's own calls
     versions: WorkerVersions | None = None  # a pool serving a model repository: the caches per version
+    statistics: CarriedStatistics | None = None  # OIP ModelStatistics carried over a restart in this place
 
 
 def grpc_address(host: str, port: int) -> str:
@@ -66,12 +68,14 @@ def grpc_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 literal in brackets
 
 
-async def _close_pool_channels(servicers) -> None:
-    """The channels a pool's worker holds to its peers (statistics, repository loads)."""
+async def _close_pool_parts(servicers) -> None:
+    """What a pool's worker holds for the pool: channels to its peers (statistics, repository loads) and
+    the publishing of its statistics."""
     for servicer in servicers:
-        for pool in (getattr(servicer, "pool", None), getattr(servicer, "pool_loads", None)):
-            if pool is not None:
-                await pool.close()
+        for name in ("pool", "pool_loads", "carry"):
+            part = getattr(servicer, name, None)
+            if part is not None:
+                await part.close()
 
 
 def _started(value: T | None) -> T:
@@ -206,6 +210,9 @@ class Server:
                 info, None, self.cache, self.metrics, self.state, peer_addresses=peers, versions=self.versions
             ),
         ]
+        if self.member is not None and self.member.statistics is not None:  # counts carried over restarts
+            self._servicers[1].carry = self.member.statistics
+            self.member.statistics.start(self._servicers[1].own_statistics)
         self._grpc = server = grpc.aio.server(
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             options=[
@@ -414,7 +421,7 @@ class Server:
 
     async def _release(self) -> None:
         """Everything else the server holds, in dependency order."""
-        await _close_pool_channels(self._servicers)
+        await _close_pool_parts(self._servicers)
         if self._metrics_server is not None:
             await self._metrics_server.close()
             self._metrics_server = None

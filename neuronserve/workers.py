@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 from neuronserve.config import VISIBLE_CORES_ENV, ServerConfig
 from neuronserve.errors import ConfigError, NeuronServeError
+from neuronserve.pool_carry import CarriedStatistics, StatisticsSlots
 from neuronserve.pool_versions import PoolVersions, WorkerVersions, repository_slots
 from neuronserve.worker_plan import WorkerPlan, plan_workers
 from neuronserve.contract import USER_TOWER
@@ -73,6 +74,7 @@ class PoolShared:
     def __init__(self, workers: int, cache, host: str, versions: PoolVersions | None = None) -> None:
         self.cache = cache  # None when serving a model repository: `versions` holds a cache per version
         self.versions = versions
+        self.statistics = StatisticsSlots(workers)  # each place's OIP statistics, carried over restarts
         self.host = host
         self.heartbeats = multiprocessing.RawArray(ctypes.c_double, workers)
         self.ports = multiprocessing.RawArray(ctypes.c_int, workers)
@@ -115,6 +117,7 @@ def _worker_main(config: ServerConfig, plan: WorkerPlan, shared: PoolShared, con
             lambda: shared.peer_addresses(plan.index),
             shared.local_address(plan.index),
             versions,
+            CarriedStatistics(shared.statistics, plan.index),
         )
         worker_config = dataclasses.replace(config, cores=plan.cores.count, workers=1, cpu_affinity="none")
 
