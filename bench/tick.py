@@ -9,6 +9,11 @@ combination's ratio to the bare matmuls of the same repeats, and the ratio of th
 default-combination time to the first pool's. Run:
 
     python -m neuronserve.bench.tick [--artifact DIR] [--pool 5000 --pool 10000] [--k 50] [--repeat 5]
+        [--backend sim]
+
+With `--backend sim` the tick's direction runs on the simulated NeuronCores (the host computes each block,
+then the latency model's device time passes); it also prints the device time the latency model gives a
+pool's one direction on the default 4 cores, the floor of a tick there.
 
 The ratio is what issue 11 asks about; docs/tick.md has the results.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -26,7 +32,11 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from neuronserve.artifact import ModelConfig
+from neuronserve.backends.tick_runners import tick_latency_s
 from neuronserve.bench.serve_process import start_serve
+from neuronserve.config import SimConfig
+from neuronserve.contract import TICK_BLOCK
 from neuronserve.protos import scorer_pb2 as pb
 from neuronserve.protos import scorer_pb2_grpc as pb_grpc
 
@@ -52,9 +62,17 @@ class PoolResult:
         return self.tick_ms[name] / self.bare_ms
 
 
-def _start_server(artifact: str | None, max_ids: int) -> tuple[subprocess.Popen, str]:
-    flags = ["--port", "0", "--metrics-port", "off", "--max-tick-ids", str(max_ids)]
+def _start_server(artifact: str | None, max_ids: int, backend: str) -> tuple[subprocess.Popen, str]:
+    flags = ["--port", "0", "--metrics-port", "off", "--max-tick-ids", str(max_ids), "--backend", backend]
     return start_serve(flags + (["--artifact", artifact] if artifact else []))
+
+
+def modelled_device_ms(pool: int, labels: int, dim: int, cores: int = SimConfig.num_cores) -> float:
+    """The sim's device time of a pool's one direction: its blocks at tick_latency_s, spread over `cores`."""
+    rows, columns = TICK_BLOCK
+    blocks = math.ceil(pool / rows) * math.ceil(pool / columns)
+    config = ModelConfig(num_labels=labels, label_dim=dim, label_names=tuple(f"l{i}" for i in range(labels)))
+    return 1e3 * blocks * tick_latency_s(config, rows, columns) / cores
 
 
 def _num_labels(stub: pb_grpc.ScorerStub, pool_ids: np.ndarray) -> int:
@@ -84,7 +102,15 @@ def _bare(users: list[np.ndarray], peers: list[np.ndarray]) -> float:
 
 
 def measure_pool(
-    stub: pb_grpc.ScorerStub, pool: int, k: int, repeat: int, features: int, dim: int, first_id: int, say
+    stub: pb_grpc.ScorerStub,
+    pool: int,
+    k: int,
+    repeat: int,
+    features: int,
+    dim: int,
+    first_id: int,
+    say,
+    device_time: bool = False,
 ) -> PoolResult:
     ids = np.arange(first_id, first_id + pool, dtype=np.int64)
     _upsert(stub, ids, features, seed=pool)
@@ -107,6 +133,10 @@ def measure_pool(
         pool, statistics.median(bare[1:]) * 1e3, {n: statistics.median(t[1:]) * 1e3 for n, t in ticks.items()}
     )
     say(f"pool {pool:,} (K={labels}, D={dim}, top-{k}): bare matmuls {result.bare_ms:.0f} ms")
+    if device_time:
+        say(
+            f"  sim device time of one direction (latency model, 4 cores): {modelled_device_ms(pool, labels, dim):.0f} ms"
+        )
     for name in ticks:
         say(f"  {name:26s} {result.tick_ms[name]:7.0f} ms  {result.ratio(name):5.2f}x bare")
     return result
@@ -123,10 +153,11 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--features", type=int, default=64, help="user and peer feature width of the model (demo: 64)")
     parser.add_argument("--label-dim", type=int, default=64, help="D of the model's label vectors (demo: 64)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "cpu", "sim"), help="of the server this starts")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     pools = args.pool or [5000, 10000]
-    proc, target = (None, args.target) if args.target else _start_server(args.artifact, max(pools))
+    proc, target = (None, args.target) if args.target else _start_server(args.artifact, max(pools), args.backend)
     results: list[PoolResult] = []
     try:
         with grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 1 << 30)]) as channel:
@@ -134,7 +165,17 @@ def main(argv=None) -> int:
             first_id = 1
             for pool in pools:
                 results.append(
-                    measure_pool(stub, pool, args.k, args.repeat, args.features, args.label_dim, first_id, print)
+                    measure_pool(
+                        stub,
+                        pool,
+                        args.k,
+                        args.repeat,
+                        args.features,
+                        args.label_dim,
+                        first_id,
+                        print,
+                        device_time=args.backend == "sim",
+                    )
                 )
                 first_id += pool
     finally:

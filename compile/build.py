@@ -33,9 +33,10 @@ from neuronserve.artifact import (
 )
 from neuronserve.compile.graphs import PARITY_TOLERANCE, compile_fused, compile_stage
 from neuronserve.compile.model import TwoTowerScorer, random_model
+from neuronserve.compile.tick_graph import compile_tick
 from neuronserve.errors import ConfigError
 from neuronserve.signing import load_signing_key, write_signature
-from neuronserve.contract import FUSED_STAGE, PAIR_SCORER, PEER_TOWER, STAGES, USER_TOWER
+from neuronserve.contract import FUSED_STAGE, PAIR_SCORER, PEER_TOWER, STAGES, TICK_BLOCK, TICK_GRAPH_FILES, USER_TOWER
 
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 8, 32, 128, 512, 1024)
 REFERENCE_ROWS = 5
@@ -245,7 +246,9 @@ def _compile_into(
     per_bucket = target == "neuron"  # fixed shapes; cpu: one shape-generic graph per stage
     fused_graphs = len(pairs) if per_bucket else 1
     bar = tqdm(
-        total=len(STAGES) * (len(sizes) if per_bucket else 1) + fused_graphs,
+        total=len(STAGES) * (len(sizes) if per_bucket else 1)
+        + fused_graphs
+        + (len(TICK_GRAPH_FILES) if per_bucket else 0),
         desc=f"compile {target}",
         unit="graph",
         disable=not progress,
@@ -272,6 +275,8 @@ def _compile_into(
         inputs_spec, outputs_spec = specs[FUSED_STAGE]
         entries = compile_fused(work, model, pairs, target, pipeline_cores, fast_math, files, bar)
         stages[FUSED_STAGE] = StageSpec(FUSED_STAGE, inputs_spec, outputs_spec, tuple(entries))
+        # neuron only: on the cpu backend the tick runs on the host (docs/tick.md)
+        tick_graphs = compile_tick(work, model.config, target, fast_math, files, bar) if per_bucket else {}
     if target == "neuron":
         from neuronserve.compile.neuron import torch_neuron_version
 
@@ -299,6 +304,8 @@ def _compile_into(
         torch_version=torch.__version__,
         torch_neuron_version=neuron_version,
         parity_tolerance=PARITY_TOLERANCE[target],
+        tick_graphs=tick_graphs,
+        tick_block=TICK_BLOCK if tick_graphs else (),
         directory=work,
     )
     write_manifest(manifest)

@@ -208,6 +208,8 @@ class Manifest:
     torch_neuron_version: str | None = None
     reference_file: str = REFERENCE_NAME  # fixed inputs and the eager model's outputs (npz)
     parity_tolerance: float = 1e-5
+    tick_graphs: dict[str, str] = field(default_factory=dict)  # label space -> tick graph file (neuron only)
+    tick_block: tuple[int, ...] = ()  # (rows, columns) the tick graphs were compiled at
     schema_version: int = SCHEMA_VERSION
     directory: Path = field(default=Path("."), compare=False)
     signature: SignatureCheck | None = field(default=None, compare=False)  # what load_manifest found in manifest.sig
@@ -272,6 +274,8 @@ class Manifest:
             "torch_neuron_version": self.torch_neuron_version,
             "reference_file": self.reference_file,
             "parity_tolerance": self.parity_tolerance,
+            "tick_graphs": dict(sorted(self.tick_graphs.items())),
+            "tick_block": list(self.tick_block),
         }
 
     @classmethod
@@ -297,6 +301,8 @@ class Manifest:
                 torch_neuron_version=data.get("torch_neuron_version"),
                 reference_file=str(data.get("reference_file", REFERENCE_NAME)),
                 parity_tolerance=float(data.get("parity_tolerance", 1e-5)),
+                tick_graphs={str(k): str(v) for k, v in data.get("tick_graphs", {}).items()},
+                tick_block=tuple(int(n) for n in data.get("tick_block", ())),
                 schema_version=int(version),
                 directory=directory,
             )

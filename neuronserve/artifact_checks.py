@@ -1,5 +1,6 @@
 """The manifest's consistency rules, checked on every load: plain file names, a known target, one bias
-per label, every stage present with buckets whose files are hashed, the fused stage's (B, U) pairs."""
+per label, every stage present with buckets whose files are hashed, the fused stage's (B, U) pairs,
+hashed tick graphs at a (rows, columns) block."""
 
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ def check_manifest(manifest: Manifest, where: Path) -> None:
         )
     if manifest.reference_file not in manifest.files:
         raise ArtifactError(f"{where}: reference file {manifest.reference_file} has no sha256 entry")
+    unhashed = [f for f in manifest.tick_graphs.values() if f not in manifest.files]
+    if unhashed:
+        raise ArtifactError(f"{where}: tick graph file {unhashed[0]} has no sha256 entry")
+    if manifest.tick_graphs and (len(manifest.tick_block) != 2 or min(manifest.tick_block) < 1):
+        raise ArtifactError(f"{where}: tick_block {list(manifest.tick_block)} is not (rows, columns) >= 1")
     _check_stages(manifest, where)
 
 

@@ -18,9 +18,13 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from neuronserve.errors import InvalidInput, Overloaded
 from neuronserve.memory_release import MIB, MemoryTrimmer
+
+if TYPE_CHECKING:
+    from neuronserve.tick_device import TickDevice
 
 log = logging.getLogger(__name__)
 
@@ -110,30 +114,47 @@ def stream_working_bytes(shape: ModelShape, block_users: int, peers: int) -> int
 
 
 def tick_working_bytes(
-    shape: ModelShape, rows: int, cols: int, k: int, *, mutual: bool, pool: bool, labels: bool, blocked: int
+    shape: ModelShape,
+    rows: int,
+    cols: int,
+    k: int,
+    *,
+    mutual: bool,
+    pool: bool,
+    labels: bool,
+    blocked: int,
+    device: TickDevice | None = None,
 ) -> int:
     """ScoreTick of `rows` x `cols` people (a pool: rows == cols), top `k`, `blocked` blocked pairs. Held
     throughout: the gathered vectors, the directions' arrangements, a mutual pool's whole matrix, the
     exclusion list and the result arrays; plus the largest of three phases that follow one another: finding
     the exclusions, the row blocks in flight (one per tick thread), the reply's bytes and proto copy.
-    tests/test_memory_budget.py checks it against tracemalloc's peak of the tick."""
+    On a `device`, its block rows and executions set the blocks in flight, and each direction's vectors
+    are padded to whole blocks. tests/test_memory_budget.py checks it against tracemalloc's peak."""
     from neuronserve import tick
 
     big_k, dim, sides = shape.num_labels, shape.label_dim, 2 if mutual else 1
     pairs = blocked * (2 if pool else 1) + (rows if pool else 0)  # exclusion candidates (both ways, self-pairs)
     result = rows * k * (ID_BYTES + 4 + (4 * big_k * sides if labels else 0))
+    whole = pool and mutual and 4 * cols * cols <= tick.POOL_MATRIX_BYTES  # one [M, M] matrix; top-k on host threads
     held = (
         2 * sides * shape.vectors(rows + cols)  # gathered (and a pool's reordered copies)
         + sides * 4 * big_k * (dim + 1) * (rows + cols)  # each direction's arrangement for the matmuls
-        + (4 * cols * cols if pool and mutual and 4 * cols * cols <= tick.POOL_MATRIX_BYTES else 0)
+        + (4 * cols * cols if whole else 0)
         + 4 * ID_BYTES * pairs
         + result
     )
-    block = tick.block_rows_for(cols)
-    per_block = 4 * 4 * block * (cols + 64) + 24 * block * min(32 * k, cols + 64)  # working matrices; top-k
+    block = device.rows if device else tick.block_rows_for(cols)
+    matrices = 2 if device else 4  # a block's [B, M] working matrices (on a device: no host fill scratch)
+    per_block = 4 * matrices * block * (cols + 64) + 24 * block * min(32 * k, cols + 64)  # and the top-k
     if labels:
         per_block += sides * 4 * block * k * big_k * dim  # the winners' gathered vectors
-    threads = min(tick.default_threads(), max(1, -(-rows // block)))
+    feed = device.executions if device and not whole else tick.default_threads()
+    threads = min(feed, max(1, -(-rows // block)))
+    if device:  # the padded copies of each side (tick_device._padded), and one block's result per thread
+        held += sides * shape.vectors(rows + cols + 2 * math.lcm(device.rows, device.columns))
+        r, c = device.rows, device.columns  # an execution's result, and the sim's host arrangement and scratch
+        per_block += 4 * r * c + 4 * big_k * ((dim + 1) * (r + c) + r * tick.FILL_COLUMNS)
     return held + max(16 * ID_BYTES * pairs, threads * per_block, 2 * result)
 
 

@@ -227,6 +227,7 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         pool, rows, cols = self._tick_people(request)
         blocked_a, blocked_b = _blocked_pairs(request)
         spec = self._tick_spec(request, rows, cols, pool is not None)
+        device = served.backend.tick_device() if served.backend is not None else None
         need = tick_working_bytes(
             self.shape,
             rows.size,
@@ -236,10 +237,13 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
             pool=pool is not None,
             labels=spec.include_label_scores,
             blocked=0 if blocked_a is None else blocked_a.size,
+            device=device,
         )
         with self.state.scoring.reserve(need, f"ScoreTick of {rows.size} x {cols.size} people, k={spec.k}"):
             start = time.perf_counter()
-            result = await asyncio.to_thread(self._tick, served.cache, pool, rows, cols, blocked_a, blocked_b, spec)
+            result = await asyncio.to_thread(
+                self._tick, served.cache, pool, rows, cols, blocked_a, blocked_b, spec, device
+            )
             self.metrics.execution(
                 CACHED, rows=rows.size * cols.size, requests=1, compute_s=time.perf_counter() - start
             )
@@ -314,9 +318,10 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
             reply.reverse_label_scores.CopyFrom(tensor_proto(result.reverse_label_scores))
         return reply
 
-    def _tick(self, cache, pool, rows, cols, blocked_a, blocked_b, spec) -> tick.TickResult:
+    def _tick(self, cache, pool, rows, cols, blocked_a, blocked_b, spec, device) -> tick.TickResult:
         """The tick's work, off the event loop: one snapshot of `cache`'s vectors (the cache of the version
-        the request resolved: never two versions' vectors in one tick), exclusions, score_tick."""
+        the request resolved: never two versions' vectors in one tick), exclusions, score_tick (its
+        matmuls on the backend's `device` when it has one)."""
         mutual = spec.mutual != tick.ONE_WAY
         order = np.argsort(cols, kind="stable")
         col_ids = cols[order]
@@ -357,6 +362,7 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
             cols_user=cols_user,
             excluded=excluded,
             pool=pool is not None,
+            device=device,
         )
 
 

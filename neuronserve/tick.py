@@ -29,6 +29,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from neuronserve.errors import InvalidInput
+from neuronserve.tick_device import DeviceDirection, TickDevice
 from neuronserve.tick_sigmoid import sigmoid_
 from neuronserve.topk import padded_width, top_k
 
@@ -114,7 +115,7 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-class _Direction:
+class HostDirection:
     """One direction's combined values c(row -> column) for blocks of rows: the row side's vectors and
     the column side's, pre-arranged for one matmul (LOGIT) or one batched matmul of the K labels in
     column tiles (PROBABILITY)."""
@@ -257,6 +258,7 @@ def score_tick(
     block_rows: int | None = None,
     threads: int | None = None,
     pool: bool = False,
+    device: TickDevice | None = None,
 ) -> TickResult:
     """Top-k per row. row_ids [N] distinct (any order: rows come back in it); col_ids [M] distinct and
     sorted ascending. rows_user [N, K, D] / cols_peer [M, K, D]: the user vectors of the rows and the
@@ -264,7 +266,8 @@ def score_tick(
     [M, K, D] (c(v->u)). excluded: (row index, column index) pairs from `exclusions`, sorted by row.
     pool: the rows are the columns' people (row_ids the col_ids in any order, with the same vectors);
     a mutual pool whose [M, M] float32 matrix fits POOL_MATRIX_BYTES then computes c(u->v) once and
-    reads c(v->u) from its transpose."""
+    reads c(v->u) from its transpose. device: run the directions' blocks on it (tick_device), with its
+    rows as the block and its executions as the threads; the host does the rest."""
     n, m = len(row_ids), len(col_ids)
     if len(col_ids) > 1 and not (np.diff(col_ids) > 0).all():
         raise ValueError("col_ids must be distinct and sorted ascending")
@@ -276,12 +279,25 @@ def score_tick(
     if whole:  # work with the rows in column order (row a is column a); they go back to row_ids' order at the end
         pos, excluded = _pool_order(row_ids, col_ids, excluded)
         rows_user, rows_peer = cols_user, cols_peer  # type: ignore[assignment]  # mutual: cols_user is set
+    direction = HostDirection if device is None else functools.partial(DeviceDirection, device)
     blocks = _Blocks(
-        col_ids, rows_user, cols_peer, rows_peer, cols_user, np.asarray(bias, np.float32), spec, excluded, whole
+        col_ids,
+        rows_user,
+        cols_peer,
+        rows_peer,
+        cols_user,
+        np.asarray(bias, np.float32),
+        spec,
+        excluded,
+        whole,
+        direction,
     )
-    block = block_rows or block_rows_for(m)
-    steps = ([blocks.fill] if whole else []) + [blocks.run]  # whole: all of F before any block reads its columns
-    _in_blocks([functools.partial(step, size=block) for step in steps], list(range(0, n, block)), threads)
+    block = block_rows or (device.rows if device else block_rows_for(m))
+    host = threads or default_threads()
+    feed = threads or (device.executions if device else host)  # the steps that run a direction's blocks
+    steps = [(blocks.fill, feed), (blocks.run, host)] if whole else [(blocks.run, feed)]  # whole: F before any read
+    for step, workers in steps:
+        _in_blocks(functools.partial(step, size=block), list(range(0, n, block)), workers)
     return blocks.result(pos)
 
 
@@ -290,7 +306,17 @@ class _Blocks:
     (values, exclusions, top-k and label scores of a block of rows into the result arrays)."""
 
     def __init__(
-        self, col_ids, rows_user, cols_peer, rows_peer, cols_user, bias, spec: TickSpec, excluded, whole: bool
+        self,
+        col_ids,
+        rows_user,
+        cols_peer,
+        rows_peer,
+        cols_user,
+        bias,
+        spec: TickSpec,
+        excluded,
+        whole: bool,
+        direction,
     ) -> None:
         n, m, k = len(rows_user), len(col_ids), spec.k
         self.col_ids, self.rows_user, self.cols_peer, self.rows_peer, self.cols_user = (
@@ -302,9 +328,9 @@ class _Blocks:
         )
         self.bias, self.spec, self.m = bias, spec, m
         mutual = spec.mutual != ONE_WAY
-        self.forward = _Direction(rows_user, cols_peer, bias, spec)
+        self.forward = direction(rows_user, cols_peer, bias, spec)
         # c(v->u) per row block: its "rows" are the columns' user vectors, its "cols" the rows' peer vectors
-        self.reverse = _Direction(cols_user, rows_peer, bias, spec) if mutual and not whole else None
+        self.reverse = direction(cols_user, rows_peer, bias, spec) if mutual and not whole else None
         self.matrix = np.empty((n, m), np.float32) if whole else None  # c(u->v) for every pair of the pool
         self.ex_rows, self.ex_cols = excluded
         per_row = np.bincount(self.ex_rows, minlength=n) if len(self.ex_rows) else np.zeros(n, np.int64)
@@ -368,24 +394,22 @@ def _pool_order(row_ids: np.ndarray, col_ids: np.ndarray, excluded: tuple[np.nda
     return pos, (ex_rows[by_row], excluded[1][by_row])
 
 
-def _in_blocks(steps, starts: list[int], threads: int | None) -> None:
-    """Each step over every block start, one step after the other; the blocks of a step on a thread
-    pool with one BLAS thread per block (two callers of a 2-thread BLAS ran slower than one)."""
-    workers = min(threads or default_threads(), len(starts))
+def _in_blocks(step, starts: list[int], threads: int) -> None:
+    """step over every block start on a pool of `threads` threads with one BLAS thread per block (two
+    callers of a 2-thread BLAS ran slower than one)."""
+    workers = min(threads, len(starts))
     if workers <= 1:
-        for step in steps:
-            for start in starts:
-                step(start)
+        for start in starts:
+            step(start)
         return
     with (
         threadpool_limits(limits=1, user_api="blas"),
         ThreadPoolExecutor(workers, thread_name_prefix="tick") as executor,
     ):
-        for step in steps:
-            list(executor.map(step, starts))  # numpy's matmul and ufuncs, and torch's ops, release the GIL
+        list(executor.map(step, starts))  # numpy's matmul and ufuncs, and torch's ops, release the GIL
 
 
-def _reverse_block(reverse: _Direction, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+def _reverse_block(reverse: HostDirection | DeviceDirection, start: int, stop: int, out: np.ndarray) -> np.ndarray:
     """c(v->u) for the rows u in start:stop and every column v: [stop - start, M]. `reverse`'s rows are
     the columns' user vectors and its cols the rows' peer vectors, so this is its transposed block."""
     return reverse.block(start, stop, out, transposed=True)

@@ -83,7 +83,12 @@ def traced_peak(work) -> int:
         (2048, 2048, 1500, False, True, False, 0),  # a large k: the result dominates
     ],
 )
-def test_the_tick_estimate_covers_its_measured_peak(cache, rows, cols, k, mutual, pool, labels, blocked):
+@pytest.mark.parametrize("on", ["host", "sim"])
+def test_the_tick_estimate_covers_its_measured_peak(cache, rows, cols, k, mutual, pool, labels, blocked, on, small_artifact):
+    from neuronserve.backends.sim import SimBackend
+    from neuronserve.config import SimConfig
+
+    device = SimBackend(small_artifact, SimConfig(num_cores=2, latency_scale=0.0)).tick_device() if on == "sim" else None
     rng = np.random.default_rng(1)
     row_ids, col_ids = np.arange(rows), np.arange(cols)
     pairs = (rng.integers(0, rows, blocked), rng.integers(0, cols, blocked)) if blocked else (None, None)
@@ -97,12 +102,12 @@ def test_the_tick_estimate_covers_its_measured_peak(cache, rows, cols, k, mutual
     )
 
     def work():
-        result = ScorerService._tick(None, cache, row_ids if pool else None, row_ids, col_ids, *pairs, spec)
+        result = ScorerService._tick(None, cache, row_ids if pool else None, row_ids, col_ids, *pairs, spec, device)
         reply = [result.ids.astype("<i8").tobytes(), tensor_proto(result.values)]
         if result.label_scores is not None:
             reply.append(tensor_proto(result.label_scores))
 
-    estimate = tick_working_bytes(SMALL, rows, cols, k, mutual=mutual, pool=pool, labels=labels, blocked=blocked)
+    estimate = tick_working_bytes(SMALL, rows, cols, k, mutual=mutual, pool=pool, labels=labels, blocked=blocked, device=device)
     assert traced_peak(work) <= estimate
 
 

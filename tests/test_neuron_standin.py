@@ -23,6 +23,7 @@ import torch
 
 from conftest import SMALL_CONFIG
 from neuronserve.artifact import FUSED_STAGE, MANIFEST_HASH_KEY, load_manifest, manifest_hash
+from neuronserve.contract import TICK_BLOCK
 from neuronserve.backends.base import FusedRunner
 from neuronserve.backends import core_span, make_backend
 from neuronserve.backends import neuron as neuron_backend
@@ -254,8 +255,13 @@ def test_compile_artifact_neuron_target_records_the_neuron_build(neuron_artifact
     assert manifest.pipeline_cores == 2
     assert manifest.compiler_args == ("--neuroncore-pipeline-cores", "2", "--fast-math", "fp32-cast-matmult", "no-fast-relayout")
     assert manifest.torch_neuron_version == version
-    assert len(calls) == 3 * 2 + 3  # every stage at every bucket, the fused graph at every (B, U) pair
-    for call in calls:
+    # every stage at every bucket, the fused graph at every (B, U) pair, the tick graph per label space
+    assert len(calls) == 3 * 2 + 3 + 2
+    tick_calls = [c for c in calls if len(c["example_inputs"]) == 4]
+    assert [tuple(c["example_inputs"][0].shape) for c in tick_calls] == [(TICK_BLOCK[0], manifest.model_config.num_labels, manifest.model_config.label_dim)] * 2
+    assert all(c["kwargs"]["compiler_args"] == ["--fast-math", "fp32-cast-matmult", "no-fast-relayout"] for c in tick_calls)  # one core: not pipelined
+    assert sorted(manifest.tick_graphs) == ["logit", "probability"] and manifest.tick_block == TICK_BLOCK
+    for call in (c for c in calls if c not in tick_calls):
         assert call["kwargs"]["compiler_args"] == list(manifest.compiler_args)
         assert call["kwargs"]["fallback"] is False and call["kwargs"]["dynamic_batch_size"] is False
     pair_call = [c for c in calls if len(c["example_inputs"]) == 2]
@@ -499,3 +505,30 @@ def test_a_neuron_artifact_whose_fused_pairs_share_a_graph_is_refused(standin, n
     path.write_text(json.dumps(data))
     with pytest.raises(ArtifactError, match="every twotower pair needs its own file"):
         load_manifest(out, verify=False)
+
+
+def test_the_tick_runs_on_the_neuron_graphs_over_the_whole_range_and_equals_the_host_tick(standin, device, monkeypatch, neuron_artifact):
+    from neuronserve import tick
+
+    manifest = neuron_artifact[0]
+    loads = record_loads(monkeypatch)
+    backend = neuron_backend.NeuronBackend(manifest, visible_cores=CoreGroup(0, 4))
+    backend.load("pair_scorer", CoreGroup(0, 2))
+    device = backend.tick_device()
+    assert device is not None and (device.rows, device.columns) == TICK_BLOCK and device.executions == 8
+    tick_loads = [load for load in loads if "tick_" in load["path"]]
+    assert len(tick_loads) == 2 and all(load["placement"] == (0, 4) for load in tick_loads)  # replicas on every core
+    cfg, rng = manifest.model_config, np.random.default_rng(5)
+    ids = rng.choice(10_000, 600, replace=False).astype(np.int64)  # more than one block each way
+    users, peers = (rng.standard_normal((600, cfg.num_labels, cfg.label_dim)).astype(np.float32) * 0.3 for _ in range(2))
+    order = np.argsort(ids)
+    for space, mutual in ((tick.PROBABILITY, tick.PRODUCT), (tick.LOGIT, tick.MINIMUM)):
+        spec = tick.make_spec(10, [0.5, 1.0, 0.25][: cfg.num_labels], cfg.num_labels, 599, label_space=space, mutual=mutual)
+        excluded = tick.exclusions(ids, ids[order], exclude_self=True, blocked_rows=None, blocked_cols=None, symmetric=True)
+        args = (ids, ids[order], users, peers[order], np.asarray(manifest.label_bias, np.float32), spec)
+        extra = dict(rows_peer=peers, cols_user=users[order], excluded=excluded, pool=True)
+        on_device, on_host = tick.score_tick(*args, **extra, device=device), tick.score_tick(*args, **extra)
+        np.testing.assert_allclose(on_device.values, on_host.values, rtol=1e-5, atol=1e-5)
+        agree = (on_device.ids == on_host.ids).mean()
+        assert agree > 0.99, agree  # the graph sums the labels in another order: near-ties may swap
+

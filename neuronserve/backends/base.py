@@ -17,6 +17,7 @@ from neuronserve.artifact import Manifest
 from neuronserve.contract import FUSED_STAGE
 from neuronserve.config import CoreGroup
 from neuronserve.errors import InvalidInput
+from neuronserve.tick_device import TickDevice
 
 
 class Runner(ABC):
@@ -190,6 +191,10 @@ class Backend(ABC):
     def load(self, stage: str, cores: CoreGroup) -> StageRunner | FusedRunner:
         """Load `stage` at every compiled bucket onto `cores`: a StageRunner for the three stages, a
         FusedRunner for FUSED_STAGE (an ArtifactError if the artifact predates it: serve three stages)."""
+
+    def tick_device(self) -> TickDevice | None:
+        """Where ScoreTick's matmuls run (tick_device.TickDevice); None: on the host (docs/tick.md)."""
+        return None
 
     def close(self) -> None:  # noqa: B027 -- an optional hook, as Runner.close
         """Release everything the backend holds."""

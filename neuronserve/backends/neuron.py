@@ -41,6 +41,7 @@ from neuronserve.backends.base import Backend, FusedRunner, StageRunner
 from neuronserve.backends.cpu import as_tensor
 from neuronserve.config import VISIBLE_CORES_ENV, CoreGroup, parse_visible_cores
 from neuronserve.errors import BackendUnavailable, ConfigError, CoreFault
+from neuronserve.tick_device import TickDevice
 
 INSTALL_HINT = (
     "install torch-neuron on an Inf1 host (pip install torch-neuron --extra-index-url=https://pip.repos.neuron.amazonaws.com, "
@@ -103,6 +104,8 @@ class NeuronBackend(Backend):
                 "aws-neuronx-dkms driver loaded (check with neuron-ls), or serve a --target cpu artifact with --backend cpu or sim"
             )
         self.visible_cores = visible_cores
+        self._tick: TickDevice | None = None
+        self._tick_lock = threading.Lock()
 
     def load(self, stage: str, cores: CoreGroup) -> StageRunner | FusedRunner:
         spec = self.manifest.stage(stage)
@@ -112,28 +115,48 @@ class NeuronBackend(Backend):
                 f"cannot load {stage} on cores {cores}: it was compiled with pipeline_cores={pipeline_cores}, "
                 f"so its core group needs a multiple of {pipeline_cores} cores, not {cores.count}"
             )
-        with _PROCESS.lock:
-            pinned = self._pin(cores)
-            modules: dict[tuple[int, int], torch.jit.ScriptModule] = {}  # (B, U or 0) -> graph
-            # Relative to the pinned range; nc_count = the whole group (replicas when it exceeds pipeline_cores).
-            placement = self._torch_neuron.experimental.neuron_cores_context(
-                start_nc=cores.first - pinned.first, nc_count=cores.count
-            )
-            with placement:
-                for bucket in spec.buckets:
-                    path = self.manifest.path(bucket.file)
-                    stream = self.manifest.file_stream(bucket.file)  # the checked bytes, not the path again
-                    try:
-                        modules[bucket.key] = torch.jit.load(stream)
-                    except RuntimeError as exc:
-                        raise BackendUnavailable(
-                            f"cannot load {path} onto NeuronCores {cores}: {_first_line(exc)}; check that no other process "
-                            "holds these cores (neuron-ls) and that the artifact was compiled by this torch-neuron"
-                        ) from None
+        graphs = self.load_files([bucket.file for bucket in spec.buckets], cores)
+        modules = {bucket.key: graphs[bucket.file] for bucket in spec.buckets}  # (B, U or 0) -> graph
         if stage == FUSED_STAGE:
             return NeuronFusedRunner(cores, modules, tuple(tuple(t.shape[1:]) for t in spec.inputs[:2]))
         shapes = tuple(tuple(t.shape[1:]) for t in spec.inputs)
         return NeuronRunner(stage, cores, {batch: module for (batch, _), module in modules.items()}, shapes)
+
+    def load_files(self, files: Sequence[str], cores: CoreGroup) -> dict[str, torch.jit.ScriptModule]:
+        """The artifact's graph files loaded onto `cores` (placed relative to the pinned range; nc_count the
+        whole group: replicas when it exceeds a graph's pipeline cores), from their checked bytes."""
+        with _PROCESS.lock:
+            pinned = self._pin(cores)
+            placement = self._torch_neuron.experimental.neuron_cores_context(
+                start_nc=cores.first - pinned.first, nc_count=cores.count
+            )
+            modules = {}
+            with placement:
+                for name in files:
+                    stream = self.manifest.file_stream(name)  # the checked bytes, not the path again
+                    try:
+                        modules[name] = torch.jit.load(stream)
+                    except RuntimeError as exc:
+                        raise BackendUnavailable(
+                            f"cannot load {self.manifest.path(name)} onto NeuronCores {cores}: {_first_line(exc)}; check "
+                            "that no other process holds these cores (neuron-ls) and that the artifact was compiled by "
+                            "this torch-neuron"
+                        ) from None
+        return modules
+
+    def tick_device(self) -> TickDevice | None:
+        """The artifact's tick graphs over this process's whole core range; None (the host runs the
+        tick) for an artifact compiled without them."""
+        if not self.manifest.tick_graphs:
+            return None
+        with _PROCESS.lock:
+            cores = _PROCESS.pinned or self.visible_cores
+        with self._tick_lock:
+            if self._tick is None and cores is not None:
+                from neuronserve.backends.tick_runners import NeuronTick
+
+                self._tick = NeuronTick(self, cores)
+            return self._tick
 
     def _pin(self, cores: CoreGroup) -> CoreGroup:
         """The process's core range, pinning it on the first load (see the module docstring). Holds _PROCESS.lock."""

@@ -23,7 +23,8 @@ from neuronserve.artifact import Manifest, ModelConfig
 from neuronserve.backends.base import Backend, FusedRunner, StageRunner
 from neuronserve.config import CoreGroup, SimConfig
 from neuronserve.errors import ConfigError, CoreFault, CoreResetting, InvalidInput, NeuronServeError
-from neuronserve.contract import FUSED_STAGE, PAIR_SCORER, PEER_TOWER, STAGES, USER_TOWER
+from neuronserve.contract import FUSED_STAGE, PAIR_SCORER, PEER_TOWER, STAGES, TICK_GRAPH, USER_TOWER
+from neuronserve.tick_device import TickDevice
 
 # Latency model defaults from published Inf1 figures (derivation: docs/sim.md); an estimate, not a measurement.
 NEURONCORE_MACS_PER_S = 3.3e12
@@ -219,7 +220,8 @@ class SimBackend(Backend):
         self._inner = inner
         self._lock = threading.Lock()
         self._cores = [_Core() for _ in range(sim.num_cores)]
-        self._stage_executions = {stage: 0 for stage in STAGES + (FUSED_STAGE,)}
+        self._stage_executions = {stage: 0 for stage in STAGES + (FUSED_STAGE, TICK_GRAPH)}
+        self._tick: TickDevice | None = None
         self._in_flight = 0
         self._peak_in_flight = 0
 
@@ -360,6 +362,27 @@ class SimBackend(Backend):
             with self._lock:
                 state.in_flight -= 1
                 self._in_flight -= 1
+
+    def tick_device(self) -> TickDevice:
+        from neuronserve.backends.tick_runners import SimTick
+
+        with self._lock:
+            self._tick = self._tick or SimTick(self)
+            return self._tick
+
+    def device_phase(self, stage: str, modelled_s: float) -> None:
+        """A device phase of `modelled_s` on the core whose device frees first, without an in-flight slot
+        (the tick's executions: they delay the pipeline's on that core, as on a shared device); blocking."""
+        with self._lock:
+            state = min(self._cores, key=lambda c: c.device_free_s)
+            wake_s = state.device_free_s = max(self._clock(), state.device_free_s) + modelled_s * self.sim.latency_scale
+        remaining_s = wake_s - self._clock()
+        if remaining_s > 0:
+            self._sleep(remaining_s)
+        with self._lock:
+            state.busy_s += modelled_s
+            state.executions += 1
+            self._stage_executions[stage] += 1
 
     def close(self) -> None:
         self._inner.close()
