@@ -239,6 +239,9 @@ class ServerConfig:
     )
     reflection: bool = True  # gRPC server reflection
     model_process: bool = False  # cpu backend: the fused graph in a process per core group (model_process.py)
+    # the interpreter's thread switch interval (sys.setswitchinterval; Python's default 5 ms): a model thread
+    # retaking the GIL behind the busy event loop waits at most this long each time (docs/benchmarks.md)
+    gil_switch_ms: float = 0.1
     cache_max_rows: int = 1_000_000
     embedding_store: str = (
         "embedded"  # or redis://HOST:PORT/DB: the fleet's shared store (fleet.py), checked by settings
@@ -273,6 +276,7 @@ class ServerConfig:
             self.cpu_affinity in ("none", "split"), f"cpu_affinity must be none or split, got {self.cpu_affinity!r}"
         )
         _require(self.worker_timeout_s > 0, f"worker_timeout_s must be > 0, got {self.worker_timeout_s}")
+        _require(0 < self.gil_switch_ms <= 100, f"gil_switch_ms must be > 0 and <= 100, got {self.gil_switch_ms}")
         _require(
             self.placement is None or (self.workers or 1) == 1,
             "placement and workers > 1 do not combine: each worker serves its cores data parallel; drop one",

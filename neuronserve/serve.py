@@ -54,10 +54,9 @@ def run(config: ServerConfig) -> int:
         raise ConfigError(
             "no artifact configured: pass --artifact DIR (or NEURONSERVE_ARTIFACT, or 'artifact' in --config)"
         )
-    from neuronserve.memory_release import tune_malloc
     from neuronserve.tls import load_tls
 
-    tune_malloc(os.environ)  # glibc keeps freed memory otherwise (docs/memory.md); inherited by forked workers
+    tune_process(config)
     if load_tls(config) is not None:  # bad TLS files fail here, before a pool forks (each server reads them again)
         # grpc-core logs every failed TLS handshake (a plaintext or port-scan probe) at INFO: one line per
         # connection anyone can open. Its errors still show; GRPC_VERBOSITY set by the operator wins.
@@ -80,6 +79,15 @@ def run(config: ServerConfig) -> int:
         return run_loop(serve_process(config, on_ready=ready))
     finally:
         watchdog.stop()
+
+
+def tune_process(config: ServerConfig) -> None:
+    """The interpreter and allocator settings of a serving process, before any thread or fork (forked
+    workers inherit them): glibc's malloc thresholds (docs/memory.md) and the GIL's switch interval."""
+    from neuronserve.memory_release import tune_malloc
+
+    tune_malloc(os.environ)
+    sys.setswitchinterval(config.gil_switch_ms / 1e3)
 
 
 def with_workers(config: ServerConfig) -> ServerConfig:

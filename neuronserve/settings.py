@@ -214,6 +214,12 @@ SETTINGS: tuple[_Setting, ...] = (
         "on|off",
         "cpu backend: run each core group's fused graph in a process of its own, fed through shared memory from the event loop (no executor thread waiting for the GIL: docs/benchmarks.md)",
     ),
+    _Setting(
+        "gil_switch_ms",
+        _number,
+        "MS",
+        "the interpreter's thread switch interval: how long a model thread waits for the GIL behind the event loop, at most, each time it retakes it (Python's default: 5)",
+    ),
     _Setting("cache_max_rows", _integer, "ROWS", "embedding cache bound per kind"),
     _Setting(
         "embedding_store",

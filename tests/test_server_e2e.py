@@ -85,6 +85,7 @@ def test_flags_beat_the_config_file_which_beats_the_environment(tmp_path):
         ([], {}, {"max_queue_delay_ms": "Infinity"}, ["'max_queue_delay_ms'", "finite"]),
         (["--max-message-bytes", str(2**31)], {}, None, ["--max-message-bytes", f"<= {2**31 - 1}"]),
         (["--max-scoring-bytes", "0"], {}, None, ["--max-scoring-bytes", ">= 1"]),
+        (["--gil-switch-ms", "0"], {}, None, ["--gil-switch-ms", "> 0"]),
     ],
 )
 def test_a_bad_setting_is_a_config_error_naming_its_source(tmp_path, argv, environ, file_data, words):
@@ -96,6 +97,16 @@ def test_a_bad_setting_is_a_config_error_naming_its_source(tmp_path, argv, envir
         resolve_config(parse(argv), environ=environ)
     for word in words:
         assert word in str(info.value), (word, str(info.value))
+
+
+def test_a_serving_process_sets_the_gil_switch_interval(monkeypatch):
+    from neuronserve.serve import tune_process
+
+    monkeypatch.setattr(sys, "setswitchinterval", lambda s: seen.append(s))
+    seen: list = []
+    tune_process(resolve_config(parse(["--gil-switch-ms", "0.25"]), environ={}))
+    tune_process(resolve_config(parse([]), environ={}))
+    assert seen == [0.25e-3, ServerConfig().gil_switch_ms / 1e3]
 
 
 def test_a_missing_or_broken_config_file_is_named(tmp_path):
