@@ -75,5 +75,6 @@ class NeuronTick:
             with torch.inference_mode():
                 out = graph(*tensors)
         except RuntimeError as exc:
-            raise CoreFault(f"NeuronCores {self.cores} failed running the tick graph: {exc}") from None
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CoreFault(f"NeuronCores {self.cores} failed running the tick graph: {first_line}") from None
         return np.ascontiguousarray(out.numpy(), dtype=np.float32)
