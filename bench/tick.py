@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from neuronserve.artifact import ModelConfig
 from neuronserve.backends.tick_runners import tick_latency_s
 from neuronserve.bench.serve_process import start_serve
 from neuronserve.config import SimConfig
@@ -71,8 +70,7 @@ def modelled_device_ms(pool: int, labels: int, dim: int, cores: int = SimConfig.
     """The sim's device time of a pool's one direction: its blocks at tick_latency_s, spread over `cores`."""
     rows, columns = TICK_BLOCK
     blocks = math.ceil(pool / rows) * math.ceil(pool / columns)
-    config = ModelConfig(num_labels=labels, label_dim=dim, label_names=tuple(f"l{i}" for i in range(labels)))
-    return 1e3 * blocks * tick_latency_s(config, rows, columns) / cores
+    return 1e3 * blocks * tick_latency_s(labels, dim, rows, columns) / cores
 
 
 def _num_labels(stub: pb_grpc.ScorerStub, pool_ids: np.ndarray) -> int:

@@ -149,6 +149,7 @@ class Pipeline:
                 group.runners[stage] = loaded
                 if pace is not None:
                     pace()
+        self.backend.tick_device()  # ScoreTick's graphs, where the backend has them: loaded now, never on a request
         self.backend.manifest.release_files()  # every stage is loaded: drop the verified file bytes kept for it
         for group in self._groups:
             group.capacity = max(r.max_in_flight for r in group.runners.values())

@@ -532,3 +532,21 @@ def test_the_tick_runs_on_the_neuron_graphs_over_the_whole_range_and_equals_the_
         agree = (on_device.ids == on_host.ids).mean()
         assert agree > 0.99, agree  # the graph sums the labels in another order: near-ties may swap
 
+
+
+def test_the_pipeline_loads_the_tick_graphs_at_start_so_no_request_loads_them(standin, device, monkeypatch, neuron_artifact):
+    from neuronserve.pipeline import Pipeline
+
+    manifest = neuron_artifact[0]
+    loads = record_loads(monkeypatch)
+    backend = neuron_backend.NeuronBackend(manifest, visible_cores=CoreGroup(0, 2))
+    pipeline = Pipeline(backend, Placement.data_parallel(2, group_size=2))
+    pipeline.start()
+    try:
+        started = len(loads)
+        assert sorted(load["path"].rsplit("/", 1)[-1] for load in loads if "tick_" in load["path"]) == sorted(manifest.tick_graphs.values())
+        device = backend.tick_device()
+        assert device is not None and device is backend.tick_device()
+        assert len(loads) == started  # the request path only looks it up
+    finally:
+        pipeline.close()

@@ -14,7 +14,7 @@ import pytest
 from neuronserve import tick as T
 from neuronserve.backends.sim import SimBackend
 from neuronserve.backends.tick_runners import SimTick, tick_latency_s
-from neuronserve.config import ServerConfig, SimConfig
+from neuronserve.config import CoreGroup, ServerConfig, SimConfig
 from neuronserve.contract import TICK_GRAPH
 from neuronserve.protos import scorer_pb2 as pb
 from neuronserve.protos import scorer_pb2_grpc as pb_grpc
@@ -84,18 +84,22 @@ def test_the_sim_tick_equals_the_host_tick_and_the_reference(small_artifact, poo
     blocks = directions * math.ceil(n / 8) * math.ceil(m / 12)
     stats = backend.stats()
     assert stats.executions[TICK_GRAPH] == blocks
-    modelled_s = tick_latency_s(small_artifact.model_config, 8, 12)
+    modelled_s = tick_latency_s(small_artifact.model_config.num_labels, small_artifact.model_config.label_dim, 8, 12)
     assert stats.busy_s == pytest.approx(blocks * modelled_s)
     assert fake.now_s >= blocks * modelled_s / 2 - 1e-9  # two cores: at best half of it in series
 
 
-def test_tick_executions_share_the_cores_timeline_with_the_pipeline(small_artifact):
-    """A device phase goes to the core that frees first and queues behind what that core runs."""
-    backend, device, fake = sim_tick(small_artifact, cores=1, block=(8, 12))
-    backend.device_phase(TICK_GRAPH, 0.25)
-    backend.device_phase(TICK_GRAPH, 0.25)
-    assert fake.now_s == pytest.approx(0.5) and backend.stats().cores[0].busy_s == pytest.approx(0.5)
-    assert device.executions == backend.in_flight_per_core  # one core, two executions in flight
+def test_a_tick_execution_queues_behind_the_pipelines_execution_on_the_same_core(small_artifact):
+    """A device phase takes no in-flight slot but starts only when the core's device is free."""
+    slept: list[float] = []
+    backend = SimBackend(small_artifact, SimConfig(num_cores=1), clock=lambda: 0.0, sleep=slept.append)  # time stands still
+    device = SimTick(backend, (8, 12))
+    backend._execute("pair_scorer", CoreGroup(0), 0.25, lambda: np.zeros(1))  # the pipeline's: device busy until 0.25
+    backend.device_phase(TICK_GRAPH, 0.5)
+    assert slept == [0.25, 0.75]  # the tick's phase waited for the pipeline's, then ran its own 0.5 s
+    stats = backend.stats()
+    assert stats.cores[0].busy_s == pytest.approx(0.75) and stats.executions[TICK_GRAPH] == 1
+    assert stats.cores[0].in_flight == 0 and device.executions == backend.in_flight_per_core
 
 
 def test_a_sim_server_answers_score_tick_as_the_cpu_server_does(small_artifact):

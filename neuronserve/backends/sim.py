@@ -353,10 +353,7 @@ class SimBackend(Backend):
                 self._sleep(remaining_s)
             if error is not None:
                 raise error
-            with self._lock:
-                state.busy_s += modelled_s
-                state.executions += 1
-                self._stage_executions[stage] += 1
+            self._count(state, stage, modelled_s)
             return out
         finally:
             with self._lock:
@@ -379,6 +376,10 @@ class SimBackend(Backend):
         remaining_s = wake_s - self._clock()
         if remaining_s > 0:
             self._sleep(remaining_s)
+        self._count(state, stage, modelled_s)
+
+    def _count(self, state: _Core, stage: str, modelled_s: float) -> None:
+        """A completed device phase of `stage` on core `state`."""
         with self._lock:
             state.busy_s += modelled_s
             state.executions += 1

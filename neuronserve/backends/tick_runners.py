@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from neuronserve.artifact import ModelConfig
 from neuronserve.backends.sim import EXECUTION_OVERHEAD_S, HOST_DEVICE_BYTES_PER_S, NEURONCORE_MACS_PER_S
 from neuronserve.config import CoreGroup
 from neuronserve.contract import TICK_BLOCK, TICK_GRAPH
@@ -25,10 +24,9 @@ if TYPE_CHECKING:
     from neuronserve.backends.sim import SimBackend
 
 
-def tick_latency_s(config: ModelConfig, rows: int, columns: int) -> float:
-    """Modelled device seconds of one tick execution: the execution overhead, rows x columns x K x D
-    multiply-accumulates, and the copies (both sides' vectors in, one float32 per pair out)."""
-    k, d = config.num_labels, config.label_dim
+def tick_latency_s(k: int, d: int, rows: int, columns: int) -> float:
+    """Modelled device seconds of one tick execution of K labels of D: the execution overhead, rows x
+    columns x K x D multiply-accumulates, and the copies (both sides' vectors in, one float32 per pair out)."""
     copied_bytes = 4 * ((rows + columns) * k * d + 2 * k + rows * columns)
     return (
         EXECUTION_OVERHEAD_S + rows * columns * k * d / NEURONCORE_MACS_PER_S + copied_bytes / HOST_DEVICE_BYTES_PER_S
@@ -41,7 +39,8 @@ class SimTick:
     def __init__(self, backend: SimBackend, block: tuple[int, int] = TICK_BLOCK) -> None:
         self.rows, self.columns = block
         self.executions = backend.sim.num_cores * backend.in_flight_per_core
-        self.modelled_s = tick_latency_s(backend.manifest.model_config, *block)
+        config = backend.manifest.model_config
+        self.modelled_s = tick_latency_s(config.num_labels, config.label_dim, *block)
         self._backend = backend
 
     def run(
