@@ -20,6 +20,7 @@ from neuronserve.backends.base import Backend, FusedRunner, StageRunner
 from neuronserve.config import CoreGroup
 from neuronserve.errors import BackendUnavailable
 from neuronserve.model_process import ModelProcess, Setup
+from neuronserve.backends.torch_launch import Step, TorchLauncher, forking
 
 
 # Two executions handed to one thread: the second waits in the executor's queue and starts the moment
@@ -142,7 +143,9 @@ def as_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 class CpuFusedRunner(FusedRunner):
-    """FUSED_STAGE on the host: one TorchScript call per batch, the user gather inside the graph."""
+    """FUSED_STAGE on the host: one TorchScript call per batch, the user gather inside the graph. The
+    pipeline's batches go to the model process when there is one, else to torch's inter-op threads
+    (torch_launch.py: no Python thread per execution)."""
 
     max_in_flight, threads = CPU_IN_FLIGHT, CPU_THREADS
 
@@ -156,20 +159,31 @@ class CpuFusedRunner(FusedRunner):
         super().__init__(cores, graphs, shapes)
         self._graphs = graphs  # (B, U) -> graph: warm-up, timing, and jobs too large for the process's slots
         self.process = process  # the pipeline's batches go here when set (submit)
+        forks = {id(graph): forking(graph) for graph in graphs.values()} if process is None else {}
+        self._forks = {key: forks[id(graph)] for key, graph in graphs.items()} if forks else {}
+        self._launcher = TorchLauncher()
 
     def submit(self, chunks: Sequence[tuple[Sequence[np.ndarray], int]]):
-        """On the loop: the batch's padded chunks ([user, peer, index], rows) in the model process -> an
-        asyncio future of (scores, busy seconds); None when there is no process or they do not fit a slot."""
-        if self.process is None or not self.process.fits(chunks):
-            return None
-        for arrays, _ in chunks:
-            self.check_inputs(arrays)
-        return self.process.submit(chunks)
+        """On the loop: the batch's padded chunks ([user, peer, index], rows) -> an asyncio future of
+        (scores, busy seconds), from the model process or torch's inter-op threads; None when the
+        process's slot cannot hold them (the pipeline's executor runs them)."""
+        if self.process is not None:
+            if not self.process.fits(chunks):
+                return None
+            for arrays, _ in chunks:
+                self.check_inputs(arrays)
+            return self.process.submit(chunks)
+        steps = [
+            Step(self._forks[self.check_inputs(arrays)], tuple(as_tensor(x) for x in arrays), rows)
+            for arrays, rows in chunks
+        ]
+        return self._launcher.submit(steps)
 
     def healthy(self) -> bool:
         return self.process is None or self.process.alive
 
     def close(self) -> None:
+        self._launcher.close()
         if self.process is not None:
             self.process.close()
 

@@ -1,0 +1,154 @@
+"""TorchLauncher: one core group's fused executions on torch's inter-op threads, in order, one at a time.
+
+Why not an executor thread: a Python thread that calls a TorchScript graph gives the GIL up and takes it
+back about five times a call (once per input tensor the graph lets go of, see _Fork), and every retake
+waits for the event loop's thread to let go of it (docs/benchmarks.md, 2026-12-04). A graph forked inside
+TorchScript (`torch.jit.fork`) on detached inputs runs on torch's C++ inter-op thread, which takes the GIL
+once per execution, for the completion callback.
+
+Contract: `submit(steps)` on the event loop -> an asyncio future of (the steps' outputs, first `rows`
+rows of each, concatenated in order; busy seconds). Executions run in submission order, one at a time;
+the next one starts from the previous one's completion callback on torch's thread, so the core never
+waits for the loop between executions. An execution that fails fails its own submission only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from neuronserve.errors import Unavailable
+
+
+class _Fork(torch.nn.Module):
+    """Scripted around a graph: calling it starts the graph on an inter-op thread and returns at once.
+
+    The graph gets detached aliases of the inputs (new tensors on the same memory, with no Python
+    object): when torch's thread drops the last C++ reference to a tensor that has a Python object, it
+    takes the GIL to release that object, once per input (perf: `decref_pyobject`); the callers' tensors
+    are dropped on the loop instead."""
+
+    def __init__(self, graph: torch.jit.ScriptModule) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def forward(
+        self, user: torch.Tensor, peer: torch.Tensor, index: torch.Tensor
+    ) -> torch.futures.Future[torch.Tensor]:
+        return torch.jit.fork(self.graph, user.detach(), peer.detach(), index.detach())
+
+
+def forking(graph: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """`graph` wrapped so that a call forks it (inputs user, peer, index; output one tensor)."""
+    return torch.jit.script(_Fork(graph))
+
+
+@dataclass(frozen=True)
+class Step:
+    """One execution: `fork` (from `forking`) on `inputs`, keeping the first `rows` rows of its output."""
+
+    fork: torch.jit.ScriptModule
+    inputs: tuple[torch.Tensor, ...]
+    rows: int
+
+
+@dataclass(eq=False)
+class _Submission:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    outs: list[np.ndarray | None]
+    remaining: int
+    busy_s: float = 0.0
+
+    def settle(self, index: int, rows: int, done: torch.futures.Future, busy_s: float) -> None:
+        """Loop thread: one step's output is back (or its error)."""
+        if self.future.done():  # failed through an earlier step, or its caller cancelled it
+            return
+        try:
+            self.outs[index] = done.value().numpy()[:rows]
+        except Exception as exc:  # the graph raised: this submission fails, the launcher goes on
+            self.future.set_exception(exc)
+            return
+        self.busy_s += busy_s
+        self.remaining -= 1
+        if self.remaining == 0:
+            outs = [out for out in self.outs if out is not None]
+            self.future.set_result((outs[0] if len(outs) == 1 else np.concatenate(outs), self.busy_s))
+
+
+@dataclass(eq=False)
+class _Queued:
+    submission: _Submission
+    index: int
+    step: Step
+
+
+@dataclass(eq=False)
+class TorchLauncher:
+    """The executions of one core group (thread-safe: submit on the loop, callbacks on torch's threads)."""
+
+    clock: Callable[[], float] = time.perf_counter
+    _queue: deque[_Queued] = field(default_factory=deque)
+    _running: bool = False
+    _closed: bool = False
+    _idle: threading.Condition = field(default_factory=threading.Condition)
+
+    def submit(self, steps: Sequence[Step]) -> asyncio.Future:
+        """Queue the steps (one submission); the future is settled on the calling loop."""
+        if not steps:
+            raise ValueError("submit needs at least one step")
+        loop = asyncio.get_running_loop()
+        submission = _Submission(loop, loop.create_future(), [None] * len(steps), len(steps))
+        with self._idle:
+            if self._closed:
+                raise Unavailable("the core group's launcher is closed")
+            self._queue.extend(_Queued(submission, i, step) for i, step in enumerate(steps))
+            first = self._next_locked() if not self._running else None
+        if first is not None:
+            self._start(first)
+        return submission.future
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Refuse new submissions; wait (up to timeout_s) for the queued and running executions to end."""
+        with self._idle:
+            self._closed = True
+            self._idle.wait_for(lambda: not self._running, timeout=timeout_s)
+
+    def _next_locked(self) -> _Queued | None:
+        """The next step to start (marking the launcher running), or None (marking it idle)."""
+        queued = self._queue.popleft() if self._queue else None
+        self._running = queued is not None
+        if queued is None:
+            self._idle.notify_all()
+        return queued
+
+    def _start(self, queued: _Queued) -> None:
+        """Fork the step; its callback starts the next one. Any thread holding the GIL."""
+        start_s = self.clock()
+        try:
+            with torch.inference_mode():
+                done = queued.step.fork(*queued.step.inputs)
+        except Exception as exc:  # refused before it ran (its inputs): fail it, go on with the next
+            done = torch.futures.Future()
+            done.set_exception(exc)
+        done.add_done_callback(lambda finished: self._finished(queued, start_s, finished))
+
+    def _finished(self, queued: _Queued, start_s: float, done: torch.futures.Future) -> None:
+        """Torch's thread, the GIL held: hand this step to its loop, then start the next one (in that
+        order: a step that completes at once calls back from inside _start, and settles stay in order)."""
+        busy_s = self.clock() - start_s
+        submission = queued.submission
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            submission.loop.call_soon_threadsafe(submission.settle, queued.index, queued.step.rows, done, busy_s)
+        with self._idle:
+            following = self._next_locked()
+        if following is not None:
+            self._start(following)
