@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 _MAX_NAMED_IDS = 10
 _READ_TIMEOUT_S = 2.0  # a read that keeps seeing commits land under it for this long gives up
+_SORTED_SEARCH_MIN_IDS = 128  # below this a plain searchsorted is as fast or faster (measured: 64 and 256 ids)
 
 T = TypeVar("T")
 
@@ -298,7 +299,7 @@ class EmbeddingCache:
         index_ids, index_slots, _ = mem.index(state, k)
         if not len(index_ids):
             return None, np.zeros(len(ids), bool)
-        pos = np.minimum(np.searchsorted(index_ids, ids), len(index_ids) - 1)
+        pos = np.minimum(_positions(index_ids, ids), len(index_ids) - 1)
         found = index_ids[pos] == ids
         if not found.all():
             return None, found
@@ -417,6 +418,18 @@ def _encode_version(model_version: str) -> bytes:
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise InvalidInput(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+
+
+def _positions(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """np.searchsorted(sorted_ids, ids), searching in ascending order: numpy's binary search starts from
+    the previous key's place when keys ascend, and its branches become predictable (1,000 random ids in
+    5,000 cached: 72 us against 97; in 1M: 168 against 270, the argsort included; docs/embeddings.md)."""
+    if len(ids) < _SORTED_SEARCH_MIN_IDS:
+        return np.searchsorted(sorted_ids, ids)
+    order = np.argsort(ids)
+    positions = np.empty(len(ids), dtype=np.intp)
+    positions[order] = np.searchsorted(sorted_ids, ids[order])
+    return positions
 
 
 def _check_ids(ids: np.ndarray, field: str) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from neuronserve import shared_table
-from neuronserve.embeddings import KINDS, CacheStats, EmbeddingCache
+from neuronserve.embeddings import KINDS, CacheStats, EmbeddingCache, _positions
 from neuronserve.errors import ConfigError, InvalidInput, NotFound, Unavailable
 
 pytestmark = pytest.mark.timeout(60)
@@ -96,7 +96,9 @@ def test_unknown_ids_are_named_and_counted():
     cache = make_cache()
     cache.upsert("user", np.array([1]), vecs(rng, 1), "v1")
     cache.upsert("peer", np.arange(8), vecs(rng, 8), "v1")
-    with pytest.raises(NotFound, match=r"unknown peer ids: 9, 17 \(2 of 10 not in the cache; UpsertEmbeddings them first\)"):
+    with pytest.raises(
+        NotFound, match=r"unknown peer ids: 9, 17 \(2 of 10 not in the cache; UpsertEmbeddings them first\)"
+    ):
         cache.score_by_ids(1, np.array([0, 1, 2, 3, 17, 4, 5, 9, 6, 7]))
     with pytest.raises(NotFound, match="unknown user ids: 2 "):
         cache.score_matrix(np.array([2]), np.array([0]))
@@ -268,7 +270,9 @@ def test_a_writer_killed_at_any_point_leaves_the_cache_usable(caplog):
             assert cache.upsert("peer", np.array([3, 50]), fresh, "v1") == 8  # 50 evicts the oldest row, 0
         assert "died in the middle of an update" in caplog.text
         caplog.clear()
-        np.testing.assert_array_equal(cache.lookup("peer", np.array([50, 3, 7])), np.stack([fresh[1], fresh[0], base[7]]))
+        np.testing.assert_array_equal(
+            cache.lookup("peer", np.array([50, 3, 7])), np.stack([fresh[1], fresh[0], base[7]])
+        )
         with pytest.raises(NotFound, match="unknown peer ids: 0 "):
             cache.lookup("peer", np.array([0]))
         base = cache.lookup("peer", np.array([1, 2, 3, 4, 5, 6, 7, 50]))
@@ -344,6 +348,7 @@ def test_writer_processes_are_serialised():
             assert start.wait(20)
             for i in range(first, first + 200):  # one row per upsert: each merges into the other's index
                 cache.upsert("peer", np.array([i]), np.full((1, 1, 4), i, np.float32), "v1")
+
         return run
 
     procs = [start_child(writer(0)), start_child(writer(1000))]
@@ -363,6 +368,7 @@ def test_eviction_and_version_tie_hold_across_processes():
         def run():
             cache.upsert("user", np.array(ids), vecs(np.random.default_rng(0), len(ids)), "v1")
             evictions.put(cache.stats().evictions)
+
         return run
 
     cache.upsert("user", np.array([10, 11]), vecs(rng, 2), "v1")
@@ -410,3 +416,11 @@ def test_the_cache_is_not_copied_by_pickling():
 
     with pytest.raises(TypeError, match="by fork only"):
         pickle.dumps(make_cache())
+
+
+@pytest.mark.parametrize("count", [1, 127, 128, 1000])
+def test_id_search_in_ascending_order_gives_searchsorted_places(count):
+    rng = np.random.default_rng(count)
+    cached = np.sort(rng.choice(10_000, 3_000, replace=False)).astype(np.int64)
+    ids = rng.integers(-5, 10_005, count)  # cached ids, absent ones, repeats and ids past both ends
+    np.testing.assert_array_equal(_positions(cached, ids), np.searchsorted(cached, ids))
