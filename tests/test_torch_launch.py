@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from neuronserve.backends.torch_launch import Step, TorchLauncher, forking
+from neuronserve.backends.torch_launch import Fork, Step, TorchLauncher, forking
 from neuronserve.errors import Unavailable
 
 
@@ -20,7 +20,7 @@ class _Graph(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def fork() -> torch.jit.ScriptModule:
+def fork() -> Fork:
     return forking(torch.jit.script(_Graph()))
 
 

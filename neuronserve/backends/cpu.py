@@ -20,7 +20,7 @@ from neuronserve.backends.base import Backend, FusedRunner, StageRunner
 from neuronserve.config import CoreGroup
 from neuronserve.errors import BackendUnavailable
 from neuronserve.model_process import ModelProcess, Setup
-from neuronserve.backends.torch_launch import Step, TorchLauncher, forking
+from neuronserve.backends.torch_launch import Fork, Step, TorchLauncher, forking
 
 
 # Two executions handed to one thread: the second waits in the launcher's (or the executor's) queue and
@@ -159,9 +159,10 @@ class CpuFusedRunner(FusedRunner):
         super().__init__(cores, graphs, shapes)
         self._graphs = graphs  # (B, U) -> graph: warm-up, timing, and jobs too large for the process's slots
         self.process = process  # the pipeline's batches go here when set (submit)
-        # one forking wrapper per distinct graph: a shape-generic file serves every (B, U) pair
-        forks = {id(graph): forking(graph) for graph in graphs.values()} if process is None else {}
-        self._forks = {key: forks[id(graph)] for key, graph in graphs.items()} if forks else {}
+        self._forks: dict[tuple[int, int], Fork] = {}  # (B, U) -> its graph's launch, without a process
+        if process is None:  # one forking wrapper per distinct graph: a shape-generic file serves every pair
+            forks = {id(graph): forking(graph) for graph in graphs.values()}
+            self._forks = {key: forks[id(graph)] for key, graph in graphs.items()}
         self._launcher = TorchLauncher()
 
     def submit(self, chunks: Sequence[tuple[Sequence[np.ndarray], int]]):
