@@ -74,6 +74,20 @@ def _parity(
     return float((actual - expected).abs().max())
 
 
+def _checked(
+    traced, module: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], where: str, target: str
+) -> float:
+    """_parity, raising ArtifactError past the target's tolerance (a NaN output fails too)."""
+    error = _parity(traced, module, inputs, where, target)
+    tolerance = PARITY_TOLERANCE[target]
+    if error is not UNCHECKED and not error <= tolerance:
+        raise ArtifactError(
+            f"parity check failed: {where} differs from the eager model by {error:.2e} "
+            f"(tolerance {tolerance:.0e} for {target}); the traced graph is wrong, do not ship it"
+        )
+    return error
+
+
 def compile_stage(
     work: Path,
     stage: str,
@@ -89,7 +103,6 @@ def compile_stage(
 ) -> tuple[list[BucketEntry], tuple[str, ...]]:
     """One of the three stages at every bucket: neuron traces each bucket (fixed shapes); cpu traces once,
     at the largest bucket, and checks that graph at every bucket. (entries, the compiler's args)."""
-    tolerance = PARITY_TOLERANCE[target]
     per_bucket = target == "neuron"
     entries: list[BucketEntry] = []
     traced_by_file: dict[str, torch.jit.ScriptModule] = {}
@@ -105,13 +118,11 @@ def compile_stage(
             files[file_name] = sha256_file(work / file_name)
             bar.update(1)
         fresh = example_inputs(inputs_spec, batch, generator)  # not the trace inputs: catches baked-in values
-        error = _parity(traced_by_file[file_name], module, fresh, f"{stage} batch {batch}", target)
-        if error is not UNCHECKED and not error <= tolerance:  # `not <=`: a NaN output fails too
-            raise ArtifactError(
-                f"parity check failed: {stage} at batch {batch} differs from the eager model by {error:.2e} "
-                f"(tolerance {tolerance:.0e} for {target}); the traced graph is wrong, do not ship it"
-            )
+        error = _checked(traced_by_file[file_name], module, fresh, f"{stage} batch {batch}", target)
         entries.append(BucketEntry(batch, file_name, error))
+    if not per_bucket and (rows := max(sizes) - 1) not in sizes and rows >= 1:  # served at exact rows too
+        odd = example_inputs(inputs_spec, rows, torch.Generator().manual_seed(rows))
+        _checked(traced_by_file[file_name], module, odd, f"{stage} batch {rows} (no bucket)", target)
     return entries, compiler_args
 
 
@@ -123,7 +134,6 @@ def compile_fused(
     U == B fails), and checks that one graph at every pair. Parity: against the original eager model
     on the gathered rows, model(users[user_index], peers), not only against the module traced."""
     fused = model.fused()
-    tolerance = PARITY_TOLERANCE[target]
     generator = torch.Generator().manual_seed(
         4321
     )  # its own: the three stages' inputs and reference.npz stay as they were
@@ -148,11 +158,10 @@ def compile_fused(
             bar.update(1)
         fresh = fused_inputs(model.config, batch, users, generator)
         where = f"{FUSED_STAGE} batch {batch} users {users}"
-        error = _parity(traced_by_file[file_name], eager, fresh, where, target)
-        if error is not UNCHECKED and not error <= tolerance:
-            raise ArtifactError(
-                f"parity check failed: {where} differs from the eager model by {error:.2e} "
-                f"(tolerance {tolerance:.0e} for {target}); the traced graph is wrong, do not ship it"
-            )
+        error = _checked(traced_by_file[file_name], eager, fresh, where, target)
         entries.append(BucketEntry(batch, file_name, error, users))
+    rows = max(b for b, _ in pairs) - 1
+    if target == "cpu" and rows >= 3 and rows not in {b for b, _ in pairs}:  # served at exact rows too
+        odd = fused_inputs(model.config, rows, 3, torch.Generator().manual_seed(rows))
+        _checked(traced_by_file[file_name], eager, odd, f"{FUSED_STAGE} batch {rows} users 3 (no bucket)", target)
     return entries

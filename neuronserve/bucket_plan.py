@@ -32,12 +32,18 @@ def plan_table(buckets: tuple[int, ...], cost_s: dict[int, float], limit: int) -
 
 
 class BucketPlan:
-    """One stage's plan: its compiled buckets and their device seconds -> the chunks for any row count."""
+    """One stage's plan: its compiled buckets and their device seconds -> the chunks for any row count.
 
-    def __init__(self, buckets: tuple[int, ...], cost_s: dict[int, float]) -> None:
+    any_rows: the stage's graph runs any row count as it is (a host graph, Runner.any_rows), so chunks
+    are exact, never padded: as few as the widest efficient bucket allows (exact_rows_cap), of near-equal
+    rows. Costs (the batcher's estimates) stay those of the padded plan, an upper bound."""
+
+    def __init__(self, buckets: tuple[int, ...], cost_s: dict[int, float], any_rows: bool = False) -> None:
         self.buckets = tuple(sorted(buckets))
         self.cost_s = cost_s
+        self.any_rows = any_rows
         self._table = plan_table(self.buckets, cost_s, 2 * self.buckets[-1])
+        self._cap = exact_rows_cap(self.buckets, cost_s)
 
     def plan(self, rows: int) -> tuple[int, ...]:
         """Buckets for `rows`: full largest buckets while more than two of them remain, then the cheapest
@@ -48,7 +54,10 @@ class BucketPlan:
         return (largest,) * full + self._table[rows - full * largest]
 
     def chunks(self, rows: int) -> tuple[tuple[int, int], ...]:
-        """(rows, bucket) of every execution covering `rows` rows, in order."""
+        """(rows, bucket) of every execution covering `rows` rows, in order (any_rows: bucket == rows)."""
+        if self.any_rows:
+            count = -(-rows // self._cap)
+            return tuple((size, size) for size in (rows // count + (i < rows % count) for i in range(count)))
         chunks, start = [], 0
         for bucket in self.plan(rows):
             chunks.append((min(bucket, rows - start), bucket))
@@ -57,6 +66,14 @@ class BucketPlan:
 
     def total_cost_s(self, rows: int) -> float:
         return sum(self.cost_s[b] for b in self.plan(rows))
+
+
+def exact_rows_cap(buckets: tuple[int, ...], cost_s: dict[int, float], slack: float = 1.1) -> int:
+    """The most rows an unpadded execution takes: the largest bucket whose measured seconds per row are
+    within `slack` of the best bucket's (fewer executions cost less host time; a too-wide one spills
+    the caches, e.g. the demo model at 1,024 rows costs 1.3x per row what it does at 512)."""
+    best = min(cost_s[b] / b for b in buckets)
+    return max(b for b in buckets if cost_s[b] / b <= slack * best)
 
 
 def bucket_cost_s(runner: Runner, batch_size: int) -> float:
@@ -78,6 +95,6 @@ def bucket_cost_s(runner: Runner, batch_size: int) -> float:
 def measured_plan(runner: Runner, known: BucketPlan | None = None) -> BucketPlan:
     """`runner`'s plan: `known` (measured on graphs of the same shapes) when it has the same buckets,
     else every bucket costed (timed on a host: CPU beside served traffic, which a version load avoids)."""
-    if known is not None and known.buckets == tuple(sorted(runner.batch_sizes)):
+    if known is not None and known.buckets == tuple(sorted(runner.batch_sizes)) and known.any_rows == runner.any_rows:
         return known
-    return BucketPlan(runner.batch_sizes, {b: bucket_cost_s(runner, b) for b in runner.batch_sizes})
+    return BucketPlan(runner.batch_sizes, {b: bucket_cost_s(runner, b) for b in runner.batch_sizes}, runner.any_rows)

@@ -210,7 +210,7 @@ class Pipeline:
         return towers + self.plan_cost_s(PAIR_SCORER, rows)
 
     async def run_stage(self, stage: str, inputs: Sequence[np.ndarray]) -> np.ndarray:
-        """Run `stage` on any number of rows >= 1: pad/split to compiled buckets, unpad the output."""
+        """Run `stage` on any number of rows >= 1: split (and pad) to the plan's chunks, unpad the output."""
         if not self._started:
             raise Unavailable("the pipeline is not started: call start() first")
         if stage not in self._stage_groups:
@@ -218,17 +218,11 @@ class Pipeline:
                 f"stage {stage!r} is not placed on any core group; placed: {', '.join(self._stage_groups)}"
             )
         arrays, rows = self._check(stage, inputs)
-        chunks = self._plans[stage].plan(rows)
-        if len(chunks) == 1:
-            return await self._run_chunk(stage, arrays, 0, rows, chunks[0])
-        starts = np.cumsum((0,) + chunks[:-1])
+        chunks = self._chunks(stage, rows)
         parts = await asyncio.gather(
-            *(
-                self._run_chunk(stage, arrays, int(s), min(b, rows - int(s)), b)
-                for s, b in zip(starts, chunks, strict=False)
-            )
+            *(self._run_chunk(stage, arrays, s, *chunk) for s, chunk in zip(chunk_starts(chunks), chunks, strict=True))
         )
-        return np.concatenate(parts, axis=0)
+        return concat(parts)
 
     async def score_requests(self, users: Sequence[np.ndarray], peers: Sequence[np.ndarray]) -> ScoredBatch:
         """A batch of score requests: request i is users[i] ([1, F_u]) against peers[i] ([m_i, F_p]);
@@ -273,7 +267,9 @@ class Pipeline:
         inputs = []
         for start, (rows, bucket), peer_input in zip(chunk_starts(chunks), chunks, peer_inputs, strict=True):
             first, last = int(user_index[start]), int(user_index[start + rows - 1])
-            user_bucket = next(u for u in self._user_buckets[bucket] if u > last - first)
+            user_bucket = last - first + 1  # exact when the graph runs any rows, else the next compiled user bucket
+            if not self._plans[FUSED_STAGE].any_rows:
+                user_bucket = next(u for u in self._user_buckets[bucket] if u >= user_bucket)
             index = np.zeros(bucket, dtype=np.int64)
             index[:rows] = user_index[start : start + rows] - first
             inputs.append([padded(user[first : last + 1], user_bucket), peer_input, index])

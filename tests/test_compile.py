@@ -387,7 +387,36 @@ def _fused_inputs(users=4, peers=16, features=None, index_dtype=np.int64, index=
         (_fused_inputs(index=[-1] + [0] * 15), r"user_index values must be in \[0, 4\)"),
     ],
 )
-def test_the_fused_runner_refuses_what_the_device_would_not_run(fused_runner, inputs, needle):
+def test_the_fused_runner_refuses_what_the_device_would_not_run(small_artifact, inputs, needle):
+    device_rules = CpuBackend(small_artifact).load(FUSED_STAGE, CoreGroup(0))
+    device_rules.any_rows = False  # the rule every fixed-shape (device) runner keeps
+    with pytest.raises(InvalidInput, match=needle):
+        device_rules.run(inputs)
+
+
+@pytest.mark.parametrize("users, peers", [(3, 5), (1, 7), (16, 4), (2, 17)])
+def test_the_cpu_fused_graph_runs_exact_shapes_that_are_no_bucket(fused_runner, users, peers):
+    """The cpu artifact's one traced graph (parity-checked at every bucket and at one row count that is
+    none) takes exact rows, so the pipeline never pads for it; the scores are the eager model's."""
+    rng = np.random.default_rng(users * 100 + peers)
+    user = rng.standard_normal((users, SMALL_CONFIG.user_features), dtype=np.float32)
+    peer = rng.standard_normal((peers, SMALL_CONFIG.peer_features), dtype=np.float32)
+    index = rng.integers(0, users, peers)
+    assert fused_runner.any_rows
+    out = fused_runner.run([user, peer, index])
+    np.testing.assert_allclose(out, eager_scores(user, peer, index), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "inputs, needle",
+    [
+        (_fused_inputs(users=0), "the device runs only compiled shapes"),
+        (_fused_inputs(peers=0, index=[]), "the device runs only compiled shapes"),
+        (_fused_inputs(features=15), "the device runs only compiled shapes"),
+        (_fused_inputs(users=3, index=[3] + [0] * 15), r"user_index values must be in \[0, 3\)"),
+    ],
+)
+def test_the_cpu_fused_graph_still_refuses_what_it_cannot_run(fused_runner, inputs, needle):
     with pytest.raises(InvalidInput, match=needle):
         fused_runner.run(inputs)
 

@@ -207,6 +207,46 @@ def test_the_cpu_backend_queues_the_next_execution_behind_the_running_one(manife
     pipeline.close()
 
 
+def test_exact_chunks_cover_the_rows_unpadded_within_the_widest_efficient_bucket():
+    from neuronserve.bucket_plan import BucketPlan, exact_rows_cap
+
+    cost_s = {128: 0.37e-3, 512: 1.45e-3, 1024: 3.9e-3}  # per row: 2.9, 2.8, 3.8 us (1,024 spills the caches)
+    assert exact_rows_cap((128, 512, 1024), cost_s) == 512
+    assert exact_rows_cap((128, 512, 1024), cost_s, slack=1.4) == 1024
+    plan = BucketPlan((128, 512, 1024), cost_s, any_rows=True)
+    assert plan.chunks(1) == ((1, 1),) and plan.chunks(430) == ((430, 430),) and plan.chunks(512) == ((512, 512),)
+    assert plan.chunks(513) == ((257, 257), (256, 256)) and plan.chunks(1100) == ((367, 367), (367, 367), (366, 366))
+    assert BucketPlan((128, 512, 1024), cost_s).chunks(430) == ((430, 512),)  # a device's fixed shapes: padded
+    assert plan.total_cost_s(430) == cost_s[512]  # the batcher's estimate stays the padded plan's, an upper bound
+
+
+def test_the_cpu_backend_runs_batches_at_their_exact_rows(manifest):
+    """The cpu artifact's graphs are shape-generic (one traced file per stage): a batch is never padded,
+    and it is one execution while it fits the widest efficient bucket."""
+    pipeline = Pipeline(CpuBackend(manifest), Placement.data_parallel(1))
+    pipeline.start()
+    ref = reference_runners(manifest)
+    cfg = manifest.model_config
+    peers = pipeline.plans["twotower"].chunks(10**6)[0][0] - 1  # the cap less one: no bucket, one execution
+
+    async def main():
+        users = [rows(manifest, 1, cfg.user_features, seed=i) for i in range(3)]
+        sizes = [peers // 3, peers // 3, peers - 2 * (peers // 3)]
+        peer_rows = [rows(manifest, n, cfg.peer_features, seed=10 + i) for i, n in enumerate(sizes)]
+        batch = await pipeline.score_requests(users, peer_rows)
+        index = np.repeat(np.arange(3), sizes)
+        u, p = direct(ref["user_tower"], [np.concatenate(users)]), direct(ref["peer_tower"], [np.concatenate(peer_rows)])
+        np.testing.assert_allclose(batch.scores, direct(ref["pair_scorer"], [u[index], p]), rtol=1e-5, atol=1e-6)
+        tower = await pipeline.run_stage("peer_tower", [peer_rows[0][:3]])
+        np.testing.assert_allclose(tower, p[:3], rtol=1e-5, atol=1e-6)
+
+    asyncio.run(main())
+    stats = pipeline.stats().stages
+    assert (stats["twotower"].executions, stats["twotower"].rows, stats["twotower"].padded_rows) == (1, peers, 0)
+    assert (stats["peer_tower"].executions, stats["peer_tower"].padded_rows) == (1, 0)
+    pipeline.close()
+
+
 def test_pad_up_or_split_by_the_latency_model(manifest):
     buckets = manifest.stage("peer_tower").batch_sizes  # e.g. (1, 4, 16)
     small, largest = buckets[0], buckets[-1]

@@ -27,7 +27,9 @@ class Runner(ABC):
     per execution in flight), at most `max_in_flight` executions handed to them at once (1, or N for a
     graph compiled with --neuroncore-pipeline-cores N), so with fewer threads than executions the next
     one waits in the executor's queue and starts the moment a thread frees. Any input shape that was
-    not compiled is an InvalidInput error, as on the device. Returns a float32 array.
+    not compiled is an InvalidInput error, as on the device, unless `any_rows`: a host graph traced
+    once for every bucket runs any row count >= 1, so the pipeline sends it exact rows, unpadded.
+    Returns a float32 array.
     """
 
     stage: str
@@ -35,6 +37,7 @@ class Runner(ABC):
     batch_sizes: tuple[int, ...]
     max_in_flight: int = 1
     threads: int | None = None
+    any_rows: bool = False
 
     @abstractmethod
     def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray: ...
@@ -46,6 +49,9 @@ class Runner(ABC):
     @abstractmethod
     def warmup(self) -> None:
         """Run every compiled shape once on zeros (loads the graphs onto the core)."""
+
+    def _compiled(self, batch_size: int) -> bool:
+        return batch_size >= 1 if self.any_rows else batch_size in self.batch_sizes
 
     def healthy(self) -> bool:
         """False while the core group is out of rotation (faulted, resetting): the pipeline routes around it."""
@@ -77,7 +83,7 @@ class StageRunner(Runner):
         for i, (array, shape) in enumerate(zip(inputs, shapes, strict=False)):
             if array.dtype != np.float32 or not array.flags.c_contiguous:
                 raise InvalidInput(f"{self.stage} input {i} must be a C-contiguous float32 array, got {array.dtype}")
-            if array.shape != (batch_size,) + tuple(shape) or batch_size not in self.batch_sizes:
+            if array.shape != (batch_size,) + tuple(shape) or not self._compiled(batch_size):
                 raise InvalidInput(
                     f"{self.stage} input {i} has shape {tuple(array.shape)}; the device runs only compiled shapes "
                     f"(B, {', '.join(map(str, shape))}) with B in {list(self.batch_sizes)}, the same B for every input"
@@ -165,7 +171,7 @@ class FusedRunner(Runner):
             user.shape != (users,) + user_shape
             or peer.shape != (batch,) + peer_shape
             or index.shape != (batch,)
-            or users not in self.user_batch_sizes(batch)
+            or not ((users >= 1 and batch >= 1) if self.any_rows else users in self.user_batch_sizes(batch))
         ):
             raise InvalidInput(
                 f"{self.stage} inputs have shapes {tuple(user.shape)}, {tuple(peer.shape)}, {tuple(index.shape)}; the device runs only "

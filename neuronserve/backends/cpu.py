@@ -109,6 +109,7 @@ class CpuRunner(StageRunner):
         self.batch_sizes = tuple(sorted(graphs))
         self._graphs = graphs
         self._shapes = shapes
+        self.any_rows = one_graph(graphs)
 
     def input_shapes(self) -> tuple[tuple[int, ...], ...]:
         return self._shapes
@@ -118,11 +119,18 @@ class CpuRunner(StageRunner):
             self.run([np.zeros((batch,) + shape, dtype=np.float32) for shape in self._shapes])
 
     def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
-        graph = self._graphs[self.check_inputs(inputs)]
+        batch = self.check_inputs(inputs)
+        graph = self._graphs[batch if batch in self._graphs else self.batch_sizes[-1]]
         tensors = [as_tensor(x) for x in inputs]
         with torch.inference_mode():
             out = graph(*tensors)
         return out.numpy()
+
+
+def one_graph(graphs: dict) -> bool:
+    """True when every compiled shape is served by one graph (a cpu artifact's one file per stage, traced
+    once and parity-checked at every bucket by compile): a shape-generic graph, run at exact rows."""
+    return len({id(graph) for graph in graphs.values()}) == 1
 
 
 def warm_keys(graphs: dict) -> list:
@@ -164,6 +172,8 @@ class CpuFusedRunner(FusedRunner):
             forks = {id(graph): forking(graph) for graph in graphs.values()}
             self._forks = {key: forks[id(graph)] for key, graph in graphs.items()}
         self._launcher = TorchLauncher()
+        self.any_rows = process is None and one_graph(graphs)
+        self._any = next(iter(graphs))  # the key every exact shape runs with when any_rows
 
     def submit(self, chunks: Sequence[tuple[Sequence[np.ndarray], int]]):
         """On the loop: the batch's padded chunks ([user, peer, index], rows) -> an asyncio future of
@@ -176,8 +186,7 @@ class CpuFusedRunner(FusedRunner):
                 self.check_inputs(arrays)
             return self.process.submit(chunks)
         steps = [
-            Step(self._forks[self.check_inputs(arrays)], tuple(as_tensor(x) for x in arrays), rows)
-            for arrays, rows in chunks
+            Step(self._forks[self._key(arrays)], tuple(as_tensor(x) for x in arrays), rows) for arrays, rows in chunks
         ]
         return self._launcher.submit(steps)
 
@@ -193,8 +202,13 @@ class CpuFusedRunner(FusedRunner):
         for batch, users in warm_keys(self._graphs):
             self.run(self.zero_inputs(batch, users))
 
+    def _key(self, inputs: Sequence[np.ndarray]) -> tuple[int, int]:
+        """The checked inputs' (B, U) graph key (any_rows: the one graph's)."""
+        key = self.check_inputs(inputs)
+        return self._any if self.any_rows else key
+
     def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
-        graph = self._graphs[self.check_inputs(inputs)]
+        graph = self._graphs[self._key(inputs)]
         user, peer, index = (as_tensor(x) for x in inputs)
         with torch.inference_mode():
             out = graph(user, peer, index)
