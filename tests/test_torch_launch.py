@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
-from neuronserve.backends.torch_launch import Fork, Step, TorchLauncher, forking
+from neuronserve.backends.torch_launch import BusyFraction, Fork, Step, TorchLauncher, forking
 from neuronserve.errors import Unavailable
 
 
@@ -19,9 +20,17 @@ class _Graph(torch.nn.Module):
         return peer * 2 + user.index_select(0, index).sum(1, keepdim=True)
 
 
+GRAPH = torch.jit.script(_Graph())
+
+
 @pytest.fixture(scope="module")
 def fork() -> Fork:
-    return forking(torch.jit.script(_Graph()))
+    return forking(GRAPH)
+
+
+def threaded(**kwargs) -> TorchLauncher:
+    """A launcher that never runs inline: every execution on torch's thread."""
+    return TorchLauncher(inline_below=0.0, **kwargs)
 
 
 def _step(fork, rows: int, bucket: int, seed: int, index_offset: int = 0) -> tuple[Step, np.ndarray]:
@@ -32,12 +41,12 @@ def _step(fork, rows: int, bucket: int, seed: int, index_offset: int = 0) -> tup
     index = (np.arange(bucket) % 2 + index_offset).astype(np.int64)
     expected = peer * 2 + user.sum(1, keepdims=True)[index % 2]
     tensors = (torch.from_numpy(user), torch.from_numpy(peer), torch.from_numpy(index))
-    return Step(fork, tensors, rows), expected[:rows]
+    return Step(fork, tensors, rows, GRAPH), expected[:rows]
 
 
 def test_a_submission_returns_its_steps_rows_in_order(fork):
     async def main():
-        launcher = TorchLauncher()
+        launcher = threaded()
         (a, want_a), (b, want_b) = _step(fork, 3, 8, seed=1), _step(fork, 8, 8, seed=2)
         out, busy_s = await launcher.submit([a, b])
         launcher.close()
@@ -50,7 +59,7 @@ def test_a_submission_returns_its_steps_rows_in_order(fork):
 
 def test_submissions_complete_in_the_order_they_were_made(fork):
     async def main():
-        launcher = TorchLauncher()
+        launcher = threaded()
         finished: list[int] = []
         futures = [launcher.submit([_step(fork, 64, 64, seed=i)[0]]) for i in range(6)]
         for i, future in enumerate(futures):
@@ -64,7 +73,7 @@ def test_submissions_complete_in_the_order_they_were_made(fork):
 
 def test_a_failing_execution_fails_its_own_submission_only(fork):
     async def main():
-        launcher = TorchLauncher()
+        launcher = threaded()
         good, want = _step(fork, 4, 4, seed=3)
         bad, _ = _step(fork, 4, 4, seed=4, index_offset=5)  # index past the 2 user rows: index_select raises
         results = await asyncio.gather(
@@ -81,7 +90,7 @@ def test_a_failing_execution_fails_its_own_submission_only(fork):
 
 def test_close_waits_for_queued_work_then_refuses(fork):
     async def main():
-        launcher = TorchLauncher()
+        launcher = threaded()
         futures = [launcher.submit([_step(fork, 256, 256, seed=i)[0]]) for i in range(4)]
         await asyncio.to_thread(launcher.close)  # off the loop: the settles are queued on it meanwhile
         assert not launcher._running  # every execution ended before close returned
@@ -96,9 +105,107 @@ def test_busy_seconds_come_from_the_injected_clock(fork):
     ticks = iter(range(0, 100, 5))  # each reading 5 s after the one before: a start and an end per step
 
     async def main():
-        launcher = TorchLauncher(clock=lambda: float(next(ticks)))
+        launcher = threaded(clock=lambda: float(next(ticks)))
         _, busy_s = await launcher.submit([_step(fork, 2, 2, seed=5)[0], _step(fork, 2, 2, seed=6)[0]])
         launcher.close()
         return busy_s
 
     assert asyncio.run(main()) == 10.0
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now_s = 100.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def test_the_busy_fraction_reads_the_share_of_a_core_recent_work_needs():
+    busy = BusyFraction(tau_s=0.2)
+    for i in range(400):  # 1 ms of work every 4 ms, for 1.6 s (8 tau)
+        busy.add(i * 0.004, 0.001)
+    assert busy.at(1.6) == pytest.approx(0.25, rel=0.1)
+    assert busy.at(1.6 + 1.0) < 0.25 * 0.01  # 5 tau idle later
+
+
+def test_the_load_is_the_rows_submitted_at_the_cpu_cost_per_row_the_inline_runs_measured(fork):
+    """Fake clocks: each inline run takes 1 ms of CPU for 4 rows, so 250 us a row; 4 rows every 2 ms
+    need half the core, past threaded_above, so the launcher turns to torch's thread."""
+    clock, cpu = _Clock(), _Clock()
+
+    async def main():
+        launcher = TorchLauncher(clock=clock, cpu_clock=cpu, load=BusyFraction(tau_s=0.02))
+        real = GRAPH
+
+        def one_ms_of_cpu(*inputs):
+            cpu.now_s += 0.001
+            return real(*inputs)
+
+        modes = []
+        for _ in range(40):
+            step = dataclasses.replace(_step(fork, 4, 4, seed=2)[0], graph=one_ms_of_cpu)
+            future = launcher.submit([step])
+            modes.append(future.done())
+            await future
+            clock.now_s += 0.002
+        launcher.close()
+        return modes, launcher.row_s
+
+    modes, row_s = asyncio.run(main())
+    assert row_s == pytest.approx(0.00025)
+    assert modes[0] and not modes[-1] and modes.index(False) > 3
+
+
+def test_an_idle_launcher_at_low_load_runs_the_submission_before_submit_returns(fork):
+    clock = _Clock()
+
+    async def main():
+        launcher = TorchLauncher(clock=clock)
+        step, want = _step(fork, 3, 4, seed=7)
+        future = launcher.submit([step])
+        done_at_return = future.done()
+        out, _ = await future
+        launcher.close()
+        return done_at_return, out, want, launcher
+
+    done_at_return, out, want, launcher = asyncio.run(main())
+    assert done_at_return and not launcher._running
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+
+
+def test_past_threaded_above_the_launcher_forks_until_the_load_falls_under_inline_below(fork):
+    """Hysteresis on the busy fraction (fake clock): inline up to threaded_above, then torch's thread
+    until the load is back under inline_below."""
+    clock = _Clock()
+
+    async def mode_at(launcher: TorchLauncher, busy: float) -> str:
+        launcher.load = BusyFraction(tau_s=0.2, _value=busy, _at_s=clock.now_s)
+        future = launcher.submit([_step(fork, 2, 2, seed=8)[0]])
+        mode = "inline" if future.done() else "threaded"
+        await future
+        return mode
+
+    async def main():
+        launcher = TorchLauncher(clock=clock, inline_below=0.30, threaded_above=0.35)
+        modes = [await mode_at(launcher, busy) for busy in (0.10, 0.32, 0.36, 0.32, 0.29, 0.32)]
+        launcher.close()
+        return modes
+
+    assert asyncio.run(main()) == ["inline", "inline", "threaded", "threaded", "inline", "inline"]
+
+
+def test_an_inline_failure_fails_its_own_submission_and_the_launcher_goes_on(fork):
+    async def main():
+        launcher = TorchLauncher(clock=_Clock())
+        bad, _ = _step(fork, 4, 4, seed=4, index_offset=5)
+        good, want = _step(fork, 4, 4, seed=3)
+        failed = launcher.submit([bad])
+        with pytest.raises(RuntimeError, match="(?i)index"):
+            await failed
+        out, _ = await launcher.submit([good])
+        launcher.close()
+        return out, want
+
+    out, want = asyncio.run(main())
+    np.testing.assert_allclose(out, want, rtol=1e-6)

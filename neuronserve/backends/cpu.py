@@ -185,9 +185,10 @@ class CpuFusedRunner(FusedRunner):
             for arrays, _ in chunks:
                 self.check_inputs(arrays)
             return self.process.submit(chunks)
-        steps = [
-            Step(self._forks[self._key(arrays)], tuple(as_tensor(x) for x in arrays), rows) for arrays, rows in chunks
-        ]
+        steps = []
+        for arrays, rows in chunks:
+            key = self._key(arrays)
+            steps.append(Step(self._forks[key], tuple(as_tensor(x) for x in arrays), rows, self._graphs[key]))
         return self._launcher.submit(steps)
 
     def healthy(self) -> bool:

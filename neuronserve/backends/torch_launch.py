@@ -10,11 +10,20 @@ Contract: `submit(steps)` on the event loop -> an asyncio future of (the steps' 
 rows of each, concatenated in order; busy seconds). Executions run in submission order, one at a time;
 the next one starts from the previous one's completion callback on torch's thread, so the core never
 waits for the loop between executions. An execution that fails fails its own submission only.
+
+At low load the graph runs on the loop instead (plain's way, no thread at all): while the rows
+submitted need less than `inline_below` of the core (BusyFraction over the rows' cost at the CPU
+seconds per row the inline runs measure), a submission that finds the launcher idle runs inside
+`submit` and its future is done when `submit` returns. A batch is then about one request anyway, and
+the two wake-ups of a hand-off (torch's thread, then the loop) cost more CPU than the overlap saves
+(docs/pipeline.md). From `threaded_above` on, the launcher hands executions to torch's thread again,
+where the next batch forms while one runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections import deque
@@ -57,11 +66,31 @@ def forking(graph: torch.jit.ScriptModule) -> Fork:
 
 @dataclass(frozen=True)
 class Step:
-    """One execution: `fork` (from `forking`) on `inputs`, keeping the first `rows` rows of its output."""
+    """One execution: `fork` (from `forking`) on `inputs`, keeping the first `rows` rows of its output;
+    `graph` is the graph itself, called on the loop when the launcher runs the step inline."""
 
     fork: Fork
     inputs: tuple[torch.Tensor, ...]
     rows: int
+    graph: Callable[..., torch.Tensor]
+
+
+@dataclass
+class BusyFraction:
+    """The share of a core that recent work needs: its seconds decayed with time constant `tau_s`
+    (e^-t/tau per second of age), divided by tau_s. Work of e seconds every p seconds reads e/p; with
+    none for a few tau it falls to 0. Not thread-safe (the launcher holds its lock)."""
+
+    tau_s: float
+    _value: float = 0.0
+    _at_s: float = 0.0
+
+    def at(self, now_s: float) -> float:
+        return self._value * math.exp(-max(0.0, now_s - self._at_s) / self.tau_s)
+
+    def add(self, at_s: float, work_s: float) -> None:
+        self._value = self.at(at_s) + work_s / self.tau_s
+        self._at_s = at_s
 
 
 @dataclass(eq=False)
@@ -100,13 +129,23 @@ class TorchLauncher:
     The queue is bounded by the caller: the pipeline submits only while the group has a free slot."""
 
     clock: Callable[[], float] = time.perf_counter
+    cpu_clock: Callable[[], float] = time.thread_time  # the CPU seconds of an inline run (preemption excluded)
+    inline_below: float = 0.35  # load under which an idle launcher runs submissions inline (0: never)
+    threaded_above: float = 0.45  # ... and from which on it hands them to torch's thread again
+    load: BusyFraction = field(default_factory=lambda: BusyFraction(tau_s=0.2))
+    row_s: float = 0.0  # CPU seconds per row, as the inline runs measure them (a moving average)
+    _inline: bool = False  # set in __post_init__
     _queue: deque[_Queued] = field(default_factory=deque)
     _running: bool = False
     _closed: bool = False
     _idle: threading.Condition = field(default_factory=threading.Condition)
 
+    def __post_init__(self) -> None:
+        self._inline = self.inline_below > 0
+
     def submit(self, steps: Sequence[Step]) -> asyncio.Future:
-        """Queue the steps (one submission); the future is settled on the calling loop."""
+        """Queue the steps (one submission), or run them here at low load; the future is settled on
+        the calling loop."""
         if not steps:
             raise ValueError("submit needs at least one step")
         loop = asyncio.get_running_loop()
@@ -114,11 +153,41 @@ class TorchLauncher:
         with self._idle:
             if self._closed:
                 raise Unavailable("the core group's launcher is closed")
-            self._queue.extend(_Queued(submission, i, step) for i, step in enumerate(steps))
-            first = self._next_locked() if not self._running else None
-        if first is not None:
+            inline = self._low_load(steps) and not self._running
+            if inline:
+                self._running = True  # close() waits for the inline run too
+            else:
+                self._queue.extend(_Queued(submission, i, step) for i, step in enumerate(steps))
+                first = self._next_locked() if not self._running else None
+        if inline:
+            self._run_inline(submission, steps)
+        elif first is not None:
             self._start(first)
         return submission.future
+
+    def _low_load(self, steps: Sequence[Step]) -> bool:
+        """Count the steps' rows into the load; True while it is low enough to run inline (hysteresis:
+        inline until threaded_above, then threaded until the load is back under inline_below)."""
+        if self.inline_below > 0:
+            now_s = self.clock()
+            self.load.add(now_s, self.row_s * sum(step.rows for step in steps))
+            self._inline = self.load.at(now_s) < (self.threaded_above if self._inline else self.inline_below)
+        return self._inline
+
+    def _run_inline(self, submission: _Submission, steps: Sequence[Step]) -> None:
+        """The submission's steps on this thread, one after the other; its future is done on return."""
+        start_s, start_cpu_s = self.clock(), self.cpu_clock()
+        try:
+            with torch.inference_mode():
+                outs = [step.graph(*step.inputs).numpy()[: step.rows] for step in steps]
+        except Exception as exc:  # the graph raised: this submission fails, the launcher goes on
+            submission.future.set_exception(exc)
+        else:
+            submission.future.set_result((concat(outs), self.clock() - start_s))
+            row_s = (self.cpu_clock() - start_cpu_s) / max(1, sum(step.rows for step in steps))
+            self.row_s = row_s if self.row_s == 0 else 0.9 * self.row_s + 0.1 * row_s
+        with self._idle:
+            self._next_locked()  # nothing was queued meanwhile (only the loop submits): marks it idle
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Refuse new submissions; wait (up to timeout_s) for the queued and running executions to end."""
