@@ -1,12 +1,22 @@
 """What several test files share: LoopThread, an event loop on a daemon thread where a test's servers
 live (the test calls them from its own thread with sync stubs, or runs coroutines there with `run`),
-and wait_until, a poll with a deadline instead of a sleep."""
+wait_until, a poll with a deadline instead of a sleep, and FakeClock, a clock a test moves by hand."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
+
+
+class FakeClock:
+    """Seconds that move only when a test sets `now_s`."""
+
+    def __init__(self) -> None:
+        self.now_s = 100.0
+
+    def __call__(self) -> float:
+        return self.now_s
 
 
 class LoopThread:

@@ -11,6 +11,7 @@ import torch
 
 from neuronserve.backends.torch_launch import BusyFraction, Fork, Step, TorchLauncher, forking
 from neuronserve.errors import Unavailable
+from support import FakeClock
 
 
 class _Graph(torch.nn.Module):
@@ -113,14 +114,6 @@ def test_busy_seconds_come_from_the_injected_clock(fork):
     assert asyncio.run(main()) == 10.0
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now_s = 100.0
-
-    def __call__(self) -> float:
-        return self.now_s
-
-
 def test_the_busy_fraction_reads_the_share_of_a_core_recent_work_needs():
     busy = BusyFraction(tau_s=0.2)
     for i in range(400):  # 1 ms of work every 4 ms, for 1.6 s (8 tau)
@@ -132,7 +125,7 @@ def test_the_busy_fraction_reads_the_share_of_a_core_recent_work_needs():
 def test_the_load_is_the_rows_submitted_at_the_cpu_cost_per_row_the_inline_runs_measured(fork):
     """Fake clocks: each inline run takes 1 ms of CPU for 4 rows, so 250 us a row; 4 rows every 2 ms
     need half the core, past threaded_above, so the launcher turns to torch's thread."""
-    clock, cpu = _Clock(), _Clock()
+    clock, cpu = FakeClock(), FakeClock()
 
     async def main():
         launcher = TorchLauncher(clock=clock, cpu_clock=cpu, load=BusyFraction(tau_s=0.02))
@@ -158,7 +151,7 @@ def test_the_load_is_the_rows_submitted_at_the_cpu_cost_per_row_the_inline_runs_
 
 
 def test_an_idle_launcher_at_low_load_runs_the_submission_before_submit_returns(fork):
-    clock = _Clock()
+    clock = FakeClock()
 
     async def main():
         launcher = TorchLauncher(clock=clock)
@@ -177,7 +170,7 @@ def test_an_idle_launcher_at_low_load_runs_the_submission_before_submit_returns(
 def test_past_threaded_above_the_launcher_forks_until_the_load_falls_under_inline_below(fork):
     """Hysteresis on the busy fraction (fake clock): inline up to threaded_above, then torch's thread
     until the load is back under inline_below."""
-    clock = _Clock()
+    clock = FakeClock()
 
     async def mode_at(launcher: TorchLauncher, busy: float) -> str:
         launcher.load = BusyFraction(tau_s=0.2, _value=busy, _at_s=clock.now_s)
@@ -197,7 +190,7 @@ def test_past_threaded_above_the_launcher_forks_until_the_load_falls_under_inlin
 
 def test_an_inline_failure_fails_its_own_submission_and_the_launcher_goes_on(fork):
     async def main():
-        launcher = TorchLauncher(clock=_Clock())
+        launcher = TorchLauncher(clock=FakeClock())
         bad, _ = _step(fork, 4, 4, seed=4, index_offset=5)
         good, want = _step(fork, 4, 4, seed=3)
         failed = launcher.submit([bad])

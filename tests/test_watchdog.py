@@ -8,14 +8,7 @@ import threading
 import pytest
 
 from neuronserve.watchdog import LoopWatchdog
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now_s = 100.0
-
-    def __call__(self) -> float:
-        return self.now_s
+from support import FakeClock
 
 
 def test_a_stall_is_told_once_the_last_beat_is_older_than_the_timeout():
