@@ -130,8 +130,8 @@ class TorchLauncher:
 
     clock: Callable[[], float] = time.perf_counter
     cpu_clock: Callable[[], float] = time.thread_time  # the CPU seconds of an inline run (preemption excluded)
-    inline_below: float = 0.35  # load under which an idle launcher runs submissions inline (0: never)
-    threaded_above: float = 0.45  # ... and from which on it hands them to torch's thread again
+    inline_below: float = 0.20  # load under which an idle launcher runs submissions inline (0: never)
+    threaded_above: float = 0.30  # ... and from which on it hands them to torch's thread again
     load: BusyFraction = field(default_factory=lambda: BusyFraction(tau_s=0.2))
     row_s: float = 0.0  # CPU seconds per row, as the inline runs measure them (a moving average)
     _inline: bool = False  # set in __post_init__
