@@ -250,8 +250,9 @@ class Pipeline:
     def _fused_inputs(
         self, user: np.ndarray, peers: Sequence[np.ndarray], user_index: np.ndarray, chunks
     ) -> tuple[np.ndarray, list[list[np.ndarray]]]:
-        """(the peer rows, per chunk [users padded to a user bucket, peers padded to the bucket, index]).
-        One chunk (the usual case): the peers are copied once, straight into the padded input."""
+        """(the peer rows, per chunk [users padded to a user bucket, peers padded to the bucket, index];
+        exact rows, no padding, when the graph runs any rows). One chunk (the usual case): the peers are
+        copied once, straight into the input."""
         if len(chunks) == 1:
             rows, bucket = chunks[0]
             padded_peer = np.empty((bucket, peers[0].shape[1]), dtype=np.float32)
