@@ -1,7 +1,7 @@
 """Host CPU of neuronserve's own request path, layer by layer, in one process, without gRPC and without
 the model (for profiling, not a benchmark of the server): the cpu backend's fused graph is replaced
 by a stub that returns zeros of the right shape, so what is left is the service, the batcher and the
-pipeline (assembly, the executor hop, the fan-out). One request of 1 user x 128 peers at a time, then
+pipeline (assembly, the fan-out; the launcher runs the stub on the loop, its low-load path). One request of 1 user x 128 peers at a time, then
 64 callers at once.
 
     python tools/request_path_layers.py ARTIFACT     # a --target cpu artifact with the fused graph
@@ -12,8 +12,10 @@ import sys
 import time
 
 import numpy as np
+import torch
 
 from neuronserve.backends import cpu
+from neuronserve.backends.torch_launch import Step
 from neuronserve.config import ServerConfig
 from neuronserve.protos import open_inference_pb2 as oip
 from neuronserve.server import Server
@@ -32,6 +34,11 @@ def _stub_run(self, inputs):
     return np.zeros((inputs[1].shape[0], 4), np.float32)
 
 
+def _stub_step(fork, inputs, rows, graph):
+    """The launcher's step with the stand-in graph (the cpu backend runs it on the loop at low load)."""
+    return Step(fork, inputs, rows, lambda user, peer, index: torch.zeros((peer.shape[0], 4)))
+
+
 def _request() -> oip.ModelInferRequest:
     request = oip.ModelInferRequest(model_name="twotower")
     request.inputs.add(name="USER_FEATURES", datatype="FP32", shape=[1, 64])
@@ -42,6 +49,7 @@ def _request() -> oip.ModelInferRequest:
 
 async def main(artifact: str) -> None:
     cpu.CpuFusedRunner.run = _stub_run  # the measurement's stand-in for the model (this script only)
+    cpu.Step = _stub_step
     server = Server(ServerConfig(artifact=artifact, port=0, metrics_port=None, backend="cpu"))
     await server.start()
     service, request, context = server._servicers[1], _request(), _Context()
