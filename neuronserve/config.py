@@ -239,6 +239,9 @@ class ServerConfig:
     )
     reflection: bool = True  # gRPC server reflection
     model_process: bool = False  # cpu backend: the fused graph in a process per core group (model_process.py)
+    # cpu backend: a batch runs on the event loop while the rows submitted need less than this share of
+    # a core (torch_launch.py, docs/pipeline.md); 0: always on torch's inter-op thread
+    inline_below: float = 0.2
     # the interpreter's thread switch interval (sys.setswitchinterval; Python's default 5 ms): a model thread
     # retaking the GIL behind the busy event loop waits at most this long each time (docs/benchmarks.md)
     gil_switch_ms: float = 0.1
@@ -276,6 +279,7 @@ class ServerConfig:
             self.cpu_affinity in ("none", "split"), f"cpu_affinity must be none or split, got {self.cpu_affinity!r}"
         )
         _require(self.worker_timeout_s > 0, f"worker_timeout_s must be > 0, got {self.worker_timeout_s}")
+        _require(0 <= self.inline_below < 1, f"inline_below must be >= 0 and < 1, got {self.inline_below}")
         _require(0 < self.gil_switch_ms <= 100, f"gil_switch_ms must be > 0 and <= 100, got {self.gil_switch_ms}")
         _require(
             self.placement is None or (self.workers or 1) == 1,

@@ -144,7 +144,9 @@ class Server:
         span = core_span(backend, config.cores)
         self.cores, self._span = span.count, span
         sim = dataclasses.replace(config.sim, num_cores=span.count)
-        self.backend = make_backend(backend, manifest, sim, visible_cores=span, model_process=config.model_process)
+        self.backend = make_backend(
+            backend, manifest, sim, span, model_process=config.model_process, inline_below=config.inline_below
+        )
         if config.placement:
             placement = Placement.parse(config.placement, span.count, first=span.first)
         else:

@@ -215,6 +215,12 @@ SETTINGS: tuple[_Setting, ...] = (
         "cpu backend: run each core group's fused graph in a process of its own, fed through shared memory from the event loop (no executor thread waiting for the GIL: docs/benchmarks.md)",
     ),
     _Setting(
+        "inline_below",
+        _number,
+        "SHARE",
+        "cpu backend: run a batch on the event loop while the rows submitted need less than this share of a core (fewer thread wake-ups at low load); torch's thread again from this + 0.1; 0: never; default 0.2 (docs/pipeline.md)",
+    ),
+    _Setting(
         "gil_switch_ms",
         _number,
         "MS",

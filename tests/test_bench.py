@@ -86,9 +86,10 @@ def server(artifact_dir):
 @pytest.fixture(scope="module")
 def refusing_server(artifact_dir):
     """A server whose queue bound in time is 1 us: a request arriving while any work is queued or
-    running is refused at the door (RESOURCE_EXHAUSTED), so modest load provokes refusals."""
+    running is refused at the door (RESOURCE_EXHAUSTED), so modest load provokes refusals. Batches go to
+    torch's thread (--inline-below 0): run on the loop, no work would ever be running when one arrives."""
     argv = [sys.executable, "-m", "neuronserve", "serve", "--artifact", artifact_dir, "--backend", "cpu", "--port", "0", "--metrics-port", "0",
-            "--max-queue-wait-ms", "0.001"]
+            "--max-queue-wait-ms", "0.001", "--inline-below", "0"]
     srv = ServerProcess(argv)
     yield srv
     srv.stop()

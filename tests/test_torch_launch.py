@@ -30,8 +30,8 @@ def fork() -> Fork:
 
 
 def threaded(**kwargs) -> TorchLauncher:
-    """A launcher that never runs inline: every execution on torch's thread."""
-    return TorchLauncher(inline_below=0.0, **kwargs)
+    """A launcher that never runs inline (its default): every execution on torch's thread."""
+    return TorchLauncher(**kwargs)
 
 
 def _step(fork, rows: int, bucket: int, seed: int, index_offset: int = 0) -> tuple[Step, np.ndarray]:
@@ -128,7 +128,7 @@ def test_the_load_is_the_rows_submitted_at_the_cpu_cost_per_row_the_inline_runs_
     clock, cpu = FakeClock(), FakeClock()
 
     async def main():
-        launcher = TorchLauncher(clock=clock, cpu_clock=cpu, load=BusyFraction(tau_s=0.02))
+        launcher = TorchLauncher(clock=clock, cpu_clock=cpu, inline_below=0.2, load=BusyFraction(tau_s=0.02))
         real = GRAPH
 
         def one_ms_of_cpu(*inputs):
@@ -154,7 +154,7 @@ def test_an_idle_launcher_at_low_load_runs_the_submission_before_submit_returns(
     clock = FakeClock()
 
     async def main():
-        launcher = TorchLauncher(clock=clock)
+        launcher = TorchLauncher(clock=clock, inline_below=0.2)
         step, want = _step(fork, 3, 4, seed=7)
         future = launcher.submit([step])
         done_at_return = future.done()
@@ -167,9 +167,9 @@ def test_an_idle_launcher_at_low_load_runs_the_submission_before_submit_returns(
     np.testing.assert_allclose(out, want, rtol=1e-6)
 
 
-def test_past_threaded_above_the_launcher_forks_until_the_load_falls_under_inline_below(fork):
-    """Hysteresis on the busy fraction (fake clock): inline up to threaded_above, then torch's thread
-    until the load is back under inline_below."""
+def test_past_the_gap_the_launcher_forks_until_the_load_falls_under_inline_below(fork):
+    """Hysteresis on the busy fraction (fake clock): inline up to inline_below + INLINE_GAP, then
+    torch's thread until the load is back under inline_below."""
     clock = FakeClock()
 
     async def mode_at(launcher: TorchLauncher, busy: float) -> str:
@@ -180,8 +180,8 @@ def test_past_threaded_above_the_launcher_forks_until_the_load_falls_under_inlin
         return mode
 
     async def main():
-        launcher = TorchLauncher(clock=clock, inline_below=0.30, threaded_above=0.35)
-        modes = [await mode_at(launcher, busy) for busy in (0.10, 0.32, 0.36, 0.32, 0.29, 0.32)]
+        launcher = TorchLauncher(clock=clock, inline_below=0.30)  # threaded from 0.40
+        modes = [await mode_at(launcher, busy) for busy in (0.10, 0.35, 0.41, 0.35, 0.29, 0.35)]
         launcher.close()
         return modes
 
@@ -190,7 +190,7 @@ def test_past_threaded_above_the_launcher_forks_until_the_load_falls_under_inlin
 
 def test_an_inline_failure_fails_its_own_submission_and_the_launcher_goes_on(fork):
     async def main():
-        launcher = TorchLauncher(clock=FakeClock())
+        launcher = TorchLauncher(clock=FakeClock(), inline_below=0.2)
         bad, _ = _step(fork, 4, 4, seed=4, index_offset=5)
         good, want = _step(fork, 4, 4, seed=3)
         failed = launcher.submit([bad])
@@ -202,3 +202,21 @@ def test_an_inline_failure_fails_its_own_submission_and_the_launcher_goes_on(for
 
     out, want = asyncio.run(main())
     np.testing.assert_allclose(out, want, rtol=1e-6)
+
+
+def test_the_server_setting_reaches_the_cpu_backends_launcher_and_is_checked(small_artifact):
+    from neuronserve.artifact import load_manifest
+    from neuronserve.backends import make_backend
+    from neuronserve.config import CoreGroup, ServerConfig
+    from neuronserve.contract import FUSED_STAGE
+    from neuronserve.errors import ConfigError
+
+    directory = str(small_artifact.directory)
+    assert ServerConfig(artifact=directory).inline_below == 0.2
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ConfigError, match="inline_below"):
+            ServerConfig(artifact=directory, inline_below=bad)
+    backend = make_backend("cpu", load_manifest(directory), inline_below=0.25)
+    runner = backend.load(FUSED_STAGE, CoreGroup(0))
+    assert runner._launcher.inline_below == 0.25
+    runner.close()

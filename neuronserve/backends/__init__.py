@@ -66,15 +66,16 @@ def make_backend(
     sim: SimConfig = SimConfig(),
     visible_cores: CoreGroup | None = None,
     model_process: bool = False,
+    inline_below: float = 0.0,
 ) -> Backend:
     """`visible_cores`: the span of NeuronCores this process serves (core_span); the neuron runtime pins
     it at the first load (NEURON_RT_VISIBLE_CORES). None: the neuron backend pins the environment's
-    value, or the first group it loads. `model_process`: cpu only, the fused graph in its own process."""
+    value, or the first group it loads. `model_process`, `inline_below`: cpu only (ServerConfig says what)."""
     name = resolve_backend(name, manifest)
     if name == "cpu":
         from neuronserve.backends.cpu import CpuBackend
 
-        return CpuBackend(manifest, model_process=model_process)
+        return CpuBackend(manifest, model_process=model_process, inline_below=inline_below)
     if name == "sim":
         from neuronserve.backends.sim import SimBackend
 

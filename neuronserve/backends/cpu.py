@@ -32,8 +32,10 @@ CPU_IN_FLIGHT, CPU_THREADS = 2, 1
 class CpuBackend(Backend):
     name = "cpu"
 
-    def __init__(self, manifest: Manifest, model_process: bool = False) -> None:
-        """model_process: the fused graph runs in a process of its own per core group (model_process.py)."""
+    def __init__(self, manifest: Manifest, model_process: bool = False, inline_below: float = 0.0) -> None:
+        """model_process: the fused graph runs in a process of its own per core group (model_process.py);
+        inline_below: the load under which a batch runs on the event loop (torch_launch.TorchLauncher;
+        0: never; the server passes ServerConfig.inline_below)."""
         if manifest.target != "cpu":
             raise BackendUnavailable(
                 f"artifact {manifest.directory} was compiled for {manifest.target}; the cpu backend runs --target cpu artifacts "
@@ -44,6 +46,7 @@ class CpuBackend(Backend):
         # host intra-op threads of concurrent executions would only fight over the same cores.
         torch.set_num_threads(1)
         self.model_process = model_process
+        self.inline_below = inline_below
         # Each file loaded once and shared by every core group (a TorchScript module runs concurrently
         # on several threads): torch.jit.load holds the GIL, so a version loading beside served traffic
         # stalls the event loop for each file it loads.
@@ -70,7 +73,7 @@ class CpuBackend(Backend):
             pairs = {(b.batch_size, int(b.user_batch_size or 0)): graph(b.file) for b in spec.buckets}
             shapes = tuple(tuple(t.shape[1:]) for t in spec.inputs[:2])
             process = self._model_process(spec, shapes, cores) if self.model_process else None
-            return CpuFusedRunner(cores, pairs, shapes, process)
+            return CpuFusedRunner(cores, pairs, shapes, process, self.inline_below)
         graphs = {b.batch_size: graph(b.file) for b in spec.buckets}
         shapes = tuple(tuple(t.shape[1:]) for t in spec.inputs)
         return CpuRunner(stage, cores, graphs, shapes)
@@ -163,6 +166,7 @@ class CpuFusedRunner(FusedRunner):
         graphs: dict[tuple[int, int], torch.jit.ScriptModule],
         shapes: Sequence[tuple[int, ...]],
         process: ModelProcess | None = None,
+        inline_below: float = 0.0,
     ) -> None:
         super().__init__(cores, graphs, shapes)
         self._graphs = graphs  # (B, U) -> graph: warm-up, timing, and jobs too large for the process's slots
@@ -171,7 +175,7 @@ class CpuFusedRunner(FusedRunner):
         if process is None:  # one forking wrapper per distinct graph: a shape-generic file serves every pair
             forks = {id(graph): forking(graph) for graph in graphs.values()}
             self._forks = {key: forks[id(graph)] for key, graph in graphs.items()}
-        self._launcher = TorchLauncher()
+        self._launcher = TorchLauncher(inline_below=inline_below)
         self.any_rows = process is None and one_graph(graphs)
         self._any = next(iter(graphs))  # the key every exact shape runs with when any_rows
 

@@ -12,12 +12,12 @@ the next one starts from the previous one's completion callback on torch's threa
 waits for the loop between executions. An execution that fails fails its own submission only.
 
 At low load the graph runs on the loop instead (plain's way, no thread at all): while the rows
-submitted need less than `inline_below` of the core (BusyFraction over the rows' cost at the CPU
+submitted need less than `inline_below` of the core (ServerConfig.inline_below, default 0.2) (BusyFraction over the rows' cost at the CPU
 seconds per row the inline runs measure), a submission that finds the launcher idle runs inside
 `submit` and its future is done when `submit` returns. A batch is then about one request anyway, and
 the two wake-ups of a hand-off (torch's thread, then the loop) cost more CPU than the overlap saves
-(docs/pipeline.md). From `threaded_above` on, the launcher hands executions to torch's thread again,
-where the next batch forms while one runs.
+(docs/pipeline.md). From `inline_below + INLINE_GAP` on, the launcher hands executions to torch's
+thread again, where the next batch forms while one runs.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class _Fork(torch.nn.Module):
         return torch.jit.fork(self.graph, user.detach(), peer.detach(), index.detach())
 
 
+INLINE_GAP = 0.1  # the hysteresis: threaded from inline_below + INLINE_GAP, inline again under inline_below
 Fork = Callable[..., torch.futures.Future]  # (user, peer, index) -> a future of the graph's output
 
 
@@ -130,8 +131,7 @@ class TorchLauncher:
 
     clock: Callable[[], float] = time.perf_counter
     cpu_clock: Callable[[], float] = time.thread_time  # the CPU seconds of an inline run (preemption excluded)
-    inline_below: float = 0.20  # load under which an idle launcher runs submissions inline (0: never)
-    threaded_above: float = 0.30  # ... and from which on it hands them to torch's thread again
+    inline_below: float = 0.0  # load under which an idle launcher runs submissions inline (0: never)
     load: BusyFraction = field(default_factory=lambda: BusyFraction(tau_s=0.2))
     row_s: float = 0.0  # CPU seconds per row, as the inline runs measure them (a moving average)
     _inline: bool = False  # set in __post_init__
@@ -167,11 +167,12 @@ class TorchLauncher:
 
     def _low_load(self, steps: Sequence[Step]) -> bool:
         """Count the steps' rows into the load; True while it is low enough to run inline (hysteresis:
-        inline until threaded_above, then threaded until the load is back under inline_below)."""
+        inline until inline_below + INLINE_GAP, then threaded until the load is back under inline_below)."""
         if self.inline_below > 0:
             now_s = self.clock()
             self.load.add(now_s, self.row_s * sum(step.rows for step in steps))
-            self._inline = self.load.at(now_s) < (self.threaded_above if self._inline else self.inline_below)
+            bound = self.inline_below + INLINE_GAP if self._inline else self.inline_below
+            self._inline = self.load.at(now_s) < bound
         return self._inline
 
     def _run_inline(self, submission: _Submission, steps: Sequence[Step]) -> None:
