@@ -12,9 +12,9 @@ the next one starts from the previous one's completion callback on torch's threa
 waits for the loop between executions. An execution that fails fails its own submission only.
 
 At low load the graph runs on the loop instead (plain's way, no thread at all): while the rows
-submitted need less than `inline_below` of the core (ServerConfig.inline_below, default 0.2) (BusyFraction over the rows' cost at the CPU
-seconds per row the inline runs measure), a submission that finds the launcher idle runs inside
-`submit` and its future is done when `submit` returns. A batch is then about one request anyway, and
+submitted need less than `inline_below` of the core (`--inline-below`, default 0.2; BusyFraction over
+the rows' cost at the CPU seconds per row the inline runs measure), a submission that finds the
+launcher idle runs inside `submit` and its future is done when `submit` returns. A batch is then about one request anyway, and
 the two wake-ups of a hand-off (torch's thread, then the loop) cost more CPU than the overlap saves
 (docs/pipeline.md). From `inline_below + INLINE_GAP` on, the launcher hands executions to torch's
 thread again, where the next batch forms while one runs.
