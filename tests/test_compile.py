@@ -477,3 +477,28 @@ def test_a_malformed_fused_stage_is_refused(tmp_path, mutate, needle):
     rewrite_manifest(out, mutate)
     with pytest.raises(ArtifactError, match=needle):
         load_manifest(out)
+
+
+class _EvenRowsOnly(torch.nn.Module):
+    """Right at every even row count only: tracing bakes the branch taken at the trace's batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.shape[0] % 2 == 0 else x * 3
+
+
+def test_compile_refuses_a_cpu_graph_right_at_every_bucket_but_wrong_at_another_row_count(tmp_path):
+    """The server runs cpu graphs at exact rows, so compile also checks one row count that is no bucket
+    (the largest bucket less one): a graph baked at the trace's shape passes buckets 2, 4, 16 and fails there."""
+    from neuronserve.artifact import TensorSpec
+    from neuronserve.compile.graphs import compile_stage
+
+    class _Bar:
+        def set_postfix_str(self, _):
+            pass
+
+        def update(self, _):
+            pass
+
+    spec = [TensorSpec("x", "float32", (-1, 3))]
+    with pytest.raises(ArtifactError, match=r"peer_tower batch 15 \(no bucket\) differs"):
+        compile_stage(tmp_path, "peer_tower", _EvenRowsOnly(), spec, (2, 4, 16), "cpu", 1, None, {}, _Bar(), torch.Generator().manual_seed(0))

@@ -123,7 +123,7 @@ class CpuRunner(StageRunner):
 
     def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
         batch = self.check_inputs(inputs)
-        graph = self._graphs[batch if batch in self._graphs else self.batch_sizes[-1]]
+        graph = self._graphs[self.batch_sizes[-1] if self.any_rows else batch]  # any_rows: the one graph
         tensors = [as_tensor(x) for x in inputs]
         with torch.inference_mode():
             out = graph(*tensors)

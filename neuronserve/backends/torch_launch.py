@@ -153,29 +153,30 @@ class TorchLauncher:
         with self._idle:
             if self._closed:
                 raise Unavailable("the core group's launcher is closed")
-            inline = self._low_load(steps) and not self._running
+            rows = sum(step.rows for step in steps)
+            inline = self._low_load(rows) and not self._running
             if inline:
                 self._running = True  # close() waits for the inline run too
             else:
                 self._queue.extend(_Queued(submission, i, step) for i, step in enumerate(steps))
                 first = self._next_locked() if not self._running else None
         if inline:
-            self._run_inline(submission, steps)
+            self._run_inline(submission, steps, rows)
         elif first is not None:
             self._start(first)
         return submission.future
 
-    def _low_load(self, steps: Sequence[Step]) -> bool:
-        """Count the steps' rows into the load; True while it is low enough to run inline (hysteresis:
+    def _low_load(self, rows: int) -> bool:
+        """Count a submission's rows into the load; True while it is low enough to run inline (hysteresis:
         inline until inline_below + INLINE_GAP, then threaded until the load is back under inline_below)."""
         if self.inline_below > 0:
             now_s = self.clock()
-            self.load.add(now_s, self.row_s * sum(step.rows for step in steps))
+            self.load.add(now_s, self.row_s * rows)
             bound = self.inline_below + INLINE_GAP if self._inline else self.inline_below
             self._inline = self.load.at(now_s) < bound
         return self._inline
 
-    def _run_inline(self, submission: _Submission, steps: Sequence[Step]) -> None:
+    def _run_inline(self, submission: _Submission, steps: Sequence[Step], rows: int) -> None:
         """The submission's steps on this thread, one after the other; its future is done on return."""
         start_s, start_cpu_s = self.clock(), self.cpu_clock()
         try:
@@ -185,7 +186,7 @@ class TorchLauncher:
             submission.future.set_exception(exc)
         else:
             submission.future.set_result((concat(outs), self.clock() - start_s))
-            row_s = (self.cpu_clock() - start_cpu_s) / max(1, sum(step.rows for step in steps))
+            row_s = (self.cpu_clock() - start_cpu_s) / max(1, rows)
             self.row_s = row_s if self.row_s == 0 else 0.9 * self.row_s + 0.1 * row_s
         with self._idle:
             self._next_locked()  # nothing was queued meanwhile (only the loop submits): marks it idle
