@@ -486,6 +486,7 @@ class _EvenRowsOnly(torch.nn.Module):
         return x * 2 if x.shape[0] % 2 == 0 else x * 3
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the baked branch is the point
 def test_compile_refuses_a_cpu_graph_right_at_every_bucket_but_wrong_at_another_row_count(tmp_path):
     """The server runs cpu graphs at exact rows, so compile also checks one row count that is no bucket
     (the largest bucket less one): a graph baked at the trace's shape passes buckets 2, 4, 16 and fails there."""
