@@ -14,6 +14,7 @@ from neuronserve.artifact import Manifest, load_manifest
 from neuronserve.backends.cpu import CpuBackend
 from neuronserve.backends.sim import LatencyModel, SimBackend, StageLatency
 from neuronserve.config import STAGES, CoreGroup, Placement, SimConfig
+from neuronserve.contract import FUSED_STAGE
 from neuronserve.errors import CoreFault, InvalidInput, Unavailable
 from neuronserve.pipeline import Pipeline
 
@@ -170,6 +171,19 @@ def test_a_paced_start_pauses_after_every_stage_it_loads(manifest):
     assert len(loaded) == len(stages) and loaded[-1] == stages
     assert [len(names) for names in loaded] == list(range(1, len(stages) + 1))
     pipeline.close()
+
+
+def test_the_cpu_fused_runner_scripts_one_launch_wrapper_per_distinct_graph(manifest, monkeypatch):
+    """A cpu artifact's one fused file serves every (B, U) bucket: its launch wrapper is scripted once
+    (each scripting holds the GIL ~3 ms; once per bucket stalled the traffic beside a version load)."""
+    import neuronserve.backends.cpu as cpu
+
+    scripted = []
+    real = cpu.forking
+    monkeypatch.setattr(cpu, "forking", lambda graph: scripted.append(graph) or real(graph))
+    runner = CpuBackend(manifest).load(FUSED_STAGE, CoreGroup(0))
+    assert len(runner._graphs) > 1 and len(scripted) == len({id(g) for g in runner._graphs.values()}) == 1
+    assert {id(f) for f in runner._forks.values()} == {id(runner._forks[next(iter(runner._graphs))])}
 
 
 def test_the_cpu_backend_queues_the_next_execution_behind_the_running_one(manifest):

@@ -173,7 +173,8 @@ class CpuFusedRunner(FusedRunner):
         self.process = process  # the pipeline's batches go here when set (submit)
         self._forks: dict[tuple[int, int], Fork] = {}  # (B, U) -> its graph's launch, without a process
         if process is None:  # one forking wrapper per distinct graph: a shape-generic file serves every pair
-            forks = {id(graph): forking(graph) for graph in graphs.values()}
+            distinct = {id(graph): graph for graph in graphs.values()}  # scripted once each, not once per key
+            forks = {key: forking(graph) for key, graph in distinct.items()}
             self._forks = {key: forks[id(graph)] for key, graph in graphs.items()}
         self._launcher = TorchLauncher(inline_below=inline_below)
         self.any_rows = process is None and one_graph(graphs)
