@@ -182,8 +182,8 @@ def test_the_cpu_fused_runner_scripts_one_launch_wrapper_per_distinct_graph(mani
     real = cpu.forking
     monkeypatch.setattr(cpu, "forking", lambda graph: scripted.append(graph) or real(graph))
     runner = CpuBackend(manifest).load(FUSED_STAGE, CoreGroup(0))
-    assert len(runner._graphs) > 1 and len(scripted) == len({id(g) for g in runner._graphs.values()}) == 1
-    assert {id(f) for f in runner._forks.values()} == {id(runner._forks[next(iter(runner._graphs))])}
+    assert len(runner._graphs) > 1 and len({id(g) for g in runner._graphs.values()}) == 1
+    assert len(scripted) == 1 and len({id(f) for f in runner._forks.values()}) == 1
 
 
 def test_the_cpu_backend_queues_the_next_execution_behind_the_running_one(manifest):
