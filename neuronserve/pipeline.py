@@ -368,7 +368,10 @@ class Pipeline:
                 raise
             if sent is not None:  # the process's reply settles `future` and frees the slot, on this loop
                 done, executions = sent
-                done.add_done_callback(functools.partial(self._settle, future, group, executions=executions))
+                if done.done():  # run inline (the cpu backend at low load): settled now, no loop round trip
+                    self._settle(future, group, done, executions)
+                else:
+                    done.add_done_callback(functools.partial(self._settle, future, group, executions=executions))
             else:
                 assert group.executor is not None  # set by start()
                 try:
