@@ -498,6 +498,7 @@ def test_the_switch_summary_counts_version_changes_in_send_order_and_failures():
     assert summary.failures == {"UNAVAILABLE": 1} and not summary.ok
     assert summary.steady_p99_ms == 5.0 and summary.loading_p99_ms == 30.0 and summary.after_p99_ms == 40.0
     assert summary.outside_p99_ms == 5.0  # the switch's load and the second after it are left out
+    assert summary.p99_over_steady == round(summary.all_p99_ms / 5.0, 2) > 1
     back_and_forth = replies[:3] + [Reply(0.35, 5.0, "OK", 2)]  # a version 2 reply between version 1 replies
     assert _summarise(back_and_forth, [Switch(2, 0.3, 0.31)]).version_changes == 1
     assert _summarise(back_and_forth + [Reply(0.4, 5.0, "OK", 1)], [Switch(2, 0.3, 0.31)]).version_changes == 2
