@@ -179,6 +179,7 @@ class BatchingConfig:
 
 MAX_SIM_LATENCY_SCALE = 1e6  # beyond it the modelled times overflow the sim's arithmetic
 MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
+MAX_PENDING_RPCS = (2**31 - 1) // 4  # the hard bound, 4x, is one of gRPC's 32-bit integer options
 MAX_GRPC_DURATION_S = (2**31 - 1) // 1000  # gRPC's millisecond options are 32-bit integers
 
 
@@ -221,6 +222,10 @@ class ServerConfig:
     # RPCs in the server at once, gRPC's own limit: more are RESOURCE_EXHAUSTED before their body is read.
     # A bound on memory and on the work queued; near the in-flight need it also sheds overload (docs)
     max_concurrent_rpcs: int = 256
+    # Calls queued inside gRPC's core that the event loop has not picked up yet: above N gRPC refuses some
+    # of the new ones at once (CANCELLED), above 4N all. None: gRPC's own bound (1,000; 3,000). Near the
+    # loop's throughput x a fraction of the clients' deadline it sheds overload cheaply (README, docs)
+    max_pending_rpcs: int | None = None
     # gRPC's send and receive limit; None: derived at start-up from the model and the limits above, the largest
     # legitimate request plus 25% (memory_budget.message_bytes; docs/memory.md)
     max_message_bytes: int | None = None
@@ -291,6 +296,10 @@ class ServerConfig:
         _require(self.max_peers >= 1, f"max_peers must be >= 1, got {self.max_peers}")
         _require(self.max_tick_ids >= 1, f"max_tick_ids must be >= 1, got {self.max_tick_ids}")
         _require(self.max_concurrent_rpcs >= 1, f"max_concurrent_rpcs must be >= 1, got {self.max_concurrent_rpcs}")
+        _require(
+            self.max_pending_rpcs is None or 1 <= self.max_pending_rpcs <= MAX_PENDING_RPCS,
+            f"max_pending_rpcs must be >= 1 and <= {MAX_PENDING_RPCS}, or unset (gRPC's own bound); got {self.max_pending_rpcs}",
+        )
         _require(
             self.max_message_bytes is None or 1024 <= self.max_message_bytes <= MAX_GRPC_MESSAGE_BYTES,
             f"max_message_bytes must be >= 1024 and <= {MAX_GRPC_MESSAGE_BYTES} (gRPC's limit), or unset; "

@@ -161,6 +161,12 @@ SETTINGS: tuple[_Setting, ...] = (
         "RPCs in the server at once; more get RESOURCE_EXHAUSTED at once (grpcio >= 1.62; older: they wait)",
     ),
     _Setting(
+        "max_pending_rpcs",
+        _optional(_integer),
+        "N",
+        "calls waiting inside gRPC for the event loop: above N some new ones, above 4N all are refused at once (CANCELLED, before the loop sees them); default: gRPC's 1,000; for open-loop clients with deadlines, about the loop's req/s x a tenth of the deadline (README)",
+    ),
+    _Setting(
         "max_message_bytes",
         _optional(_integer),
         "BYTES",

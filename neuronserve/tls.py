@@ -1,5 +1,5 @@
 """gRPC transport settings of a serving process: TLS credentials (--tls-cert, --tls-key, --tls-client-ca)
-and the connection options (keepalive, --max-connection-age-s).
+and the connection options (keepalive, --max-connection-age-s, --max-pending-rpcs).
 
 The PEM files are read once at start-up and checked with the standard library's ssl module before grpc
 gets their bytes (grpc itself takes a bad file and then fails every handshake): an unreadable file, one
@@ -38,14 +38,22 @@ def _ms(seconds: float) -> int:
 
 
 def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
-    """grpc server options for keepalive and connection ageing: with --max-connection-age-s, each
-    connection gets GOAWAY after about that long (grpc adds +-10% jitter) and its calls in flight get the
-    grace period to finish; the client reconnects, through its load balancer, to any replica."""
+    """grpc server options for keepalive, connection ageing and the queue of calls not yet picked up.
+    With --max-connection-age-s, each connection gets GOAWAY after about that long (grpc adds +-10%
+    jitter) and its calls in flight get the grace period to finish; the client reconnects, through its
+    load balancer, to any replica. With --max-pending-rpcs N, grpc's core refuses a new call with a
+    probability rising from 0 at N calls waiting for the event loop to 1 at 4N (its random early
+    detection), cancelling it at once instead of letting it wait out its deadline there."""
     options = list(KEEPALIVE_OPTIONS)
     if config.max_connection_age_s is not None:
         options += [
             ("grpc.max_connection_age_ms", _ms(config.max_connection_age_s)),
             ("grpc.max_connection_age_grace_ms", _ms(config.grace_period_s)),
+        ]
+    if config.max_pending_rpcs is not None:
+        options += [
+            ("grpc.server.max_pending_requests", config.max_pending_rpcs),
+            ("grpc.server.max_pending_requests_hard_limit", 4 * config.max_pending_rpcs),
         ]
     return options
 

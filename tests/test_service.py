@@ -787,6 +787,27 @@ def test_rpcs_above_max_concurrent_rpcs_are_resource_exhausted_at_once(loop_thre
         loop_thread.run(server.stop(5.0))
 
 
+@pytest.mark.parametrize("max_pending_rpcs", [None, 1])
+def test_a_burst_above_max_pending_rpcs_is_partly_refused_by_grpc_at_once(loop_thread, small_artifact, max_pending_rpcs):
+    """200 calls at once on one connection: the event loop picks them up one at a time, so most wait in
+    gRPC's core. With --max-pending-rpcs 1 (all refused above 4 waiting) gRPC cancels some at once and
+    serves the rest; with gRPC's own bound (1,000) every call is served."""
+    server = start_server(loop_thread, small_artifact, backend="cpu", cores=1, max_pending_rpcs=max_pending_rpcs)
+    stubs = Stubs(server.port)
+    try:
+        calls = [stubs.scorer.Score.future(score_request(GOOD_USER, GOOD_PEERS), timeout=60) for _ in range(200)]
+        codes = [call.code() for call in calls]  # each waits for its call to end
+        served, refused = codes.count(grpc.StatusCode.OK), codes.count(grpc.StatusCode.CANCELLED)
+        assert served + refused == len(calls)
+        if max_pending_rpcs is None:
+            assert refused == 0
+        else:
+            assert served > 0 and refused > 0
+    finally:
+        stubs.channel.close()
+        loop_thread.run(server.stop(5.0))
+
+
 def _serves(stubs) -> bool:
     try:
         return list(stubs.scorer.Score(score_request(GOOD_USER, GOOD_PEERS), timeout=10).scores.shape) == [4, 3]

@@ -213,6 +213,21 @@ def test_connection_options_age_connections_with_the_grace_period_and_state_keep
     assert "grpc.max_connection_age_ms" not in dict(connection_options(ServerConfig()))  # default: never aged
 
 
+def test_max_pending_rpcs_bounds_grpcs_queue_of_calls_not_picked_up_and_parses():
+    """--max-pending-rpcs N: gRPC's core refuses some new calls above N waiting for the loop, all above
+    4N; unset (the default) leaves gRPC's own bound; the flag and the environment set it; out of range
+    is a ConfigError naming it."""
+    options = dict(connection_options(ServerConfig(max_pending_rpcs=16)))
+    assert (options["grpc.server.max_pending_requests"], options["grpc.server.max_pending_requests_hard_limit"]) == (16, 64)
+    assert not any("pending" in name for name, _ in connection_options(ServerConfig()))
+    assert resolve_config(parse(["--max-pending-rpcs", "16"]), environ={}).max_pending_rpcs == 16
+    assert resolve_config(parse([]), environ={"NEURONSERVE_MAX_PENDING_RPCS": "8"}).max_pending_rpcs == 8
+    assert resolve_config(parse([]), environ={}).max_pending_rpcs is None
+    for bad in (0, 2**30):
+        with pytest.raises(ConfigError, match="max_pending_rpcs"):
+            ServerConfig(max_pending_rpcs=bad)
+
+
 def test_good_tls_files_load(pki):
     files = load_tls(ServerConfig(tls_cert=pki.path("server.pem"), tls_key=pki.path("server.key")))
     assert files.cert == pki.read("server.pem") and files.key == pki.read("server.key") and files.client_ca is None
