@@ -10,6 +10,7 @@ drain delay and grace period, loses nothing).
 
 from __future__ import annotations
 
+import logging
 import re
 import ssl
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.http2.max_ping_strikes", 2),
 )
 _MAX_MS = 2**31 - 1  # grpc's integer options are 32-bit
+# The core's bound on calls not yet picked up arrived in grpcio 1.60 (grpc/grpc#34809); older ones ignore it
+PENDING_BOUND_SINCE = (1, 60)
+
+log = logging.getLogger(__name__)
 
 
 def _ms(seconds: float) -> int:
@@ -51,11 +56,22 @@ def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
             ("grpc.max_connection_age_grace_ms", _ms(config.grace_period_s)),
         ]
     if config.max_pending_rpcs is not None:
+        if grpc_version() < PENDING_BOUND_SINCE:
+            log.warning("--max-pending-rpcs has no effect: this grpcio predates gRPC's bound on pending calls (1.60)")
         options += [
             ("grpc.server.max_pending_requests", config.max_pending_rpcs),
             ("grpc.server.max_pending_requests_hard_limit", 4 * config.max_pending_rpcs),
         ]
     return options
+
+
+def grpc_version() -> tuple[int, int]:
+    """grpcio's (major, minor). grpc is imported here, not at the top: the CLI sets GRPC_VERBOSITY before
+    grpc-core first loads (serve.py), and this module loads before that."""
+    import grpc
+
+    major, minor = grpc.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 @dataclass(frozen=True)

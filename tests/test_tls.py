@@ -228,6 +228,12 @@ def test_max_pending_rpcs_bounds_grpcs_queue_of_calls_not_picked_up_and_parses()
             ServerConfig(max_pending_rpcs=bad)
 
 
+def test_max_pending_rpcs_on_a_grpcio_that_predates_the_bound_says_it_has_no_effect(monkeypatch, caplog):
+    monkeypatch.setattr(grpc, "__version__", "1.49.1")  # the Inf1 image's
+    connection_options(ServerConfig(max_pending_rpcs=16))
+    assert "--max-pending-rpcs has no effect" in caplog.text
+
+
 def test_good_tls_files_load(pki):
     files = load_tls(ServerConfig(tls_cert=pki.path("server.pem"), tls_key=pki.path("server.key")))
     assert files.cert == pki.read("server.pem") and files.key == pki.read("server.key") and files.client_ca is None
