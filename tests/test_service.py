@@ -778,7 +778,7 @@ def test_rpcs_above_max_concurrent_rpcs_are_resource_exhausted_at_once(loop_thre
         watch = stubs.health.Watch(health_pb2.HealthCheckRequest(), timeout=30)  # stays open: the one RPC allowed
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         # grpcio >= 1.62 refuses the call above the limit; older ones (the Inf1 image's 1.49) hold it in gRPC
-        refuses = tuple(int(part) for part in grpc.__version__.split(".")[:2]) >= (1, 62)
+        refuses = grpc_version() >= (1, 62)
         error = rpc_error(stubs.scorer.Score, score_request(GOOD_USER, GOOD_PEERS), timeout=2)
         assert error.code() == (grpc.StatusCode.RESOURCE_EXHAUSTED if refuses else grpc.StatusCode.DEADLINE_EXCEEDED)
         watch.cancel()
