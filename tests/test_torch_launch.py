@@ -120,6 +120,8 @@ def test_the_busy_fraction_reads_the_share_of_a_core_recent_work_needs():
         busy.add(i * 0.004, 0.001)
     assert busy.at(1.6) == pytest.approx(0.25, rel=0.1)
     assert busy.at(1.6 + 1.0) < 0.25 * 0.01  # 5 tau idle later
+    after = busy.add(1.6 + 1.0, 0.002)  # 2 ms more: 0.002 / tau on top of what is left
+    assert after == busy.at(1.6 + 1.0) and after == pytest.approx(0.01, abs=0.0025)
 
 
 def test_the_load_is_the_rows_submitted_at_the_cpu_cost_per_row_the_inline_runs_measured(fork):

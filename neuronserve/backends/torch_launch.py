@@ -89,9 +89,11 @@ class BusyFraction:
     def at(self, now_s: float) -> float:
         return self._value * math.exp(-max(0.0, now_s - self._at_s) / self.tau_s)
 
-    def add(self, at_s: float, work_s: float) -> None:
+    def add(self, at_s: float, work_s: float) -> float:
+        """Count `work_s` done at `at_s`; the busy fraction then."""
         self._value = self.at(at_s) + work_s / self.tau_s
         self._at_s = at_s
+        return self._value
 
 
 @dataclass(eq=False)
@@ -149,7 +151,6 @@ class TorchLauncher:
         if not steps:
             raise ValueError("submit needs at least one step")
         loop = asyncio.get_running_loop()
-        submission = _Submission(loop, loop.create_future(), [np.empty(0)] * len(steps), len(steps))
         with self._idle:
             if self._closed:
                 raise Unavailable("the core group's launcher is closed")
@@ -158,11 +159,12 @@ class TorchLauncher:
             if inline:
                 self._running = True  # close() waits for the inline run too
             else:
+                submission = _Submission(loop, loop.create_future(), [np.empty(0)] * len(steps), len(steps))
                 self._queue.extend(_Queued(submission, i, step) for i, step in enumerate(steps))
                 first = self._next_locked() if not self._running else None
         if inline:
-            self._run_inline(submission, steps, rows)
-        elif first is not None:
+            return self._run_inline(loop.create_future(), steps, rows)
+        if first is not None:
             self._start(first)
         return submission.future
 
@@ -170,26 +172,25 @@ class TorchLauncher:
         """Count a submission's rows into the load; True while it is low enough to run inline (hysteresis:
         inline until inline_below + INLINE_GAP, then threaded until the load is back under inline_below)."""
         if self.inline_below > 0:
-            now_s = self.clock()
-            self.load.add(now_s, self.row_s * rows)
             bound = self.inline_below + INLINE_GAP if self._inline else self.inline_below
-            self._inline = self.load.at(now_s) < bound
+            self._inline = self.load.add(self.clock(), self.row_s * rows) < bound
         return self._inline
 
-    def _run_inline(self, submission: _Submission, steps: Sequence[Step], rows: int) -> None:
-        """The submission's steps on this thread, one after the other; its future is done on return."""
+    def _run_inline(self, future: asyncio.Future, steps: Sequence[Step], rows: int) -> asyncio.Future:
+        """The steps on this thread, one after the other; `future`, done on return."""
         start_s, start_cpu_s = self.clock(), self.cpu_clock()
         try:
             with torch.inference_mode():
                 outs = [step.graph(*step.inputs).numpy()[: step.rows] for step in steps]
         except Exception as exc:  # the graph raised: this submission fails, the launcher goes on
-            submission.future.set_exception(exc)
+            future.set_exception(exc)
         else:
-            submission.future.set_result((concat(outs), self.clock() - start_s))
+            future.set_result((concat(outs), self.clock() - start_s))
             row_s = (self.cpu_clock() - start_cpu_s) / max(1, rows)
             self.row_s = row_s if self.row_s == 0 else 0.9 * self.row_s + 0.1 * row_s
         with self._idle:
             self._next_locked()  # nothing was queued meanwhile (only the loop submits): marks it idle
+        return future
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Refuse new submissions; wait (up to timeout_s) for the queued and running executions to end."""
