@@ -20,48 +20,14 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
+from neuronserve.batch_types import BatcherStats, CallLater, RunBatch, Slice
 from neuronserve.config import BatchingConfig
 from neuronserve.errors import ConfigError, DeadlineExceeded, InvalidInput, NeuronServeError, Overloaded, Unavailable
-
-
-@dataclass(frozen=True)
-class Slice:
-    """Rows [start, stop) of one request's payload, as handed to run_batch."""
-
-    payload: Any
-    start: int
-    stop: int
-
-
-RunBatch = Callable[[Sequence[Slice]], Awaitable[np.ndarray]]
-
-
-class Cancellable(Protocol):
-    def cancel(self) -> None: ...
-
-
-CallLater = Callable[[float, Callable[[], None]], Cancellable]  # (delay_s, callback) -> a timer handle
-
-
-@dataclass(frozen=True)
-class BatcherStats:
-    queued_rows: int
-    queued_requests: int
-    in_flight_batches: int
-    batches: int  # cumulative: batches fired
-    batch_rows: int  # cumulative: rows in them
-    rejected_overload: int
-    rejected_deadline: int
-    cancelled: int
-    failed: int  # requests failed by run_batch (or by close(drain=False))
-    batched_requests: int  # cumulative: requests that reached a batch
-    queue_s_total: float  # sum over those requests of (first batch start - arrival)
-    slowdown: float  # observed device time of a batch / the latency model's (EWMA): scales expected times
 
 
 @dataclass(eq=False)
@@ -185,6 +151,8 @@ class DynamicBatcher:
             )
         now = self._clock()
         self._admit(rows, now, deadline_s)
+        if self._queued_rows == 0 and len(self._running) < self._devices and rows <= self._max_rows:
+            return await self._run_alone(payload, rows, now)
         request = _Request(payload, rows, priority, now, deadline_s, asyncio.get_running_loop().create_future())
         self._queues.setdefault(priority, deque()).append(request)
         self._queued_rows += rows
@@ -351,14 +319,47 @@ class DynamicBatcher:
             self._batch_rows += rows
         return members
 
+    async def _run_alone(self, payload: Any, rows: int, now: float) -> np.ndarray:
+        """Rule (a) for a request that finds the queue empty and a device idle: its batch of its own rows
+        runs in the caller's task (no batch task, no future, no loop round trip). Cancelling the caller
+        stops only its own wait: the pipeline keeps the slot until the device is done."""
+        task = asyncio.current_task()
+        assert task is not None  # submit runs in a task
+        self._running[task] = batch = _Batch(rows, now, now + self._expected_s(rows))
+        self._batches, self._batch_rows, self._batched_requests = (
+            self._batches + 1,
+            self._batch_rows + rows,
+            self._batched_requests + 1,
+        )
+        try:
+            out = await self._run_batch([Slice(payload, 0, rows)])
+            return self._checked(out, batch)
+        except asyncio.CancelledError:
+            self._cancelled += 1
+            raise
+        except Exception as exc:
+            self._failed += 1
+            raise exc if isinstance(exc, NeuronServeError) else self._batch_error(exc) from exc
+        finally:
+            self._finished(task)
+
+    def _checked(self, out: np.ndarray, batch: _Batch) -> np.ndarray:
+        """run_batch's output for `batch`, after learning its speed; NeuronServeError if it has the wrong rows."""
+        self._observe(batch.rows, self._clock() - batch.device_start_s)
+        if not isinstance(out, np.ndarray) or out.ndim < 1 or out.shape[0] != batch.rows:
+            got = f"shape {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+            raise NeuronServeError(f"internal: {self.name} run_batch returned {got} for a batch of {batch.rows} rows")
+        return out
+
+    def _batch_error(self, exc: Exception) -> NeuronServeError:
+        return NeuronServeError(f"{self.name}: run_batch failed: {type(exc).__name__}: {exc}")
+
     async def _run(self, members: list[_Member], batch: _Batch) -> None:
         rows = batch.rows
         try:
-            out = await self._run_batch([Slice(m.request.payload, m.start, m.stop) for m in members])
-            self._observe(rows, self._clock() - batch.device_start_s)
-            if not isinstance(out, np.ndarray) or out.ndim < 1 or out.shape[0] != rows:
-                got = f"shape {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
-                raise NeuronServeError(f"internal: {self.name} run_batch returned {got} for a batch of {rows} rows")
+            out = self._checked(
+                await self._run_batch([Slice(m.request.payload, m.start, m.stop) for m in members]), batch
+            )
             offset = 0
             for m in members:
                 self._deliver(m.request, m.start, out[offset : offset + m.stop - m.start])
@@ -367,9 +368,9 @@ class DynamicBatcher:
             self._fail_batch(members, Unavailable(f"{self.name}: batch of {rows} rows was cancelled"))
             raise
         except Exception as exc:
-            if not isinstance(exc, NeuronServeError):
-                exc = NeuronServeError(f"{self.name}: run_batch failed: {type(exc).__name__}: {exc}")
-            self._fail_batch(members, exc)
+            self._fail_batch(members, exc if isinstance(exc, NeuronServeError) else self._batch_error(exc))
+        finally:
+            self._finished(asyncio.current_task())  # the device is free now, not a loop step later
 
     def _observe(self, rows: int, elapsed_s: float) -> None:
         """Learn how much slower (or faster) than the latency model batches really run, from when their
@@ -381,8 +382,8 @@ class DynamicBatcher:
             ratio = min(max(elapsed_s / estimate_s, MIN_SLOWDOWN), MAX_SLOWDOWN)
             self._slowdown += SLOWDOWN_WEIGHT * (ratio - self._slowdown)
 
-    def _finished(self, task: asyncio.Task) -> None:
-        self._running.pop(task, None)
+    def _finished(self, task: asyncio.Task | None) -> None:
+        self._running.pop(task, None)  # type: ignore[arg-type]
         if self._queued_rows or self._closing:  # else nothing to dispatch: the next submit wakes it
             self._wake.set()
 

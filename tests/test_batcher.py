@@ -154,6 +154,48 @@ def test_lone_request_does_not_wait_for_the_delay():
     run(body())
 
 
+def test_a_request_that_finds_the_batcher_idle_runs_its_batch_in_its_own_task():
+    """Rule (a) with an empty queue: run_batch runs in the caller's task (no batch task, no future).
+    Cancelling that caller mid-batch counts it cancelled and frees the device at once; a failure counts
+    it failed, wrapped as NeuronServeError, and the batcher goes on."""
+
+    async def body():
+        runner = Runner()
+        tasks: List[Optional[asyncio.Task]] = []
+
+        async def tracked(slices: Sequence[Slice]) -> np.ndarray:
+            tasks.append(asyncio.current_task())
+            return await runner(slices)
+
+        batcher = make(tracked)  # type: ignore[arg-type]
+        a = submit(batcher, "a", 3)
+        await settle()
+        assert tasks == [a] and batcher.stats().in_flight_batches == 1
+        b = submit(batcher, "b", 2)  # the device is busy: b queues
+        await settle()
+        assert batcher.stats().queued_rows == 2
+        a.cancel()
+        await settle()
+        assert a.cancelled() and batcher.stats().cancelled == 1
+        assert len(tasks) == 2 and tasks[1] is not b  # b went in a batch task as soon as a's ended
+        runner.release(1)
+        check(await b, "b", 2)
+        runner.fail[2] = RuntimeError("boom")
+        c = submit(batcher, "c", 1)
+        await settle()
+        runner.release(2)
+        with pytest.raises(NeuronServeError, match="run_batch failed: RuntimeError: boom"):
+            await c
+        assert tasks[2] is c
+        stats = batcher.stats()
+        assert (stats.failed, stats.batches, stats.batched_requests, stats.in_flight_batches) == (1, 3, 3, 0)
+        runner.release_all()
+        check(await batcher.submit(payload("d", 4), 4), "d", 4)
+        await batcher.close()
+
+    run(body())
+
+
 def test_requests_accumulate_while_busy_and_go_when_a_slot_frees():
     async def body():
         clock = Clock()

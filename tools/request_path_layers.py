@@ -2,7 +2,7 @@
 the model (for profiling, not a benchmark of the server): the cpu backend's fused graph is replaced
 by a stub that returns zeros of the right shape, so what is left is the service, the batcher and the
 pipeline (assembly, the fan-out; the launcher runs the stub on the loop, its low-load path). One request of 1 user x 128 peers at a time, then
-64 callers at once.
+64 callers at once (the stub runs on the loop, so each of them too finds the batcher idle: no batching).
 
     python tools/request_path_layers.py ARTIFACT     # a --target cpu artifact with the fused graph
 """
