@@ -91,6 +91,13 @@ def padded(array: np.ndarray, rows: int) -> np.ndarray:
     return out
 
 
+def user_rows_of(peers: Sequence[np.ndarray]) -> np.ndarray:
+    """Request i's user row index (i) for each of its peer rows, over a batch's requests in order."""
+    if len(peers) == 1:
+        return np.zeros(peers[0].shape[0], dtype=np.int64)
+    return np.repeat(np.arange(len(peers), dtype=np.int64), [p.shape[0] for p in peers])
+
+
 def mark_nonfinite(scores: np.ndarray, user: np.ndarray, peer: np.ndarray, user_index: np.ndarray) -> np.ndarray:
     """Scores with NaN in every row whose user or peer features are not all finite (NaN, Inf), so the
     service, which checks only the output, refuses exactly those requests (a model can map an Inf input

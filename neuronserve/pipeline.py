@@ -34,6 +34,7 @@ from neuronserve.execution import (
     remote_fused,
     run_chunks,
     run_fused,
+    user_rows_of,
 )
 from neuronserve.errors import CoreFault, CoreResetting, InvalidInput, Unavailable
 from neuronserve.contract import FUSED_STAGE, PAIR_SCORER, PEER_TOWER, STAGES, USER_TOWER
@@ -231,10 +232,9 @@ class Pipeline:
         if not self._started:
             raise Unavailable("the pipeline is not started: call start() first")
         start_s = time.perf_counter()
-        user, user_index = concat(users), np.repeat(np.arange(len(users), dtype=np.int64), [p.shape[0] for p in peers])
+        user, user_index = concat(users), user_rows_of(peers)
         if FUSED_STAGE not in self._stage_groups:
-            peer = concat(peers)
-            sent_s = time.perf_counter()
+            peer, sent_s = concat(peers), time.perf_counter()
             scores = await self.score(user, peer, user_index)
         else:
             chunks = self._chunks(FUSED_STAGE, user_index.shape[0])
@@ -251,8 +251,10 @@ class Pipeline:
         self, user: np.ndarray, peers: Sequence[np.ndarray], user_index: np.ndarray, chunks
     ) -> tuple[np.ndarray, list[list[np.ndarray]]]:
         """(the peer rows, per chunk [users padded to a user bucket, peers padded to the bucket, index];
-        exact rows, no padding, when the graph runs any rows). One chunk (the usual case): the peers are
-        copied once, straight into the input."""
+        exact rows when the graph runs any rows). One chunk: the peers are copied once, into the input."""
+        if len(peers) == 1 and len(chunks) == 1 and chunks[0][0] == chunks[0][1]:  # one request, no padding
+            peer = np.array(peers[0], dtype=np.float32)  # writable: torch takes it as it is
+            return peer, [[self._padded_user(user, chunks[0][1]), peer, np.zeros(peer.shape[0], dtype=np.int64)]]
         if len(chunks) == 1:
             rows, bucket = chunks[0]
             padded_peer = np.empty((bucket, peers[0].shape[1]), dtype=np.float32)
@@ -268,13 +270,15 @@ class Pipeline:
         inputs = []
         for start, (rows, bucket), peer_input in zip(chunk_starts(chunks), chunks, peer_inputs, strict=True):
             first, last = int(user_index[start]), int(user_index[start + rows - 1])
-            user_bucket = last - first + 1  # exact when the graph runs any rows, else the next compiled user bucket
-            if not self._plans[FUSED_STAGE].any_rows:
-                user_bucket = next(u for u in self._user_buckets[bucket] if u >= user_bucket)
             index = np.zeros(bucket, dtype=np.int64)
             index[:rows] = user_index[start : start + rows] - first
-            inputs.append([padded(user[first : last + 1], user_bucket), peer_input, index])
+            inputs.append([self._padded_user(user[first : last + 1], bucket), peer_input, index])
         return peer, inputs
+
+    def _padded_user(self, user: np.ndarray, bucket: int) -> np.ndarray:
+        """A chunk's user rows: exact (any rows), else in the smallest user bucket compiled with `bucket`."""
+        exact = self._plans[FUSED_STAGE].any_rows
+        return padded(user, user.shape[0] if exact else next(u for u in self._user_buckets[bucket] if u >= len(user)))
 
     async def score(self, user_features: np.ndarray, peer_features: np.ndarray, user_index: np.ndarray) -> np.ndarray:
         """Row i of the result [N, K] scores user user_index[i] against peer i (logits, float32)."""

@@ -123,6 +123,8 @@ def test_score_requests_equal_the_three_stages_and_mark_rows_with_non_finite_fea
         got = (await pipeline.score_requests(users, peers)).scores
         bad = np.array([1, 1, 0, 0, 0, 1], dtype=bool)
         assert np.isnan(got[bad]).all() and np.isfinite(got[~bad]).all()
+        got = (await pipeline.score_requests(users[2:], peers[2:])).scores  # one request: its own fast path
+        assert np.isfinite(got[0]).all() and np.isnan(got[1]).all()
 
     asyncio.run(main())
     executions = {stage: count - warm[stage] for stage, count in sim.stats().executions.items()}
