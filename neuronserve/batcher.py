@@ -369,8 +369,6 @@ class DynamicBatcher:
             raise
         except Exception as exc:
             self._fail_batch(members, exc if isinstance(exc, NeuronServeError) else self._batch_error(exc))
-        finally:
-            self._finished(asyncio.current_task())  # the device is free now, not a loop step later
 
     def _observe(self, rows: int, elapsed_s: float) -> None:
         """Learn how much slower (or faster) than the latency model batches really run, from when their
