@@ -34,6 +34,13 @@ def threaded(**kwargs) -> TorchLauncher:
     return TorchLauncher(**kwargs)
 
 
+def settled(launcher: TorchLauncher) -> None:
+    """Wait until torch's thread has marked the launcher idle: it settles a step's future first, so the
+    awaiting loop can run before the launcher is idle, and the next submit would not run inline."""
+    with launcher._idle:
+        assert launcher._idle.wait_for(lambda: not launcher._running, timeout=10)
+
+
 def _step(fork, rows: int, bucket: int, seed: int, index_offset: int = 0) -> tuple[Step, np.ndarray]:
     """A step of `bucket` padded rows keeping `rows`, and the expected output rows."""
     rng = np.random.default_rng(seed)
@@ -179,6 +186,7 @@ def test_past_the_gap_the_launcher_forks_until_the_load_falls_under_inline_below
         future = launcher.submit([_step(fork, 2, 2, seed=8)[0]])
         mode = "inline" if future.done() else "threaded"
         await future
+        settled(launcher)
         return mode
 
     async def main():
