@@ -326,20 +326,20 @@ class DynamicBatcher:
         task = asyncio.current_task()
         assert task is not None  # submit runs in a task
         self._running[task] = batch = _Batch(rows, now, now + self._expected_s(rows))
-        self._batches, self._batch_rows, self._batched_requests = (
-            self._batches + 1,
-            self._batch_rows + rows,
-            self._batched_requests + 1,
-        )
+        self._batches += 1
+        self._batch_rows += rows
+        self._batched_requests += 1
         try:
-            out = await self._run_batch([Slice(payload, 0, rows)])
-            return self._checked(out, batch)
+            return self._checked(await self._run_batch([Slice(payload, 0, rows)]), batch)
         except asyncio.CancelledError:
             self._cancelled += 1
             raise
+        except NeuronServeError:
+            self._failed += 1
+            raise
         except Exception as exc:
             self._failed += 1
-            raise exc if isinstance(exc, NeuronServeError) else self._batch_error(exc) from exc
+            raise self._batch_error(exc) from exc
         finally:
             self._finished(task)
 
@@ -380,8 +380,8 @@ class DynamicBatcher:
             ratio = min(max(elapsed_s / estimate_s, MIN_SLOWDOWN), MAX_SLOWDOWN)
             self._slowdown += SLOWDOWN_WEIGHT * (ratio - self._slowdown)
 
-    def _finished(self, task: asyncio.Task | None) -> None:
-        self._running.pop(task, None)  # type: ignore[arg-type]
+    def _finished(self, task: asyncio.Task) -> None:
+        self._running.pop(task, None)
         if self._queued_rows or self._closing:  # else nothing to dispatch: the next submit wakes it
             self._wake.set()
 
