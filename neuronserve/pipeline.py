@@ -234,7 +234,8 @@ class Pipeline:
         start_s = time.perf_counter()
         user, user_index = concat(users), user_rows_of(peers)
         if FUSED_STAGE not in self._stage_groups:
-            peer, sent_s = concat(peers), time.perf_counter()
+            peer = concat(peers)
+            sent_s = time.perf_counter()
             scores = await self.score(user, peer, user_index)
         else:
             chunks = self._chunks(FUSED_STAGE, user_index.shape[0])
@@ -251,22 +252,20 @@ class Pipeline:
         self, user: np.ndarray, peers: Sequence[np.ndarray], user_index: np.ndarray, chunks
     ) -> tuple[np.ndarray, list[list[np.ndarray]]]:
         """(the peer rows, per chunk [users padded to a user bucket, peers padded to the bucket, index];
-        exact rows when the graph runs any rows). One chunk: the peers are copied once, into the input."""
-        if len(peers) == 1 and len(chunks) == 1 and chunks[0][0] == chunks[0][1]:  # one request, no padding
-            peer = np.array(peers[0], dtype=np.float32)  # writable: torch takes it as it is
-            return peer, [[self._padded_user(user, chunks[0][1]), peer, np.zeros(peer.shape[0], dtype=np.int64)]]
+        exact rows when the graph runs any rows). One chunk (the usual case): every user, the peers copied
+        once straight into the input, and the batch's own user index (padded only past the rows)."""
         if len(chunks) == 1:
             rows, bucket = chunks[0]
             padded_peer = np.empty((bucket, peers[0].shape[1]), dtype=np.float32)
             np.concatenate(peers, axis=0, out=padded_peer[:rows])
             padded_peer[rows:] = 0
-            peer, peer_inputs = padded_peer[:rows], [padded_peer]
-        else:
-            peer = concat(peers)
-            peer_inputs = [
-                padded(peer[start : start + rows], bucket)
-                for start, (rows, bucket) in zip(chunk_starts(chunks), chunks, strict=False)
-            ]
+            index = user_index if rows == bucket else np.concatenate([user_index, np.zeros(bucket - rows, np.int64)])
+            return padded_peer[:rows], [[self._padded_user(user, bucket), padded_peer, index]]
+        peer = concat(peers)
+        peer_inputs = [
+            padded(peer[start : start + rows], bucket)
+            for start, (rows, bucket) in zip(chunk_starts(chunks), chunks, strict=False)
+        ]
         inputs = []
         for start, (rows, bucket), peer_input in zip(chunk_starts(chunks), chunks, peer_inputs, strict=True):
             first, last = int(user_index[start]), int(user_index[start + rows - 1])

@@ -163,7 +163,7 @@ class TorchLauncher:
                 self._queue.extend(_Queued(submission, i, step) for i, step in enumerate(steps))
                 first = self._next_locked() if not self._running else None
         if inline:
-            return self._run_inline(loop.create_future(), steps, rows)
+            return self._run_inline(loop, steps, rows)
         if first is not None:
             self._start(first)
         return submission.future
@@ -176,8 +176,9 @@ class TorchLauncher:
             self._inline = self.load.add(self.clock(), self.row_s * rows) < bound
         return self._inline
 
-    def _run_inline(self, future: asyncio.Future, steps: Sequence[Step], rows: int) -> asyncio.Future:
-        """The steps on this thread, one after the other; `future`, done on return."""
+    def _run_inline(self, loop: asyncio.AbstractEventLoop, steps: Sequence[Step], rows: int) -> asyncio.Future:
+        """The steps on this thread, one after the other; a future of `loop`, done on return."""
+        future = loop.create_future()
         start_s, start_cpu_s = self.clock(), self.cpu_clock()
         try:
             with torch.inference_mode():
