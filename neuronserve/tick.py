@@ -156,15 +156,20 @@ class HostDirection:
             sigmoid_(scratch)
             if not self.uniform:
                 scratch *= self.weights
+            # ((p_1 + p_2) + p_3) + ...: the same order for every pair, summed in the scratch (a strided
+            # tile of `out` costs 3x as much a pass); only the last pass writes `out`
             target, labels = out[:, j : j + c], scratch[:, :, :c]
-            if len(labels) == 1:
-                np.copyto(target, labels[0])
-            else:  # ((p_1 + p_2) + p_3) + ...: the same order for every pair
-                np.add(labels[0], labels[1], out=target)
-                for label in labels[2:]:
-                    target += label
+            total = labels[0]
+            for label in labels[1:-1]:
+                total += label
             if self.uniform:
-                target *= self.weights[0]
+                if len(labels) > 1:
+                    total += labels[-1]
+                np.multiply(total, self.weights[0], out=target)
+            elif len(labels) > 1:
+                np.add(total, labels[-1], out=target)
+            else:
+                np.copyto(target, total)
         return out
 
 
