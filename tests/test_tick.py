@@ -7,6 +7,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from neuronserve import tick as T
 from neuronserve import tick_sigmoid, topk
@@ -167,7 +168,16 @@ def test_top_k_on_ties_and_minus_infinity_equals_a_full_sort(m):
         np.testing.assert_array_equal(top[row], want)
 
 
-def test_sigmoid_gives_equal_logits_equal_probabilities_wherever_they_sit():
+@pytest.fixture(params=[1, 2], ids=["torch 1 thread", "torch 2 threads"])
+def torch_threads(request):
+    """torch's intra-op threads for the test (one: sigmoid_ makes one call; more: chunks)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def test_sigmoid_gives_equal_logits_equal_probabilities_wherever_they_sit(torch_threads):
     # torch computes a range's last partial vector with a scalar routine: a logit in the last 32 elements
     # (and at a chunk's end) must get the bits it gets anywhere else
     rng = np.random.default_rng(12)
