@@ -160,14 +160,10 @@ class HostDirection:
             # tile of `out` costs 3x as much a pass); only the last pass writes `out`
             target, labels = out[:, j : j + c], scratch[:, :, :c]
             total = labels[0]
-            for label in labels[1:-1]:
+            for label in labels[1:]:
                 total += label
             if self.uniform:
-                if len(labels) > 1:
-                    total += labels[-1]
                 np.multiply(total, self.weights[0], out=target)
-            elif len(labels) > 1:
-                np.add(total, labels[-1], out=target)
             else:
                 np.copyto(target, total)
         return out
