@@ -223,9 +223,10 @@ class ServerConfig:
     # A bound on memory and on the work queued; near the in-flight need it also sheds overload (docs)
     max_concurrent_rpcs: int = 256
     # Calls queued inside gRPC's core that the event loop has not picked up yet: above N gRPC refuses some
-    # of the new ones at once (CANCELLED), above 4N all. None: gRPC's own bound (1,000; 3,000). Near the
-    # loop's throughput x a fraction of the clients' deadline it sheds overload cheaply (README, docs)
-    max_pending_rpcs: int | None = None
+    # of the new ones at once (CANCELLED), above 4N all. None: gRPC's own bound (1,000; 3,000), under which
+    # overload waits out its deadlines there. 64: a closed-loop client's 64 in flight (perf_analyzer's) never
+    # refused, about 40 ms of the loop's calls at this host's capacity (README, docs/benchmarks.md)
+    max_pending_rpcs: int | None = 64
     # gRPC's send and receive limit; None: derived at start-up from the model and the limits above, the largest
     # legitimate request plus 25% (memory_budget.message_bytes; docs/memory.md)
     max_message_bytes: int | None = None
