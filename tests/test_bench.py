@@ -78,7 +78,10 @@ def artifact_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(artifact_dir):
-    argv = [sys.executable, "-m", "neuronserve", "serve", "--artifact", artifact_dir, "--backend", "cpu", "--port", "0", "--metrics-port", "0"]
+    # gRPC's own pending bound: a SIGSTOPped server must keep every call that queues meanwhile (the default
+    # 64 would refuse some of the 100 that arrive in a stopped second; README)
+    argv = [sys.executable, "-m", "neuronserve", "serve", "--artifact", artifact_dir, "--backend", "cpu", "--port", "0", "--metrics-port", "0",
+            "--max-pending-rpcs", "off"]
     srv = ServerProcess(argv)
     yield srv
     srv.stop()
