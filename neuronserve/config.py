@@ -179,7 +179,7 @@ class BatchingConfig:
 
 MAX_SIM_LATENCY_SCALE = 1e6  # beyond it the modelled times overflow the sim's arithmetic
 MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
-MAX_PENDING_RPCS = (2**31 - 1) // 4  # the hard bound, 4x, is one of gRPC's 32-bit integer options
+MAX_PENDING_RPCS = 2**31 - 2  # N + 1, gRPC's hard bound, is one of its 32-bit integer options
 MAX_GRPC_DURATION_S = (2**31 - 1) // 1000  # gRPC's millisecond options are 32-bit integers
 
 
@@ -222,10 +222,10 @@ class ServerConfig:
     # RPCs in the server at once, gRPC's own limit: more are RESOURCE_EXHAUSTED before their body is read.
     # A bound on memory and on the work queued; near the in-flight need it also sheds overload (docs)
     max_concurrent_rpcs: int = 256
-    # Calls queued inside gRPC's core that the event loop has not picked up yet: above N gRPC refuses some
-    # of the new ones at once (CANCELLED), above 4N all. None: gRPC's own bound (1,000; 3,000), under which
-    # overload waits out its deadlines there. 64: a closed-loop client's 64 in flight (perf_analyzer's) never
-    # refused, about 40 ms of the loop's calls at this host's capacity (README, docs/benchmarks.md)
+    # Calls queued inside gRPC's core that the event loop has not picked up yet: with N waiting, gRPC refuses
+    # every new call at once (CANCELLED). None: gRPC's own bound (1,000, then some refused up to 3,000),
+    # under which overload waits out its deadlines there. 64: a closed-loop client's 64 in flight
+    # (perf_analyzer's) never refused, about 50 ms of the loop's calls at this host's capacity (README)
     max_pending_rpcs: int | None = 64
     # gRPC's send and receive limit; None: derived at start-up from the model and the limits above, the largest
     # legitimate request plus 25% (memory_budget.message_bytes; docs/memory.md)

@@ -164,7 +164,7 @@ SETTINGS: tuple[_Setting, ...] = (
         "max_pending_rpcs",
         _optional(_integer),
         "N",
-        "calls waiting inside gRPC for the event loop: above N some new ones, above 4N all are refused at once (CANCELLED, before the loop sees them); default 64 (a client's 64 in flight never refused); off: gRPC's own 1,000, under which overload waits out its deadlines in gRPC (README)",
+        "calls waiting inside gRPC for the event loop: with N waiting, every new one is refused at once (CANCELLED, before the loop sees it); default 64 (a client's 64 in flight never refused); off: gRPC's own 1,000, under which overload waits out its deadlines in gRPC (README)",
     ),
     _Setting(
         "max_message_bytes",

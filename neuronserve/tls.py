@@ -46,9 +46,10 @@ def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
     """grpc server options for keepalive, connection ageing and the queue of calls not yet picked up.
     With --max-connection-age-s, each connection gets GOAWAY after about that long (grpc adds +-10%
     jitter) and its calls in flight get the grace period to finish; the client reconnects, through its
-    load balancer, to any replica. With --max-pending-rpcs N, grpc's core refuses a new call with a
-    probability rising from 0 at N calls waiting for the event loop to 1 at 4N (its random early
-    detection), cancelling it at once instead of letting it wait out its deadline there."""
+    load balancer, to any replica. With --max-pending-rpcs N, grpc's core refuses every new call that
+    finds N calls waiting for the event loop, cancelling it at once instead of letting it wait out its
+    deadline there (a tail drop: gRPC's soft limit N and hard limit N + 1, so its random early detection
+    between the two never fires; a wider band let the queue, and the wait, grow to 4N under overload)."""
     options = list(KEEPALIVE_OPTIONS)
     if config.max_connection_age_s is not None:
         options += [
@@ -60,7 +61,7 @@ def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
             log.warning("--max-pending-rpcs has no effect: this grpcio predates gRPC's bound on pending calls (1.60)")
         options += [
             ("grpc.server.max_pending_requests", config.max_pending_rpcs),
-            ("grpc.server.max_pending_requests_hard_limit", 4 * config.max_pending_rpcs),
+            ("grpc.server.max_pending_requests_hard_limit", config.max_pending_rpcs + 1),
         ]
     return options
 

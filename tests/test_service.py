@@ -791,7 +791,7 @@ def test_rpcs_above_max_concurrent_rpcs_are_resource_exhausted_at_once(loop_thre
 @pytest.mark.parametrize("max_pending_rpcs", [None, 1])
 def test_a_burst_above_max_pending_rpcs_is_partly_refused_by_grpc_at_once(loop_thread, small_artifact, max_pending_rpcs):
     """200 calls at once on one connection: the event loop picks them up one at a time, so most wait in
-    gRPC's core. With --max-pending-rpcs 1 (all refused above 4 waiting) gRPC cancels some at once and
+    gRPC's core. With --max-pending-rpcs 1 (refused while 1 waits) gRPC cancels some at once and
     serves the rest; with gRPC's own bound (1,000), or a grpcio that predates the bound (the Inf1
     image's 1.49 ignores the option), every call is served."""
     server = start_server(loop_thread, small_artifact, backend="cpu", cores=1, max_pending_rpcs=max_pending_rpcs)

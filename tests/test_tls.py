@@ -214,18 +214,18 @@ def test_connection_options_age_connections_with_the_grace_period_and_state_keep
 
 
 def test_max_pending_rpcs_bounds_grpcs_queue_of_calls_not_picked_up_and_parses():
-    """--max-pending-rpcs N: gRPC's core refuses some new calls above N waiting for the loop, all above
-    4N; 64 by default; off (None) leaves gRPC's own bound; the flag and the environment set it; out of range
+    """--max-pending-rpcs N: gRPC's core refuses every new call that finds N waiting for the loop (soft
+    limit N, hard N + 1); 64 by default; off (None) leaves gRPC's own bound; the flag and the environment set it; out of range
     is a ConfigError naming it."""
     options = dict(connection_options(ServerConfig(max_pending_rpcs=16)))
-    assert (options["grpc.server.max_pending_requests"], options["grpc.server.max_pending_requests_hard_limit"]) == (16, 64)
+    assert (options["grpc.server.max_pending_requests"], options["grpc.server.max_pending_requests_hard_limit"]) == (16, 17)
     assert not any("pending" in name for name, _ in connection_options(ServerConfig(max_pending_rpcs=None)))
     assert dict(connection_options(ServerConfig()))["grpc.server.max_pending_requests"] == 64
     assert resolve_config(parse(["--max-pending-rpcs", "16"]), environ={}).max_pending_rpcs == 16
     assert resolve_config(parse([]), environ={"NEURONSERVE_MAX_PENDING_RPCS": "8"}).max_pending_rpcs == 8
     assert resolve_config(parse([]), environ={}).max_pending_rpcs == 64
     assert resolve_config(parse(["--max-pending-rpcs", "off"]), environ={}).max_pending_rpcs is None
-    for bad in (0, 2**30):
+    for bad in (0, 2**31 - 1):
         with pytest.raises(ConfigError, match="max_pending_rpcs"):
             ServerConfig(max_pending_rpcs=bad)
 
