@@ -70,9 +70,10 @@ def cache_samples(stats) -> list[Sample]:
 _PROCESS = ProcessCollector(registry=None)  # process_cpu_seconds_total, _resident_memory_bytes, ... (Linux /proc)
 
 
-def process_samples() -> list[Sample]:
-    """This process's figures: prometheus-client's ProcessCollector (psutil where it has no /proc) and
-    process_threads (every OS thread, gRPC's too)."""
+def process_samples(children: bool = True) -> list[Sample]:
+    """This process's figures: prometheus-client's ProcessCollector (psutil where it has no /proc),
+    process_threads (every OS thread, gRPC's too) and, with `children`, neuronserve_child_cpu_seconds_total
+    (a pool's supervisor leaves it out: its children are the workers, whose CPU each reports itself)."""
     import psutil
 
     process = psutil.Process()
@@ -89,7 +90,8 @@ def process_samples() -> list[Sample]:
             Sample("process_resident_memory_bytes", (), process.memory_info().rss),
         ]
     out.append(Sample("process_threads", (), process.num_threads()))
-    out.append(Sample("neuronserve_child_cpu_seconds_total", (), _children_cpu_s(process)))
+    if children:
+        out.append(Sample("neuronserve_child_cpu_seconds_total", (), _children_cpu_s(process)))
     return out
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Iterable
 
@@ -120,7 +121,10 @@ class PoolMetrics:
 
     def __init__(self, supervisor) -> None:
         self.supervisor = supervisor
-        self._collectors: tuple[Callable[[], Iterable[Sample]], ...] = (process_samples,)  # the supervisor's own
+        # the supervisor's own figures; not its children's CPU: they are the workers, each counted once already
+        self._collectors: tuple[Callable[[], Iterable[Sample]], ...] = (
+            functools.partial(process_samples, children=False),
+        )
         self._continuity = Continuity()
 
     def add_collector(self, collector: Callable[[], Iterable[Sample]]) -> None:

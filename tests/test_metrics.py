@@ -350,6 +350,10 @@ def test_the_pool_merges_a_workers_page_from_its_metrics_server():
     assert parsed[("neuronserve_worker_up", (("worker", "0"),))] == 1
     assert parsed[("neuronserve_metrics_renders_total", (("worker", "0"),))] == 1
     assert parsed[("neuronserve_metrics_renders_total", (("worker", "supervisor"),))] == 1
+    # the workers are the supervisor's children: their CPU is in their own process_cpu_seconds_total, so
+    # the supervisor exports none as child CPU (the benchmark sums the two)
+    assert ("neuronserve_child_cpu_seconds_total", (("worker", "supervisor"),)) not in parsed
+    assert ("process_cpu_seconds_total", (("worker", "supervisor"),)) in parsed
 
 
 # ---- the Grafana dashboard ----------------------------------------------------------------------------
