@@ -58,7 +58,10 @@ def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
         ]
     if config.max_pending_rpcs is not None:
         if grpc_version() < PENDING_BOUND_SINCE:
-            log.warning("--max-pending-rpcs has no effect: this grpcio predates gRPC's bound on pending calls (1.60)")
+            log.warning(
+                "--max-pending-rpcs has no effect: this grpcio predates gRPC's bound on calls waiting for the "
+                "event loop (1.60), so past capacity calls wait out their deadlines in gRPC's queue"
+            )
         options += [
             ("grpc.server.max_pending_requests", config.max_pending_rpcs),
             ("grpc.server.max_pending_requests_hard_limit", config.max_pending_rpcs + 1),
