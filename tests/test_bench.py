@@ -91,9 +91,11 @@ def server(artifact_dir):
 def refusing_server(artifact_dir):
     """A server whose queue bound in time is 1 us: a request arriving while any work is queued or
     running is refused at the door (RESOURCE_EXHAUSTED), so modest load provokes refusals. Batches go to
-    torch's thread (--inline-below 0): run on the loop, no work would ever be running when one arrives."""
+    torch's thread (--inline-below 0): run on the loop, no work would ever be running when one arrives.
+    gRPC's own pending bound, as `server`: the calls queued during a SIGSTOP reach the loop, none is
+    CANCELLED by gRPC's core before it."""
     argv = [sys.executable, "-m", "neuronserve", "serve", "--artifact", artifact_dir, "--backend", "cpu", "--port", "0", "--metrics-port", "0",
-            "--max-queue-wait-ms", "0.001", "--inline-below", "0"]
+            "--max-queue-wait-ms", "0.001", "--inline-below", "0", "--max-pending-rpcs", "off"]
     srv = ServerProcess(argv)
     yield srv
     srv.stop()
