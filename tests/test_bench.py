@@ -76,13 +76,17 @@ def artifact_dir(tmp_path_factory):
     return str(out)
 
 
+def _serve_argv(artifact_dir, *flags: str) -> list[str]:
+    """`serve` on the cpu backend, any ports, with gRPC's own pending bound: these tests SIGSTOP the
+    server, and every call that queues meanwhile must reach the loop (the default 64 refuses the calls
+    past 64 waiting at once; README)."""
+    return [sys.executable, "-m", "neuronserve", "serve", "--artifact", artifact_dir, "--backend", "cpu", "--port", "0",
+            "--metrics-port", "0", "--max-pending-rpcs", "off", *flags]
+
+
 @pytest.fixture(scope="module")
 def server(artifact_dir):
-    # gRPC's own pending bound: a SIGSTOPped server must keep every call that queues meanwhile (the default
-    # 64 would refuse some of the 100 that arrive in a stopped second; README)
-    argv = [sys.executable, "-m", "neuronserve", "serve", "--artifact", artifact_dir, "--backend", "cpu", "--port", "0", "--metrics-port", "0",
-            "--max-pending-rpcs", "off"]
-    srv = ServerProcess(argv)
+    srv = ServerProcess(_serve_argv(artifact_dir))
     yield srv
     srv.stop()
 
@@ -91,12 +95,8 @@ def server(artifact_dir):
 def refusing_server(artifact_dir):
     """A server whose queue bound in time is 1 us: a request arriving while any work is queued or
     running is refused at the door (RESOURCE_EXHAUSTED), so modest load provokes refusals. Batches go to
-    torch's thread (--inline-below 0): run on the loop, no work would ever be running when one arrives.
-    gRPC's own pending bound, as `server`: the calls queued during a SIGSTOP reach the loop, none is
-    CANCELLED by gRPC's core before it."""
-    argv = [sys.executable, "-m", "neuronserve", "serve", "--artifact", artifact_dir, "--backend", "cpu", "--port", "0", "--metrics-port", "0",
-            "--max-queue-wait-ms", "0.001", "--inline-below", "0", "--max-pending-rpcs", "off"]
-    srv = ServerProcess(argv)
+    torch's thread (--inline-below 0): run on the loop, no work would ever be running when one arrives."""
+    srv = ServerProcess(_serve_argv(artifact_dir, "--max-queue-wait-ms", "0.001", "--inline-below", "0"))
     yield srv
     srv.stop()
 
