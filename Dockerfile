@@ -7,8 +7,11 @@
 # $NEURONSERVE_CACHE_DIR (mount them as volumes: deploy/ does). Health: `neuronserve health`
 # (grpc.health.v1 Check on 127.0.0.1:$NEURONSERVE_PORT).
 
-# The wheel, with the protobuf/gRPC modules generated at build time (grpcio-tools only in this stage).
+# The wheel, with the protobuf/gRPC modules generated at build time (grpcio-tools only in this stage) and
+# the tick's C kernels compiled (gcc only in this stage; without it the wheel falls back to numpy).
 FROM python:3.10-slim AS wheel
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY neuronserve ./neuronserve

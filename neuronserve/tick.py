@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from collections.abc import Sequence
@@ -30,6 +31,9 @@ from threadpoolctl import threadpool_limits
 
 from neuronserve.errors import InvalidInput
 from neuronserve.tick_device import DeviceDirection, TickDevice
+from neuronserve.tick_kernels import KERNELS
+from neuronserve.tick_pairs import exclusions as exclusions  # re-exported: tick.exclusions is the API
+from neuronserve.tick_pairs import pool_order
 from neuronserve.tick_sigmoid import sigmoid_
 from neuronserve.topk import padded_width, top_k
 
@@ -129,6 +133,12 @@ class HostDirection:
             self.rows = np.ascontiguousarray((rows * w[None, :, None]).reshape(n, k * d))
             self.cols = np.ascontiguousarray(cols.reshape(len(cols), k * d))
             self.const = np.float32(np.dot(w.astype(np.float64), bias.astype(np.float64)))
+        elif KERNELS is not None:  # the compiled kernel: matmuls, sigmoids and the weighted sum in one pass
+            self.row_vectors, self.col_vectors = rows, cols
+            self.bias, self.weights_k = np.ascontiguousarray(bias, np.float32), np.ascontiguousarray(w)
+            self.uniform = bool((w == w[0]).all())
+            self._sides: dict[bool, tuple[np.ndarray, np.ndarray]] = {}
+            self._sides_lock = threading.Lock()
         else:  # per label [U_k, b_k] . [P_k, 1] = s_k, then sigmoid, times w_k, summed over k
             self.rows = np.empty((k, n, d + 1), np.float32)
             self.rows[:, :, :d] = rows.transpose(1, 0, 2)
@@ -141,6 +151,10 @@ class HostDirection:
     def block(self, start: int, stop: int, out: np.ndarray, transposed: bool = False) -> np.ndarray:
         """c(row -> column) for rows start:stop into out [stop - start, M]; transposed: c(row -> column)
         for columns start:stop and every row, into out [stop - start, N]."""
+        if not self.logit and KERNELS is not None:
+            left, right_t = self._kernel_sides(transposed)
+            m = len(self.row_vectors if transposed else self.col_vectors)
+            return KERNELS.fill_probability(left, right_t, m, self.bias, self.weights_k, self.uniform, start, stop, out)
         left, right = (self.cols, self.rows) if transposed else (self.rows, self.cols)
         if self.logit:
             np.matmul(left[start:stop], right.T, out=out)
@@ -167,6 +181,19 @@ class HostDirection:
             else:
                 np.copyto(target, total)
         return out
+
+    def _kernel_sides(self, transposed: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The kernel's left side [K, N, D] and transposed right side [K, D, M'] (a direction runs
+        one way only, so each is arranged once, when first used)."""
+        assert KERNELS is not None
+        with self._sides_lock:
+            if transposed not in self._sides:
+                left, right = (
+                    (self.col_vectors, self.row_vectors) if transposed else (self.row_vectors, self.col_vectors)
+                )
+                left_k = np.ascontiguousarray(left.transpose(1, 0, 2), np.float32)
+                self._sides[transposed] = (left_k, KERNELS.transposed_columns(right))
+            return self._sides[transposed]
 
 
 def _mutual(forward: np.ndarray, reverse: np.ndarray, how: str) -> np.ndarray:
@@ -197,52 +224,6 @@ def _combine_transposed(matrix: np.ndarray, start: int, stop: int, how: str, out
             np.copyto(target, forward)
             _mutual(target, np.ascontiguousarray(reverse), how)
     return out
-
-
-def exclusions(
-    row_ids: np.ndarray,
-    col_ids: np.ndarray,
-    *,
-    exclude_self: bool,
-    blocked_rows: np.ndarray | None = None,
-    blocked_cols: np.ndarray | None = None,
-    symmetric: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Excluded (row index, column index) pairs, distinct, sorted by row: self-pairs (a row's id among
-    the columns) when exclude_self, and the blocked id pairs whose ids are both in the tick (both ways
-    when symmetric). row_ids and col_ids are distinct ids; col_ids sorted ascending."""
-    rows_found, cols_found = [], []
-
-    def place(ids: np.ndarray, among: np.ndarray, order: np.ndarray) -> np.ndarray:
-        """Index of each id in `among` (sorted view: among[order]), -1 if absent."""
-        if not len(among):
-            return np.full(len(ids), -1)
-        sorted_ids = among[order]
-        pos = np.minimum(np.searchsorted(sorted_ids, ids), len(among) - 1)
-        return np.where(sorted_ids[pos] == ids, order[pos], -1)
-
-    row_order, col_order = np.argsort(row_ids, kind="stable"), np.arange(len(col_ids))
-    if exclude_self:
-        cols = place(row_ids, col_ids, col_order)
-        hit = cols >= 0
-        rows_found.append(np.flatnonzero(hit))
-        cols_found.append(cols[hit])
-    if blocked_rows is not None and len(blocked_rows):
-        pairs = [(blocked_rows, blocked_cols)] + ([(blocked_cols, blocked_rows)] if symmetric else [])
-        for a, b in pairs:
-            r, c = (
-                place(np.asarray(a, np.int64), row_ids, row_order),
-                place(np.asarray(b, np.int64), col_ids, col_order),
-            )
-            hit = (r >= 0) & (c >= 0)
-            rows_found.append(r[hit])
-            cols_found.append(c[hit])
-    if not rows_found:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    flat = np.unique(
-        np.concatenate(rows_found).astype(np.int64) * len(col_ids) + np.concatenate(cols_found).astype(np.int64)
-    )
-    return flat // len(col_ids), flat % len(col_ids)
 
 
 def score_tick(
@@ -278,7 +259,7 @@ def score_tick(
     whole = pool and mutual and 4 * m * m <= POOL_MATRIX_BYTES  # one forward matrix for the whole pool
     pos = None
     if whole:  # work with the rows in column order (row a is column a); they go back to row_ids' order at the end
-        pos, excluded = _pool_order(row_ids, col_ids, excluded)
+        pos, excluded = pool_order(row_ids, col_ids, excluded)
         rows_user, rows_peer = cols_user, cols_peer  # type: ignore[assignment]  # mutual: cols_user is set
     direction = HostDirection if device is None else functools.partial(DeviceDirection, device)
     blocks = _Blocks(
@@ -348,31 +329,58 @@ class _Blocks:
         self.forward.block(start, stop, self.matrix[start:stop])
 
     def run(self, start: int, size: int) -> None:
-        m, k = self.m, self.spec.k
+        k = self.spec.k
         stop = min(start + size, len(self.ids))
-        padded = np.empty((stop - start, padded_width(m)), np.float32)
-        padded[:, m:] = -np.inf
-        out = padded[:, :m]
-        if self.matrix is not None:  # c(v->u) = F[v, u]: the block's columns, transposed (combine is symmetric)
-            _combine_transposed(self.matrix, start, stop, self.spec.mutual, out)
-        else:
-            self.forward.block(start, stop, out)
-            if self.reverse is not None:
-                back = np.empty_like(out)
-                _reverse_block(self.reverse, start, stop, back)
-                _mutual(out, back, self.spec.mutual)
-        lo, hi = np.searchsorted(self.ex_rows, start), np.searchsorted(self.ex_rows, stop)
-        out[self.ex_rows[lo:hi] - start, self.ex_cols[lo:hi]] = -np.inf
-        top = top_k(padded, k, m)
+        top, values = (self._top_compiled if KERNELS is not None else self._top_numpy)(start, stop)
         valid = np.arange(k)[None, :] < self.counts[start:stop, None]
         self.ids[start:stop] = np.where(valid, self.col_ids[top], PAD_ID)
-        self.values[start:stop] = np.where(valid, np.take_along_axis(out, top, axis=1), -np.inf)
+        self.values[start:stop] = np.where(valid, values, -np.inf)
         if self.labels is not None:
             logits = pair_logits(self.rows_user[start:stop], self.cols_peer[top], self.bias)
             self.labels[start:stop] = np.where(valid[:, :, None], logits, 0)
         if self.reverse_labels is not None:
             logits = pair_logits(self.cols_user[top], self.rows_peer[start:stop], self.bias, swap=True)
             self.reverse_labels[start:stop] = np.where(valid[:, :, None], logits, 0)
+
+    def _forward_values(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        """value(u, v) of the rows start:stop into out [stop - start, M], from the directions' blocks."""
+        self.forward.block(start, stop, out)
+        if self.reverse is not None:
+            back = np.empty_like(out)
+            _reverse_block(self.reverse, start, stop, back)
+            _mutual(out, back, self.spec.mutual)
+        return out
+
+    def _top_compiled(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(columns, values) [B, k] of the rows start:stop by the compiled top-k; a mutual pool's
+        kernel combines F's block with F's transposed columns itself."""
+        assert KERNELS is not None
+        ex_ptr = np.searchsorted(self.ex_rows, np.arange(start, stop + 1))
+        if self.matrix is not None:
+            forward, how, reverse = self.matrix[start:stop], self.spec.mutual, self.matrix
+        else:
+            forward, how, reverse = (
+                self._forward_values(start, stop, np.empty((stop - start, self.m), np.float32)),
+                ONE_WAY,
+                None,
+            )
+        top, values, _ = KERNELS.top_k(forward, self.spec.k, how, reverse, start, ex_ptr, self.ex_cols)
+        return top, values
+
+    def _top_numpy(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(columns, values) [B, k] of the rows start:stop by numpy and torch (topk.top_k)."""
+        m = self.m
+        padded = np.empty((stop - start, padded_width(m)), np.float32)
+        padded[:, m:] = -np.inf
+        out = padded[:, :m]
+        if self.matrix is not None:  # c(v->u) = F[v, u]: the block's columns, transposed (combine is symmetric)
+            _combine_transposed(self.matrix, start, stop, self.spec.mutual, out)
+        else:
+            self._forward_values(start, stop, out)
+        lo, hi = np.searchsorted(self.ex_rows, start), np.searchsorted(self.ex_rows, stop)
+        out[self.ex_rows[lo:hi] - start, self.ex_cols[lo:hi]] = -np.inf
+        top = top_k(padded, self.spec.k, m)
+        return top, np.take_along_axis(out, top, axis=1)
 
     def result(self, pos: np.ndarray | None) -> TickResult:
         """The result, rows back in the request's order (pos: a pool worked in column order)."""
@@ -383,31 +391,25 @@ class _Blocks:
         return TickResult(ids, values, counts, labels, reverse_labels)  # type: ignore[arg-type]
 
 
-def _pool_order(row_ids: np.ndarray, col_ids: np.ndarray, excluded: tuple[np.ndarray, np.ndarray]):
-    """A pool worked with its rows in column order: (pos, the exclusions re-indexed and sorted by row),
-    row i being column pos[i]."""
-    n, m = len(row_ids), len(col_ids)
-    pos = np.searchsorted(col_ids, row_ids)
-    if n != m or not np.array_equal(col_ids[np.minimum(pos, max(m - 1, 0))], row_ids):
-        raise ValueError("a pool's row_ids must be its col_ids (in any order)")
-    ex_rows = pos[excluded[0]]
-    by_row = np.argsort(ex_rows, kind="stable")
-    return pos, (ex_rows[by_row], excluded[1][by_row])
-
-
 def _in_blocks(step, starts: list[int], threads: int) -> None:
-    """step over every block start on a pool of `threads` threads with one BLAS thread per block (two
-    callers of a 2-thread BLAS ran slower than one)."""
+    """step over every block start on `threads` threads (a pool kept for the next tick: starting threads
+    cost a tick more than 10 ms while the CPUs are busy) with one BLAS thread per block (two callers of a
+    2-thread BLAS ran slower than one)."""
     workers = min(threads, len(starts))
     if workers <= 1:
         for start in starts:
             step(start)
         return
-    with (
-        threadpool_limits(limits=1, user_api="blas"),
-        ThreadPoolExecutor(workers, thread_name_prefix="tick") as executor,
-    ):
-        list(executor.map(step, starts))  # numpy's matmul and ufuncs, and torch's ops, release the GIL
+    with threadpool_limits(limits=1, user_api="blas"):
+        list(
+            _executor(workers).map(step, starts)
+        )  # numpy's matmul and ufuncs, torch's ops and the kernels release the GIL
+
+
+@functools.cache
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """The tick's thread pool of `workers` threads, one per size asked for (the CPUs, or a device's executions)."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="tick")
 
 
 def _reverse_block(reverse: HostDirection | DeviceDirection, start: int, stop: int, out: np.ndarray) -> np.ndarray:

@@ -29,6 +29,16 @@ ATOL = 1e-5
 # ---- the tick module against the reference --------------------------------------------------------
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def host_path(request, monkeypatch):
+    """The host path under test: the compiled kernels (tick_kernels.py) or numpy and torch."""
+    if request.param == "numpy":
+        monkeypatch.setattr(T, "KERNELS", None)
+    elif T.KERNELS is None:
+        pytest.skip("the tick kernels were not built")
+    return request.param
+
+
 def pool_case(seed: int, n: int, k_labels: int = 3, d: int = 8, quantized: bool = False):
     rng = np.random.default_rng(seed)
     ids = rng.choice(np.arange(-500, 5000), n, replace=False).astype(np.int64)
@@ -80,6 +90,7 @@ def assert_same(got: T.TickResult, want: T.TickResult, exact_ids: bool = False) 
             np.testing.assert_allclose(a[same], b[same], atol=1e-4)
 
 
+@pytest.mark.usefixtures("host_path")
 @pytest.mark.parametrize("space,mutual", COMBOS)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_pool_tick_equals_the_reference(space, mutual, threads):
@@ -95,6 +106,7 @@ def test_pool_tick_equals_the_reference(space, mutual, threads):
         assert b not in got.ids[np.flatnonzero(ids == a)[0]] and a not in got.ids[np.flatnonzero(ids == b)[0]]
 
 
+@pytest.mark.usefixtures("host_path")
 @pytest.mark.parametrize("space,mutual", COMBOS)
 def test_ties_are_broken_by_the_lower_peer_id(space, mutual):
     ids, users, peers, bias = pool_case(2, 64, quantized=True)
@@ -105,6 +117,7 @@ def test_ties_are_broken_by_the_lower_peer_id(space, mutual):
     assert_same(got, want, exact_ids=True)
 
 
+@pytest.mark.usefixtures("host_path")
 def test_default_weights_are_the_mean_and_rows_keep_the_request_order():
     ids, users, peers, bias = pool_case(3, 40)
     spec = T.make_spec(5, [], 3, 39)
@@ -113,6 +126,7 @@ def test_default_weights_are_the_mean_and_rows_keep_the_request_order():
     assert_same(got, want)
 
 
+@pytest.mark.usefixtures("host_path")
 def test_rows_with_fewer_candidates_than_k_are_padded_and_counted():
     ids, users, peers, bias = pool_case(4, 12)
     spec = T.make_spec(11, [1, 1, 1], 3, 11, mutual=T.MINIMUM)  # k = pool size - 1: every other person
@@ -123,6 +137,7 @@ def test_rows_with_fewer_candidates_than_k_are_padded_and_counted():
     assert (got.ids[0, 5:] == T.PAD_ID).all()
 
 
+@pytest.mark.usefixtures("host_path")
 @pytest.mark.parametrize("space,mutual", COMBOS)
 def test_users_x_peers_tick_equals_the_reference(space, mutual):
     rng = np.random.default_rng(5)
@@ -140,6 +155,7 @@ def test_users_x_peers_tick_equals_the_reference(space, mutual):
     assert_same(T.score_tick(*args, **extra, block_rows=8, threads=2), reference_tick(*args, **extra))
 
 
+@pytest.mark.usefixtures("host_path")
 @pytest.mark.parametrize("space,mutual", [(T.PROBABILITY, T.PRODUCT), (T.LOGIT, T.MINIMUM), (T.LOGIT, T.ONE_WAY)])
 @pytest.mark.parametrize("quantized", [False, True])
 def test_the_pruned_top_k_equals_the_reference(space, mutual, quantized):
@@ -205,6 +221,7 @@ def test_first_k_orders_by_value_then_column_and_takes_zero_and_minus_zero_as_eq
     np.testing.assert_array_equal(top, [[1, 9, 3], [0, 2, 5]])  # -0.0 == 0.0: the lower column first
 
 
+@pytest.mark.usefixtures("host_path")
 @pytest.mark.parametrize("mutual", [T.ONE_WAY, T.PRODUCT, T.HARMONIC_MEAN])
 def test_ties_across_the_padded_fill_tile_equal_the_reference(mutual, monkeypatch):
     # 75 people in fill tiles of 32 columns: the last tile holds 11 columns and 21 stale scratch columns;
@@ -223,6 +240,7 @@ def test_ties_across_the_padded_fill_tile_equal_the_reference(mutual, monkeypatc
     assert got.values.dtype == np.float32
 
 
+@pytest.mark.usefixtures("host_path")
 def test_a_larger_pool_in_default_blocks_equals_the_reference():
     ids, users, peers, bias = pool_case(6, 700, k_labels=4, d=16)
     spec = T.make_spec(50, [1, 1, 1, 1], 4, 699, mutual=T.PRODUCT)
@@ -230,6 +248,7 @@ def test_a_larger_pool_in_default_blocks_equals_the_reference():
     assert_same(got, want)
 
 
+@pytest.mark.usefixtures("host_path")
 @pytest.mark.parametrize("space,mutual", [c for c in COMBOS if c[1] != T.ONE_WAY])
 @pytest.mark.parametrize("quantized", [False, True])
 def test_the_pool_matrix_path_equals_the_reference_and_the_two_direction_path(space, mutual, quantized, monkeypatch):
