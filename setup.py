@@ -157,15 +157,15 @@ class BuildPyWithStubs(build_py):
             generate(Path(self.build_lib, *PROTO_PACKAGE.split(".")))
 
 
-# The tick's host kernels (neuronserve/tick_kernels.py loads the library with ctypes: no Python API, so
-# no numpy headers and one build for numpy 1.x and 2.x). Optional: without a C compiler the install
-# succeeds and the tick runs its numpy path.
-TICK_KERNELS = Extension(
-    "neuronserve._tick_kernels",
+# The compiled kernels (neuronserve/native.py loads the library with ctypes: no Python API, so no numpy
+# headers and one build for numpy 1.x and 2.x). Optional: without a C compiler the install succeeds and
+# the tick runs its numpy path.
+KERNELS = Extension(
+    "neuronserve._kernels",
     sources=["neuronserve/kernels/tick_kernels.c"],
     depends=["neuronserve/kernels/tick_body.h"],
     extra_compile_args=["-O3", "-std=gnu11", "-Wno-psabi"],
     optional=True,
 )
 
-setup(cmdclass={"build_py": BuildPyWithStubs}, ext_modules=[TICK_KERNELS])
+setup(cmdclass={"build_py": BuildPyWithStubs}, ext_modules=[KERNELS])

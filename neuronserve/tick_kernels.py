@@ -1,18 +1,17 @@
-"""The tick's compiled host kernels (neuronserve/kernels/tick_kernels.c), loaded with ctypes.
+"""The tick's compiled host kernels (neuronserve/kernels/tick_kernels.c), with numpy arrays in and out.
 
-A leaf of tick.py. setup.py builds the library as the optional extension `neuronserve._tick_kernels`
-(it has no Python API: ctypes calls it, and releases the GIL for every call, so the tick's threads run
-it in parallel). When it is missing (no compiler at install time) `KERNELS` is None and tick.py runs
-its numpy path, with the same results to float32 rounding. Contracts of the two calls: the C file.
+A leaf of tick.py. The library is native.LIBRARY (ctypes releases the GIL for every call, so the tick's
+threads run the kernels in parallel); without it `KERNELS` is None and tick.py runs its numpy path.
+Contracts of the two calls: the C file.
 """
 
 from __future__ import annotations
 
 import ctypes
-import importlib.util
-import os
 
 import numpy as np
+
+from neuronserve.native import LIBRARY
 
 # how the kernel combines c(u->v) and c(v->u): the C file's enum
 HOW = {"one_way": 0, "product": 1, "minimum": 2, "harmonic_mean": 3}
@@ -171,14 +170,4 @@ def _check(*arrays: np.ndarray) -> None:
             raise ValueError("the kernels take C-contiguous float32 arrays")
 
 
-def load() -> TickKernels | None:
-    """The kernels, or None when the extension was not built (or NEURONSERVE_TICK_KERNELS=off)."""
-    if os.environ.get("NEURONSERVE_TICK_KERNELS", "on").lower() in ("off", "0", "false", "no"):
-        return None
-    spec = importlib.util.find_spec("neuronserve._tick_kernels")
-    if spec is None or spec.origin is None:
-        return None
-    return TickKernels(ctypes.CDLL(spec.origin))
-
-
-KERNELS = load()
+KERNELS = None if LIBRARY is None else TickKernels(LIBRARY)

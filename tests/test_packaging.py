@@ -102,8 +102,8 @@ def test_the_wheel_carries_generated_stubs_and_serving_needs_only_serving_packag
             for suffix in ("_pb2.py", "_pb2_grpc.py"):
                 text = archive.read(f"neuronserve/protos/{proto}{suffix}").decode()
                 assert "runtime_version" not in text and "GRPC_GENERATED_VERSION" not in text, "a generator-version check crept in"
-        # the tick's compiled kernels (an optional extension: built wherever a C compiler is, as here)
-        assert any(n.startswith("neuronserve/_tick_kernels") and n.endswith(".so") for n in names), sorted(names)[:20]
+        # the compiled kernels (an optional extension: built wherever a C compiler is, as here)
+        assert any(n.startswith("neuronserve/_kernels") and n.endswith(".so") for n in names), sorted(names)[:20]
     requires = [line.split(":", 1)[1].strip() for line in wheel_metadata(wheel).splitlines() if line.startswith("Requires-Dist:")]
     serving = {re.split(r"[<>=!~;\[ (]", r, maxsplit=1)[0].lower() for r in requires if "extra ==" not in r}
     assert {"torch", "numpy", "grpcio", "protobuf", "grpcio-health-checking"} <= serving

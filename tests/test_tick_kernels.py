@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(KERNELS is None, reason="the tick kernels were n
 
 def test_the_tick_kernels_are_built_where_a_compiler_is():
     # an optional extension fails to build without a word: CI must not fall back to numpy unnoticed
-    if os.environ.get("NEURONSERVE_TICK_KERNELS", "on") == "on":
+    if os.environ.get("NEURONSERVE_KERNELS", "on") == "on":
         assert KERNELS is not None and KERNELS.isa in ISAS
 
 
