@@ -323,15 +323,14 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         the request resolved: never two versions' vectors in one tick), exclusions, score_tick (its
         matmuls on the backend's `device` when it has one)."""
         mutual = spec.mutual != tick.ONE_WAY
-        order = np.argsort(cols, kind="stable")
-        col_ids = cols[order]
+        ascending = bool((np.diff(cols) > 0).all())  # a matcher's sorted ids: the columns' order as sent
+        order = None if ascending else np.argsort(cols, kind="stable")
+        col_ids = cols if order is None else cols[order]
         if pool is not None:
             user_vectors, peer_vectors = cache.lookup_many([("user", rows, "pool_ids"), ("peer", rows, "pool_ids")])
-            rows_user, rows_peer, cols_peer, cols_user = (
-                user_vectors,
-                peer_vectors,
-                peer_vectors[order],
-                user_vectors[order],
+            rows_user, rows_peer = user_vectors, peer_vectors
+            cols_peer, cols_user = (
+                (peer_vectors, user_vectors) if order is None else (peer_vectors[order], user_vectors[order])
             )
         else:
             wanted = [("user", rows, "user_ids"), ("peer", col_ids, "peer_ids")]

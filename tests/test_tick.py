@@ -342,14 +342,16 @@ MUTUALS = {T.ONE_WAY: pb.ScoreTickRequest.ONE_WAY, T.PRODUCT: pb.ScoreTickReques
 
 
 @pytest.mark.parametrize("space,mutual", COMBOS)
-@pytest.mark.parametrize("form", ["repeated", "packed"])
+@pytest.mark.parametrize("form", ["repeated", "packed", "packed, ascending"])
 def test_score_tick_on_a_pool_equals_the_reference(served, small_artifact, space, mutual, form):
     server, stub, pool, _ = served
+    if form == "packed, ascending":  # the columns' order as sent: no reordered copies
+        pool = np.sort(pool)
     k_labels = small_artifact.model_config.num_labels
     weights = [0.5, 1.5, 0.25][:k_labels]
     blocked_a, blocked_b = pool[:3], pool[10:13]
     request = pb.ScoreTickRequest(k=7, weights=weights, label_space=SPACES[space], mutual=MUTUALS[mutual], include_label_scores=True)
-    if form == "packed":
+    if form.startswith("packed"):
         request.pool_ids_packed, request.blocked_user_ids_packed, request.blocked_peer_ids_packed = packed(pool), packed(blocked_a), packed(blocked_b)
     else:
         request.pool_ids.extend(pool.tolist()), request.blocked_user_ids.extend(blocked_a.tolist()), request.blocked_peer_ids.extend(blocked_b.tolist())

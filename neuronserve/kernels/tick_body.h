@@ -13,17 +13,17 @@ typedef float vf __attribute__((vector_size(LANES * 4)));
 typedef float vfu __attribute__((vector_size(LANES * 4), aligned(4))); /* for unaligned loads and stores */
 typedef int32_t vi __attribute__((vector_size(LANES * 4)));
 
-/* Some lane of a is >= the same lane of b. */
-static inline __attribute__((always_inline)) int NAME(any_ge)(vf a, vf b) {
+/* Bit j set where lane j of a is >= lane j of b. */
+static inline __attribute__((always_inline)) uint32_t NAME(ge_mask)(vf a, vf b) {
 #if defined(__x86_64__) && LANES == 16
-    return _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_GE_OQ) != 0;
+    return _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_GE_OQ);
 #elif defined(__x86_64__) && LANES == 8
-    return _mm256_movemask_ps(_mm256_cmp_ps((__m256)a, (__m256)b, _CMP_GE_OQ)) != 0;
+    return (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps((__m256)a, (__m256)b, _CMP_GE_OQ));
 #else
     vi ge = a >= b;
-    int any = 0;
-    for (int j = 0; j < LANES; j++) any |= ge[j];
-    return any;
+    uint32_t mask = 0;
+    for (int j = 0; j < LANES; j++) mask |= (uint32_t)(ge[j] & 1) << j;
+    return mask;
 #endif
 }
 
@@ -31,6 +31,12 @@ static inline __attribute__((always_inline)) int NAME(any_ge)(vf a, vf b) {
  * expf polynomial (relative error ~1e-7), the power of two built from the exponent bits. The same
  * arithmetic for every lane, so a value depends on its input only, never on where it sits. */
 static inline __attribute__((always_inline)) vf NAME(sigmoid)(vf s) {
+#if defined(__x86_64__) && LANES == 16 /* AVX-512: vscalefps builds 2^n and saturates to 0 / inf: no clamps */
+    __m512 t = _mm512_sub_ps(_mm512_setzero_ps(), (__m512)s);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), t);
+    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+#else
     const vf lo = (vf){} - 87.0f, hi = (vf){} + 88.0f;
     vf t = -s;
     vi below = t < lo, above = t > hi; /* lanes: -1 where true */
@@ -42,15 +48,19 @@ static inline __attribute__((always_inline)) vf NAME(sigmoid)(vf s) {
     vi ni = (vi)j - (vi)magic;
     vf f = t - n * 0.693359375f;
     f = f - n * -2.12194440e-4f;
-    vf z = f * f;
-    vf p = f * 1.9875691500e-4f + 1.3981999507e-3f;
-    p = p * f + 8.3334519073e-3f;
-    p = p * f + 4.1665795894e-2f;
-    p = p * f + 1.6666665459e-1f;
-    p = p * f + 5.0000001201e-1f;
-    p = p * z + f + 1.0f;
-    vf scale = (vf)((ni + 127) << 23);
-    return 1.0f / (1.0f + p * scale);
+#endif
+    vf z = (vf)f * (vf)f;
+    vf p = (vf)f * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * (vf)f + 8.3334519073e-3f;
+    p = p * (vf)f + 4.1665795894e-2f;
+    p = p * (vf)f + 1.6666665459e-1f;
+    p = p * (vf)f + 5.0000001201e-1f;
+    p = p * z + (vf)f + 1.0f;
+#if defined(__x86_64__) && LANES == 16
+    return 1.0f / (1.0f + (vf)_mm512_scalef_ps((__m512)p, n));
+#else
+    return 1.0f / (1.0f + p * (vf)((ni + 127) << 23));
+#endif
 }
 
 /* tick_fill_probability (tick_kernels.c states the contract): micro-tiles of ROWS rows x 2 vectors of
@@ -233,9 +243,10 @@ static int64_t NAME(row_top_k)(const float *row, int64_t m, int64_t k, float *ma
     vf tv = (vf){} + t;
     int64_t c = 0;
     for (int64_t v0 = 0; v0 < vectors * LANES; v0 += LANES) {
-        if (!NAME(any_ge)(*(const vf *)(row + v0), tv)) continue;
-        for (int j = 0; j < LANES; j++)
-            if (row[v0 + j] >= t && row[v0 + j] > -__builtin_inff()) keys[c++] = sort_key(row[v0 + j], v0 + j);
+        for (uint32_t mask = NAME(ge_mask)(*(const vf *)(row + v0), tv); mask; mask &= mask - 1) {
+            int64_t v = v0 + __builtin_ctz(mask);
+            if (row[v] > -__builtin_inff()) keys[c++] = sort_key(row[v], v);
+        }
     }
     sort_keys(keys, c);
     int64_t got = c < k ? c : k;
