@@ -15,6 +15,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev &
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY neuronserve ./neuronserve
+COPY csrc ./csrc
 COPY compile ./compile
 COPY bench ./bench
 RUN pip wheel --no-cache-dir --no-deps -w /dist .

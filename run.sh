@@ -20,7 +20,7 @@ VENV=${NEURONSERVE_VENV:-.venv}
 current() {
   local stamp=$1 input
   [ -f "$stamp" ] || return 1
-  for input in pyproject.toml setup.py neuronserve/protos/*.proto neuronserve/kernels/*; do
+  for input in pyproject.toml setup.py neuronserve/protos/*.proto csrc/*; do
     [ "$stamp" -nt "$input" ] || return 1
   done
 }

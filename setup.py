@@ -162,8 +162,8 @@ class BuildPyWithStubs(build_py):
 # the tick runs its numpy path.
 KERNELS = Extension(
     "neuronserve._kernels",
-    sources=["neuronserve/kernels/tick_kernels.c"],
-    depends=["neuronserve/kernels/tick_body.h"],
+    sources=["csrc/tick_kernels.c"],
+    depends=["csrc/tick_body.h"],
     extra_compile_args=["-O3", "-std=gnu11", "-Wno-psabi"],
     optional=True,
 )

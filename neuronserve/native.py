@@ -1,6 +1,6 @@
 """The compiled kernels' shared library, loaded once with ctypes (None where it was not built).
 
-setup.py builds neuronserve/kernels/*.c as the optional extension `neuronserve._kernels`: no Python API,
+setup.py builds csrc/*.c as the optional extension `neuronserve._kernels`: no Python API,
 so one build serves numpy 1.x and 2.x, and ctypes releases the GIL for every call. Without a C compiler
 at install time the install still succeeds and LIBRARY is None: its caller (tick_kernels.py) then runs
 the numpy path, with the same results to float32 rounding.

@@ -1,4 +1,4 @@
-"""The tick's compiled host kernels (neuronserve/kernels/tick_kernels.c), with numpy arrays in and out.
+"""The tick's compiled host kernels (csrc/tick_kernels.c), with numpy arrays in and out.
 
 A leaf of tick.py. The library is native.LIBRARY (ctypes releases the GIL for every call, so the tick's
 threads run the kernels in parallel); without it `KERNELS` is None and tick.py runs its numpy path.

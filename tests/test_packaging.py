@@ -51,7 +51,7 @@ NOT_UNDER_PINS = ["tests/test_server_e2e.py::test_a_taken_port_is_a_one_line_err
 # requirements show a serving install does not have it)
 NOT_SERVING = ("matplotlib", "hdrh", "tritonclient")
 READY = re.compile(r"^neuronserve ready: grpc=(?P<host>[^:\s]+):(?P<port>\d+) ")
-SOURCES = ("pyproject.toml", "setup.py", "README.md", "neuronserve", "compile", "bench")
+SOURCES = ("pyproject.toml", "setup.py", "README.md", "neuronserve", "csrc", "compile", "bench")
 
 
 def run(cmd: List[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
@@ -79,7 +79,7 @@ def wheel(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("wheel")
     src = work / "src"
     src.mkdir()
-    ignore = shutil.ignore_patterns("__pycache__", "*_pb2.py", "*_pb2_grpc.py", "*.pyc")
+    ignore = shutil.ignore_patterns("__pycache__", "*_pb2.py", "*_pb2_grpc.py", "*.pyc", "*.so")
     for name in SOURCES:
         path = REPO / name
         (shutil.copytree(path, src / name, ignore=ignore) if path.is_dir() else shutil.copy2(path, src / name))

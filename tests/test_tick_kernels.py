@@ -1,4 +1,4 @@
-"""The tick's compiled kernels (neuronserve/kernels/tick_kernels.c through neuronserve/tick_kernels.py),
+"""The tick's compiled kernels (csrc/tick_kernels.c through neuronserve/tick_kernels.py),
 every instruction-set variant this CPU runs, against numpy: the fused fill against float64, the per-row
 top-k against a full sort (ties, -inf, NaN, exclusions, the mutual combinations read transposed)."""
 
