@@ -262,8 +262,8 @@ static int NAME(top_k)(const float *fwd, int64_t ld_f, const float *rev, int64_t
                        int64_t rows, int64_t m, const int64_t *ex_ptr, const int64_t *ex_cols, int64_t k,
                        int64_t *out_cols, float *out_vals, int32_t *counts) {
     const int64_t vectors = (m + LANES - 1) / LANES, ld_b = vectors * LANES + 16; /* + 16: rows do not alias */
-    float *values = aligned_alloc(64, (size_t)(TOP_K_GROUP * ld_b) * sizeof(float));
-    float *maxima = aligned_alloc(64, (size_t)(vectors * LANES) * sizeof(float));
+    float *values = aligned_alloc(64, (size_t)(TOP_K_GROUP * ld_b) * sizeof(float)); /* 64 rows: whole 64 B */
+    float *maxima = aligned_alloc(64, (size_t)((vectors * LANES + 15) / 16 * 16) * sizeof(float));
     uint64_t *keys = malloc((size_t)(vectors * LANES) * sizeof(uint64_t));
     if (!values || !maxima || !keys) {
         free(values), free(maxima), free(keys);

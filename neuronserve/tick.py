@@ -1,6 +1,8 @@
 """The matching tick: every person's top-k candidates over a whole pool (or users x peers), from the
-cached tower outputs, without ever holding the [N, M, K] scores. numpy (torch for the sigmoid and one reduction); the service's ScoreTick
-gathers the vectors from the embedding cache and runs `score_tick` in a worker thread.
+cached tower outputs, without ever holding the [N, M, K] scores. The blocks run the compiled kernels
+(tick_kernels: PROBABILITY's fill and every top-k) where they were built, else numpy and torch; LOGIT's
+matmuls are numpy's either way. The service's ScoreTick gathers the vectors from the embedding cache and
+runs `score_tick` in a worker thread.
 
 Definitions (docs/tick.md states them with the algorithm and the block size):
   s_k(u->v) = <U[u, k], P[v, k]> + b_k             label k's logit of u towards v (w_k folded into U)
@@ -401,9 +403,8 @@ def _in_blocks(step, starts: list[int], threads: int) -> None:
             step(start)
         return
     with threadpool_limits(limits=1, user_api="blas"):
-        list(
-            _executor(workers).map(step, starts)
-        )  # numpy's matmul and ufuncs, torch's ops and the kernels release the GIL
+        # numpy's matmul and ufuncs, torch's ops and the compiled kernels release the GIL
+        list(_executor(workers).map(step, starts))
 
 
 @functools.cache

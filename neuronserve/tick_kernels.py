@@ -13,7 +13,7 @@ import numpy as np
 
 from neuronserve.native import LIBRARY
 
-# how the kernel combines c(u->v) and c(v->u): the C file's enum
+# how the kernel combines c(u->v) and c(v->u): the C file's enum, in tick.MUTUALS' order (a test checks)
 HOW = {"one_way": 0, "product": 1, "minimum": 2, "harmonic_mean": 3}
 COLUMN_ALIGN = 32  # fill_probability's column side is padded to whole tiles of this many columns
 
@@ -29,40 +29,10 @@ class TickKernels:
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._fill = library.tick_fill_probability
-        self._fill.argtypes = [
-            _PTR,
-            _I64,
-            _PTR,
-            _I64,
-            _I64,
-            _I64,
-            _PTR,
-            _PTR,
-            ctypes.c_int,
-            _I64,
-            _I64,
-            _I64,
-            _PTR,
-            _I64,
-        ]
+        self._fill.argtypes = [_PTR, _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR, ctypes.c_int, _I64, _I64, _I64, _PTR, _I64]  # fmt: skip
         self._fill.restype = None
         self._top_k = library.tick_top_k
-        self._top_k.argtypes = [
-            _PTR,
-            _I64,
-            _PTR,
-            _I64,
-            _I64,
-            ctypes.c_int,
-            _I64,
-            _I64,
-            _PTR,
-            _PTR,
-            _I64,
-            _PTR,
-            _PTR,
-            _PTR,
-        ]
+        self._top_k.argtypes = [_PTR, _I64, _PTR, _I64, _I64, ctypes.c_int, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR]  # fmt: skip
         self._top_k.restype = ctypes.c_int
         self._isa = library.tick_isa
         self._isa.restype = ctypes.c_char_p
@@ -107,6 +77,8 @@ class TickKernels:
         are contiguous (any row stride)."""
         labels, n, dim = left.shape
         _check(left, right_t, bias, weights)
+        if bias.shape != (labels,) or weights.shape != (labels,):
+            raise ValueError(f"bias and weights must have one value per label ({labels})")
         if out.dtype != np.float32 or out.shape[0] != stop - start or out.shape[1] < m or out.strides[1] != 4:
             raise ValueError("out must be float32 [stop - start, >= m] with contiguous rows")
         if right_t.shape[:2] != (labels, dim) or right_t.shape[2] < m or right_t.shape[2] % COLUMN_ALIGN:
@@ -135,6 +107,10 @@ class TickKernels:
         combine(forward[i, v], reverse[v, reverse_column + i]) (reverse: a pool's whole forward matrix).
         Excluded: row i's columns excluded_cols[excluded_ptr[i]:excluded_ptr[i + 1]]."""
         rows, m = forward.shape
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if rows == 0 or m == 0:  # nothing to choose from
+            return np.full((rows, k), -1, np.int64), np.full((rows, k), -np.inf, np.float32), np.zeros(rows, np.int32)
         if forward.dtype != np.float32 or forward.strides[1] != 4:
             raise ValueError("forward must be float32 with contiguous rows")
         if how != "one_way":

@@ -10,10 +10,14 @@ import numpy as np
 import pytest
 
 from neuronserve import tick as T
-from neuronserve.tick_kernels import KERNELS
+from neuronserve.tick_kernels import HOW, KERNELS
 
 ISAS = ["avx512", "avx2", "generic"]
 pytestmark = pytest.mark.skipif(KERNELS is None, reason="the tick kernels were not built (no C compiler)")
+
+
+def test_the_kernels_combinations_are_the_ticks():
+    assert list(HOW) == list(T.MUTUALS) and list(HOW.values()) == list(range(len(T.MUTUALS)))
 
 
 def test_the_tick_kernels_are_built_where_a_compiler_is():
@@ -110,6 +114,10 @@ def test_top_k_combines_a_pool_matrix_with_its_transpose(isa, how):
 
 def test_the_kernels_refuse_arrays_they_cannot_read():
     assert KERNELS is not None
+    cols, values, counts = KERNELS.top_k(np.zeros((3, 0), np.float32), 2)  # no columns: nothing chosen
+    assert (cols == -1).all() and np.isneginf(values).all() and (counts == 0).all()
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        KERNELS.top_k(np.zeros((4, 8), np.float32), 0)
     with pytest.raises(ValueError, match="contiguous rows"):
         KERNELS.top_k(np.zeros((4, 8), np.float32)[:, ::2], 2)
     with pytest.raises(ValueError, match="reverse"):
