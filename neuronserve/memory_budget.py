@@ -24,6 +24,8 @@ from neuronserve.errors import InvalidInput, Overloaded
 from neuronserve.memory_release import MIB, MemoryTrimmer
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from neuronserve.tick_device import TickDevice
 
 log = logging.getLogger(__name__)
@@ -221,11 +223,16 @@ class ScoringGate:
     estimated working bytes before it allocates and releases them when it ends. Never waits: a call
     larger than the whole budget is InvalidInput (it can never run here), one that does not fit beside
     the calls in progress is Overloaded (RESOURCE_EXHAUSTED: retry later or elsewhere). Used on the
-    event loop only (the handlers reserve before they hand work to a thread), so it needs no lock."""
+    event loop only (the handlers reserve before they hand work to a thread), so it needs no lock.
+
+    It also keeps a mutual pool tick's [N, N] matrix for the next tick (a fresh one cost the kernel's
+    page clearing, ~7 ms a 5,000 pool: docs/tick.md): one at a time, its bytes reserved while kept, so
+    the bound holds; dropped when a call needs the room."""
 
     def __init__(self, capacity: int | None = None) -> None:
         self.capacity = capacity  # None: unbounded (a service built without a server, in tests)
         self.reserved = 0
+        self._kept: np.ndarray | None = None
 
     @contextlib.contextmanager
     def reserve(self, nbytes: int, what: str) -> Iterator[None]:
@@ -236,6 +243,8 @@ class ScoringGate:
                     f"{what} needs about {nbytes / MIB:.1f} MiB of working memory, above the server's "
                     f"max_scoring_bytes of {capacity / MIB:.1f} MiB; send fewer ids or a smaller k"
                 )
+            if self.reserved + nbytes > capacity:
+                self._drop()  # a kept matrix gives way to any call
             if self.reserved + nbytes > capacity:
                 raise Overloaded(
                     f"{what} needs about {nbytes / MIB:.1f} MiB of working memory; {self.reserved / MIB:.1f} "
@@ -248,6 +257,34 @@ class ScoringGate:
         finally:
             if capacity is not None:
                 self.reserved -= nbytes
+
+    def take(self, nbytes: int) -> np.ndarray | None:
+        """The kept matrix (flat float32) if it holds at least nbytes, else None. Its bytes leave the
+        reservation: the caller's own reservation counts them."""
+        kept = self._kept
+        if kept is None or kept.nbytes < nbytes:
+            return None
+        self._drop()
+        return kept
+
+    def keep(self, matrix: np.ndarray) -> None:
+        """Keep `matrix` for the next take, its bytes reserved, unless a larger one is kept or they do not
+        fit beside the calls in progress."""
+        if self._kept is not None and self._kept.nbytes >= matrix.nbytes:
+            return
+        self._drop()
+        if self.capacity is None or self.reserved + matrix.nbytes <= self.capacity:
+            self._kept = matrix
+            self.reserved += matrix.nbytes if self.capacity is not None else 0
+
+    @property
+    def kept_bytes(self) -> int:
+        return 0 if self._kept is None else self._kept.nbytes
+
+    def _drop(self) -> None:
+        if self._kept is not None and self.capacity is not None:
+            self.reserved -= self._kept.nbytes
+        self._kept = None
 
 
 def start_keeping(config, shape: ModelShape, versions: int = 1) -> MemoryTrimmer:

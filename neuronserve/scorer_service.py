@@ -239,15 +239,24 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
             blocked=0 if blocked_a is None else blocked_a.size,
             device=device,
         )
-        with self.state.scoring.reserve(need, f"ScoreTick of {rows.size} x {cols.size} people, k={spec.k}"):
-            start = time.perf_counter()
-            result = await asyncio.to_thread(
-                self._tick, served.cache, pool, rows, cols, blocked_a, blocked_b, spec, device
-            )
-            self.metrics.execution(
-                CACHED, rows=rows.size * cols.size, requests=1, compute_s=time.perf_counter() - start
-            )
-            reply = self._tick_reply(result, spec, served.info.version)
+        gate = self.state.scoring
+        matrix = None  # a mutual pool's [N, N] working matrix: the one the gate kept from the last tick, or new
+        if tick.uses_pool_matrix(cols.size, pool is not None, spec.mutual != tick.ONE_WAY):
+            matrix = gate.take(4 * cols.size**2)
+            matrix = np.empty(cols.size**2, np.float32) if matrix is None else matrix
+        try:
+            with gate.reserve(need, f"ScoreTick of {rows.size} x {cols.size} people, k={spec.k}"):
+                start = time.perf_counter()
+                result = await asyncio.to_thread(
+                    self._tick, served.cache, pool, rows, cols, blocked_a, blocked_b, spec, device, matrix
+                )
+                self.metrics.execution(
+                    CACHED, rows=rows.size * cols.size, requests=1, compute_s=time.perf_counter() - start
+                )
+                reply = self._tick_reply(result, spec, served.info.version)
+        finally:
+            if matrix is not None:
+                gate.keep(matrix)
         reply.version, reply.arm, reply.burn_in = served.version, route.arm, route.burn_in
         return reply
 
@@ -318,10 +327,10 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
             reply.reverse_label_scores.CopyFrom(tensor_proto(result.reverse_label_scores))
         return reply
 
-    def _tick(self, cache, pool, rows, cols, blocked_a, blocked_b, spec, device) -> tick.TickResult:
+    def _tick(self, cache, pool, rows, cols, blocked_a, blocked_b, spec, device, matrix=None) -> tick.TickResult:
         """The tick's work, off the event loop: one snapshot of `cache`'s vectors (the cache of the version
         the request resolved: never two versions' vectors in one tick), exclusions, score_tick (its
-        matmuls on the backend's `device` when it has one)."""
+        matmuls on the backend's `device` when it has one; `matrix`: a mutual pool's working memory)."""
         mutual = spec.mutual != tick.ONE_WAY
         ascending = bool((np.diff(cols) > 0).all())  # a matcher's sorted ids: the columns' order as sent
         order = None if ascending else np.argsort(cols, kind="stable")
@@ -362,6 +371,7 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
             excluded=excluded,
             pool=pool is not None,
             device=device,
+            matrix=matrix,
         )
 
 

@@ -243,6 +243,7 @@ def score_tick(
     threads: int | None = None,
     pool: bool = False,
     device: TickDevice | None = None,
+    matrix: np.ndarray | None = None,
 ) -> TickResult:
     """Top-k per row. row_ids [N] distinct (any order: rows come back in it); col_ids [M] distinct and
     sorted ascending. rows_user [N, K, D] / cols_peer [M, K, D]: the user vectors of the rows and the
@@ -250,15 +251,17 @@ def score_tick(
     [M, K, D] (c(v->u)). excluded: (row index, column index) pairs from `exclusions`, sorted by row.
     pool: the rows are the columns' people (row_ids the col_ids in any order, with the same vectors);
     a mutual pool whose [M, M] float32 matrix fits POOL_MATRIX_BYTES then computes c(u->v) once and
-    reads c(v->u) from its transpose. device: run the directions' blocks on it (tick_device), with its
-    rows as the block and its executions as the threads; the host does the rest."""
+    reads c(v->u) from its transpose; matrix: flat float32 memory of at least M * M for it (any
+    contents; ScoringGate keeps one between ticks), else allocated here. device: run the directions'
+    blocks on it (tick_device), with its rows as the block and its executions as the threads; the host
+    does the rest."""
     n, m = len(row_ids), len(col_ids)
     if len(col_ids) > 1 and not (np.diff(col_ids) > 0).all():
         raise ValueError("col_ids must be distinct and sorted ascending")
     mutual = spec.mutual != ONE_WAY
     if mutual and (rows_peer is None or cols_user is None):
         raise ValueError("a mutual tick needs rows_peer and cols_user")
-    whole = pool and mutual and 4 * m * m <= POOL_MATRIX_BYTES  # one forward matrix for the whole pool
+    whole = uses_pool_matrix(m, pool, mutual)  # one forward matrix for the whole pool
     pos = None
     if whole:  # work with the rows in column order (row a is column a); they go back to row_ids' order at the end
         pos, excluded = pool_order(row_ids, col_ids, excluded)
@@ -273,7 +276,7 @@ def score_tick(
         np.asarray(bias, np.float32),
         spec,
         excluded,
-        whole,
+        _pool_matrix(matrix, m) if whole else None,
         direction,
     )
     block = block_rows or (device.rows if device else block_rows_for(m))
@@ -299,7 +302,7 @@ class _Blocks:
         bias,
         spec: TickSpec,
         excluded,
-        whole: bool,
+        matrix: np.ndarray | None,
         direction,
     ) -> None:
         n, m, k = len(rows_user), len(col_ids), spec.k
@@ -314,8 +317,8 @@ class _Blocks:
         mutual = spec.mutual != ONE_WAY
         self.forward = direction(rows_user, cols_peer, bias, spec)
         # c(v->u) per row block: its "rows" are the columns' user vectors, its "cols" the rows' peer vectors
-        self.reverse = direction(cols_user, rows_peer, bias, spec) if mutual and not whole else None
-        self.matrix = np.empty((n, m), np.float32) if whole else None  # c(u->v) for every pair of the pool
+        self.reverse = direction(cols_user, rows_peer, bias, spec) if mutual and matrix is None else None
+        self.matrix = matrix  # a mutual pool's c(u->v) for every pair, [M, M]; else None
         self.ex_rows, self.ex_cols = excluded
         per_row = np.bincount(self.ex_rows, minlength=n) if len(self.ex_rows) else np.zeros(n, np.int64)
         self.counts = np.minimum(m - per_row, k).astype(np.int32)
@@ -391,6 +394,20 @@ class _Blocks:
             return TickResult(*arrays)
         ids, values, counts, labels, reverse_labels = (None if a is None else a[pos] for a in arrays)
         return TickResult(ids, values, counts, labels, reverse_labels)  # type: ignore[arg-type]
+
+
+def uses_pool_matrix(m: int, pool: bool, mutual: bool) -> bool:
+    """A tick of m columns works through one [m, m] forward matrix: a mutual pool that fits POOL_MATRIX_BYTES."""
+    return pool and mutual and 4 * m * m <= POOL_MATRIX_BYTES
+
+
+def _pool_matrix(memory: np.ndarray | None, m: int) -> np.ndarray:
+    """An [m, m] float32 matrix in `memory` (flat float32, at least m * m), or a new one."""
+    if memory is None:
+        return np.empty((m, m), np.float32)
+    if memory.dtype != np.float32 or memory.ndim != 1 or memory.size < m * m or not memory.flags.c_contiguous:
+        raise ValueError(f"matrix must be flat C-contiguous float32 memory of at least {m} x {m}")
+    return memory[: m * m].reshape(m, m)
 
 
 def _in_blocks(step, starts: list[int], threads: int) -> None:

@@ -132,6 +132,25 @@ def test_the_gate_refuses_at_once_and_releases():
         pass
 
 
+def test_the_gate_keeps_one_tick_matrix_reserved_and_gives_it_up_for_any_call():
+    gate = ScoringGate(100 * MIB)
+    matrix = np.empty(40 * MIB // 4, np.float32)
+    gate.keep(matrix)
+    assert (gate.kept_bytes, gate.reserved) == (40 * MIB, 40 * MIB)
+    assert gate.take(50 * MIB) is None and gate.kept_bytes == 40 * MIB  # too small for that tick
+    assert gate.take(30 * MIB) is matrix and (gate.kept_bytes, gate.reserved) == (0, 0)
+    gate.keep(matrix)
+    gate.keep(np.empty(MIB // 4, np.float32))  # a smaller one does not replace it
+    assert gate.kept_bytes == 40 * MIB
+    with gate.reserve(60 * MIB, "fits beside it"):
+        assert gate.reserved == 100 * MIB
+    with gate.reserve(70 * MIB, "needs its room"):
+        assert (gate.kept_bytes, gate.reserved) == (0, 70 * MIB)
+        gate.keep(matrix)  # no room beside the call in progress: not kept
+        assert gate.kept_bytes == 0
+    assert gate.reserved == 0
+
+
 def test_the_default_message_size_is_the_largest_legitimate_request_plus_a_quarter():
     demo = ModelShape(64, 64, 4, 64)
     config = ServerConfig()

@@ -268,6 +268,17 @@ def test_the_pool_matrix_path_equals_the_reference_and_the_two_direction_path(sp
     assert_same(got, two_way, exact_ids=quantized)
 
 
+@pytest.mark.usefixtures("host_path")
+def test_the_pool_matrix_in_given_memory_equals_the_reference_whatever_it_held():
+    ids, users, peers, bias = pool_case(10, 80)
+    spec = T.make_spec(6, [0.5, 0.25, 1.0], 3, len(ids) - 1, mutual=T.PRODUCT)
+    memory = np.full(80 * 80 + 9, np.nan, np.float32)  # larger than needed, and garbage
+    got, want = run_pool(ids, users, peers, bias, spec, (ids[:5], ids[40:45]), block_rows=16, threads=2, pool=True, matrix=memory)
+    assert_same(got, want)
+    with pytest.raises(ValueError, match="at least 80 x 80"):
+        run_pool(ids, users, peers, bias, spec, pool=True, matrix=memory[:100])
+
+
 def test_the_pool_matrix_path_refuses_rows_that_are_not_the_columns():
     ids, users, peers, bias = pool_case(8, 10)
     spec = T.make_spec(3, [1, 1, 1], 3, 9, mutual=T.MINIMUM)
@@ -364,6 +375,16 @@ def test_score_tick_on_a_pool_equals_the_reference(served, small_artifact, space
     excluded = T.exclusions(pool, pool[order], exclude_self=True, blocked_rows=blocked_a, blocked_cols=blocked_b, symmetric=True)
     want = reference_tick(pool, pool[order], users, peers[order], bias, spec, rows_peer=peers, cols_user=users[order], excluded=excluded)
     assert_same(decode(reply, len(pool)), want)
+
+
+def test_a_mutual_pool_tick_leaves_its_matrix_kept_for_the_next(served):
+    server, stub, pool, _ = served
+    gate = server.state.scoring
+    request = pb.ScoreTickRequest(pool_ids_packed=packed(pool), k=3, mutual=pb.ScoreTickRequest.MINIMUM)
+    first = stub.ScoreTick(request, timeout=20)
+    assert gate.kept_bytes >= 4 * len(pool) ** 2 and gate.reserved == gate.kept_bytes  # kept, and counted
+    second = stub.ScoreTick(request, timeout=20)  # in the kept memory: the same answer
+    assert second.ids == first.ids and second.values.data == first.values.data
 
 
 def test_score_tick_label_scores_equal_score_by_ids(served):
