@@ -244,18 +244,21 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         if tick.uses_pool_matrix(cols.size, pool is not None, spec.mutual != tick.ONE_WAY):
             matrix = gate.take(4 * cols.size**2)
             matrix = np.empty(cols.size**2, np.float32) if matrix is None else matrix
+        in_use = False  # a cancelled call's thread may still write the matrix: never keep it then
         try:
             with gate.reserve(need, f"ScoreTick of {rows.size} x {cols.size} people, k={spec.k}"):
                 start = time.perf_counter()
+                in_use = True
                 result = await asyncio.to_thread(
                     self._tick, served.cache, pool, rows, cols, blocked_a, blocked_b, spec, device, matrix
                 )
+                in_use = False
                 self.metrics.execution(
                     CACHED, rows=rows.size * cols.size, requests=1, compute_s=time.perf_counter() - start
                 )
                 reply = self._tick_reply(result, spec, served.info.version)
         finally:
-            if matrix is not None:
+            if matrix is not None and not in_use:
                 gate.keep(matrix)
         reply.version, reply.arm, reply.burn_in = served.version, route.arm, route.burn_in
         return reply

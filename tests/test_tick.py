@@ -3,6 +3,8 @@ sorted), then ScoreTick end to end through a real in-process gRPC server, then b
 
 from __future__ import annotations
 
+import asyncio
+import threading
 
 import grpc
 import numpy as np
@@ -385,6 +387,37 @@ def test_a_mutual_pool_tick_leaves_its_matrix_kept_for_the_next(served):
     assert gate.kept_bytes >= 4 * len(pool) ** 2 and gate.reserved == gate.kept_bytes  # kept, and counted
     second = stub.ScoreTick(request, timeout=20)  # in the kept memory: the same answer
     assert second.ids == first.ids and second.values.data == first.values.data
+
+
+def test_a_cancelled_tick_leaves_no_matrix_for_the_next(served, monkeypatch):
+    # the cancelled call's thread goes on writing its matrix: the gate must not hand it to another tick
+    server, _, pool, _ = served
+    scorer, gate = server._servicers[0], server.state.scoring
+    started, release = threading.Event(), threading.Event()
+    tick_work = type(scorer)._tick
+
+    def held_tick(self, *args):
+        started.set()
+        release.wait(20)
+        return tick_work(self, *args)
+
+    monkeypatch.setattr(type(scorer), "_tick", held_tick)
+    request = pb.ScoreTickRequest(pool_ids_packed=packed(pool), k=3, mutual=pb.ScoreTickRequest.MINIMUM)
+
+    async def cancel_it_midway():
+        call = asyncio.ensure_future(scorer._score_tick(request, None))
+        await asyncio.to_thread(started.wait, 20)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+
+    loop = asyncio.new_event_loop()  # not asyncio.run: it would wait for the held thread
+    try:
+        loop.run_until_complete(cancel_it_midway())
+        assert gate.kept_bytes == 0 and gate.reserved == 0  # the thread still holds the matrix
+    finally:
+        release.set()
+        loop.close()
 
 
 def test_score_tick_label_scores_equal_score_by_ids(served):
