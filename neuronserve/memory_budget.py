@@ -226,8 +226,9 @@ class ScoringGate:
     event loop only (the handlers reserve before they hand work to a thread), so it needs no lock.
 
     It also keeps a mutual pool tick's [N, N] matrix for the next tick (a fresh one cost the kernel's
-    page clearing, ~7 ms a 5,000 pool: docs/tick.md): one at a time, its bytes reserved while kept, so
-    the bound holds; dropped when a call needs the room."""
+    page clearing and a cold read, 10-15 ms a 5,000 pool: docs/tick.md): one at a time, its bytes
+    reserved while kept, so the bound holds; dropped when a call needs the room. The handler never
+    keeps a matrix whose call was cancelled (its thread may still write it)."""
 
     def __init__(self, capacity: int | None = None) -> None:
         self.capacity = capacity  # None: unbounded (a service built without a server, in tests)
