@@ -130,7 +130,8 @@ static const struct variant *forced; /* tick_use_isa's choice */
 static int supported(const struct variant *v) {
 #if defined(__x86_64__)
     __builtin_cpu_init();
-    if (v->fill == fill_probability_avx512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+    if (v->fill == fill_probability_avx512)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
     if (v->fill == fill_probability_avx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
     return v->fill == fill_probability_generic;

@@ -19,7 +19,8 @@ from neuronserve.errors import ConfigError
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "NEURONSERVE_"
-OTHER_ENV = ("CONFIG", "CACHE_DIR", "VENV")  # NEURONSERVE_* variables that are not settings
+# NEURONSERVE_* variables that are not settings (KERNELS: native.py, the compiled kernels on or off)
+OTHER_ENV = ("CONFIG", "CACHE_DIR", "VENV", "KERNELS")
 _DISABLED = ("", "none", "off", "-", "disabled")
 
 
