@@ -4,7 +4,9 @@ setup.py builds csrc/*.c as the optional extension `neuronserve._kernels`: no Py
 so one build serves numpy 1.x and 2.x, and ctypes releases the GIL for every call. Without a C compiler
 at install time the install still succeeds and LIBRARY is None: its caller (tick_kernels.py) then runs
 the numpy path, with the same results to float32 rounding.
-NEURONSERVE_KERNELS=off turns the library off (for comparisons and tests).
+NEURONSERVE_KERNELS: `on` (the default), `off` (the library unused, for comparisons and tests), or
+an instruction set's variant to use instead of the best this CPU runs (avx512, avx2, generic: to
+measure what a smaller CPU would get; tick_kernels.py applies it).
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ import os
 EXTENSION = "neuronserve._kernels"
 
 
+SETTING = os.environ.get("NEURONSERVE_KERNELS", "on").lower()
+
+
 def load() -> ctypes.CDLL | None:
     """The library, or None when it was not built or NEURONSERVE_KERNELS is off."""
-    if os.environ.get("NEURONSERVE_KERNELS", "on").lower() in ("off", "0", "false", "no"):
+    if SETTING in ("off", "0", "false", "no"):
         return None
     spec = importlib.util.find_spec(EXTENSION)
     if spec is None or spec.origin is None:

@@ -11,7 +11,8 @@ import ctypes
 
 import numpy as np
 
-from neuronserve.native import LIBRARY
+from neuronserve.errors import ConfigError
+from neuronserve.native import LIBRARY, SETTING
 
 # how the kernel combines c(u->v) and c(v->u): the C file's enum, in tick.MUTUALS' order (a test checks)
 HOW = {"one_way": 0, "product": 1, "minimum": 2, "harmonic_mean": 3}
@@ -146,4 +147,15 @@ def _check(*arrays: np.ndarray) -> None:
             raise ValueError("the kernels take C-contiguous float32 arrays")
 
 
-KERNELS = None if LIBRARY is None else TickKernels(LIBRARY)
+def _load() -> TickKernels | None:
+    if LIBRARY is None:
+        return None
+    kernels = TickKernels(LIBRARY)
+    if SETTING not in ("on", "1", "true", "yes") and not kernels.use_isa(SETTING):
+        raise ConfigError(
+            f"NEURONSERVE_KERNELS={SETTING}: this CPU or build has no such variant; use on, off, avx512, avx2 or generic"
+        )
+    return kernels
+
+
+KERNELS = _load()

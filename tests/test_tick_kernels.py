@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -26,6 +28,19 @@ def test_the_tick_kernels_are_built_where_a_compiler_is():
     if os.environ.get("NEURONSERVE_KERNELS", "on") != "on" or not (shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("the kernels are off, or no C compiler here to build them")
     assert KERNELS is not None and KERNELS.isa in ISAS
+
+
+@needs_kernels
+def test_the_environment_picks_a_variant_or_names_the_choices():
+    def isa_under(setting: str) -> subprocess.CompletedProcess:
+        code = "from neuronserve.tick_kernels import KERNELS; print(KERNELS and KERNELS.isa)"
+        env = {**os.environ, "NEURONSERVE_KERNELS": setting}
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+
+    assert isa_under("generic").stdout.strip() == "generic"  # every CPU runs the generic variant
+    assert isa_under("off").stdout.strip() == "None"
+    bad = isa_under("neon-on-x86")
+    assert bad.returncode != 0 and "NEURONSERVE_KERNELS=neon-on-x86" in bad.stderr and "avx2 or generic" in bad.stderr
 
 
 @pytest.fixture(params=ISAS)
