@@ -1,6 +1,6 @@
 /* One ISA's variant of the tick kernels: included by tick_kernels.c once per target, with SUFFIX (the
  * name suffix), LANES (floats in one of the target's vector registers: 16, 8 or 4), ROWS (the fill's
- * micro-tile rows: ROWS x 2 vectors of accumulators fit the registers) and ANY_GE defined. Plain C with
+ * micro-tile rows: ROWS x 2 vectors of accumulators fit the registers) defined. Plain C with
  * GCC vector extensions in the target's native width. */
 
 #define CAT2(a, b) a##_##b

@@ -15,7 +15,7 @@
  * The bound: a row's columns are split into sets; t, the k-th largest of the sets' maxima, is at most the
  * row's k-th value (k sets hold a value >= t each), so the values >= t hold the top k and every tie with
  * the k-th, and only they are sorted. A set is one lane of set_size(m, k) consecutive vectors (so the
- * maxima are vertical maxima: no horizontal reduction), about 2k sets per row (2k to 6k measured alike). */
+ * maxima are vertical maxima: no horizontal reduction), about 2k sets per row (2k to 6k sets: within 10% of each other). */
 
 #define TOP_K_GROUP 64 /* rows of a block whose values sit in the scratch at once: 64 x 4 M bytes */
 enum { ONE_WAY = 0, PRODUCT = 1, MINIMUM = 2, HARMONIC_MEAN = 3 };
@@ -23,15 +23,6 @@ enum { ONE_WAY = 0, PRODUCT = 1, MINIMUM = 2, HARMONIC_MEAN = 3 };
 static inline int64_t set_size(int64_t m, int64_t k, int64_t lanes) {
     int64_t vectors = (m + lanes - 1) / lanes, size = vectors / ((2 * k + lanes - 1) / lanes);
     return size < 1 ? 1 : size > 64 ? 64 : size;
-}
-
-static inline float combine(float a, float b, int how) {
-    switch (how) {
-    case PRODUCT: return a * b;
-    case MINIMUM: return a < b ? a : b;
-    case HARMONIC_MEAN: { float total = a + b; return total != 0.0f ? (a * b * 2.0f) / total : 0.0f; }
-    default: return a;
-    }
 }
 
 /* The k-th largest of x[0..n) (reordered in place), or -inf when fewer than k are above -inf. */
@@ -176,7 +167,8 @@ void tick_fill_probability(const float *left, int64_t n_left, const float *right
 
 /* Per row i < rows: the k best columns v < m by value(i, v), value descending, then column ascending,
  * into out_cols[i * k ...] and out_vals[i * k ...], counts[i] of them (the rest: column -1, value -inf).
- * value(i, v) = fwd[i * ld_f + v] (how ONE_WAY), or combine(fwd[i * ld_f + v], rev[v * ld_r + rev_col + i])
+ * value(i, v) = fwd[i * ld_f + v] (how ONE_WAY), or the product, minimum or harmonic mean (0 where both are 0)
+ * of fwd[i * ld_f + v] and rev[v * ld_r + rev_col + i]
  * (rev: a mutual pool's whole forward matrix, read transposed). Never candidates: NaN, -inf, and row i's
  * columns ex_cols[ex_ptr[i] .. ex_ptr[i + 1]). Returns 0, or -1 when its scratch could not be allocated. */
 int tick_top_k(const float *fwd, int64_t ld_f, const float *rev, int64_t ld_r, int64_t rev_col, int how,

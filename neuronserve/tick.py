@@ -361,6 +361,8 @@ class _Blocks:
         kernel combines F's block with F's transposed columns itself."""
         assert KERNELS is not None
         ex_ptr = np.searchsorted(self.ex_rows, np.arange(start, stop + 1))
+        ex_cols = self.ex_cols[ex_ptr[0] : ex_ptr[-1]]  # the block's own: checked once, not the whole list a block
+        ex_ptr -= ex_ptr[0]
         if self.matrix is not None:
             forward, how, reverse = self.matrix[start:stop], self.spec.mutual, self.matrix
         else:
@@ -369,7 +371,7 @@ class _Blocks:
                 ONE_WAY,
                 None,
             )
-        top, values, _ = KERNELS.top_k(forward, self.spec.k, how, reverse, start, ex_ptr, self.ex_cols)
+        top, values, _ = KERNELS.top_k(forward, self.spec.k, how, reverse, start, ex_ptr, ex_cols)
         return top, values
 
     def _top_numpy(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
@@ -411,8 +413,8 @@ def _pool_matrix(memory: np.ndarray | None, m: int) -> np.ndarray:
 
 
 def _in_blocks(step, starts: list[int], threads: int) -> None:
-    """step over every block start on `threads` threads (a pool kept for the next tick: starting threads
-    cost a tick more than 10 ms while the CPUs are busy) with one BLAS thread per block (two callers of a
+    """step over every block start on `threads` threads (a pool kept for the next tick: starting its threads
+    was 9% of a tick thread's py-spy samples while the CPUs were busy) with one BLAS thread per block (two callers of a
     2-thread BLAS ran slower than one)."""
     workers = min(threads, len(starts))
     if workers <= 1:
