@@ -274,9 +274,11 @@ class ScoringGate:
         if self._kept is not None and self._kept.nbytes >= matrix.nbytes:
             return
         self._drop()
-        if self.capacity is None or self.reserved + matrix.nbytes <= self.capacity:
-            self._kept = matrix
-            self.reserved += matrix.nbytes if self.capacity is not None else 0
+        if self.capacity is not None:
+            if self.reserved + matrix.nbytes > self.capacity:
+                return
+            self.reserved += matrix.nbytes
+        self._kept = matrix
 
     @property
     def kept_bytes(self) -> int:

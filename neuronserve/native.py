@@ -16,14 +16,14 @@ import importlib.util
 import os
 
 EXTENSION = "neuronserve._kernels"
-
-
 SETTING = os.environ.get("NEURONSERVE_KERNELS", "on").lower()
+OFF = SETTING in ("off", "0", "false", "no")
+VARIANT = None if OFF or SETTING in ("on", "1", "true", "yes") else SETTING  # an instruction set's name
 
 
 def load() -> ctypes.CDLL | None:
     """The library, or None when it was not built or NEURONSERVE_KERNELS is off."""
-    if SETTING in ("off", "0", "false", "no"):
+    if OFF:
         return None
     spec = importlib.util.find_spec(EXTENSION)
     if spec is None or spec.origin is None:

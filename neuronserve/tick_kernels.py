@@ -12,7 +12,7 @@ import ctypes
 import numpy as np
 
 from neuronserve.errors import ConfigError
-from neuronserve.native import LIBRARY, SETTING
+from neuronserve.native import LIBRARY, VARIANT
 
 # how the kernel combines c(u->v) and c(v->u): the C file's enum, in tick.MUTUALS' order (a test checks)
 HOW = {"one_way": 0, "product": 1, "minimum": 2, "harmonic_mean": 3}
@@ -151,9 +151,9 @@ def _load() -> TickKernels | None:
     if LIBRARY is None:
         return None
     kernels = TickKernels(LIBRARY)
-    if SETTING not in ("on", "1", "true", "yes") and not kernels.use_isa(SETTING):
+    if VARIANT is not None and not kernels.use_isa(VARIANT):
         raise ConfigError(
-            f"NEURONSERVE_KERNELS={SETTING}: this CPU or build has no such variant; use on, off, avx512, avx2 or generic"
+            f"NEURONSERVE_KERNELS={VARIANT}: this CPU or build has no such variant; use on, off, avx512, avx2 or generic"
         )
     return kernels
 
