@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from neuronserve.bench.document import BenchReport, Header, Reference
     from neuronserve.bench.limits import Limit, Skipped
-    from neuronserve.bench.runs import Runner, ServerRuns
+    from neuronserve.bench.report import Comparison
+    from neuronserve.bench.runs import Endpoint, Runner, ServerRuns
     from neuronserve.bench.workloads import Workload, WorkloadSpec
 
 BENCH_DATE_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
@@ -116,6 +117,14 @@ def _add_output_args(limits) -> None:
         help="also start a plain server on --artifact (the model once per request on its event loop, no batching), run the same "
         "measurement against it and report the target's result as a ratio of it (score and oip workloads)",
     )
+    limits.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --reference: measure the target and the reference this many times, the order alternating "
+        "(target first in odd rounds), and report the median of each ratio over the rounds beside every "
+        "round's (default 1; these machines drift between runs, so a single pair of runs is noisy)",
+    )
     limits.add_argument("--json", default=None, help="write the report as JSON here")
     limits.add_argument(
         "--plot", default=None, help="write a PNG of latency percentiles against offered rate here (search)"
@@ -152,6 +161,10 @@ def check_outputs(args: argparse.Namespace, rates: tuple[float, ...] = ()) -> No
             raise ConfigError(f"{flag} {path}: directory {parent} does not exist or is not writable")
     if not args.no_limits and args.limit_s <= 0:
         raise ConfigError(f"--limit-s must be > 0, got {args.limit_s} (or pass --no-limits)")
+    if args.rounds < 1:
+        raise ConfigError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.rounds > 1 and not args.reference:
+        raise ConfigError("--rounds compares the target with a reference: give --reference plain too")
     if args.reference:
         _check_reference(args, rates)
     if args.artifact and (args.reference or not args.no_limits):
@@ -206,8 +219,9 @@ def run(args: argparse.Namespace) -> int:
     workload = prepare_workload(args.target, workload_spec)
     runner = Runner(args, rates, workload)
     header = _header(args, rates)
-    target = runner.measure(Endpoint(args.target, args.metrics_url, None, progress))
-    reference = _reference(args, runner, workload_spec, target, progress) if args.reference else None
+    endpoint = Endpoint(args.target, args.metrics_url, None, progress)
+    target = runner.measure(endpoint)
+    reference = _reference(args, runner, workload_spec, endpoint, target, progress) if args.reference else None
     compute, transport = _limits(args, workload, progress)
     report = BenchReport(header, workload, target, reference, compute, transport)
     print(render.table(report), flush=True)
@@ -248,9 +262,16 @@ def _header(args: argparse.Namespace, rates: tuple[float, ...]) -> Header:
 
 
 def _reference(
-    args: argparse.Namespace, runner: Runner, workload_spec: WorkloadSpec, target: ServerRuns, progress
+    args: argparse.Namespace,
+    runner: Runner,
+    workload_spec: WorkloadSpec,
+    endpoint: Endpoint,
+    target: ServerRuns,
+    progress,
 ) -> Reference:
-    """Start the plain server on --artifact and measure it the same way, and compare."""
+    """Start the plain server on --artifact, measure it the same way (round 1: after the target's run),
+    then --rounds - 1 more pairs of runs, the order alternating; compare each round, and report the
+    medians when there are several."""
     from neuronserve.bench import report
     from neuronserve.bench.document import Reference
     from neuronserve.bench.plain import HOW, PlainServer
@@ -266,14 +287,31 @@ def _reference(
             raise ConfigError(
                 f"--reference: the model of --artifact {args.artifact} has other feature sizes than the target's; give the target's artifact"
             )
-        ref = runner.measure(Endpoint(plain.target, None, plain.pid, say))
+        reference = Endpoint(plain.target, None, plain.pid, say)
+        ref = runner.measure(reference)
+        rounds = [_compare(args, target, ref)]
+        for number in range(2, args.rounds + 1):
+            if progress:
+                progress(f"round {number} of {args.rounds}: {'the target' if number % 2 else 'the reference'} first")
+            if number % 2:
+                ours, theirs = runner.measure(endpoint), runner.measure(reference)
+            else:
+                theirs, ours = runner.measure(reference), runner.measure(endpoint)
+            rounds.append(_compare(args, ours, theirs))
+    comparison = rounds[0] if len(rounds) == 1 else report.median_comparison(rounds)
+    return Reference(args.reference, plain.target, plain.pid, HOW, ref, comparison, tuple(rounds))
+
+
+def _compare(args: argparse.Namespace, target: ServerRuns, ref: ServerRuns) -> Comparison:
+    """One round: the target's measured run against the reference's."""
+    from neuronserve.bench import report
+
     unbounded = [
         name for name, flag in (("neuronserve", target.never_failed), (args.reference, ref.never_failed)) if flag
     ]
-    comparison = report.compare(
+    return report.compare(
         args.reference, target.measured, ref.measured, args.latency_bound_ms if args.search else None, unbounded
     )
-    return Reference(args.reference, plain.target, plain.pid, HOW, ref, comparison)
 
 
 def _limits(args: argparse.Namespace, workload: Workload, progress) -> tuple[Limit | Skipped, Limit | Skipped]:

@@ -43,8 +43,9 @@ class Reference:
     target: str
     pid: int
     how: str
-    runs: ServerRuns
-    comparison: Comparison
+    runs: ServerRuns  # the first round's
+    comparison: Comparison  # the only round's, or the medians of several (report.median_comparison)
+    rounds: tuple[Comparison, ...] = ()  # every round's, in order (--rounds)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ class BenchReport:
                 **ref.runs.to_dict(pairs),
             }
             out["versus_reference"] = ref.comparison.to_dict()
+            if len(ref.rounds) > 1:
+                out["versus_reference_rounds"] = [c.to_dict() for c in ref.rounds]
         served = self.served_rate_per_s
         out["limits"] = {"compute": self.compute.to_dict(served), "transport": self.transport.to_dict(served)}
         return out

@@ -150,6 +150,17 @@ def comparison_lines(cmp: Comparison) -> list[str]:
     return lines
 
 
+def round_lines(rounds: Sequence[Comparison]) -> list[str]:
+    """Each round's ratios, when there are several (the medians are printed above)."""
+    if len(rounds) < 2:
+        return []
+    lines = ["  rounds            served   p50      p99      CPU per request (order: target first in odd rounds)"]
+    for number, cmp in enumerate(rounds, 1):
+        ratios = (cmp.served_ratio, cmp.p50_ratio, cmp.p99_ratio, cmp.cpu_ratio)
+        lines.append(f"  {number:>5}             " + "  ".join(f"{_times(r):7s}" for r in ratios).rstrip())
+    return lines
+
+
 def table(report: BenchReport) -> str:
     """The report as the terminal table: the target's runs, the reference and the ratios if any, the limits."""
     wl, header = report.workload, report.header
@@ -163,6 +174,7 @@ def table(report: BenchReport) -> str:
         lines.append(f"reference: {reference.server} server at {reference.target} ({reference.how})")
         lines.extend(_server_lines(reference.runs, pairs))
         lines.extend(comparison_lines(reference.comparison))
+        lines.extend(round_lines(reference.rounds))
     served = "the highest achieved rate of the runs" if report.target.runs else "neuronserve's served rate"
     lines.append(f"limits (served = {served})")
     for limit, label in ((report.compute, "compute limit"), (report.transport, "transport limit")):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import http.client
 import math
+import statistics
 import urllib.request
 from dataclasses import dataclass
 from collections.abc import Sequence
@@ -273,4 +274,34 @@ def compare(
         note=f"{' and '.join(never_failed)}: the search passed every step, so that rate is a lower bound and the served ratio is not exact"
         if never_failed
         else "",
+    )
+
+
+def median_comparison(rounds: Sequence[Comparison]) -> Comparison:
+    """The rounds' comparisons in one: each rate, CPU figure and ratio the median of the rounds that have
+    it (a ratio is the median of the rounds' ratios, not a ratio of medians); None where no round has it."""
+
+    def median(field: str) -> float | None:
+        values = [getattr(c, field) for c in rounds if getattr(c, field) is not None]
+        return statistics.median(values) if values else None
+
+    notes = sorted({c.note for c in rounds if c.note})
+    first = rounds[0]
+    return Comparison(
+        reference=first.reference,
+        basis=first.basis,
+        note="; ".join([f"the median of {len(rounds)} rounds", *notes]),
+        **{
+            field: median(field)
+            for field in (
+                "served_rate_per_s",
+                "reference_served_rate_per_s",
+                "served_ratio",
+                "p50_ratio",
+                "p99_ratio",
+                "cpu_ms_per_request",
+                "reference_cpu_ms_per_request",
+                "cpu_ratio",
+            )
+        },
     )

@@ -347,6 +347,41 @@ def test_reference_plain_reports_both_servers_and_their_ratios(server, artifact_
     assert not psutil.pid_exists(report["reference"]["pid"])  # bench stopped the server it started
 
 
+@pytest.mark.timeout(150)
+def test_rounds_alternate_the_order_and_report_the_median_of_each_ratio(server, artifact_dir, tmp_path):
+    out_json = tmp_path / "bench.json"
+    argv = [sys.executable, "-m", "neuronserve.bench", "--target", server.target, "--workload", "oip", "--peers", "16", "--rate", "40",
+            "--duration-s", "1", "--warmup-s", "0.3", "--no-limits", "--json", str(out_json), "--artifact", artifact_dir,
+            "--metrics-url", server.metrics_url, "--reference", "plain", "--rounds", "3"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=140)
+    assert done.returncode == 0, done.stderr
+    assert "round 2 of 3: the reference first" in done.stderr and "round 3 of 3: the target first" in done.stderr
+    report = json.loads(out_json.read_text())
+    rounds, median = report["versus_reference_rounds"], report["versus_reference"]
+    assert len(rounds) == 3 and median["note"].startswith("the median of 3 rounds")
+    for key in ("served_ratio", "p50_ratio", "p99_ratio", "cpu_ratio"):
+        values = sorted(r[key] for r in rounds)
+        assert values[0] > 0 and median[key] == pytest.approx(values[1], rel=1e-3)  # the middle round's, not a mean
+    assert done.stdout.count("\n  achieved rate ") == 2  # the tables are the first round's: one per server
+    printed = re.findall(r"^ +([123]) +([0-9.]+)x +([0-9.]+)x +([0-9.]+)x +([0-9.]+)x$", done.stdout, re.M)
+    assert [int(p[0]) for p in printed] == [1, 2, 3], done.stdout
+    assert [float(p[4]) for p in printed] == pytest.approx([r["cpu_ratio"] for r in rounds], abs=0.0051)
+
+
+def test_the_median_comparison_takes_each_figure_from_the_rounds_that_have_it():
+    from neuronserve.bench.report import Comparison, median_comparison
+
+    def cmp(served: float, p50: float | None, note: str = "") -> Comparison:
+        return Comparison("plain", "basis", served, 100.0, served / 100.0, p50, None, 1.0, 0.5, 2.0, note)
+
+    rounds = [cmp(150.0, 1.5), cmp(110.0, None, "plain: lower bound"), cmp(130.0, 1.1), cmp(120.0, 1.3)]
+    median = median_comparison(rounds)
+    assert median.served_rate_per_s == 125.0 and median.served_ratio == pytest.approx(1.25)
+    assert median.p50_ratio == 1.3  # of the three rounds that have one
+    assert median.p99_ratio is None and median.cpu_ratio == 2.0
+    assert median.note == "the median of 4 rounds; plain: lower bound"
+
+
 @pytest.mark.timeout(90)
 def test_error_latencies_are_kept_per_status_and_merged_over_clients(refusing_server):
     """Refusals at the door and the client's deadline, in one run: a 1 s SIGSTOP makes the requests
@@ -484,6 +519,8 @@ def test_the_compute_limit_runs_three_stages_without_the_fused_graph(artifact_di
         (["--rate", "1800,fast"], ["--rate", "1800,fast", "separated by commas"]),
         (["--rate", "1800,0"], ["--rate must be > 0"]),
         (["--reference", "plain", "--rate", "10,20", "--artifact", "/nonexistent-artifact"], ["--reference plain", "one --rate"]),
+        (["--rounds", "2"], ["--rounds", "give --reference plain"]),
+        (["--rounds", "0", "--reference", "plain"], ["--rounds must be >= 1"]),
     ],
 )
 def test_bad_bench_arguments_fail_before_any_load(extra, words):
