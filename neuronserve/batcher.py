@@ -71,7 +71,8 @@ class DynamicBatcher:
     max_batch_rows / max_in_flight: the largest batch and the batches running at once (config's, if set,
     override them); estimate_latency_s(rows) -> seconds (cheap, never raises); devices: batches that
     really run in parallel; clock: the seconds every deadline_s is on; call_later(delay_s, callback) ->
-    a handle with cancel(): the hold's timer on that clock (default: the running loop's).
+    a handle with cancel(): the hold's timer on that clock (default: the running loop's). run_now(payload,
+    rows): a lone request's rows run on the loop itself, or None (then run_batch runs it) when nothing else runs.
     """
 
     def __init__(
@@ -86,6 +87,7 @@ class DynamicBatcher:
         clock: Callable[[], float] = time.monotonic,
         call_later: CallLater | None = None,
         name: str = "batcher",
+        run_now: Callable[[Any, int], np.ndarray | None] | None = None,
     ) -> None:
         if max_batch_rows < 1 or max_in_flight < 1 or devices < 1:
             raise ConfigError(
@@ -93,6 +95,7 @@ class DynamicBatcher:
             )
         self.name = name
         self._run_batch = run_batch
+        self._run_now = run_now
         self._max_rows = min(max_batch_rows, config.max_batch_rows or max_batch_rows)
         self._max_in_flight = config.max_in_flight_batches or max_in_flight
         self._devices = min(devices, self._max_in_flight)
@@ -330,7 +333,10 @@ class DynamicBatcher:
         self._batch_rows += rows
         self._batched_requests += 1
         try:
-            return self._checked(await self._run_batch([Slice(payload, 0, rows)]), batch)
+            out = self._run_now(payload, rows) if self._run_now is not None and len(self._running) == 1 else None
+            if out is None:
+                out = await self._run_batch([Slice(payload, 0, rows)])
+            return self._checked(out, batch)
         except asyncio.CancelledError:
             self._cancelled += 1
             raise

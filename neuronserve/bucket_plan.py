@@ -43,7 +43,7 @@ class BucketPlan:
         self.cost_s = cost_s
         self.any_rows = any_rows
         self._table = plan_table(self.buckets, cost_s, 2 * self.buckets[-1])
-        self._cap = exact_rows_cap(self.buckets, cost_s)
+        self.exact_cap = exact_rows_cap(self.buckets, cost_s)  # any_rows: the most rows of one execution
 
     def plan(self, rows: int) -> tuple[int, ...]:
         """Buckets for `rows`: full largest buckets while more than two of them remain, then the cheapest
@@ -56,7 +56,7 @@ class BucketPlan:
     def chunks(self, rows: int) -> tuple[tuple[int, int], ...]:
         """(rows, bucket) of every execution covering `rows` rows, in order (any_rows: bucket == rows)."""
         if self.any_rows:
-            count = -(-rows // self._cap)
+            count = -(-rows // self.exact_cap)
             return tuple((size, size) for size in (rows // count + (i < rows % count) for i in range(count)))
         chunks, start = [], 0
         for bucket in self.plan(rows):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,3 +121,35 @@ def call_soon(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
     (a job that outlived its server)."""
     with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(callback, *args)
+
+
+def fused_inputs(
+    user: np.ndarray,
+    peers: Sequence[np.ndarray],
+    user_index: np.ndarray,
+    chunks: Chunks,
+    user_rows: Callable[[int, int], int],
+) -> tuple[np.ndarray, list[list[np.ndarray]]]:
+    """(the peer rows, per chunk [users padded to a user bucket, peers padded to the bucket, index];
+    exact rows when the graph runs any rows; `user_rows(bucket, users)`: a chunk's user rows). One chunk
+    (the usual case): every user, the peers copied once straight into the input, and the batch's own
+    user index (padded only past the rows)."""
+    if len(chunks) == 1:
+        rows, bucket = chunks[0]
+        padded_peer = np.empty((bucket, peers[0].shape[1]), dtype=np.float32)
+        np.concatenate(peers, axis=0, out=padded_peer[:rows])
+        padded_peer[rows:] = 0
+        index = user_index if rows == bucket else np.concatenate([user_index, np.zeros(bucket - rows, np.int64)])
+        return padded_peer[:rows], [[padded(user, user_rows(bucket, user.shape[0])), padded_peer, index]]
+    peer = concat(peers)
+    peer_inputs = [
+        padded(peer[start : start + rows], bucket)
+        for start, (rows, bucket) in zip(chunk_starts(chunks), chunks, strict=False)
+    ]
+    inputs = []
+    for start, (rows, bucket), peer_input in zip(chunk_starts(chunks), chunks, peer_inputs, strict=True):
+        first, last = int(user_index[start]), int(user_index[start + rows - 1])
+        index = np.zeros(bucket, dtype=np.int64)
+        index[:rows] = user_index[start : start + rows] - first
+        inputs.append([padded(user[first : last + 1], user_rows(bucket, last + 1 - first)), peer_input, index])
+    return peer, inputs

@@ -29,8 +29,9 @@ from neuronserve.execution import (
     call_soon,
     chunk_starts,
     concat,
+    executions,
+    fused_inputs,
     mark_nonfinite,
-    padded,
     remote_fused,
     run_chunks,
     run_fused,
@@ -117,6 +118,8 @@ class Pipeline:
         self._estimates: list[float] = []  # score batch of r rows -> modelled seconds, r <= max_batch_rows
         self._user_buckets: dict[int, tuple[int, ...]] = {}  # fused: peer bucket -> its compiled user buckets
         self._waiters: deque[asyncio.Future] = deque()
+        self._now: list[tuple[_Group, FusedRunner]] = []  # score_now's groups and their fused runners
+        self._now_rows = 0  # the most rows score_now runs (one exact execution)
         self._fused = False
         self._started = False
 
@@ -164,6 +167,9 @@ class Pipeline:
             fused = self._stage_groups[FUSED_STAGE][0].runners[FUSED_STAGE]
             assert isinstance(fused, FusedRunner)
             self._user_buckets = {b: fused.user_batch_sizes(b) for b in fused.batch_sizes}
+            now = [(g, g.runners[FUSED_STAGE]) for g in self._stage_groups[FUSED_STAGE]]
+            self._now = [(g, r) for g, r in now if isinstance(r, FusedRunner) and r.runs_now]
+            self._now_rows = self._plans[FUSED_STAGE].exact_cap if self._now else 0
         self._started = True
         self._estimates = [0.0] + [self._estimate_s(rows) for rows in range(1, self.max_batch_rows + 1)]
 
@@ -239,7 +245,7 @@ class Pipeline:
             scores = await self.score(user, peer, user_index)
         else:
             chunks = self._chunks(FUSED_STAGE, user_index.shape[0])
-            peer, inputs = self._fused_inputs(user, peers, user_index, chunks)
+            peer, inputs = fused_inputs(user, peers, user_index, chunks, self._user_rows)
             sent_s = time.perf_counter()
             scores = await self._execute(
                 FUSED_STAGE, run_fused, inputs, chunks, remote=functools.partial(remote_fused, inputs, chunks)
@@ -248,36 +254,31 @@ class Pipeline:
         scores = mark_nonfinite(scores, user, peer, user_index)
         return ScoredBatch(scores, sent_s - start_s, back_s - sent_s, time.perf_counter() - back_s)
 
-    def _fused_inputs(
-        self, user: np.ndarray, peers: Sequence[np.ndarray], user_index: np.ndarray, chunks
-    ) -> tuple[np.ndarray, list[list[np.ndarray]]]:
-        """(the peer rows, per chunk [users padded to a user bucket, peers padded to the bucket, index];
-        exact rows when the graph runs any rows). One chunk (the usual case): every user, the peers copied
-        once straight into the input, and the batch's own user index (padded only past the rows)."""
-        if len(chunks) == 1:
-            rows, bucket = chunks[0]
-            padded_peer = np.empty((bucket, peers[0].shape[1]), dtype=np.float32)
-            np.concatenate(peers, axis=0, out=padded_peer[:rows])
-            padded_peer[rows:] = 0
-            index = user_index if rows == bucket else np.concatenate([user_index, np.zeros(bucket - rows, np.int64)])
-            return padded_peer[:rows], [[self._padded_user(user, bucket), padded_peer, index]]
-        peer = concat(peers)
-        peer_inputs = [
-            padded(peer[start : start + rows], bucket)
-            for start, (rows, bucket) in zip(chunk_starts(chunks), chunks, strict=False)
-        ]
-        inputs = []
-        for start, (rows, bucket), peer_input in zip(chunk_starts(chunks), chunks, peer_inputs, strict=True):
-            first, last = int(user_index[start]), int(user_index[start + rows - 1])
-            index = np.zeros(bucket, dtype=np.int64)
-            index[:rows] = user_index[start : start + rows] - first
-            inputs.append([self._padded_user(user[first : last + 1], bucket), peer_input, index])
-        return peer, inputs
+    def _user_rows(self, bucket: int, users: int) -> int:
+        """A fused chunk's user rows: exact (any rows), else the smallest user bucket compiled with `bucket`."""
+        return users if self._plans[FUSED_STAGE].any_rows else next(u for u in self._user_buckets[bucket] if u >= users)
 
-    def _padded_user(self, user: np.ndarray, bucket: int) -> np.ndarray:
-        """A chunk's user rows: exact (any rows), else in the smallest user bucket compiled with `bucket`."""
-        exact = self._plans[FUSED_STAGE].any_rows
-        return padded(user, user.shape[0] if exact else next(u for u in self._user_buckets[bucket] if u >= len(user)))
+    @property
+    def runs_now(self) -> bool:  # score_now can run a request at all (a fused runner that runs it here)
+        return bool(self._now)
+
+    def score_now(self, user: np.ndarray, peers: np.ndarray) -> ScoredBatch | None:
+        """One score request (user [1, F_u], peers [m, F_p]) run here by an idle group whose fused runner runs
+        it now (FusedRunner.score_now: cpu, low load), counted as score_requests counts; None: batch it."""
+        rows = peers.shape[0]
+        if rows > self._now_rows:
+            return None
+        for group, runner in self._now:
+            if group.in_flight == 0:
+                done = runner.score_now(user, peers)
+                if done is None:
+                    return None
+                group.in_flight += 1  # a job that ran on the group: _finish frees the slot and counts it
+                self._finish(group, JobResult(*done, executions(FUSED_STAGE, ((rows, rows),))), None)
+                back_s = time.perf_counter()
+                scores = mark_nonfinite(done[0], user, peers, user_rows_of([peers]))
+                return ScoredBatch(scores, 0.0, done[1], time.perf_counter() - back_s)
+        return None
 
     async def score(self, user_features: np.ndarray, peer_features: np.ndarray, user_index: np.ndarray) -> np.ndarray:
         """Row i of the result [N, K] scores user user_index[i] against peer i (logits, float32)."""

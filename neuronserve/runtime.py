@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 class Runtime:
     """service.Runtime over a pipeline: one DynamicBatcher for Score (a request of M peers is M rows)
     and one per tower (UpsertEmbeddings and the OIP tower models). `pipeline` needs score_requests, run_stage,
-    max_batch_rows, concurrency, devices, estimate_latency_s and plan_cost_s (pipeline.Pipeline has them)."""
+    max_batch_rows, concurrency, devices, estimate_latency_s and plan_cost_s, and may have runs_now and
+    score_now (a lone request run on the loop at once; pipeline.Pipeline has them all)."""
 
     def __init__(self, pipeline, batching: BatchingConfig, metrics) -> None:
         from neuronserve.batcher import DynamicBatcher
@@ -35,7 +36,11 @@ class Runtime:
             devices=pipeline.devices,
         )
         self._scores = DynamicBatcher(
-            self._run_score, estimate_latency_s=pipeline.estimate_latency_s, name=TWOTOWER, **common
+            self._run_score,
+            estimate_latency_s=pipeline.estimate_latency_s,
+            name=TWOTOWER,
+            run_now=self._score_now if getattr(pipeline, "runs_now", False) else None,
+            **common,
         )
         self.batchers = {TWOTOWER: self._scores}  # keyed by model name, which is also each batcher's name
         for tower in TOWERS:
@@ -65,6 +70,21 @@ class Runtime:
             self._scores.name,
             rows=batch.scores.shape[0],
             requests=len(slices),
+            compute_s=batch.compute_s,
+            input_s=batch.input_s,
+            output_s=batch.output_s,
+        )
+        return batch.scores
+
+    def _score_now(self, payload: tuple[np.ndarray, np.ndarray], rows: int) -> np.ndarray | None:
+        """A lone Score request run on the loop at once by the pipeline (Pipeline.score_now), or None."""
+        batch = self.pipeline.score_now(*payload)
+        if batch is None:
+            return None
+        self.metrics.execution(
+            self._scores.name,
+            rows=rows,
+            requests=1,
             compute_s=batch.compute_s,
             input_s=batch.input_s,
             output_s=batch.output_s,

@@ -682,3 +682,46 @@ def test_mixed_sizes_and_priorities_under_concurrency_each_get_their_own_rows():
         await batcher.close()
 
     run(body())
+
+
+def test_run_now_takes_a_lone_request_on_the_loop_and_falls_back_to_run_batch():
+    """run_now runs a request that finds nothing queued or running (counted as a batch of its own);
+    None from it, or a batch already running, sends the request to run_batch as before; its error
+    fails only that request, as run_batch's would."""
+
+    async def body():
+        runner, now_calls = Runner(gated=True), []
+        answer: Dict[str, object] = {}
+
+        def run_now(request_payload, rows):
+            now_calls.append((request_payload[0], rows))
+            result = answer.get(request_payload[0])
+            if isinstance(result, BaseException):
+                raise result
+            return request_payload[1] if result == "now" else None
+
+        clock = Clock()
+        batcher = DynamicBatcher(runner, max_batch_rows=100, config=BatchingConfig(max_queue_delay_ms=NEVER_MS),
+                                 clock=clock, call_later=clock.call_later, name="test", run_now=run_now)
+        batcher.start()
+        answer["a"] = "now"
+        check(await batcher.submit(payload("a", 3), 3), "a", 3)  # done before any batch ran
+        assert runner.batches == [] and now_calls == [("a", 3)]
+        b = submit(batcher, "b", 2)  # run_now declines: run_batch runs it
+        await settle()
+        assert now_calls[-1] == ("b", 2) and runner.batches == [[("b", 0, 2)]]
+        answer["c"] = "now"
+        c = submit(batcher, "c", 4)  # b still runs: queued behind it, run_now not asked
+        await settle()
+        assert [name for name, _ in now_calls] == ["a", "b"]
+        runner.release_all()
+        check(await b, "b", 2)
+        check(await c, "c", 4)
+        answer["d"] = ValueError("graph failed")
+        with pytest.raises(NeuronServeError, match="run_batch failed: ValueError: graph failed"):
+            await batcher.submit(payload("d", 1), 1)
+        stats = batcher.stats()
+        assert stats.batches == 4 and stats.batch_rows == 10 and stats.failed == 1 and stats.in_flight_batches == 0
+        await batcher.close()
+
+    run(body())

@@ -133,6 +133,41 @@ def test_score_requests_equal_the_three_stages_and_mark_rows_with_non_finite_fea
     pipeline.close()
 
 
+def test_score_now_runs_a_lone_request_at_once_on_the_cpu_backend_as_score_requests_would(manifest):
+    """The cpu backend at low load: score_now answers one request on the calling thread with
+    score_requests' scores and counts, NaN in a row with a non-finite feature; None above one exact
+    execution's rows, with inline runs off, and on a backend whose runner cannot run it now (the sim)."""
+    from neuronserve.backends.cpu import CpuBackend as Cpu
+
+    cfg = manifest.model_config
+    pipeline = Pipeline(Cpu(manifest, inline_below=0.2), Placement.data_parallel(1))
+    pipeline.start()
+    assert pipeline.runs_now
+    user, peers = rows(manifest, 1, cfg.user_features, seed=1), rows(manifest, 9, cfg.peer_features, seed=2)
+    before = pipeline.stats()
+    now = pipeline.score_now(user, peers)
+    assert now is not None and now.compute_s > 0
+    after = pipeline.stats()
+    assert after.stages["twotower"].executions == before.stages["twotower"].executions + 1
+    assert after.stages["twotower"].rows == before.stages["twotower"].rows + 9
+    assert after.groups[0].executions == before.groups[0].executions + 1
+    batched = asyncio.run(pipeline.score_requests([user], [peers])).scores
+    np.testing.assert_allclose(now.scores, batched, rtol=1e-5, atol=1e-6)
+    peers[4, 3] = np.inf
+    marked = pipeline.score_now(user, peers).scores
+    assert np.isnan(marked[4]).all() and np.isfinite(np.delete(marked, 4, axis=0)).all()
+    too_many = rows(manifest, pipeline._now_rows + 1, cfg.peer_features, seed=3)
+    assert pipeline.score_now(user, too_many) is None
+    pipeline.close()
+    off = Pipeline(Cpu(manifest, inline_below=0.0), Placement.data_parallel(1))
+    off.start()
+    assert not off.runs_now and off.score_now(user, peers) is None
+    off.close()
+    sim_pipeline, _ = instant_pipeline(manifest, "data parallel (the fused graph)", data_parallel_cores=2)
+    assert not sim_pipeline.runs_now and sim_pipeline.score_now(user, peers) is None
+    sim_pipeline.close()
+
+
 def test_the_cpu_backend_runs_under_the_pipeline_too(manifest):
     """No latency model: the pipeline times each bucket at start-up and plans with that."""
     pipeline = Pipeline(CpuBackend(manifest), Placement.data_parallel(1))

@@ -266,3 +266,37 @@ def test_the_server_setting_reaches_the_cpu_backends_launcher_and_is_checked(sma
     runner = backend.load(FUSED_STAGE, CoreGroup(0))
     assert runner._launcher.inline_below == 0.25
     runner.close()
+
+
+def test_run_now_runs_at_once_only_while_the_launcher_is_idle_and_inline(fork):
+    """run_now: the graph on this thread when the launcher is inline and idle, its rows counted into the
+    load and its CPU per row learned; None (nothing counted) while it hands off to torch's thread or an
+    execution is queued, and once it is closed."""
+    clock, cpu = FakeClock(), FakeClock()
+
+    def one_ms_of_cpu(*inputs):
+        cpu.now_s += 0.001
+        return GRAPH(*inputs)
+
+    async def main():
+        launcher = TorchLauncher(clock=clock, cpu_clock=cpu, inline_below=0.2)
+        step, want = _step(fork, 3, 4, seed=11)
+        out, busy_s = launcher.run_now(one_ms_of_cpu, step.inputs, 3)
+        assert launcher.row_s == pytest.approx(0.001 / 3) and not launcher._running
+        launcher.load = BusyFraction(tau_s=0.2, _value=0.5, _at_s=clock.now_s)  # past the gap: hands off
+        launcher._inline = False
+        assert launcher.run_now(one_ms_of_cpu, step.inputs, 3) is None
+        assert launcher.load.at(clock.now_s) == pytest.approx(0.5)  # nothing counted
+        launcher._inline = True
+        with launcher._idle:  # (re-entrant) torch's thread cannot mark the launcher idle meanwhile
+            queued = launcher.submit([_step(fork, 4, 4, seed=12)[0]])  # the load hands it to torch's thread
+            assert not queued.done() and launcher.run_now(one_ms_of_cpu, step.inputs, 3) is None
+        await queued
+        settled(launcher)
+        launcher.close()
+        assert launcher.run_now(one_ms_of_cpu, step.inputs, 3) is None
+        return out, busy_s, want
+
+    out, busy_s, want = asyncio.run(main())
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+    assert busy_s == 0.0  # the fake clock did not move

@@ -108,6 +108,7 @@ class FusedRunner(Runner):
     """
 
     stage = FUSED_STAGE
+    runs_now = False  # True where score_now can run a request on the calling thread (the cpu backend's)
 
     def __init__(self, cores: CoreGroup, pairs: Iterable[tuple[int, int]], shapes: Sequence[tuple[int, ...]]) -> None:
         self.cores = cores
@@ -122,6 +123,11 @@ class FusedRunner(Runner):
         }
         user_shape, peer_shape = (tuple(int(d) for d in shape) for shape in shapes)
         self._shapes: tuple[tuple[int, ...], tuple[int, ...]] = (user_shape, peer_shape)
+
+    def score_now(self, user: np.ndarray, peer: np.ndarray) -> tuple[np.ndarray, float] | None:
+        """One request's scores (user [1, F_u], peer [rows, F_p], checked by the service) and busy seconds,
+        run on the calling thread if this runner can now; None: run it as a batch (run or submit)."""
+        return None
 
     def user_batch_sizes(self, batch_size: int) -> tuple[int, ...]:
         """The user batches U compiled with peer batch `batch_size`, ascending (empty if it is not a bucket)."""

@@ -179,6 +179,7 @@ class CpuFusedRunner(FusedRunner):
         self._launcher = TorchLauncher(inline_below=inline_below)
         self.any_rows = process is None and one_graph(graphs)
         self._any = next(iter(graphs))  # the key every exact shape runs with when any_rows
+        self.runs_now = self.any_rows and inline_below > 0
 
     def submit(self, chunks: Sequence[tuple[Sequence[np.ndarray], int]]):
         """On the loop: the batch's padded chunks ([user, peer, index], rows) -> an asyncio future of
@@ -195,6 +196,16 @@ class CpuFusedRunner(FusedRunner):
             key = self._key(arrays)
             steps.append(Step(self._forks[key], tuple(as_tensor(x) for x in arrays), rows, self._graphs[key]))
         return self._launcher.submit(steps)
+
+    def score_now(self, user: np.ndarray, peer: np.ndarray) -> tuple[np.ndarray, float] | None:
+        """On the loop, at low load: the request's execution inline (TorchLauncher.run_now) at its exact
+        rows, without a batch's assembly; None when the launcher hands executions to its thread."""
+        if not self.runs_now or user.dtype != np.float32 or peer.dtype != np.float32:
+            return None
+        rows = peer.shape[0]
+        index = torch.zeros(rows, dtype=torch.int64)  # every peer row meets the one user
+        inputs = (as_tensor(np.ascontiguousarray(user)), as_tensor(np.ascontiguousarray(peer)), index)
+        return self._launcher.run_now(self._graphs[self._any], inputs, rows)
 
     def healthy(self) -> bool:
         return self.process is None or self.process.alive

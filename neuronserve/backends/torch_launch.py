@@ -184,6 +184,31 @@ class TorchLauncher:
             self._start(first)
         return submission.future
 
+    def run_now(self, graph: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], rows: int):
+        """One execution on this thread at once, when the launcher is idle and in its inline mode: (the
+        first `rows` rows of its output, busy seconds), or None (nothing counted: submit it). The rows
+        count into the load, which may turn the launcher to its thread for the next submissions; the
+        graph's error propagates to the caller."""
+        with self._idle:
+            if self._closed or self._running or not self._inline:
+                return None
+            self._low_load(rows)
+            self._running = True  # close() waits for it
+        try:
+            start_s, start_cpu_s = self.clock(), self.cpu_clock()
+            with torch.inference_mode():
+                out = graph(*inputs).numpy()[:rows]
+            self._learn_row_s(self.cpu_clock() - start_cpu_s, rows)
+            return out, self.clock() - start_s
+        finally:
+            with self._idle:
+                self._next_locked()  # nothing was queued meanwhile (only the loop submits): marks it idle
+
+    def _learn_row_s(self, cpu_s: float, rows: int) -> None:
+        """An inline run's CPU seconds per row into the moving average the load is counted at."""
+        row_s = cpu_s / max(1, rows)
+        self.row_s = row_s if self.row_s == 0 else 0.9 * self.row_s + 0.1 * row_s
+
     def _low_load(self, rows: int) -> bool:
         """Count a submission's rows into the load; True while it is low enough to run inline (hysteresis:
         inline until inline_below + INLINE_GAP, then threaded until the load is back under inline_below)."""
@@ -203,8 +228,7 @@ class TorchLauncher:
             future.set_exception(exc)
         else:
             future.set_result((concat(outs), self.clock() - start_s))
-            row_s = (self.cpu_clock() - start_cpu_s) / max(1, rows)
-            self.row_s = row_s if self.row_s == 0 else 0.9 * self.row_s + 0.1 * row_s
+            self._learn_row_s(self.cpu_clock() - start_cpu_s, rows)
         with self._idle:
             self._next_locked()  # nothing was queued meanwhile (only the loop submits): marks it idle
         return future
