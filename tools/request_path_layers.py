@@ -1,8 +1,10 @@
 """Host CPU of neuronserve's own request path, layer by layer, in one process, without gRPC and without
 the model (for profiling, not a benchmark of the server): the cpu backend's fused graph is replaced
-by a stub that returns zeros of the right shape, so what is left is the service, the batcher and the
-pipeline (assembly, the fan-out; the launcher runs the stub on the loop, its low-load path). One request of 1 user x 128 peers at a time, then
-64 callers at once (the stub runs on the loop, so each of them too finds the batcher idle: no batching).
+by a stub that returns zeros of the right shape (swapped into the started server's fused runner), so
+what is left is the service, the batcher, the pipeline and the launcher: a lone request takes the
+lone-request lane (Pipeline.score_now), `score_requests` the batch path, both running the stub on the
+loop. One request of 1 user x 128 peers at a time, then 64 callers at once (the stub runs on the loop,
+so each of them too finds the batcher idle: no batching).
 
     python tools/request_path_layers.py ARTIFACT     # a --target cpu artifact with the fused graph
 """
@@ -14,8 +16,6 @@ import time
 import numpy as np
 import torch
 
-from neuronserve.backends import cpu
-from neuronserve.backends.torch_launch import Step
 from neuronserve.config import ServerConfig
 from neuronserve.protos import open_inference_pb2 as oip
 from neuronserve.server import Server
@@ -29,14 +29,9 @@ class _Context:
         raise RuntimeError(f"{code}: {message}")
 
 
-def _stub_run(self, inputs):
-    self.check_inputs(inputs)
-    return np.zeros((inputs[1].shape[0], 4), np.float32)
-
-
-def _stub_step(fork, inputs, rows, graph):
-    """The launcher's step with the stand-in graph (the cpu backend runs it on the loop at low load)."""
-    return Step(fork, inputs, rows, lambda user, peer, index: torch.zeros((peer.shape[0], 4)))
+def _stub(user, peer, index):
+    """The stand-in for the fused graph: zeros of the output's shape."""
+    return torch.zeros((peer.shape[0], 4))
 
 
 def _request() -> oip.ModelInferRequest:
@@ -48,10 +43,10 @@ def _request() -> oip.ModelInferRequest:
 
 
 async def main(artifact: str) -> None:
-    cpu.CpuFusedRunner.run = _stub_run  # the measurement's stand-in for the model (this script only)
-    cpu.Step = _stub_step
     server = Server(ServerConfig(artifact=artifact, port=0, metrics_port=None, backend="cpu"))
     await server.start()
+    runner = server.pipeline._groups[0].runners["twotower"]
+    runner._graphs = {key: _stub for key in runner._graphs}  # what the loop runs (inline and the lane)
     service, request, context = server._servicers[1], _request(), _Context()
     user, peers = np.zeros((1, 64), np.float32), np.zeros((128, 64), np.float32)
     loop, executor = asyncio.get_running_loop(), server.pipeline._groups[0].executor
