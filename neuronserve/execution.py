@@ -98,13 +98,15 @@ def user_rows_of(peers: Sequence[np.ndarray]) -> np.ndarray:
     return np.repeat(np.arange(len(peers), dtype=np.int64), [p.shape[0] for p in peers])
 
 
-def mark_nonfinite(scores: np.ndarray, user: np.ndarray, peer: np.ndarray, user_index: np.ndarray) -> np.ndarray:
+def mark_nonfinite(scores: np.ndarray, user: np.ndarray, peer: np.ndarray, user_index: np.ndarray | None) -> np.ndarray:
     """Scores with NaN in every row whose user or peer features are not all finite (NaN, Inf), so the
     service, which checks only the output, refuses exactly those requests (a model can map an Inf input
-    to a finite score). One vectorised check per batch; per row only if it fails."""
+    to a finite score). One vectorised check per batch; per row only if it fails. user_index None: every
+    row meets user row 0 (one request)."""
     if np.isfinite(peer).all() and np.isfinite(user).all():
         return scores
-    bad = ~np.isfinite(peer).all(axis=1) | ~np.isfinite(user).all(axis=1)[user_index]
+    bad_user = ~np.isfinite(user).all(axis=1)
+    bad = ~np.isfinite(peer).all(axis=1) | (bad_user[0] if user_index is None else bad_user[user_index])
     scores = np.array(scores, dtype=np.float32)
     scores[bad] = np.nan
     return scores

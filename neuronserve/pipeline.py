@@ -276,7 +276,7 @@ class Pipeline:
                 group.in_flight += 1  # a job that ran on the group: _finish frees the slot and counts it
                 self._finish(group, JobResult(*done, executions(FUSED_STAGE, ((rows, rows),))), None)
                 back_s = time.perf_counter()
-                scores = mark_nonfinite(done[0], user, peers, user_rows_of([peers]))
+                scores = mark_nonfinite(done[0], user, peers, None)
                 return ScoredBatch(scores, 0.0, done[1], time.perf_counter() - back_s)
         return None
 

@@ -66,25 +66,19 @@ class Runtime:
         assembles the batch on its executor thread, so the event loop only hands over the lists."""
         peers = [s.payload[1][s.start : s.stop] for s in slices]
         batch = await self.pipeline.score_requests([s.payload[0] for s in slices], peers)
-        self.metrics.execution(
-            self._scores.name,
-            rows=batch.scores.shape[0],
-            requests=len(slices),
-            compute_s=batch.compute_s,
-            input_s=batch.input_s,
-            output_s=batch.output_s,
-        )
-        return batch.scores
+        return self._counted(batch, len(slices))
 
     def _score_now(self, payload: tuple[np.ndarray, np.ndarray], rows: int) -> np.ndarray | None:
         """A lone Score request run on the loop at once by the pipeline (Pipeline.score_now), or None."""
         batch = self.pipeline.score_now(*payload)
-        if batch is None:
-            return None
+        return None if batch is None else self._counted(batch, 1)
+
+    def _counted(self, batch, requests: int) -> np.ndarray:
+        """A score batch's execution into the metrics; its scores."""
         self.metrics.execution(
             self._scores.name,
-            rows=rows,
-            requests=1,
+            rows=batch.scores.shape[0],
+            requests=requests,
             compute_s=batch.compute_s,
             input_s=batch.input_s,
             output_s=batch.output_s,

@@ -240,13 +240,14 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
             device=device,
         )
         gate = self.state.scoring
-        matrix = None  # a mutual pool's [N, N] working matrix: the one the gate kept from the last tick, or new
-        if tick.uses_pool_matrix(cols.size, pool is not None, spec.mutual != tick.ONE_WAY):
-            matrix = gate.take(4 * cols.size**2)
-            matrix = np.empty(cols.size**2, np.float32) if matrix is None else matrix
+        # a mutual pool's [N, N] working matrix: the one the gate kept from the last tick, else new once admitted
+        whole = tick.uses_pool_matrix(cols.size, pool is not None, spec.mutual != tick.ONE_WAY)
+        matrix = gate.take(4 * cols.size**2) if whole else None
         in_use = False  # a cancelled call's thread may still write the matrix: never keep it then
         try:
             with gate.reserve(need, f"ScoreTick of {rows.size} x {cols.size} people, k={spec.k}"):
+                if whole and matrix is None:
+                    matrix = np.empty(cols.size**2, np.float32)
                 start = time.perf_counter()
                 in_use = True
                 result = await asyncio.to_thread(

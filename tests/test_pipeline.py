@@ -156,6 +156,9 @@ def test_score_now_runs_a_lone_request_at_once_on_the_cpu_backend_as_score_reque
     peers[4, 3] = np.inf
     marked = pipeline.score_now(user, peers).scores
     assert np.isnan(marked[4]).all() and np.isfinite(np.delete(marked, 4, axis=0)).all()
+    bad_user = user.copy()
+    bad_user[0, 2] = np.nan
+    assert np.isnan(pipeline.score_now(bad_user, rows(manifest, 5, cfg.peer_features, seed=4)).scores).all()
     too_many = rows(manifest, pipeline._now_rows + 1, cfg.peer_features, seed=3)
     assert pipeline.score_now(user, too_many) is None
     pipeline.close()

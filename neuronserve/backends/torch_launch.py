@@ -194,15 +194,21 @@ class TorchLauncher:
                 return None
             self._low_load(rows)
             self._running = True  # close() waits for it
+        return self._inline_run([(graph, inputs, rows)], rows)
+
+    def _inline_run(self, calls: Sequence[tuple[Callable[..., torch.Tensor], Sequence[torch.Tensor], int]], rows: int):
+        """Each (graph, inputs, rows kept) on this thread, one after the other: (their rows concatenated,
+        busy seconds); the CPU per row learned; the launcher marked idle after (nothing was queued
+        meanwhile: only the loop submits). The graph's error propagates."""
         try:
             start_s, start_cpu_s = self.clock(), self.cpu_clock()
             with torch.inference_mode():
-                out = graph(*inputs).numpy()[:rows]
+                outs = [graph(*inputs).numpy()[:kept] for graph, inputs, kept in calls]
             self._learn_row_s(self.cpu_clock() - start_cpu_s, rows)
-            return out, self.clock() - start_s
+            return concat(outs), self.clock() - start_s
         finally:
             with self._idle:
-                self._next_locked()  # nothing was queued meanwhile (only the loop submits): marks it idle
+                self._next_locked()
 
     def _learn_row_s(self, cpu_s: float, rows: int) -> None:
         """An inline run's CPU seconds per row into the moving average the load is counted at."""
@@ -220,17 +226,10 @@ class TorchLauncher:
     def _run_inline(self, loop: asyncio.AbstractEventLoop, steps: Sequence[Step], rows: int) -> asyncio.Future:
         """The steps on this thread, one after the other; a future of `loop`, done on return."""
         future = loop.create_future()
-        start_s, start_cpu_s = self.clock(), self.cpu_clock()
         try:
-            with torch.inference_mode():
-                outs = [step.graph(*step.inputs).numpy()[: step.rows] for step in steps]
+            future.set_result(self._inline_run([(step.graph, step.inputs, step.rows) for step in steps], rows))
         except Exception as exc:  # the graph raised: this submission fails, the launcher goes on
             future.set_exception(exc)
-        else:
-            future.set_result((concat(outs), self.clock() - start_s))
-            self._learn_row_s(self.cpu_clock() - start_cpu_s, rows)
-        with self._idle:
-            self._next_locked()  # nothing was queued meanwhile (only the loop submits): marks it idle
         return future
 
     def close(self, timeout_s: float = 60.0) -> None:
