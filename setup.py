@@ -159,10 +159,10 @@ class BuildPyWithStubs(build_py):
 
 # The compiled kernels (neuronserve/native.py loads the library with ctypes: no Python API, so no numpy
 # headers and one build for numpy 1.x and 2.x). Optional: without a C compiler the install succeeds and
-# the tick runs its numpy path.
+# the tick and ScoreByIds run their numpy paths.
 KERNELS = Extension(
     "neuronserve._kernels",
-    sources=["csrc/tick_kernels.c"],
+    sources=["csrc/tick_kernels.c", "csrc/cache_kernels.c"],
     depends=["csrc/tick_body.h"],
     extra_compile_args=["-O3", "-std=gnu11", "-Wno-psabi"],
     optional=True,

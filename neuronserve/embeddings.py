@@ -40,6 +40,7 @@ from neuronserve.shared_table import (
     VERSION_LEN,
     WRITER_PID,
 )
+from neuronserve.cache_kernels import KERNEL as SCORE_IDS
 from neuronserve.errors import ConfigError, InvalidInput, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
@@ -305,8 +306,8 @@ class EmbeddingCache:
             return None, found
         return mem.vectors[k].take(index_slots[pos], axis=0, mode="clip"), found
 
-    def _count(self, kind: str, ids: np.ndarray, found: np.ndarray) -> None:
-        hits = int(np.count_nonzero(found))
+    def _count(self, kind: str, ids: np.ndarray, found: np.ndarray, hits: int | None = None) -> None:
+        hits = int(np.count_nonzero(found)) if hits is None else hits
         with self._count_lock:
             self._hits += hits
             self._misses += len(ids) - hits
@@ -364,7 +365,13 @@ class EmbeddingCache:
         """Scores float32 [M, K] of one cached user against M cached peers: one batched dot product."""
         if isinstance(user_id, (bool, np.bool_)) or not isinstance(user_id, (int, np.integer)):
             raise InvalidInput(f"user_id must be an integer, got {user_id!r}")
-        users, peers = self._gather_pair(_check_ids(np.array([user_id]), "user_id"), _check_ids(peer_ids, "peer_ids"))
+        user_ids, peer_ids = _check_ids(np.array([user_id]), "user_id"), _check_ids(peer_ids, "peer_ids")
+        if SCORE_IDS is not None:  # compiled: each peer found and scored where it lies, no [M, K, D] copy
+            scores, hits, found = self._read(lambda mem, s: SCORE_IDS(mem, s, user_ids[0], peer_ids, self._bias))
+            self._count("user", user_ids, np.array([hits >= 0]))
+            self._count("peer", peer_ids, found, hits)
+            return scores
+        users, peers = self._gather_pair(user_ids, peer_ids)
         # per label a BLAS matrix-vector product over the M peers ([K, M, D] x [K, D, 1]): half einsum's time
         scores = np.matmul(peers.transpose(1, 0, 2), users[0][:, :, None])[:, :, 0]
         return np.ascontiguousarray(scores.T) + self._bias

@@ -2,8 +2,8 @@
 
 setup.py builds csrc/*.c as the optional extension `neuronserve._kernels`: no Python API,
 so one build serves numpy 1.x and 2.x, and ctypes releases the GIL for every call. Without a C compiler
-at install time the install still succeeds and LIBRARY is None: its caller (tick_kernels.py) then runs
-the numpy path, with the same results to float32 rounding.
+at install time the install still succeeds and LIBRARY is None: its callers (tick_kernels.py,
+cache_kernels.py) then run their numpy paths, with the same results to float32 rounding.
 NEURONSERVE_KERNELS: `on` (the default), `off` (the library unused, for comparisons and tests), or
 an instruction set's variant to use instead of the best this CPU runs (avx512, avx2, generic: to
 measure what a smaller CPU would get; tick_kernels.py applies it).

@@ -133,7 +133,7 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
             self.info.max_message_bytes,
         )
         start = time.perf_counter()
-        scores = served.cache.score_by_ids(int(request.user_id), peer_ids)  # [M, K, D] gather + one einsum: ~0.1 ms
+        scores = served.cache.score_by_ids(int(request.user_id), peer_ids)  # 1,000 peers: ~0.08 ms (compiled)
         finite_output(scores, "scores")
         self.metrics.execution(CACHED, rows=peer_ids.size, requests=1, compute_s=time.perf_counter() - start)
         return pb.ScoreResponse(

@@ -65,12 +65,23 @@ class SharedTable:
         self.indexes: list[np.ndarray] = views[
             3::2
         ]  # per kind: int64 [buffer, (id, slot, seq), max_rows], first COUNT rows valid
+        self.vector_addresses = [table.ctypes.data for table in self.vectors]  # the mapping never moves
+        self._index_addresses = [index.ctypes.data for index in self.indexes]
 
     def index(self, state: int, k: int) -> np.ndarray:
         """Kind k's index [(ids, slots, seqs), rows] in the snapshot `state`, sorted by id."""
         buf = (state >> k) & 1
-        rows = min(max(int(self.header[COUNT + 2 * k + buf]), 0), self.indexes[k].shape[2])  # clipped: may be torn
-        return self.indexes[k][buf, :, :rows]
+        return self.indexes[k][buf, :, : self._rows(state, k)]
+
+    def index_addresses(self, state: int, k: int) -> tuple[int, int, int]:
+        """index(state, k) for a compiled kernel: the addresses of its ids and slots rows, and its rows."""
+        row_bytes = self.indexes[k].strides[1]
+        ids = self._index_addresses[k] + 3 * row_bytes * ((state >> k) & 1)
+        return ids, ids + row_bytes, self._rows(state, k)
+
+    def _rows(self, state: int, k: int) -> int:
+        buf = (state >> k) & 1
+        return min(max(int(self.header[COUNT + 2 * k + buf]), 0), self.indexes[k].shape[2])  # clipped: may be torn
 
     def version(self, state: int) -> str:
         buf = int(bool(state & VERSION_BIT))
