@@ -48,6 +48,13 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="M peers per request (default: 128 for score/oip, 1000 for score-ids/matrix)",
     )
     p.add_argument("--users", type=int, default=16, help="N users per matrix request (default 16)")
+    p.add_argument(
+        "--cached-peers",
+        type=int,
+        default=5000,
+        help="peers bench upserts before score-ids/matrix, the requests' ids drawn from them (default 5000; "
+        "1,000,000 takes about a minute of upserts)",
+    )
     p.add_argument("--model", default="twotower", help="the OIP model name (metadata and the oip workload)")
     _add_mode_args(p.add_argument_group("mode"))
     _add_client_args(p.add_argument_group("client"))
@@ -215,7 +222,14 @@ def run(args: argparse.Namespace) -> int:
     rates = _check_args(args)
     progress = None if args.quiet else stderr_progress
     peers = args.peers or DEFAULT_PEERS[args.workload]
-    workload_spec = WorkloadSpec(name=args.workload, peers=peers, users=args.users, model=args.model, seed=args.seed)
+    workload_spec = WorkloadSpec(
+        name=args.workload,
+        peers=peers,
+        users=args.users,
+        pool_peers=args.cached_peers,
+        model=args.model,
+        seed=args.seed,
+    )
     workload = prepare_workload(args.target, workload_spec)
     runner = Runner(args, rates, workload)
     header = _header(args, rates)

@@ -41,7 +41,7 @@ class WorkloadSpec:
             raise ConfigError(f"--peers and --users must be >= 1, got {self.peers} and {self.users}")
         if self.name in ("score-ids", "matrix") and (self.peers > self.pool_peers or self.users > self.pool_users):
             raise ConfigError(
-                f"--peers {self.peers} / --users {self.users} exceed the seeded pool ({self.pool_peers} peers, {self.pool_users} users)"
+                f"--peers {self.peers} / --users {self.users} exceed the seeded pool ({self.pool_peers} peers: --cached-peers; {self.pool_users} users)"
             )
 
 

@@ -256,6 +256,22 @@ def _score_payloads(server):
     return prepare_workload(server.target, WorkloadSpec(name="score", peers=16)).payloads
 
 
+@pytest.mark.timeout(60)
+def test_score_ids_draws_its_ids_from_the_cached_peers_it_upserts(server):
+    import grpc
+
+    from neuronserve.bench.workloads import WorkloadSpec, prepare_workload
+    from neuronserve.protos import scorer_pb2 as pb
+
+    workload = prepare_workload(server.target, WorkloadSpec(name="score-ids", peers=8, pool_peers=3000))
+    asked = np.concatenate([np.frombuffer(pb.ScoreByIdsRequest.FromString(p).peer_ids_packed, "<i8") for p in workload.payloads])
+    assert asked.max() >= 2000 and asked.max() < 3000  # from the whole pool, never past it
+    with grpc.insecure_channel(server.target) as channel:  # the last of the 3,000 is cached: it scores
+        ask = channel.unary_unary("/neuronserve.v1.Scorer/ScoreByIds")
+        reply = pb.ScoreResponse.FromString(ask(pb.ScoreByIdsRequest(user_id=0, peer_ids=[2999]).SerializeToString(), timeout=10))
+    assert list(reply.scores.shape) == [1, 2]
+
+
 @pytest.mark.timeout(120)
 def test_search_prints_the_rate_and_the_limits(server, artifact_dir, tmp_path):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
@@ -521,6 +537,7 @@ def test_the_compute_limit_runs_three_stages_without_the_fused_graph(artifact_di
         (["--reference", "plain", "--rate", "10,20", "--artifact", "/nonexistent-artifact"], ["--reference plain", "one --rate"]),
         (["--rounds", "2"], ["--rounds", "give --reference plain"]),
         (["--rounds", "0", "--reference", "plain"], ["--rounds must be >= 1"]),
+        (["--workload", "score-ids", "--cached-peers", "10"], ["--peers 1000", "exceed", "10 peers: --cached-peers"]),
     ],
 )
 def test_bad_bench_arguments_fail_before_any_load(extra, words):
