@@ -245,9 +245,9 @@ class ServerConfig:
     )
     reflection: bool = True  # gRPC server reflection
     model_process: bool = False  # cpu backend: the fused graph in a process per core group (model_process.py)
-    # cpu backend: a batch runs on the event loop while the rows submitted need less than this share of
-    # a core (torch_launch.py, docs/pipeline.md); 0: always on torch's inter-op thread
-    inline_below: float = 0.2
+    # cpu backend: a batch runs on the event loop while the loop, the graph on it, is busy less than this
+    # share of the time (torch_launch.py, docs/pipeline.md); 0: always on torch's inter-op thread
+    inline_below: float = 0.75
     # the interpreter's thread switch interval (sys.setswitchinterval; Python's default 5 ms): a model thread
     # retaking the GIL behind the busy event loop waits at most this long each time (docs/benchmarks.md)
     gil_switch_ms: float = 0.1

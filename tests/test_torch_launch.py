@@ -167,13 +167,15 @@ def test_the_busy_fraction_reads_the_share_of_a_core_recent_work_needs():
     assert after == busy.at(1.6 + 1.0) and after == pytest.approx(0.01, abs=0.0025)
 
 
-def test_the_load_is_the_rows_submitted_at_the_cpu_cost_per_row_the_inline_runs_measured(fork):
-    """Fake clocks: each inline run takes 1 ms of CPU for 4 rows, so 250 us a row; 4 rows every 2 ms
-    need half the core, past threaded_above, so the launcher turns to torch's thread."""
+def test_the_loops_inline_runs_load_it_and_the_cpu_cost_per_row_is_learned(fork):
+    """Fake clocks: each inline run takes 1 ms of the loop's CPU for 4 rows, so 250 us a row; one every
+    2 ms keeps the loop half busy, past inline_below + INLINE_GAP, so the launcher turns to torch's thread."""
     clock, cpu = FakeClock(), FakeClock()
 
     async def main():
-        launcher = TorchLauncher(clock=clock, cpu_clock=cpu, inline_below=0.2, load=BusyFraction(tau_s=0.02))
+        launcher = TorchLauncher(
+            clock=clock, cpu_clock=cpu, inline_below=0.2, load=BusyFraction(tau_s=0.02), loop=BusyFraction(tau_s=0.02)
+        )
         real = GRAPH
 
         def one_ms_of_cpu(*inputs):
@@ -212,13 +214,15 @@ def test_an_idle_launcher_at_low_load_runs_the_submission_before_submit_returns(
     np.testing.assert_allclose(out, want, rtol=1e-6)
 
 
-def test_past_the_gap_the_launcher_forks_until_the_load_falls_under_inline_below(fork):
-    """Hysteresis on the busy fraction (fake clock): inline up to inline_below + INLINE_GAP, then
-    torch's thread until the load is back under inline_below."""
-    clock = FakeClock()
+def test_past_the_gap_the_launcher_forks_until_the_loop_with_the_graph_falls_under_inline_below(fork):
+    """Hysteresis on the loop's busy fraction (fake clocks, no CPU counted): inline while the loop (the
+    graph's runs on it included) is under inline_below + INLINE_GAP; then torch's thread until the
+    loop plus the graph's load there is back under inline_below."""
+    clock, cpu = FakeClock(), FakeClock()
 
-    async def mode_at(launcher: TorchLauncher, busy: float) -> str:
-        launcher.load = BusyFraction(tau_s=0.2, _value=busy, _at_s=clock.now_s)
+    async def mode_at(launcher: TorchLauncher, loop: float, graph: float) -> str:
+        launcher.loop = BusyFraction(tau_s=0.2, _value=loop, _at_s=clock.now_s)
+        launcher.load = BusyFraction(tau_s=0.2, _value=graph, _at_s=clock.now_s)
         future = launcher.submit([_step(fork, 2, 2, seed=8)[0]])
         mode = "inline" if future.done() else "threaded"
         await future
@@ -226,11 +230,13 @@ def test_past_the_gap_the_launcher_forks_until_the_load_falls_under_inline_below
         return mode
 
     async def main():
-        launcher = TorchLauncher(clock=clock, inline_below=0.30)  # threaded from 0.40
-        modes = [await mode_at(launcher, busy) for busy in (0.10, 0.35, 0.41, 0.35, 0.29, 0.35)]
+        launcher = TorchLauncher(clock=clock, cpu_clock=cpu, inline_below=0.30)  # threaded from 0.40
+        loads = [(0.10, 0.5), (0.39, 0.5), (0.41, 0.0), (0.15, 0.2), (0.05, 0.2), (0.39, 0.9)]
+        modes = [await mode_at(launcher, loop, graph) for loop, graph in loads]
         launcher.close()
         return modes
 
+    # the graph's own load counts only while it is off the loop: 0.15 + 0.2 >= 0.30 stays threaded
     assert asyncio.run(main()) == ["inline", "inline", "threaded", "threaded", "inline", "inline"]
 
 
@@ -258,7 +264,7 @@ def test_the_server_setting_reaches_the_cpu_backends_launcher_and_is_checked(sma
     from neuronserve.errors import ConfigError
 
     directory = str(small_artifact.directory)
-    assert ServerConfig(artifact=directory).inline_below == 0.2
+    assert ServerConfig(artifact=directory).inline_below == 0.75
     for bad in (-0.1, 1.0, float("nan")):
         with pytest.raises(ConfigError, match="inline_below"):
             ServerConfig(artifact=directory, inline_below=bad)
@@ -283,11 +289,12 @@ def test_run_now_runs_at_once_only_while_the_launcher_is_idle_and_inline(fork):
         step, want = _step(fork, 3, 4, seed=11)
         out, busy_s = launcher.run_now(one_ms_of_cpu, step.inputs, 3)
         assert launcher.row_s == pytest.approx(0.001 / 3) and not launcher._running
-        launcher.load = BusyFraction(tau_s=0.2, _value=0.5, _at_s=clock.now_s)  # past the gap: hands off
+        launcher.load = BusyFraction(tau_s=0.2, _value=0.5, _at_s=clock.now_s)
         launcher._inline = False
         assert launcher.run_now(one_ms_of_cpu, step.inputs, 3) is None
         assert launcher.load.at(clock.now_s) == pytest.approx(0.5)  # nothing counted
         launcher._inline = True
+        launcher.loop = BusyFraction(tau_s=0.2, _value=0.5, _at_s=clock.now_s)  # past the gap: hands off
         with launcher._idle:  # (re-entrant) torch's thread cannot mark the launcher idle meanwhile
             queued = launcher.submit([_step(fork, 4, 4, seed=12)[0]])  # the load hands it to torch's thread
             assert not queued.done() and launcher.run_now(one_ms_of_cpu, step.inputs, 3) is None

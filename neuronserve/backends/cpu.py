@@ -34,7 +34,7 @@ class CpuBackend(Backend):
 
     def __init__(self, manifest: Manifest, model_process: bool = False, inline_below: float = 0.0) -> None:
         """model_process: the fused graph runs in a process of its own per core group (model_process.py);
-        inline_below: the load under which a batch runs on the event loop (torch_launch.TorchLauncher;
+        inline_below: the event loop's load under which a batch runs on it (torch_launch.TorchLauncher;
         0: never; the server passes ServerConfig.inline_below)."""
         if manifest.target != "cpu":
             raise BackendUnavailable(

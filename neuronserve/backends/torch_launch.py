@@ -11,13 +11,14 @@ rows of each, concatenated in order; busy seconds). Executions run in submission
 the next one starts from the previous one's completion callback on torch's thread, so the core never
 waits for the loop between executions. An execution that fails fails its own submission only.
 
-At low load the graph runs on the loop instead (plain's way, no thread at all): while the rows
-submitted need less than `inline_below` of the core (`--inline-below`, default 0.2; BusyFraction over
-the rows' cost at the CPU seconds per row the inline runs measure), a submission that finds the
-launcher idle runs inside `submit` and its future is done when `submit` returns. A batch is then about one request anyway, and
+At low load the graph runs on the loop instead (plain's way, no thread at all): while the event loop,
+the graph on it, is busy less than `inline_below` of the time (`--inline-below`, default 0.75; the loop
+thread's CPU seconds as a BusyFraction, plus, while the graph runs on torch's thread, the rows' cost at
+the CPU seconds per row the inline runs measure), a submission that finds the launcher idle runs inside
+`submit` and its future is done when `submit` returns. A batch is then about one request anyway, and
 the two wake-ups of a hand-off (torch's thread, then the loop) cost more CPU than the overlap saves
 (docs/pipeline.md). From `inline_below + INLINE_GAP` on, the launcher hands executions to torch's
-thread again, where the next batch forms while one runs.
+thread again, where the next batch forms while one runs and the loop keeps its time for the calls.
 """
 
 from __future__ import annotations
@@ -148,11 +149,13 @@ class TorchLauncher:
     The queue is bounded by the caller: the pipeline submits only while the group has a free slot."""
 
     clock: Callable[[], float] = time.perf_counter
-    cpu_clock: Callable[[], float] = time.thread_time  # the CPU seconds of an inline run (preemption excluded)
-    inline_below: float = 0.0  # load under which an idle launcher runs submissions inline (0: never)
-    load: BusyFraction = field(default_factory=lambda: BusyFraction(tau_s=0.2))
+    cpu_clock: Callable[[], float] = time.thread_time  # the loop thread's CPU seconds (preemption excluded)
+    inline_below: float = 0.0  # the loop's load under which an idle launcher runs submissions inline (0: never)
+    load: BusyFraction = field(default_factory=lambda: BusyFraction(tau_s=0.2))  # the rows' (the graph's)
+    loop: BusyFraction = field(default_factory=lambda: BusyFraction(tau_s=0.2))  # the loop thread's CPU
     row_s: float = 0.0  # CPU seconds per row, as the inline runs measure them (a moving average)
     _inline: bool = False  # set in __post_init__
+    _loop_cpu_s: float | None = None  # the loop thread's CPU seconds at the last submission
     _queue: deque[_Queued] = field(default_factory=deque)
     _running: bool = False
     _closed: bool = False
@@ -216,11 +219,18 @@ class TorchLauncher:
         self.row_s = row_s if self.row_s == 0 else 0.9 * self.row_s + 0.1 * row_s
 
     def _low_load(self, rows: int) -> bool:
-        """Count a submission's rows into the load; True while it is low enough to run inline (hysteresis:
-        inline until inline_below + INLINE_GAP, then threaded until the load is back under inline_below)."""
+        """Loop thread: count a submission's rows into the graph's load and the loop's CPU since the last
+        one into the loop's; True while the loop with the graph on it is idle enough to run it inline
+        (hysteresis: inline until inline_below + INLINE_GAP, then threaded until back under inline_below)."""
         if self.inline_below > 0:
-            bound = self.inline_below + INLINE_GAP if self._inline else self.inline_below
-            self._inline = self.load.add(self.clock(), self.row_s * rows) < bound
+            now_s, cpu_s = self.clock(), self.cpu_clock()
+            loop = self.loop.add(now_s, cpu_s - (cpu_s if self._loop_cpu_s is None else self._loop_cpu_s))
+            self._loop_cpu_s = cpu_s
+            graph = self.load.add(now_s, self.row_s * rows)
+            if self._inline:  # the loop's CPU holds the graph's
+                self._inline = loop < self.inline_below + INLINE_GAP
+            else:  # on torch's thread: it would come back to the loop
+                self._inline = loop + graph < self.inline_below
         return self._inline
 
     def _run_inline(self, loop: asyncio.AbstractEventLoop, steps: Sequence[Step], rows: int) -> asyncio.Future:
