@@ -75,8 +75,8 @@ class SharedTable:
 
     def index_addresses(self, state: int, k: int) -> tuple[int, int, int]:
         """index(state, k) for a compiled kernel: the addresses of its ids and slots rows, and its rows."""
-        row_bytes = self.indexes[k].strides[1]
-        ids = self._index_addresses[k] + 3 * row_bytes * ((state >> k) & 1)
+        buffer_bytes, row_bytes = self.indexes[k].strides[:2]
+        ids = self._index_addresses[k] + buffer_bytes * ((state >> k) & 1)
         return ids, ids + row_bytes, self._rows(state, k)
 
     def _rows(self, state: int, k: int) -> int:

@@ -67,12 +67,18 @@ def test_the_kernel_scores_as_numpy_after_overwrites_and_evictions(k, d):
     np.testing.assert_allclose(cache.score_by_ids(3, peers[:5]), expected, rtol=1e-5, atol=1e-5)
 
 
+def small_cache(user_id: int, peers: int, max_rows: int) -> EmbeddingCache:
+    """Two labels of 16: one cached user `user_id` and peers 0 .. peers - 1, random vectors."""
+    cache = EmbeddingCache(model_version="v", num_labels=2, label_dim=16, label_bias=[0.0, 1.0], max_rows=max_rows)
+    rng = np.random.default_rng(user_id)
+    cache.upsert("user", np.array([user_id]), rng.standard_normal((1, 2, 16), dtype=np.float32), "v")
+    cache.upsert("peer", np.arange(peers), rng.standard_normal((peers, 2, 16), dtype=np.float32), "v")
+    return cache
+
+
 @needs_kernel
 def test_missing_ids_are_named_and_counted_as_the_numpy_path_does():
-    cache = EmbeddingCache(model_version="v", num_labels=2, label_dim=16, label_bias=[0.0, 1.0], max_rows=100)
-    rng = np.random.default_rng(0)
-    cache.upsert("user", np.array([5]), rng.standard_normal((1, 2, 16), dtype=np.float32), "v")
-    cache.upsert("peer", np.arange(40), rng.standard_normal((40, 2, 16), dtype=np.float32), "v")
+    cache = small_cache(5, 40, 100)
     with pytest.raises(NotFound, match=r"unknown user ids: 6 \(1 of 1"):
         cache.score_by_ids(6, np.arange(3))
     with pytest.raises(NotFound, match=r"unknown peer ids: 40, 41 \(2 of 5"):
@@ -83,10 +89,7 @@ def test_missing_ids_are_named_and_counted_as_the_numpy_path_does():
 
 @needs_kernel
 def test_a_torn_snapshot_reads_garbage_inside_the_table_never_outside():
-    cache = EmbeddingCache(model_version="v", num_labels=2, label_dim=16, label_bias=[0.0, 0.0], max_rows=10)
-    rng = np.random.default_rng(1)
-    cache.upsert("user", np.array([1]), rng.standard_normal((1, 2, 16), dtype=np.float32), "v")
-    cache.upsert("peer", np.arange(4), rng.standard_normal((4, 2, 16), dtype=np.float32), "v")
+    cache = small_cache(1, 4, 10)
     mem = cache._shared()
     state = int(mem.header[STATE])
     buf = (state >> 1) & 1
