@@ -203,6 +203,12 @@ class SimConfig:
             raise ConfigError("sim core_timeout_s must be > 0 and reset_s >= 0")
 
 
+# --inline-below's default for one serving process. A pool's workers default to 0 (never inline): each
+# worker's event loop shares the CPUs with the others', so its own CPU time reads below the switch while
+# it is already the bottleneck, and every batch ran on it (docs/benchmarks.md, 2026-12-05).
+INLINE_BELOW = 0.75
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything `neuronserve serve` needs; flags > config file > NEURONSERVE_* env > defaults."""
@@ -246,8 +252,9 @@ class ServerConfig:
     reflection: bool = True  # gRPC server reflection
     model_process: bool = False  # cpu backend: the fused graph in a process per core group (model_process.py)
     # cpu backend: a batch runs on the event loop while the loop, the graph on it, is busy less than this
-    # share of the time (torch_launch.py, docs/pipeline.md); 0: always on torch's inter-op thread
-    inline_below: float = 0.75
+    # share of the time (torch_launch.py, docs/pipeline.md); 0: always on torch's inter-op thread; None:
+    # INLINE_BELOW for one process, 0 for a pool's workers (inline_share)
+    inline_below: float | None = None
     # the interpreter's thread switch interval (sys.setswitchinterval; Python's default 5 ms): a model thread
     # retaking the GIL behind the busy event loop waits at most this long each time (docs/benchmarks.md)
     gil_switch_ms: float = 0.1
@@ -269,6 +276,10 @@ class ServerConfig:
         self._check_security()
         self._check_repository()
 
+    def inline_share(self) -> float:
+        """--inline-below as set, else INLINE_BELOW (a pool's supervisor sets 0 for its workers)."""
+        return INLINE_BELOW if self.inline_below is None else self.inline_below
+
     def _check_process(self) -> None:
         _require(
             self.backend in ("auto", "cpu", "sim", "neuron"),
@@ -285,7 +296,10 @@ class ServerConfig:
             self.cpu_affinity in ("none", "split"), f"cpu_affinity must be none or split, got {self.cpu_affinity!r}"
         )
         _require(self.worker_timeout_s > 0, f"worker_timeout_s must be > 0, got {self.worker_timeout_s}")
-        _require(0 <= self.inline_below < 1, f"inline_below must be >= 0 and < 1, got {self.inline_below}")
+        _require(
+            self.inline_below is None or 0 <= self.inline_below < 1,
+            f"inline_below must be >= 0 and < 1, got {self.inline_below}",
+        )
         _require(0 < self.gil_switch_ms <= 100, f"gil_switch_ms must be > 0 and <= 100, got {self.gil_switch_ms}")
         _require(
             self.placement is None or (self.workers or 1) == 1,

@@ -145,7 +145,7 @@ class Server:
         self.cores, self._span = span.count, span
         sim = dataclasses.replace(config.sim, num_cores=span.count)
         self.backend = make_backend(
-            backend, manifest, sim, span, model_process=config.model_process, inline_below=config.inline_below
+            backend, manifest, sim, span, model_process=config.model_process, inline_below=config.inline_share()
         )
         if config.placement:
             placement = Placement.parse(config.placement, span.count, first=span.first)

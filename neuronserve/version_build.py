@@ -148,7 +148,7 @@ class VersionBuilder:
             dataclasses.replace(config.sim, num_cores=self.span.count),
             visible_cores=self.span,
             model_process=config.model_process,
-            inline_below=config.inline_below,
+            inline_below=config.inline_share(),
         )
         pipeline = Pipeline(backend, self.placement)
         try:

@@ -5,6 +5,7 @@ A leaf of workers.py: the plan is made once, before any fork, and each worker re
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from neuronserve.config import CoreGroup, ServerConfig
@@ -54,3 +55,15 @@ def plan_workers(
         share = len(usable_cpus) // n
         cpus = [tuple(usable_cpus[i * share : (i + 1) * share]) for i in range(n)]
     return [WorkerPlan(i, spans[i], cpus[i]) for i in range(n)]
+
+
+def member_config(config: ServerConfig, plan: WorkerPlan) -> ServerConfig:
+    """The configuration a worker serves with: its own cores, one process, no affinity of its own to set,
+    and --inline-below 0 unless set (config.INLINE_BELOW says why)."""
+    return dataclasses.replace(
+        config,
+        cores=plan.cores.count,
+        workers=1,
+        cpu_affinity="none",
+        inline_below=0.0 if config.inline_below is None else config.inline_below,
+    )

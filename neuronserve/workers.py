@@ -36,7 +36,7 @@ from neuronserve.config import VISIBLE_CORES_ENV, ServerConfig
 from neuronserve.errors import ConfigError, NeuronServeError
 from neuronserve.pool_carry import CarriedStatistics, StatisticsSlots
 from neuronserve.pool_versions import PoolVersions, WorkerVersions, repository_slots
-from neuronserve.worker_plan import WorkerPlan, plan_workers
+from neuronserve.worker_plan import WorkerPlan, member_config, plan_workers
 from neuronserve.contract import USER_TOWER
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def _worker_main(config: ServerConfig, plan: WorkerPlan, shared: PoolShared, con
             versions,
             CarriedStatistics(shared.statistics, plan.index),
         )
-        worker_config = dataclasses.replace(config, cores=plan.cores.count, workers=1, cpu_affinity="none")
+        worker_config = member_config(config, plan)
 
         def ready(server) -> None:
             conn.send(WorkerReady(plan.index, os.getpid(), server.private_port, server.metrics_port))

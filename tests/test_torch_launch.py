@@ -264,7 +264,9 @@ def test_the_server_setting_reaches_the_cpu_backends_launcher_and_is_checked(sma
     from neuronserve.errors import ConfigError
 
     directory = str(small_artifact.directory)
-    assert ServerConfig(artifact=directory).inline_below == 0.75
+    config = ServerConfig(artifact=directory)
+    assert config.inline_below is None and config.inline_share() == 0.75
+    assert ServerConfig(artifact=directory, inline_below=0.0).inline_share() == 0.0
     for bad in (-0.1, 1.0, float("nan")):
         with pytest.raises(ConfigError, match="inline_below"):
             ServerConfig(artifact=directory, inline_below=bad)
@@ -307,3 +309,17 @@ def test_run_now_runs_at_once_only_while_the_launcher_is_idle_and_inline(fork):
     out, busy_s, want = asyncio.run(main())
     np.testing.assert_allclose(out, want, rtol=1e-6)
     assert busy_s == 0.0  # the fake clock did not move
+
+
+def test_a_pools_workers_never_run_inline_unless_the_setting_is_given(small_artifact):
+    """A pool's event loops share the CPUs: each worker's own CPU reading stays under the switch while it
+    is the bottleneck, so a worker defaults to 0; a value the operator gave reaches every worker."""
+    from neuronserve.config import CoreGroup, ServerConfig
+    from neuronserve.worker_plan import WorkerPlan, member_config
+
+    plan = WorkerPlan(1, CoreGroup(1, 1))
+    config = ServerConfig(artifact=str(small_artifact.directory), workers=2)
+    worker = member_config(config, plan)
+    assert (worker.inline_below, worker.workers, worker.cores) == (0.0, 1, 1)
+    given = member_config(ServerConfig(artifact=str(small_artifact.directory), workers=2, inline_below=0.5), plan)
+    assert given.inline_below == 0.5
