@@ -59,11 +59,16 @@ def plan_workers(
 
 def member_config(config: ServerConfig, plan: WorkerPlan) -> ServerConfig:
     """The configuration a worker serves with: its own cores, one process, no affinity of its own to set,
-    and --inline-below 0 unless set (config.INLINE_BELOW says why)."""
+    and unless set --inline-below 0 (config.INLINE_BELOW says why) and one batch in flight (the loops
+    share the CPUs: a batch formed when the running one is back is bigger; docs/pipeline.md)."""
+    batching = config.batching
+    if batching.max_in_flight_batches is None:
+        batching = dataclasses.replace(batching, max_in_flight_batches=1)
     return dataclasses.replace(
         config,
         cores=plan.cores.count,
         workers=1,
         cpu_affinity="none",
         inline_below=0.0 if config.inline_below is None else config.inline_below,
+        batching=batching,
     )

@@ -316,7 +316,7 @@ def test_the_fused_runner_describes_its_compiled_pairs(small_artifact, fused_run
     assert fused_runner.user_batch_sizes(3) == ()
     assert fused_runner.input_shapes() == ((SMALL_CONFIG.user_features,), (SMALL_CONFIG.peer_features,))
     assert fused_runner.latency_s(16, 4) is None
-    assert (fused_runner.max_in_flight, fused_runner.threads) == (1, 1)  # one execution at a time: the next batch forms meanwhile
+    assert (fused_runner.max_in_flight, fused_runner.threads) == (2, 1)  # the next batch queued behind the running one, one thread
     assert fused_runner.healthy()
     spec = small_artifact.stage(FUSED_STAGE)
     assert spec.batch_sizes == (1, 4, 16) and spec.user_batch_sizes(16) == (1, 4, 16)

@@ -226,15 +226,15 @@ def test_the_cpu_fused_runner_scripts_one_launch_wrapper_per_distinct_graph(mani
     assert len(scripted) == 1 and len({id(f) for f in runner._forks.values()}) == 1
 
 
-def test_the_cpu_backend_runs_one_execution_at_a_time_per_group(manifest):
-    """One execution in flight per core group on the host (the next batch forms when it is back: bigger
-    batches, docs/pipeline.md): concurrent jobs wait for the slot and run one after the other on the
-    group's one thread, never at once."""
+def test_the_cpu_backend_queues_the_next_execution_behind_the_running_one(manifest):
+    """Two executions in flight on the host's one executor thread: they run one after the other, never
+    at once (two torch calls on a small host would only fight over its cores), and the second starts
+    without waiting for the event loop."""
     import threading
 
     pipeline = Pipeline(CpuBackend(manifest), Placement.data_parallel(1))
     pipeline.start()
-    assert pipeline.concurrency == 1
+    assert pipeline.concurrency == 2
     runner = pipeline._groups[0].runners["peer_tower"]
     real_run, running, overlaps, threads = runner.run, [0], [], set()
     lock = threading.Lock()

@@ -311,15 +311,23 @@ def test_run_now_runs_at_once_only_while_the_launcher_is_idle_and_inline(fork):
     assert busy_s == 0.0  # the fake clock did not move
 
 
-def test_a_pools_workers_never_run_inline_unless_the_setting_is_given(small_artifact):
+def test_a_pools_workers_run_no_batch_inline_and_one_in_flight_unless_set(small_artifact):
     """A pool's event loops share the CPUs: each worker's own CPU reading stays under the switch while it
-    is the bottleneck, so a worker defaults to 0; a value the operator gave reaches every worker."""
-    from neuronserve.config import CoreGroup, ServerConfig
+    is the bottleneck, so a worker defaults to --inline-below 0, and to one batch in flight (bigger
+    batches); values the operator gave reach every worker."""
+    from neuronserve.config import BatchingConfig, CoreGroup, ServerConfig
     from neuronserve.worker_plan import WorkerPlan, member_config
 
     plan = WorkerPlan(1, CoreGroup(1, 1))
     config = ServerConfig(artifact=str(small_artifact.directory), workers=2)
     worker = member_config(config, plan)
     assert (worker.inline_below, worker.workers, worker.cores) == (0.0, 1, 1)
-    given = member_config(ServerConfig(artifact=str(small_artifact.directory), workers=2, inline_below=0.5), plan)
-    assert given.inline_below == 0.5
+    assert worker.batching.max_in_flight_batches == 1 and config.batching.max_in_flight_batches is None
+    given = ServerConfig(
+        artifact=str(small_artifact.directory),
+        workers=2,
+        inline_below=0.5,
+        batching=BatchingConfig(max_in_flight_batches=2),
+    )
+    worker = member_config(given, plan)
+    assert worker.inline_below == 0.5 and worker.batching.max_in_flight_batches == 2

