@@ -79,7 +79,7 @@ def _callbacks_on_torchs_thread(fork, count: int) -> list[tuple[int, bool]]:
         local.mark = True
 
     for seed in range(count):
-        step, _ = _step(fork, 8, 8, seed)
+        step, _ = _step(fork, 8, 1 << 18, seed)  # long enough (~1 ms) to outlast add_done_callback below
         done = threading.Event()
         future = step.fork(*step.inputs)
         future.add_done_callback(callback)
