@@ -278,7 +278,7 @@ SETTINGS: tuple[_Setting, ...] = (
         "max_in_flight_batches",
         _optional(_integer),
         "N",
-        "batches in flight per batcher (default: the pipeline's executor slots)",
+        "batches in flight per batcher (default: the pipeline's executor slots; 1 in each worker of a cpu pool, docs/pipeline.md)",
     ),
     _Setting(
         "sim_latency_scale", _number, "X", "sim backend: multiply the device latency model (0 = as fast as the CPU)"

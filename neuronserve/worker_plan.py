@@ -59,10 +59,11 @@ def plan_workers(
 
 def member_config(config: ServerConfig, plan: WorkerPlan) -> ServerConfig:
     """The configuration a worker serves with: its own cores, one process, no affinity of its own to set,
-    and unless set --inline-below 0 (config.INLINE_BELOW says why) and one batch in flight (the loops
-    share the CPUs: a batch formed when the running one is back is bigger; docs/pipeline.md)."""
+    and unless set --inline-below 0 (config.INLINE_BELOW says why) and, on the cpu backend, one batch in
+    flight (the loops share the CPUs: a batch formed when the running one is back is bigger;
+    docs/pipeline.md). `config.backend` is resolved (the supervisor resolves it before the fork)."""
     batching = config.batching
-    if batching.max_in_flight_batches is None:
+    if config.backend == "cpu" and batching.max_in_flight_batches is None:
         batching = dataclasses.replace(batching, max_in_flight_batches=1)
     return dataclasses.replace(
         config,

@@ -315,17 +315,22 @@ def test_a_pools_workers_run_no_batch_inline_and_one_in_flight_unless_set(small_
     """A pool's event loops share the CPUs: each worker's own CPU reading stays under the switch while it
     is the bottleneck, so a worker defaults to --inline-below 0, and to one batch in flight (bigger
     batches); values the operator gave reach every worker."""
+    import dataclasses
+
     from neuronserve.config import BatchingConfig, CoreGroup, ServerConfig
     from neuronserve.worker_plan import WorkerPlan, member_config
 
     plan = WorkerPlan(1, CoreGroup(1, 1))
-    config = ServerConfig(artifact=str(small_artifact.directory), workers=2)
+    config = ServerConfig(artifact=str(small_artifact.directory), workers=2, backend="cpu")
     worker = member_config(config, plan)
     assert (worker.inline_below, worker.workers, worker.cores) == (0.0, 1, 1)
     assert worker.batching.max_in_flight_batches == 1 and config.batching.max_in_flight_batches is None
+    device = member_config(dataclasses.replace(config, backend="sim"), plan)  # two in flight per core stay
+    assert device.batching.max_in_flight_batches is None
     given = ServerConfig(
         artifact=str(small_artifact.directory),
         workers=2,
+        backend="cpu",
         inline_below=0.5,
         batching=BatchingConfig(max_in_flight_batches=2),
     )
