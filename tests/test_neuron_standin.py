@@ -298,7 +298,7 @@ def test_neuron_backend_pins_cores_imports_torch_neuron_first_and_runs_buckets(s
     assert all(load["visible_cores"] == "1-2" for load in loads)
     assert all(load["placement"] == (0, 2) for load in loads)  # relative to the pinned range
     assert runner.batch_sizes == (1, 4)
-    assert runner.max_in_flight == 2
+    assert runner.max_in_flight == 4  # two executions per core of the group
     cfg = manifest.model_config
     assert runner.input_shapes() == ((cfg.num_labels, cfg.label_dim), (cfg.num_labels, cfg.label_dim))
 
@@ -458,7 +458,7 @@ def test_neuron_backend_loads_the_fused_graph_per_pair_and_scores_like_the_three
     assert [load["path"].rsplit("/", 1)[1] for load in loads] == [b.file for b in manifest.stage(FUSED_STAGE).buckets]
     assert all(load["torch_neuron_imported"] and load["visible_cores"] == "1-2" and load["placement"] == (0, 2) for load in loads)
     assert runner.batch_sizes == (1, 4) and runner.user_batch_sizes(4) == (1, 4) and runner.user_batch_sizes(1) == (1,)
-    assert runner.max_in_flight == 2 and runner.latency_s(4, 1) is None
+    assert runner.max_in_flight == 4 and runner.latency_s(4, 1) is None  # two per core
     cfg = manifest.model_config
     assert runner.input_shapes() == ((cfg.user_features,), (cfg.peer_features,))
 

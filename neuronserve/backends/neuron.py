@@ -43,6 +43,11 @@ from neuronserve.config import VISIBLE_CORES_ENV, CoreGroup, parse_visible_cores
 from neuronserve.errors import BackendUnavailable, ConfigError, CoreFault
 from neuronserve.tick_device import TickDevice
 
+# Executions a group accepts per NeuronCore: AWS's guidance for torch-neuron is two threads per model copy
+# (torch.neuron.DataParallel's default), so the host prepares the next batch while the device runs one;
+# one per core leaves the device idle during host work (docs/pipeline.md). One thread per execution.
+IN_FLIGHT_PER_CORE = 2
+
 INSTALL_HINT = (
     "install torch-neuron on an Inf1 host (pip install torch-neuron --extra-index-url=https://pip.repos.neuron.amazonaws.com, "
     "or use an Inf1 Neuron DLAMI or the pytorch-inference-neuron image), or serve a --target cpu artifact with --backend cpu or sim"
@@ -199,7 +204,7 @@ class NeuronRunner(StageRunner):
         self.stage = stage
         self.cores = cores
         self.batch_sizes = tuple(sorted(modules))
-        self.max_in_flight = cores.count
+        self.max_in_flight = IN_FLIGHT_PER_CORE * cores.count
         self._modules = modules
         self._shapes = shapes
 
@@ -233,7 +238,7 @@ class NeuronFusedRunner(FusedRunner):
         shapes: Sequence[tuple[int, ...]],
     ) -> None:
         super().__init__(cores, modules, shapes)
-        self.max_in_flight = cores.count
+        self.max_in_flight = IN_FLIGHT_PER_CORE * cores.count
         self._modules = modules  # (B, U) -> graph
 
     def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
