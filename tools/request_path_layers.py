@@ -43,7 +43,8 @@ def _request() -> oip.ModelInferRequest:
 
 
 async def main(artifact: str) -> None:
-    server = Server(ServerConfig(artifact=artifact, port=0, metrics_port=None, backend="cpu"))
+    # inline_below 0.99: the launcher stays inline (a tight loop reads as a busy loop and would hand off)
+    server = Server(ServerConfig(artifact=artifact, port=0, metrics_port=None, backend="cpu", inline_below=0.99))
     await server.start()
     runner = server.pipeline._groups[0].runners["twotower"]
     runner._graphs = {key: _stub for key in runner._graphs}  # what the loop runs (inline and the lane)
