@@ -25,9 +25,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from neuronserve.admission import Admission, checked_rows
 from neuronserve.batch_types import BatcherStats, CallLater, RunBatch, Slice
 from neuronserve.config import BatchingConfig
-from neuronserve.errors import ConfigError, DeadlineExceeded, InvalidInput, NeuronServeError, Overloaded, Unavailable
+from neuronserve.errors import ConfigError, NeuronServeError, Unavailable
 
 
 @dataclass(eq=False)
@@ -41,10 +42,6 @@ class _Request:
     taken: int = 0  # rows already put in batches
     received: int = 0  # rows whose results are back
     parts: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (start, rows) of a split request
-
-
-MIN_SLOWDOWN, MAX_SLOWDOWN = 0.1, 50.0  # bounds on one batch's observed / modelled time (a stall, a clock step)
-SLOWDOWN_WEIGHT = 0.2  # EWMA weight of each batch's observed slowdown
 
 
 @dataclass(eq=False)
@@ -99,22 +96,19 @@ class DynamicBatcher:
         self._max_rows = min(max_batch_rows, config.max_batch_rows or max_batch_rows)
         self._max_in_flight = config.max_in_flight_batches or max_in_flight
         self._devices = min(devices, self._max_in_flight)
-        self._max_queue_rows = config.max_queue_rows
-        self._max_wait_s = config.max_queue_wait_ms / 1e3
         self._delay_s = config.max_queue_delay_ms / 1e3
-        self._estimate_s = estimate_latency_s
+        self._admission = Admission(name, config, estimate_latency_s, self._max_rows)
         self._clock = clock
         self._call_later = call_later  # None: the running loop's call_later
         self._queues: dict[int, deque[_Request]] = {}  # priority -> FIFO
         self._queued_rows = 0
-        self._slowdown = 1.0
         self._hold_until_s = float("inf")  # when the dispatcher's current hold ends, on `clock` (inf: none)
         self._running: dict[asyncio.Task, _Batch] = {}
         self._wake: asyncio.Event = None  # type: ignore[assignment]  # made in start(), on the running loop
         self._dispatcher: asyncio.Task | None = None
         self._closing = False
         self._batches = self._batch_rows = 0
-        self._rejected_overload = self._rejected_deadline = self._cancelled = self._failed = 0
+        self._cancelled = self._failed = 0
         self._batched_requests = 0
         self._queue_s_total = 0.0
 
@@ -145,15 +139,10 @@ class DynamicBatcher:
         """Queue `rows` rows of `payload`; the result holds this request's rows of run_batch's output, in order."""
         if self._closing or self._dispatcher is None:
             raise Unavailable(f"{self.name} is {'closed' if self._closing else 'not started'}: not accepting requests")
-        if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
-            raise InvalidInput(f"rows must be an integer >= 1, got {rows!r}")
-        rows = int(rows)
-        if rows > self._max_queue_rows:  # not overload: it would never fit, so retrying cannot help
-            raise InvalidInput(
-                f"{self.name}: a request of {rows} rows can never fit the queue (max_queue_rows={self._max_queue_rows}); split it"
-            )
+        rows = checked_rows(rows, self._admission.max_queue_rows, self.name)
         now = self._clock()
-        self._admit(rows, now, deadline_s)
+        running = [(b.finish_s, b.device_start_s) for b in self._running.values()]
+        self._admission.admit(rows, now, deadline_s, self._queued_rows, running, self._devices)
         if self._queued_rows == 0 and len(self._running) < self._devices and rows <= self._max_rows:
             return await self._run_alone(payload, rows, now)
         request = _Request(payload, rows, priority, now, deadline_s, asyncio.get_running_loop().create_future())
@@ -180,13 +169,13 @@ class DynamicBatcher:
             in_flight_batches=len(self._running),
             batches=self._batches,
             batch_rows=self._batch_rows,
-            rejected_overload=self._rejected_overload,
-            rejected_deadline=self._rejected_deadline,
+            rejected_overload=self._admission.rejected_overload,
+            rejected_deadline=self._admission.rejected_deadline,
             cancelled=self._cancelled,
             failed=self._failed,
             batched_requests=self._batched_requests,
             queue_s_total=self._queue_s_total,
-            slowdown=self._slowdown,
+            slowdown=self._admission.slowdown,
         )
 
     async def _dispatch(self) -> None:
@@ -217,7 +206,7 @@ class DynamicBatcher:
             now = self._clock()
             rows = sum(m.stop - m.start for m in members)
             device_start_s = max(now, self._device_free_s(now))
-            batch = _Batch(rows, device_start_s, device_start_s + self._expected_s(rows))
+            batch = _Batch(rows, device_start_s, device_start_s + self._admission.expected_s(rows))
             task = asyncio.get_running_loop().create_task(self._run(members, batch))
             self._running[task] = batch
             task.add_done_callback(self._finished)
@@ -242,29 +231,6 @@ class DynamicBatcher:
             return now
         return sorted(batch.finish_s for batch in self._running.values())[excess]
 
-    def _expected_s(self, rows: int) -> float:
-        return self._estimate_s(rows) * self._slowdown if self._estimate_s is not None else 0.0
-
-    def _admit(self, rows: int, now: float, deadline_s: float | None) -> None:
-        """Refuse at once what cannot be served in time or would overflow the queue (docs/batching.md)."""
-        wait_s = self._backlog_s(now)
-        if deadline_s is not None:
-            shortfall_s = self._shortfall_s(now + wait_s, min(rows, self._max_rows), deadline_s)
-            if shortfall_s > 0:
-                self._rejected_deadline += 1
-                raise self._deadline_error(rows, min(rows, self._max_rows), shortfall_s, wait_s)
-        if wait_s > self._max_wait_s:
-            self._rejected_overload += 1
-            raise Overloaded(
-                f"{self.name}: the queue ahead would take {wait_s * 1e3:.1f} ms to drain, above max_queue_wait_ms="
-                f"{self._max_wait_s * 1e3:g}; retry later or on another replica"
-            )
-        if self._queued_rows + rows > self._max_queue_rows:
-            self._rejected_overload += 1
-            raise Overloaded(
-                f"{self.name}: queue holds {self._queued_rows} rows; {rows} more would pass max_queue_rows={self._max_queue_rows}"
-            )
-
     def _form(self) -> list[_Member]:
         """Take queued rows for one batch, per the firing rule (docs/batching.md)."""
         now = self._clock()
@@ -278,7 +244,7 @@ class DynamicBatcher:
                 part = min(request.rows - request.taken, self._max_rows - rows)
                 if self._dropped(request, now, rows + part):
                     continue
-                if members and self._shortfall_s(now, rows + part, members_deadline_s) > 0:
+                if members and self._admission.shortfall_s(now, rows + part, members_deadline_s) > 0:
                     return self._count(members, rows)  # it would make an earlier member late: next batch
                 members.append(self._take(request, part, now))
                 rows += part
@@ -298,11 +264,9 @@ class DynamicBatcher:
         if request.future.done():
             self._unqueue(request)
             return True
-        if request.deadline_s is None:
-            return False
-        shortfall_s = self._shortfall_s(now, batch_rows, request.deadline_s)
-        if shortfall_s > 0:
-            self._rejected_deadline += self._fail(request, self._deadline_error(request.rows, batch_rows, shortfall_s))
+        error = self._admission.late(request.rows, batch_rows, now, request.deadline_s)
+        if error is not None:
+            self._fail(request, error)
             return True
         return False
 
@@ -328,7 +292,7 @@ class DynamicBatcher:
         stops only its own wait: the pipeline keeps the slot until the device is done."""
         task = asyncio.current_task()
         assert task is not None  # submit runs in a task
-        self._running[task] = batch = _Batch(rows, now, now + self._expected_s(rows))
+        self._running[task] = batch = _Batch(rows, now, now + self._admission.expected_s(rows))
         self._batches += 1
         self._batch_rows += rows
         self._batched_requests += 1
@@ -351,7 +315,7 @@ class DynamicBatcher:
 
     def _checked(self, out: np.ndarray, batch: _Batch) -> np.ndarray:
         """run_batch's output for `batch`, after learning its speed; NeuronServeError if it has the wrong rows."""
-        self._observe(batch.rows, self._clock() - batch.device_start_s)
+        self._admission.observe(batch.rows, self._clock() - batch.device_start_s)
         if not isinstance(out, np.ndarray) or out.ndim < 1 or out.shape[0] != batch.rows:
             got = f"shape {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
             raise NeuronServeError(f"internal: {self.name} run_batch returned {got} for a batch of {batch.rows} rows")
@@ -375,16 +339,6 @@ class DynamicBatcher:
             raise
         except Exception as exc:
             self._fail_batch(members, exc if isinstance(exc, NeuronServeError) else self._batch_error(exc))
-
-    def _observe(self, rows: int, elapsed_s: float) -> None:
-        """Learn how much slower (or faster) than the latency model batches really run, from when their
-        device was expected to start (host load, contention, a start-up timing on a noisy host)."""
-        if self._estimate_s is None:
-            return
-        estimate_s = self._estimate_s(rows)
-        if estimate_s > 0:
-            ratio = min(max(elapsed_s / estimate_s, MIN_SLOWDOWN), MAX_SLOWDOWN)
-            self._slowdown += SLOWDOWN_WEIGHT * (ratio - self._slowdown)
 
     def _finished(self, task: asyncio.Task) -> None:
         self._running.pop(task, None)
@@ -423,27 +377,3 @@ class DynamicBatcher:
         self._queues[request.priority].remove(request)
         self._queued_rows -= request.rows - request.taken
         request.taken = request.rows
-
-    def _backlog_s(self, now: float) -> float:
-        """Expected seconds until the batches running and the rows queued now have run: the running
-        batches' remaining device time, then the queue in full batches and the rest, over the devices."""
-        if self._estimate_s is None:
-            return 0.0
-        running_s = sum(b.finish_s - max(now, b.device_start_s) for b in self._running.values() if b.finish_s > now)
-        full, rest = divmod(self._queued_rows, self._max_rows)
-        queued_s = (
-            full * self._estimate_s(self._max_rows) + (self._estimate_s(rest) if rest else 0.0)
-        ) * self._slowdown
-        return (running_s + queued_s) / self._devices
-
-    def _shortfall_s(self, now: float, batch_rows: int, deadline_s: float) -> float:
-        """How far past `deadline_s` a batch of `batch_rows` started now would finish (> 0: too late)."""
-        estimate_s = self._estimate_s(batch_rows) if self._estimate_s is not None else 0.0
-        return now + estimate_s - deadline_s
-
-    def _deadline_error(self, rows: int, batch_rows: int, shortfall_s: float, wait_s: float = 0.0) -> DeadlineExceeded:
-        ahead = f" after the {wait_s * 1e3:.1f} ms the queue ahead needs" if wait_s > 0 else ""
-        return DeadlineExceeded(
-            f"{self.name}: a request of {rows} rows cannot meet its deadline: a batch of {batch_rows} rows "
-            f"started{ahead or ' now'} would finish {shortfall_s * 1e3:.3f} ms after it"
-        )

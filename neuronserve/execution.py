@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from neuronserve.backends.base import Runner, StageRunner
-from neuronserve.contract import FUSED_STAGE
+from neuronserve.contract import FUSED_STAGE, PAIR_SCORER, PEER_TOWER, USER_TOWER
 
 Chunks = Sequence[tuple[int, int]]  # (caller rows, compiled bucket) per execution, in row order
 
@@ -28,6 +28,17 @@ class Execution:
     stage: str
     rows: int
     bucket: int
+
+
+@dataclass(frozen=True)
+class ScoredBatch:
+    """A score batch's logits [rows, K] and where its time went, in seconds (Triton's statistics)."""
+
+    scores: np.ndarray
+    input_s: float  # assembling and padding the inputs
+    compute_s: float  # from the hand-off to the core until its outputs were back
+    output_s: float  # unpadding and the NaN/Inf marking
+    job: JobResult | None = None  # the executions, when the batch ran on the calling thread (score_fused)
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,26 @@ def run_fused(runners: dict[str, Runner], inputs: Sequence[list[np.ndarray]], ch
     return JobResult(concat(outs), busy_s, executions(FUSED_STAGE, chunks))
 
 
+def score_fused(
+    runners: dict[str, Runner],
+    users: Sequence[np.ndarray],
+    peers: Sequence[np.ndarray],
+    chunks_of: Callable[[int], Chunks],
+    user_rows: Callable[[int, int], int],
+) -> ScoredBatch:
+    """Blocking, on the calling thread: a batch of score requests (users[i] [1, F_u] against peers[i]
+    [m_i, F_p]) assembled, run (one fused execution per chunk of `chunks_of(rows)`) and NaN-marked."""
+    start_s = time.perf_counter()
+    user, user_index = concat(users), user_rows_of(peers)
+    chunks = chunks_of(user_index.shape[0])
+    peer, inputs = fused_inputs(user, peers, user_index, chunks, user_rows)
+    sent_s = time.perf_counter()
+    job = run_fused(runners, inputs, chunks)
+    back_s = time.perf_counter()
+    scores = mark_nonfinite(job.out, user, peer, user_index)
+    return ScoredBatch(scores, sent_s - start_s, back_s - sent_s, time.perf_counter() - back_s, job)
+
+
 def remote_fused(inputs: Sequence[list[np.ndarray]], chunks: Chunks, runners: dict[str, Runner]):
     """run_fused's job sent to the group's model process, when its runner has one (cpu backend):
     (an asyncio future of (unpadded scores, busy seconds), executions); None to use the executor."""
@@ -71,6 +102,22 @@ def run_chunks(runner: StageRunner, arrays: Sequence[np.ndarray], chunks: Chunks
         outs.append(out[:rows])
         busy_s += seconds
     return JobResult(concat(outs), busy_s, executions(runner.stage, chunks))
+
+
+def run_stages(
+    runners: dict[str, StageRunner],
+    chunks_of: Callable[[str, int], Chunks],
+    user: np.ndarray,
+    peer: np.ndarray,
+    user_index: np.ndarray,
+) -> JobResult:
+    """Blocking: the three stages one after another on one group (the data-parallel path without the
+    fused graph); `chunks_of(stage, rows)` plans each stage's chunks."""
+    u = run_chunks(runners[USER_TOWER], [user], chunks_of(USER_TOWER, user.shape[0]))
+    p = run_chunks(runners[PEER_TOWER], [peer], chunks_of(PEER_TOWER, peer.shape[0]))
+    pairs = [np.take(u.out, user_index, axis=0), p.out]
+    scores = run_chunks(runners[PAIR_SCORER], pairs, chunks_of(PAIR_SCORER, peer.shape[0]))
+    return JobResult(scores.out, u.busy_s + p.busy_s + scores.busy_s, u.executions + p.executions + scores.executions)
 
 
 def chunk_starts(chunks: Chunks) -> list[int]:

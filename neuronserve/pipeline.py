@@ -21,11 +21,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from neuronserve.backends.base import Backend, FusedRunner, Runner, StageRunner
+from neuronserve.backends.base import Backend, FusedRunner, Runner
 from neuronserve.config import CoreGroup, Placement
 from neuronserve.bucket_plan import BucketPlan, measured_plan
 from neuronserve.execution import (
     JobResult,
+    ScoredBatch,
     call_soon,
     chunk_starts,
     concat,
@@ -34,6 +35,8 @@ from neuronserve.execution import (
     mark_nonfinite,
     remote_fused,
     run_chunks,
+    run_stages,
+    score_fused,
     run_fused,
     user_rows_of,
 )
@@ -58,16 +61,6 @@ class StageStats:
     executions: int = 0
     rows: int = 0  # caller rows
     padded_rows: int = 0  # padding rows added to reach compiled buckets
-
-
-@dataclass(frozen=True)
-class ScoredBatch:
-    """A score batch's logits [rows, K] and where its time went, in seconds (Triton's statistics)."""
-
-    scores: np.ndarray
-    input_s: float  # assembling and padding the inputs
-    compute_s: float  # from the hand-off to the core until its outputs were back
-    output_s: float  # unpadding and the NaN/Inf marking
 
 
 @dataclass(frozen=True)
@@ -258,6 +251,21 @@ class Pipeline:
         """A fused chunk's user rows: exact (any rows), else the smallest user bucket compiled with `bucket`."""
         return users if self._plans[FUSED_STAGE].any_rows else next(u for u in self._user_buckets[bucket] if u >= users)
 
+    def lane(self) -> Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], ScoredBatch] | None:
+        """The blocking batch run of a BatchLane (lane.py), when the score path is one group's fused runner
+        that runs on a host thread (FusedRunner.lane): score_fused on its runners; else None."""
+        groups = self._stage_groups.get(FUSED_STAGE, [])
+        if len(groups) != 1 or not getattr(groups[0].runners[FUSED_STAGE], "lane", False):
+            return None
+        chunks_of = functools.partial(self._chunks, FUSED_STAGE)
+        return functools.partial(score_fused, groups[0].runners, chunks_of=chunks_of, user_rows=self._user_rows)
+
+    def count_lane(self, batch: ScoredBatch) -> None:
+        """Loop thread: a lane batch's executions into its group's counts."""
+        group = self._stage_groups[FUSED_STAGE][0]
+        group.in_flight += 1
+        self._finish(group, batch.job, None)
+
     @property
     def runs_now(self) -> bool:  # score_now can run a request at all (a fused runner that runs it here)
         return bool(self._now)
@@ -300,16 +308,7 @@ class Pipeline:
             return await self.run_stage(PAIR_SCORER, [np.take(user, user_index, axis=0), peer])
         (user,), _ = self._check(USER_TOWER, [user_features])
         (peer,), _ = self._check(PEER_TOWER, [peer_features])
-        return await self._execute(USER_TOWER, self._score_on, user, peer, user_index)
-
-    def _score_on(self, runners: dict[str, StageRunner], user: np.ndarray, peer: np.ndarray, user_index: np.ndarray):
-        """Blocking, on one group's executor thread: the three stages one after another (the fused path)."""
-        u = run_chunks(runners[USER_TOWER], [user], self._chunks(USER_TOWER, user.shape[0]))
-        p = run_chunks(runners[PEER_TOWER], [peer], self._chunks(PEER_TOWER, peer.shape[0]))
-        pairs = [np.take(u.out, user_index, axis=0), p.out]
-        scores = run_chunks(runners[PAIR_SCORER], pairs, self._chunks(PAIR_SCORER, peer.shape[0]))
-        busy_s = u.busy_s + p.busy_s + scores.busy_s
-        return JobResult(scores.out, busy_s, u.executions + p.executions + scores.executions)
+        return await self._execute(USER_TOWER, run_stages, self._chunks, user, peer, user_index)
 
     def stages_down(self) -> frozenset[str]:
         """The placed stages whose every core group is out of rotation (empty: every model can run).

@@ -25,6 +25,7 @@ class Runtime:
 
     def __init__(self, pipeline, batching: BatchingConfig, metrics) -> None:
         from neuronserve.batcher import DynamicBatcher
+        from neuronserve.lane import BatchLane
         from neuronserve.contract import TOWERS, TWOTOWER
 
         self.pipeline = pipeline
@@ -35,16 +36,31 @@ class Runtime:
             max_in_flight=pipeline.concurrency,
             devices=pipeline.devices,
         )
-        self._scores = DynamicBatcher(
-            self._run_score,
-            estimate_latency_s=pipeline.estimate_latency_s,
-            name=TWOTOWER,
-            run_now=self._score_now if getattr(pipeline, "runs_now", False) else None,
-            **common,
-        )
-        self.batchers = {TWOTOWER: self._scores}  # keyed by model name, which is also each batcher's name
+        lane = getattr(pipeline, "lane", lambda: None)() if batching.max_in_flight_batches == 1 else None
+        self._scores: DynamicBatcher | BatchLane
+        if lane is not None:  # batches formed and run on a thread of their own, one at a time (lane.py)
+            self._scores = BatchLane(
+                lane,
+                max_batch_rows=pipeline.max_batch_rows,
+                config=batching,
+                estimate_latency_s=pipeline.estimate_latency_s,
+                on_batch=self._lane_batch,
+                name=TWOTOWER,
+            )
+        else:
+            self._scores = DynamicBatcher(
+                self._run_score,
+                estimate_latency_s=pipeline.estimate_latency_s,
+                name=TWOTOWER,
+                run_now=self._score_now if getattr(pipeline, "runs_now", False) else None,
+                **common,
+            )
+        self.batchers: dict[str, DynamicBatcher | BatchLane] = {
+            TWOTOWER: self._scores
+        }  # keyed by model name, which is also each batcher's name
+        self._towers: dict[str, DynamicBatcher] = {}
         for tower in TOWERS:
-            self.batchers[tower] = DynamicBatcher(
+            self.batchers[tower] = self._towers[tower] = DynamicBatcher(
                 functools.partial(self._run_tower, tower),
                 estimate_latency_s=functools.partial(pipeline.plan_cost_s, tower),
                 name=tower,
@@ -59,7 +75,7 @@ class Runtime:
         return await self._scores.submit((user_features, peer_features), peer_features.shape[0], deadline_s=deadline_s)
 
     async def embed(self, tower: str, features: np.ndarray, deadline_s: float | None) -> np.ndarray:
-        return await self.batchers[tower].submit(features, features.shape[0], deadline_s=deadline_s)
+        return await self._towers[tower].submit(features, features.shape[0], deadline_s=deadline_s)
 
     async def _run_score(self, slices) -> np.ndarray:
         """One batch of Score requests: each request's user row and its peer rows; the pipeline
@@ -72,6 +88,10 @@ class Runtime:
         """A lone Score request run on the loop at once by the pipeline (Pipeline.score_now), or None."""
         batch = self.pipeline.score_now(*payload)
         return None if batch is None else self._counted(batch, 1)
+
+    def _lane_batch(self, batch, requests: int) -> None:
+        self.pipeline.count_lane(batch)
+        self._counted(batch, requests)
 
     def _counted(self, batch, requests: int) -> np.ndarray:
         """A score batch's execution into the metrics; its scores."""

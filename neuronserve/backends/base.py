@@ -109,6 +109,7 @@ class FusedRunner(Runner):
 
     stage = FUSED_STAGE
     runs_now = False  # True where score_now can run a request on the calling thread (the cpu backend's)
+    lane = False  # True where batches should form and run on a host thread of their own (lane.py; cpu)
 
     def __init__(self, cores: CoreGroup, pairs: Iterable[tuple[int, int]], shapes: Sequence[tuple[int, ...]]) -> None:
         self.cores = cores

@@ -180,6 +180,7 @@ class CpuFusedRunner(FusedRunner):
         self.any_rows = process is None and one_graph(graphs)
         self._any = next(iter(graphs))  # the key every exact shape runs with when any_rows
         self.runs_now = self.any_rows and inline_below > 0
+        self.lane = self.any_rows and inline_below == 0  # threaded only: a BatchLane's thread runs the graph
 
     def submit(self, chunks: Sequence[tuple[Sequence[np.ndarray], int]]):
         """On the loop: the batch's padded chunks ([user, peer, index], rows) -> an asyncio future of
