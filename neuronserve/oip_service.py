@@ -305,7 +305,8 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: oip.ModelInferRequest, context) -> oip.ModelInferResponse:
         model = self._model(request.model_name, request.model_version)
-        route = self.versions.route(request.model_version, user_id_of(request.parameters))
+        user_id = user_id_of(request.parameters) if self.versions.experiment is not None else None
+        route = self.versions.route(request.model_version, user_id)
         served = route.served
         arrays = self._inputs(model, request)
         output = model.outputs[0].name  # each model has one output; a request may name it, once
