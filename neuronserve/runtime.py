@@ -1,5 +1,6 @@
-"""The runtime adapter between the services and the pipeline: one DynamicBatcher for Score and one per
-tower (UpsertEmbeddings and the OIP tower models), each batch handed to the pipeline and its execution
+"""The runtime adapter between the services and the pipeline: one batcher for Score (a DynamicBatcher, or
+a BatchLane where the pipeline offers one and one batch is in flight) and one DynamicBatcher per tower
+(UpsertEmbeddings and the OIP tower models), each batch handed to the pipeline and its execution
 recorded in the metrics. Implements service.Runtime; built by server.Server after the warm-up.
 """
 
@@ -18,10 +19,10 @@ log = logging.getLogger(__name__)
 
 
 class Runtime:
-    """service.Runtime over a pipeline: one DynamicBatcher for Score (a request of M peers is M rows)
+    """service.Runtime over a pipeline: one batcher for Score (a request of M peers is M rows)
     and one per tower (UpsertEmbeddings and the OIP tower models). `pipeline` needs score_requests, run_stage,
     max_batch_rows, concurrency, devices, estimate_latency_s and plan_cost_s, and may have runs_now and
-    score_now (a lone request run on the loop at once; pipeline.Pipeline has them all)."""
+    score_now (a lone request run on the loop at once) and lane and count_lane (pipeline.Pipeline has them all)."""
 
     def __init__(self, pipeline, batching: BatchingConfig, metrics) -> None:
         from neuronserve.batcher import DynamicBatcher
