@@ -15,6 +15,7 @@ the batch would miss leaves with DeadlineExceeded; a cancelled caller's rows nev
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import deque
@@ -29,6 +30,8 @@ from neuronserve.batch_types import BatcherStats
 from neuronserve.config import BatchingConfig
 from neuronserve.errors import DeadlineExceeded, NeuronServeError, Unavailable
 from neuronserve.execution import call_soon
+
+log = logging.getLogger(__name__)
 
 ScoreBatch = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], "LaneResult"]
 
@@ -148,7 +151,22 @@ class BatchLane:
             await asyncio.wait({self._stopped})  # wait, not await: cancelling close must not stop the drain
 
     def _work(self) -> None:
-        """The lane's thread: take a batch, run it, hand it to the loop; until closed and drained."""
+        """The lane's thread. A bug in it fails every queued request (INTERNAL) and closes the lane
+        instead of leaving its callers waiting."""
+        try:
+            self._serve()
+        except BaseException:
+            log.exception("%s: the lane's thread failed; refusing its requests", self.name)
+            with self._lock:
+                self._closing = True
+                dropped = list(self._pending)
+                self._pending.clear()
+                self._queued_rows = 0
+            self._post(self._fail, dropped, NeuronServeError(f"internal: {self.name}'s batch thread failed"))
+        self._post(self._end)
+
+    def _serve(self) -> None:
+        """Take a batch, run it, hand it to the loop; until closed and drained."""
         while True:
             with self._lock:
                 while not self._pending and not self._closing:
@@ -169,7 +187,6 @@ class BatchLane:
                     self._admission.observe(sum(r.rows for r in batch), self._clock() - started_s)
                     self._finish_s = None
                 self._post(self._answer, batch, result)
-        self._post(self._end)
 
     def _take(self, now: float) -> tuple[list[_Request], list[tuple[_Request, DeadlineExceeded]]]:
         """Under the lock: the next batch (FIFO, up to max rows; a larger request alone) and the requests

@@ -273,3 +273,26 @@ def test_a_pool_workers_runtime_scores_through_the_lane_as_the_batched_path_does
     counted = metrics.statistics("twotower")
     assert counted.rows == sum(p.shape[0] for p in peers) and 1 <= counted.executions <= len(peers)
     pipeline.close()
+
+
+@asynchronous
+async def test_a_bug_in_the_lanes_thread_fails_its_requests_instead_of_leaving_them_waiting() -> None:
+    runner = Runner()
+    batcher = lane(runner)
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit(request(2), 2))
+    await runner.running(1)
+    queued = asyncio.ensure_future(batcher.submit(request(2), 2))
+    await asyncio.sleep(0)
+
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    batcher._admission.late = broken  # the next _take on the thread raises
+    runner.gates[0].set()
+    await first
+    with pytest.raises(NeuronServeError, match="batch thread failed"):
+        await queued
+    with pytest.raises(Unavailable):
+        await batcher.submit(request(1), 1)
+    await batcher.close()
