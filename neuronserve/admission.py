@@ -6,7 +6,7 @@ slowdown the batches really show (an EWMA). The rules, with the reasons: docs/ba
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -54,12 +54,12 @@ class Admission:
         now: float,
         deadline_s: float | None,
         queued_rows: int,
-        running: Iterable[tuple[float, float]],
+        running_s: float,
         devices: int,
     ) -> None:
-        """Refuse at once what cannot be served in time or would overflow the queue. `running`: the
-        running batches' (expected finish, device start) on the same clock as `now`."""
-        wait_s = self.backlog_s(now, queued_rows, running, devices)
+        """Refuse at once what cannot be served in time or would overflow the queue. `running_s`: the
+        running batches' expected device seconds still to go, summed."""
+        wait_s = self.backlog_s(queued_rows, running_s, devices)
         if deadline_s is not None:
             shortfall_s = self.shortfall_s(now + wait_s, min(rows, self._max_rows), deadline_s)
             if shortfall_s > 0:
@@ -77,12 +77,11 @@ class Admission:
                 f"{self.name}: queue holds {queued_rows} rows; {rows} more would pass max_queue_rows={self.max_queue_rows}"
             )
 
-    def backlog_s(self, now: float, queued_rows: int, running: Iterable[tuple[float, float]], devices: int) -> float:
+    def backlog_s(self, queued_rows: int, running_s: float, devices: int) -> float:
         """Expected seconds until the running batches and the queued rows have run: the running batches'
         remaining device time, then the queue in full batches and the rest, over the devices."""
         if self._estimate_s is None:
             return 0.0
-        running_s = sum(finish_s - max(now, start_s) for finish_s, start_s in running if finish_s > now)
         full, rest = divmod(queued_rows, self._max_rows)
         queued_s = (full * self._estimate_s(self._max_rows) + (self._estimate_s(rest) if rest else 0.0)) * self.slowdown
         return (running_s + queued_s) / devices

@@ -141,8 +141,7 @@ class DynamicBatcher:
             raise Unavailable(f"{self.name} is {'closed' if self._closing else 'not started'}: not accepting requests")
         rows = checked_rows(rows, self._admission.max_queue_rows, self.name)
         now = self._clock()
-        running = [(b.finish_s, b.device_start_s) for b in self._running.values()]
-        self._admission.admit(rows, now, deadline_s, self._queued_rows, running, self._devices)
+        self._admission.admit(rows, now, deadline_s, self._queued_rows, self._running_s(now), self._devices)
         if self._queued_rows == 0 and len(self._running) < self._devices and rows <= self._max_rows:
             return await self._run_alone(payload, rows, now)
         request = _Request(payload, rows, priority, now, deadline_s, asyncio.get_running_loop().create_future())
@@ -377,3 +376,7 @@ class DynamicBatcher:
         self._queues[request.priority].remove(request)
         self._queued_rows -= request.rows - request.taken
         request.taken = request.rows
+
+    def _running_s(self, now: float) -> float:
+        """The running batches' expected device seconds still to go, summed."""
+        return sum(b.finish_s - max(now, b.device_start_s) for b in self._running.values() if b.finish_s > now)

@@ -103,7 +103,7 @@ class BatchLane:
         now = self._clock()
         request = _Request(payload[0], payload[1], rows, now, deadline_s, self._loop.create_future())
         with self._lock:
-            running_s = [(self._finish_s, now)] if self._finish_s is not None else []
+            running_s = max(0.0, self._finish_s - now) if self._finish_s is not None else 0.0
             self._admission.admit(rows, now, deadline_s, self._queued_rows, running_s, devices=1)
             self._pending.append(request)
             self._queued_rows += rows
