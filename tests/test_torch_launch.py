@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from neuronserve.backends.torch_launch import BusyFraction, Fork, Step, TorchLauncher, forking, keep_thread_state
+from neuronserve.backends.torch_launch import (
+    BusyFraction,
+    Fork,
+    Step,
+    TorchLauncher,
+    forking,
+    keep_thread_state,
+    thread_demand_s,
+)
 from neuronserve.errors import Unavailable
 from support import FakeClock
 
@@ -174,7 +186,13 @@ def test_the_loops_inline_runs_load_it_and_the_cpu_cost_per_row_is_learned(fork)
 
     async def main():
         launcher = TorchLauncher(
-            clock=clock, cpu_clock=cpu, inline_below=0.2, load=BusyFraction(tau_s=0.02), loop=BusyFraction(tau_s=0.02)
+            clock=clock,
+            cpu_clock=cpu,
+            demand_clock=cpu,  # never kept off the CPU: its demand is its CPU time
+            inline_below=0.2,
+            load=BusyFraction(tau_s=0.02),
+            loop=BusyFraction(tau_s=0.02),
+            demand=BusyFraction(tau_s=0.02),
         )
         real = GRAPH
 
@@ -215,13 +233,14 @@ def test_an_idle_launcher_at_low_load_runs_the_submission_before_submit_returns(
 
 
 def test_past_the_gap_the_launcher_forks_until_the_loop_with_the_graph_falls_under_inline_below(fork):
-    """Hysteresis on the loop's busy fraction (fake clocks, no CPU counted): inline while the loop (the
-    graph's runs on it included) is under inline_below + INLINE_GAP; then torch's thread until the
-    loop plus the graph's load there is back under inline_below."""
+    """Hysteresis on the loop's busy fractions (fake clocks, nothing counted): inline while the loop's
+    demand (the graph's runs on it included, its waits for a CPU too) is under inline_below + INLINE_GAP;
+    then torch's thread until the loop's CPU plus the graph's load there is back under inline_below."""
     clock, cpu = FakeClock(), FakeClock()
 
-    async def mode_at(launcher: TorchLauncher, loop: float, graph: float) -> str:
+    async def mode_at(launcher: TorchLauncher, loop: float, graph: float, demand: float | None = None) -> str:
         launcher.loop = BusyFraction(tau_s=0.2, _value=loop, _at_s=clock.now_s)
+        launcher.demand = BusyFraction(tau_s=0.2, _value=loop if demand is None else demand, _at_s=clock.now_s)
         launcher.load = BusyFraction(tau_s=0.2, _value=graph, _at_s=clock.now_s)
         future = launcher.submit([_step(fork, 2, 2, seed=8)[0]])
         mode = "inline" if future.done() else "threaded"
@@ -230,14 +249,17 @@ def test_past_the_gap_the_launcher_forks_until_the_loop_with_the_graph_falls_und
         return mode
 
     async def main():
-        launcher = TorchLauncher(clock=clock, cpu_clock=cpu, inline_below=0.30)  # threaded from 0.40
-        loads = [(0.10, 0.5), (0.39, 0.5), (0.41, 0.0), (0.15, 0.2), (0.05, 0.2), (0.39, 0.9)]
-        modes = [await mode_at(launcher, loop, graph) for loop, graph in loads]
+        launcher = TorchLauncher(clock=clock, cpu_clock=cpu, demand_clock=cpu, inline_below=0.30)  # threaded from 0.40
+        loads = [(0.10, 0.5, None), (0.39, 0.5, None), (0.41, 0.0, None), (0.15, 0.2, None), (0.05, 0.2, None)]
+        loads += [(0.39, 0.9, None), (0.25, 0.0, 0.45), (0.25, 0.0, 0.45)]  # half its demand waiting for a CPU
+        modes = [await mode_at(launcher, *load) for load in loads]
         launcher.close()
         return modes
 
-    # the graph's own load counts only while it is off the loop: 0.15 + 0.2 >= 0.30 stays threaded
-    assert asyncio.run(main()) == ["inline", "inline", "threaded", "threaded", "inline", "inline"]
+    # the graph's own load counts only while it is off the loop: 0.15 + 0.2 >= 0.30 stays threaded; a loop
+    # at 0.25 of a CPU but 0.45 of demand is saturated (others hold the CPUs), and back on its CPU alone
+    want = ["inline", "inline", "threaded", "threaded", "inline", "inline", "threaded", "inline"]
+    assert asyncio.run(main()) == want
 
 
 def test_an_inline_failure_fails_its_own_submission_and_the_launcher_goes_on(fork):
@@ -287,7 +309,7 @@ def test_run_now_runs_at_once_only_while_the_launcher_is_idle_and_inline(fork):
         return GRAPH(*inputs)
 
     async def main():
-        launcher = TorchLauncher(clock=clock, cpu_clock=cpu, inline_below=0.2)
+        launcher = TorchLauncher(clock=clock, cpu_clock=cpu, demand_clock=cpu, inline_below=0.2)
         step, want = _step(fork, 3, 4, seed=11)
         out, busy_s = launcher.run_now(one_ms_of_cpu, step.inputs, 3)
         assert launcher.row_s == pytest.approx(0.001 / 3) and not launcher._running
@@ -296,7 +318,7 @@ def test_run_now_runs_at_once_only_while_the_launcher_is_idle_and_inline(fork):
         assert launcher.run_now(one_ms_of_cpu, step.inputs, 3) is None
         assert launcher.load.at(clock.now_s) == pytest.approx(0.5)  # nothing counted
         launcher._inline = True
-        launcher.loop = BusyFraction(tau_s=0.2, _value=0.5, _at_s=clock.now_s)  # past the gap: hands off
+        launcher.demand = BusyFraction(tau_s=0.2, _value=0.5, _at_s=clock.now_s)  # past the gap: hands off
         with launcher._idle:  # (re-entrant) torch's thread cannot mark the launcher idle meanwhile
             queued = launcher.submit([_step(fork, 4, 4, seed=12)[0]])  # the load hands it to torch's thread
             assert not queued.done() and launcher.run_now(one_ms_of_cpu, step.inputs, 3) is None
@@ -336,3 +358,61 @@ def test_a_pools_workers_run_no_batch_inline_and_one_in_flight_unless_set(small_
     )
     worker = member_config(given, plan)
     assert worker.inline_below == 0.5 and worker.batching.max_in_flight_batches == 2
+
+
+needs_schedstat = pytest.mark.skipif(
+    not os.path.exists("/proc/thread-self/schedstat") or not hasattr(os, "sched_setaffinity"),
+    reason="Linux schedstat and CPU affinity",
+)
+
+
+def _burn_s(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+@needs_schedstat
+def test_the_loops_demand_counts_the_time_it_waits_for_a_cpu_held_by_another_process():
+    """The launcher's load reading: a thread sharing its one CPU with a busy process runs about half
+    the time; its demand (run + run-queue wait) still reads about the wall time, its CPU time half."""
+    readings: dict[str, float] = {}
+
+    def on_one_cpu(cpu: int) -> None:
+        os.sched_setaffinity(0, {cpu})  # this thread only
+        hog = subprocess.Popen(
+            [sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"]
+        )
+        try:
+            _burn_s(0.1)  # the hog is running
+            demand_s, cpu_s, wall_s = thread_demand_s(), time.thread_time(), time.perf_counter()
+            _burn_s(0.4)
+            readings["demand"] = thread_demand_s() - demand_s
+            readings["cpu"] = time.thread_time() - cpu_s
+            readings["wall"] = time.perf_counter() - wall_s
+        finally:
+            hog.kill()
+            hog.wait()
+
+    worker = threading.Thread(target=on_one_cpu, args=(min(os.sched_getaffinity(0)),))
+    worker.start()
+    worker.join()
+    assert readings["demand"] == pytest.approx(readings["wall"], rel=0.15)
+    assert readings["demand"] > 1.3 * readings["cpu"]
+
+
+@needs_schedstat
+def test_the_demand_clock_is_the_calling_threads_own():
+    """Each thread reads its own schedstat: another thread's work does not move it."""
+    seen: dict[str, float] = {}
+
+    def worker() -> None:
+        seen["start"] = thread_demand_s()
+        _burn_s(0.05)
+        seen["end"] = thread_demand_s()
+
+    _burn_s(0.1)  # this thread's own demand: at least 0.1 s
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen["start"] < 0.05 and seen["end"] - seen["start"] >= 0.04  # a new thread starts near zero

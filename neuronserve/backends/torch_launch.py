@@ -12,13 +12,16 @@ the next one starts from the previous one's completion callback on torch's threa
 waits for the loop between executions. An execution that fails fails its own submission only.
 
 At low load the graph runs on the loop instead (plain's way, no thread at all): while the event loop,
-the graph on it, is busy less than `inline_below` of the time (`--inline-below`, default 0.75; the loop
-thread's CPU seconds as a BusyFraction, plus, while the graph runs on torch's thread, the rows' cost at
-the CPU seconds per row the inline runs measure), a submission that finds the launcher idle runs inside
+the graph on it, is busy less than `inline_below` of the time (`--inline-below`, default 0.75), a submission that finds the launcher idle runs inside
 `submit` and its future is done when `submit` returns. A batch is then about one request anyway, and
 the two wake-ups of a hand-off (torch's thread, then the loop) cost more CPU than the overlap saves
 (docs/pipeline.md). From `inline_below + INLINE_GAP` on, the launcher hands executions to torch's
 thread again, where the next batch forms while one runs and the loop keeps its time for the calls.
+
+The readings, each a BusyFraction: leaving the loop, the loop thread's demand (seconds it ran or waited,
+runnable, for a CPU: thread_demand_s), so a loop that other processes keep off the CPUs still reads as
+saturated; coming back, its CPU seconds plus the rows' cost at the CPU seconds per row the inline runs
+measured (what the graph would add to it).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -70,6 +74,30 @@ def keep_thread_state() -> None:
     if not getattr(_kept, "state", False):
         ctypes.pythonapi.PyGILState_Ensure()
         _kept.state = True
+
+
+_demand = threading.local()  # per thread: its open /proc/thread-self/schedstat (-1: none), kept for its life
+
+
+def thread_demand_s() -> float:
+    """The calling thread's demand for a CPU so far, in seconds: the time it ran plus the time it waited,
+    runnable, for a CPU (Linux /proc/thread-self/schedstat). A loop that other processes keep off the CPUs
+    reads as busy, where its CPU time alone would read as half idle. Where schedstat is missing, the
+    thread's CPU time (time.thread_time). 0.4 us a read (pread on a descriptor the thread keeps open)."""
+    fd = getattr(_demand, "fd", None)
+    if fd is None:
+        try:
+            fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        except OSError:
+            fd = -1
+        _demand.fd = fd
+    if fd >= 0:
+        try:
+            run_ns, wait_ns = os.pread(fd, 64, 0).split()[:2]
+            return (int(run_ns) + int(wait_ns)) / 1e9
+        except (OSError, ValueError):
+            _demand.fd = -1
+    return time.thread_time()
 
 
 INLINE_GAP = 0.1  # the hysteresis: threaded from inline_below + INLINE_GAP, inline again under inline_below
@@ -150,12 +178,15 @@ class TorchLauncher:
 
     clock: Callable[[], float] = time.perf_counter
     cpu_clock: Callable[[], float] = time.thread_time  # the loop thread's CPU seconds (preemption excluded)
+    demand_clock: Callable[[], float] = thread_demand_s  # its seconds run or waiting, runnable, for a CPU
     inline_below: float = 0.0  # the loop's load under which an idle launcher runs submissions inline (0: never)
     load: BusyFraction = field(default_factory=lambda: BusyFraction(tau_s=0.2))  # the rows' (the graph's)
     loop: BusyFraction = field(default_factory=lambda: BusyFraction(tau_s=0.2))  # the loop thread's CPU
+    demand: BusyFraction = field(default_factory=lambda: BusyFraction(tau_s=0.2))  # and its demand
     row_s: float = 0.0  # CPU seconds per row, as the inline runs measure them (a moving average)
     _inline: bool = False  # set in __post_init__
     _loop_cpu_s: float | None = None  # the loop thread's CPU seconds at the last submission
+    _loop_demand_s: float | None = None  # and its demand seconds
     _queue: deque[_Queued] = field(default_factory=deque)
     _running: bool = False
     _closed: bool = False
@@ -219,16 +250,19 @@ class TorchLauncher:
         self.row_s = row_s if self.row_s == 0 else 0.9 * self.row_s + 0.1 * row_s
 
     def _low_load(self, rows: int) -> bool:
-        """Loop thread: count a submission's rows into the graph's load and the loop's CPU since the last
-        one into the loop's; True while the loop with the graph on it is idle enough to run it inline
-        (hysteresis: inline until inline_below + INLINE_GAP, then threaded until back under inline_below)."""
+        """Loop thread: count a submission's rows into the graph's load and the loop's CPU and demand since
+        the last one into theirs; True while the loop with the graph on it is idle enough to run it inline
+        (hysteresis: inline until its demand reaches inline_below + INLINE_GAP, then threaded until its CPU
+        plus the graph's load is back under inline_below)."""
         if self.inline_below > 0:
-            now_s, cpu_s = self.clock(), self.cpu_clock()
+            now_s, cpu_s, demand_s = self.clock(), self.cpu_clock(), self.demand_clock()
             loop = self.loop.add(now_s, cpu_s - (cpu_s if self._loop_cpu_s is None else self._loop_cpu_s))
-            self._loop_cpu_s = cpu_s
+            last_demand_s = demand_s if self._loop_demand_s is None else self._loop_demand_s
+            demand = self.demand.add(now_s, max(0.0, demand_s - last_demand_s))
+            self._loop_cpu_s, self._loop_demand_s = cpu_s, demand_s
             graph = self.load.add(now_s, self.row_s * rows)
-            if self._inline:  # the loop's CPU holds the graph's
-                self._inline = loop < self.inline_below + INLINE_GAP
+            if self._inline:  # the loop's demand holds the graph's: kept off the CPUs, it is still busy
+                self._inline = demand < self.inline_below + INLINE_GAP
             else:  # on torch's thread: it would come back to the loop
                 self._inline = loop + graph < self.inline_below
         return self._inline
