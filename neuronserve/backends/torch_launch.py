@@ -12,10 +12,10 @@ the next one starts from the previous one's completion callback on torch's threa
 waits for the loop between executions. An execution that fails fails its own submission only.
 
 At low load the graph runs on the loop instead (plain's way, no thread at all): while the event loop,
-the graph on it, is busy less than `inline_below` of the time (`--inline-below`, default 0.75), a submission that finds the launcher idle runs inside
-`submit` and its future is done when `submit` returns. A batch is then about one request anyway, and
-the two wake-ups of a hand-off (torch's thread, then the loop) cost more CPU than the overlap saves
-(docs/pipeline.md). From `inline_below + INLINE_GAP` on, the launcher hands executions to torch's
+the graph on it, is busy less than `inline_below` of the time (`--inline-below`, default 0.75), a
+submission that finds the launcher idle runs inside `submit` and its future is done when `submit`
+returns. A batch is then about one request anyway, and the two wake-ups of a hand-off (torch's thread,
+then the loop) cost more CPU than the overlap saves (docs/pipeline.md). From `inline_below + INLINE_GAP` on, the launcher hands executions to torch's
 thread again, where the next batch forms while one runs and the loop keeps its time for the calls.
 
 The readings, each a BusyFraction: leaving the loop, the loop thread's demand (seconds it ran or waited,
