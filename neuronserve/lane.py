@@ -8,6 +8,10 @@ max_batch_rows rows, or one larger request alone) the moment it is free, runs th
 assembly, the graph, NaN marking) and answers the whole batch in one loop callback. The loop spends no
 task, timer or callback of its own per batch (docs/pipeline.md, "The lane").
 
+At low load a request that finds the lane idle and nothing queued runs on the loop at once, as the plain
+server does, saving the two wake-ups of a hand-off: while the loop thread's demand (loop_load) is under
+`inline_below` (0: never; Runtime passes INLINE_BELOW).
+
 Implements the batcher interface Runtime uses: start, submit, stats, close. A request whose deadline
 the batch would miss leaves with DeadlineExceeded; a cancelled caller's rows never run once it has gone.
 """
@@ -30,8 +34,14 @@ from neuronserve.batch_types import BatcherStats
 from neuronserve.config import BatchingConfig
 from neuronserve.errors import DeadlineExceeded, NeuronServeError, Unavailable
 from neuronserve.execution import call_soon
+from neuronserve.loop_load import BusyFraction, thread_demand_s
 
 log = logging.getLogger(__name__)
+
+# A pool worker's lane: a lone request runs on the loop while the loop is busy (running or waiting for a
+# CPU) under half the time. Two workers at 475 and 650 req/s: P50 1.16x plain against 1.29-1.33x, CPU a
+# request 1.26-1.31x against 1.33-1.37x, the same throughput at saturation (docs/benchmarks.md, thirteenth session)
+INLINE_BELOW = 0.5
 
 ScoreBatch = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], "LaneResult"]
 
@@ -55,9 +65,10 @@ class _Request:
 class BatchLane:
     """One thread's queue of score requests (payload: (user [1, F_u], peers [rows, F_p])).
 
-    run_batch(users, peers) runs one batch on the lane's thread and returns a LaneResult; on_batch(result,
-    requests) counts it on the loop before its requests are answered. estimate_latency_s(rows): the
-    latency model (seconds, cheap); clock: the seconds deadlines are on."""
+    run_batch(users, peers) runs one batch on the lane's thread (or, inline, on the loop) and returns a
+    LaneResult; on_batch(result, requests) counts it on the loop before its requests are answered.
+    estimate_latency_s(rows): the latency model (seconds, cheap); clock: the seconds deadlines are on;
+    demand_clock: the loop thread's seconds running or waiting for a CPU."""
 
     def __init__(
         self,
@@ -68,7 +79,9 @@ class BatchLane:
         estimate_latency_s: Callable[[int], float],
         on_batch: Callable[[LaneResult, int], None],
         name: str,
+        inline_below: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        demand_clock: Callable[[], float] = thread_demand_s,
     ) -> None:
         self.name = name
         self._run_batch = run_batch
@@ -86,6 +99,10 @@ class BatchLane:
         self._batches = self._batch_rows = self._batched_requests = 0
         self._cancelled = self._failed = 0
         self._queue_s_total = 0.0
+        self._inline_below = inline_below
+        self._demand_clock = demand_clock
+        self._demand = BusyFraction(tau_s=0.2)  # the loop thread's, read at each submission
+        self._last_demand_s: float | None = None
 
     def start(self) -> None:
         """Start the lane's thread; the loop it answers on is the running one."""
@@ -101,6 +118,8 @@ class BatchLane:
             raise Unavailable(f"{self.name} is {'closed' if self._closing else 'not started'}: not accepting requests")
         rows = checked_rows(rows, self._admission.max_queue_rows, self.name)
         now = self._clock()
+        if self._inline_below > 0 and self._low_load(now) and not self._pending and not self._finish_s:
+            return self._run_inline(payload, rows, now, deadline_s)  # the thread is idle and stays so
         request = _Request(payload[0], payload[1], rows, now, deadline_s, self._loop.create_future())
         with self._lock:
             running_s = max(0.0, self._finish_s - now) if self._finish_s is not None else 0.0
@@ -118,6 +137,34 @@ class BatchLane:
                     self._pending.remove(request)
                     self._queued_rows -= rows
             raise
+
+    def _low_load(self, now: float) -> bool:
+        """Loop thread: the loop's demand since the last submission into its busy fraction; True while that
+        is under inline_below."""
+        demand_s = self._demand_clock()
+        last_s = demand_s if self._last_demand_s is None else self._last_demand_s
+        self._last_demand_s = demand_s
+        return self._demand.add(now, max(0.0, demand_s - last_s)) < self._inline_below
+
+    def _run_inline(self, payload: tuple[np.ndarray, np.ndarray], rows: int, now: float, deadline_s: float | None):
+        """One request as its own batch, on the loop: admitted by the same rules, counted as a batch, its
+        error the one a batch of it would give."""
+        self._admission.admit(rows, now, deadline_s, 0, 0.0, devices=1)
+        try:
+            result = self._run_batch([payload[0]], [payload[1]])
+        except NeuronServeError:
+            raise
+        except Exception as exc:
+            raise self._batch_error(exc) from exc
+        finally:
+            self._admission.observe(rows, self._clock() - now)
+        if not isinstance(result.scores, np.ndarray) or result.scores.ndim < 1 or result.scores.shape[0] != rows:
+            raise NeuronServeError(f"internal: {self.name} run_batch returned no scores for {rows} rows")
+        self._batches += 1
+        self._batch_rows += rows
+        self._batched_requests += 1
+        self._on_batch(result, 1)
+        return result.scores
 
     def stats(self) -> BatcherStats:
         with self._lock:

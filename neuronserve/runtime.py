@@ -26,7 +26,7 @@ class Runtime:
 
     def __init__(self, pipeline, batching: BatchingConfig, metrics) -> None:
         from neuronserve.batcher import DynamicBatcher
-        from neuronserve.lane import BatchLane
+        from neuronserve.lane import INLINE_BELOW, BatchLane
         from neuronserve.contract import TOWERS, TWOTOWER
 
         self.pipeline = pipeline
@@ -47,6 +47,7 @@ class Runtime:
                 estimate_latency_s=pipeline.estimate_latency_s,
                 on_batch=self._lane_batch,
                 name=TWOTOWER,
+                inline_below=INLINE_BELOW,
             )
         else:
             self._scores = DynamicBatcher(

@@ -296,3 +296,94 @@ async def test_a_bug_in_the_lanes_thread_fails_its_requests_instead_of_leaving_t
     with pytest.raises(Unavailable):
         await batcher.submit(request(1), 1)
     await batcher.close()
+
+
+def inline_lane(runner, demand: Clock, clock: Clock, counted: list) -> BatchLane:
+    """A lane that runs a lone request on the loop while the loop's demand (a fake clock: its seconds
+    running or waiting for a CPU) is under half of the (fake) wall time."""
+    return BatchLane(
+        runner,
+        max_batch_rows=8,
+        config=BatchingConfig(),
+        estimate_latency_s=lambda rows: ROW_S * rows,
+        on_batch=lambda result, requests: counted.append(requests),
+        name="twotower",
+        inline_below=0.5,
+        clock=clock,
+        demand_clock=demand,
+    )
+
+
+def peers_of(rows: int, first: float) -> np.ndarray:
+    return np.full((rows, 3), first, np.float32)
+
+
+@asynchronous
+async def test_at_low_load_a_lone_request_runs_on_the_loop_and_past_it_on_the_lanes_thread():
+    """The loop's demand under inline_below: the request runs in submit, on the loop's thread, counted as
+    a batch of one; at 0.6 of the time busy, the next goes to the lane's thread."""
+    clock, demand, counted, threads = Clock(), Clock(), [], []
+
+    def run(users, peers):
+        threads.append(threading.get_ident())
+        return Result(np.concatenate([p[:, :1] for p in peers]))
+
+    batches = inline_lane(run, demand, clock, counted)
+    batches.start()
+    user = np.zeros((1, 2), np.float32)
+    clock.now_s, demand.now_s = 1.0, 0.1  # the first reading only sets the baseline
+    np.testing.assert_array_equal(await batches.submit((user, peers_of(2, 7.0)), 2), [[7.0], [7.0]])
+    clock.now_s, demand.now_s = 1.1, 0.12  # 0.02 s in 0.1 s: 0.2 of the time
+    np.testing.assert_array_equal(await batches.submit((user, peers_of(3, 8.0)), 3), [[8.0]] * 3)
+    assert threads == [threading.get_ident()] * 2 and counted == [1, 1]
+    clock.now_s, demand.now_s = 1.2, 0.24  # 0.12 s in 0.1 s: busy past 0.5
+    np.testing.assert_array_equal(await batches.submit((user, peers_of(1, 9.0)), 1), [[9.0]])
+    assert threads[-1] != threading.get_ident() and counted == [1, 1, 1]
+    stats = batches.stats()
+    assert (stats.batches, stats.batch_rows, stats.batched_requests) == (3, 6, 3)
+    await batches.close()
+
+
+@asynchronous
+async def test_a_request_behind_a_running_batch_waits_for_the_thread_even_at_low_load():
+    """Inline only when the lane is idle and nothing is queued: FIFO holds."""
+    runner, clock, demand, counted = Runner(), Clock(), Clock(), []
+    runner.gates[0].set()  # the first request runs inline, at once
+    batches = inline_lane(runner, demand, clock, counted)
+    batches.start()
+    user = np.zeros((1, 2), np.float32)
+    clock.now_s, demand.now_s = 1.0, 0.9
+    assert (await batches.submit((user, peers_of(2, 1.0)), 2)).tolist() == [[1.0], [1.0]]
+    clock.now_s, demand.now_s = 1.1, 1.1  # 0.2 s in the last 0.1 s (waits included): to the thread
+    second = asyncio.ensure_future(batches.submit((user, peers_of(2, 2.0)), 2))
+    await runner.running(2)
+    clock.now_s = 10.0  # long idle since: the demand has decayed, but the thread is busy
+    third = asyncio.ensure_future(batches.submit((user, peers_of(1, 3.0)), 1))
+    await asyncio.sleep(0)
+    assert not third.done() and runner.batches == [[2], [2]]
+    runner.gates[1].set()
+    runner.gates[2].set()
+    assert (await second).tolist() == [[2.0], [2.0]] and (await third).tolist() == [[3.0]]
+    assert runner.batches == [[2], [2], [1]] and counted == [1, 1, 1]
+    await batches.close()
+
+
+@asynchronous
+async def test_an_inline_runs_failure_is_the_requests_own_error_and_the_lane_goes_on():
+    clock, demand, counted = Clock(), Clock(), []
+    calls = []
+
+    def run(users, peers):
+        calls.append(len(peers))
+        if len(calls) == 1:
+            raise ValueError("graph broke")
+        return Result(np.concatenate([p[:, :1] for p in peers]))
+
+    batches = inline_lane(run, demand, clock, counted)
+    batches.start()
+    user = np.zeros((1, 2), np.float32)
+    with pytest.raises(NeuronServeError, match="run_batch failed: ValueError: graph broke"):
+        await batches.submit((user, peers_of(1, 3.0)), 1)
+    assert (await batches.submit((user, peers_of(1, 4.0)), 1)).tolist() == [[4.0]]
+    assert counted == [1] and batches.stats().batches == 1
+    await batches.close()

@@ -14,15 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from neuronserve.backends.torch_launch import (
-    BusyFraction,
-    Fork,
-    Step,
-    TorchLauncher,
-    forking,
-    keep_thread_state,
-    thread_demand_s,
-)
+from neuronserve.backends.torch_launch import Fork, Step, TorchLauncher, forking, keep_thread_state
+from neuronserve.loop_load import BusyFraction, thread_demand_s
 from neuronserve.errors import Unavailable
 from support import FakeClock
 

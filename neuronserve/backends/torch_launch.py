@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import math
-import os
 import threading
 import time
 from collections import deque
@@ -40,6 +38,7 @@ import numpy as np
 import torch
 
 from neuronserve.errors import Unavailable
+from neuronserve.loop_load import BusyFraction, thread_demand_s
 from neuronserve.execution import call_soon, concat
 
 
@@ -76,30 +75,6 @@ def keep_thread_state() -> None:
         _kept.state = True
 
 
-_demand = threading.local()  # per thread: its open /proc/thread-self/schedstat (-1: none), kept for its life
-
-
-def thread_demand_s() -> float:
-    """The calling thread's demand for a CPU so far, in seconds: the time it ran plus the time it waited,
-    runnable, for a CPU (Linux /proc/thread-self/schedstat). A loop that other processes keep off the CPUs
-    reads as busy, where its CPU time alone would read as half idle. Where schedstat is missing, the
-    thread's CPU time (time.thread_time). 0.4 us a read (pread on a descriptor the thread keeps open)."""
-    fd = getattr(_demand, "fd", None)
-    if fd is None:
-        try:
-            fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
-        except OSError:
-            fd = -1
-        _demand.fd = fd
-    if fd >= 0:
-        try:
-            run_ns, wait_ns = os.pread(fd, 64, 0).split()[:2]
-            return (int(run_ns) + int(wait_ns)) / 1e9
-        except (OSError, ValueError):
-            _demand.fd = -1
-    return time.thread_time()
-
-
 INLINE_GAP = 0.1  # the hysteresis: threaded from inline_below + INLINE_GAP, inline again under inline_below
 Fork = Callable[..., torch.futures.Future]  # (user, peer, index) -> a future of the graph's output
 
@@ -119,26 +94,6 @@ class Step:
     inputs: tuple[torch.Tensor, ...]
     rows: int
     graph: Callable[..., torch.Tensor]
-
-
-@dataclass
-class BusyFraction:
-    """The share of a core that recent work needs: its seconds decayed with time constant `tau_s`
-    (e^-t/tau per second of age), divided by tau_s. Work of e seconds every p seconds reads e/p; with
-    none for a few tau it falls to 0. Not thread-safe (the launcher holds its lock)."""
-
-    tau_s: float
-    _value: float = 0.0
-    _at_s: float = 0.0
-
-    def at(self, now_s: float) -> float:
-        return self._value * math.exp(-max(0.0, now_s - self._at_s) / self.tau_s)
-
-    def add(self, at_s: float, work_s: float) -> float:
-        """Count `work_s` done at `at_s`; the busy fraction then."""
-        self._value = self.at(at_s) + work_s / self.tau_s
-        self._at_s = at_s
-        return self._value
 
 
 @dataclass(eq=False)
