@@ -118,7 +118,7 @@ class BatchLane:
             raise Unavailable(f"{self.name} is {'closed' if self._closing else 'not started'}: not accepting requests")
         rows = checked_rows(rows, self._admission.max_queue_rows, self.name)
         now = self._clock()
-        if self._inline_below > 0 and self._low_load(now) and not self._pending and not self._finish_s:
+        if self._inline_below > 0 and self._low_load(now) and not self._pending and self._finish_s is None:
             return self._run_inline(payload, rows, now, deadline_s)  # the thread is idle and stays so
         request = _Request(payload[0], payload[1], rows, now, deadline_s, self._loop.create_future())
         with self._lock:
@@ -158,11 +158,13 @@ class BatchLane:
             raise self._batch_error(exc) from exc
         finally:
             self._admission.observe(rows, self._clock() - now)
-        if not isinstance(result.scores, np.ndarray) or result.scores.ndim < 1 or result.scores.shape[0] != rows:
-            raise NeuronServeError(f"internal: {self.name} run_batch returned no scores for {rows} rows")
-        self._batches += 1
-        self._batch_rows += rows
-        self._batched_requests += 1
+        error = self._scores_error(result, rows)
+        if error is not None:
+            raise error
+        with self._lock:
+            self._batches += 1
+            self._batch_rows += rows
+            self._batched_requests += 1
         self._on_batch(result, 1)
         return result.scores
 
@@ -284,8 +286,9 @@ class BatchLane:
             return
         rows = sum(r.rows for r in batch)
         scores = result.scores
-        if not isinstance(scores, np.ndarray) or scores.ndim < 1 or scores.shape[0] != rows:
-            self._fail(batch, NeuronServeError(f"internal: {self.name} run_batch returned no scores for {rows} rows"))
+        wrong = self._scores_error(result, rows)
+        if wrong is not None:
+            self._fail(batch, wrong)
             return
         self._on_batch(result, len(batch))
         offset = 0
@@ -293,6 +296,12 @@ class BatchLane:
             if not request.future.done():
                 request.future.set_result(scores[offset : offset + request.rows])
             offset += request.rows
+
+    def _scores_error(self, result: LaneResult, rows: int) -> NeuronServeError | None:
+        scores = result.scores
+        if not isinstance(scores, np.ndarray) or scores.ndim < 1 or scores.shape[0] != rows:
+            return NeuronServeError(f"internal: {self.name} run_batch returned no scores for {rows} rows")
+        return None
 
     def _expire(self, late: list[tuple[_Request, DeadlineExceeded]]) -> None:
         for request, error in late:
