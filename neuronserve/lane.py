@@ -39,8 +39,8 @@ from neuronserve.loop_load import BusyFraction, thread_demand_s
 log = logging.getLogger(__name__)
 
 # A pool worker's lane: a lone request runs on the loop while the loop is busy (running or waiting for a
-# CPU) under half the time. Two workers at 475 and 650 req/s: P50 1.16x plain against 1.29-1.33x, CPU a
-# request 1.26-1.31x against 1.33-1.37x, the same throughput at saturation (docs/benchmarks.md, thirteenth session)
+# CPU) under half the time. Two workers at 475 and 650 req/s: P50 1.16-1.17x plain against 1.31-1.33x, CPU
+# a request 1.29-1.33x against 1.38-1.40x, the same throughput at saturation (docs/benchmarks.md, thirteenth session)
 INLINE_BELOW = 0.5
 
 ScoreBatch = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], "LaneResult"]
@@ -102,7 +102,6 @@ class BatchLane:
         self._inline_below = inline_below
         self._demand_clock = demand_clock
         self._demand = BusyFraction(tau_s=0.2)  # the loop thread's, read at each submission
-        self._last_demand_s: float | None = None
 
     def start(self) -> None:
         """Start the lane's thread; the loop it answers on is the running one."""
@@ -118,7 +117,8 @@ class BatchLane:
             raise Unavailable(f"{self.name} is {'closed' if self._closing else 'not started'}: not accepting requests")
         rows = checked_rows(rows, self._admission.max_queue_rows, self.name)
         now = self._clock()
-        if self._inline_below > 0 and self._low_load(now) and not self._pending and self._finish_s is None:
+        low_load = self._inline_below > 0 and self._demand.count_total(now, self._demand_clock()) < self._inline_below
+        if low_load and not self._pending and self._finish_s is None:
             return self._run_inline(payload, rows, now, deadline_s)  # the thread is idle and stays so
         request = _Request(payload[0], payload[1], rows, now, deadline_s, self._loop.create_future())
         with self._lock:
@@ -137,14 +137,6 @@ class BatchLane:
                     self._pending.remove(request)
                     self._queued_rows -= rows
             raise
-
-    def _low_load(self, now: float) -> bool:
-        """Loop thread: the loop's demand since the last submission into its busy fraction; True while that
-        is under inline_below."""
-        demand_s = self._demand_clock()
-        last_s = demand_s if self._last_demand_s is None else self._last_demand_s
-        self._last_demand_s = demand_s
-        return self._demand.add(now, max(0.0, demand_s - last_s)) < self._inline_below
 
     def _run_inline(self, payload: tuple[np.ndarray, np.ndarray], rows: int, now: float, deadline_s: float | None):
         """One request as its own batch, on the loop: admitted by the same rules, counted as a batch, its

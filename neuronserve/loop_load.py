@@ -44,6 +44,7 @@ class BusyFraction:
     tau_s: float
     _value: float = 0.0
     _at_s: float = 0.0
+    _total_s: float | None = None  # the last reading count_total saw
 
     def at(self, now_s: float) -> float:
         return self._value * math.exp(-max(0.0, now_s - self._at_s) / self.tau_s)
@@ -53,3 +54,10 @@ class BusyFraction:
         self._value = self.at(at_s) + work_s / self.tau_s
         self._at_s = at_s
         return self._value
+
+    def count_total(self, at_s: float, total_s: float) -> float:
+        """Count the work a cumulative clock (thread_demand_s, time.thread_time) shows since its last reading
+        here (none at the first); the busy fraction then."""
+        last_s = total_s if self._total_s is None else self._total_s
+        self._total_s = total_s
+        return self.add(at_s, max(0.0, total_s - last_s))

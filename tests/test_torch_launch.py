@@ -172,6 +172,14 @@ def test_the_busy_fraction_reads_the_share_of_a_core_recent_work_needs():
     assert after == busy.at(1.6 + 1.0) and after == pytest.approx(0.01, abs=0.0025)
 
 
+def test_a_cumulative_clock_counts_what_it_shows_since_its_last_reading():
+    busy = BusyFraction(tau_s=1.0)
+    assert busy.count_total(0.0, 5.0) == 0.0  # the first reading is the baseline
+    assert busy.count_total(0.0, 5.5) == pytest.approx(0.5)
+    assert busy.count_total(0.0, 5.2) == pytest.approx(0.5)  # a clock that stepped back counts nothing
+    assert busy.count_total(0.0, 5.4) == pytest.approx(0.7)  # from the last reading, 5.2
+
+
 def test_the_loops_inline_runs_load_it_and_the_cpu_cost_per_row_is_learned(fork):
     """Fake clocks: each inline run takes 1 ms of the loop's CPU for 4 rows, so 250 us a row; one every
     2 ms keeps the loop half busy, past inline_below + INLINE_GAP, so the launcher turns to torch's thread."""

@@ -15,8 +15,9 @@ At low load the graph runs on the loop instead (plain's way, no thread at all): 
 the graph on it, is busy less than `inline_below` of the time (`--inline-below`, default 0.75), a
 submission that finds the launcher idle runs inside `submit` and its future is done when `submit`
 returns. A batch is then about one request anyway, and the two wake-ups of a hand-off (torch's thread,
-then the loop) cost more CPU than the overlap saves (docs/pipeline.md). From `inline_below + INLINE_GAP` on, the launcher hands executions to torch's
-thread again, where the next batch forms while one runs and the loop keeps its time for the calls.
+then the loop) cost more CPU than the overlap saves (docs/pipeline.md). From `inline_below + INLINE_GAP`
+on, the launcher hands executions to torch's thread again, where the next batch forms while one runs and
+the loop keeps its time for the calls.
 
 The readings, each a BusyFraction: leaving the loop, the loop thread's demand (seconds it ran or waited,
 runnable, for a CPU: thread_demand_s), so a loop that other processes keep off the CPUs still reads as
@@ -140,8 +141,6 @@ class TorchLauncher:
     demand: BusyFraction = field(default_factory=lambda: BusyFraction(tau_s=0.2))  # and its demand
     row_s: float = 0.0  # CPU seconds per row, as the inline runs measure them (a moving average)
     _inline: bool = False  # set in __post_init__
-    _loop_cpu_s: float | None = None  # the loop thread's CPU seconds at the last submission
-    _loop_demand_s: float | None = None  # and its demand seconds
     _queue: deque[_Queued] = field(default_factory=deque)
     _running: bool = False
     _closed: bool = False
@@ -210,11 +209,9 @@ class TorchLauncher:
         (hysteresis: inline until its demand reaches inline_below + INLINE_GAP, then threaded until its CPU
         plus the graph's load is back under inline_below)."""
         if self.inline_below > 0:
-            now_s, cpu_s, demand_s = self.clock(), self.cpu_clock(), self.demand_clock()
-            loop = self.loop.add(now_s, cpu_s - (cpu_s if self._loop_cpu_s is None else self._loop_cpu_s))
-            last_demand_s = demand_s if self._loop_demand_s is None else self._loop_demand_s
-            demand = self.demand.add(now_s, max(0.0, demand_s - last_demand_s))
-            self._loop_cpu_s, self._loop_demand_s = cpu_s, demand_s
+            now_s = self.clock()
+            loop = self.loop.count_total(now_s, self.cpu_clock())
+            demand = self.demand.count_total(now_s, self.demand_clock())
             graph = self.load.add(now_s, self.row_s * rows)
             if self._inline:  # the loop's demand holds the graph's: kept off the CPUs, it is still busy
                 self._inline = demand < self.inline_below + INLINE_GAP
