@@ -139,6 +139,12 @@ SETTINGS: tuple[_Setting, ...] = (
         "workers: 'split' pins each worker to an even share of the usable CPUs; 'none' leaves them unpinned",
     ),
     _Setting(
+        "worker_sched",
+        _text,
+        "POLICY",
+        "workers: 'batch' (default) runs each worker's threads under Linux SCHED_BATCH, so a thread woken in a busy worker does not preempt the running one at once; 'normal' keeps the kernel's default policy (docs/workers.md)",
+    ),
+    _Setting(
         "worker_timeout_s",
         _number,
         "S",

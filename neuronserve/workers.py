@@ -104,6 +104,8 @@ def _worker_main(config: ServerConfig, plan: WorkerPlan, shared: PoolShared, con
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C reaches the supervisor, which sends SIGTERM
         if plan.cpus:
             os.sched_setaffinity(0, plan.cpus)
+        if config.worker_sched == "batch" and hasattr(os, "SCHED_BATCH"):  # Linux; docs/workers.md
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))  # the threads started from here inherit it
         if config.backend == "neuron":
             os.environ[VISIBLE_CORES_ENV] = plan.cores.visible_cores()  # before the Neuron runtime starts
         versions = None

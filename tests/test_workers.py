@@ -246,11 +246,12 @@ def settings(*argv: str) -> ServerConfig:
     [
         (["--workers", "0"], ["--workers", ">= 1"]),
         (["--cpu-affinity", "bogus"], ["--cpu-affinity", "none or split", "'bogus'"]),
+        (["--worker-sched", "fifo"], ["--worker-sched", "batch or normal", "'fifo'"]),
         (["--placement", "user_tower=0,peer_tower=0,pair_scorer=0", "--workers", "2"], ["placement", "workers > 1"]),
     ],
 )
 def test_bad_worker_settings_are_config_errors(argv, words):
-    """--workers 0, an unknown --cpu-affinity and --placement with --workers 2 are refused, by name."""
+    """--workers 0, an unknown --cpu-affinity or --worker-sched and --placement with --workers 2 are refused, by name."""
     with pytest.raises(ConfigError) as info:
         settings(*argv)
     for word in words:
@@ -496,6 +497,17 @@ def counters(stats: oip.ModelStatistics) -> dict[str, int]:
         duration = getattr(stats.inference_stats, field.name)
         out[f"{field.name}.count"], out[f"{field.name}.ns"] = duration.count, duration.ns
     return out
+
+
+def test_workers_threads_run_under_sched_batch_and_the_supervisor_does_not(pool):
+    """Default --worker-sched batch: every thread of every worker (the event loop, gRPC's, torch's) is
+    SCHED_BATCH; the supervisor keeps the kernel's default; `--worker-sched normal` parses."""
+    for worker in pool.workers().values():
+        threads = os.listdir(f"/proc/{worker.pid}/task")
+        assert len(threads) > 1
+        assert {os.sched_getscheduler(int(tid)) for tid in threads} == {os.SCHED_BATCH}, worker
+    assert os.sched_getscheduler(pool.proc.pid) == os.SCHED_OTHER
+    assert settings("--worker-sched", "normal").worker_sched == "normal"
 
 
 def test_model_statistics_through_the_port_sum_every_workers_counters(pool):
