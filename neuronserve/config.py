@@ -219,7 +219,7 @@ class ServerConfig:
     placement: str | None = None  # None: data parallel over all cores
     workers: int | None = None  # serving processes sharing the port (1: no supervisor); None: backends.default_workers
     cpu_affinity: str = "none"  # none | split (each worker pinned to an even share of the usable CPUs)
-    worker_sched: str = "batch"  # batch | normal: the scheduling policy of each worker's threads
+    sched_policy: str = "batch"  # batch | normal: the serving threads' scheduling policy (sched_policy.py)
     worker_timeout_s: float = 10.0  # a worker whose event loop has not ticked for this long is replaced
     host: str = "127.0.0.1"
     port: int = 8001
@@ -297,7 +297,7 @@ class ServerConfig:
             self.cpu_affinity in ("none", "split"), f"cpu_affinity must be none or split, got {self.cpu_affinity!r}"
         )
         _require(
-            self.worker_sched in ("batch", "normal"), f"worker_sched must be batch or normal, got {self.worker_sched!r}"
+            self.sched_policy in ("batch", "normal"), f"sched_policy must be batch or normal, got {self.sched_policy!r}"
         )
         _require(self.worker_timeout_s > 0, f"worker_timeout_s must be > 0, got {self.worker_timeout_s}")
         _require(

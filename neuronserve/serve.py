@@ -67,8 +67,10 @@ def run(config: ServerConfig) -> int:
         from neuronserve.workers import supervise
 
         return supervise(config)
+    from neuronserve.sched_policy import use_policy
     from neuronserve.watchdog import LoopWatchdog
 
+    use_policy(config.sched_policy)  # before any other thread starts: they inherit it
     watchdog = LoopWatchdog(config.worker_timeout_s)
 
     def ready(server: Server) -> None:

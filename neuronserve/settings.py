@@ -139,10 +139,10 @@ SETTINGS: tuple[_Setting, ...] = (
         "workers: 'split' pins each worker to an even share of the usable CPUs; 'none' leaves them unpinned",
     ),
     _Setting(
-        "worker_sched",
+        "sched_policy",
         _text,
         "POLICY",
-        "workers: 'batch' (default) runs each worker's threads under Linux SCHED_BATCH, so a thread woken in a busy worker does not preempt the running one at once; 'normal' keeps the kernel's default policy (docs/workers.md)",
+        "'batch' (default) runs the serving threads under Linux SCHED_BATCH, so a thread woken in a busy server does not preempt the running one at once (torch's threads keep the default); 'normal' keeps the kernel's default policy everywhere (docs/workers.md)",
     ),
     _Setting(
         "worker_timeout_s",

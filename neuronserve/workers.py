@@ -36,6 +36,7 @@ from neuronserve.config import VISIBLE_CORES_ENV, ServerConfig
 from neuronserve.errors import ConfigError, NeuronServeError
 from neuronserve.pool_carry import CarriedStatistics, StatisticsSlots
 from neuronserve.pool_versions import PoolVersions, WorkerVersions, repository_slots
+from neuronserve.sched_policy import use_policy
 from neuronserve.worker_plan import WorkerPlan, member_config, plan_workers
 from neuronserve.contract import USER_TOWER
 
@@ -104,8 +105,7 @@ def _worker_main(config: ServerConfig, plan: WorkerPlan, shared: PoolShared, con
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C reaches the supervisor, which sends SIGTERM
         if plan.cpus:
             os.sched_setaffinity(0, plan.cpus)
-        if config.worker_sched == "batch" and hasattr(os, "SCHED_BATCH"):  # Linux; docs/workers.md
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))  # the threads started from here inherit it
+        use_policy(config.sched_policy)  # before any other thread starts: they inherit it
         if config.backend == "neuron":
             os.environ[VISIBLE_CORES_ENV] = plan.cores.visible_cores()  # before the Neuron runtime starts
         versions = None

@@ -246,12 +246,12 @@ def settings(*argv: str) -> ServerConfig:
     [
         (["--workers", "0"], ["--workers", ">= 1"]),
         (["--cpu-affinity", "bogus"], ["--cpu-affinity", "none or split", "'bogus'"]),
-        (["--worker-sched", "fifo"], ["--worker-sched", "batch or normal", "'fifo'"]),
+        (["--sched-policy", "fifo"], ["--sched-policy", "batch or normal", "'fifo'"]),
         (["--placement", "user_tower=0,peer_tower=0,pair_scorer=0", "--workers", "2"], ["placement", "workers > 1"]),
     ],
 )
 def test_bad_worker_settings_are_config_errors(argv, words):
-    """--workers 0, an unknown --cpu-affinity or --worker-sched and --placement with --workers 2 are refused, by name."""
+    """--workers 0, an unknown --cpu-affinity or --sched-policy and --placement with --workers 2 are refused, by name."""
     with pytest.raises(ConfigError) as info:
         settings(*argv)
     for word in words:
@@ -499,15 +499,38 @@ def counters(stats: oip.ModelStatistics) -> dict[str, int]:
     return out
 
 
+def policies(pid: int) -> dict[str, set[int]]:
+    """A process's threads' scheduling policies, by thread name."""
+    out: dict[str, set[int]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/comm") as comm:
+            out.setdefault(comm.read().strip(), set()).add(os.sched_getscheduler(int(tid)))
+    return out
+
+
 def test_workers_threads_run_under_sched_batch_and_the_supervisor_does_not(pool):
-    """Default --worker-sched batch: every thread of every worker (the event loop, gRPC's, torch's) is
-    SCHED_BATCH; the supervisor keeps the kernel's default; `--worker-sched normal` parses."""
+    """Default --sched-policy batch: every thread of every worker (the event loop, gRPC's, the lane's) is
+    SCHED_BATCH; the supervisor keeps the kernel's default; `--sched-policy normal` parses."""
     for worker in pool.workers().values():
-        threads = os.listdir(f"/proc/{worker.pid}/task")
-        assert len(threads) > 1
-        assert {os.sched_getscheduler(int(tid)) for tid in threads} == {os.SCHED_BATCH}, worker
+        threads = policies(worker.pid)
+        assert "event_engine" in threads
+        assert set.union(*threads.values()) == {os.SCHED_BATCH}, (worker, threads)
     assert os.sched_getscheduler(pool.proc.pid) == os.SCHED_OTHER
-    assert settings("--worker-sched", "normal").worker_sched == "normal"
+    assert settings("--sched-policy", "normal").sched_policy == "normal"
+
+
+def test_one_process_runs_under_sched_batch_but_torchs_threads_do_not(pools, small_artifact):
+    """One process, every execution on torch's threads (--inline-below 0): after a few calls its event loop
+    and gRPC's threads are SCHED_BATCH, torch's inter-op threads back under SCHED_OTHER (their completions
+    wake the loop). Threads a library started at import (OpenBLAS's) keep the default."""
+    argv = serve_argv(small_artifact, "--inline-below", "0")
+    argv[argv.index("--workers") + 1] = "1"
+    server = pools(argv)
+    score(shared_address(server), calls=5)
+    threads = policies(server.proc.pid)
+    assert threads["PTThreadPool"] == {os.SCHED_OTHER}, threads
+    assert threads["event_engine"] | threads["grpc_global_tim"] == {os.SCHED_BATCH}, threads
+    assert os.sched_getscheduler(server.proc.pid) == os.SCHED_BATCH  # the event loop's
 
 
 def test_model_statistics_through_the_port_sum_every_workers_counters(pool):

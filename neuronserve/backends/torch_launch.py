@@ -40,6 +40,7 @@ import torch
 
 from neuronserve.errors import Unavailable
 from neuronserve.loop_load import BusyFraction, thread_demand_s
+from neuronserve.sched_policy import use_policy
 from neuronserve.execution import call_soon, concat
 
 
@@ -65,7 +66,9 @@ _kept = threading.local()
 
 
 def keep_thread_state() -> None:
-    """Torch's thread, the GIL held: keep this thread's Python thread state for the thread's life.
+    """Torch's thread, the GIL held: keep this thread's Python thread state for the thread's life, and
+    put the thread under the default scheduling policy (it inherits --sched-policy from the loop that
+    started it; its completions wake the loop, sched_policy.py).
 
     pybind11 (torch's callbacks) gives a thread it did not start a new Python thread state each time it
     takes the GIL, and deletes it on release: on Python 3.11 a 16 KiB mmap and munmap per callback, each
@@ -73,6 +76,7 @@ def keep_thread_state() -> None:
     released) keeps the state's count above zero, so pybind11 reuses it."""
     if not getattr(_kept, "state", False):
         ctypes.pythonapi.PyGILState_Ensure()
+        use_policy("normal")
         _kept.state = True
 
 
@@ -144,6 +148,7 @@ class TorchLauncher:
     _queue: deque[_Queued] = field(default_factory=deque)
     _running: bool = False
     _closed: bool = False
+    _loop_thread: int = 0  # the submitting loop's native thread id (callbacks on it are not torch's)
     _idle: threading.Condition = field(default_factory=threading.Condition)
 
     def __post_init__(self) -> None:
@@ -163,6 +168,7 @@ class TorchLauncher:
             if inline:
                 self._running = True  # close() waits for the inline run too
             else:
+                self._loop_thread = threading.get_native_id()
                 submission = _Submission(loop, loop.create_future(), [np.empty(0)] * len(steps), len(steps))
                 self._queue.extend(_Queued(submission, i, step) for i, step in enumerate(steps))
                 first = self._next_locked() if not self._running else None
@@ -257,7 +263,8 @@ class TorchLauncher:
         """Torch's thread, the GIL held: hand this step to its loop, then start the next one (in that
         order: a step that completes at once calls back from inside _start, and settles stay in order)."""
         busy_s = self.clock() - start_s
-        keep_thread_state()
+        if threading.get_native_id() != self._loop_thread:  # not a step that completed inside submit
+            keep_thread_state()
         submission = queued.submission
         call_soon(submission.loop, submission.settle, queued.index, queued.step.rows, done, busy_s)
         with self._idle:
