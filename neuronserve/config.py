@@ -11,6 +11,7 @@ from typing import Any
 
 from neuronserve.contract import STAGES
 from neuronserve.errors import ConfigError
+from neuronserve.sched_policy import POLICIES
 
 
 def read_json_object(path, what: str) -> dict[str, Any]:
@@ -296,9 +297,7 @@ class ServerConfig:
         _require(
             self.cpu_affinity in ("none", "split"), f"cpu_affinity must be none or split, got {self.cpu_affinity!r}"
         )
-        _require(
-            self.sched_policy in ("batch", "normal"), f"sched_policy must be batch or normal, got {self.sched_policy!r}"
-        )
+        _require(self.sched_policy in POLICIES, f"sched_policy must be batch or normal, got {self.sched_policy!r}")
         _require(self.worker_timeout_s > 0, f"worker_timeout_s must be > 0, got {self.worker_timeout_s}")
         _require(
             self.inline_below is None or 0 <= self.inline_below < 1,

@@ -1,4 +1,4 @@
-"""The Linux scheduling policy of a serving process's threads (docs/workers.md, "Scheduling policy").
+"""The Linux scheduling policy of a serving process's threads (`--sched-policy`, docs/workers.md).
 
 Under SCHED_BATCH a woken thread does not preempt the running one; it runs when that one's slice ends or
 it blocks. Priority and CPU share are unchanged. A serving process (one process, or each pool worker) sets
