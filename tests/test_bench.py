@@ -96,7 +96,11 @@ def refusing_server(artifact_dir):
     """A server whose queue bound in time is 1 us: a request arriving while any work is queued or
     running is refused at the door (RESOURCE_EXHAUSTED), so modest load provokes refusals. Batches go to
     torch's thread (--inline-below 0): run on the loop, no work would ever be running when one arrives."""
-    srv = ServerProcess(_serve_argv(artifact_dir, "--max-queue-wait-ms", "0.001", "--inline-below", "0"))
+    # --sched-policy normal: how many requests meet a running batch (and so are refused at once) depends on
+    # how soon a woken thread runs; under SCHED_BATCH on a loaded CI host too few did (docs/workers.md)
+    srv = ServerProcess(
+        _serve_argv(artifact_dir, "--max-queue-wait-ms", "0.001", "--inline-below", "0", "--sched-policy", "normal")
+    )
     yield srv
     srv.stop()
 
@@ -420,9 +424,7 @@ def test_error_latencies_are_kept_per_status_and_merged_over_clients(refusing_se
     timed_out, refused = result.error_latency_ms["DEADLINE_EXCEEDED"], result.error_latency_ms["RESOURCE_EXHAUSTED"]
     assert 0.5 * 150 <= timed_out.count <= 1.5 * 150  # about the second stopped
     assert timed_out.p50 >= timeout_ms  # measured from the schedule: never before the deadline
-    # answered at the door, not at the deadline: the two are kept apart (how many requests meet a running
-    # batch, and so how many refusals come fast, depends on the host's scheduling; docs/workers.md)
-    assert refused.p50 < timed_out.p50
+    assert refused.p50 < timeout_ms / 2  # answered at the door, not at the deadline: the two are kept apart
     assert result.to_dict()["error_latency_ms"]["DEADLINE_EXCEEDED"] == timed_out.to_dict()
 
 
