@@ -145,6 +145,12 @@ SETTINGS: tuple[_Setting, ...] = (
         "'batch' (default) runs the serving threads under Linux SCHED_BATCH, so a thread woken in a busy server does not preempt the running one at once (torch's threads keep the default); 'normal' keeps the kernel's default policy everywhere (docs/workers.md)",
     ),
     _Setting(
+        "connection_balance",
+        _text,
+        "MODE",
+        "workers: 'round-robin' (default) deals new connections to the workers in turn, by an eBPF program on the shared port (needs CAP_BPF or root; else a warning and the kernel's hash); 'hash' leaves the choice to the kernel's hash of the connection's addresses (docs/workers.md)",
+    ),
+    _Setting(
         "worker_timeout_s",
         _number,
         "S",

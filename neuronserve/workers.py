@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from collections.abc import Callable
 
 from neuronserve.config import VISIBLE_CORES_ENV, ServerConfig
+from neuronserve.connection_balance import RoundRobin, load_balance
 from neuronserve.errors import ConfigError, NeuronServeError
 from neuronserve.pool_carry import CarriedStatistics, StatisticsSlots
 from neuronserve.pool_versions import PoolVersions, WorkerVersions, repository_slots
@@ -72,11 +73,14 @@ class PoolShared:
     and a private directory (0700) of one Unix socket per worker for the pool's own calls (the statistics
     fan-out): plaintext there whatever the TCP ports use, since only this user can reach it."""
 
-    def __init__(self, workers: int, cache, host: str, versions: PoolVersions | None = None) -> None:
+    def __init__(
+        self, workers: int, cache, host: str, versions: PoolVersions | None = None, balance: RoundRobin | None = None
+    ) -> None:
         self.cache = cache  # None when serving a model repository: `versions` holds a cache per version
         self.versions = versions
         self.statistics = StatisticsSlots(workers)  # each place's OIP statistics, carried over restarts
         self.host = host
+        self.balance = balance  # the port's connection dealer, each worker attaches it (None: the kernel's hash)
         self.heartbeats = multiprocessing.RawArray(ctypes.c_double, workers)
         self.ports = multiprocessing.RawArray(ctypes.c_int, workers)
         self.socket_dir = tempfile.mkdtemp(prefix="neuronserve-pool-")  # mode 0700
@@ -124,6 +128,8 @@ def _worker_main(config: ServerConfig, plan: WorkerPlan, shared: PoolShared, con
         worker_config = member_config(config, plan)
 
         def ready(server) -> None:
+            if shared.balance is not None and not shared.balance.attach(server.port):
+                log.warning("no socket on port %d to deal connections from", server.port)
             conn.send(WorkerReady(plan.index, os.getpid(), server.private_port, server.metrics_port))
 
         async def serve() -> int:
@@ -422,7 +428,8 @@ def supervise(config: ServerConfig) -> int:
         cache, follower = open_fleet(config.embedding_store, manifest, cache)
         follower.warm_start()
         follower.start()
-    shared = PoolShared(len(plans), cache, config.host, versions)  # a worker per plan: config.workers
+    balance = load_balance(config.connection_balance, len(plans))
+    shared = PoolShared(len(plans), cache, config.host, versions, balance)  # a worker per plan: config.workers
     buckets = ",".join(map(str, manifest.stage(USER_TOWER).batch_sizes))
 
     def ready_line(metrics_port: int | None) -> str:
