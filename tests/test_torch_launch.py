@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -261,6 +262,37 @@ def test_past_the_gap_the_launcher_forks_until_the_loop_with_the_graph_falls_und
     # at 0.25 of a CPU but 0.45 of demand is saturated (others hold the CPUs), and back on its CPU alone
     want = ["inline", "inline", "threaded", "threaded", "inline", "inline", "threaded", "inline"]
     assert asyncio.run(main()) == want
+
+
+def test_with_one_usable_cpu_the_cpu_backend_runs_every_batch_on_the_loop(small_artifact, monkeypatch, fork):
+    """Torch's thread has no second CPU to run beside the loop: inline at any load, unless --inline-below 0."""
+    from neuronserve.artifact import load_manifest
+    from neuronserve.backends import make_backend
+    from neuronserve.config import CoreGroup
+    from neuronserve.contract import FUSED_STAGE
+
+    manifest = load_manifest(str(small_artifact.directory))
+    launchers = {}
+    for cpus, inline_below in (({0}, 0.75), ({0}, 0.0), ({0, 1}, 0.75)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cpus=cpus: cpus)
+        runner = make_backend("cpu", manifest, inline_below=inline_below).load(FUSED_STAGE, CoreGroup(0))
+        launchers[len(cpus), inline_below] = runner._launcher.inline_below
+        runner.close()
+    assert launchers == {(1, 0.75): math.inf, (1, 0.0): 0.0, (2, 0.75): 0.75}
+
+    clock = FakeClock()
+
+    async def saturated() -> bool:  # the loop's demand at a whole CPU: inline all the same
+        launcher = TorchLauncher(clock=clock, cpu_clock=clock, demand_clock=clock, inline_below=math.inf)
+        launcher.demand = BusyFraction(tau_s=0.2, _value=1.0, _at_s=clock.now_s)
+        launcher.loop = BusyFraction(tau_s=0.2, _value=1.0, _at_s=clock.now_s)
+        future = launcher.submit([_step(fork, 2, 2, seed=9)[0]])
+        inline = future.done()
+        await future
+        launcher.close()
+        return inline
+
+    assert asyncio.run(saturated())
 
 
 def test_an_inline_failure_fails_its_own_submission_and_the_launcher_goes_on(fork):
