@@ -2,13 +2,13 @@
 
 The workers share the gRPC port with SO_REUSEPORT, and the kernel hands each new connection to one of
 them by a hash of its addresses: a client's few long connections land unevenly (perf_analyzer's three
-all on one worker about one run in four). RoundRobin is a ten-instruction eBPF program for the port's
+all on one worker about one run in four). RoundRobin is a 13-instruction eBPF program for the port's
 reuseport group (SO_ATTACH_REUSEPORT_EBPF): connection n goes to socket n mod workers, n counted in a
 one-slot BPF array, so any 2k connections opened one after another split k and k. While a worker is
 down the group is one socket short; an index past its end makes the kernel fall back to its hash.
 
 By hand through the bpf syscall because the loaders (bcc, libbpf's Python bindings) need a compiler,
-kernel headers or a native library at run time for what is ten fixed instructions.
+kernel headers or a native library at run time for what is 13 fixed instructions.
 
 Contract: RoundRobin.load(workers) in the supervisor before any worker forks (the workers inherit the
 program's descriptor); each worker calls attach(port) once it listens on the shared port. load raises
