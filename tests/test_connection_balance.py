@@ -3,8 +3,12 @@ on loopback, real connections, which socket accepted each (the pool's end to end
 
 from __future__ import annotations
 
+import os
 import select
+import shutil
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -96,3 +100,23 @@ def test_a_socket_that_joins_later_gets_its_turn(program, listeners):
     program(2).attach(port_of(group))
     group += listeners(1, port_of(group))
     assert sorted(accepted_by(group, 6)) == [0, 0, 0, 1, 1, 1]
+
+
+def test_where_bpf_is_refused_the_pool_keeps_the_kernels_hash_and_says_why():
+    """A process without CAP_BPF and CAP_SYS_ADMIN (setpriv drops them from root's bounding set; the
+    kernel refuses BPF to it where kernel.unprivileged_bpf_disabled is set) gets no program and a
+    warning naming the kernel's reason."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and util-linux's setpriv to start a process without CAP_BPF")
+    code = (
+        "import logging; logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s');"
+        "from neuronserve.connection_balance import load_balance;"
+        "print('program' if load_balance('round-robin', 2) else 'none')"
+    )
+    argv = ["setpriv", "--bounding-set", "-bpf,-sys_admin", sys.executable, "-c", code]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    if done.stdout.strip() == "program":
+        pytest.skip("this kernel lets unprivileged processes load BPF")
+    assert done.stdout.strip() == "none", done.stderr
+    assert "WARNING connections are hashed over the workers by the kernel" in done.stderr
+    assert "Operation not permitted" in done.stderr
