@@ -237,7 +237,7 @@ SETTINGS: tuple[_Setting, ...] = (
         "inline_below",
         _number,
         "SHARE",
-        "cpu backend: run a batch on the event loop while the loop, the graph on it, is busy less than this share of the time (fewer thread wake-ups at low load); torch's thread again from this + 0.1; 0: never; default 0.75 for one process, 0 for each worker of --workers N > 1 (docs/pipeline.md)",
+        "cpu backend: run a batch on the event loop while the loop, the graph on it, is busy less than this share of the time (fewer thread wake-ups at low load); torch's thread again from this + 0.1; at any load with one usable CPU; 0: never; default 0.75 for one process, 0 for each worker of --workers N > 1 (docs/pipeline.md)",
     ),
     _Setting(
         "gil_switch_ms",
