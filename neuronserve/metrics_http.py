@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -128,7 +129,18 @@ class MetricsServer:
 
     async def _listen(self, host: str, port: int) -> int:
         self._render_lock = asyncio.Lock()
-        self._server = await asyncio.start_server(self._handle, host, port)
+        if host != "::":
+            self._server = await asyncio.start_server(self._handle, host, port)
+        else:  # the IPv6 wildcard takes IPv4 too, as gRPC's port does (asyncio alone would set IPV6_V6ONLY)
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                sock.bind(("::", port))
+                self._server = await asyncio.start_server(self._handle, sock=sock)
+            except BaseException:
+                sock.close()
+                raise
         return int(self._server.sockets[0].getsockname()[1])
 
     async def _shutdown(self) -> None:

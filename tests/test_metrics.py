@@ -252,6 +252,20 @@ def test_a_taken_port_is_an_oserror_and_close_ends_the_thread():
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
+def test_on_the_ipv6_wildcard_the_page_answers_over_ipv4_too():
+    """--host ::, as gRPC's port there: IPv6 and IPv4 clients alike (asyncio alone listens IPv6 only)."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    server = MetricsServer(Metrics(version="v1", batch_buckets=(1,)))
+    port = asyncio.run(server.start("::", 0))
+    try:
+        for address in ("127.0.0.1", "[::1]"):
+            with urllib.request.urlopen(f"http://{address}:{port}/metrics", timeout=20) as response:
+                assert response.status == 200 and b"process_threads" in response.read(), address
+    finally:
+        asyncio.run(server.close())
+
+
 # ---- a live server ----------------------------------------------------------------------------------
 
 
