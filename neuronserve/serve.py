@@ -67,6 +67,7 @@ def run(config: ServerConfig) -> int:
         from neuronserve.workers import supervise
 
         return supervise(config)
+    config = with_one_cpu_batching(config, len(os.sched_getaffinity(0)))
     from neuronserve.sched_policy import use_policy
     from neuronserve.watchdog import LoopWatchdog
 
@@ -104,6 +105,24 @@ def with_workers(config: ServerConfig) -> ServerConfig:
     backend = resolve_backend(config.backend, load_manifest(config.artifact, False))
     cores = core_span(backend, config.cores).count
     return dataclasses.replace(config, workers=default_workers(backend, cores, len(os.sched_getaffinity(0))))
+
+
+def with_one_cpu_batching(config: ServerConfig, usable_cpus: int) -> ServerConfig:
+    """One process with one usable CPU batches as a pool's worker does (worker_plan.lane_batching): its
+    graph can only take turns with the event loop on that CPU (docs/pipeline.md). Needs --artifact (or the
+    demo) to resolve an `auto` backend; otherwise, and with more CPUs, `config` as it is."""
+    if config.workers != 1 or usable_cpus != 1 or (config.backend == "auto" and config.artifact is None):
+        return config
+    from neuronserve.artifact import load_manifest
+    from neuronserve.backends import resolve_backend
+    from neuronserve.worker_plan import lane_batching
+
+    backend = config.backend
+    if backend == "auto":
+        backend = resolve_backend(backend, load_manifest(config.artifact, False))
+    if backend == "cpu":
+        log.info("one usable CPU: batches form in a lane, one in flight (--inline-below 0 --max-in-flight-batches 1)")
+    return lane_batching(dataclasses.replace(config, backend=backend))
 
 
 def configure_logging(prefix: str = "") -> None:

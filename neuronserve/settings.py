@@ -237,7 +237,7 @@ SETTINGS: tuple[_Setting, ...] = (
         "inline_below",
         _number,
         "SHARE",
-        "cpu backend: run a batch on the event loop while the loop, the graph on it, is busy less than this share of the time (fewer thread wake-ups at low load); torch's thread again from this + 0.1; at any load with one usable CPU; 0: never; default 0.75 for one process, 0 for each worker of --workers N > 1 (docs/pipeline.md)",
+        "cpu backend: run a batch on the event loop while the loop, the graph on it, is busy less than this share of the time (fewer thread wake-ups at low load); torch's thread again from this + 0.1; 0: never; default 0.75 for one process, 0 for each worker of --workers N > 1 and for one process with one usable CPU (docs/pipeline.md)",
     ),
     _Setting(
         "gil_switch_ms",
@@ -290,7 +290,7 @@ SETTINGS: tuple[_Setting, ...] = (
         "max_in_flight_batches",
         _optional(_integer),
         "N",
-        "batches in flight per batcher (default: the pipeline's executor slots; 1 in each worker of a cpu pool, docs/pipeline.md)",
+        "batches in flight per batcher (default: the pipeline's executor slots; 1 in each worker of a cpu pool and in one cpu process with one usable CPU, docs/pipeline.md)",
     ),
     _Setting(
         "sim_latency_scale", _number, "X", "sim backend: multiply the device latency model (0 = as fast as the CPU)"

@@ -59,17 +59,18 @@ def plan_workers(
 
 def member_config(config: ServerConfig, plan: WorkerPlan) -> ServerConfig:
     """The configuration a worker serves with: its own cores, one process, no affinity of its own to set,
-    and unless set --inline-below 0 (config.INLINE_BELOW says why) and, on the cpu backend, one batch in
-    flight (the loops share the CPUs: a batch formed when the running one is back is bigger;
-    docs/pipeline.md). `config.backend` is resolved (the supervisor resolves it before the fork)."""
+    and the lane's batching (lane_batching: the workers' loops share the CPUs). `config.backend` is
+    resolved (the supervisor resolves it before the fork)."""
+    return lane_batching(dataclasses.replace(config, cores=plan.cores.count, workers=1, cpu_affinity="none"))
+
+
+def lane_batching(config: ServerConfig) -> ServerConfig:
+    """Unless set, --inline-below 0 (config.INLINE_BELOW says why) and, on the cpu backend, one batch in
+    flight: a batch lane (docs/pipeline.md). For a serving process whose event loop shares its CPUs, a
+    pool's worker or one process with one usable CPU (serve.py): the next batch forms while the running one
+    has the CPU, so it is bigger. `config.backend` is resolved."""
     batching = config.batching
     if config.backend == "cpu" and batching.max_in_flight_batches is None:
         batching = dataclasses.replace(batching, max_in_flight_batches=1)
-    return dataclasses.replace(
-        config,
-        cores=plan.cores.count,
-        workers=1,
-        cpu_affinity="none",
-        inline_below=0.0 if config.inline_below is None else config.inline_below,
-        batching=batching,
-    )
+    inline_below = 0.0 if config.inline_below is None else config.inline_below
+    return dataclasses.replace(config, inline_below=inline_below, batching=batching)

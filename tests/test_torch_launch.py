@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
 import os
 import subprocess
 import sys
@@ -264,37 +263,6 @@ def test_past_the_gap_the_launcher_forks_until_the_loop_with_the_graph_falls_und
     assert asyncio.run(main()) == want
 
 
-def test_with_one_usable_cpu_the_cpu_backend_runs_every_batch_on_the_loop(small_artifact, monkeypatch, fork):
-    """Torch's thread has no second CPU to run beside the loop: inline at any load, unless --inline-below 0."""
-    from neuronserve.artifact import load_manifest
-    from neuronserve.backends import make_backend
-    from neuronserve.config import CoreGroup
-    from neuronserve.contract import FUSED_STAGE
-
-    manifest = load_manifest(str(small_artifact.directory))
-    launchers = {}
-    for cpus, inline_below in (({0}, 0.75), ({0}, 0.0), ({0, 1}, 0.75)):
-        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cpus=cpus: cpus)
-        runner = make_backend("cpu", manifest, inline_below=inline_below).load(FUSED_STAGE, CoreGroup(0))
-        launchers[len(cpus), inline_below] = runner._launcher.inline_below
-        runner.close()
-    assert launchers == {(1, 0.75): math.inf, (1, 0.0): 0.0, (2, 0.75): 0.75}
-
-    clock = FakeClock()
-
-    async def saturated() -> bool:  # the loop's demand at a whole CPU: inline all the same
-        launcher = TorchLauncher(clock=clock, cpu_clock=clock, demand_clock=clock, inline_below=math.inf)
-        launcher.demand = BusyFraction(tau_s=0.2, _value=1.0, _at_s=clock.now_s)
-        launcher.loop = BusyFraction(tau_s=0.2, _value=1.0, _at_s=clock.now_s)
-        future = launcher.submit([_step(fork, 2, 2, seed=9)[0]])
-        inline = future.done()
-        await future
-        launcher.close()
-        return inline
-
-    assert asyncio.run(saturated())
-
-
 def test_an_inline_failure_fails_its_own_submission_and_the_launcher_goes_on(fork):
     async def main():
         launcher = TorchLauncher(clock=FakeClock(), inline_below=0.2)
@@ -391,6 +359,23 @@ def test_a_pools_workers_run_no_batch_inline_and_one_in_flight_unless_set(small_
     )
     worker = member_config(given, plan)
     assert worker.inline_below == 0.5 and worker.batching.max_in_flight_batches == 2
+
+
+def test_one_process_with_one_usable_cpu_batches_as_a_pools_worker(small_artifact):
+    """Its graph can only take turns with the event loop on that CPU: the lane's batching, unless set;
+    with two CPUs, or a device backend's in-flight batches, nothing changes."""
+    from neuronserve.config import BatchingConfig, ServerConfig
+    from neuronserve.serve import with_one_cpu_batching
+
+    config = ServerConfig(artifact=str(small_artifact.directory), workers=1)  # backend auto: cpu
+    one = with_one_cpu_batching(config, usable_cpus=1)
+    assert (one.backend, one.inline_below, one.batching.max_in_flight_batches) == ("cpu", 0.0, 1)
+    assert with_one_cpu_batching(config, usable_cpus=2) == config
+    sim = with_one_cpu_batching(dataclasses.replace(config, backend="sim"), usable_cpus=1)
+    assert sim.batching.max_in_flight_batches is None
+    given = dataclasses.replace(config, inline_below=0.5, batching=BatchingConfig(max_in_flight_batches=2))
+    kept = with_one_cpu_batching(given, usable_cpus=1)
+    assert kept.inline_below == 0.5 and kept.batching.max_in_flight_batches == 2
 
 
 needs_schedstat = pytest.mark.skipif(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -532,6 +533,19 @@ def test_one_process_runs_under_sched_batch_but_torchs_threads_do_not(pools, sma
     assert threads["PTThreadPool"] == {os.SCHED_OTHER}, threads
     assert threads["event_engine"] | threads["grpc_global_tim"] == {os.SCHED_BATCH}, threads
     assert os.sched_getscheduler(server.proc.pid) == os.SCHED_BATCH  # the event loop's
+
+
+def test_one_process_pinned_to_one_cpu_batches_in_a_lane(pools, small_artifact):
+    """Under `taskset -c N`, one process says it batches in a lane and serves; its batches run on the lane's
+    thread, so torch's inter-op threads never start."""
+    if shutil.which("taskset") is None:
+        pytest.skip("util-linux's taskset")
+    argv = serve_argv(small_artifact)
+    argv[argv.index("--workers") + 1] = "1"
+    server = pools(["taskset", "-c", str(min(os.sched_getaffinity(0))), *argv])
+    assert len(score(shared_address(server), calls=5).scores.data) > 0
+    assert server.lines("one usable CPU: batches form in a lane"), server.log()
+    assert "PTThreadPool" not in policies(server.proc.pid), policies(server.proc.pid)
 
 
 def test_model_statistics_through_the_port_sum_every_workers_counters(pool):

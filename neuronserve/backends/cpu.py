@@ -8,8 +8,6 @@ backend wraps it for exact outputs. FUSED_STAGE loads as a CpuFusedRunner: one s
 
 from __future__ import annotations
 
-import math
-import os
 import threading
 from collections.abc import Sequence
 
@@ -37,7 +35,7 @@ class CpuBackend(Backend):
     def __init__(self, manifest: Manifest, model_process: bool = False, inline_below: float = 0.0) -> None:
         """model_process: the fused graph runs in a process of its own per core group (model_process.py);
         inline_below: the event loop's load under which a batch runs on it (torch_launch.TorchLauncher;
-        0: never; the server passes ServerConfig.inline_below); with one usable CPU, any load."""
+        0: never; the server passes ServerConfig.inline_below)."""
         if manifest.target != "cpu":
             raise BackendUnavailable(
                 f"artifact {manifest.directory} was compiled for {manifest.target}; the cpu backend runs --target cpu artifacts "
@@ -48,10 +46,7 @@ class CpuBackend(Backend):
         # host intra-op threads of concurrent executions would only fight over the same cores.
         torch.set_num_threads(1)
         self.model_process = model_process
-        # One usable CPU: torch's thread could only take turns with the loop there, never run beside it, so
-        # every execution runs on the loop (docs/pipeline.md; measured in docs/benchmarks.md, fifteenth session).
-        one_cpu = len(os.sched_getaffinity(0)) == 1
-        self.inline_below = math.inf if inline_below > 0 and one_cpu else inline_below
+        self.inline_below = inline_below
         # Each file loaded once and shared by every core group (a TorchScript module runs concurrently
         # on several threads): torch.jit.load holds the GIL, so a version loading beside served traffic
         # stalls the event loop for each file it loads.
