@@ -81,9 +81,8 @@ def _bpf(command: int, attr: bytes) -> int:
 class RoundRobin:
     """The loaded program: its descriptor, attachable to any number of listening sockets."""
 
-    def __init__(self, program_fd: int, workers: int) -> None:
+    def __init__(self, program_fd: int) -> None:
         self.program_fd = program_fd
-        self.workers = workers
 
     @classmethod
     def load(cls, workers: int) -> RoundRobin:
@@ -99,7 +98,7 @@ class RoundRobin:
                 ctypes.addressof(instructions),
                 ctypes.addressof(license),
             ).ljust(128, b"\0")
-            return cls(_bpf(_BPF_PROG_LOAD, attr), workers)
+            return cls(_bpf(_BPF_PROG_LOAD, attr))
         finally:
             os.close(counter)  # the program holds the map
 

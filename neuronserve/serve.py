@@ -99,12 +99,19 @@ def with_workers(config: ServerConfig) -> ServerConfig:
         return config
     if config.placement or config.model_repository is not None:
         return dataclasses.replace(config, workers=1)
-    from neuronserve.artifact import load_manifest
-    from neuronserve.backends import core_span, default_workers, resolve_backend
+    from neuronserve.backends import core_span, default_workers
 
-    backend = resolve_backend(config.backend, load_manifest(config.artifact, False))
+    backend = resolved_backend(config)
     cores = core_span(backend, config.cores).count
     return dataclasses.replace(config, workers=default_workers(backend, cores, len(os.sched_getaffinity(0))))
+
+
+def resolved_backend(config: ServerConfig) -> str:
+    """The backend `config`'s artifact is served with (`auto` resolved from its target)."""
+    from neuronserve.artifact import load_manifest
+    from neuronserve.backends import resolve_backend
+
+    return resolve_backend(config.backend, load_manifest(config.artifact, False))
 
 
 def with_one_cpu_batching(config: ServerConfig, usable_cpus: int) -> ServerConfig:
@@ -113,13 +120,9 @@ def with_one_cpu_batching(config: ServerConfig, usable_cpus: int) -> ServerConfi
     demo) to resolve an `auto` backend; otherwise, and with more CPUs, `config` as it is."""
     if config.workers != 1 or usable_cpus != 1 or (config.backend == "auto" and config.artifact is None):
         return config
-    from neuronserve.artifact import load_manifest
-    from neuronserve.backends import resolve_backend
     from neuronserve.worker_plan import lane_batching
 
-    backend = config.backend
-    if backend == "auto":
-        backend = resolve_backend(backend, load_manifest(config.artifact, False))
+    backend = config.backend if config.artifact is None else resolved_backend(config)
     if backend == "cpu":
         log.info("one usable CPU: batches form in a lane, one in flight (--inline-below 0 --max-in-flight-batches 1)")
     return lane_batching(dataclasses.replace(config, backend=backend))

@@ -148,7 +148,7 @@ class TorchLauncher:
     _queue: deque[_Queued] = field(default_factory=deque)
     _running: bool = False
     _closed: bool = False
-    _loop_thread: int = 0  # the submitting loop's native thread id (callbacks on it are not torch's)
+    _loop_thread: int = 0  # the submitting loop's thread (threading.get_ident; callbacks on it are not torch's)
     _idle: threading.Condition = field(default_factory=threading.Condition)
 
     def __post_init__(self) -> None:
@@ -168,7 +168,7 @@ class TorchLauncher:
             if inline:
                 self._running = True  # close() waits for the inline run too
             else:
-                self._loop_thread = threading.get_native_id()
+                self._loop_thread = threading.get_ident()  # pthread_self: no system call, unlike get_native_id
                 submission = _Submission(loop, loop.create_future(), [np.empty(0)] * len(steps), len(steps))
                 self._queue.extend(_Queued(submission, i, step) for i, step in enumerate(steps))
                 first = self._next_locked() if not self._running else None
@@ -263,7 +263,7 @@ class TorchLauncher:
         """Torch's thread, the GIL held: hand this step to its loop, then start the next one (in that
         order: a step that completes at once calls back from inside _start, and settles stay in order)."""
         busy_s = self.clock() - start_s
-        if threading.get_native_id() != self._loop_thread:  # not a step that completed inside submit
+        if threading.get_ident() != self._loop_thread:  # not a step that completed inside submit
             keep_thread_state()
         submission = queued.submission
         call_soon(submission.loop, submission.settle, queued.index, queued.step.rows, done, busy_s)
