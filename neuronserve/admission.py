@@ -1,6 +1,6 @@
 """Admission at the door of a batch queue, shared by DynamicBatcher and BatchLane: a request whose
-expected completion misses the first half of its remaining time (ADMIT_WITHIN) is DeadlineExceeded, a backlog past max_queue_wait_ms or
-max_queue_rows is Overloaded, before any work. Expected times are the latency model's, scaled by the
+expected completion misses the first half of its remaining time (ADMIT_WITHIN) is DeadlineExceeded, a
+backlog past max_queue_wait_ms or max_queue_rows is Overloaded, before any work. Expected times are the latency model's, scaled by the
 slowdown the batches really show (an EWMA). The rules, with the reasons: docs/batching.md.
 """
 
@@ -66,13 +66,12 @@ class Admission:
         to go, summed."""
         wait_s = self.backlog_s(queued_rows, running_s, devices)
         if deadline_s is not None:
-            admit_by_s = now + ADMIT_WITHIN * max(0.0, deadline_s - now)
+            admit_by_s = min(deadline_s, now + ADMIT_WITHIN * (deadline_s - now))
             shortfall_s = self.shortfall_s(now + wait_s, min(rows, self._max_rows), admit_by_s)
             if shortfall_s > 0:
                 self.rejected_deadline += 1
-                bound = (
-                    f"half the {(deadline_s - now) * 1e3:.1f} ms it has left" if deadline_s > now else "its deadline"
-                )
+                left_ms = (deadline_s - now) * 1e3
+                bound = f"{ADMIT_WITHIN:.0%} of the {left_ms:.1f} ms it has left" if left_ms > 0 else "its deadline"
                 raise self.deadline_error(rows, min(rows, self._max_rows), shortfall_s, wait_s, bound)
         if wait_s > self._max_wait_s:
             self.rejected_overload += 1

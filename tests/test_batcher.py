@@ -373,16 +373,18 @@ def test_deadline_passed_or_unmeetable_is_rejected_at_submit():
         clock.now_s = 10.0
         runner = Runner(gated=False)
         batcher = make(runner, clock=clock, estimate=lambda rows: 1.0 * rows)
-        with pytest.raises(DeadlineExceeded, match=r"1 rows .* 1000\.000 ms after"):
+        with pytest.raises(DeadlineExceeded, match=r"1 rows .* 1000\.000 ms after its deadline"):
             await batcher.submit(payload("late", 1), 1, deadline_s=10.0)  # 10 + 1 s: 1 s late
-        with pytest.raises(DeadlineExceeded, match=r"batch of 2 rows .* 1250\.000 ms after half the 1500\.0 ms it has left"):
+        with pytest.raises(DeadlineExceeded, match=r"1 rows .* 3000\.000 ms after its deadline"):
+            await batcher.submit(payload("gone", 1), 1, deadline_s=8.0)  # already 2 s past it
+        with pytest.raises(DeadlineExceeded, match=r"batch of 2 rows .* 1250\.000 ms after 50% of the 1500\.0 ms it has left"):
             await batcher.submit(payload("slow", 2), 2, deadline_s=11.5)  # 2 rows need 2 s
         # admission keeps half the time left for the loop and the wire (ADMIT_WITHIN): 1 s of work needs 2 s left
-        with pytest.raises(DeadlineExceeded, match=r"500\.000 ms after half the 1000\.0 ms it has left"):
+        with pytest.raises(DeadlineExceeded, match=r"500\.000 ms after 50% of the 1000\.0 ms it has left"):
             await batcher.submit(payload("tight", 1), 1, deadline_s=11.0)
         check(await batcher.submit(payload("ok", 1), 1, deadline_s=12.0), "ok", 1)  # exactly in time
         assert runner.batches == [[("ok", 0, 1)]]
-        assert batcher.stats().rejected_deadline == 3
+        assert batcher.stats().rejected_deadline == 4
         await batcher.close()
 
     run(body())
@@ -431,7 +433,7 @@ def test_admission_counts_the_backlog_ahead_and_refuses_at_once():
         # 14 rows ahead = 140 ms > the 120 ms budget: refused at once, whatever its deadline
         with pytest.raises(Overloaded, match=r"140\.0 ms to drain, above max_queue_wait_ms=120"):
             await batcher.submit(payload("over", 1), 1)
-        with pytest.raises(DeadlineExceeded, match=r"after the 140\.0 ms the queue ahead needs would finish 120\.000 ms after half the 60\.0 ms"):
+        with pytest.raises(DeadlineExceeded, match=r"after the 140\.0 ms the queue ahead needs would finish 120\.000 ms after 50% of the 60\.0 ms"):
             await batcher.submit(payload("late", 1), 1, deadline_s=0.06)
         stats = batcher.stats()
         assert (stats.rejected_overload, stats.rejected_deadline) == (1, 1)
