@@ -1,7 +1,7 @@
 """Admission at the door of a batch queue, shared by DynamicBatcher and BatchLane: a request whose
-expected completion misses the first half of its remaining time (ADMIT_WITHIN) is DeadlineExceeded, a
-backlog past max_queue_wait_ms or max_queue_rows is Overloaded, before any work. Expected times are the latency model's, scaled by the
-slowdown the batches really show (an EWMA). The rules, with the reasons: docs/batching.md.
+expected completion, the queue ahead priced at QUEUE_WAIT_FACTOR times its wait, misses its deadline is
+DeadlineExceeded, a backlog past max_queue_wait_ms or max_queue_rows is Overloaded, before any work.
+Expected times are the latency model's, scaled by the slowdown the batches really show (an EWMA). The rules, with the reasons: docs/batching.md.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from neuronserve.errors import DeadlineExceeded, InvalidInput, Overloaded
 
 MIN_SLOWDOWN, MAX_SLOWDOWN = 0.1, 50.0  # bounds on one batch's observed / modelled time (a stall, a clock step)
 SLOWDOWN_WEIGHT = 0.2  # EWMA weight of each batch's observed slowdown
-# The share of a request's remaining time its expected completion must fall within to be admitted; the
-# rest is for what the model cannot see: the wait for the event loop before the request reaches admission
-# and after its batch, and the wire. Past capacity, the queue settles at this share of the deadline.
-ADMIT_WITHIN = 0.5
+# The deadline rule prices the queue ahead at this many times its modelled wait. The model prices the
+# queue well; the waits it cannot see grow with it (the event loop's backlog before a request reaches
+# admission and after its batch). Past capacity the queue settles at about half the deadline; a request
+# that finds no queue is admitted if its own batch fits (docs/batching.md).
+QUEUE_WAIT_FACTOR = 2.0
 
 
 def checked_rows(rows, max_queue_rows: int, name: str) -> int:
@@ -61,18 +62,14 @@ class Admission:
         running_s: float,
         devices: int,
     ) -> None:
-        """Refuse at once what cannot be served in time (expected to end within ADMIT_WITHIN of the time
-        left) or would overflow the queue. `running_s`: the running batches' expected device seconds still
-        to go, summed."""
+        """Refuse at once what cannot be served in time or would overflow the queue. `running_s`: the
+        running batches' expected device seconds still to go, summed."""
         wait_s = self.backlog_s(queued_rows, running_s, devices)
         if deadline_s is not None:
-            admit_by_s = min(deadline_s, now + ADMIT_WITHIN * (deadline_s - now))
-            shortfall_s = self.shortfall_s(now + wait_s, min(rows, self._max_rows), admit_by_s)
+            shortfall_s = self.shortfall_s(now + QUEUE_WAIT_FACTOR * wait_s, min(rows, self._max_rows), deadline_s)
             if shortfall_s > 0:
                 self.rejected_deadline += 1
-                left_ms = (deadline_s - now) * 1e3
-                bound = f"{ADMIT_WITHIN:.0%} of the {left_ms:.1f} ms it has left" if left_ms > 0 else "its deadline"
-                raise self.deadline_error(rows, min(rows, self._max_rows), shortfall_s, wait_s, bound)
+                raise self.deadline_error(rows, min(rows, self._max_rows), shortfall_s, wait_s)
         if wait_s > self._max_wait_s:
             self.rejected_overload += 1
             raise Overloaded(
@@ -123,11 +120,9 @@ class Admission:
         self.rejected_deadline += 1
         return self.deadline_error(rows, batch_rows, shortfall_s)
 
-    def deadline_error(
-        self, rows: int, batch_rows: int, shortfall_s: float, wait_s: float = 0.0, bound: str = "its deadline"
-    ) -> DeadlineExceeded:
-        ahead = f" after the {wait_s * 1e3:.1f} ms the queue ahead needs" if wait_s > 0 else ""
+    def deadline_error(self, rows: int, batch_rows: int, shortfall_s: float, wait_s: float = 0.0) -> DeadlineExceeded:
+        ahead = f" after {QUEUE_WAIT_FACTOR:g}x the {wait_s * 1e3:.1f} ms the queue ahead needs" if wait_s > 0 else ""
         return DeadlineExceeded(
             f"{self.name}: a request of {rows} rows cannot meet its deadline: a batch of {batch_rows} rows "
-            f"started{ahead or ' now'} would finish {shortfall_s * 1e3:.3f} ms after {bound}"
+            f"started{ahead or ' now'} would finish {shortfall_s * 1e3:.3f} ms after it"
         )
