@@ -1,7 +1,8 @@
 """Admission at the door of a batch queue, shared by DynamicBatcher and BatchLane: a request whose
 expected completion, the queue ahead priced at QUEUE_WAIT_FACTOR times its wait, misses its deadline is
 DeadlineExceeded, a backlog past max_queue_wait_ms or max_queue_rows is Overloaded, before any work.
-Expected times are the latency model's, scaled by the slowdown the batches really show (an EWMA). The rules, with the reasons: docs/batching.md.
+Expected times are the latency model's, scaled by the slowdown the batches really show (an EWMA). The
+rules, with the reasons: docs/batching.md.
 """
 
 from __future__ import annotations
