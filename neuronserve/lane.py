@@ -117,8 +117,7 @@ class BatchLane:
             raise Unavailable(f"{self.name} is {'closed' if self._closing else 'not started'}: not accepting requests")
         rows = checked_rows(rows, self._admission.max_queue_rows, self.name)
         now = self._clock()
-        low_load = self._inline_below > 0 and self._demand.count_total(now, self._demand_clock()) < self._inline_below
-        if low_load and not self._pending and self._finish_s is None:
+        if self._inline_below > 0 and not self._pending and self._finish_s is None and self._low_load(now):
             return self._run_inline(payload, rows, now, deadline_s)  # the thread is idle and stays so
         request = _Request(payload[0], payload[1], rows, now, deadline_s, self._loop.create_future())
         with self._lock:
@@ -137,6 +136,12 @@ class BatchLane:
                     self._pending.remove(request)
                     self._queued_rows -= rows
             raise
+
+    def _low_load(self, now: float) -> bool:
+        """Whether the loop thread's demand is under inline_below. Read only when the lane is idle: the read
+        is a system call, which gives the GIL away, and a busy lane's thread takes it (the loop then waits
+        for it); the demand is cumulative, so the readings skipped are counted at the next one."""
+        return self._demand.count_total(now, self._demand_clock()) < self._inline_below
 
     def _run_inline(self, payload: tuple[np.ndarray, np.ndarray], rows: int, now: float, deadline_s: float | None):
         """One request as its own batch, on the loop: admitted by the same rules, counted as a batch, its

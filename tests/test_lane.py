@@ -63,8 +63,10 @@ class Runner:
 
 class Clock:
     now_s = 0.0
+    reads = 0
 
     def __call__(self) -> float:
+        self.reads += 1
         return self.now_s
 
 
@@ -358,9 +360,12 @@ async def test_a_request_behind_a_running_batch_waits_for_the_thread_even_at_low
     second = asyncio.ensure_future(batches.submit((user, peers_of(2, 2.0)), 2))
     await runner.running(2)
     clock.now_s = 10.0  # long idle since: the demand has decayed, but the thread is busy
+    reads = demand.reads
     third = asyncio.ensure_future(batches.submit((user, peers_of(1, 3.0)), 1))
     await asyncio.sleep(0)
     assert not third.done() and runner.batches == [[2], [2]]
+    # the demand is not read while the thread is busy: the read (a system call) would give the GIL away
+    assert demand.reads == reads
     runner.gates[1].set()
     runner.gates[2].set()
     assert (await second).tolist() == [[2.0], [2.0]] and (await third).tolist() == [[3.0]]
