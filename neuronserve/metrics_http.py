@@ -132,11 +132,8 @@ class MetricsServer:
         if host != "::":
             self._server = await asyncio.start_server(self._handle, host, port)
         else:  # the IPv6 wildcard takes IPv4 too, as gRPC's port does (asyncio alone would set IPV6_V6ONLY)
-            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            sock = socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True)
             try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                sock.bind(("::", port))
                 self._server = await asyncio.start_server(self._handle, sock=sock)
             except BaseException:
                 sock.close()
