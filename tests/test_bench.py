@@ -405,7 +405,7 @@ def test_the_median_comparison_takes_each_figure_from_the_rounds_that_have_it():
 @pytest.mark.timeout(90)
 def test_error_latencies_are_kept_per_status_and_merged_over_clients(refusing_server):
     """Refusals at the door and the client's deadline, in one run: a 1 s SIGSTOP makes the requests
-    sent meanwhile hit the 300 ms client deadline; the rest meet the 1 us queue bound."""
+    sent meanwhile hit the 300 ms client deadline or, reaching the server as it resumes, the 1 us queue bound."""
     timeout_ms = 300.0
     spec = LoadSpec(target=refusing_server.target, method="/neuronserve.v1.Scorer/Score", payloads=_score_payloads(refusing_server), duration_s=3.0,
                     warmup_s=0.5, rate_per_s=150.0, arrival="constant", clients=2, timeout_ms=timeout_ms)
@@ -424,7 +424,9 @@ def test_error_latencies_are_kept_per_status_and_merged_over_clients(refusing_se
     timed_out, refused = result.error_latency_ms["DEADLINE_EXCEEDED"], result.error_latency_ms["RESOURCE_EXHAUSTED"]
     assert 0.5 * 150 <= timed_out.count <= 1.5 * 150  # about the second stopped
     assert timed_out.p50 >= timeout_ms  # measured from the schedule: never before the deadline
-    assert refused.p50 < timeout_ms / 2  # answered at the door, not at the deadline: the two are kept apart
+    # most refusals are the calls sent during the stop that reach the server as it resumes (one runs, the
+    # rest meet the bound): answered before the deadline, so kept apart from the timed-out ones
+    assert refused.p50 < timeout_ms
     assert result.to_dict()["error_latency_ms"]["DEADLINE_EXCEEDED"] == timed_out.to_dict()
 
 
