@@ -13,6 +13,7 @@ from neuronserve.contract import STAGES
 from neuronserve.errors import ConfigError
 from neuronserve.connection_balance import BALANCES
 from neuronserve.sched_policy import POLICIES
+from neuronserve.thread_placement import MODES as LOOP_CPU_MODES
 
 
 def read_json_object(path, what: str) -> dict[str, Any]:
@@ -222,6 +223,7 @@ class ServerConfig:
     workers: int | None = None  # serving processes sharing the port (1: no supervisor); None: backends.default_workers
     cpu_affinity: str = "none"  # none | split (each worker pinned to an even share of the usable CPUs)
     sched_policy: str = "batch"  # batch | normal: the serving threads' scheduling policy (sched_policy.py)
+    loop_cpu: str = "auto"  # auto | off: one process's event loop and gRPC's poller on one CPU (thread_placement.py)
     connection_balance: str = "round-robin"  # round-robin | hash: a pool's new connections (connection_balance.py)
     worker_timeout_s: float = 10.0  # a worker whose event loop has not ticked for this long is replaced
     host: str = "127.0.0.1"
@@ -300,6 +302,7 @@ class ServerConfig:
             self.cpu_affinity in ("none", "split"), f"cpu_affinity must be none or split, got {self.cpu_affinity!r}"
         )
         _require(self.sched_policy in POLICIES, f"sched_policy must be batch or normal, got {self.sched_policy!r}")
+        _require(self.loop_cpu in LOOP_CPU_MODES, f"loop_cpu must be auto or off, got {self.loop_cpu!r}")
         _require(
             self.connection_balance in BALANCES,
             f"connection_balance must be round-robin or hash, got {self.connection_balance!r}",

@@ -35,6 +35,7 @@ from neuronserve.config import BatchingConfig
 from neuronserve.errors import DeadlineExceeded, NeuronServeError, Unavailable
 from neuronserve.execution import call_soon
 from neuronserve.loop_load import BusyFraction, thread_demand_s
+from neuronserve.thread_placement import release_thread
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,7 @@ class BatchLane:
     def _work(self) -> None:
         """The lane's thread. A bug in it fails every queued request (INTERNAL) and closes the lane
         instead of leaving its callers waiting."""
+        release_thread()  # started by the loop: back on every CPU if the loop is pinned
         try:
             self._serve()
         except BaseException:

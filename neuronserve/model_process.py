@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from neuronserve.errors import CoreFault
+from neuronserve.thread_placement import release_thread
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +237,7 @@ class ModelProcess:
             threading.Thread(target=self._restart, args=(delay_s,), name=f"{self.name}-restart", daemon=True).start()
 
     def _restart(self, delay_s: float) -> None:
+        release_thread()  # started by the loop: the new child must not inherit a pinned loop's one CPU
         time.sleep(delay_s)  # backoff: a child that dies at once is not respawned in a tight loop
         if self._closing:
             return

@@ -23,6 +23,7 @@ import numpy as np
 
 from neuronserve.backends.base import Backend, FusedRunner, Runner
 from neuronserve.config import CoreGroup, Placement
+from neuronserve.thread_placement import released_executor
 from neuronserve.bucket_plan import BucketPlan, measured_plan
 from neuronserve.execution import (
     JobResult,
@@ -151,7 +152,7 @@ class Pipeline:
         for group in self._groups:
             group.capacity = max(r.max_in_flight for r in group.runners.values())
             threads = max(r.threads or r.max_in_flight for r in group.runners.values())
-            group.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"cores-{group.cores}")
+            group.executor = released_executor(threads, f"cores-{group.cores}")
         for stage, groups in self._stage_groups.items():
             runner = groups[0].runners[stage]
             self._shapes[stage] = tuple(runner.input_shapes())

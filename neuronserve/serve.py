@@ -77,11 +77,21 @@ def run(config: ServerConfig) -> int:
     def ready(server: Server) -> None:
         _print_ready(server)
         watchdog.arm()
+        _pin_loop(config, server)
 
     try:
         return run_loop(serve_process(config, on_ready=ready))
     finally:
         watchdog.stop()
+
+
+def _pin_loop(config: ServerConfig, server: Server) -> None:
+    """One process, serving: its event loop and gRPC's poller on one CPU when --loop-cpu says so."""
+    from neuronserve.thread_placement import loop_cpu, pin
+
+    cpu = loop_cpu(config.loop_cpu, server.backend.name if server.backend else "", os.sched_getaffinity(0))
+    if cpu is not None:
+        pin(cpu)
 
 
 def tune_process(config: ServerConfig) -> None:
@@ -139,7 +149,10 @@ def configure_logging(prefix: str = "") -> None:
 
 def run_loop(main):
     """Run the coroutine `main` on a fresh event loop (uvloop when installed) and close it."""
+    from neuronserve.thread_placement import released_executor
+
     loop = _new_event_loop()
+    loop.set_default_executor(released_executor())  # its threads keep every CPU if the loop is pinned
     asyncio.set_event_loop(loop)
     try:
         return loop.run_until_complete(main)

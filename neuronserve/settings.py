@@ -145,6 +145,12 @@ SETTINGS: tuple[_Setting, ...] = (
         "'batch' (default) runs the serving threads under Linux SCHED_BATCH, so a thread woken in a busy server does not preempt the running one at once (torch's threads keep the default); 'normal' keeps the kernel's default policy everywhere (docs/workers.md)",
     ),
     _Setting(
+        "loop_cpu",
+        _text,
+        "MODE",
+        "'auto' (default) puts one serving process's event loop and gRPC's poller thread on one CPU (the highest usable one) on the cpu and sim backends with 2 or more CPUs, so the poller's wake-ups of the loop do not cross CPUs; the other threads keep every CPU; 'off' leaves them unpinned; pool workers are not pinned (docs/workers.md)",
+    ),
+    _Setting(
         "connection_balance",
         _text,
         "MODE",

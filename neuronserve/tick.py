@@ -36,6 +36,7 @@ from neuronserve.tick_device import DeviceDirection, TickDevice
 from neuronserve.tick_kernels import KERNELS
 from neuronserve.tick_pairs import exclusions as exclusions  # re-exported: tick.exclusions is the API
 from neuronserve.tick_pairs import pool_order
+from neuronserve.thread_placement import released_executor
 from neuronserve.tick_sigmoid import sigmoid_
 from neuronserve.topk import padded_width, top_k
 
@@ -429,7 +430,7 @@ def _in_blocks(step, starts: list[int], threads: int) -> None:
 @functools.cache
 def _executor(workers: int) -> ThreadPoolExecutor:
     """The tick's thread pool of `workers` threads, one per size asked for (the CPUs, or a device's executions)."""
-    return ThreadPoolExecutor(workers, thread_name_prefix="tick")
+    return released_executor(workers, "tick")
 
 
 def _reverse_block(reverse: HostDirection | DeviceDirection, start: int, stop: int, out: np.ndarray) -> np.ndarray:

@@ -32,6 +32,7 @@ from neuronserve.metric_sources import cache_samples
 from neuronserve.metrics import Metrics
 from neuronserve.pool_metrics import merge, parse_samples
 from neuronserve.pool_stats import WORKER_SCOPE, add_statistics
+from neuronserve.thread_placement import loop_cpu
 from neuronserve.protos import open_inference_pb2 as oip
 from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
 from neuronserve.protos import scorer_pb2 as pb
@@ -248,6 +249,7 @@ def settings(*argv: str) -> ServerConfig:
         (["--workers", "0"], ["--workers", ">= 1"]),
         (["--cpu-affinity", "bogus"], ["--cpu-affinity", "none or split", "'bogus'"]),
         (["--sched-policy", "fifo"], ["--sched-policy", "batch or normal", "'fifo'"]),
+        (["--loop-cpu", "0"], ["--loop-cpu", "auto or off", "'0'"]),
         (["--connection-balance", "least"], ["--connection-balance", "round-robin or hash", "'least'"]),
         (["--placement", "user_tower=0,peer_tower=0,pair_scorer=0", "--workers", "2"], ["placement", "workers > 1"]),
     ],
@@ -533,6 +535,61 @@ def test_one_process_runs_under_sched_batch_but_torchs_threads_do_not(pools, sma
     assert threads["PTThreadPool"] == {os.SCHED_OTHER}, threads
     assert threads["event_engine"] | threads["grpc_global_tim"] == {os.SCHED_BATCH}, threads
     assert os.sched_getscheduler(server.proc.pid) == os.SCHED_BATCH  # the event loop's
+
+
+LOOP_PINNED = r"the event loop \(thread (?P<loop>\d+)\) and gRPC's poller \(thread (?P<poller>\d+)\) on CPU (?P<cpu>\d+)"
+
+
+def cpus_of(pid: int) -> dict[int, set[int]]:
+    """A process's threads' allowed CPUs, by thread id."""
+    return {int(tid): os.sched_getaffinity(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_one_process_puts_its_loop_and_grpcs_poller_on_one_cpu_and_no_other_thread(pools, small_artifact):
+    """Default --loop-cpu auto, one process on 2+ CPUs: the event loop and gRPC's poller share the highest
+    CPU (the log names their threads). The threads the pinned loop starts while serving keep every CPU:
+    torch's inter-op threads (every execution there with --inline-below 0) and the default executor's (an
+    upsert). With --loop-cpu off no thread is pinned."""
+    usable = os.sched_getaffinity(0)
+    if len(usable) < 2:
+        pytest.skip("needs 2 usable CPUs")
+    argv = serve_argv(small_artifact, "--inline-below", "0")
+    argv[argv.index("--workers") + 1] = "1"
+    server = pools(argv)
+    address = shared_address(server)
+    score(address, calls=5)  # torch's threads start now, from the pinned loop
+    with connect(address) as channel:
+        features = tensor(np.random.default_rng(0).standard_normal((3, FEATURES)))
+        pb_grpc.ScorerStub(channel).UpsertEmbeddings(pb.UpsertEmbeddingsRequest(kind=pb.PEER, ids=[1, 2, 3], features=features), timeout=20)
+    [pinned] = server.wait_for(LOOP_PINNED)
+    loop, poller = int(pinned["loop"]), int(pinned["poller"])
+    assert loop == server.proc.pid and loop != poller and int(pinned["cpu"]) == max(usable)
+    threads = cpus_of(server.proc.pid)
+    assert threads[loop] == threads[poller] == {max(usable)}
+    assert {tid for tid, cpus in threads.items() if cpus != usable} == {loop, poller}, threads
+    assert "PTThreadPool" in policies(server.proc.pid)
+
+    unpinned = pools([*argv, "--loop-cpu", "off"])
+    score(shared_address(unpinned), calls=5)
+    assert set(map(frozenset, cpus_of(unpinned.proc.pid).values())) == {frozenset(usable)}
+    assert not unpinned.lines(LOOP_PINNED)
+
+
+@pytest.mark.parametrize(
+    "mode, backend, usable, cpu",
+    [("auto", "cpu", {0, 1}, 1), ("auto", "sim", {2, 5, 3}, 5), ("auto", "cpu", {3}, None), ("auto", "neuron", {0, 1}, None), ("off", "cpu", {0, 1}, None)],
+)
+def test_loop_cpu_is_the_highest_usable_one_on_cpu_and_sim_with_two_or_more(mode, backend, usable, cpu):
+    assert loop_cpu(mode, backend, usable) == cpu
+    assert settings("--loop-cpu", "off").loop_cpu == "off"
+
+
+def test_pool_workers_do_not_pin_their_loops(pool):
+    """--loop-cpu is one process's: a pool's workers (unpinned, --cpu-affinity none) keep every CPU."""
+    usable = frozenset(os.sched_getaffinity(0))
+    for worker in pool.workers().values():
+        assert set(map(frozenset, cpus_of(worker.pid).values())) == {usable}
+    assert not pool.lines(LOOP_PINNED)
 
 
 def test_one_process_pinned_to_one_cpu_batches_in_a_lane(pools, small_artifact):

@@ -41,6 +41,7 @@ import torch
 from neuronserve.errors import Unavailable
 from neuronserve.loop_load import BusyFraction, thread_demand_s
 from neuronserve.sched_policy import use_policy
+from neuronserve.thread_placement import release_thread
 from neuronserve.execution import call_soon, concat
 
 
@@ -68,7 +69,8 @@ _kept = threading.local()
 def keep_thread_state() -> None:
     """Torch's thread, the GIL held: keep this thread's Python thread state for the thread's life, and
     put the thread under the default scheduling policy (it inherits --sched-policy from the loop that
-    started it; its completions wake the loop, sched_policy.py).
+    started it; its completions wake the loop, sched_policy.py) and on every CPU (it inherits a pinned
+    loop's one CPU, thread_placement.py).
 
     pybind11 (torch's callbacks) gives a thread it did not start a new Python thread state each time it
     takes the GIL, and deletes it on release: on Python 3.11 a 16 KiB mmap and munmap per callback, each
@@ -77,6 +79,7 @@ def keep_thread_state() -> None:
     if not getattr(_kept, "state", False):
         ctypes.pythonapi.PyGILState_Ensure()
         use_policy("normal")
+        release_thread()  # started by the loop: back on every CPU if the loop is pinned (thread_placement.py)
         _kept.state = True
 
 
