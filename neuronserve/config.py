@@ -223,7 +223,7 @@ class ServerConfig:
     workers: int | None = None  # serving processes sharing the port (1: no supervisor); None: backends.default_workers
     cpu_affinity: str = "none"  # none | split (each worker pinned to an even share of the usable CPUs)
     sched_policy: str = "batch"  # batch | normal: the serving threads' scheduling policy (sched_policy.py)
-    loop_cpu: str = "auto"  # auto | off: one process's event loop and gRPC's poller on one CPU (thread_placement.py)
+    loop_cpu: str = "auto"  # auto | off: one cpu process's loop and gRPC's poller on one CPU (thread_placement.py)
     connection_balance: str = "round-robin"  # round-robin | hash: a pool's new connections (connection_balance.py)
     worker_timeout_s: float = 10.0  # a worker whose event loop has not ticked for this long is replaced
     host: str = "127.0.0.1"

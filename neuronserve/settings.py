@@ -148,7 +148,7 @@ SETTINGS: tuple[_Setting, ...] = (
         "loop_cpu",
         _text,
         "MODE",
-        "'auto' (default) puts one serving process's event loop and gRPC's poller thread on one CPU (the highest usable one) on the cpu and sim backends with 2 or more CPUs, so the poller's wake-ups of the loop do not cross CPUs; the other threads keep every CPU; 'off' leaves them unpinned; pool workers are not pinned (docs/workers.md)",
+        "'auto' (default) puts one serving process's event loop and gRPC's poller thread on one CPU (the highest usable one) on the cpu backend with 2 or more CPUs, so the poller's wake-ups of the loop do not cross CPUs; the other threads keep every CPU; 'off' leaves them unpinned; pool workers are not pinned (docs/workers.md)",
     ),
     _Setting(
         "connection_balance",

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "off")
-PINNED_BACKENDS = ("cpu", "sim")  # auto's backends: measured there; on Inf1 (neuron) not yet
+PINNED_BACKENDS = ("cpu",)  # auto's backends: measured on cpu only (sim and neuron not yet)
 POLLER_SUFFIX = "(_poll_wrapper)"  # threading's default name for grpc.aio's poller thread (Python >= 3.10)
 
 _process_cpus: set[int] | None = None  # the CPUs before `pin`, for release_thread; None: nothing is pinned

@@ -577,9 +577,9 @@ def test_one_process_puts_its_loop_and_grpcs_poller_on_one_cpu_and_no_other_thre
 
 @pytest.mark.parametrize(
     "mode, backend, usable, cpu",
-    [("auto", "cpu", {0, 1}, 1), ("auto", "sim", {2, 5, 3}, 5), ("auto", "cpu", {3}, None), ("auto", "neuron", {0, 1}, None), ("off", "cpu", {0, 1}, None)],
+    [("auto", "cpu", {0, 1}, 1), ("auto", "cpu", {2, 5, 3}, 5), ("auto", "sim", {0, 1}, None), ("auto", "cpu", {3}, None), ("auto", "neuron", {0, 1}, None), ("off", "cpu", {0, 1}, None)],
 )
-def test_loop_cpu_is_the_highest_usable_one_on_cpu_and_sim_with_two_or_more(mode, backend, usable, cpu):
+def test_loop_cpu_is_the_highest_usable_one_on_the_cpu_backend_with_two_or_more(mode, backend, usable, cpu):
     assert loop_cpu(mode, backend, usable) == cpu
     assert settings("--loop-cpu", "off").loop_cpu == "off"
 
