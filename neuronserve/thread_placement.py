@@ -3,8 +3,7 @@
 grpc.aio hands every completion to the event loop through a poller thread: it waits in gRPC's completion
 queue without the GIL and wakes the loop through a socket, several times a call. On two CPUs each of those
 wake-ups crosses CPUs (an inter-processor interrupt: a VM exit on a guest). With the two on one CPU the
-poller blocks and the loop runs in its place. Measured on one process with two CPUs: 4-7% less CPU an OIP
-call and 7-10% less a ScoreByIds call, with P99 30-50% lower (docs/benchmarks.md, seventeenth session).
+poller blocks and the loop runs in its place (measured: docs/benchmarks.md, seventeenth session).
 
 A thread starts on the CPUs of the thread that starts it. So once the loop is pinned, every thread it
 starts would share its one CPU. Each thread the server starts while serving calls `release_thread` first,
@@ -42,20 +41,19 @@ def grpc_poller() -> threading.Thread | None:
     return next((t for t in threading.enumerate() if t.name.endswith(POLLER_SUFFIX)), None)
 
 
-def pin(cpu: int) -> tuple[int, int] | None:
-    """On the event loop's thread: pin it and gRPC's poller to `cpu`. Returns their thread ids, or None
-    with nothing changed when there is no poller thread."""
+def pin(cpu: int) -> None:
+    """On the event loop's thread: pin it and gRPC's poller to `cpu`, and log their thread ids; nothing
+    changes when there is no poller thread (a warning)."""
     global _process_cpus
     poller = grpc_poller()
     if poller is None or poller.native_id is None:
         log.warning("--loop-cpu: gRPC has no poller thread here; the event loop stays unpinned")
-        return None
+        return
     _process_cpus = os.sched_getaffinity(0)
     os.sched_setaffinity(poller.native_id, {cpu})
     os.sched_setaffinity(0, {cpu})
-    loop_tid = threading.get_native_id()
-    log.info("the event loop (thread %d) and gRPC's poller (thread %d) on CPU %d", loop_tid, poller.native_id, cpu)
-    return loop_tid, poller.native_id
+    loop = threading.get_native_id()
+    log.info("the event loop (thread %d) and gRPC's poller (thread %d) on CPU %d", loop, poller.native_id, cpu)
 
 
 def release_thread() -> None:
