@@ -87,9 +87,9 @@ def run(config: ServerConfig) -> int:
 
 def _pin_loop(config: ServerConfig, server: Server) -> None:
     """One process, serving: its event loop and gRPC's poller on one CPU when --loop-cpu says so."""
-    from neuronserve.thread_placement import loop_cpu, pin
+    from neuronserve.thread_placement import loop_cpu, pin, usable_cpus
 
-    cpu = loop_cpu(config.loop_cpu, server.backend.name if server.backend else "", os.sched_getaffinity(0))
+    cpu = loop_cpu(config.loop_cpu, server.backend.name if server.backend else "", usable_cpus())
     if cpu is not None:
         pin(cpu)
 

@@ -56,6 +56,12 @@ def pin(cpu: int) -> None:
     log.info("the event loop (thread %d) and gRPC's poller (thread %d) on CPU %d", loop, poller.native_id, cpu)
 
 
+def usable_cpus() -> set[int]:
+    """The CPUs this process may use, whichever thread asks: those it had before `pin` narrowed the loop's
+    thread (and the threads it starts, until they release) to one."""
+    return set(_process_cpus) if _process_cpus is not None else os.sched_getaffinity(0)
+
+
 def release_thread() -> None:
     """Put the calling thread back on the process's CPUs, if `pin` ran. Call it first in each thread
     the server starts while serving."""

@@ -36,7 +36,7 @@ from neuronserve.tick_device import DeviceDirection, TickDevice
 from neuronserve.tick_kernels import KERNELS
 from neuronserve.tick_pairs import exclusions as exclusions  # re-exported: tick.exclusions is the API
 from neuronserve.tick_pairs import pool_order
-from neuronserve.thread_placement import released_executor
+from neuronserve.thread_placement import released_executor, usable_cpus
 from neuronserve.tick_sigmoid import sigmoid_
 from neuronserve.topk import padded_width, top_k
 
@@ -116,8 +116,9 @@ def block_rows_for(columns: int) -> int:
 
 
 def default_threads() -> int:
+    """The host threads a tick runs on: one per CPU the process may use (the same on a pinned loop)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        return max(1, len(usable_cpus()))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
 

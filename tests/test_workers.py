@@ -584,6 +584,31 @@ def test_loop_cpu_is_the_highest_usable_one_on_the_cpu_backend_with_two_or_more(
     assert settings("--loop-cpu", "off").loop_cpu == "off"
 
 
+PINNED_PROCESS = """
+import asyncio, os, grpc
+from neuronserve import thread_placement, tick
+from neuronserve.backends import default_cores
+async def main():
+    server = grpc.aio.server()  # starts grpc.aio's poller thread
+    everything = os.sched_getaffinity(0)
+    thread_placement.pin(max(everything))
+    assert os.sched_getaffinity(0) == {max(everything)}  # this thread, the loop's, is pinned
+    assert thread_placement.usable_cpus() == everything, thread_placement.usable_cpus()
+    assert tick.default_threads() == len(everything) and default_cores("cpu") == len(everything) - 1
+    print("ok")
+asyncio.run(main())
+"""
+
+
+def test_a_pinned_loop_still_sizes_by_every_cpu_of_the_process():
+    """On the pinned loop's thread, the process's CPUs are still all of them: a tick's threads and its
+    working-memory estimate (memory_budget, on the loop) count every CPU, not the loop's one."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 usable CPUs")
+    done = subprocess.run([sys.executable, "-c", PINNED_PROCESS], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
 def test_pool_workers_do_not_pin_their_loops(pool):
     """--loop-cpu is one process's: a pool's workers (unpinned, --cpu-affinity none) keep every CPU."""
     usable = frozenset(os.sched_getaffinity(0))

@@ -16,6 +16,7 @@ from neuronserve.artifact import Manifest
 from neuronserve.backends.base import Backend, FusedRunner, Runner, StageRunner
 from neuronserve.config import VISIBLE_CORES_ENV, CoreGroup, SimConfig, parse_visible_cores
 from neuronserve.errors import ConfigError
+from neuronserve.thread_placement import usable_cpus
 
 BACKEND_NAMES = ("auto", "cpu", "sim", "neuron")
 
@@ -33,7 +34,7 @@ def default_cores(name: str) -> int:
     """Cores to serve on when none are configured. neuron and sim: 4, one Inferentia chip (inf1.xlarge,
     inf1.2xlarge). cpu: one executor (one torch thread) per CPU this process may use, less the one the
     event loop needs, at least one (gRPC's loop is the critical path; docs/benchmarks.md measures it)."""
-    return max(1, len(os.sched_getaffinity(0)) - 1) if name == "cpu" else SimConfig.num_cores
+    return max(1, len(usable_cpus()) - 1) if name == "cpu" else SimConfig.num_cores
 
 
 def default_workers(name: str, cores: int, usable_cpus: int) -> int:
