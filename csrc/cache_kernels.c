@@ -70,14 +70,12 @@ static inline float dot(const float *a, const float *b, int64_t dim) {
     return sum;
 }
 
-/* The slots of peer_ids[start .. start + SEARCH_LANES) (the last id repeated past m), their rows prefetched. */
-static inline void search_block(const int64_t *ids, const int64_t *slot, int64_t n, int64_t table, const float *vectors,
-                                int64_t row, const int64_t *peer_ids, int64_t m, int64_t start, int64_t *out) {
-    int64_t keys[SEARCH_LANES];
-    for (int j = 0; j < SEARCH_LANES; j++) keys[j] = peer_ids[start + j < m ? start + j : m - 1];
-    find_slots(ids, slot, n, table, keys, out);
-    for (int j = 0; j < SEARCH_LANES; j++)
-        for (int64_t b = 0; out[j] >= 0 && b < row; b += 16) __builtin_prefetch(vectors + out[j] * row + b);
+#define CHUNK 256        /* peer ids searched before their rows are read (their slots on the stack); a multiple of SEARCH_LANES */
+#define PREFETCH_ROWS 4 /* rows requested ahead of the one being read: 4 KB in flight for the demo model's rows */
+
+/* Ask for a row's cache lines (none for a missing id, slot -1). */
+static inline void prefetch_row(const float *vectors, int64_t slot, int64_t row) {
+    for (int64_t b = 0; slot >= 0 && b < row; b += 16) __builtin_prefetch(vectors + slot * row + b);
 }
 
 PER_ISA
@@ -85,27 +83,26 @@ int64_t cache_score_ids(const int64_t *user_ids, const int64_t *user_slots, int6
                         int64_t user_table, int64_t user_id, const int64_t *peer_ids_index, const int64_t *peer_slots,
                         int64_t peer_n, const float *peer_vectors, int64_t peer_table, int64_t labels, int64_t dim,
                         const float *bias, const int64_t *peer_ids, int64_t m, float *out, uint8_t *found) {
-    int64_t keys[SEARCH_LANES], slots[SEARCH_LANES], hits = 0;
+    int64_t keys[SEARCH_LANES], slots[CHUNK], hits = 0;
     for (int j = 0; j < SEARCH_LANES; j++) keys[j] = user_id;
     find_slots(user_ids, user_slots, user_n, user_table, keys, slots);
     if (slots[0] < 0) return -1;
-    if (m <= 0) return 0;
     const int64_t row = labels * dim;
     const float *u = user_vectors + slots[0] * row;
-    int64_t next[SEARCH_LANES];
-    search_block(peer_ids_index, peer_slots, peer_n, peer_table, peer_vectors, row, peer_ids, m, 0, next);
-    for (int64_t start = 0; start < m; start += SEARCH_LANES) {
-        /* the next block found and its rows requested while this block's rows are read */
-        for (int j = 0; j < SEARCH_LANES; j++) slots[j] = next[j];
-        if (start + SEARCH_LANES < m)
-            search_block(peer_ids_index, peer_slots, peer_n, peer_table, peer_vectors, row, peer_ids, m, start + SEARCH_LANES, next);
-        int count = m - start < SEARCH_LANES ? (int)(m - start) : SEARCH_LANES;
-        for (int j = 0; j < count; j++) {
-            int64_t i = start + j, s = slots[j];
-            found[i] = s >= 0;
+    for (int64_t base = 0; base < m; base += CHUNK) {
+        const int64_t n = m - base < CHUNK ? m - base : CHUNK;
+        for (int64_t start = 0; start < n; start += SEARCH_LANES) { /* the last id repeated past n */
+            for (int j = 0; j < SEARCH_LANES; j++) keys[j] = peer_ids[base + (start + j < n ? start + j : n - 1)];
+            find_slots(peer_ids_index, peer_slots, peer_n, peer_table, keys, slots + start);
+        }
+        for (int64_t i = 0; i < PREFETCH_ROWS && i < n; i++) prefetch_row(peer_vectors, slots[i], row);
+        for (int64_t i = 0; i < n; i++) {
+            if (i + PREFETCH_ROWS < n) prefetch_row(peer_vectors, slots[i + PREFETCH_ROWS], row);
+            const int64_t s = slots[i], at = base + i;
+            found[at] = s >= 0;
             hits += s >= 0;
             for (int64_t k = 0; k < labels; k++)
-                out[i * labels + k] = (s < 0 ? 0.0f : dot(peer_vectors + s * row + k * dim, u + k * dim, dim)) + bias[k];
+                out[at * labels + k] = (s < 0 ? 0.0f : dot(peer_vectors + s * row + k * dim, u + k * dim, dim)) + bias[k];
         }
     }
     return hits;

@@ -67,6 +67,25 @@ def test_the_kernel_scores_as_numpy_after_overwrites_and_evictions(k, d):
     np.testing.assert_allclose(cache.score_by_ids(3, peers[:5]), expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel
+@pytest.mark.parametrize("m", [1, 15, 16, 17, 255, 256, 257, 513, 1000])
+def test_every_length_around_the_kernels_chunks_scores_each_peer_and_flags_each_miss(m):
+    # the kernel searches 256 ids at a time, 16 in lockstep, then reads their rows: misses and lengths
+    # on and around both boundaries
+    cache = small_cache(7, 600, 1000)
+    peers = np.random.default_rng(m).integers(0, 600, m)
+    missing = sorted({i for i in (0, 15, 16, 255, 256, m - 1) if i < m})
+    peers[missing] = 10_000 + np.arange(len(missing))  # never cached
+    mem = cache._shared()
+    scores, hits, found = cache_kernels.KERNEL(mem, int(mem.header[STATE]), 7, peers, cache.label_bias)
+    expected_found = np.ones(m, bool)
+    expected_found[missing] = False
+    assert hits == m - len(missing) and np.array_equal(found, expected_found)
+    assert (scores[missing] == cache.label_bias).all()  # a miss scores its bias alone; the caller refuses it
+    if hits:
+        np.testing.assert_allclose(scores[found], numpy_path(cache, 7, peers[found]), rtol=1e-5, atol=1e-5)
+
+
 def small_cache(user_id: int, peers: int, max_rows: int) -> EmbeddingCache:
     """Two labels of 16: one cached user `user_id` and peers 0 .. peers - 1, random vectors."""
     cache = EmbeddingCache(model_version="v", num_labels=2, label_dim=16, label_bias=[0.0, 1.0], max_rows=max_rows)
