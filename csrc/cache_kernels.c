@@ -72,6 +72,7 @@ static inline float dot(const float *a, const float *b, int64_t dim) {
 
 #define CHUNK 256        /* peer ids searched before their rows are read (their slots on the stack); a multiple of SEARCH_LANES */
 #define PREFETCH_ROWS 4 /* rows requested ahead of the one being read: 4 KB in flight for the demo model's rows */
+_Static_assert(CHUNK % SEARCH_LANES == 0, "a chunk holds whole lockstep searches");
 
 /* Ask for a row's cache lines (none for a missing id, slot -1). */
 static inline void prefetch_row(const float *vectors, int64_t slot, int64_t row) {
