@@ -581,7 +581,6 @@ def test_one_process_puts_its_loop_and_grpcs_poller_on_one_cpu_and_no_other_thre
 )
 def test_loop_cpu_is_the_highest_usable_one_on_the_cpu_backend_with_two_or_more(mode, backend, usable, cpu):
     assert loop_cpu(mode, backend, usable) == cpu
-    assert settings("--loop-cpu", "off").loop_cpu == "off"
 
 
 PINNED_PROCESS = """
