@@ -21,7 +21,7 @@ def thread_demand_s() -> float:
     """The calling thread's demand for a CPU so far, in seconds: the time it ran plus the time it waited,
     runnable, for a CPU (Linux /proc/thread-self/schedstat). A loop that other processes keep off the CPUs
     reads as busy, where its CPU time alone would read as half idle. Where schedstat is missing, the
-    thread's CPU time (time.thread_time). A pread on a descriptor the thread keeps open: 0.4 us in a
+    thread's CPU time (time.thread_time). A pread on a descriptor the thread keeps open: 1.6 us a call in a
     tight loop, but 8-9 us right after a model call (measured), so its readers sample it (READ_EVERY_S)."""
     fd = getattr(_demand, "fd", None)
     if fd is None:
