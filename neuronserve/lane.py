@@ -139,11 +139,10 @@ class BatchLane:
             raise
 
     def _low_load(self, now: float) -> bool:
-        """Whether the loop thread's demand is under inline_below. Read only when the lane is idle, and at
-        most every READ_EVERY_S (BusyFraction.sample): the read is a system call, which gives the GIL away,
-        and a busy lane's thread takes it (the loop then waits for it); the demand is cumulative, so the
-        readings skipped are counted at the next one."""
-        return self._demand.sample(now, self._demand_clock) < self._inline_below
+        """Whether the loop thread's demand is under inline_below. Read only when the lane is idle: the read
+        is a system call, which gives the GIL away, and a busy lane's thread takes it (the loop then waits
+        for it); the demand is cumulative, so the readings skipped are counted at the next one."""
+        return self._demand.count_total(now, self._demand_clock()) < self._inline_below
 
     def _run_inline(self, payload: tuple[np.ndarray, np.ndarray], rows: int, now: float, deadline_s: float | None):
         """One request as its own batch, on the loop: admitted by the same rules, counted as a batch, its

@@ -9,10 +9,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-
-READ_EVERY_S = 0.005  # how often the switches read a cumulative clock (a system call): 40 readings a tau of 0.2 s
 
 _demand = threading.local()  # per thread: its open /proc/thread-self/schedstat (-1: none), kept for its life
 
@@ -22,7 +19,7 @@ def thread_demand_s() -> float:
     runnable, for a CPU (Linux /proc/thread-self/schedstat). A loop that other processes keep off the CPUs
     reads as busy, where its CPU time alone would read as half idle. Where schedstat is missing, the
     thread's CPU time (time.thread_time). A pread on a descriptor the thread keeps open: 1.6 us a call in a
-    tight loop, but 8-9 us right after a model call (measured), so its readers sample it (READ_EVERY_S)."""
+    tight loop, 8-9 us right after a model call (measured; docs/benchmarks.md, nineteenth session)."""
     fd = getattr(_demand, "fd", None)
     if fd is None:
         try:
@@ -49,7 +46,6 @@ class BusyFraction:
     _value: float = 0.0
     _at_s: float = 0.0
     _total_s: float | None = None  # the last reading count_total saw
-    _next_read_s: float = -math.inf  # when sample reads its clock again
 
     def at(self, now_s: float) -> float:
         return self._value * math.exp(-max(0.0, now_s - self._at_s) / self.tau_s)
@@ -66,11 +62,3 @@ class BusyFraction:
         last_s = total_s if self._total_s is None else self._total_s
         self._total_s = total_s
         return self.add(at_s, max(0.0, total_s - last_s))
-
-    def sample(self, at_s: float, read: Callable[[], float], period_s: float = READ_EVERY_S) -> float:
-        """count_total with `read()` (a cumulative clock) read at most once every period_s; in between, the
-        busy fraction at at_s without it (what the clock shows meanwhile counts at the next reading)."""
-        if at_s < self._next_read_s:
-            return self.at(at_s)
-        self._next_read_s = at_s + period_s
-        return self.count_total(at_s, read())

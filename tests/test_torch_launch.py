@@ -180,23 +180,6 @@ def test_a_cumulative_clock_counts_what_it_shows_since_its_last_reading():
     assert busy.count_total(0.0, 5.4) == pytest.approx(0.7)  # from the last reading, 5.2
 
 
-def test_a_sampled_clock_is_read_once_a_period_and_loses_nothing_in_between():
-    readings = []
-
-    def read() -> float:  # a cumulative clock: a second of work every second (times exact in binary)
-        readings.append(now_s)
-        return now_s
-
-    busy = BusyFraction(tau_s=1e6)  # no decay to speak of: the fraction is the work counted, over tau
-    for step in range(16):
-        now_s = step * 0.25
-        busy.sample(now_s, read, period_s=1.0)
-    assert readings == [0.0, 1.0, 2.0, 3.0]
-    assert busy.at(3.75) * 1e6 == pytest.approx(3.0, rel=1e-4)  # the work to the last reading, none after it yet
-    now_s = 4.0
-    assert busy.sample(now_s, read, period_s=1.0) * 1e6 == pytest.approx(4.0, rel=1e-4) and readings[-1] == 4.0
-
-
 def test_the_loops_inline_runs_load_it_and_the_cpu_cost_per_row_is_learned(fork):
     """Fake clocks: each inline run takes 1 ms of the loop's CPU for 4 rows, so 250 us a row; one every
     2 ms keeps the loop half busy, past inline_below + INLINE_GAP, so the launcher turns to torch's thread."""

@@ -22,8 +22,7 @@ the loop keeps its time for the calls.
 The readings, each a BusyFraction: leaving the loop, the loop thread's demand (seconds it ran or waited,
 runnable, for a CPU: thread_demand_s), so a loop that other processes keep off the CPUs still reads as
 saturated; coming back, its CPU seconds plus the rows' cost at the CPU seconds per row the inline runs
-measured (what the graph would add to it). The two clocks are system calls, read at most every
-READ_EVERY_S (loop_load.BusyFraction.sample).
+measured (what the graph would add to it).
 """
 
 from __future__ import annotations
@@ -220,8 +219,8 @@ class TorchLauncher:
         plus the graph's load is back under inline_below)."""
         if self.inline_below > 0:
             now_s = self.clock()
-            loop = self.loop.sample(now_s, self.cpu_clock)
-            demand = self.demand.sample(now_s, self.demand_clock)
+            loop = self.loop.count_total(now_s, self.cpu_clock())
+            demand = self.demand.count_total(now_s, self.demand_clock())
             graph = self.load.add(now_s, self.row_s * rows)
             if self._inline:  # the loop's demand holds the graph's: kept off the CPUs, it is still busy
                 self._inline = demand < self.inline_below + INLINE_GAP
