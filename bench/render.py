@@ -54,8 +54,9 @@ def _measured_lines(measured: Measured, pairs_per_request: int) -> list[str]:
     lines = run_lines(measured.result, pairs_per_request)
     stats, cpu, memory = measured.batches, measured.cpu, measured.memory
     if stats:
+        on_loop = "" if stats.on_loop is None else f", {100 * stats.on_loop:.0f}% on the event loop"
         lines.append(
-            f"  server batches    {stats.executions:.0f} runs, {stats.avg_batch_rows:.1f} rows/run; per request: queue {_ms(stats.avg_queue_ms)} ms, compute {_ms(stats.avg_compute_ms)} ms"
+            f"  server batches    {stats.executions:.0f} runs, {stats.avg_batch_rows:.1f} rows/run{on_loop}; per request: queue {_ms(stats.avg_queue_ms)} ms, compute {_ms(stats.avg_compute_ms)} ms"
         )
     if cpu:
         lines.append(

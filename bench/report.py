@@ -26,11 +26,13 @@ TRITON_PREFIX = "nv_"
 PROCESS_CPU = "process_cpu_seconds_total"
 CHILD_CPU = "neuronserve_child_cpu_seconds_total"  # the server's model processes (--model-process)
 PROCESS_RSS = "process_resident_memory_bytes"
+GROUP_EXECUTIONS = "neuronserve_core_group_executions_total"
+INLINE_EXECUTIONS = "neuronserve_core_group_inline_executions_total"  # of them, run on the event loop
 
 
 def scrape_metrics(url: str, timeout_s: float = 5.0) -> dict[str, float]:
-    """Every `nv_*` sample, the process CPU and resident memory of a Prometheus text page, summed over
-    label sets (histogram buckets skipped)."""
+    """Every `nv_*` sample, the process CPU and resident memory and the core groups' executions (all, and
+    those run on the event loop) of a Prometheus text page, summed over label sets (histogram buckets skipped)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
             text = response.read().decode("utf-8", "replace")
@@ -38,7 +40,9 @@ def scrape_metrics(url: str, timeout_s: float = 5.0) -> dict[str, float]:
         raise Unavailable(f"--metrics-url {url}: cannot read metrics ({type(exc).__name__}: {exc})") from None
     totals: dict[str, float] = {}
     for line in text.splitlines():
-        if not line.startswith((TRITON_PREFIX, PROCESS_CPU, PROCESS_RSS, CHILD_CPU)):
+        if not line.startswith(
+            (TRITON_PREFIX, PROCESS_CPU, PROCESS_RSS, CHILD_CPU, GROUP_EXECUTIONS, INLINE_EXECUTIONS)
+        ):
             continue
         name, _, rest = line.partition("{") if "{" in line else line.partition(" ")
         fields = rest[rest.rindex("}") + 1 :].split() if "{" in line else rest.split()
@@ -62,6 +66,7 @@ class BatchStats:
     avg_batch_rows: float
     avg_queue_ms: float  # per successful request
     avg_compute_ms: float  # per successful request
+    on_loop: float | None  # the core groups' executions run on the event loop, a fraction (None: not reported)
     counters: dict[str, float]  # every nv_* delta, as read
 
     def to_dict(self) -> dict:
@@ -75,6 +80,8 @@ def batch_stats(before: dict[str, float], after: dict[str, float]) -> BatchStats
     requests = delta.get("nv_inference_request_success", 0.0)
     executions = delta.get("nv_inference_exec_count", 0.0)
     inferences = delta.get("nv_inference_count", 0.0)
+    group_executions = after.get(GROUP_EXECUTIONS, 0.0) - before.get(GROUP_EXECUTIONS, 0.0)
+    inline = after.get(INLINE_EXECUTIONS, 0.0) - before.get(INLINE_EXECUTIONS, 0.0)
     return BatchStats(
         requests=requests,
         executions=executions,
@@ -84,6 +91,7 @@ def batch_stats(before: dict[str, float], after: dict[str, float]) -> BatchStats
         avg_compute_ms=delta.get("nv_inference_compute_infer_duration_us", 0.0) / requests / 1000.0
         if requests
         else math.nan,
+        on_loop=inline / group_executions if INLINE_EXECUTIONS in after and group_executions > 0 else None,
         counters=delta,
     )
 

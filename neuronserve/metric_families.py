@@ -85,6 +85,10 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "neuronserve_batch_failed_total": ("counter", "Requests failed by an error in their batch"),
     "neuronserve_core_group_busy_seconds_total": ("counter", "Seconds a core group spent running executions"),
     "neuronserve_core_group_executions_total": ("counter", "Executions completed on a core group"),
+    "neuronserve_core_group_inline_executions_total": (
+        "counter",
+        "Of a core group's executions, those run on the event loop (the cpu backend at low load, --inline-below)",
+    ),
     "neuronserve_sim_core_device_seconds_total": (
         "counter",
         "sim backend: seconds of (simulated) device time a core ran",

@@ -31,6 +31,7 @@ def pipeline_samples(stats) -> list[Sample]:
         out += [
             Sample("neuronserve_core_group_busy_seconds_total", labels, g.busy_s),
             Sample("neuronserve_core_group_executions_total", labels, g.executions),
+            Sample("neuronserve_core_group_inline_executions_total", labels, g.inline_executions),
             Sample("neuronserve_core_group_faults_total", labels, g.faults),
             Sample("neuronserve_core_group_healthy", labels, 1 if g.healthy else 0),
         ]

@@ -16,7 +16,6 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -43,35 +42,7 @@ from neuronserve.execution import (
 )
 from neuronserve.errors import CoreFault, CoreResetting, InvalidInput, Unavailable
 from neuronserve.contract import FUSED_STAGE, PAIR_SCORER, PEER_TOWER, STAGES, USER_TOWER
-
-
-@dataclass(frozen=True)
-class GroupStats:
-    cores: str  # NEURON_RT_VISIBLE_CORES syntax
-    stages: tuple[str, ...]
-    executions: int
-    busy_s: float  # wall seconds spent in runner.run
-    faults: int
-    healthy: bool
-
-
-@dataclass
-class StageStats:
-    """A stage's counts: the pipeline's running ones (loop thread only), and the copies stats() returns."""
-
-    executions: int = 0
-    rows: int = 0  # caller rows
-    padded_rows: int = 0  # padding rows added to reach compiled buckets
-
-
-@dataclass(frozen=True)
-class PipelineStats:
-    stages: dict[str, StageStats]
-    groups: tuple[GroupStats, ...]
-
-    @property
-    def faults(self) -> int:
-        return sum(g.faults for g in self.groups)
+from neuronserve.pipeline_stats import GroupStats, PipelineStats, StageStats
 
 
 class _Group:
@@ -92,6 +63,12 @@ class _Group:
 
     def healthy(self) -> bool:
         return all(runner.healthy() for runner in self.runners.values())
+
+    def stats(self) -> GroupStats:
+        inline = sum(runner.inline_executions() for runner in self.runners.values())
+        return GroupStats(
+            str(self.cores), self.stages, self.executions, inline, self.busy_s, self.faults, self.healthy()
+        )
 
 
 class Pipeline:
@@ -128,7 +105,6 @@ class Pipeline:
         Once `abort` is set (from another thread), it gives up before the next stage load (Unavailable).
         `pace` runs after each stage's load and warm-up (a version loading beside traffic sleeps there, so
         the serving threads get the GIL back between the stalls of torch.jit.load and the warm-up).
-
         gc.freeze() is deliberately not called here: the server calls it once everything is built."""
         # Data parallel (every group holds all three stages): a score batch runs start to end on one
         # group in ONE executor job, instead of a thread hop and loop wake-up per stage execution; with
@@ -205,9 +181,8 @@ class Pipeline:
             return self.plan_cost_s(FUSED_STAGE, rows)
         user, peer = self.plan_cost_s(USER_TOWER, rows), self.plan_cost_s(PEER_TOWER, rows)
         tower_groups = {g.index for stage in (USER_TOWER, PEER_TOWER) for g in self._stage_groups[stage]}
-        towers = (
-            max(user, peer) if len(tower_groups) > 1 and not self._fused else user + peer
-        )  # fused: one job, in turn
+        # fused: one job, in turn
+        towers = max(user, peer) if len(tower_groups) > 1 and not self._fused else user + peer
         return towers + self.plan_cost_s(PAIR_SCORER, rows)
 
     async def run_stage(self, stage: str, inputs: Sequence[np.ndarray]) -> np.ndarray:
@@ -319,9 +294,7 @@ class Pipeline:
     def stats(self) -> PipelineStats:
         return PipelineStats(
             stages={stage: dataclasses.replace(counts) for stage, counts in self._stage_counts.items()},
-            groups=tuple(
-                GroupStats(str(g.cores), g.stages, g.executions, g.busy_s, g.faults, g.healthy()) for g in self._groups
-            ),
+            groups=tuple(g.stats() for g in self._groups),
         )
 
     def close(self) -> None:

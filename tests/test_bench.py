@@ -189,7 +189,9 @@ def test_metrics_deltas_give_batch_statistics(tmp_path):
     pages = [
         "nv_inference_request_success{model=\"twotower\"} 10\nnv_inference_exec_count 2\nnv_inference_count 10\n",
         "# HELP x\nnv_inference_request_success{model=\"twotower\"} 110\nnv_inference_exec_count 12\nnv_inference_count 170\n"
-        "nv_inference_queue_duration_us 200000\nnv_batch_size_bucket{le=\"8\"} 3\nunrelated 5\n",
+        "nv_inference_queue_duration_us 200000\nnv_batch_size_bucket{le=\"8\"} 3\nunrelated 5\n"
+        'neuronserve_core_group_executions_total{cores="0"} 30\nneuronserve_core_group_executions_total{cores="1"} 10\n'
+        'neuronserve_core_group_inline_executions_total{cores="0"} 8\nneuronserve_core_group_inline_executions_total{cores="1"} 2\n',
     ]
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -210,6 +212,7 @@ def test_metrics_deltas_give_batch_statistics(tmp_path):
         httpd.shutdown()
     assert stats.requests == 100 and stats.executions == 10 and stats.avg_batch_rows == 16.0
     assert stats.avg_queue_ms == pytest.approx(2.0)
+    assert stats.on_loop == pytest.approx(10 / 40)  # the groups' executions on the event loop (none before)
     assert "nv_batch_size_bucket" not in stats.counters and "unrelated" not in stats.counters
 
 

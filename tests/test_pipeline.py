@@ -151,6 +151,7 @@ def test_score_now_runs_a_lone_request_at_once_on_the_cpu_backend_as_score_reque
     assert after.stages["twotower"].executions == before.stages["twotower"].executions + 1
     assert after.stages["twotower"].rows == before.stages["twotower"].rows + 9
     assert after.groups[0].executions == before.groups[0].executions + 1
+    assert after.groups[0].inline_executions == before.groups[0].inline_executions + 1
     batched = asyncio.run(pipeline.score_requests([user], [peers])).scores
     np.testing.assert_allclose(now.scores, batched, rtol=1e-5, atol=1e-6)
     peers[4, 3] = np.inf

@@ -722,6 +722,7 @@ def test_metrics_count_requests_batches_failures_cores_cache_and_process(cpu, cp
     for name in (
         'neuronserve_core_group_busy_seconds_total{cores="0",stages="user_tower,peer_tower,pair_scorer,twotower"}',
         'neuronserve_core_group_executions_total{cores="1"',
+        'neuronserve_core_group_inline_executions_total{cores="1"',
         "neuronserve_core_group_faults_total",
         'neuronserve_cache_rows{kind="peer",version="' + version + '"}',
         "neuronserve_cache_hits_total",
