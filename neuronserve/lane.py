@@ -67,7 +67,7 @@ class BatchLane:
     """One thread's queue of score requests (payload: (user [1, F_u], peers [rows, F_p])).
 
     run_batch(users, peers) runs one batch on the lane's thread (or, inline, on the loop) and returns a
-    LaneResult; on_batch(result, requests) counts it on the loop before its requests are answered.
+    LaneResult; on_batch(result, requests, on_loop) counts it on the loop before its requests are answered.
     estimate_latency_s(rows): the latency model (seconds, cheap); clock: the seconds deadlines are on;
     demand_clock: the loop thread's seconds running or waiting for a CPU."""
 
@@ -78,7 +78,7 @@ class BatchLane:
         max_batch_rows: int,
         config: BatchingConfig,
         estimate_latency_s: Callable[[int], float],
-        on_batch: Callable[[LaneResult, int], None],
+        on_batch: Callable[[LaneResult, int, bool], None],
         name: str,
         inline_below: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
@@ -163,7 +163,7 @@ class BatchLane:
             self._batches += 1
             self._batch_rows += rows
             self._batched_requests += 1
-        self._on_batch(result, 1)
+        self._on_batch(result, 1, True)
         return result.scores
 
     def stats(self) -> BatcherStats:
@@ -289,7 +289,7 @@ class BatchLane:
         if wrong is not None:
             self._fail(batch, wrong)
             return
-        self._on_batch(result, len(batch))
+        self._on_batch(result, len(batch), False)
         offset = 0
         for request in batch:
             if not request.future.done():

@@ -87,7 +87,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "neuronserve_core_group_executions_total": ("counter", "Executions completed on a core group"),
     "neuronserve_core_group_inline_executions_total": (
         "counter",
-        "Of a core group's executions, those run on the event loop (the cpu backend at low load, --inline-below)",
+        "Of a core group's executions, those run on the event loop (the cpu backend at low load)",
     ),
     "neuronserve_sim_core_device_seconds_total": (
         "counter",

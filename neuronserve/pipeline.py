@@ -60,12 +60,13 @@ class _Group:
         self.executions = 0
         self.busy_s = 0.0
         self.faults = 0
+        self.lane_inline = 0  # the lane's executions run on the loop (the launcher's: its runners count them)
 
     def healthy(self) -> bool:
         return all(runner.healthy() for runner in self.runners.values())
 
     def stats(self) -> GroupStats:
-        inline = sum(runner.inline_executions() for runner in self.runners.values())
+        inline = self.lane_inline + sum(runner.inline_executions() for runner in self.runners.values())
         return GroupStats(
             str(self.cores), self.stages, self.executions, inline, self.busy_s, self.faults, self.healthy()
         )
@@ -236,10 +237,11 @@ class Pipeline:
         chunks_of = functools.partial(self._chunks, FUSED_STAGE)
         return functools.partial(score_fused, groups[0].runners, chunks_of=chunks_of, user_rows=self._user_rows)
 
-    def count_lane(self, batch: ScoredBatch) -> None:
-        """Loop thread: a lane batch's executions into its group's counts."""
+    def count_lane(self, batch: ScoredBatch, on_loop: bool) -> None:
+        """Loop thread: a lane batch's executions (run on the loop, or on the lane's thread) into its group's counts."""
         group = self._stage_groups[FUSED_STAGE][0]
         group.in_flight += 1
+        group.lane_inline += len(batch.job.executions) if on_loop and batch.job is not None else 0
         self._finish(group, batch.job, None)
 
     @property

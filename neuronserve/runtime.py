@@ -91,8 +91,8 @@ class Runtime:
         batch = self.pipeline.score_now(*payload)
         return None if batch is None else self._counted(batch, 1)
 
-    def _lane_batch(self, batch, requests: int) -> None:
-        self.pipeline.count_lane(batch)
+    def _lane_batch(self, batch, requests: int, on_loop: bool) -> None:
+        self.pipeline.count_lane(batch, on_loop)
         self._counted(batch, requests)
 
     def _counted(self, batch, requests: int) -> np.ndarray:

@@ -76,7 +76,7 @@ def lane(runner: Runner, clock: Clock | None = None, counted: list | None = None
         max_batch_rows=8,
         config=BatchingConfig(**config),
         estimate_latency_s=lambda rows: ROW_S * rows,
-        on_batch=lambda result, requests: (counted if counted is not None else []).append(requests),
+        on_batch=lambda result, requests, on_loop: (counted if counted is not None else []).append(requests),
         name="twotower",
         clock=clock or Clock(),
     )
@@ -272,6 +272,8 @@ def test_a_pool_workers_runtime_scores_through_the_lane_as_the_batched_path_does
     np.testing.assert_allclose(np.concatenate(got), expected, rtol=1e-5, atol=1e-6)
     assert np.isnan(got[3][1]).all() and np.isfinite(np.delete(got[3], 1, axis=0)).all()
     assert pipeline.stats().stages["twotower"].rows - before == 2 * sum(p.shape[0] for p in peers)
+    group = pipeline.stats().groups[0]  # the lane's first lone request runs on the loop (its first reading)
+    assert 1 <= group.inline_executions <= group.executions
     counted = metrics.statistics("twotower")
     assert counted.rows == sum(p.shape[0] for p in peers) and 1 <= counted.executions <= len(peers)
     pipeline.close()
@@ -308,7 +310,7 @@ def inline_lane(runner, demand: Clock, clock: Clock, counted: list) -> BatchLane
         max_batch_rows=8,
         config=BatchingConfig(),
         estimate_latency_s=lambda rows: ROW_S * rows,
-        on_batch=lambda result, requests: counted.append(requests),
+        on_batch=lambda result, requests, on_loop: counted.append((requests, on_loop)),
         name="twotower",
         inline_below=0.5,
         clock=clock,
@@ -337,10 +339,10 @@ async def test_at_low_load_a_lone_request_runs_on_the_loop_and_past_it_on_the_la
     np.testing.assert_array_equal(await batches.submit((user, peers_of(2, 7.0)), 2), [[7.0], [7.0]])
     clock.now_s, demand.now_s = 1.1, 0.12  # 0.02 s in 0.1 s: 0.2 of the time
     np.testing.assert_array_equal(await batches.submit((user, peers_of(3, 8.0)), 3), [[8.0]] * 3)
-    assert threads == [threading.get_ident()] * 2 and counted == [1, 1]
+    assert threads == [threading.get_ident()] * 2 and counted == [(1, True), (1, True)]
     clock.now_s, demand.now_s = 1.2, 0.24  # 0.12 s in 0.1 s: busy past 0.5
     np.testing.assert_array_equal(await batches.submit((user, peers_of(1, 9.0)), 1), [[9.0]])
-    assert threads[-1] != threading.get_ident() and counted == [1, 1, 1]
+    assert threads[-1] != threading.get_ident() and counted == [(1, True), (1, True), (1, False)]
     stats = batches.stats()
     assert (stats.batches, stats.batch_rows, stats.batched_requests) == (3, 6, 3)
     await batches.close()
@@ -369,7 +371,7 @@ async def test_a_request_behind_a_running_batch_waits_for_the_thread_even_at_low
     runner.gates[1].set()
     runner.gates[2].set()
     assert (await second).tolist() == [[2.0], [2.0]] and (await third).tolist() == [[3.0]]
-    assert runner.batches == [[2], [2], [1]] and counted == [1, 1, 1]
+    assert runner.batches == [[2], [2], [1]] and counted == [(1, True), (1, False), (1, False)]
     await batches.close()
 
 
@@ -390,5 +392,5 @@ async def test_an_inline_runs_failure_is_the_requests_own_error_and_the_lane_goe
     with pytest.raises(NeuronServeError, match="run_batch failed: ValueError: graph broke"):
         await batches.submit((user, peers_of(1, 3.0)), 1)
     assert (await batches.submit((user, peers_of(1, 4.0)), 1)).tolist() == [[4.0]]
-    assert counted == [1] and batches.stats().batches == 1
+    assert counted == [(1, True)] and batches.stats().batches == 1
     await batches.close()
