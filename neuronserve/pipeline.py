@@ -60,15 +60,20 @@ class _Group:
         self.executions = 0
         self.busy_s = 0.0
         self.faults = 0
-        self.lane_inline = 0  # the lane's executions run on the loop (the launcher's: its runners count them)
+        self.inline_executions = 0  # of `executions`, those run on the event loop
 
     def healthy(self) -> bool:
         return all(runner.healthy() for runner in self.runners.values())
 
     def stats(self) -> GroupStats:
-        inline = self.lane_inline + sum(runner.inline_executions() for runner in self.runners.values())
         return GroupStats(
-            str(self.cores), self.stages, self.executions, inline, self.busy_s, self.faults, self.healthy()
+            str(self.cores),
+            self.stages,
+            self.executions,
+            self.inline_executions,
+            self.busy_s,
+            self.faults,
+            self.healthy(),
         )
 
 
@@ -241,8 +246,7 @@ class Pipeline:
         """Loop thread: a lane batch's executions (run on the loop, or on the lane's thread) into its group's counts."""
         group = self._stage_groups[FUSED_STAGE][0]
         group.in_flight += 1
-        group.lane_inline += len(batch.job.executions) if on_loop and batch.job is not None else 0
-        self._finish(group, batch.job, None)
+        self._finish(group, batch.job, None, on_loop=on_loop)
 
     @property
     def runs_now(self) -> bool:  # score_now can run a request at all (a fused runner that runs it here)
@@ -260,7 +264,7 @@ class Pipeline:
                 if done is None:
                     return None
                 group.in_flight += 1  # a job that ran on the group: _finish frees the slot and counts it
-                self._finish(group, JobResult(*done, executions(FUSED_STAGE, ((rows, rows),))), None)
+                self._finish(group, JobResult(*done, executions(FUSED_STAGE, ((rows, rows),))), None, on_loop=True)
                 back_s = time.perf_counter()
                 scores = mark_nonfinite(done[0], user, peers, None)
                 return ScoredBatch(scores, 0.0, done[1], time.perf_counter() - back_s)
@@ -348,7 +352,7 @@ class Pipeline:
             if sent is not None:  # the process's reply settles `future` and frees the slot, on this loop
                 done, executions = sent
                 if done.done():  # run inline (the cpu backend at low load): settled now, no loop round trip
-                    self._settle(future, group, done, executions)
+                    self._settle(future, group, done, executions, on_loop=True)
                 else:
                     done.add_done_callback(functools.partial(self._settle, future, group, executions=executions))
             else:
@@ -367,10 +371,10 @@ class Pipeline:
                 continue
             return result.out
 
-    def _settle(self, future: asyncio.Future, group: _Group, done, executions=None) -> None:
+    def _settle(self, future: asyncio.Future, group: _Group, done, executions=None, on_loop: bool = False) -> None:
         """Loop thread, once a job ends (`done`: its concurrent.futures.Future, or the model process's
-        asyncio future of (output, busy seconds) with `executions`): free its slot, count, and answer
-        its caller unless the caller went away."""
+        asyncio future of (output, busy seconds) with `executions`; on_loop: it ran inside the submit): free
+        its slot, count, and answer its caller unless the caller went away."""
         error = (
             Unavailable("the execution was cancelled: the pipeline is closing")
             if done.cancelled()
@@ -380,7 +384,7 @@ class Pipeline:
         if result is not None and executions is not None:  # the model process's (output, busy seconds)
             out, busy_s = result
             result = JobResult(out, busy_s, executions)
-        self._finish(group, result, error)
+        self._finish(group, result, error, on_loop)
         if not future.done():
             if error is None:
                 future.set_result(result)
@@ -406,8 +410,11 @@ class Pipeline:
             self._waiters.append(waiter)
             await waiter
 
-    def _finish(self, group: _Group, result: JobResult | None, error: BaseException | None) -> None:
-        """Loop thread: free the slot, wake waiters, count the job's (output, busy seconds, executions)."""
+    def _finish(
+        self, group: _Group, result: JobResult | None, error: BaseException | None, on_loop: bool = False
+    ) -> None:
+        """Loop thread: free the slot, wake waiters, count the job's (output, busy seconds, executions);
+        on_loop: the job ran on the event loop (the launcher's or the lane's inline run)."""
         group.in_flight -= 1
         waiters, self._waiters = self._waiters, deque()
         for waiter in waiters:
@@ -417,6 +424,7 @@ class Pipeline:
             group.faults += 1
         if result is not None:
             group.busy_s += result.busy_s
+            group.inline_executions += len(result.executions) if on_loop else 0
             for execution in result.executions:
                 group.executions += 1
                 counts = self._stage_counts[execution.stage]

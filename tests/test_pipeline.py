@@ -16,6 +16,7 @@ from neuronserve.backends.sim import LatencyModel, SimBackend, StageLatency
 from neuronserve.config import STAGES, CoreGroup, Placement, SimConfig
 from neuronserve.contract import FUSED_STAGE
 from neuronserve.errors import CoreFault, InvalidInput, Unavailable
+from neuronserve.loop_load import BusyFraction
 from neuronserve.pipeline import Pipeline
 
 pytestmark = pytest.mark.timeout(60)
@@ -152,8 +153,11 @@ def test_score_now_runs_a_lone_request_at_once_on_the_cpu_backend_as_score_reque
     assert after.stages["twotower"].rows == before.stages["twotower"].rows + 9
     assert after.groups[0].executions == before.groups[0].executions + 1
     assert after.groups[0].inline_executions == before.groups[0].inline_executions + 1
+    launcher = pipeline._now[0][1]._launcher  # kept inline: a demand that does not move
+    launcher.demand = BusyFraction(tau_s=1e9, _value=0.0, _at_s=time.perf_counter())
     batched = asyncio.run(pipeline.score_requests([user], [peers])).scores
     np.testing.assert_allclose(now.scores, batched, rtol=1e-5, atol=1e-6)
+    assert pipeline.stats().groups[0].inline_executions == after.groups[0].inline_executions + 1  # run in submit
     peers[4, 3] = np.inf
     marked = pipeline.score_now(user, peers).scores
     assert np.isnan(marked[4]).all() and np.isfinite(np.delete(marked, 4, axis=0)).all()
@@ -166,6 +170,8 @@ def test_score_now_runs_a_lone_request_at_once_on_the_cpu_backend_as_score_reque
     off = Pipeline(Cpu(manifest, inline_below=0.0), Placement.data_parallel(1))
     off.start()
     assert not off.runs_now and off.score_now(user, peers) is None
+    asyncio.run(off.score_requests([user], [peers]))  # on torch's thread: counted, not as on the loop
+    assert off.stats().groups[0].executions >= 1 and off.stats().groups[0].inline_executions == 0
     off.close()
     sim_pipeline, _ = instant_pipeline(manifest, "data parallel (the fused graph)", data_parallel_cores=2)
     assert not sim_pipeline.runs_now and sim_pipeline.score_now(user, peers) is None

@@ -314,7 +314,6 @@ def test_run_now_runs_at_once_only_while_the_launcher_is_idle_and_inline(fork):
         step, want = _step(fork, 3, 4, seed=11)
         out, busy_s = launcher.run_now(one_ms_of_cpu, step.inputs, 3)
         assert launcher.row_s == pytest.approx(0.001 / 3) and not launcher._running
-        assert launcher.inline_executions == 1
         launcher.load = BusyFraction(tau_s=0.2, _value=0.5, _at_s=clock.now_s)
         launcher._inline = False
         assert launcher.run_now(one_ms_of_cpu, step.inputs, 3) is None
@@ -326,7 +325,6 @@ def test_run_now_runs_at_once_only_while_the_launcher_is_idle_and_inline(fork):
             assert not queued.done() and launcher.run_now(one_ms_of_cpu, step.inputs, 3) is None
         await queued
         settled(launcher)
-        assert launcher.inline_executions == 1  # the handed-off execution is not one
         launcher.close()
         assert launcher.run_now(one_ms_of_cpu, step.inputs, 3) is None
         return out, busy_s, want

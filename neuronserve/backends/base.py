@@ -57,10 +57,6 @@ class Runner(ABC):
         """False while the core group is out of rotation (faulted, resetting): the pipeline routes around it."""
         return True
 
-    def inline_executions(self) -> int:
-        """Executions this runner ran on the calling thread (the event loop) instead of handing them off."""
-        return 0
-
     def close(self) -> None:  # noqa: B027 -- an optional hook: runners that hold something override it
         """Release the core group (default: nothing to release)."""
 

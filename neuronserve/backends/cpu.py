@@ -211,9 +211,6 @@ class CpuFusedRunner(FusedRunner):
     def healthy(self) -> bool:
         return self.process is None or self.process.alive
 
-    def inline_executions(self) -> int:
-        return self._launcher.inline_executions
-
     def close(self) -> None:
         self._launcher.close()
         if self.process is not None:

@@ -147,7 +147,6 @@ class TorchLauncher:
     loop: BusyFraction = field(default_factory=lambda: BusyFraction(tau_s=0.2))  # the loop thread's CPU
     demand: BusyFraction = field(default_factory=lambda: BusyFraction(tau_s=0.2))  # and its demand
     row_s: float = 0.0  # CPU seconds per row, as the inline runs measure them (a moving average)
-    inline_executions: int = 0  # executions run on the submitting thread (written on the loop, read by scrapes)
     _inline: bool = False  # set in __post_init__
     _queue: deque[_Queued] = field(default_factory=deque)
     _running: bool = False
@@ -202,7 +201,6 @@ class TorchLauncher:
             start_s, start_cpu_s = self.clock(), self.cpu_clock()
             with torch.inference_mode():
                 outs = [graph(*inputs).numpy()[:kept] for graph, inputs, kept in calls]
-            self.inline_executions += len(calls)
             self._learn_row_s(self.cpu_clock() - start_cpu_s, rows)
             return concat(outs), self.clock() - start_s
         finally:
