@@ -424,7 +424,8 @@ class Pipeline:
             group.faults += 1
         if result is not None:
             group.busy_s += result.busy_s
-            group.inline_executions += len(result.executions) if on_loop else 0
+            if on_loop:
+                group.inline_executions += len(result.executions)
             for execution in result.executions:
                 group.executions += 1
                 counts = self._stage_counts[execution.stage]
