@@ -2,8 +2,8 @@
 
 The command that wires the benchmark: workloads.py builds the requests, runs.py measures one
 server (loadgen.py sends the load open-loop, search.py picks the rates), limits.py measures the
-model and gRPC alone, plain.py is the reference server of `--reference plain` (measured the same
-way, right after the target), report.py computes the server figures and the comparison, render.py
+model and gRPC alone, reference.py starts the reference server of `--reference plain|probe` (plain.py,
+probe.py; measured the same way, right after the target), report.py computes the server figures and the comparison, render.py
 prints and writes the report. Imports nothing heavy until the command runs.
 
     neuronserve bench --target 127.0.0.1:8001 --workload score --rate 500 --duration-s 20
@@ -107,7 +107,9 @@ def _add_client_args(client) -> None:
 
 
 def _add_output_args(limits) -> None:
-    """The server's metrics, the limits, the plain reference and the output files."""
+    """The server's metrics, the limits, the reference server and the output files."""
+    from neuronserve.bench.reference import KINDS
+
     limits.add_argument(
         "--metrics-url", default=None, help="the server's Prometheus endpoint, e.g. http://127.0.0.1:8002/metrics"
     )
@@ -120,9 +122,10 @@ def _add_output_args(limits) -> None:
     limits.add_argument(
         "--reference",
         default=None,
-        choices=("plain",),
-        help="also start a plain server on --artifact (the model once per request on its event loop, no batching), run the same "
-        "measurement against it and report the target's result as a ratio of it (score and oip workloads)",
+        choices=tuple(KINDS),
+        help="also start a reference server on --artifact, run the same measurement against it and report the target's "
+        "result as a ratio of it: 'plain', the model once per request on its event loop, no batching (score and oip "
+        "workloads); 'probe', issue 9's probe, a work-conserving batcher on one worker thread (oip)",
     )
     limits.add_argument(
         "--rounds",
@@ -171,7 +174,7 @@ def check_outputs(args: argparse.Namespace, rates: tuple[float, ...] = ()) -> No
     if args.rounds < 1:
         raise ConfigError(f"--rounds must be >= 1, got {args.rounds}")
     if args.rounds > 1 and not args.reference:
-        raise ConfigError("--rounds compares the target with a reference: give --reference plain too")
+        raise ConfigError("--rounds compares the target with a reference: give --reference plain (or probe) too")
     if args.reference:
         _check_reference(args, rates)
     if args.artifact and (args.reference or not args.no_limits):
@@ -180,7 +183,7 @@ def check_outputs(args: argparse.Namespace, rates: tuple[float, ...] = ()) -> No
         manifest = load_manifest(args.artifact, verify=True)  # a wrong --artifact is an error now, not after the load
         if args.reference and manifest.target != "cpu":
             raise ConfigError(
-                f"--reference plain runs --target cpu artifacts; {args.artifact} is a {manifest.target} artifact"
+                f"--reference {args.reference} runs --target cpu artifacts; {args.artifact} is a {manifest.target} artifact"
             )
 
 
@@ -200,15 +203,17 @@ def _check_metrics_url(text: str) -> None:
 
 
 def _check_reference(args: argparse.Namespace, rates: tuple[float, ...]) -> None:
-    """A ConfigError unless --reference plain has what it needs: --artifact, a workload it serves, one run."""
+    """A ConfigError unless --reference has what it needs: --artifact, a workload it serves, one run."""
+    from neuronserve.bench.reference import KINDS
     from neuronserve.errors import ConfigError
 
+    name, workloads = args.reference, KINDS[args.reference].workloads
     if not args.artifact:
-        raise ConfigError("--reference plain needs --artifact (the plain server serves that artifact)")
-    if args.workload not in ("score", "oip"):
-        raise ConfigError(f"--reference plain serves the score and oip workloads, not {args.workload}")
+        raise ConfigError(f"--reference {name} needs --artifact (the {name} server serves that artifact)")
+    if args.workload not in workloads:
+        raise ConfigError(f"--reference {name} answers --workload {' or '.join(workloads)}, not {args.workload}")
     if len(rates) > 1:
-        raise ConfigError("--reference plain compares one run: give one --rate (or --search), not a list")
+        raise ConfigError(f"--reference {name} compares one run: give one --rate (or --search), not a list")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -283,12 +288,12 @@ def _reference(
     target: ServerRuns,
     progress,
 ) -> Reference:
-    """Start the plain server on --artifact, measure it the same way (round 1: after the target's run),
+    """Start the reference server on --artifact, measure it the same way (round 1: after the target's run),
     then --rounds - 1 more pairs of runs, the order alternating; compare each round, and report the
     medians when there are several."""
     from neuronserve.bench import report
     from neuronserve.bench.document import Reference
-    from neuronserve.bench.plain import HOW, PlainServer
+    from neuronserve.bench.reference import KINDS, ReferenceServer
     from neuronserve.bench.runs import Endpoint
     from neuronserve.bench.workloads import prepare_workload
     from neuronserve.errors import ConfigError
@@ -296,12 +301,12 @@ def _reference(
     if progress:
         progress(f"reference: starting the {args.reference} server on {args.artifact}")
     say = (lambda line: progress(f"[{args.reference}] {line}")) if progress else None
-    with PlainServer(args.artifact, args.model) as plain:
-        if prepare_workload(plain.target, workload_spec).payloads != runner.workload.payloads:
+    with ReferenceServer(args.reference, args.artifact, args.model) as server:
+        if prepare_workload(server.target, workload_spec).payloads != runner.workload.payloads:
             raise ConfigError(
                 f"--reference: the model of --artifact {args.artifact} has other feature sizes than the target's; give the target's artifact"
             )
-        reference = Endpoint(plain.target, None, plain.pid, say)
+        reference = Endpoint(server.target, None, server.pid, say)
         ref = runner.measure(reference)
         rounds = [_compare(args, target, ref)]
         for number in range(2, args.rounds + 1):
@@ -313,7 +318,9 @@ def _reference(
                 theirs, ours = runner.measure(reference), runner.measure(endpoint)
             rounds.append(_compare(args, ours, theirs))
     comparison = rounds[0] if len(rounds) == 1 else report.median_comparison(rounds)
-    return Reference(args.reference, plain.target, plain.pid, HOW, ref, comparison, tuple(rounds))
+    return Reference(
+        args.reference, server.target, server.pid, KINDS[args.reference].how, ref, comparison, tuple(rounds)
+    )
 
 
 def _compare(args: argparse.Namespace, target: ServerRuns, ref: ServerRuns) -> Comparison:

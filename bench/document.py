@@ -37,7 +37,7 @@ class Header:
 
 @dataclass(frozen=True)
 class Reference:
-    """The reference server (`--reference plain`), measured the same way, and neuronserve against it."""
+    """The reference server (`--reference plain|probe`), measured the same way, and neuronserve against it."""
 
     server: str
     target: str

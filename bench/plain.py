@@ -1,6 +1,6 @@
 """The plain reference server: the obvious grpc.aio server a user would write for the same artifact.
 
-Not on the serving path: `neuronserve bench --reference plain` starts it in a subprocess (PlainServer)
+Not on the serving path: `neuronserve bench --reference plain` starts it in a subprocess (reference.py)
 and measures it with the same generator, so neuronserve's result can be given as a ratio of it. It
 answers what the `score` and `oip` workloads send (Scorer/Score, ModelInfer of the two-tower model,
 with ModelMetadata and ServerReady) with the same reply shapes, by running the artifact's CPU
@@ -15,18 +15,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 
 import numpy as np
 
 from neuronserve.bench.echo import bench_server, serve_until_signalled
 from neuronserve.contract import FUSED_STAGE, STAGES
-from neuronserve.errors import Unavailable
 
 FUSED = FUSED_STAGE  # the artifact's one-graph stage, when it has one
-HOW = "grpc.aio + uvloop, the artifact's CPU TorchScript graph(s) once per request on the event loop, 1 torch thread, no batching"
 
 
 Score = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (user [1, F_u], peers [M, F_p]) -> scores [M, K]
@@ -127,7 +123,7 @@ def _scorer(score: Score, cfg, version: str):
     return Scorer()
 
 
-def _metadata(model_name: str, cfg):
+def metadata_of(model_name: str, cfg, platform: str = "plain"):
     """The OIP ModelMetadataResponse of the two-tower model: USER_FEATURES, PEER_FEATURES -> SCORES."""
     from neuronserve.protos import open_inference_pb2 as oip
 
@@ -135,7 +131,7 @@ def _metadata(model_name: str, cfg):
     return oip.ModelMetadataResponse(
         name=model_name,
         versions=["1"],  # an integer, as Triton's tools expect
-        platform="plain",
+        platform=platform,
         inputs=[
             meta(name="USER_FEATURES", datatype="FP32", shape=[1, cfg.user_features]),
             meta(name="PEER_FEATURES", datatype="FP32", shape=[-1, cfg.peer_features]),
@@ -144,11 +140,11 @@ def _metadata(model_name: str, cfg):
     )
 
 
-def _model_config(metadata):
+def model_config_of(metadata):
     """Triton's model configuration of the model in `metadata`, which perf_analyzer reads first."""
     from neuronserve.protos import open_inference_pb2 as oip
 
-    config = oip.ModelConfig(name=metadata.name, platform="plain", max_batch_size=0)
+    config = oip.ModelConfig(name=metadata.name, platform=metadata.platform, max_batch_size=0)
     config.input.extend(oip.ModelInput(name=t.name, data_type=oip.TYPE_FP32, dims=t.shape) for t in metadata.inputs)
     config.output.extend(oip.ModelOutput(name=t.name, data_type=oip.TYPE_FP32, dims=t.shape) for t in metadata.outputs)
     return oip.ModelConfigResponse(config=config)
@@ -159,7 +155,7 @@ def _inference(score: Score, cfg, model_name: str):
     from neuronserve.protos import open_inference_pb2 as oip
     from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
 
-    metadata = _metadata(model_name, cfg)
+    metadata = metadata_of(model_name, cfg)
 
     class Inference(oip_grpc.GRPCInferenceServiceServicer):
         async def ServerReady(self, request, context):
@@ -173,7 +169,7 @@ def _inference(score: Score, cfg, model_name: str):
             return oip.ServerMetadataResponse(name="plain", version="1", extensions=["model_configuration"])
 
         async def ModelConfig(self, request, context):
-            return _model_config(metadata)
+            return model_config_of(metadata)
 
         async def ModelInfer(self, request, context):
             await _check_model(context, request.model_name, model_name)
@@ -190,47 +186,6 @@ def _inference(score: Score, cfg, model_name: str):
             return response
 
     return Inference()
-
-
-class PlainServer:
-    """bench's handle on a plain server subprocess: `with PlainServer(artifact) as plain: plain.target, plain.pid`."""
-
-    def __init__(self, artifact: str, model_name: str = "twotower", fused: bool = True) -> None:
-        self.argv = [
-            sys.executable,
-            "-m",
-            "neuronserve.bench.plain",
-            "--artifact",
-            artifact,
-            "--port",
-            "0",
-            "--model",
-            model_name,
-        ]
-        self.argv += [] if fused else ["--three-stages"]
-        self.target = ""
-        self.pid = 0
-
-    def __enter__(self) -> PlainServer:
-        self._proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True)
-        assert self._proc.stdout is not None  # stdout=PIPE
-        line = self._proc.stdout.readline()  # "" at once if it exits; its stderr is bench's
-        if "port=" not in line:
-            self.__exit__()
-            raise Unavailable(
-                f"reference: the plain server did not start (said {line.strip()!r}, exit {self._proc.poll()})"
-            )
-        self.target, self.pid = f"127.0.0.1:{int(line.split('port=')[1].split()[0])}", self._proc.pid
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
 
 
 def main() -> None:

@@ -4,8 +4,8 @@ The last step of `neuronserve bench`, outside the server's request path. The ser
 statistics come from its Prometheus endpoint (Triton's metric names, `nv_inference_*`), read
 before and after the measured window; only their difference is reported. Server CPU and resident
 memory come from the same endpoint (`process_cpu_seconds_total`, `process_resident_memory_bytes`)
-or, for a server bench started itself, from its process (psutil). With `--reference plain`,
-Comparison gives neuronserve's result as a ratio of the plain server's. Everything else comes from
+or, for a server bench started itself, from its process (psutil). With `--reference plain`
+(or `probe`), Comparison gives neuronserve's result as a ratio of that server's. Everything else comes from
 the load generator's results (loadgen.LoadResult) and the limits (limits.py); render.py prints and
 writes the whole.
 """
@@ -217,7 +217,7 @@ class Comparison:
     None when either side has no value.
     """
 
-    reference: str  # "plain"
+    reference: str  # "plain" or "probe"
     basis: str  # what the served rate is
     served_rate_per_s: float | None
     reference_served_rate_per_s: float | None

@@ -302,12 +302,16 @@ def test_search_prints_the_rate_and_the_limits(server, artifact_dir, tmp_path):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-if-compiled", "three-stages"])
-def test_the_plain_server_answers_like_neuronserve(server, artifact_dir, fused):
-    """Same request, same artifact: the same reply shape and the same scores, through both APIs."""
+@pytest.mark.parametrize(
+    "name, extra, workloads",
+    [("plain", (), ("score", "oip")), ("plain", ("--three-stages",), ("score", "oip")), ("probe", (), ("oip",))],
+    ids=["plain-fused-if-compiled", "plain-three-stages", "probe"],
+)
+def test_the_reference_servers_answer_like_neuronserve(server, artifact_dir, name, extra, workloads):
+    """Same request, same artifact: the same reply shape and the same scores, through each API it serves."""
     import grpc
 
-    from neuronserve.bench.plain import PlainServer
+    from neuronserve.bench.reference import ReferenceServer
     from neuronserve.bench.workloads import WorkloadSpec, prepare_workload
     from neuronserve.protos import open_inference_pb2 as oip
     from neuronserve.protos import scorer_pb2 as pb
@@ -316,12 +320,14 @@ def test_the_plain_server_answers_like_neuronserve(server, artifact_dir, fused):
         with grpc.insecure_channel(target) as channel:
             return reply_type.FromString(channel.unary_unary(method)(payload, timeout=10))
 
-    with PlainServer(artifact_dir, fused=fused) as plain:
-        for name, reply_type in (("score", pb.ScoreResponse), ("oip", oip.ModelInferResponse)):
-            workload = prepare_workload(plain.target, WorkloadSpec(name=name, peers=24))  # also the bench's metadata call and probe
-            assert workload.payloads == prepare_workload(server.target, WorkloadSpec(name=name, peers=24)).payloads
-            replies = [ask(t, workload.method, workload.payloads[3], reply_type) for t in (server.target, plain.target)]
-            if name == "score":
+    reply_types = {"score": pb.ScoreResponse, "oip": oip.ModelInferResponse}
+    with ReferenceServer(name, artifact_dir, extra=extra) as ref:
+        for workload_name in workloads:
+            reply_type = reply_types[workload_name]
+            workload = prepare_workload(ref.target, WorkloadSpec(name=workload_name, peers=24))  # also the bench's metadata call and probe
+            assert workload.payloads == prepare_workload(server.target, WorkloadSpec(name=workload_name, peers=24)).payloads
+            replies = [ask(t, workload.method, workload.payloads[3], reply_type) for t in (server.target, ref.target)]
+            if workload_name == "score":
                 shapes = [list(r.scores.shape) for r in replies]
                 scores = [np.frombuffer(r.scores.data, "<f4") for r in replies]
                 assert replies[0].label_names == replies[1].label_names
@@ -332,7 +338,7 @@ def test_the_plain_server_answers_like_neuronserve(server, artifact_dir, fused):
             assert shapes[0] == shapes[1] == [24, 2]
             np.testing.assert_allclose(scores[1], scores[0], rtol=1e-5, atol=1e-5)
             assert abs(len(replies[1].SerializeToString()) - len(replies[0].SerializeToString())) <= 16  # the version strings may differ
-        pid = plain.pid
+        pid = ref.pid
     import psutil
 
     assert not psutil.pid_exists(pid)
@@ -368,6 +374,21 @@ def test_reference_plain_reports_both_servers_and_their_ratios(server, artifact_
     import psutil
 
     assert not psutil.pid_exists(report["reference"]["pid"])  # bench stopped the server it started
+
+
+@pytest.mark.timeout(120)
+def test_reference_probe_measures_issue_9s_probe_alike(server, artifact_dir, tmp_path):
+    out_json = tmp_path / "bench.json"
+    argv = [sys.executable, "-m", "neuronserve.bench", "--target", server.target, "--workload", "oip", "--peers", "32", "--rate", "40",
+            "--duration-s", "1", "--warmup-s", "0.3", "--no-limits", "--quiet", "--json", str(out_json), "--artifact", artifact_dir,
+            "--metrics-url", server.metrics_url, "--reference", "probe"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out_json.read_text())
+    ours, ref, cmp = report["result"], report["reference"]["result"], report["versus_reference"]
+    assert report["reference"]["server"] == "probe" and "issue 9's probe" in report["reference"]["how"]
+    assert ours["ok"] == ours["sent"] and ref["ok"] == ref["sent"] == ours["sent"] > 0
+    assert cmp["cpu_ratio"] > 0 and "neuronserve / probe server" in done.stdout
 
 
 @pytest.mark.timeout(150)
@@ -539,7 +560,8 @@ def test_the_compute_limit_runs_three_stages_without_the_fused_graph(artifact_di
         (["--limit-s", "0"], ["--limit-s", "> 0"]),
         (["--artifact", "/nonexistent-artifact"], ["/nonexistent-artifact", "does not exist"]),
         (["--reference", "plain"], ["--reference plain needs --artifact"]),
-        (["--reference", "plain", "--workload", "score-ids", "--artifact", "/nonexistent-artifact"], ["--reference plain", "score and oip workloads"]),
+        (["--reference", "plain", "--workload", "score-ids", "--artifact", "/nonexistent-artifact"], ["--reference plain", "score or oip"]),
+        (["--reference", "probe", "--workload", "score", "--artifact", "/nonexistent-artifact"], ["--reference probe", "--workload oip, not score"]),
         (["--reference", "plain", "--no-limits", "--artifact", "/nonexistent-artifact"], ["/nonexistent-artifact", "does not exist"]),
         (["--rate", "1800,fast"], ["--rate", "1800,fast", "separated by commas"]),
         (["--rate", "1800,0"], ["--rate must be > 0"]),
