@@ -21,6 +21,7 @@ import numpy as np
 
 from neuronserve.bench.echo import bench_server, serve_until_signalled
 from neuronserve.contract import FUSED_STAGE, STAGES
+from neuronserve.errors import NeuronServeError
 
 FUSED = FUSED_STAGE  # the artifact's one-graph stage, when it has one
 
@@ -207,7 +208,10 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(args.artifact, args.port, args.model, not args.three_stages))
+    try:
+        asyncio.run(serve(args.artifact, args.port, args.model, not args.three_stages))
+    except NeuronServeError as exc:  # a bad --artifact: one line, not a traceback
+        raise SystemExit(f"plain server: {exc}") from None
 
 
 if __name__ == "__main__":

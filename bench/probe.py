@@ -21,6 +21,7 @@ import numpy as np
 from neuronserve.bench.echo import bench_server, serve_until_signalled
 from neuronserve.bench.plain import metadata_of, model_config_of
 from neuronserve.contract import FUSED_STAGE
+from neuronserve.errors import NeuronServeError
 
 
 class _Batcher:
@@ -127,7 +128,10 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(args.artifact, args.port, args.model))
+    try:
+        asyncio.run(serve(args.artifact, args.port, args.model))
+    except NeuronServeError as exc:  # a bad --artifact: one line, not a traceback
+        raise SystemExit(f"probe: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -376,6 +376,15 @@ def test_reference_plain_reports_both_servers_and_their_ratios(server, artifact_
     assert not psutil.pid_exists(report["reference"]["pid"])  # bench stopped the server it started
 
 
+@pytest.mark.parametrize("module", ["plain", "probe"])
+def test_a_reference_server_on_a_missing_artifact_says_so_in_one_line(module, tmp_path):
+    missing = str(tmp_path / "no-artifact")
+    done = subprocess.run([sys.executable, "-m", f"neuronserve.bench.{module}", "--artifact", missing],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and missing in done.stderr and "does not exist" in done.stderr
+
+
 @pytest.mark.timeout(120)
 def test_reference_probe_measures_issue_9s_probe_alike(server, artifact_dir, tmp_path):
     out_json = tmp_path / "bench.json"
