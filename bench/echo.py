@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from collections.abc import Coroutine
+from typing import Any
 
 
 async def serve(port: int, reply_bytes: int) -> None:
@@ -55,18 +57,29 @@ async def serve_until_signalled(server, port: int, ready: str) -> None:
     await server.stop(0.5)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="no-op gRPC server replying with a fixed number of bytes")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--reply-bytes", type=int, default=64)
-    args = parser.parse_args()
+def run_server(main: Coroutine[Any, Any, None], name: str) -> None:
+    """Run a bench server's `main` on uvloop (asyncio's loop without it) until it returns; a
+    NeuronServeError (a bad --artifact) exits with one line naming the server, not a traceback."""
+    from neuronserve.errors import NeuronServeError
+
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(args.port, args.reply_bytes))
+    try:
+        asyncio.run(main)
+    except NeuronServeError as exc:
+        raise SystemExit(f"{name}: {exc}") from None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="no-op gRPC server replying with a fixed number of bytes")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--reply-bytes", type=int, default=64)
+    args = parser.parse_args()
+    run_server(serve(args.port, args.reply_bytes), "echo server")
 
 
 if __name__ == "__main__":

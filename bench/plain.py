@@ -13,15 +13,13 @@ it prints `plain ready: port=PORT pid=PID` on stdout when serving.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 from collections.abc import Callable
 
 import numpy as np
 
-from neuronserve.bench.echo import bench_server, serve_until_signalled
+from neuronserve.bench.echo import bench_server, run_server, serve_until_signalled
 from neuronserve.contract import FUSED_STAGE, STAGES
-from neuronserve.errors import NeuronServeError
 
 FUSED = FUSED_STAGE  # the artifact's one-graph stage, when it has one
 
@@ -202,16 +200,7 @@ def main() -> None:
         help="run user_tower, peer_tower, pair_scorer even if the artifact has the fused stage",
     )
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    try:
-        asyncio.run(serve(args.artifact, args.port, args.model, not args.three_stages))
-    except NeuronServeError as exc:  # a bad --artifact: one line, not a traceback
-        raise SystemExit(f"plain server: {exc}") from None
+    run_server(serve(args.artifact, args.port, args.model, not args.three_stages), "plain server")
 
 
 if __name__ == "__main__":

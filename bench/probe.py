@@ -18,10 +18,9 @@ import threading
 
 import numpy as np
 
-from neuronserve.bench.echo import bench_server, serve_until_signalled
+from neuronserve.bench.echo import bench_server, run_server, serve_until_signalled
 from neuronserve.bench.plain import metadata_of, model_config_of
 from neuronserve.contract import FUSED_STAGE
-from neuronserve.errors import NeuronServeError
 
 
 class _Batcher:
@@ -122,16 +121,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--model", default="twotower", help="the OIP model name it answers to (default twotower)")
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    try:
-        asyncio.run(serve(args.artifact, args.port, args.model))
-    except NeuronServeError as exc:  # a bad --artifact: one line, not a traceback
-        raise SystemExit(f"probe: {exc}") from None
+    run_server(serve(args.artifact, args.port, args.model), "probe")
 
 
 if __name__ == "__main__":

@@ -345,16 +345,18 @@ def test_the_reference_servers_answer_like_neuronserve(server, artifact_dir, nam
 
 
 @pytest.mark.timeout(120)
-def test_reference_plain_reports_both_servers_and_their_ratios(server, artifact_dir, tmp_path):
+@pytest.mark.parametrize("name, workload, what", [("plain", "score", "no batching"), ("probe", "oip", "issue 9's probe")])
+def test_a_reference_server_reports_both_servers_and_their_ratios(server, artifact_dir, tmp_path, name, workload, what):
     out_json = tmp_path / "bench.json"
-    argv = [sys.executable, "-m", "neuronserve.bench", "--target", server.target, "--workload", "score", "--peers", "32", "--rate", "40",
+    argv = [sys.executable, "-m", "neuronserve.bench", "--target", server.target, "--workload", workload, "--peers", "32", "--rate", "40",
             "--duration-s", "2", "--warmup-s", "0.5", "--no-limits", "--quiet", "--json", str(out_json), "--artifact", artifact_dir,
-            "--metrics-url", server.metrics_url, "--reference", "plain"]
+            "--metrics-url", server.metrics_url, "--reference", name]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=110)
     assert done.returncode == 0, done.stderr
     report = json.loads(out_json.read_text())
     ours, ref, cmp = report["result"], report["reference"]["result"], report["versus_reference"]
-    assert report["reference"]["server"] == "plain" and report["reference"]["target"] != server.target
+    assert report["reference"]["server"] == name and report["reference"]["target"] != server.target
+    assert what in report["reference"]["how"] and f"neuronserve / {name} server" in done.stdout
     assert ours["ok"] > 0 and ref["ok"] > 0
     assert ours["sent"] == ref["sent"]  # the same generator: the same schedule
     assert cmp["served_ratio"] == pytest.approx(ours["achieved_rate_per_s"] / ref["achieved_rate_per_s"], rel=1e-3)
@@ -383,21 +385,6 @@ def test_a_reference_server_on_a_missing_artifact_says_so_in_one_line(module, tm
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and missing in done.stderr and "does not exist" in done.stderr
-
-
-@pytest.mark.timeout(120)
-def test_reference_probe_measures_issue_9s_probe_alike(server, artifact_dir, tmp_path):
-    out_json = tmp_path / "bench.json"
-    argv = [sys.executable, "-m", "neuronserve.bench", "--target", server.target, "--workload", "oip", "--peers", "32", "--rate", "40",
-            "--duration-s", "1", "--warmup-s", "0.3", "--no-limits", "--quiet", "--json", str(out_json), "--artifact", artifact_dir,
-            "--metrics-url", server.metrics_url, "--reference", "probe"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=110)
-    assert done.returncode == 0, done.stderr
-    report = json.loads(out_json.read_text())
-    ours, ref, cmp = report["result"], report["reference"]["result"], report["versus_reference"]
-    assert report["reference"]["server"] == "probe" and "issue 9's probe" in report["reference"]["how"]
-    assert ours["ok"] == ours["sent"] and ref["ok"] == ref["sent"] == ours["sent"] > 0
-    assert cmp["cpu_ratio"] > 0 and "neuronserve / probe server" in done.stdout
 
 
 @pytest.mark.timeout(150)
