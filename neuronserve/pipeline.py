@@ -384,7 +384,7 @@ class Pipeline:
         if result is not None and executions is not None:  # the model process's (output, busy seconds)
             out, busy_s = result
             result = JobResult(out, busy_s, executions)
-        self._finish(group, result, error, on_loop)
+        self._finish(group, result, error, on_loop=on_loop)
         if not future.done():
             if error is None:
                 future.set_result(result)
