@@ -31,8 +31,10 @@ static inline __attribute__((always_inline)) uint32_t NAME(ge_mask)(vf a, vf b) 
  * expf polynomial (relative error ~1e-7), the power of two built from the exponent bits. The same
  * arithmetic for every lane, so a value depends on its input only, never on where it sits. */
 static inline __attribute__((always_inline)) vf NAME(sigmoid)(vf s) {
-#if defined(__x86_64__) && LANES == 16 /* AVX-512: vscalefps builds 2^n and saturates to 0 / inf: no clamps */
+#if defined(__x86_64__) && LANES == 16 /* AVX-512: vscalefps builds 2^n, so no exponent-bit overflow; the clamp
+    keeps f = t - n ln2 small (past |t| ~ 2.5e13 its rounding error reaches the polynomial's inf) */
     __m512 t = _mm512_sub_ps(_mm512_setzero_ps(), (__m512)s);
+    t = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), t)); /* NaN stays NaN */
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
     __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), t);
     f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);

@@ -40,14 +40,13 @@ from neuronserve.shared_table import (
     VERSION_LEN,
     WRITER_PID,
 )
+from neuronserve.cache_ids import check_ids, check_kind, checked_lists, not_found, where
 from neuronserve.cache_kernels import KERNEL as SCORE_IDS
 from neuronserve.errors import ConfigError, InvalidInput, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
-_MAX_NAMED_IDS = 10
 _READ_TIMEOUT_S = 2.0  # a read that keeps seeing commits land under it for this long gives up
-_SORTED_SEARCH_MIN_IDS = 128  # below this a plain searchsorted is as fast or faster (measured: 64 and 256 ids)
 
 T = TypeVar("T")
 
@@ -178,8 +177,8 @@ class EmbeddingCache:
     def check_upsert(self, kind: str, ids: np.ndarray) -> np.ndarray:
         """`ids` as int64 if upsert() would take them: distinct, at most max_rows. The service calls it
         before the tower run, so a bad request costs no core time."""
-        _check_kind(kind)
-        ids = _check_ids(ids, "ids")
+        check_kind(kind)
+        ids = check_ids(ids, "ids")
         if len(ids) > self._max_rows:
             raise InvalidInput(
                 f"cannot upsert {len(ids)} {kind} ids: the cache holds at most max_rows={self._max_rows} per kind"
@@ -300,11 +299,15 @@ class EmbeddingCache:
         index_ids, index_slots, _ = mem.index(state, k)
         if not len(index_ids):
             return None, np.zeros(len(ids), bool)
-        pos = np.minimum(_positions(index_ids, ids), len(index_ids) - 1)
-        found = index_ids[pos] == ids
+        pos, found = where(index_ids, ids)
         if not found.all():
             return None, found
         return mem.vectors[k].take(index_slots[pos], axis=0, mode="clip"), found
+
+    @staticmethod
+    def _present(mem: SharedTable, state: int, k: int, ids: np.ndarray) -> np.ndarray:
+        index_ids = mem.index(state, k)[0]
+        return where(index_ids, ids)[1] if len(index_ids) else np.zeros(len(ids), bool)
 
     def _count(self, kind: str, ids: np.ndarray, found: np.ndarray, hits: int | None = None) -> None:
         hits = int(np.count_nonzero(found)) if hits is None else hits
@@ -312,14 +315,7 @@ class EmbeddingCache:
             self._hits += hits
             self._misses += len(ids) - hits
         if hits < len(ids):
-            missing = np.unique(ids[~found])
-            named = ", ".join(str(int(i)) for i in missing[:_MAX_NAMED_IDS]) + (
-                ", ..." if len(missing) > _MAX_NAMED_IDS else ""
-            )
-            raise NotFound(
-                f"unknown {kind} ids: {named} ({len(ids) - hits} of {len(ids)} not in the cache; "
-                f"UpsertEmbeddings them first)"
-            )
+            raise not_found(kind, ids, found)
 
     def _gather_pair(self, user_ids: np.ndarray, peer_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Users' and peers' vectors from one snapshot; NotFound for the users first (peers then uncounted)."""
@@ -333,8 +329,8 @@ class EmbeddingCache:
 
     def lookup(self, kind: str, ids: np.ndarray) -> np.ndarray:
         """Cached vectors float32 [N, K, D] for `ids` (in their order); unknown ids -> NotFound naming them."""
-        _check_kind(kind)
-        ids, k = _check_ids(ids, f"{kind}_ids"), KINDS.index(kind)
+        check_kind(kind)
+        ids, k = check_ids(ids, f"{kind}_ids"), KINDS.index(kind)
         rows, found = self._read(lambda mem, state: self._gather(mem, state, k, ids))
         self._count(kind, ids, found)
         assert rows is not None
@@ -344,10 +340,7 @@ class EmbeddingCache:
         """Cached vectors float32 [N_i, K, D] of several (kind, ids, field) lists, all from one committed
         snapshot (ScoreTick reads a pool's user and peer vectors together); unknown ids -> NotFound
         naming the first list with some, and its field."""
-        checked = []
-        for kind, ids, field in requests:
-            _check_kind(kind)
-            checked.append((KINDS.index(kind), _check_ids(ids, field)))
+        checked = checked_lists(requests)
         results = self._read(lambda mem, state: [self._gather(mem, state, k, ids) for k, ids in checked])
         for (kind, _, field), (_, ids), (_, found) in zip(requests, checked, results, strict=False):
             try:
@@ -355,6 +348,15 @@ class EmbeddingCache:
             except NotFound as exc:
                 raise NotFound(f"{field}: {exc}") from None
         return [rows for rows, _ in results]  # type: ignore[misc]
+
+    def require(self, requests: Sequence[tuple[str, np.ndarray, str]]) -> None:
+        """NotFound naming the first (kind, ids, field) list with ids not cached now, as lookup_many, but
+        nothing copied or counted: a call that reads the cache in parts (ScoreMatrixStream) checks all first."""
+        checked = checked_lists(requests)
+        found = self._read(lambda mem, state: [self._present(mem, state, k, ids) for k, ids in checked])
+        for (kind, _, field), (_, ids), ok in zip(requests, checked, found, strict=True):
+            if not ok.all():
+                raise NotFound(f"{field}: {not_found(kind, ids, ok)}")
 
     @property
     def label_bias(self) -> np.ndarray:
@@ -365,7 +367,7 @@ class EmbeddingCache:
         """Scores float32 [M, K] of one cached user against M cached peers: one batched dot product."""
         if isinstance(user_id, (bool, np.bool_)) or not isinstance(user_id, (int, np.integer)):
             raise InvalidInput(f"user_id must be an integer, got {user_id!r}")
-        user_ids, peer_ids = _check_ids(np.array([user_id]), "user_id"), _check_ids(peer_ids, "peer_ids")
+        user_ids, peer_ids = check_ids(np.array([user_id]), "user_id"), check_ids(peer_ids, "peer_ids")
         if SCORE_IDS is not None:  # compiled: each peer found and scored where it lies, no [M, K, D] copy
             scores, hits, found = self._read(lambda mem, s: SCORE_IDS(mem, s, user_ids[0], peer_ids, self._bias))
             self._count("user", user_ids, np.array([hits >= 0]))
@@ -378,7 +380,7 @@ class EmbeddingCache:
 
     def score_matrix(self, user_ids: np.ndarray, peer_ids: np.ndarray) -> np.ndarray:
         """Scores float32 [N, M, K] of N cached users x M cached peers: per label one matmul U_k @ P_k^T + b_k."""
-        users, peers = self._gather_pair(_check_ids(user_ids, "user_ids"), _check_ids(peer_ids, "peer_ids"))
+        users, peers = self._gather_pair(check_ids(user_ids, "user_ids"), check_ids(peer_ids, "peer_ids"))
         scores = np.matmul(
             np.ascontiguousarray(users.transpose(1, 0, 2)), np.ascontiguousarray(peers.transpose(1, 2, 0))
         )  # [K, N, M]
@@ -386,7 +388,7 @@ class EmbeddingCache:
         return np.ascontiguousarray(scores.transpose(1, 2, 0))
 
     def rows(self, kind: str) -> int:
-        _check_kind(kind)
+        check_kind(kind)
         k = KINDS.index(kind)
         return self._read(lambda mem, state: len(mem.index(state, k)[0]))
 
@@ -420,31 +422,3 @@ def _encode_version(model_version: str) -> bytes:
             f"model version must be at most {MAX_VERSION_BYTES} bytes in UTF-8, got {len(encoded)}: {model_version[:40]!r}..."
         )
     return encoded
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise InvalidInput(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-
-
-def _positions(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """np.searchsorted(sorted_ids, ids), searching in ascending order: numpy's binary search starts from
-    the previous key's place when keys ascend, and its branches become predictable (1,000 random ids in
-    5,000 cached: 72 us against 97; in 1M: 168 against 270, the argsort included; docs/embeddings.md)."""
-    if len(ids) < _SORTED_SEARCH_MIN_IDS:
-        return np.searchsorted(sorted_ids, ids)
-    order = np.argsort(ids)
-    positions = np.empty(len(ids), dtype=np.intp)
-    positions[order] = np.searchsorted(sorted_ids, ids[order])
-    return positions
-
-
-def _check_ids(ids: np.ndarray, field: str) -> np.ndarray:
-    ids = np.asarray(ids)
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise InvalidInput(f"{field} must be a 1-D integer array, got {ids.dtype} {list(ids.shape)}")
-    if len(ids) == 0:
-        raise InvalidInput(f"{field} must be non-empty")
-    if ids.dtype == np.uint64 and ids.max() > np.iinfo(np.int64).max:
-        raise InvalidInput(f"{field} must fit in int64, got {int(ids.max())}")
-    return ids.astype(np.int64, copy=False)

@@ -13,12 +13,14 @@ term's derivation and the measurements: docs/memory.md.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from neuronserve.errors import InvalidInput, Overloaded
 from neuronserve.memory_release import MIB, MemoryTrimmer
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from neuronserve.tick_device import TickDevice
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_BLOCKED_PAIRS = 1 << 20  # ScoreTick: blocked pairs per request
 ID_BYTES = 8  # an id on the wire, packed (little-endian int64); repeated int64 takes 1-10 bytes
@@ -236,7 +239,9 @@ class ScoringGate:
         self._kept: np.ndarray | None = None
 
     @contextlib.contextmanager
-    def reserve(self, nbytes: int, what: str) -> Iterator[None]:
+    def reserve(self, nbytes: int, what: str) -> Iterator[Reservation]:
+        """Hold `nbytes` for the block; work it starts with Reservation.run keeps them held until its thread
+        ends, even when the call is cancelled first."""
         capacity = self.capacity
         if capacity is not None:
             if nbytes > capacity:
@@ -253,11 +258,11 @@ class ScoringGate:
                     "progress; retry shortly or on another replica"
                 )
             self.reserved += nbytes
+        reservation = Reservation(self, nbytes if capacity is not None else 0)
         try:
-            yield
+            yield reservation
         finally:
-            if capacity is not None:
-                self.reserved -= nbytes
+            reservation.close()
 
     def take(self, nbytes: int) -> np.ndarray | None:
         """The kept matrix (flat float32) if it holds at least nbytes, else None. Its bytes leave the
@@ -288,6 +293,43 @@ class ScoringGate:
         if self._kept is not None and self.capacity is not None:
             self.reserved -= self._kept.nbytes
         self._kept = None
+
+
+class Reservation:
+    """A ScoringGate reservation's bytes, released when its call has ended and no thread it started still
+    runs: a call cancelled (the client gone, the deadline past) while its worker thread computes leaves the
+    bytes held until that thread stops, so the gate's bound holds. Loop-only, as the gate."""
+
+    def __init__(self, gate: ScoringGate, nbytes: int) -> None:
+        self._gate, self._nbytes = gate, nbytes
+        self._threads = 0
+        self._open = True
+
+    async def run(self, work: Callable[[threading.Event], T]) -> T:
+        """work(stop) in the loop's default executor. If the caller is cancelled, `stop` is set (work that
+        checks it may end early) and CancelledError raised at once; the bytes stay held until work returns."""
+        stop = threading.Event()
+        thread = asyncio.get_running_loop().run_in_executor(None, work, stop)
+        self._threads += 1
+        thread.add_done_callback(self._thread_done)
+        try:
+            return await asyncio.shield(thread)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
+
+    def close(self) -> None:
+        self._open = False
+        self._release()
+
+    def _thread_done(self, _: asyncio.Future) -> None:
+        self._threads -= 1
+        self._release()
+
+    def _release(self) -> None:
+        if not self._open and not self._threads and self._nbytes:
+            self._gate.reserved -= self._nbytes
+            self._nbytes = 0
 
 
 def start_keeping(config, shape: ModelShape, versions: int = 1) -> MemoryTrimmer:

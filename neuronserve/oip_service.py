@@ -20,6 +20,7 @@ from neuronserve.protos import open_inference_pb2_grpc as oip_grpc
 from neuronserve.service import (
     F32_LE,
     FP32,
+    MAX_REQUEST_ID_BYTES,
     TOWERS,
     TRITON_EXTENSIONS,
     TWOTOWER,
@@ -305,6 +306,10 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: oip.ModelInferRequest, context) -> oip.ModelInferResponse:
         model = self._model(request.model_name, request.model_version)
+        if (id_bytes := len(request.id.encode())) > MAX_REQUEST_ID_BYTES:
+            raise InvalidInput(
+                f"id is {id_bytes} bytes, above {MAX_REQUEST_ID_BYTES}: the reply echoes it; send a shorter id"
+            )
         user_id = user_id_of(request.parameters) if self.versions.experiment is not None else None
         route = self.versions.route(request.model_version, user_id)
         served = route.served
@@ -373,9 +378,9 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
                 check_dims(tensor.shape, field)
                 flat = fp32_contents(tensor.contents, field)
                 count = math.prod(tensor.shape)
-                if any(d < 0 for d in tensor.shape) or flat.size != count:
+                if flat.size != count:
                     raise InvalidInput(
-                        f"{field}: shape {list(tensor.shape)} needs {max(count, 0)} values in contents.fp32_contents, got {flat.size}"
+                        f"{field}: shape {list(tensor.shape)} needs {count} values in contents.fp32_contents, got {flat.size}"
                     )
                 array = flat.reshape(tuple(tensor.shape))
             arrays[index] = self._check(model.inputs[index], array, field)

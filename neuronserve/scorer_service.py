@@ -4,7 +4,9 @@ cached tower outputs (ScoreByIds, ScoreMatrix, ScoreTick). Built on service.py's
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import threading
 import time
 
 import numpy as np
@@ -14,6 +16,7 @@ from neuronserve.errors import InvalidInput
 from neuronserve.memory_budget import (
     MAX_BLOCKED_PAIRS,
     ModelShape,
+    Reservation,
     matrix_working_bytes,
     stream_working_bytes,
     tick_working_bytes,
@@ -159,11 +162,9 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
             info.max_message_bytes,
         )
         need = matrix_working_bytes(self.shape, user_ids.size, peer_ids.size)
-        with self.state.scoring.reserve(need, f"ScoreMatrix of {user_ids.size} x {peer_ids.size} ids"):
+        with self.state.scoring.reserve(need, f"ScoreMatrix of {user_ids.size} x {peer_ids.size} ids") as held:
             start = time.perf_counter()
-            scores = await asyncio.get_running_loop().run_in_executor(
-                None, served.cache.score_matrix, user_ids, peer_ids
-            )
+            scores = await held.run(functools.partial(_score_matrix, served.cache, user_ids, peer_ids))
             self.metrics.execution(
                 CACHED, rows=user_ids.size * peer_ids.size, requests=1, compute_s=time.perf_counter() - start
             )
@@ -186,8 +187,9 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
     async def _score_matrix_stream(self, request: pb.ScoreMatrixRequest, context) -> None:
         """ScoreMatrix in blocks of whole user rows, written in order: max(1, min(MATRIX_BLOCK_BYTES,
         max_message_bytes // 2) // (4 * M * K)) rows each (one row must fit max_message_bytes). Each block
-        reads one snapshot of the cache: an upsert between two blocks shows in the later one. A caller
-        that goes away cancels the handler: no further block is computed."""
+        reads one snapshot of the cache: an upsert between two blocks shows in the later one. Every id is
+        checked first (NotFound before any block); one evicted between blocks fails the block that reads it.
+        A caller that goes away cancels the handler: no further block is computed."""
         info = self.info
         route = self.versions.route(request.model_version)  # several users: A/B does not apply
         served = route.served
@@ -196,17 +198,20 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         check_reply_size(row_values, f"one row of {row_values} scores", "send fewer peer_ids", info.max_message_bytes)
         rows = max(1, min(MATRIX_BLOCK_BYTES, info.max_message_bytes // 2) // (4 * row_values))
         need = stream_working_bytes(self.shape, min(rows, user_ids.size), peer_ids.size)
-        with self.state.scoring.reserve(need, f"ScoreMatrixStream of {user_ids.size} x {peer_ids.size} ids"):
-            await self._stream_blocks(context, served, route, user_ids, peer_ids, rows)
+        served.cache.require([("user", user_ids, "user_ids"), ("peer", peer_ids, "peer_ids")])  # before any block
+        with self.state.scoring.reserve(need, f"ScoreMatrixStream of {user_ids.size} x {peer_ids.size} ids") as held:
+            await self._stream_blocks(context, held, served, route, user_ids, peer_ids, rows)
 
-    async def _stream_blocks(self, context, served, route: Route, user_ids, peer_ids, rows: int) -> None:
-        """ScoreMatrixStream's blocks of `rows` user rows, computed and written one at a time."""
+    async def _stream_blocks(
+        self, context, held: Reservation, served, route: Route, user_ids, peer_ids, rows: int
+    ) -> None:
+        """ScoreMatrixStream's blocks of `rows` user rows, computed (under `held`) and written one at a time."""
         info = self.info
-        loop, compute_s = asyncio.get_running_loop(), 0.0
+        compute_s = 0.0
         for first in range(0, user_ids.size, rows):
             block = user_ids[first : first + rows]
             start = time.perf_counter()
-            scores = await loop.run_in_executor(None, served.cache.score_matrix, block, peer_ids)
+            scores = await held.run(functools.partial(_score_matrix, served.cache, block, peer_ids))
             compute_s += time.perf_counter() - start
             reply = pb.ScoreMatrixResponse(
                 scores=tensor_proto(finite_output(scores, "scores")),
@@ -245,13 +250,15 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
         matrix = gate.take(4 * cols.size**2) if whole else None
         in_use = False  # a cancelled call's thread may still write the matrix: never keep it then
         try:
-            with gate.reserve(need, f"ScoreTick of {rows.size} x {cols.size} people, k={spec.k}"):
+            with gate.reserve(need, f"ScoreTick of {rows.size} x {cols.size} people, k={spec.k}") as held:
                 if whole and matrix is None:
                     matrix = np.empty(cols.size**2, np.float32)
                 start = time.perf_counter()
                 in_use = True
-                result = await asyncio.to_thread(
-                    self._tick, served.cache, pool, rows, cols, blocked_a, blocked_b, spec, device, matrix
+                result = await held.run(
+                    functools.partial(
+                        self._tick, served.cache, pool, rows, cols, blocked_a, blocked_b, spec, device, matrix
+                    )
                 )
                 in_use = False
                 self.metrics.execution(
@@ -316,7 +323,11 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
     def _tick_reply(self, result: tick.TickResult, spec, version: str) -> pb.ScoreTickResponse:
         counts = result.counts
         valid = np.arange(spec.k)[None, :] < counts[:, None]
-        finite_output(result.values[valid], "tick values")
+        if not np.isfinite(result.values[valid]).all():
+            raise InvalidInput(
+                "the tick's values overflow float32 (NaN or Inf): check the weights' size and the scale of the "
+                "features the cached vectors came from"
+            )
         reply = pb.ScoreTickResponse(
             ids=result.ids.astype("<i8", copy=False).tobytes(),
             values=tensor_proto(result.values),
@@ -331,10 +342,13 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
             reply.reverse_label_scores.CopyFrom(tensor_proto(result.reverse_label_scores))
         return reply
 
-    def _tick(self, cache, pool, rows, cols, blocked_a, blocked_b, spec, device, matrix=None) -> tick.TickResult:
+    def _tick(
+        self, cache, pool, rows, cols, blocked_a, blocked_b, spec, device, matrix=None, stop=None
+    ) -> tick.TickResult:
         """The tick's work, off the event loop: one snapshot of `cache`'s vectors (the cache of the version
         the request resolved: never two versions' vectors in one tick), exclusions, score_tick (its
-        matmuls on the backend's `device` when it has one; `matrix`: a mutual pool's working memory)."""
+        matmuls on the backend's `device` when it has one; `matrix`: a mutual pool's working memory;
+        `stop`: set when the caller has gone, so no further block starts)."""
         mutual = spec.mutual != tick.ONE_WAY
         ascending = bool((np.diff(cols) > 0).all())  # a matcher's sorted ids: the columns' order as sent
         order = None if ascending else np.argsort(cols, kind="stable")
@@ -376,6 +390,7 @@ class ScorerService(Servicer, pb_grpc.ScorerServicer):
             pool=pool is not None,
             device=device,
             matrix=matrix,
+            stop=stop,
         )
 
 
@@ -386,6 +401,11 @@ _MUTUALS = {
     pb.ScoreTickRequest.MINIMUM: tick.MINIMUM,
     pb.ScoreTickRequest.HARMONIC_MEAN: tick.HARMONIC_MEAN,
 }
+
+
+def _score_matrix(cache, user_ids: np.ndarray, peer_ids: np.ndarray, stop: threading.Event) -> np.ndarray:
+    """cache.score_matrix as Reservation.run's work (one matmul per label: it does not stop midway)."""
+    return cache.score_matrix(user_ids, peer_ids)
 
 
 def _blocked_pairs(request: pb.ScoreTickRequest) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -45,6 +45,7 @@ FP32 = "FP32"
 TRITON_EXTENSIONS = ("model_configuration", "statistics")  # the Triton RPCs beyond the OIP served here
 F32_LE = np.dtype("<f4")
 _RESPONSE_HEADROOM_BYTES = 4096  # room for a reply's non-tensor fields under max_message_bytes
+MAX_REQUEST_ID_BYTES = 1024  # OIP's request id, echoed in the reply: bounded so the headroom above holds
 UNKNOWN_MODEL = "_unknown"  # the metrics' model label of a request naming no model served, or whose body does not parse
 ECHO_CHARS = 64  # a client string quoted in an error message: at most this many characters of it (see echo)
 MAX_DIMS = 8  # dimensions of a request tensor (every input here has 1 or 2); more is refused before any work
@@ -153,8 +154,6 @@ def array_from_bytes(data: bytes, shape: Sequence[int], field: str) -> np.ndarra
     """Little-endian float32 bytes + shape -> a read-only array viewing `data` (no copy)."""
     check_dims(shape, field)
     shape = tuple(shape)  # a repeated int64 field: Python ints already (C-level conversion)
-    if shape and min(shape) < 0:
-        raise InvalidInput(f"{field}: shape {list(shape)} has a negative dimension")
     count = math.prod(shape)  # Python ints: a huge shape cannot wrap around to a small count
     if len(data) != 4 * count:
         raise InvalidInput(
@@ -164,11 +163,14 @@ def array_from_bytes(data: bytes, shape: Sequence[int], field: str) -> np.ndarra
 
 
 def check_dims(shape: Sequence[int], field: str) -> None:
-    """At most MAX_DIMS dimensions: numpy refuses more than 64 (an INTERNAL error, if not caught here)."""
+    """At most MAX_DIMS dimensions (numpy refuses more than 64: an INTERNAL error, if not caught here), none
+    negative (two would make a positive count)."""
     if len(shape) > MAX_DIMS:
         raise InvalidInput(
             f"{field}: shape {shape_text(shape)} has more than {MAX_DIMS} dimensions; inputs here have 1 or 2"
         )
+    if shape and min(shape) < 0:
+        raise InvalidInput(f"{field}: shape {list(shape)} has a negative dimension")
 
 
 def tensor_array(tensor: pb.Tensor, field: str) -> np.ndarray:

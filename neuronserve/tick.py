@@ -22,21 +22,20 @@ algorithm, the block sizes and the one-direction path for small mutual pools: do
 from __future__ import annotations
 
 import functools
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from collections.abc import Sequence
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from neuronserve.errors import InvalidInput
 from neuronserve.tick_device import DeviceDirection, TickDevice
 from neuronserve.tick_kernels import KERNELS
 from neuronserve.tick_pairs import exclusions as exclusions  # re-exported: tick.exclusions is the API
 from neuronserve.tick_pairs import pool_order
-from neuronserve.thread_placement import released_executor, usable_cpus
+from neuronserve.tick_threads import TickStopped as TickStopped  # re-exported: score_tick raises it
+from neuronserve.tick_threads import default_threads as default_threads  # re-exported: the tick's API
+from neuronserve.tick_threads import in_blocks
 from neuronserve.tick_sigmoid import sigmoid_
 from neuronserve.topk import padded_width, top_k
 
@@ -88,6 +87,8 @@ def make_spec(
         raise InvalidInput(f"mutual must be one of {', '.join(MUTUALS)}, got {mutual!r}")
     if isinstance(k, bool) or int(k) != k or k < 1:
         raise InvalidInput(f"k must be >= 1 (candidates returned per person), got {k}")
+    if candidates < 1:
+        raise InvalidInput(f"no person has a candidate ({candidates_what} is {candidates}): send at least 2 people")
     if k > candidates:
         raise InvalidInput(
             f"k={k} is above the {candidates} candidates each person has ({candidates_what}); send k <= {candidates}"
@@ -113,14 +114,6 @@ def make_spec(
 def block_rows_for(columns: int) -> int:
     """Rows per block: a [B, M] float32 matrix of about BLOCK_BYTES, B in [MIN_BLOCK_ROWS, MAX_BLOCK_ROWS]."""
     return max(MIN_BLOCK_ROWS, min(MAX_BLOCK_ROWS, BLOCK_BYTES // (4 * max(columns, 1))))
-
-
-def default_threads() -> int:
-    """The host threads a tick runs on: one per CPU the process may use (the same on a pinned loop)."""
-    try:
-        return max(1, len(usable_cpus()))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class HostDirection:
@@ -246,6 +239,7 @@ def score_tick(
     pool: bool = False,
     device: TickDevice | None = None,
     matrix: np.ndarray | None = None,
+    stop: threading.Event | None = None,
 ) -> TickResult:
     """Top-k per row. row_ids [N] distinct (any order: rows come back in it); col_ids [M] distinct and
     sorted ascending. rows_user [N, K, D] / cols_peer [M, K, D]: the user vectors of the rows and the
@@ -256,7 +250,7 @@ def score_tick(
     reads c(v->u) from its transpose; matrix: flat float32 memory of at least M * M for it (any
     contents; ScoringGate keeps one between ticks), else allocated here. device: run the directions'
     blocks on it (tick_device), with its rows as the block and its executions as the threads; the host
-    does the rest."""
+    does the rest. stop: once set, no further block starts and TickStopped is raised (the caller has gone)."""
     n, m = len(row_ids), len(col_ids)
     if len(col_ids) > 1 and not (np.diff(col_ids) > 0).all():
         raise ValueError("col_ids must be distinct and sorted ascending")
@@ -286,7 +280,9 @@ def score_tick(
     feed = threads or (device.executions if device else host)  # the steps that run a direction's blocks
     steps = [(blocks.fill, feed), (blocks.run, host)] if whole else [(blocks.run, feed)]  # whole: F before any read
     for step, workers in steps:
-        _in_blocks(functools.partial(step, size=block), list(range(0, n, block)), workers)
+        in_blocks(functools.partial(step, size=block), list(range(0, n, block)), workers, stop)
+    if stop is not None and stop.is_set():
+        raise TickStopped(f"the tick of {n} x {m} people was stopped: its caller has gone")
     return blocks.result(pos)
 
 
@@ -412,26 +408,6 @@ def _pool_matrix(memory: np.ndarray | None, m: int) -> np.ndarray:
     if memory.dtype != np.float32 or memory.ndim != 1 or memory.size < m * m or not memory.flags.c_contiguous:
         raise ValueError(f"matrix must be flat C-contiguous float32 memory of at least {m} x {m}")
     return memory[: m * m].reshape(m, m)
-
-
-def _in_blocks(step, starts: list[int], threads: int) -> None:
-    """step over every block start on `threads` threads (a pool kept for the next tick: starting its threads
-    was 9% of a tick thread's py-spy samples while the CPUs were busy) with one BLAS thread per block (two callers of a
-    2-thread BLAS ran slower than one)."""
-    workers = min(threads, len(starts))
-    if workers <= 1:
-        for start in starts:
-            step(start)
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        # numpy's matmul and ufuncs, torch's ops and the compiled kernels release the GIL
-        list(_executor(workers).map(step, starts))
-
-
-@functools.cache
-def _executor(workers: int) -> ThreadPoolExecutor:
-    """The tick's thread pool of `workers` threads, one per size asked for (the CPUs, or a device's executions)."""
-    return released_executor(workers, "tick")
 
 
 def _reverse_block(reverse: HostDirection | DeviceDirection, start: int, stop: int, out: np.ndarray) -> np.ndarray:

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from neuronserve import shared_table
-from neuronserve.embeddings import KINDS, CacheStats, EmbeddingCache, _positions
+from neuronserve.cache_ids import positions
+from neuronserve.embeddings import KINDS, CacheStats, EmbeddingCache
 from neuronserve.errors import ConfigError, InvalidInput, NotFound, Unavailable
 
 pytestmark = pytest.mark.timeout(60)
@@ -423,4 +424,4 @@ def test_id_search_in_ascending_order_gives_searchsorted_places(count):
     rng = np.random.default_rng(count)
     cached = np.sort(rng.choice(10_000, 3_000, replace=False)).astype(np.int64)
     ids = rng.integers(-5, 10_005, count)  # cached ids, absent ones, repeats and ids past both ends
-    np.testing.assert_array_equal(_positions(cached, ids), np.searchsorted(cached, ids))
+    np.testing.assert_array_equal(positions(cached, ids), np.searchsorted(cached, ids))

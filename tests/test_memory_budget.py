@@ -8,6 +8,7 @@ derived maximum message size."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import math
 import os
 import queue
@@ -130,6 +131,39 @@ def test_the_gate_refuses_at_once_and_releases():
     assert gate.reserved == 0
     with gate.reserve(100 * MIB, "the whole budget"):
         pass
+
+
+def test_a_cancelled_call_keeps_its_bytes_until_its_thread_returns_and_its_thread_sees_the_stop():
+    gate, started, finish, stopped = ScoringGate(100 * MIB), threading.Event(), threading.Event(), []
+
+    def work(stop: threading.Event) -> None:
+        started.set()
+        finish.wait(20)
+        stopped.append(stop.is_set())
+
+    async def call() -> None:
+        with gate.reserve(60 * MIB, "one") as held:
+            await held.run(work)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(call())
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 20)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert gate.reserved == 60 * MIB  # the call has ended; its thread still runs
+        with pytest.raises(Overloaded), gate.reserve(60 * MIB, "two"):
+            pass
+        finish.set()
+        await asyncio.wait_for(until(lambda: gate.reserved == 0), 20)
+
+    asyncio.run(scenario())
+    assert stopped == [True]
+
+
+async def until(condition) -> None:
+    while not condition():
+        await asyncio.sleep(0)  # a turn of the loop: the thread's done callback runs on it
 
 
 def test_the_gate_keeps_one_tick_matrix_reserved_and_gives_it_up_for_any_call():

@@ -127,16 +127,32 @@ def test_a_client_cancel_stops_score_matrix_stream(served, monkeypatch):
         return original(user_ids, peer_ids)
 
     monkeypatch.setattr(cache, "score_matrix", score_matrix)
+    gate = server.state.scoring
+    idle = gate.reserved
     stream = stub.ScoreMatrixStream(pb.ScoreMatrixRequest(user_ids_packed=packed(USERS), peer_ids_packed=packed(PEERS)), timeout=20)
     try:
         assert next(stream).first_user == 0
         wait_until(lambda: len(calls) == 2)  # the handler is computing block 2
+        held = gate.reserved
         stream.cancel()
         wait_until(lambda: server.state.in_flight == 0)  # the handler ended while block 2 was computing
+        assert gate.reserved == held > idle  # its working memory is still in use by block 2's thread
     finally:
         release.set()
+    wait_until(lambda: gate.reserved == idle)  # released when that thread returned
     assert stream.code() == grpc.StatusCode.CANCELLED
     assert len(calls) == 2  # no block after the cancel
+
+
+def test_score_matrix_stream_refuses_an_unknown_id_before_its_first_block(served):
+    _, stub = served
+    users = USERS.copy()
+    users[-1] = 987_654_321  # in the last block
+    stream = stub.ScoreMatrixStream(pb.ScoreMatrixRequest(user_ids_packed=packed(users), peer_ids_packed=packed(PEERS)), timeout=20)
+    with pytest.raises(grpc.RpcError) as info:
+        next(stream)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert all(word in info.value.details() for word in ("user_ids", "987654321", f"1 of {len(USERS)}"))
 
 
 @pytest.mark.parametrize(

@@ -377,6 +377,12 @@ def _typed_wrong_count() -> oip.ModelInferRequest:
     return request
 
 
+def _typed_negative_dims() -> oip.ModelInferRequest:
+    request = infer_request(GOOD_USER, GOOD_PEERS, typed=True)
+    request.inputs[1].shape[:] = [-GOOD_PEERS.shape[0], -F]  # their product is the right count
+    return request
+
+
 BAD_INPUTS = [
     # (id, rpc, request, status, words the message must contain)
     ("score-no-user", "Score", pb.ScoreRequest(peer_features=tensor(GOOD_PEERS)), INVALID, ["user_features", "missing"]),
@@ -413,6 +419,8 @@ BAD_INPUTS = [
     ("infer-output", "ModelInfer", _infer(lambda r: r.outputs.add(name="PROBS")), INVALID, ["PROBS", "SCORES"]),
     ("infer-typed-and-raw", "ModelInfer", _infer(_typed_and_raw), INVALID, ["USER_FEATURES", "raw_input_contents"]),
     ("infer-typed-count", "ModelInfer", _typed_wrong_count(), INVALID, ["PEER_FEATURES", "64 values", "63"]),
+    ("infer-typed-negative-dims", "ModelInfer", _typed_negative_dims(), INVALID, ["PEER_FEATURES", "negative dimension"]),
+    ("infer-long-id", "ModelInfer", _infer(lambda r: setattr(r, "id", "j" * 1025)), INVALID, ["id is 1025 bytes", "1024"]),
 ]
 
 

@@ -289,6 +289,24 @@ def test_the_pool_matrix_path_refuses_rows_that_are_not_the_columns():
         T.score_tick(ids[:-1], ids[order], users[:-1], peers[order], bias, spec, rows_peer=peers[:-1], cols_user=users[order], pool=True)
 
 
+def test_a_stopped_tick_starts_no_block_after_the_stop_and_raises(monkeypatch):
+    ids, users, peers, bias = pool_case(3, 40)
+    spec = T.make_spec(3, [1, 1, 1], 3, 39, mutual=T.MINIMUM)
+    stop, starts, block = threading.Event(), [], T.HostDirection.block
+
+    def counted(self, start, *args, **kwargs):
+        starts.append(start)
+        stop.set()  # the caller goes away during the first block
+        return block(self, start, *args, **kwargs)
+
+    monkeypatch.setattr(T.HostDirection, "block", counted)
+    order = np.argsort(ids)
+    with pytest.raises(T.TickStopped, match="40 x 40"):
+        T.score_tick(ids, ids[order], users, peers[order], bias, spec, rows_peer=peers, cols_user=users[order],
+                     block_rows=8, threads=1, stop=stop)
+    assert set(starts) == {0}  # the block in progress (both its directions), none of the four after it
+
+
 @pytest.mark.parametrize("kwargs,words", [
     (dict(k=0), ["k must be >= 1"]),
     (dict(k=-3), ["k must be >= 1"]),
@@ -389,8 +407,9 @@ def test_a_mutual_pool_tick_leaves_its_matrix_kept_for_the_next(served):
     assert second.ids == first.ids and second.values.data == first.values.data
 
 
-def test_a_cancelled_tick_leaves_no_matrix_for_the_next(served, monkeypatch):
-    # the cancelled call's thread goes on writing its matrix: the gate must not hand it to another tick
+def test_a_cancelled_tick_leaves_no_matrix_for_the_next_and_holds_its_bytes_until_its_thread_ends(served, monkeypatch):
+    # the cancelled call's thread goes on writing its matrix: the gate must not hand it to another tick,
+    # nor let another call have its bytes before the thread returns
     server, _, pool, _ = served
     scorer, gate = server._servicers[0], server.state.scoring
     started, release = threading.Event(), threading.Event()
@@ -411,13 +430,22 @@ def test_a_cancelled_tick_leaves_no_matrix_for_the_next(served, monkeypatch):
         with pytest.raises(asyncio.CancelledError):
             await call
 
+    async def released():
+        while gate.reserved:
+            await asyncio.sleep(0)  # a turn of the loop: the thread's done callback releases on it
+
     loop = asyncio.new_event_loop()  # not asyncio.run: it would wait for the held thread
     try:
         loop.run_until_complete(cancel_it_midway())
-        assert gate.kept_bytes == 0 and gate.reserved == 0  # the thread still holds the matrix
+        held = gate.reserved
+        assert gate.kept_bytes == 0 and held > 0  # the thread still holds the matrix, and its bytes are still reserved
     finally:
         release.set()
+    try:
+        loop.run_until_complete(asyncio.wait_for(released(), 20))  # once the thread has returned
+    finally:
         loop.close()
+    assert gate.kept_bytes == 0
 
 
 def test_score_tick_label_scores_equal_score_by_ids(served):
@@ -467,6 +495,8 @@ def bad_cases(pool):
         ("k-negative", dict(pool_ids=p, k=-1), INVALID, ["k must be >= 1"]),
         ("k-above-pool", dict(pool_ids=p[:6], k=6), INVALID, ["k=6", "5 candidates", "pool size - 1"]),
         ("k-above-peers", dict(user_ids=p[:2], peer_ids=p[2:6], k=5), INVALID, ["k=5", "4 candidates", "peer_ids"]),
+        ("pool-of-one", dict(pool_ids=p[:1], k=1), INVALID, ["pool size - 1 is 0", "at least 2 people"]),
+        ("weights-overflow", dict(pool_ids=p, k=2, weights=[3e38] * 3), INVALID, ["overflow float32", "weights"]),
         ("weights-length", dict(pool_ids=p, k=2, weights=[1.0]), INVALID, ["weights has 1 values"]),
         ("weights-nan", dict(pool_ids=p, k=2, weights=[1.0, float("nan"), 1.0]), INVALID, ["weights[1]", "finite"]),
         ("weights-inf", dict(pool_ids=p, k=2, weights=[float("-inf"), 1.0, 1.0]), INVALID, ["weights[0]", "finite"]),

@@ -77,6 +77,24 @@ def test_fill_probability_equals_float64_and_ties_wherever_they_sit(isa, weights
     assert (out[:, m:] == 7.0).all()  # nothing past m written
 
 
+@pytest.mark.parametrize("scale", [1e7, 1e15, 1e30, 1e38])
+def test_fill_probability_saturates_for_huge_logits_and_keeps_nan(isa, scale):
+    # sigmoid(+huge) is 1 and sigmoid(-huge) 0 on every variant (AVX-512 once gave 0 for +2.5e13 and up)
+    assert KERNELS is not None
+    labels, dim, m = 4, 1, 40
+    left = np.ones((labels, 3, dim), np.float32)
+    left[:, 2] = np.nan
+    cols = np.zeros((m, labels, dim), np.float32)
+    cols[: m // 2] = scale
+    cols[m // 2 :] = -scale
+    w = np.full(labels, 0.25, np.float32)
+    out = np.zeros((3, m), np.float32)
+    KERNELS.fill_probability(left, KERNELS.transposed_columns(cols), m, np.zeros(labels, np.float32), w, True, 0, 3, out)
+    np.testing.assert_array_equal(out[:2, : m // 2], 1.0)
+    np.testing.assert_allclose(out[:2, m // 2 :], 0.0, atol=1e-30)
+    assert np.isnan(out[2]).all()
+
+
 def full_sort(values: np.ndarray, k: int):
     """The k best columns per row by value descending, ties by the lower column; -inf and NaN never."""
     cols, vals, counts = [], [], []
