@@ -338,5 +338,6 @@ def start_keeping(config, shape: ModelShape, versions: int = 1) -> MemoryTrimmer
     trimmer = MemoryTrimmer()
     trimmer.start()
     budget = memory_budget(config, shape, trimmer.baseline, versions)
-    log.info("memory budget: %s", budget.describe())
+    how = "as set" if config.max_message_bytes is not None else "derived from the model and the limits"
+    log.info("memory budget: %s; max_message_bytes %d (%s)", budget.describe(), message_bytes(config, shape), how)
     return trimmer

@@ -95,7 +95,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     ),
     "neuronserve_core_group_faults_total": ("counter", "Core faults on a core group"),
     "neuronserve_core_group_healthy": ("gauge", "1 while the core group is in rotation"),
-    "neuronserve_stage_executions_total": ("counter", "Executions of a stage at a compiled bucket"),
+    "neuronserve_stage_executions_total": ("counter", "Executions of a stage (each at one compiled bucket)"),
     "neuronserve_stage_rows_total": ("counter", "Caller rows run by a stage"),
     "neuronserve_stage_padded_rows_total": ("counter", "Padding rows added to reach compiled buckets"),
     "neuronserve_cache_rows": ("gauge", "Cached tower outputs, by kind"),

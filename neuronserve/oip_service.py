@@ -313,6 +313,7 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
         user_id = user_id_of(request.parameters) if self.versions.experiment is not None else None
         route = self.versions.route(request.model_version, user_id)
         served = route.served
+        _refuse_extensions(request)
         arrays = self._inputs(model, request)
         output = model.outputs[0].name  # each model has one output; a request may name it, once
         if request.outputs:
@@ -396,3 +397,22 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
         if spec.name == "PEER_FEATURES":  # finiteness: scores_checked
             return feature_rows(array, field, width, self.info.max_peers, "max_peers", finite=False)
         return feature_rows(array, field, width, self.info.max_tower_rows, "max_queue_rows")
+
+
+UNSUPPORTED_PARAMETERS = {  # Triton's extensions a tensor's parameters may ask for, not served here
+    "classification": "the classification extension (class_count)",
+    "shared_memory_region": "the shared-memory extensions",
+}
+
+
+def _refuse_extensions(request: oip.ModelInferRequest) -> None:
+    """INVALID_ARGUMENT for a tensor asking for an extension this server does not serve, rather than an
+    answer that silently ignores it (plain scores where top classes were asked for)."""
+    for kind, tensors in (("input", request.inputs), ("output", request.outputs)):
+        for tensor in tensors:
+            for key, what in UNSUPPORTED_PARAMETERS.items() if tensor.parameters else ():
+                if key in tensor.parameters:
+                    raise InvalidInput(
+                        f"{kind} {echo(tensor.name)}: parameter {key!r} asks for {what}, which this server does not "
+                        "serve; send the tensor's data in the request and read the full output"
+                    )

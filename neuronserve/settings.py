@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 ENV_PREFIX = "NEURONSERVE_"
 # NEURONSERVE_* variables that are not settings (KERNELS: native.py, the compiled kernels on or off)
-OTHER_ENV = ("CONFIG", "CACHE_DIR", "VENV", "KERNELS")
+OTHER_ENV = ("CONFIG", "CACHE_DIR", "VENV", "KERNELS", "TOOLS", "PINS_VENV")  # run.sh's, the kernels', the tests'
 _DISABLED = ("", "none", "off", "-", "disabled")
 
 
@@ -189,7 +189,7 @@ SETTINGS: tuple[_Setting, ...] = (
         "max_message_bytes",
         _optional(_integer),
         "BYTES",
-        "gRPC max send/receive message size (1024 to 2**31 - 1); default: the largest legitimate request plus 25%%, in whole MiB, from the model and --max-peers, --max-queue-rows, --max-tick-ids (logged at start-up; docs/memory.md)",
+        "gRPC max send/receive message size (1024 to 2**31 - 1); default: the largest legitimate request plus 25%%, in whole MiB, from the model and --max-peers, --max-queue-rows, --max-tick-ids (logged at start-up with the memory budget; docs/memory.md)",
     ),
     _Setting(
         "max_scoring_bytes",

@@ -272,6 +272,7 @@ def test_peak_rss_stays_within_the_budget_and_returns_to_baseline(small_artifact
         started = server.memory()  # the budget's baseline: the warm process, less its shared memory (the cache)
         budget = memory_budget(config, SMALL, started.private)
         assert any("memory budget: peak RSS <=" in line for line in server.log)
+        assert any(f"max_message_bytes {message_bytes(config, SMALL)} (" in line for line in server.log)
         channel = grpc.insecure_channel(
             f"127.0.0.1:{server.port}",
             options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)],

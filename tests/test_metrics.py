@@ -468,3 +468,9 @@ def test_the_pools_summed_counters_never_step_down_when_a_worker_is_missing_or_r
     assert summed({0: page(100.0, 12, 1)}) == (17, [1])  # worker 1 missing: its 5 still count
     assert summed({0: page(100.0, 12, 1), 1: page(200.0, 2, 3)}) == (19, [1, 3])  # a new process: 5 + 2
     assert summed({0: page(100.0, 13, 1), 1: page(200.0, 4, 0)}) == (22, [0, 1])
+
+
+def test_docs_metrics_lists_every_family_with_its_type_and_no_other():
+    table = Path(__file__).resolve().parents[1].joinpath("docs", "metrics.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z_]+)` \| (counter|gauge|histogram) \|", table, re.MULTILINE))
+    assert rows == {name: kind for name, (kind, _) in FAMILIES.items()}

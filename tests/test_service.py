@@ -377,6 +377,14 @@ def _typed_wrong_count() -> oip.ModelInferRequest:
     return request
 
 
+def _asks_classification(request: oip.ModelInferRequest) -> None:  # tritonclient's InferRequestedOutput(class_count=2)
+    request.outputs.add(name="SCORES").parameters["classification"].int64_param = 2
+
+
+def _asks_shared_memory(request: oip.ModelInferRequest) -> None:  # tritonclient's set_shared_memory on an input
+    request.inputs[1].parameters["shared_memory_region"].string_param = "peers"
+
+
 def _typed_negative_dims() -> oip.ModelInferRequest:
     request = infer_request(GOOD_USER, GOOD_PEERS, typed=True)
     request.inputs[1].shape[:] = [-GOOD_PEERS.shape[0], -F]  # their product is the right count
@@ -420,6 +428,8 @@ BAD_INPUTS = [
     ("infer-typed-and-raw", "ModelInfer", _infer(_typed_and_raw), INVALID, ["USER_FEATURES", "raw_input_contents"]),
     ("infer-typed-count", "ModelInfer", _typed_wrong_count(), INVALID, ["PEER_FEATURES", "64 values", "63"]),
     ("infer-typed-negative-dims", "ModelInfer", _typed_negative_dims(), INVALID, ["PEER_FEATURES", "negative dimension"]),
+    ("infer-classification", "ModelInfer", _infer(_asks_classification), INVALID, ["output 'SCORES'", "classification"]),
+    ("infer-shared-memory", "ModelInfer", _infer(_asks_shared_memory), INVALID, ["input 'PEER_FEATURES'", "shared-memory"]),
     ("infer-long-id", "ModelInfer", _infer(lambda r: setattr(r, "id", "j" * 1025)), INVALID, ["id is 1025 bytes", "1024"]),
 ]
 

@@ -326,6 +326,24 @@ def test_tls_serves_a_client_that_trusts_its_ca_and_refuses_plaintext_and_strang
     assert not any("Handshake failed" in line for line in tls_server.stderr), tls_server.log()
 
 
+def health_command(target: str, *tls: str) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "neuronserve", "health", "--address", target, "--timeout-s", "10", *tls]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def test_neuronserve_health_checks_a_tls_server_with_its_ca_and_says_why_it_cannot_without(pki, tls_server):
+    target = address(tls_server)
+    served = health_command(target, "--tls-ca", pki.path("server_ca.pem"))
+    assert served.returncode == 0 and "SERVING" in served.stderr, served.stderr
+    assert health_command(target).returncode == 1  # plaintext against a TLS port
+    assert health_command(target, "--tls-ca", pki.path("stranger_ca.pem")).returncode == 1
+    renamed = health_command(target, "--tls-ca", pki.path("server_ca.pem"), "--tls-server-name", "elsewhere.example")
+    assert renamed.returncode == 1  # the certificate names localhost and 127.0.0.1 only
+    missing = health_command(target, "--tls-ca", pki.path("absent.pem"))
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0
+    assert "--tls-ca" in missing.stderr and "absent.pem" in missing.stderr and "cannot read" in missing.stderr
+
+
 def test_max_connection_age_makes_a_busy_client_reconnect_without_failing_a_call(pki, tls_server):
     """--max-connection-age-s 1: the server sends GOAWAY after ~1 s (+-10%), the calls in flight finish
     (grace = the grace period) and the channel connects again, so clients rebalance over replicas."""
@@ -360,6 +378,9 @@ def test_mtls_refuses_a_client_without_a_certificate_or_with_an_untrusted_one(pk
             assert error.code() == grpc.StatusCode.UNAVAILABLE, (client, error)
     with plaintext(target) as channel:
         assert refused(channel).code() == grpc.StatusCode.UNAVAILABLE
+    client = ("--tls-ca", pki.path("server_ca.pem"), "--tls-cert", pki.path("client.pem"), "--tls-key", pki.path("client.key"))
+    assert health_command(target, *client).returncode == 0  # an exec probe of an mTLS server
+    assert health_command(target, *client[:2]).returncode == 1  # no client certificate
     assert any("gRPC over mTLS (client certificates required)" in line for line in process.stderr)
     process.proc.send_signal(signal.SIGTERM)  # a 60 s drain delay begins...
     process.wait_for("still serving for the drain delay")
