@@ -134,6 +134,7 @@ class ServingState:
         self.stages_down: frozenset[str] = frozenset()
         self.draining = False  # stop() began: not ready, though the door may stay open for the drain delay
         self.in_flight = 0
+        self.arrived = 0  # inference calls that reached a handler, ever: a drain sees gRPC's backlog run dry
 
     @property
     def ready(self) -> bool:
@@ -381,6 +382,7 @@ class Servicer:
         and are counted in the metrics under `model`."""
         start = time.perf_counter()
         self.state.in_flight += inference
+        self.state.arrived += inference
         try:
             if inference:
                 self._pass_door(context)

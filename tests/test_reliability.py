@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import threading
 import time
@@ -24,6 +25,7 @@ from neuronserve.health import DeviceWatcher
 from neuronserve.protos import open_inference_pb2 as oip
 from neuronserve.protos import scorer_pb2 as pb
 from neuronserve.service import ECHO_CHARS, MAX_DETAILS_CHARS, UNKNOWN_MODEL
+from support import wait_until
 from test_service import LoopThread, Stubs, array, infer_request, rng_features, rpc_error, score_request, start_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -494,3 +496,32 @@ def test_the_device_watcher_tells_each_change_once_within_one_interval(caplog):
 
     with caplog.at_level(logging.ERROR, logger="neuronserve.health"):
         asyncio.run(main())
+
+
+def calls_started_in_grpc_core() -> int:
+    """Calls every gRPC server of this process has received (channelz, read without their event loops)."""
+    from grpc._cython import cygrpc
+
+    servers = json.loads(cygrpc.channelz_get_servers(0)).get("server", [])
+    return sum(int(s["data"].get("callsStarted", 0)) for s in servers)
+
+
+def test_calls_queued_behind_a_busy_loop_when_the_drain_starts_are_answered_not_cancelled(loop_thread, small_artifact):
+    # under load, calls wait in gRPC's core until the loop picks them up: the drain must pick up every
+    # one (an answer, or UNAVAILABLE, which clients retry) before it stops gRPC, which cancels the rest
+    server = start_server(loop_thread, small_artifact, backend="cpu", cores=1, max_pending_rpcs=None)
+    stubs = Stubs(server.port)
+    request = score_request(rng_features(1, 1, F), rng_features(2, 4, F))
+    stubs.scorer.Score(request, timeout=20)
+    before, busy = calls_started_in_grpc_core(), threading.Event()
+    loop_thread.loop.call_soon_threadsafe(busy.wait, 30)  # the loop is busy, as under load
+    calls = [stubs.scorer.Score.future(request, timeout=30) for _ in range(60)]
+    try:
+        wait_until(lambda: calls_started_in_grpc_core() >= before + len(calls))  # all in the core, none picked up
+        stopping = asyncio.run_coroutine_threadsafe(server.stop(5.0), loop_thread.loop)
+    finally:
+        busy.set()
+    stopping.result(30)
+    codes = collections.Counter(call.code().name for call in calls)
+    stubs.channel.close()
+    assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
