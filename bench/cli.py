@@ -159,6 +159,21 @@ def parse_rates(text: str | None) -> tuple[float, ...]:
     return rates
 
 
+def _check_writable(flag: str, path: str) -> None:
+    """ConfigError unless `path` can be opened for writing (a directory, a missing or read-only parent,
+    /proc: all refused): tried by opening it to append, a file it creates removed again."""
+    from neuronserve.errors import ConfigError
+
+    existed = os.path.lexists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot write there: {exc.strerror}") from None
+    if not existed:
+        os.remove(path)
+
+
 def check_outputs(args: argparse.Namespace, rates: tuple[float, ...] = ()) -> None:
     """What would otherwise fail only after the whole run (and lose it): checked before any load."""
     from neuronserve.errors import ConfigError
@@ -166,9 +181,8 @@ def check_outputs(args: argparse.Namespace, rates: tuple[float, ...] = ()) -> No
     if args.metrics_url:
         _check_metrics_url(args.metrics_url)
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        parent = os.path.dirname(os.path.abspath(path)) if path else None
-        if parent and not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
-            raise ConfigError(f"{flag} {path}: directory {parent} does not exist or is not writable")
+        if path:
+            _check_writable(flag, path)
     if not args.no_limits and args.limit_s <= 0:
         raise ConfigError(f"--limit-s must be > 0, got {args.limit_s} (or pass --no-limits)")
     if args.rounds < 1:

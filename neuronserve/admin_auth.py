@@ -25,10 +25,10 @@ def load_token(path: str) -> bytes:
     try:
         token = Path(path).read_bytes().strip()
     except OSError as exc:
-        raise ConfigError(f"admin_token_file {path}: cannot read it ({exc.strerror or exc})") from None
+        raise ConfigError(f"--admin-token-file {path}: cannot read it ({exc.strerror or exc})") from None
     if len(token) < MIN_TOKEN_BYTES or b"\n" in token:
         raise ConfigError(
-            f"admin_token_file {path}: the token must be one line of at least {MIN_TOKEN_BYTES} bytes "
+            f"--admin-token-file {path}: the token must be one line of at least {MIN_TOKEN_BYTES} bytes "
             "(e.g. `openssl rand -hex 32 > FILE`)"
         )
     return token

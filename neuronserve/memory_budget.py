@@ -22,7 +22,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from neuronserve.errors import InvalidInput, Overloaded
+from neuronserve.config import MAX_GRPC_MESSAGE_BYTES
+from neuronserve.errors import ConfigError, InvalidInput, Overloaded
 from neuronserve.memory_release import MIB, MemoryTrimmer
 
 if TYPE_CHECKING:
@@ -101,11 +102,18 @@ def largest_request_bytes(shape: ModelShape, max_peers: int, max_tower_rows: int
 
 
 def message_bytes(config, shape: ModelShape) -> int:
-    """max_message_bytes as set, else the largest legitimate request x MESSAGE_HEADROOM in whole MiB."""
+    """max_message_bytes as set, else the largest legitimate request x MESSAGE_HEADROOM in whole MiB, at most
+    gRPC's limit; ConfigError naming the limits when that request itself is above it."""
     if config.max_message_bytes is not None:
         return int(config.max_message_bytes)
     largest = largest_request_bytes(shape, config.max_peers, config.batching.max_queue_rows, config.max_tick_ids)
-    return math.ceil(largest * MESSAGE_HEADROOM / MIB) * MIB
+    if largest > MAX_GRPC_MESSAGE_BYTES:
+        raise ConfigError(
+            f"--max-peers {config.max_peers}, --max-queue-rows {config.batching.max_queue_rows} and --max-tick-ids "
+            f"{config.max_tick_ids} allow requests of {largest} bytes for this model, above gRPC's message limit of "
+            f"{MAX_GRPC_MESSAGE_BYTES}; lower the largest of them"
+        )
+    return min(math.ceil(largest * MESSAGE_HEADROOM / MIB) * MIB, MAX_GRPC_MESSAGE_BYTES)
 
 
 def matrix_working_bytes(shape: ModelShape, users: int, peers: int) -> int:

@@ -38,6 +38,8 @@ def _command(args: argparse.Namespace) -> int:
 
     address = args.address or f"127.0.0.1:{os.environ.get('NEURONSERVE_PORT') or 8001}"
     try:
+        if not args.timeout_s > 0:
+            raise ValueError(f"--timeout-s must be > 0, got {args.timeout_s}")
         credentials = _credentials(args)
     except (OSError, ValueError) as exc:
         print(f"neuronserve health: {exc}", file=sys.stderr)

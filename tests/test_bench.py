@@ -552,7 +552,8 @@ def test_the_compute_limit_runs_three_stages_without_the_fused_graph(artifact_di
     [
         (["--metrics-url", "metrics"], ["--metrics-url", "not an http URL"]),
         (["--metrics-url", "http://127.0.0.1:abc/metrics"], ["--metrics-url", "not a URL"]),
-        (["--json", "/nonexistent-dir/out.json"], ["--json", "/nonexistent-dir", "does not exist"]),
+        (["--json", "/nonexistent-dir/out.json"], ["--json", "/nonexistent-dir", "cannot write there", "No such file"]),
+        (["--json", "/tmp"], ["--json /tmp", "cannot write there", "Is a directory"]),
         (["--limit-s", "0"], ["--limit-s", "> 0"]),
         (["--artifact", "/nonexistent-artifact"], ["/nonexistent-artifact", "does not exist"]),
         (["--reference", "plain"], ["--reference plain needs --artifact"]),

@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 
 from neuronserve import tick
-from neuronserve.config import ServerConfig
+from neuronserve.config import MAX_GRPC_MESSAGE_BYTES, ServerConfig
 from neuronserve.embeddings import EmbeddingCache
-from neuronserve.errors import InvalidInput, Overloaded
+from neuronserve.errors import ConfigError, InvalidInput, Overloaded
 from neuronserve.memory_release import process_memory
 from neuronserve.memory_budget import (
     MIB,
@@ -192,6 +192,10 @@ def test_the_default_message_size_is_the_largest_legitimate_request_plus_a_quart
     derived = message_bytes(config, demo)
     assert derived == math.ceil(1.25 * largest / MIB) * MIB and derived < 64 * MIB  # 21 MiB, not 64
     assert message_bytes(ServerConfig(max_message_bytes=5 * MIB), demo) == 5 * MIB  # a setting wins
+    near = ServerConfig(max_peers=7_000_000)  # about 1.8 GB requests: x 1.25 would pass gRPC's 2 GiB - 1
+    assert message_bytes(near, demo) == MAX_GRPC_MESSAGE_BYTES
+    with pytest.raises(ConfigError, match=r"--max-peers 10000000,.* above gRPC's message limit"):
+        message_bytes(ServerConfig(max_peers=10_000_000), demo)
 
 
 # ---- a real server under the three bursts --------------------------------------------------------
