@@ -47,9 +47,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 REPLY_WRITE_S = 1.0  # shutdown: time for gRPC to write answers already given, before it cancels what is left
-# shutdown: gRPC's backlog (calls sent before the drain that no handler has seen yet) has run dry once no
-# call reached a handler for BACKLOG_QUIET_S; waited for at most BACKLOG_MAX_S (later calls are new ones)
-BACKLOG_QUIET_S, BACKLOG_MAX_S = 0.05, 1.0
 
 
 @dataclass(frozen=True)
@@ -419,28 +416,13 @@ class Server:
             if runtime is not None:
                 await runtime.close(timeout_s=end_s - loop.time())
         self.runtime = None
-        if self.state is not None:
-            await self._answered(self.state, end_s)
+        if self.state is not None:  # the calls in handlers answered, gRPC's backlog at the closed door
+            await self.state.answered(end_s)
         if self._grpc is not None and self._grpc_started:
             # Every accepted call has its answer now: give gRPC a moment to write them, then end what is
             # left, e.g. Health.Watch streams, which would otherwise hold the rest of the grace period.
             await self._grpc.stop(min(max(0.0, end_s - loop.time()), REPLY_WRITE_S))
             self._grpc = None
-
-    @staticmethod
-    async def _answered(state: ServingState, end_s: float) -> None:
-        """Until `end_s`: every call in a handler has its answer (ScoreByIds, ScoreMatrix: outside the
-        batchers), and every call gRPC still holds has reached a handler, to be refused UNAVAILABLE at the
-        closed door (gRPC's stop would cancel it: CANCELLED, which clients do not retry)."""
-        loop = asyncio.get_running_loop()
-        backlog_end_s = min(end_s, loop.time() + BACKLOG_MAX_S)
-        seen, quiet_since_s = -1, 0.0
-        while (now_s := loop.time()) < end_s:
-            if state.arrived != seen:
-                seen, quiet_since_s = state.arrived, now_s
-            if not state.in_flight and (now_s - quiet_since_s >= BACKLOG_QUIET_S or now_s >= backlog_end_s):
-                return
-            await asyncio.sleep(0.01)
 
     async def _release(self) -> None:
         """Everything else the server holds, in dependency order."""

@@ -50,6 +50,9 @@ UNKNOWN_MODEL = "_unknown"  # the metrics' model label of a request naming no mo
 ECHO_CHARS = 64  # a client string quoted in an error message: at most this many characters of it (see echo)
 MAX_DIMS = 8  # dimensions of a request tensor (every input here has 1 or 2); more is refused before any work
 MAX_DETAILS_CHARS = 1024  # an error message's bound: gRPC refuses status details near 8 KiB (metadata limit)
+# shutdown: gRPC's backlog (calls sent before the drain that no handler has seen yet) has run dry once no
+# call reached a handler for BACKLOG_QUIET_S; waited for at most BACKLOG_MAX_S (later calls are new ones)
+BACKLOG_QUIET_S, BACKLOG_MAX_S = 0.05, 1.0
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,21 @@ class ServingState:
     def check(self) -> None:
         if not self.serving:
             raise Unavailable("the server is not serving (warming up or shutting down); retry, e.g. on another replica")
+
+    async def answered(self, end_s: float) -> None:
+        """Until `end_s` (on the loop's clock), during a drain: every call in a handler has its answer
+        (ScoreByIds, ScoreMatrix: outside the batchers), and every call gRPC still holds has reached a
+        handler, to be refused UNAVAILABLE at the closed door (gRPC's stop would cancel it: CANCELLED,
+        which clients do not retry)."""
+        loop = asyncio.get_running_loop()
+        backlog_end_s = min(end_s, loop.time() + BACKLOG_MAX_S)
+        seen, quiet_since_s = -1, 0.0
+        while (now_s := loop.time()) < end_s:
+            if self.arrived != seen:
+                seen, quiet_since_s = self.arrived, now_s
+            if not self.in_flight and (now_s - quiet_since_s >= BACKLOG_QUIET_S or now_s >= backlog_end_s):
+                return
+            await asyncio.sleep(0.01)
 
 
 # ---- tensors: decode and encode, shared by both APIs -------------------------------------------
