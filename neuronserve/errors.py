@@ -70,6 +70,11 @@ class Unavailable(NeuronServeError):
     status: Status = Status.UNAVAILABLE
 
 
+class LoadAbandoned(Unavailable):
+    """A start-up or a version load given up because the server is stopping: not a failure of the
+    artifact (model_control logs it at INFO and does not count it as a failed load)."""
+
+
 class StoreUnavailable(Unavailable):
     """The shared embedding store (--embedding-store redis://...) cannot be reached or cannot take a
     write: an upsert is refused rather than acknowledged and lost (nothing is applied locally; a retry

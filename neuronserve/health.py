@@ -120,9 +120,11 @@ class HealthServicer(health.aio.HealthServicer):
 class ServerHealth:
     """One server's grpc.health.v1 statuses and the watchers that keep them current.
 
-    While the door is open (ServingState.serving): the Health service SERVING; the OIP service while
-    some model's stages all have a healthy core group (contract.MODEL_STAGES); the overall "" and the
-    Scorer while every stage has one; `store_name` while the embedding store's local copy follows it.
+    While the door is open (ServingState.serving): the Health service SERVING (liveness); the OIP
+    service while some model is ready (a version loaded, its stages all with a healthy core group,
+    contract.MODEL_STAGES); the overall "" and the Scorer while the server is ready (a version loaded,
+    every stage with one); `store_name` while the embedding store's local copy follows it. Statuses
+    change with the devices (watch_devices) and with model control's loads and unloads (versions_changed).
     """
 
     def __init__(self, servicer: HealthServicer, state: ServingState, services: tuple[str, ...], oip: str) -> None:
@@ -137,9 +139,7 @@ class ServerHealth:
         oip_up = any(state.model_ready(model) for model in MODEL_STAGES)
         for name in self._names:
             if status is None:
-                up = state.serving and (
-                    name == health.SERVICE_NAME or (oip_up if name == self._oip else not state.stages_down)
-                )
+                up = state.serving if name == health.SERVICE_NAME else oip_up if name == self._oip else state.ready
                 status_now = answer.SERVING if up else answer.NOT_SERVING
                 await self.servicer.set(name, status_now)
             else:
@@ -167,6 +167,20 @@ class ServerHealth:
             if watcher is not None:
                 await watcher.stop()
         self._devices = self._store = None
+
+    async def versions_changed(self, loaded: bool) -> None:
+        """Model control loaded or unloaded versions (its on_change): `loaded`, whether any version is
+        served, goes to ServingState.loaded; on a change the statuses follow, as after a device change."""
+        if loaded == self._state.loaded:
+            return
+        self._state.loaded = loaded
+        if loaded:
+            log.info("a model version is loaded again: health SERVING, ServerReady true")
+        else:
+            log.info(
+                "no model version loaded: health NOT_SERVING, ServerReady false until a load (liveness stays SERVING)"
+            )
+        await self.set_all()
 
     async def _devices_changed(self, down: frozenset[str]) -> None:
         self._state.stages_down = down

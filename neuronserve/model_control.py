@@ -13,7 +13,10 @@ then all are installed in one event-loop step (`current` becomes the highest ver
 versions the policy no longer selects are drained and closed in the background. Any failure leaves
 what was served serving: the RPC answers the error's status (an ArtifactError names the file), the
 log says why, and neuronserve_model_loads_total{outcome="failed"} counts it. Loads and unloads are
-serialised by one lock.
+serialised by one lock. A load the server's stop abandons (the build's abandon event: it gives up at its
+next stage) is no failure: logged at INFO, not counted, its caller answered UNAVAILABLE; `close()`
+waits for it, and refuses every load after. After every load or unload `on_change(loaded)` tells the
+server whether any version is served (its readiness follows).
 
 Embedding cache per version: a new, empty cache; the client re-upserts (UpsertEmbeddings naming the
 version). While two versions are loaded the cache memory is twice one version's (rows x K x D x 4
@@ -33,7 +36,7 @@ from typing import Protocol
 
 import numpy as np
 
-from neuronserve.errors import ArtifactError, InvalidInput, ModelControlError, NeuronServeError, NotFound
+from neuronserve.errors import ArtifactError, InvalidInput, LoadAbandoned, ModelControlError, NeuronServeError, NotFound
 from neuronserve.repository import Repository, VersionPolicy, parse_version
 from neuronserve.versions import ServedVersion, VersionTable
 from neuronserve.contract import PEER_TOWER, USER_TOWER
@@ -45,6 +48,7 @@ MODES = (NONE, EXPLICIT, POLL)
 READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
 
 Build = Callable[[Path, int], Awaitable[ServedVersion]]
+OnChange = Callable[[bool], Awaitable[None]]  # after a load or unload: whether any version is served
 
 
 class PoolHooks(Protocol):
@@ -87,13 +91,15 @@ class ModelControl:
         mode: str = NONE,
         drain_timeout_s: float = 10.0,
         pool: PoolHooks | None = None,
+        on_change: OnChange | None = None,
     ) -> None:
         if mode not in MODES:
             raise InvalidInput(f"model control must be one of {', '.join(MODES)}, got {mode!r}")
         self.repository, self.model, self.policy, self.table = repository, model, policy, table
         self.mode, self._build, self.drain_timeout_s = mode, build, drain_timeout_s
-        self._pool = pool
+        self._pool, self._on_change = pool, on_change
         self._lock = asyncio.Lock()
+        self._closed = False  # close() began: no more loads
         self._status: dict[int, VersionStatus] = {}  # versions not READY: loading, failed, unloading
         self._retiring: set = set()  # drain-and-close tasks
         self.counts = LoadCounts()
@@ -130,8 +136,7 @@ class ModelControl:
                 raise InvalidInput("load config must be a JSON object (Triton's model configuration)")
             if "version_policy" in data:
                 policy = VersionPolicy.from_triton(data["version_policy"])
-        async with self._lock:
-            served = await self._apply(policy)
+        served = await self._apply_locked(policy)
         self.policy = policy
         if self._pool is not None:
             self._pool.served(served)
@@ -156,6 +161,7 @@ class ModelControl:
                 for served in self.table.unload_all():
                     self._retire(served)
                 left = ()
+            await self._changed()
         if self._pool is not None:
             self._pool.served(left)
         return left
@@ -171,8 +177,9 @@ class ModelControl:
         while True:
             await asyncio.sleep(interval_s)
             try:
-                async with self._lock:
-                    await self._apply(self.policy)
+                await self._apply_locked(self.policy)
+            except LoadAbandoned:
+                return  # the server is stopping
             except NeuronServeError as exc:
                 log.warning("repository poll: %s", exc)
             except Exception:  # noqa: BLE001 - the poll must outlive a bug in one pass
@@ -183,8 +190,9 @@ class ModelControl:
 
         async def apply() -> None:
             try:
-                async with self._lock:
-                    await self._apply(self.policy)
+                await self._apply_locked(self.policy)
+            except LoadAbandoned:
+                pass  # the server is stopping
             except NeuronServeError as exc:
                 log.warning("loading the version policy's versions: %s", exc)
 
@@ -193,15 +201,31 @@ class ModelControl:
         task.add_done_callback(self._retiring.discard)
 
     async def close(self) -> None:
-        """Stop polling and wait for the drains in progress."""
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
-            self._poller = None
+        """Refuse further loads, wait for the load in progress (the server's stop set the build's abandon
+        event, so it gives up at its next stage, its thread done), stop polling, wait for the drains."""
+        self._closed = True
+        async with self._lock:  # no load runs while this holds it: cancelling the poller cancels no build
+            if self._poller is not None:
+                self._poller.cancel()
+                await asyncio.gather(self._poller, return_exceptions=True)
+                self._poller = None
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
 
     # ---- the work --------------------------------------------------------------------------
+
+    async def _apply_locked(self, policy: VersionPolicy) -> tuple[int, ...]:
+        """_apply under the lock, then on_change; LoadAbandoned once close() began."""
+        async with self._lock:
+            if self._closed:
+                raise LoadAbandoned("the server is shutting down: it loads no more versions; load on a serving replica")
+            served = await self._apply(policy)
+            await self._changed()
+        return served
+
+    async def _changed(self) -> None:
+        if self._on_change is not None:
+            await self._on_change(self.table.loaded)
 
     async def _apply(self, policy: VersionPolicy) -> tuple[int, ...]:
         scan = self.repository.scan(self.model, policy)
@@ -239,6 +263,12 @@ class ModelControl:
         log.info("loading model %s version %d from %s", self.model, version, path)
         try:
             served = await self._build(path, version)
+        except LoadAbandoned:
+            self._status[version] = VersionStatus(self.model, version, UNAVAILABLE, "load abandoned: shutting down")
+            log.info("load of model %s version %d abandoned: the server is shutting down", self.model, version)
+            raise LoadAbandoned(
+                f"the server is shutting down: the load of model {self.model} version {version} was abandoned; load it on a serving replica"
+            ) from None
         except NeuronServeError as exc:
             self._status[version] = VersionStatus(self.model, version, UNAVAILABLE, str(exc))
             self.counts = LoadCounts(self.counts.loaded, self.counts.failed + 1, self.counts.unloaded)

@@ -40,7 +40,7 @@ from neuronserve.execution import (
     run_fused,
     user_rows_of,
 )
-from neuronserve.errors import CoreFault, CoreResetting, InvalidInput, Unavailable
+from neuronserve.errors import CoreFault, CoreResetting, InvalidInput, LoadAbandoned, Unavailable
 from neuronserve.contract import FUSED_STAGE, PAIR_SCORER, PEER_TOWER, STAGES, USER_TOWER
 from neuronserve.pipeline_stats import GroupStats, PipelineStats, StageStats
 
@@ -108,7 +108,7 @@ class Pipeline:
     ) -> None:
         """Load and warm up every stage on its groups (blocking), then plan buckets (reusing `plans`, the
         `plans` of a pipeline of the same graphs' shapes, where they cover the same buckets).
-        Once `abort` is set (from another thread), it gives up before the next stage load (Unavailable).
+        Once `abort` is set (from another thread), it gives up before the next stage load (LoadAbandoned).
         `pace` runs after each stage's load and warm-up (a version loading beside traffic sleeps there, so
         the serving threads get the GIL back between the stalls of torch.jit.load and the warm-up).
         gc.freeze() is deliberately not called here: the server calls it once everything is built."""
@@ -123,7 +123,7 @@ class Pipeline:
         for group in self._groups:
             for stage in group.stages:
                 if abort is not None and abort.is_set():
-                    raise Unavailable("start-up abandoned: the server was asked to stop while loading its stages")
+                    raise LoadAbandoned("start-up abandoned: the server was asked to stop while loading its stages")
                 loaded = self.backend.load(stage, group.cores)
                 loaded.warmup()
                 group.runners[stage] = loaded

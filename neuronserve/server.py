@@ -340,13 +340,13 @@ class Server:
 
     async def _start_control(self) -> None:
         """The repository's control over the VersionTable (version_build.start_control)."""
-        placement, metrics = _started(self._placement), _started(self.metrics)
-        versions = _started(self.versions)
+        placement, metrics, versions = _started(self._placement), _started(self.metrics), _started(self.versions)
         pool = self.member.versions if self.member is not None else None
         builder = VersionBuilder(
             self.config, self.manifest, self._span, placement, metrics, self._abandon, lambda: versions.current, pool
         )
-        self.control = control = start_control(self.config, self.manifest, self.versions, builder)
+        on_change = _started(self._health).versions_changed  # health and ServerReady follow loads and unloads
+        self.control = control = start_control(self.config, self.manifest, self.versions, builder, on_change)
         self._servicers[1].control = control
         if pool is not None and self.member is not None:  # a load through this worker reaches every worker
             from neuronserve.pool_loads import PoolLoads
@@ -381,11 +381,13 @@ class Server:
         self, grace_period_s: float | None = None, drain_delay_s: float = 0.0, cut_short: asyncio.Event | None = None
     ) -> None:
         """Drain and stop within `grace_period_s` (default: the config's): health NOT_SERVING, new requests
-        UNAVAILABLE, queued requests answered, gRPC stopped, pipeline closed. Safe on a half-started server.
-        With `drain_delay_s` (SIGTERM with --drain-delay-s) a serving server keeps serving that long after
-        health went NOT_SERVING, so load balancers and Kubernetes endpoints stop sending before the door
-        closes; `cut_short` (set by a second signal) ends the delay early. The grace period follows it."""
+        UNAVAILABLE, a version load abandoned (at its next stage; awaited), queued requests answered, gRPC
+        stopped, pipeline closed. Safe on a half-started server. With `drain_delay_s` (SIGTERM with
+        --drain-delay-s) a serving server keeps serving that long after health went NOT_SERVING, so load
+        balancers and Kubernetes endpoints stop sending before the door closes; `cut_short` (set by a
+        second signal) ends the delay early. The grace period follows it."""
         grace_s = self.config.grace_period_s if grace_period_s is None else grace_period_s
+        self._abandon.set()  # read between stages by a version load's thread (VersionBuilder)
         await self._stop_serving(drain_delay_s, cut_short)
         end_s = asyncio.get_running_loop().time() + grace_s
         await self._drain(end_s)
@@ -410,7 +412,7 @@ class Server:
         if self.state is not None:
             self.state.serving = False
         if self.control is not None:
-            await self.control.close()  # no more loads; drains of retired versions done
+            await self.control.close()  # no more loads; the one in progress abandoned; retired versions drained
         others = [v for v in self.versions.all() if v.runtime is not self.runtime] if self.versions is not None else []
         for runtime in [self.runtime] + [v.runtime for v in others]:
             if runtime is not None:

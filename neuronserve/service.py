@@ -126,25 +126,28 @@ class Runtime(Protocol):
 class ServingState:
     """The door: open only between the end of warm-up and the start of a drain. `in_flight` counts the
     inference calls inside a handler, so a drain knows when every accepted one has its answer.
-    `stages_down`: the stages no core group can run now (the server's health.DeviceWatcher keeps it).
-    ServerReady answers `ready` (serving, not draining, every stage up); ModelReady `model_ready` (the
-    model's own stages up). The door does not look at the devices: ScoreByIds and ScoreMatrix need no
-    core, and a call that does gets UNAVAILABLE from the pipeline."""
+    `stages_down`: the stages no core group can run now (the server's health.DeviceWatcher keeps it);
+    `loaded`: some model version is served (false after RepositoryModelUnload of every version, until a
+    load; health.ServerHealth.versions_changed keeps it). ServerReady answers `ready` (serving, not
+    draining, a version loaded, every stage up); ModelReady `model_ready` (the model's own stages up).
+    The door looks at neither: ScoreByIds and ScoreMatrix need no core, a call that does gets
+    UNAVAILABLE from the pipeline, and one to an unloaded model from the version table's stand-in."""
 
     def __init__(self, scoring: ScoringGate | None = None) -> None:
         self.scoring = ScoringGate() if scoring is None else scoring  # the heavy calls' byte budget
         self.serving = False
         self.stages_down: frozenset[str] = frozenset()
+        self.loaded = True
         self.draining = False  # stop() began: not ready, though the door may stay open for the drain delay
         self.in_flight = 0
         self.arrived = 0  # inference calls that reached a handler, ever: a drain sees gRPC's backlog run dry
 
     @property
     def ready(self) -> bool:
-        return self.serving and not self.stages_down and not self.draining
+        return self.serving and self.loaded and not self.stages_down and not self.draining
 
     def model_ready(self, model: str) -> bool:
-        return self.serving and not self.draining and not MODEL_STAGES[model] & self.stages_down
+        return self.serving and self.loaded and not self.draining and not MODEL_STAGES[model] & self.stages_down
 
     def check(self) -> None:
         if not self.serving:

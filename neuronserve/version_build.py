@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -180,10 +180,16 @@ class VersionBuilder:
         return now.pipeline.plans if same else None
 
 
-def start_control(config: ServerConfig, manifest, versions, builder: VersionBuilder):
+def start_control(
+    config: ServerConfig,
+    manifest,
+    versions,
+    builder: VersionBuilder,
+    on_change: Callable[[bool], Awaitable[None]] | None = None,
+):
     """The repository's model_control.ModelControl over `versions`: --artifact is a one-version repository
     (its index answers; loads are refused); with --model-repository it polls (if asked) and loads the
-    policy's other versions soon after."""
+    policy's other versions soon after. `on_change`: ModelControl's (the server's health follows loads)."""
     from neuronserve.model_control import ModelControl
     from neuronserve.repository import Repository, VersionPolicy
 
@@ -195,7 +201,15 @@ def start_control(config: ServerConfig, manifest, versions, builder: VersionBuil
         repository = Repository.of_artifact(manifest.directory, manifest.model_name, manifest.model_version)
         model = manifest.model_name
     control = ModelControl(
-        repository, model, policy, versions, builder, config.model_control, config.grace_period_s, builder.pool
+        repository,
+        model,
+        policy,
+        versions,
+        builder,
+        config.model_control,
+        config.grace_period_s,
+        builder.pool,
+        on_change,
     )
     if config.model_repository is not None:
         control.start(config.repository_poll_s)

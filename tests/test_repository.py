@@ -5,8 +5,10 @@ neuronserve's open_inference_pb2 share protobuf package `inference`, see test_oi
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -27,7 +29,7 @@ from neuronserve.protos import scorer_pb2 as pb
 from neuronserve.protos import scorer_pb2_grpc as pb_grpc
 from neuronserve.repository import Repository, VersionPolicy, parse_version
 
-from support import LoopThread
+from support import LoopThread, wait_until
 from neuronserve.server import Server
 from neuronserve.versions import ServedVersion, VersionTable
 
@@ -423,6 +425,120 @@ def test_poll_mode_loads_a_version_copied_into_the_repository(artifacts, tmp_pat
         shutil.copytree(v2.directory, root / "twotower" / "2")
         poll(lambda: scorer.Score(request, timeout=10).version == 2, 30, "the poll loads version 2")
         assert scorer.Score(request, timeout=10).model_version == v2.model_version
+    finally:
+        channel.close()
+        loop.run(server.stop(5.0))
+        loop.close()
+
+
+# ---- lifecycle edges: a stop during a load, readiness with no version loaded ---------------------
+
+
+class _PausedLoad:
+    """version_build's `time` for a test: the first pace of a version's load (after its first stage is
+    loaded and warm) waits for `release`, and `reached` says the load got there."""
+
+    def __init__(self) -> None:
+        self.reached, self.release = threading.Event(), threading.Event()
+
+    def sleep(self, seconds: float) -> None:
+        if not self.reached.is_set():
+            self.reached.set()
+            assert self.release.wait(30), "the test never released the load"
+
+
+async def _stop_then_look(server: Server):
+    await server.stop(5.0)
+    return {r.version: (r.state, r.reason) for r in server.control.index()}, server.control.counts
+
+
+def _repository_server(root: Path, mode: str) -> Server:
+    return Server(ServerConfig(model_repository=str(root), model_control=mode, repository_poll_s=0.05, backend="cpu", cores=1, port=0, metrics_port=None, max_peers=64))
+
+
+@pytest.mark.parametrize("mode", ["explicit", "poll"])
+def test_a_stop_during_a_load_abandons_it_at_its_next_stage(artifacts, tmp_path, monkeypatch, caplog, mode):
+    """A SIGTERM while a version loads (audit D2): stop() makes the load give up at its next stage and
+    waits for it (no loading thread outlives the server); the load is logged at INFO as abandoned, not
+    counted as failed, and an RPC's caller gets UNAVAILABLE saying so."""
+    from neuronserve import version_build
+
+    v1, v2 = artifacts
+    root = tmp_path / "repo"
+    shutil.copytree(v1.directory, root / "twotower" / "1")
+    paused = _PausedLoad()
+    monkeypatch.setattr(version_build, "time", paused)
+    caplog.set_level(logging.INFO)
+    loop = LoopThread()
+    server = _repository_server(root, mode)
+    loop.run(server.start())
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    answers: list = []
+
+    def load() -> None:
+        try:
+            oip_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad(oip.RepositoryModelLoadRequest(model_name="twotower"), timeout=30)
+            answers.append("OK")
+        except grpc.RpcError as exc:
+            answers.append((exc.code(), exc.details()))
+
+    caller = threading.Thread(target=load, daemon=True)
+    try:
+        shutil.copytree(v2.directory, tmp_path / "staging")
+        (tmp_path / "staging").rename(root / "twotower" / "2")  # whole at once: the poll never sees half of it
+        if mode == "explicit":
+            caller.start()
+        assert paused.reached.wait(30), "version 2's load did not reach its first stage"
+        stopping = asyncio.run_coroutine_threadsafe(_stop_then_look(server), loop.loop)
+        wait_until(lambda: loop.call(lambda: server.state.draining))  # stop() began
+        paused.release.set()
+        index, counts = stopping.result(30)
+    finally:
+        paused.release.set()
+        channel.close()
+        loop.close()
+    assert index[2] == ("UNAVAILABLE", "load abandoned: shutting down")  # settled before stop() returned
+    assert (counts.loaded, counts.failed) == (0, 0)
+    model_control = [r for r in caplog.records if r.name == "neuronserve.model_control"]
+    assert any(r.levelno == logging.INFO and "version 2 abandoned: the server is shutting down" in r.getMessage() for r in model_control)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("neuronserve")] == []
+    if mode == "explicit":
+        caller.join(10)
+        assert len(answers) == 1 and answers[0][0] == grpc.StatusCode.UNAVAILABLE, answers
+        assert "shutting down: the load of model twotower version 2 was abandoned" in answers[0][1]
+
+
+def test_readiness_follows_the_versions_loaded(artifacts, tmp_path):
+    """With no version loaded (RepositoryModelUnload of the model, audit D4) every inference call gets
+    UNAVAILABLE, so readiness says so: health "", the Scorer and the OIP service NOT_SERVING, ServerReady
+    false; liveness (grpc.health.v1.Health, ServerLive) stays up. A load makes them SERVING again."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    v1, _ = artifacts
+    root = tmp_path / "repo"
+    shutil.copytree(v1.directory, root / "twotower" / "1")
+    loop = LoopThread()
+    server = _repository_server(root, "explicit")
+    loop.run(server.start())
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    health, inference = health_pb2_grpc.HealthStub(channel), oip_grpc.GRPCInferenceServiceStub(channel)
+    names = ("", "neuronserve.v1.Scorer", "inference.GRPCInferenceService", "grpc.health.v1.Health")
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+    def readiness() -> tuple:
+        statuses = tuple(health.Check(health_pb2.HealthCheckRequest(service=n), timeout=10).status for n in names)
+        return statuses, inference.ServerReady(oip.ServerReadyRequest()).ready, inference.ServerLive(oip.ServerLiveRequest()).live
+
+    try:
+        assert readiness() == ((serving,) * 4, True, True)
+        inference.RepositoryModelUnload(oip.RepositoryModelUnloadRequest(model_name="twotower"), timeout=30)
+        assert readiness() == ((not_serving, not_serving, not_serving, serving), False, True)
+        user = np.zeros((1, SMALL_CONFIG.user_features), np.float32)
+        with pytest.raises(grpc.RpcError) as refused:
+            inference.ModelInfer(_infer(user, np.zeros((2, SMALL_CONFIG.peer_features), np.float32)), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        inference.RepositoryModelLoad(oip.RepositoryModelLoadRequest(model_name="twotower"), timeout=30)
+        assert readiness() == ((serving,) * 4, True, True)
     finally:
         channel.close()
         loop.run(server.stop(5.0))
