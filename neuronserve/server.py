@@ -262,10 +262,7 @@ class Server:
                 if self.member.local_address:
                     server.add_insecure_port(self.member.local_address)
         except RuntimeError as exc:
-            reason = str(exc).split(";")[0]  # not gRPC's advice to set GRPC_VERBOSITY
-            raise ConfigError(
-                f"cannot listen on {address} for gRPC ({reason}); choose another --port or --host"
-            ) from None
+            raise ConfigError(f"cannot listen on {address} for gRPC ({exc}); choose another --port or --host") from None
         if not self.port:
             raise ConfigError(f"cannot listen on {address} for gRPC; choose another --port or --host")
         await server.start()
