@@ -14,6 +14,7 @@ Contract: RoundRobin.load(workers) in the supervisor before any worker forks (th
 program's descriptor); each worker calls attach(port) once it listens on the shared port. load raises
 BalanceUnavailable, with the kernel's reason, where BPF is refused (no CAP_BPF or CAP_SYS_ADMIN while
 kernel.unprivileged_bpf_disabled is set, a seccomp profile, not Linux); the pool then keeps the hash.
+reserve_port, in the supervisor too, holds the port (bound, not listening) while workers come and go.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import platform
 import socket
 import struct
 import sys
+
+from neuronserve.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -140,3 +143,30 @@ def load_balance(balance: str, workers: int) -> RoundRobin | None:
         return program
     log.info("new connections are hashed over the workers by the kernel (--connection-balance hash)")
     return None
+
+
+def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
+    """A socket bound to host:port with SO_REUSEPORT, not listening (the kernel hands connections only to
+    listening sockets): it keeps the port ours while workers come and go. A port someone else holds
+    fails here, before any worker starts."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    if port:
+        probe = socket.socket(family, kind, proto)
+        probe.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as gRPC does: old TIME_WAIT connections do not hold the port
+        try:
+            probe.bind(address)  # without SO_REUSEPORT: fails if anyone holds the port, even another pool
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {host}:{port} for gRPC ({exc.strerror}); choose another --port or --host"
+            ) from None
+        finally:
+            probe.close()
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    return sock, sock.getsockname()[1]

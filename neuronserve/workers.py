@@ -10,7 +10,7 @@ warm, so the kernel spreads connections over the warm workers. The supervisor th
   and exits 1) and a ready one whose heartbeat (written by its event loop) is older than
   --worker-timeout-s (SIGKILL, then restart);
 - on SIGTERM/SIGINT forwards SIGTERM (each worker drains: every accepted request answered) and exits 0
-  when every worker exited 0.
+  when every worker exited 0; a second signal is forwarded too (it cuts the workers' drain delay short).
 Messages from worker to supervisor are typed records over a pipe; heartbeats and the workers' private
 ports live in shared arrays. docs/workers.md has the rules and the measurements behind them.
 """
@@ -27,13 +27,12 @@ import os
 import shutil
 import signal
 import tempfile
-import socket
 import time
 from dataclasses import dataclass
 from collections.abc import Callable
 
 from neuronserve.config import VISIBLE_CORES_ENV, ServerConfig
-from neuronserve.connection_balance import RoundRobin, load_balance
+from neuronserve.connection_balance import RoundRobin, load_balance, reserve_port
 from neuronserve.errors import ConfigError, NeuronServeError
 from neuronserve.pool_carry import CarriedStatistics, StatisticsSlots
 from neuronserve.pool_versions import PoolVersions, WorkerVersions, repository_slots
@@ -348,7 +347,9 @@ class Supervisor:
         worker.restart_at = now + delay
 
     async def _stop_all(self) -> int:
-        """SIGTERM every live worker (each drains), wait for them; 0 when every one exited 0."""
+        """SIGTERM every live worker (each drains), wait for them; 0 when every one exited 0. A signal
+        meanwhile is passed on (a worker's second SIGTERM cuts its drain delay short)."""
+        self._stopping.clear()
         live = [(w, w.process) for w in self.workers if w.process is not None]
         log.info(
             "shutting down: draining %d workers (drain delay %.1f s, grace period %.1f s)",
@@ -360,7 +361,14 @@ class Supervisor:
             process.terminate()
         end = time.monotonic() + self.config.drain_delay_s + self.config.grace_period_s + STOP_MARGIN_S
         while any(p.exitcode is None for _, p in live) and time.monotonic() < end:
-            await asyncio.sleep(POLL_S)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), POLL_S)
+            if self._stopping.is_set():
+                self._stopping.clear()
+                draining = [p for _, p in live if p.exitcode is None]
+                log.info("a signal during the drain: passing it on to the %d workers still draining", len(draining))
+                for process in draining:
+                    process.terminate()
         code = 0
         for worker, process in live:
             if process.exitcode is None:
@@ -371,33 +379,6 @@ class Supervisor:
                 code = 1
             self.shared.ports[worker.plan.index] = 0
         return code
-
-
-def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
-    """A socket bound to host:port with SO_REUSEPORT, not listening (the kernel hands connections only to
-    listening sockets): it keeps the port ours while workers come and go. A port someone else holds
-    fails here, before any worker starts."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    if port:
-        probe = socket.socket(family, kind, proto)
-        probe.setsockopt(
-            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
-        )  # as gRPC does: old TIME_WAIT connections do not hold the port
-        try:
-            probe.bind(address)  # without SO_REUSEPORT: fails if anyone holds the port, even another pool
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot listen on {host}:{port} for gRPC ({exc.strerror}); choose another --port or --host"
-            ) from None
-        finally:
-            probe.close()
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(address)
-    return sock, sock.getsockname()[1]
 
 
 def supervise(config: ServerConfig) -> int:

@@ -1,7 +1,8 @@
 """`serve --workers N`: the plan of cores and CPUs, the restart rules, the pool's merged /metrics and
 ModelStatistics, the settings (unit tests); then real pools of 2 workers in subprocesses: the ready line,
 statistics summed over workers, connections dealt in turn over SO_REUSEPORT, a killed, a hung and a failing
-worker, the shared embedding cache, SIGTERM under load, and the neuron path against the stand-in."""
+worker, the shared embedding cache, SIGTERM under load, a second signal cutting the drain delay short, and
+the neuron path against the stand-in."""
 
 from __future__ import annotations
 
@@ -813,6 +814,20 @@ def test_sigterm_under_load_drains_both_workers_and_exits_0(pools, small_artifac
     assert answered["OK"] == received["OK"]
     assert answered.get("UNAVAILABLE", 0) == refused_at_door
     assert received.get("CANCELLED", 0) <= load.clients
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_second_signal_cuts_the_workers_drain_delay_short(pools, small_artifact, second):
+    """--drain-delay-s 60: after SIGTERM both workers serve on for the delay; a second SIGTERM or SIGINT
+    to the supervisor reaches them, each cuts its delay short, and the pool exits 0 long before 60 s."""
+    pool = pools(serve_argv(small_artifact, "--drain-delay-s", "60"))
+    pool.ready()
+    pool.workers()
+    pool.proc.send_signal(signal.SIGTERM)
+    pool.wait_for("still serving for the drain delay", count=2)
+    pool.proc.send_signal(second)
+    assert pool.wait(30) == 0, pool.log()
+    assert len(pool.lines("drain delay cut short by a second signal")) == 2, pool.log()
 
 
 # ---- the neuron path, with the stand-in torch_neuron ------------------------------------------------
