@@ -17,6 +17,7 @@ Design and measurements: docs/fleet.md.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import multiprocessing
@@ -157,8 +158,9 @@ class FleetCache:
 class Follower:
     """Keeps one host's cache a copy of one model version's rows in the store. `warm_start()` loads them
     (blocking; retried with backoff while the store is unreachable); `start()` then follows the change
-    stream in a daemon thread until `stop()`. Sleeping is `stop_event.wait`; `clock` (monotonic) times
-    the backoff and progress lines, StoreStatus has its own (unix) clock."""
+    stream in a daemon thread until `stop()`; `warm_start_and_follow` does both from an event loop, until
+    an asyncio event. Sleeping is `stop_event.wait`; `clock` (monotonic) times the backoff and progress
+    lines, StoreStatus has its own (unix) clock."""
 
     def __init__(
         self,
@@ -205,6 +207,21 @@ class Follower:
                 self._wait(backoff, abandon)
                 backoff = min(backoff * 2, self.backoff_s[1])
         return False
+
+    async def warm_start_and_follow(self, stopping: asyncio.Event) -> bool:
+        """warm_start() in a thread, abandoned when `stopping` is set first (it gives up at its next batch
+        or retry), then start(). False, not following, when `stopping` was set first."""
+        abandon = threading.Event()
+        loading = asyncio.ensure_future(asyncio.to_thread(self.warm_start, abandon))
+        stop_requested = asyncio.ensure_future(stopping.wait())
+        await asyncio.wait({loading, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+        stop_requested.cancel()
+        if stopping.is_set():
+            abandon.set()
+        if not await loading or stopping.is_set():
+            return False
+        self.start()
+        return True
 
     def start(self) -> None:
         """Follow the change stream from where the warm start left off, in a daemon thread."""

@@ -11,6 +11,8 @@ warm, so the kernel spreads connections over the warm workers. The supervisor th
   --worker-timeout-s (SIGKILL, then restart);
 - on SIGTERM/SIGINT forwards SIGTERM (each worker drains: every accepted request answered) and exits 0
   when every worker exited 0; a second signal is forwarded too (it cuts the workers' drain delay short).
+With --embedding-store the supervisor loads the store's rows before the first fork (its /metrics up, its
+signal handlers in place: a SIGTERM/SIGINT then abandons the load, exit 0, no worker started).
 Messages from worker to supervisor are typed records over a pipe; heartbeats and the workers' private
 ports live in shared arrays. docs/workers.md has the rules and the measurements behind them.
 """
@@ -30,6 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from neuronserve.config import VISIBLE_CORES_ENV, ServerConfig
 from neuronserve.connection_balance import RoundRobin, load_balance, reserve_port
@@ -39,6 +42,9 @@ from neuronserve.pool_versions import PoolVersions, WorkerVersions, repository_s
 from neuronserve.sched_policy import use_policy
 from neuronserve.worker_plan import WorkerPlan, member_config, plan_workers
 from neuronserve.contract import USER_TOWER
+
+if TYPE_CHECKING:
+    from neuronserve.fleet import Follower
 
 log = logging.getLogger(__name__)
 
@@ -222,10 +228,16 @@ class _Worker:
 
 class Supervisor:
     def __init__(
-        self, config: ServerConfig, plans: list[WorkerPlan], shared: PoolShared, ready_line: Callable[[int | None], str]
+        self,
+        config: ServerConfig,
+        plans: list[WorkerPlan],
+        shared: PoolShared,
+        ready_line: Callable[[int | None], str],
+        follower: Follower | None = None,
     ) -> None:
         self.config = config
         self.shared = shared
+        self.follower = follower  # the host's embedding-store follower (--embedding-store), not started yet
         self.workers = [_Worker(plan) for plan in plans]
         self.policy = RestartPolicy()
         self._ready_line = ready_line
@@ -251,10 +263,13 @@ class Supervisor:
                 raise ConfigError(
                     f"cannot listen on {host}:{self.config.metrics_port} for metrics ({exc.strerror}); choose another --metrics-port"
                 ) from None
-        for worker in self.workers:
-            self._start(worker)
         announced = False
         try:
+            if self.follower is not None and not await self.follower.warm_start_and_follow(self._stopping):
+                log.info("stop requested during start-up: abandoning the embedding store's warm start")
+                return 0
+            for worker in self.workers:
+                self._start(worker)
             while not self._stopping.is_set() and self._failure is None:
                 self._check(time.monotonic())
                 if not announced and all(w.ready for w in self.workers):
@@ -406,9 +421,7 @@ def supervise(config: ServerConfig) -> int:
         # worker forks: every worker opens with the store's rows, and writes through it (fleet.py).
         from neuronserve.fleet import open_fleet
 
-        cache, follower = open_fleet(config.embedding_store, manifest, cache)
-        follower.warm_start()
-        follower.start()
+        cache, follower = open_fleet(config.embedding_store, manifest, cache)  # loaded by Supervisor.run
     balance = load_balance(config.connection_balance, len(plans))
     shared = PoolShared(len(plans), cache, config.host, versions, balance)  # a worker per plan: config.workers
     buckets = ",".join(map(str, manifest.stage(USER_TOWER).batch_sizes))
@@ -422,7 +435,7 @@ def supervise(config: ServerConfig) -> int:
         )
 
     try:
-        return run_loop(Supervisor(config, plans, shared, ready_line).run())
+        return run_loop(Supervisor(config, plans, shared, ready_line, follower).run())
     finally:
         reservation.close()
         shutil.rmtree(shared.socket_dir, ignore_errors=True)

@@ -1,8 +1,9 @@
 """`serve --workers N`: the plan of cores and CPUs, the restart rules, the pool's merged /metrics and
 ModelStatistics, the settings (unit tests); then real pools of 2 workers in subprocesses: the ready line,
 statistics summed over workers, connections dealt in turn over SO_REUSEPORT, a killed, a hung and a failing
-worker, the shared embedding cache, SIGTERM under load, a second signal cutting the drain delay short, and
-the neuron path against the stand-in."""
+worker, the shared embedding cache, SIGTERM under load, a second signal cutting the drain delay short, a
+signal abandoning the warm start from an unreachable embedding store, and the neuron path against the
+stand-in."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -828,6 +830,30 @@ def test_a_second_signal_cuts_the_workers_drain_delay_short(pools, small_artifac
     pool.proc.send_signal(second)
     assert pool.wait(30) == 0, pool.log()
     assert len(pool.lines("drain delay cut short by a second signal")) == 2, pool.log()
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (free when this returns)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_while_the_embedding_store_is_unreachable_abandons_the_warm_start(pools, small_artifact, signum):
+    """--embedding-store on a closed port: the supervisor retries the warm start with its /metrics up and
+    no worker started; SIGTERM or SIGINT abandons it: exit 0 with a log line, nothing served."""
+    pytest.importorskip("redis", reason="the redis client is not installed (pip install redis)")
+    store, metrics = closed_port(), closed_port()
+    argv = serve_argv(small_artifact, "--embedding-store", f"redis://127.0.0.1:{store}/0", "--metrics-port", str(metrics))
+    pool = pools(argv)
+    pool.wait_for("warm start attempt 1 failed")
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as response:
+        assert response.status == 200
+    pool.proc.send_signal(signum)
+    assert pool.wait(30) == 0, pool.log()
+    assert pool.lines("stop requested during start-up: abandoning the embedding store's warm start"), pool.log()
+    assert not pool.lines(r"worker \d started") and not pool.stdout, pool.log()
 
 
 # ---- the neuron path, with the stand-in torch_neuron ------------------------------------------------
