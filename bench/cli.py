@@ -270,9 +270,38 @@ def _check_args(args: argparse.Namespace) -> tuple[float, ...]:
         raise ConfigError(
             "give either --rate R[,R...] (fixed-rate runs) or --search (find the highest rate under --latency-bound-ms)"
         )
+    _check_numbers(args)
     rates = parse_rates(args.rate)
     check_outputs(args, rates)
     return rates
+
+
+_POSITIVE = (  # (flag, attribute): must be > 0
+    ("--duration-s", "duration_s"),
+    ("--latency-bound-ms", "latency_bound_ms"),
+    ("--timeout-ms", "timeout_ms"),
+    ("--search-start-rate", "search_start_rate"),
+    ("--users", "users"),
+    ("--cached-peers", "cached_peers"),
+    ("--clients", "clients"),
+    ("--channels", "channels"),
+)
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """A ConfigError for a count or duration that cannot run, or a --target that is not HOST:PORT."""
+    from neuronserve.errors import ConfigError
+
+    for flag, key in _POSITIVE:
+        if not getattr(args, key) > 0:
+            raise ConfigError(f"{flag} must be > 0, got {getattr(args, key)}")
+    if args.peers is not None and args.peers < 1:
+        raise ConfigError(f"--peers must be >= 1, got {args.peers}")
+    if not args.warmup_s >= 0:
+        raise ConfigError(f"--warmup-s must be >= 0, got {args.warmup_s}")
+    host, _, port = args.target.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--target {args.target!r} is not HOST:PORT, e.g. 127.0.0.1:8001")
 
 
 def _header(args: argparse.Namespace, rates: tuple[float, ...]) -> Header:
