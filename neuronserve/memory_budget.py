@@ -330,7 +330,9 @@ class Reservation:
         self._open = False
         self._release()
 
-    def _thread_done(self, _: asyncio.Future) -> None:
+    def _thread_done(self, thread: asyncio.Future) -> None:
+        if not thread.cancelled():
+            thread.exception()  # retrieved: a cancelled call's (its shield no longer looks), or asyncio logs it
         self._threads -= 1
         self._release()
 

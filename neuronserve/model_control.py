@@ -26,6 +26,7 @@ bytes per kind and version, x2 for the double buffer), plus a second copy of the
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import time
@@ -328,6 +329,13 @@ class ModelControl:
     def _check_model(self, model: str) -> None:
         if model != self.model:
             raise NotFound(f"unknown model {model[:64]!r}; the repository's model is {self.model}")
+
+
+async def check_artifact_outputs(pipeline, manifest) -> None:
+    """check_reference with the artifact's own reference file (read when the manifest was verified): at
+    start-up and for every version loaded, the graphs must score as compiled."""
+    with np.load(io.BytesIO(manifest.file_bytes(manifest.reference_file))) as data:
+        await check_reference(pipeline, manifest, {k: data[k] for k in data.files})
 
 
 async def check_reference(pipeline, manifest, reference: dict[str, np.ndarray]) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import io
 import threading
 import time
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ from pathlib import Path
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import numpy as np
 
 from neuronserve.config import Placement, ServerConfig
 from neuronserve.errors import ArtifactError, ConfigError
@@ -129,7 +127,7 @@ class VersionBuilder:
     async def __call__(self, path, version: int):
         from neuronserve.artifact import load_manifest
         from neuronserve.backends import make_backend, resolve_backend
-        from neuronserve.model_control import check_reference
+        from neuronserve.model_control import check_artifact_outputs
         from neuronserve.pipeline import Pipeline
         from neuronserve.runtime import Runtime
         from neuronserve.versions import ServedVersion
@@ -141,7 +139,6 @@ class VersionBuilder:
                 f"{path}: its inputs and outputs (F_u, F_p, K, D, labels) {_schema(manifest)} differ from the served "
                 f"model's {_schema(self.served)}; versions of one model must share them (serve it as another model)"
             )
-        reference = manifest.file_bytes(manifest.reference_file)
         backend = make_backend(
             resolve_backend(config.backend, manifest),
             manifest,
@@ -154,8 +151,7 @@ class VersionBuilder:
         try:
             pace = functools.partial(time.sleep, LOAD_PACE_S)
             await asyncio.to_thread(pipeline.start, self.abandon, self._plans_like(manifest, backend.name), pace)
-            with np.load(io.BytesIO(reference)) as data:
-                await check_reference(pipeline, manifest, {k: data[k] for k in data.files})
+            await check_artifact_outputs(pipeline, manifest)
             if self.pool is None:
                 cache = new_cache(manifest, config.cache_max_rows)
             else:  # the version's cache every worker of the pool shares (pool_versions.py)
