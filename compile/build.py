@@ -35,6 +35,7 @@ from neuronserve.compile.graphs import PARITY_TOLERANCE, compile_fused, compile_
 from neuronserve.compile.model import TwoTowerScorer, random_model
 from neuronserve.compile.tick_graph import compile_tick
 from neuronserve.errors import ConfigError
+from neuronserve.shared_table import MAX_VERSION_BYTES
 from neuronserve.signing import load_signing_key, write_signature
 from neuronserve.contract import FUSED_STAGE, PAIR_SCORER, PEER_TOWER, STAGES, TICK_BLOCK, TICK_GRAPH_FILES, USER_TOWER
 
@@ -156,6 +157,25 @@ def _umask() -> int:
     return mask
 
 
+def _is_artifact(directory: Path) -> bool:
+    """Whether `directory` holds a neuronserve artifact's manifest, of any schema version (browser extensions
+    and other bundles have a manifest.json too; --force must never delete those)."""
+    try:
+        data = json.loads((directory / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"schema_version", "stages", "files", "manifest_sha256"} <= data.keys()
+
+
+def _check_label(flag: str, value: str) -> None:
+    """A model name or version the runtime takes: printable (one ready line), 1 to MAX_VERSION_BYTES UTF-8 bytes."""
+    size = len(value.encode())
+    if not 0 < size <= MAX_VERSION_BYTES or not value.isprintable():
+        raise ConfigError(
+            f"{flag} {value[:40]!r}: must be 1 to {MAX_VERSION_BYTES} bytes of printable characters, got {size} bytes"
+        )
+
+
 def _prepare_out_dir(out_dir: Path, force: bool) -> Path:
     """A fresh temporary directory beside out_dir. An existing non-empty out_dir is replaced only with
     force and only if it is an artifact (holds manifest.json): --force never deletes anything else."""
@@ -170,9 +190,10 @@ def _prepare_out_dir(out_dir: Path, force: bool) -> Path:
             raise ConfigError(
                 f"--out {out_dir} exists and is not empty; pass --force to replace it or choose another --out"
             )
-        if not (out_dir / MANIFEST_NAME).is_file():
+        if not _is_artifact(out_dir):
             raise ConfigError(
-                f"--out {out_dir} is not empty and holds no {MANIFEST_NAME}; --force replaces only an artifact, so choose another --out"
+                f"--out {out_dir} is not empty and holds no neuronserve {MANIFEST_NAME}; --force replaces only an "
+                "artifact, so choose another --out"
             )
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -209,6 +230,9 @@ def compile_artifact(
     if target == "cpu" and (pipeline_cores > 1 or fast_math):
         raise ConfigError("--pipeline-cores and --fast-math apply to --target neuron only")
     sizes = check_batch_sizes(batch_sizes)
+    _check_label("--model-name", model_name)
+    if model_version is not None:
+        _check_label("--model-version", model_version)
     private_key = load_signing_key(signing_key, out_dir) if signing_key is not None else None
     model = load_checkpoint(checkpoint, config) if checkpoint is not None else random_model(config, seed)
     version = model_version or content_version(model)
@@ -223,6 +247,8 @@ def compile_artifact(
             os.replace(out_dir, old)  # aside, not deleted, until the new artifact is in place
         os.replace(work, out_dir)
     finally:
+        if old.exists() and not out_dir.exists():  # stopped between the two renames: the old one back
+            os.replace(old, out_dir)
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     from neuronserve.artifact import load_manifest

@@ -8,6 +8,9 @@ not signed by a trusted key.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 from neuronserve.config import read_json_object
@@ -140,23 +143,40 @@ def _compile(args: argparse.Namespace) -> int:
     from neuronserve.artifact_summary import summary_lines
     from neuronserve.compile.build import compile_artifact
 
-    manifest = compile_artifact(
-        args.out,
-        config=_model_config(args.model_config),
-        batch_sizes=_batch_sizes(args.batch_sizes),
-        seed=args.seed,
-        checkpoint=args.checkpoint,
-        target=args.target,
-        pipeline_cores=args.pipeline_cores,
-        fast_math=args.fast_math,
-        model_name=args.model_name,
-        model_version=args.model_version,
-        force=args.force,
-        progress=not args.quiet,
-        signing_key=args.signing_key,
-    )
+    with _terminations_interrupt():
+        manifest = compile_artifact(
+            args.out,
+            config=_model_config(args.model_config),
+            batch_sizes=_batch_sizes(args.batch_sizes),
+            seed=args.seed,
+            checkpoint=args.checkpoint,
+            target=args.target,
+            pipeline_cores=args.pipeline_cores,
+            fast_math=args.fast_math,
+            model_name=args.model_name,
+            model_version=args.model_version,
+            force=args.force,
+            progress=not args.quiet,
+            signing_key=args.signing_key,
+        )
     print("\n".join(summary_lines(manifest)))
     return 0
+
+
+@contextlib.contextmanager
+def _terminations_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a cancelled CI job, `timeout`, a closed terminal) interrupt as Ctrl-C does, so
+    the compile's temporary directory is removed (their default action ends the process without cleanup)."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _inspect(args: argparse.Namespace) -> int:

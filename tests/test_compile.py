@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from neuronserve.config import CoreGroup
 from neuronserve.errors import ArtifactError, ConfigError, InvalidInput
 
 from conftest import SMALL_CONFIG
+from support import wait_until
 
 
 def neuronserve(*args, cwd=None):
@@ -216,7 +219,10 @@ def test_force_replaces_only_an_artifact(tmp_path, monkeypatch):
     notes = tmp_path / "project"
     notes.mkdir()
     (notes / "notes.txt").write_text("keep me")
-    with pytest.raises(ConfigError, match="holds no manifest.json"):
+    with pytest.raises(ConfigError, match="holds no neuronserve manifest.json"):
+        compile_artifact(notes, config=SMALL_CONFIG, batch_sizes=(1,), seed=1, force=True)
+    (notes / "manifest.json").write_text('{"name": "a browser extension", "manifest_version": 3}')
+    with pytest.raises(ConfigError, match="holds no neuronserve manifest.json"):  # someone else's manifest.json
         compile_artifact(notes, config=SMALL_CONFIG, batch_sizes=(1,), seed=1, force=True)
     monkeypatch.chdir(notes)
     for out in (".", ".."):
@@ -224,6 +230,45 @@ def test_force_replaces_only_an_artifact(tmp_path, monkeypatch):
             compile_artifact(out, config=SMALL_CONFIG, batch_sizes=(1,), seed=1, force=True)
     assert (notes / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]  # no temporary directories left behind
+
+
+@pytest.mark.parametrize("flag, value", [("--model-version", "x" * 257), ("--model-version", "1\nready"), ("--model-name", "")])
+def test_a_name_or_version_serve_would_refuse_is_refused_before_compiling(tmp_path, small_config_file, flag, value):
+    line = one_line_error(neuronserve("compile", "--out", tmp_path / "a", "--model-config", small_config_file, "--quiet", flag, value))
+    assert flag in line and "printable" in line and not (tmp_path / "a").exists()
+
+
+def test_a_stop_between_the_two_renames_puts_the_old_artifact_back(tmp_path, monkeypatch):
+    out = tmp_path / "a"
+    old_version = compile_artifact(out, config=SMALL_CONFIG, batch_sizes=(1,), seed=1).model_version
+    replace = os.replace
+
+    def stopped_before_the_new_one_lands(src, dst):
+        if Path(dst) == out and ".tmp-" in str(src) and not str(src).endswith("-old"):
+            raise KeyboardInterrupt  # the old artifact is aside, the new one not yet in place
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", stopped_before_the_new_one_lands)
+    with pytest.raises(KeyboardInterrupt):
+        compile_artifact(out, config=SMALL_CONFIG, batch_sizes=(1,), seed=2, force=True)
+    monkeypatch.setattr(os, "replace", replace)
+    assert load_manifest(out, verify=True).model_version == old_version
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporary directory left
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_terminated_compile_removes_its_temporary_directory(tmp_path, small_config_file, signum):
+    argv = [sys.executable, "-m", "neuronserve", "compile", "--out", str(tmp_path / "a"), "--model-config", str(small_config_file), "--quiet"]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: any(".tmp-" in p.name for p in tmp_path.iterdir()) or process.poll() is not None, 120)
+        assert process.poll() is None, "the compile ended before the signal; the test needs a longer one"
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr, stderr
+    assert list(tmp_path.iterdir()) == []  # neither a half artifact nor its temporary directory
 
 
 def test_out_dir_under_a_file_is_a_clear_error(tmp_path, small_config_file):
