@@ -102,6 +102,7 @@ class ModelControl:
         self._lock = asyncio.Lock()
         self._closed = False  # close() began: no more loads
         self._status: dict[int, VersionStatus] = {}  # versions not READY: loading, failed, unloading
+        self._refused: dict[int, tuple[int, ...] | None] = {}  # refused versions: their manifest.json's _stamp then
         self._retiring: set = set()  # drain-and-close tasks
         self.counts = LoadCounts()
         self._poller: asyncio.Task | None = None
@@ -178,7 +179,7 @@ class ModelControl:
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await self._apply_locked(self.policy)
+                await self._apply_locked(self.policy, retry_refused=False)
             except LoadAbandoned:
                 return  # the server is stopping
             except NeuronServeError as exc:
@@ -215,12 +216,12 @@ class ModelControl:
 
     # ---- the work --------------------------------------------------------------------------
 
-    async def _apply_locked(self, policy: VersionPolicy) -> tuple[int, ...]:
+    async def _apply_locked(self, policy: VersionPolicy, retry_refused: bool = True) -> tuple[int, ...]:
         """_apply under the lock, then on_change; LoadAbandoned once close() began."""
         async with self._lock:
             if self._closed:
                 raise LoadAbandoned("the server is shutting down: it loads no more versions; load on a serving replica")
-            served = await self._apply(policy)
+            served = await self._apply(policy, retry_refused)
             await self._changed()
         return served
 
@@ -228,7 +229,9 @@ class ModelControl:
         if self._on_change is not None:
             await self._on_change(self.table.loaded)
 
-    async def _apply(self, policy: VersionPolicy) -> tuple[int, ...]:
+    async def _apply(self, policy: VersionPolicy, retry_refused: bool = True) -> tuple[int, ...]:
+        """Load what `policy` selects and is not served, retire what it no longer selects. Without
+        `retry_refused` (the poll) a version refused before is skipped until its manifest.json changes."""
         scan = self.repository.scan(self.model, policy)
         if not scan.selected:
             wanted = list(policy.versions) if policy.kind == "specific" else "any"
@@ -240,7 +243,7 @@ class ModelControl:
             raise NotFound(
                 f"model {self.model} has no version {missing} in the repository; it has {list(scan.versions)}"
             )
-        new = [v for v in scan.selected if self.table.get(v) is None]
+        new = self._to_load(scan, retry_refused)
         built: list[ServedVersion] = []
         try:
             for version in new:
@@ -258,6 +261,13 @@ class ModelControl:
                 self._retire(self.table.remove(served.version))
         return self.table.versions
 
+    def _to_load(self, scan, retry_refused: bool) -> list[int]:
+        """The selected versions not served (without `retry_refused`: nor refused with the same manifest)."""
+        new = [v for v in scan.selected if self.table.get(v) is None]
+        if retry_refused:
+            return new
+        return [v for v in new if v not in self._refused or self._refused[v] != _stamp(scan.path(v))]
+
     async def _load_one(self, path: Path, version: int) -> ServedVersion:
         self._status[version] = VersionStatus(self.model, version, LOADING)
         start = time.monotonic()
@@ -272,9 +282,10 @@ class ModelControl:
             ) from None
         except NeuronServeError as exc:
             self._status[version] = VersionStatus(self.model, version, UNAVAILABLE, str(exc))
+            self._refused[version] = _stamp(path)
             self.counts = LoadCounts(self.counts.loaded, self.counts.failed + 1, self.counts.unloaded)
             log.error(
-                "load of model %s version %d refused; still serving %s: %s",
+                "load of model %s version %d refused (the poll retries it once its manifest.json changes); still serving %s: %s",
                 self.model,
                 version,
                 list(self.table.versions),
@@ -291,6 +302,7 @@ class ModelControl:
             )
             raise
         self._status.pop(version, None)
+        self._refused.pop(version, None)
         self.counts = LoadCounts(self.counts.loaded + 1, self.counts.failed, self.counts.unloaded)
         log.info(
             "model %s version %d (artifact %s) loaded and warm in %.1f s",
@@ -386,3 +398,13 @@ def control_samples(control: ModelControl) -> list:
         for s in control.table.all()
     ]
     return samples
+
+
+def _stamp(version_dir: Path) -> tuple[int, ...] | None:
+    """What changes when a version directory's artifact is replaced: its manifest.json's inode, size and
+    modification time (None: no manifest)."""
+    try:
+        info = (version_dir / "manifest.json").stat()
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns

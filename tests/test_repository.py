@@ -431,6 +431,35 @@ def test_poll_mode_loads_a_version_copied_into_the_repository(artifacts, tmp_pat
         loop.close()
 
 
+def test_the_poll_tries_a_refused_version_once_until_its_artifact_changes(artifacts, tmp_path, monkeypatch):
+    """A corrupted version is not loaded again on every poll (on Inf1 each try is minutes of load): once
+    refused, the poll skips it until its manifest.json is replaced, then loads it."""
+    v1, v2 = artifacts
+    root = tmp_path / "repo"
+    shutil.copytree(v1.directory, root / "twotower" / "1")
+    loop = LoopThread()
+    server = Server(ServerConfig(model_repository=str(root), model_control="poll", repository_poll_s=0.02, backend="cpu", cores=1, port=0, metrics_port=None, max_peers=64))
+    loop.run(server.start())
+    control = server.control
+    scans, scan = [], type(control.repository).scan
+    monkeypatch.setattr(type(control.repository), "scan", lambda *args: scans.append(1) or scan(*args))
+    try:
+        shutil.copytree(v2.directory, root / "twotower" / "2")
+        flip_a_byte(root / "twotower" / "2")
+        poll(lambda: control.counts.failed == 1, 30, "the poll refuses the corrupted version 2")
+        seen = len(scans)
+        poll(lambda: len(scans) >= seen + 10, 30, "ten more polls")
+        assert control.counts.failed == 1 and server.versions.versions == (1,)  # not tried again
+        shutil.copytree(v2.directory, tmp_path / "fixed")
+        shutil.rmtree(root / "twotower" / "2")
+        (tmp_path / "fixed").rename(root / "twotower" / "2")  # a new artifact: a new manifest.json
+        poll(lambda: 2 in server.versions.versions, 30, "the poll loads the replaced version 2")
+        assert control.counts.failed == 1
+    finally:
+        loop.run(server.stop(5.0))
+        loop.close()
+
+
 # ---- lifecycle edges: a stop during a load, readiness with no version loaded ---------------------
 
 
