@@ -80,12 +80,17 @@ def fused_pairs(sizes: Sequence[int]) -> tuple[tuple[int, int], ...]:
     return tuple((b, u) for b in sizes for u in sizes if u <= b)
 
 
+MAX_BATCH_SIZE = 1 << 20  # a bucket's rows, at most: tracing one holds rows x features floats several times
+
+
 def check_batch_sizes(batch_sizes: Iterable[int]) -> tuple[int, ...]:
     sizes = tuple(sorted(set(int(b) for b in batch_sizes)))
     if not sizes or sizes[0] < 1:
         raise ConfigError(
             f"batch sizes must be a non-empty list of positive integers, e.g. 1,8,32,128; got {list(batch_sizes)}"
         )
+    if sizes[-1] > MAX_BATCH_SIZE:
+        raise ConfigError(f"batch sizes must be at most {MAX_BATCH_SIZE} rows, got {sizes[-1]}")
     return sizes
 
 

@@ -175,6 +175,7 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(tmp_path, small_config_file
         "batch sizes must be": ["--batch-sizes", ""],
         "positive integers": ["--batch-sizes", "0,4"],
         "comma-separated": ["--batch-sizes", "1,x"],
+        "at most 1048576 rows": ["--batch-sizes", "1,100000000"],
     }
     for expected, extra in cases.items():
         line = one_line_error(neuronserve("compile", "--out", out, "--model-config", small_config_file, "--quiet", *extra))
