@@ -152,7 +152,7 @@ def generate_key_pair(out_dir, force: bool = False) -> tuple[Path, Path, str]:
         taken = [str(p) for p in (private_path, public_path) if os.path.lexists(p)]
         if taken:
             raise ConfigError(
-                f"keygen: {', '.join(taken)} already exists; pass --force to replace the key pair or choose another --out"
+                f"{' and '.join(taken)} already {'exists' if len(taken) == 1 else 'exist'}; pass --force to replace the key pair or choose another --out"
             )
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())

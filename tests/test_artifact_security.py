@@ -112,7 +112,7 @@ def test_keygen_writes_a_private_key_only_its_owner_reads_and_never_into_the_art
     assert stat.S_IMODE((directory / PRIVATE_KEY_NAME).stat().st_mode) == 0o600
     assert stat.S_IMODE((directory / PUBLIC_KEY_NAME).stat().st_mode) == 0o644
     assert (directory / PRIVATE_KEY_NAME).read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
-    assert_one_line_error(cli("keygen", "--out", str(directory)), "keygen", "already exists", "--force")
+    assert_one_line_error(cli("keygen", "--out", str(directory)), "keygen", "already exist", "--force")
     assert (signed / SIGNATURE_NAME).is_file()
     assert not any(b"PRIVATE KEY" in p.read_bytes() for p in signed.iterdir())
 
