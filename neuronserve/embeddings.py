@@ -5,7 +5,8 @@ UpsertEmbeddings stores tower outputs here; ScoreByIds and ScoreMatrix score fro
 
 Contract: one anonymous MAP_SHARED mapping, shared by every process forked after the constructor; an
 upsert or clear_for in any process is seen by every reader once it returns; a read sees one committed
-snapshot (never a torn row, a half upsert or a mix of versions) without a lock; writers are serialised
+snapshot (never a torn row, a half upsert or a mix of versions; the label bias is the snapshot's version's)
+without a lock; writers are serialised
 across processes by a POSIX record lock the kernel drops when its holder dies; at most max_rows rows per
 kind, least recently upserted evicted first. Hit / miss / eviction counters are this process's; rows
 and bytes are shared. Design and the memory-ordering argument: docs/embeddings.md.
@@ -85,13 +86,11 @@ class EmbeddingCache:
             raise ConfigError(f"num_labels and label_dim must be >= 1, got {num_labels} and {label_dim}")
         if max_rows < 1:
             raise ConfigError(f"cache max_rows must be >= 1, got {max_rows}")
-        bias = np.asarray(label_bias, dtype=np.float32)
-        if bias.shape != (num_labels,):
-            raise ConfigError(f"label_bias must hold num_labels={num_labels} floats, got shape {bias.shape}")
-        version = _encode_version(model_version)
-        self._k, self._d, self._bias, self._max_rows = num_labels, label_dim, bias, max_rows
+        self._k, self._d, self._max_rows = num_labels, label_dim, max_rows
+        bias, version = self._checked_bias(label_bias), _encode_version(model_version)
         self._mem: SharedTable | None = SharedTable(num_labels, label_dim, max_rows)
         self._mem.versions[0, : len(version)] = np.frombuffer(version, np.uint8)
+        self._mem.biases[0] = bias  # the bias travels with the version field (a pool's slot changes versions)
         self._mem.header[VERSION_LEN] = len(version)  # STATE 0: generation 0, buffers A, version field 0
         # The writers' lock between processes: a POSIX record lock on an unlinked temporary file whose
         # descriptor forked children inherit. Record locks belong to a process and die with it.
@@ -163,13 +162,23 @@ class EmbeddingCache:
         """Publish the prepared snapshot: one aligned 8-byte store (next generation, flipped buffers)."""
         mem.header[STATE] = ((state & ~(GENERATION - 1)) + GENERATION) | ((state ^ flip) & (GENERATION - 1))
 
-    def clear_for(self, model_version: str) -> None:
-        """Drop every row and take `model_version` (a new artifact was loaded). Counters keep counting."""
+    def _checked_bias(self, label_bias: Sequence[float]) -> np.ndarray:
+        bias = np.asarray(label_bias, dtype=np.float32)
+        if bias.shape != (self._k,):
+            raise ConfigError(f"label_bias must hold num_labels={self._k} floats, got shape {bias.shape}")
+        return bias
+
+    def clear_for(self, model_version: str, label_bias: Sequence[float] | None = None) -> None:
+        """Drop every row and take `model_version` with its `label_bias` (None: keep the current bias), in
+        one commit (a new artifact was loaded, or a pool's cache slot passes to another version).
+        Counters keep counting."""
         version = _encode_version(model_version)
+        bias = None if label_bias is None else self._checked_bias(label_bias)
         with self._writing() as (mem, state):
-            buf = int(not state & VERSION_BIT)  # the inactive version field
+            buf = int(not state & VERSION_BIT)  # the inactive version and bias fields
             mem.versions[buf, : len(version)] = np.frombuffer(version, np.uint8)
             mem.header[VERSION_LEN + buf] = len(version)
+            mem.biases[buf] = mem.bias(state) if bias is None else bias
             for k in range(len(KINDS)):
                 mem.header[COUNT + 2 * k + (1 - ((state >> k) & 1))] = 0  # empty inactive index buffers
             self._commit(mem, state, GENERATION - 1)  # flip every buffer and the version at once
@@ -317,15 +326,20 @@ class EmbeddingCache:
         if hits < len(ids):
             raise not_found(kind, ids, found)
 
-    def _gather_pair(self, user_ids: np.ndarray, peer_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Users' and peers' vectors from one snapshot; NotFound for the users first (peers then uncounted)."""
-        (users, user_found), (peers, peer_found) = self._read(
-            lambda mem, state: (self._gather(mem, state, 0, user_ids), self._gather(mem, state, 1, peer_ids))
+    def _gather_pair(self, user_ids: np.ndarray, peer_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Users' and peers' vectors and the label bias from one snapshot; NotFound for the users first
+        (peers then uncounted)."""
+        (users, user_found), (peers, peer_found), bias = self._read(
+            lambda mem, state: (
+                self._gather(mem, state, 0, user_ids),
+                self._gather(mem, state, 1, peer_ids),
+                mem.bias(state).copy(),
+            )
         )
         self._count("user", user_ids, user_found)
         self._count("peer", peer_ids, peer_found)
         assert users is not None and peers is not None
-        return users, peers
+        return users, peers, bias
 
     def lookup(self, kind: str, ids: np.ndarray) -> np.ndarray:
         """Cached vectors float32 [N, K, D] for `ids` (in their order); unknown ids -> NotFound naming them."""
@@ -360,8 +374,8 @@ class EmbeddingCache:
 
     @property
     def label_bias(self) -> np.ndarray:
-        """b_k, float32 [K] (a copy)."""
-        return self._bias.copy()
+        """b_k, float32 [K] (a copy) of the cache's current model version."""
+        return self._read(lambda mem, state: mem.bias(state).copy())
 
     def score_by_ids(self, user_id: int, peer_ids: np.ndarray) -> np.ndarray:
         """Scores float32 [M, K] of one cached user against M cached peers: one batched dot product."""
@@ -369,22 +383,22 @@ class EmbeddingCache:
             raise InvalidInput(f"user_id must be an integer, got {user_id!r}")
         user_ids, peer_ids = check_ids(np.array([user_id]), "user_id"), check_ids(peer_ids, "peer_ids")
         if SCORE_IDS is not None:  # compiled: each peer found and scored where it lies, no [M, K, D] copy
-            scores, hits, found = self._read(lambda mem, s: SCORE_IDS(mem, s, user_ids[0], peer_ids, self._bias))
+            scores, hits, found = self._read(lambda mem, s: SCORE_IDS(mem, s, user_ids[0], peer_ids, mem.bias(s)))
             self._count("user", user_ids, np.array([hits >= 0]))
             self._count("peer", peer_ids, found, hits)
             return scores
-        users, peers = self._gather_pair(user_ids, peer_ids)
+        users, peers, bias = self._gather_pair(user_ids, peer_ids)
         # per label a BLAS matrix-vector product over the M peers ([K, M, D] x [K, D, 1]): half einsum's time
         scores = np.matmul(peers.transpose(1, 0, 2), users[0][:, :, None])[:, :, 0]
-        return np.ascontiguousarray(scores.T) + self._bias
+        return np.ascontiguousarray(scores.T) + bias
 
     def score_matrix(self, user_ids: np.ndarray, peer_ids: np.ndarray) -> np.ndarray:
         """Scores float32 [N, M, K] of N cached users x M cached peers: per label one matmul U_k @ P_k^T + b_k."""
-        users, peers = self._gather_pair(check_ids(user_ids, "user_ids"), check_ids(peer_ids, "peer_ids"))
+        users, peers, bias = self._gather_pair(check_ids(user_ids, "user_ids"), check_ids(peer_ids, "peer_ids"))
         scores = np.matmul(
             np.ascontiguousarray(users.transpose(1, 0, 2)), np.ascontiguousarray(peers.transpose(1, 2, 0))
         )  # [K, N, M]
-        scores += self._bias[:, None, None]
+        scores += bias[:, None, None]
         return np.ascontiguousarray(scores.transpose(1, 2, 0))
 
     def rows(self, kind: str) -> int:

@@ -7,11 +7,14 @@ cache here when it loads the version and gives it back when the version is unloa
 
 Contract:
 - A fixed number of cache slots (`slots`: the most versions the start-up policy serves, plus one for
-  a new version loading while the old one drains). `cache_for(worker, version, model_version)` is the
-  cache of integer `version`: the slot some worker already holds for it (so an upsert through any
-  worker is seen by all), else a slot no worker holds, emptied for `model_version`; ModelControlError
-  when every slot is held. `release(worker, version)` gives it back; `forget(worker)` drops everything
-  a (re)starting worker's predecessor held.
+  a new version loading while the old one drains). `cache_for(worker, version, model_version,
+  label_bias)` is the cache of integer `version`: the slot some worker already holds for it (so an
+  upsert through any worker is seen by all), else a slot no worker holds, emptied for `model_version`
+  and its `label_bias` in one commit (a slot's bias is that of the version it holds, not the start-up
+  one's); ModelControlError when every slot is held. `release(worker, version)` gives it back;
+  `forget(worker)` drops everything a (re)starting worker's predecessor held. Holds are kept per
+  (worker, slot), so a slot is free exactly when no worker holds it, whatever version it was last
+  tagged with.
 - `wanted()`: the versions the last explicit RepositoryModelLoad / Unload left served (None: none
   yet), which a restarted worker serves instead of the start-up policy.
 Claims are serialised across processes by a POSIX record lock, which the kernel drops with its holder.
@@ -42,31 +45,30 @@ class PoolVersions:
         self.slots = slots
         self._caches = [new_cache() for _ in range(slots)]
         self._slot_version = multiprocessing.RawArray(ctypes.c_int64, slots)  # 0: never used
-        self._held = multiprocessing.RawArray(ctypes.c_int64, workers * slots)  # per worker: versions held, 0 free
+        self._held = multiprocessing.RawArray(ctypes.c_int64, workers * slots)  # [worker, slot]: version held, 0 none
         self._wanted = multiprocessing.RawArray(ctypes.c_int64, slots + 1)  # count (NOT_SET), then versions
         self._wanted[0] = NOT_SET
         fd, path = tempfile.mkstemp(prefix="neuronserve-pool-versions-")
         os.unlink(path)
         self._lock_fd = fd
 
-    def cache_for(self, worker: int, version: int, model_version: str):
+    def cache_for(self, worker: int, version: int, model_version: str, label_bias: Sequence[float]):
         """The cache of `version` for `worker` (see the module docstring)."""
         with self._locked():
-            held = self._held_anywhere()
-            slot = next((s for s in range(self.slots) if self._slot_version[s] == version and version in held), None)
+            held = self._held_slots()
+            slot = next((s for s in held if self._slot_version[s] == version), None)
             if slot is None:
-                free = [s for s in range(self.slots) if self._slot_version[s] not in held]
+                free = [s for s in range(self.slots) if s not in held]
                 if not free:
                     raise ModelControlError(
                         f"the pool keeps embedding caches for at most {self.slots} versions at once (held: "
-                        f"{sorted(v for v in held if v)}); unload a version before loading version {version}"
+                        f"{sorted(self._slot_version[s] for s in held)}); unload a version before loading "
+                        f"version {version}"
                     )
                 slot = min(free, key=lambda s: self._slot_version[s] != 0)  # a never-used slot first
-                self._caches[slot].clear_for(model_version)
+                self._caches[slot].clear_for(model_version, label_bias)
                 self._slot_version[slot] = version
-            row = self._row(worker)
-            if version not in row:
-                self._held[worker * self.slots + row.index(0)] = version
+            self._held[worker * self.slots + slot] = version
             return self._caches[slot]
 
     def release(self, worker: int, version: int) -> None:
@@ -93,11 +95,9 @@ class PoolVersions:
             count = self._wanted[0]
             return None if count == NOT_SET else tuple(self._wanted[1 : 1 + count])
 
-    def _row(self, worker: int) -> list[int]:
-        return list(self._held[worker * self.slots : (worker + 1) * self.slots])
-
-    def _held_anywhere(self) -> set[int]:
-        return set(self._held) - {0}
+    def _held_slots(self) -> set[int]:
+        """The slots some worker holds (each for the version it is tagged with)."""
+        return {i % self.slots for i, version in enumerate(self._held) if version}
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -134,7 +134,7 @@ class WorkerVersions:
         self.pool, self.worker = pool, worker
 
     def cache_for(self, version: int, manifest):
-        return self.pool.cache_for(self.worker, version, manifest.model_version)
+        return self.pool.cache_for(self.worker, version, manifest.model_version, manifest.label_bias)
 
     def released(self, version: int) -> None:
         self.pool.release(self.worker, version)

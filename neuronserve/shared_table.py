@@ -1,5 +1,5 @@
 """The embedding cache's shared-memory layout: one anonymous MAP_SHARED mapping of int64 header fields,
-two model-version fields, and per kind a slot table of vectors and two index buffers (A / B).
+two model-version fields, two label-bias fields (one per version field), and per kind a slot table of vectors and two index buffers (A / B).
 
 A leaf of embeddings.py (which holds the protocol that reads and writes it; docs/embeddings.md).
 """
@@ -14,7 +14,8 @@ KINDS = ("user", "peer")
 MAX_VERSION_BYTES = 256  # the model version's UTF-8 bytes, in a fixed-size field of the mapping
 
 # Header fields (int64). STATE is the commit word: (generation << 3) | bits, where bit k (k = 0 user,
-# 1 peer) selects kind k's active index buffer (A or B) and bit 2 the active model-version field. A writer
+# 1 peer) selects kind k's active index buffer (A or B) and bit 2 the active model-version field (and the
+# label-bias field beside it: a version's bias flips with it). A writer
 # prepares a whole new snapshot in memory no reader of the current one looks at, then publishes it with
 # one aligned 8-byte store of STATE; the generation makes every commit change STATE.
 STATE, NEXT_SEQ, WRITER_PID = 0, 1, 2
@@ -31,6 +32,7 @@ def _layout(num_labels: int, label_dim: int, max_rows: int):
     layout: list[tuple[np.dtype, tuple[int, ...]]] = [
         (np.dtype(np.int64), (HEADER_FIELDS,)),
         (np.dtype(np.uint8), (2, MAX_VERSION_BYTES)),
+        (np.dtype(np.float32), (2, num_labels)),
     ]
     for _ in KINDS:
         layout += [(np.dtype(np.float32), (slots, num_labels, label_dim)), (np.dtype(np.int64), (2, 3, max_rows))]
@@ -60,10 +62,10 @@ class SharedTable:
             np.frombuffer(self.map, dtype, int(np.prod(shape)), offset).reshape(shape)
             for (dtype, shape), offset in zip(layout, offsets, strict=False)
         ]
-        self.header, self.versions = views[0], views[1]
-        self.vectors: list[np.ndarray] = views[2::2]  # per kind: float32 [slots, K, D]
+        self.header, self.versions, self.biases = views[0], views[1], views[2]  # biases: float32 [2, K]
+        self.vectors: list[np.ndarray] = views[3::2]  # per kind: float32 [slots, K, D]
         self.indexes: list[np.ndarray] = views[
-            3::2
+            4::2
         ]  # per kind: int64 [buffer, (id, slot, seq), max_rows], first COUNT rows valid
         self.vector_addresses = [table.ctypes.data for table in self.vectors]  # the mapping never moves
         self._index_addresses = [index.ctypes.data for index in self.indexes]
@@ -87,3 +89,7 @@ class SharedTable:
         buf = int(bool(state & VERSION_BIT))
         length = min(max(int(self.header[VERSION_LEN + buf]), 0), MAX_VERSION_BYTES)
         return self.versions[buf, :length].tobytes().decode("utf-8", errors="replace")
+
+    def bias(self, state: int) -> np.ndarray:
+        """The label bias b_k, float32 [K], of the model version active in the snapshot `state` (a view)."""
+        return self.biases[int(bool(state & VERSION_BIT))]

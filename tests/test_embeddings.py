@@ -124,6 +124,35 @@ def test_version_mismatch_and_clear_for():
     assert cache.upsert("user", np.array([3]), vecs(rng, 1), "v2") == 1
 
 
+def test_clear_for_takes_the_new_versions_label_bias_for_every_process_sharing_the_cache():
+    """A pool's cache slot passes from one version to another with clear_for: the bias must pass with the
+    version tag, in shared memory (it was a per-process attribute fixed at construction: auditE D1)."""
+    rng = np.random.default_rng(14)
+    cache = make_cache(k=3, version="v1")
+    b1, b2 = cache.label_bias, np.array([0.25, -1.5, 2.0], np.float32)
+    u, p = vecs(rng, 1), vecs(rng, 4)
+
+    def fill(version: str) -> None:
+        cache.upsert("user", np.array([1]), u, version)
+        cache.upsert("peer", np.arange(4), p, version)
+
+    fill("v1")
+    np.testing.assert_allclose(cache.score_by_ids(1, np.arange(4)), loop_scores(u, p, b1)[0], rtol=1e-5, atol=1e-5)
+    pid = os.fork()  # another process (a pool's worker) hands the slot to version v2 with its bias
+    if pid == 0:
+        os._exit(0 if cache.clear_for("v2", b2) is None else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    np.testing.assert_array_equal(cache.label_bias, b2)
+    fill("v2")
+    np.testing.assert_allclose(cache.score_by_ids(1, np.arange(4)), loop_scores(u, p, b2)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cache.score_matrix(np.array([1]), np.arange(4)), loop_scores(u, p, b2), rtol=1e-5, atol=1e-5)
+    cache.clear_for("v3")  # no bias given: the current one is kept
+    np.testing.assert_array_equal(cache.label_bias, b2)
+    with pytest.raises(ConfigError, match="label_bias must hold num_labels=3"):
+        cache.clear_for("v4", [0.0])
+    assert cache.stats().model_version == "v3"  # a refused clear_for changes nothing
+
+
 def test_input_validation():
     rng = np.random.default_rng(5)
     cache = make_cache()
