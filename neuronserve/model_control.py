@@ -344,8 +344,10 @@ class ModelControl:
 
 
 async def check_artifact_outputs(pipeline, manifest) -> None:
-    """check_reference with the artifact's own reference file (read when the manifest was verified): at
-    start-up and for every version loaded, the graphs must score as compiled."""
+    """check_reference with the artifact's own reference file (read when the manifest was verified): a
+    version loaded must score as compiled. Not run at start-up yet: through the pipeline it forks the fused
+    graph onto torch's inter-op thread, which a pool worker or a one-CPU lane never starts (the threads'
+    policies, tests/test_workers.py); it needs a path that runs the runners directly."""
     with np.load(io.BytesIO(manifest.file_bytes(manifest.reference_file))) as data:
         await check_reference(pipeline, manifest, {k: data[k] for k in data.files})
 
