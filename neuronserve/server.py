@@ -278,14 +278,14 @@ class Server:
                 ) from None
 
     async def _warm_up(self, backend: str, placement: Placement) -> None:
+        from neuronserve.model_control import check_artifact_outputs
         from neuronserve.pipeline import Pipeline
 
         self.pipeline = Pipeline(_started(self.backend), placement)
         where = f"gRPC port {self.port} NOT_SERVING while" if self.member is None else "joining the port when warm,"
-        log.info(
-            "%s loading and warming up every stage at every bucket: backend %s, placement %s", where, backend, placement
-        )
+        log.info("%s loading and warming up every stage: backend %s, placement %s", where, backend, placement)
         await asyncio.to_thread(self.pipeline.start, self._abandon)
+        await check_artifact_outputs(self.pipeline, _started(self.manifest))  # the graphs score as compiled
 
     async def _warm_up_and_load(self, backend: str, placement: Placement) -> None:
         """The warm-up and, with --embedding-store, the store's rows loaded into the cache, side by side:

@@ -11,6 +11,7 @@ line on stderr, exit 2, never a traceback.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -275,6 +276,23 @@ def test_a_stage_file_swapped_after_start_up_changes_nothing_and_a_restart_refus
         assert np.array_equal(score(server.port), before)  # the loaded graphs are the verified bytes
         assert server.stop() == 0
     assert_one_line_error(cli(*args), "serve", "fails its checksum", "it was changed or truncated")
+
+
+def test_a_swapped_graph_with_its_checksums_redone_is_refused_at_start_up_by_the_reference_check(artifact):
+    """Integrity passes (every sha256 recomputed, no trusted key), but the graph does not score as compiled:
+    the start-up runs the artifact's reference inputs, as a version load does, and refuses it (one process
+    and a pool); the untouched artifact starts."""
+    swap_graph(artifact / STAGE_FILE)
+    rehash(artifact, lambda data: data["files"].update({STAGE_FILE: hashlib.sha256((artifact / STAGE_FILE).read_bytes()).hexdigest()}))
+    load_manifest(artifact, verify=True)  # passes every checksum
+    serve = ["serve", "--artifact", str(artifact), "--backend", "cpu", "--port", "0", "--metrics-port", "off"]
+    alone = cli(*serve, "--workers", "1", "--cores", "1")
+    last = alone.stderr.strip().splitlines()[-1]
+    assert alone.returncode == 2 and "Traceback" not in alone.stderr, alone.stderr
+    assert last.startswith("neuronserve serve: error: ") and "reference.npz" in last and "does not score as compiled" in last
+    pool = cli(*serve, "--workers", "2", "--cores", "2")  # the workers load the graphs: the pool stops, exit 1
+    assert pool.returncode == 1 and "Traceback" not in pool.stderr, pool.stderr
+    assert "cannot start" in pool.stderr and "does not score as compiled" in pool.stderr
 
 
 def test_stages_load_from_the_bytes_that_were_verified_never_from_the_path_again(artifact):
