@@ -410,7 +410,9 @@ def _refuse_extensions(request: oip.ModelInferRequest) -> None:
     answer that silently ignores it (plain scores where top classes were asked for)."""
     for kind, tensors in (("input", request.inputs), ("output", request.outputs)):
         for tensor in tensors:
-            for key, what in UNSUPPORTED_PARAMETERS.items() if tensor.parameters else ():
+            if not tensor.parameters:  # the usual case: one cheap check
+                continue
+            for key, what in UNSUPPORTED_PARAMETERS.items():
                 if key in tensor.parameters:
                     raise InvalidInput(
                         f"{kind} {echo(tensor.name)}: parameter {key!r} asks for {what}, which this server does not "

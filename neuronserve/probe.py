@@ -2,7 +2,7 @@
 and for Kubernetes exec probes of a TLS server (its native gRPC probes speak plaintext only).
 
 Exit 0 when the service is SERVING, 1 otherwise (NOT_SERVING, unreachable, timeout), with one line on
-stderr; 2 when a --tls file cannot be read. Address: --address, else 127.0.0.1:$NEURONSERVE_PORT (8001).
+stderr; 2 for a bad flag (a --tls file that cannot be read, --timeout-s <= 0). Address: --address, else 127.0.0.1:$NEURONSERVE_PORT (8001).
 Service "" is the server overall. --tls-ca checks over TLS, --tls-cert/--tls-key add a client certificate.
 """
 
