@@ -28,7 +28,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import tempfile
 import time
 from dataclasses import dataclass
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from neuronserve.config import VISIBLE_CORES_ENV, ServerConfig
 from neuronserve.connection_balance import RoundRobin, load_balance, reserve_port
 from neuronserve.errors import ConfigError, NeuronServeError
 from neuronserve.pool_carry import CarriedStatistics, StatisticsSlots
+from neuronserve.pool_dirs import new_socket_dir
 from neuronserve.pool_versions import PoolVersions, WorkerVersions, repository_slots
 from neuronserve.sched_policy import use_policy
 from neuronserve.worker_plan import WorkerPlan, member_config, plan_workers
@@ -88,7 +88,7 @@ class PoolShared:
         self.balance = balance  # the port's connection dealer, each worker attaches it (None: the kernel's hash)
         self.heartbeats = multiprocessing.RawArray(ctypes.c_double, workers)
         self.ports = multiprocessing.RawArray(ctypes.c_int, workers)
-        self.socket_dir = tempfile.mkdtemp(prefix="neuronserve-pool-")  # mode 0700
+        self.socket_dir = new_socket_dir()  # mode 0700; stale ones of killed pools removed first
 
     def local_address(self, index: int) -> str:
         return f"unix:{self.socket_dir}/worker-{index}.sock"

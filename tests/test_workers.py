@@ -894,3 +894,17 @@ def test_each_neuron_worker_pins_its_own_core_range(pools, neuron_artifact, tmp_
     workers = pool.workers()
     assert pinned == {workers[0].pid: {("0-1", "0-1", 0, 2)}, workers[1].pid: {("2-3", "2-3", 0, 2)}}, pool.log()
     assert scores(score(shared_address(pool))).shape == (5, LABELS)
+
+
+def test_a_killed_pools_socket_directory_is_removed_by_the_next_pool(tmp_path):
+    from neuronserve.pool_dirs import PREFIX, remove_stale
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"{PREFIX}{int(gone.stdout)}-abc"  # its supervisor has exited (killed, say)
+    live = tmp_path / f"{PREFIX}{os.getpid()}-def"  # a pool running now
+    older = tmp_path / f"{PREFIX}xyz123"  # an older neuronserve's name: no pid to judge by
+    for directory in (dead, live, older):
+        directory.mkdir()
+        (directory / "worker-0.sock").write_text("")
+    assert remove_stale(str(tmp_path)) == [str(dead)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, older.name])
