@@ -239,18 +239,19 @@ class Pipeline:
         groups = self._stage_groups.get(FUSED_STAGE, [])
         if len(groups) != 1 or not getattr(groups[0].runners[FUSED_STAGE], "lane", False):
             return None
-        chunks_of = functools.partial(self._chunks, FUSED_STAGE)
-        return functools.partial(score_fused, groups[0].runners, chunks_of=chunks_of, user_rows=self._user_rows)
+        return self._scored_here(groups[0])
 
     def score_here(self, users: Sequence[np.ndarray], peers: Sequence[np.ndarray]) -> ScoredBatch | None:
         """Blocking, on the calling thread: score_requests' batch on the first fused group's runners called
         directly (no launcher, no slot, not counted), for the reference check before anything serves; None
         without the fused stage."""
         groups = self._stage_groups.get(FUSED_STAGE)
-        if not groups:
-            return None
+        return self._scored_here(groups[0])(users, peers) if groups else None
+
+    def _scored_here(self, group: _Group) -> Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], ScoredBatch]:
+        """score_fused on `group`'s runners, blocking on the calling thread (a lane's batches, the reference check)."""
         chunks_of = functools.partial(self._chunks, FUSED_STAGE)
-        return score_fused(groups[0].runners, users, peers, chunks_of=chunks_of, user_rows=self._user_rows)
+        return functools.partial(score_fused, group.runners, chunks_of=chunks_of, user_rows=self._user_rows)
 
     def count_lane(self, batch: ScoredBatch, on_loop: bool) -> None:
         """Loop thread: a lane batch's executions (run on the loop, or on the lane's thread) into its group's counts."""
