@@ -145,6 +145,36 @@ def configure_logging(prefix: str = "") -> None:
         format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s",
         force=True,
     )
+    quiet_replies_after_call_ended()
+
+
+GRPC_AIO_LOGGER = "grpc._cython.cygrpc"
+
+
+def quiet_replies_after_call_ended() -> None:
+    """Install ReplyAfterCallEnded on grpc.aio's logger, once."""
+    grpc_log = logging.getLogger(GRPC_AIO_LOGGER)
+    if not any(isinstance(f, ReplyAfterCallEnded) for f in grpc_log.filters):
+        grpc_log.addFilter(ReplyAfterCallEnded())
+
+
+class ReplyAfterCallEnded(logging.Filter):
+    """grpc.aio logs an ERROR with a traceback ("ExecuteBatchError raised in core by servicer method [M]")
+    when a handler's reply cannot be sent because its call has already ended: the client cancelled or
+    its deadline passed in the moment the handler finished. The client has its status and the server
+    nothing to fix, so the record becomes one INFO line naming the method."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("ExecuteBatchError raised in core"):
+            method = message[message.find("[") :]
+            record.msg, record.args = (
+                f"a reply was not sent: its call had already ended (the client gone or its deadline past) {method}",
+                (),
+            )
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        return True
 
 
 def run_loop(main):

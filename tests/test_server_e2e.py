@@ -402,3 +402,27 @@ def test_unknown_neuronserve_variables_are_named_and_an_empty_artifact_means_the
     assert "NEURONSERVE_PROT" in caplog.text and "not a neuronserve setting" in caplog.text
     assert "NEURONSERVE_VENV" not in caplog.text and "NEURONSERVE_CACHE_DIR" not in caplog.text
     assert config.artifact is None and config.port == ServerConfig().port
+
+
+def test_a_reply_to_a_call_that_had_ended_is_logged_as_one_info_line_not_an_error_traceback(caplog):
+    """grpc.aio logs ExecuteBatchError with a traceback when a handler's reply meets a call the client
+    has just cancelled; serve's logging turns it into one INFO line naming the method."""
+    import logging
+
+    from neuronserve.serve import GRPC_AIO_LOGGER, ReplyAfterCallEnded, quiet_replies_after_call_ended
+
+    quiet_replies_after_call_ended()
+    quiet_replies_after_call_ended()
+    grpc_log = logging.getLogger(GRPC_AIO_LOGGER)
+    assert sum(isinstance(f, ReplyAfterCallEnded) for f in grpc_log.filters) == 1
+    with caplog.at_level(logging.INFO, logger=GRPC_AIO_LOGGER):
+        try:
+            raise RuntimeError('Failed "execute_batch": (SendStatusFromServerOperation,)')
+        except RuntimeError:
+            grpc_log.exception("ExecuteBatchError raised in core by servicer method [%s]", "/twotower.Scorer/Score")
+        grpc_log.error("Unexpected [ValueError] raised by servicer method [/twotower.Scorer/Score]")
+    ended, other = caplog.records
+    assert (ended.levelno, ended.exc_info, ended.exc_text) == (logging.INFO, None, None)
+    assert ended.getMessage().endswith("its call had already ended (the client gone or its deadline past) [/twotower.Scorer/Score]")
+    assert "Traceback" not in caplog.text
+    assert other.levelno == logging.ERROR  # anything else grpc logs is left as it is
