@@ -169,7 +169,7 @@ class ReplyAfterCallEnded(logging.Filter):
         if message.startswith("ExecuteBatchError raised in core"):
             method = message[message.find("[") :]
             record.msg, record.args = (
-                f"a reply was not sent: its call had already ended (the client gone or its deadline past) {method}",
+                f"a reply was not sent: gRPC failed its send, as it does when the call has already ended (the client gone or its deadline past) {method}",
                 (),
             )
             record.exc_info, record.exc_text = None, None

@@ -423,6 +423,6 @@ def test_a_reply_to_a_call_that_had_ended_is_logged_as_one_info_line_not_an_erro
         grpc_log.error("Unexpected [ValueError] raised by servicer method [/twotower.Scorer/Score]")
     ended, other = caplog.records
     assert (ended.levelno, ended.exc_info, ended.exc_text) == (logging.INFO, None, None)
-    assert ended.getMessage().endswith("its call had already ended (the client gone or its deadline past) [/twotower.Scorer/Score]")
+    assert ended.getMessage().endswith("the call has already ended (the client gone or its deadline past) [/twotower.Scorer/Score]")
     assert "Traceback" not in caplog.text
     assert other.levelno == logging.ERROR  # anything else grpc logs is left as it is
