@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from neuronserve.bench.document import BenchReport
 from neuronserve.bench.limits import Skipped
 from neuronserve.bench.loadgen import LoadResult
-from neuronserve.bench.report import Comparison, Measured
+from neuronserve.bench.report import SIM_DEVICE, Comparison, Measured
 from neuronserve.bench.runs import ServerRuns
 from neuronserve.bench.search import SearchStep
 
@@ -57,6 +57,12 @@ def _measured_lines(measured: Measured, pairs_per_request: int) -> list[str]:
         on_loop = "" if stats.on_loop is None else f", {100 * stats.on_loop:.0f}% on the event loop"
         lines.append(
             f"  server batches    {stats.executions:.0f} runs, {stats.avg_batch_rows:.1f} rows/run{on_loop}; per request: queue {_ms(stats.avg_queue_ms)} ms, compute {_ms(stats.avg_compute_ms)} ms"
+        )
+    if measured.device and measured.device.fraction is not None:
+        device = measured.device
+        lines.append(
+            f"  device busy       {100 * device.fraction:.1f}% of {device.cores} simulated cores' time from the window's start to the last reply"
+            f" ({device.device_s:.2f} device s in {device.wall_s:.2f} s; {SIM_DEVICE} from --metrics-url)"
         )
     if cpu:
         lines.append(

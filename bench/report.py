@@ -28,11 +28,14 @@ CHILD_CPU = "neuronserve_child_cpu_seconds_total"  # the server's model processe
 PROCESS_RSS = "process_resident_memory_bytes"
 GROUP_EXECUTIONS = "neuronserve_core_group_executions_total"
 INLINE_EXECUTIONS = "neuronserve_core_group_inline_executions_total"  # of them, run on the event loop
+SIM_DEVICE = "neuronserve_sim_core_device_seconds_total"  # sim backend: device seconds, one sample per core
+SIM_CORES = "sim cores"  # scrape_metrics' count of SIM_DEVICE's samples (not a metric of the server's)
 
 
 def scrape_metrics(url: str, timeout_s: float = 5.0) -> dict[str, float]:
-    """Every `nv_*` sample, the process CPU and resident memory and the core groups' executions (all, and
-    those run on the event loop) of a Prometheus text page, summed over label sets (histogram buckets skipped)."""
+    """Every `nv_*` sample, the process CPU and resident memory, the core groups' executions (all, and those
+    run on the event loop) and the simulated cores' device seconds of a Prometheus text page, summed over
+    label sets (histogram buckets skipped); under SIM_CORES, how many simulated cores reported."""
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
             text = response.read().decode("utf-8", "replace")
@@ -41,7 +44,7 @@ def scrape_metrics(url: str, timeout_s: float = 5.0) -> dict[str, float]:
     totals: dict[str, float] = {}
     for line in text.splitlines():
         if not line.startswith(
-            (TRITON_PREFIX, PROCESS_CPU, PROCESS_RSS, CHILD_CPU, GROUP_EXECUTIONS, INLINE_EXECUTIONS)
+            (TRITON_PREFIX, PROCESS_CPU, PROCESS_RSS, CHILD_CPU, GROUP_EXECUTIONS, INLINE_EXECUTIONS, SIM_DEVICE)
         ):
             continue
         name, _, rest = line.partition("{") if "{" in line else line.partition(" ")
@@ -53,6 +56,8 @@ def scrape_metrics(url: str, timeout_s: float = 5.0) -> dict[str, float]:
         except (IndexError, ValueError):
             continue
         totals[name] = totals.get(name, 0.0) + value
+        if name == SIM_DEVICE:
+            totals[SIM_CORES] = totals.get(SIM_CORES, 0.0) + 1
     return totals
 
 
@@ -154,6 +159,34 @@ def process_cpu_seconds(pid: int) -> float:
 
 
 @dataclass(frozen=True)
+class DeviceBusy:
+    """sim backend: the simulated cores' device time from a run's measured window's start to its last reply."""
+
+    device_s: float  # summed over the cores
+    cores: int
+    wall_s: float
+
+    @property
+    def fraction(self) -> float | None:
+        return self.device_s / (self.cores * self.wall_s) if self.cores and self.wall_s > 0 else None
+
+    def to_dict(self) -> dict:
+        return {
+            "device_seconds": round(self.device_s, 4),
+            "cores": self.cores,
+            "wall_seconds": round(self.wall_s, 4),
+            "busy_fraction": _round(self.fraction),
+        }
+
+
+def metrics_device_busy(before: dict[str, float], after: dict[str, float], wall_s: float) -> DeviceBusy | None:
+    """The simulated cores' device seconds over `wall_s` (None unless the server is on the sim backend)."""
+    if SIM_DEVICE not in after:
+        return None
+    return DeviceBusy(after[SIM_DEVICE] - before.get(SIM_DEVICE, 0.0), int(after[SIM_CORES]), wall_s)
+
+
+@dataclass(frozen=True)
 class ServerMemory:
     """A server process's resident memory at the start of a run's measured window and after its last reply."""
 
@@ -193,6 +226,7 @@ class Measured:
     cpu: ServerCpu | None
     memory: ServerMemory | None = None  # from --metrics-url, or psutil for a server bench started
     steal_pct: float | None = None  # the machine's CPU time the hypervisor took over the window (None: unknown)
+    device: DeviceBusy | None = None  # the sim backend's cores, from --metrics-url
 
     def section(self, pairs_per_request: int) -> dict:
         """This run as a report section: result, server_batches, server_cpu, server_memory."""
@@ -204,6 +238,7 @@ class Measured:
             "server_cpu": self.cpu.to_dict() if self.cpu else None,
             "server_memory": self.memory.to_dict() if self.memory else None,
             "cpu_steal_pct": self.steal_pct,
+            "sim_device": self.device.to_dict() if self.device else None,
         }
 
 

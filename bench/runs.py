@@ -9,6 +9,8 @@ section with the run the comparison and the limits are set against (a ServerRuns
 from __future__ import annotations
 
 import argparse
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from neuronserve.bench import report
@@ -151,14 +153,17 @@ def _say_step(say: Progress, s: SearchStep) -> None:
 class _ServerProbe:
     """One run's server side: `start()` at the measured window's start, `finish(result)` after the last reply."""
 
-    def __init__(self, server: Endpoint) -> None:
+    def __init__(self, server: Endpoint, clock: Callable[[], float] = time.monotonic) -> None:
         self.server = server
+        self.clock = clock
+        self.start_s = 0.0  # clock() at the start
         self.before: dict[str, float] = {}  # the metrics page at the start
         self.cpu_start_s = 0.0  # the process's, at the start (with a pid)
         self.rss_start = 0.0
         self.ticks: list[int] = []  # the machine's CPU counters at the start
 
     def start(self) -> None:
+        self.start_s = self.clock()
         self.ticks = report.cpu_ticks()
         if self.server.metrics_url:
             self.before.update(report.scrape_metrics(self.server.metrics_url))
@@ -168,15 +173,17 @@ class _ServerProbe:
 
     def finish(self, result: LoadResult) -> report.Measured:
         """The run with the server's batches, CPU and memory (psutil's, with a pid, over the metrics')."""
-        stats = cpu = memory = None
+        stats = cpu = memory = device = None
         url, pid = self.server.metrics_url, self.server.pid
         if url:
             after = report.scrape_metrics(url)
             stats = report.batch_stats(self.before, after)
             cpu = report.metrics_cpu(self.before, after, result.sent)
             memory = report.metrics_memory(self.before, after)
+            device = report.metrics_device_busy(self.before, after, self.clock() - self.start_s)
         if pid:
             source = f"psutil, pid {pid}"
             cpu = report.ServerCpu(report.process_cpu_seconds(pid) - self.cpu_start_s, result.sent, source)
             memory = report.ServerMemory(self.rss_start, report.process_rss_bytes(pid), source)
-        return report.Measured(result, stats, cpu, memory, report.steal_pct(self.ticks, report.cpu_ticks()))
+        steal = report.steal_pct(self.ticks, report.cpu_ticks())
+        return report.Measured(result, stats, cpu, memory, steal, device)

@@ -6,6 +6,7 @@ small artifact). No assertion is about speed.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
@@ -184,8 +185,6 @@ def test_a_search_comparison_uses_the_highest_passing_rates_and_no_latency_ratio
 
 
 def test_metrics_deltas_give_batch_statistics(tmp_path):
-    import http.server
-
     pages = [
         "nv_inference_request_success{model=\"twotower\"} 10\nnv_inference_exec_count 2\nnv_inference_count 10\n",
         "# HELP x\nnv_inference_request_success{model=\"twotower\"} 110\nnv_inference_exec_count 12\nnv_inference_count 170\n"
@@ -193,6 +192,20 @@ def test_metrics_deltas_give_batch_statistics(tmp_path):
         'neuronserve_core_group_executions_total{cores="0"} 30\nneuronserve_core_group_executions_total{cores="1"} 10\n'
         'neuronserve_core_group_inline_executions_total{cores="0"} 8\nneuronserve_core_group_inline_executions_total{cores="1"} 2\n',
     ]
+
+    httpd, url = _serve_pages(pages)
+    try:
+        stats = batch_stats(scrape_metrics(url), scrape_metrics(url))
+    finally:
+        httpd.shutdown()
+    assert stats.requests == 100 and stats.executions == 10 and stats.avg_batch_rows == 16.0
+    assert stats.avg_queue_ms == pytest.approx(2.0)
+    assert stats.on_loop == pytest.approx(10 / 40)  # the groups' executions on the event loop (none before)
+    assert "nv_batch_size_bucket" not in stats.counters and "unrelated" not in stats.counters
+
+
+def _serve_pages(pages: list[str]) -> tuple[http.server.HTTPServer, str]:
+    """A local metrics endpoint answering each GET with the next page."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -205,15 +218,38 @@ def test_metrics_deltas_give_batch_statistics(tmp_path):
 
     httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_port}/metrics"
+    return httpd, f"http://127.0.0.1:{httpd.server_port}/metrics"
+
+
+def test_the_sim_cores_device_time_over_the_window_is_reported_as_a_busy_fraction():
+    from neuronserve.bench.render import _measured_lines
+    from neuronserve.bench.runs import Endpoint, _ServerProbe
+
+    device = "neuronserve_sim_core_device_seconds_total"
+    httpd, url = _serve_pages(
+        [
+            f'{device}{{core="0"}} 1.0\n{device}{{core="1"}} 2.0\nprocess_cpu_seconds_total 1\n',
+            f'# TYPE {device} counter\n{device}{{core="0"}} 4.0\n{device}{{core="1"}} 4.5\nprocess_cpu_seconds_total 2\n',
+            "process_cpu_seconds_total 1\n",  # a server on another backend
+            "process_cpu_seconds_total 2\n",
+        ]
+    )
+    now = iter([10.0, 14.0, 20.0, 21.0])
     try:
-        stats = batch_stats(scrape_metrics(url), scrape_metrics(url))
+        probe = _ServerProbe(Endpoint("127.0.0.1:1", url), clock=lambda: next(now))
+        probe.start()
+        measured = probe.finish(_fake_result(100.0, capacity=200.0))
+        other = _ServerProbe(Endpoint("127.0.0.1:1", url), clock=lambda: next(now))
+        other.start()
+        on_cpu = other.finish(_fake_result(100.0, capacity=200.0))
     finally:
         httpd.shutdown()
-    assert stats.requests == 100 and stats.executions == 10 and stats.avg_batch_rows == 16.0
-    assert stats.avg_queue_ms == pytest.approx(2.0)
-    assert stats.on_loop == pytest.approx(10 / 40)  # the groups' executions on the event loop (none before)
-    assert "nv_batch_size_bucket" not in stats.counters and "unrelated" not in stats.counters
+    assert (measured.device.device_s, measured.device.cores, measured.device.wall_s) == (5.5, 2, 4.0)
+    assert measured.device.fraction == pytest.approx(5.5 / (2 * 4.0))
+    assert measured.section(1)["sim_device"]["busy_fraction"] == pytest.approx(0.6875)
+    assert any(line.startswith("  device busy       68.8% of 2 simulated cores' time") for line in _measured_lines(measured, 1))
+    assert on_cpu.device is None and on_cpu.section(1)["sim_device"] is None
+    assert not any("device busy" in line for line in _measured_lines(on_cpu, 1))
 
 
 # ---------------------------------------------------------------- against real servers
@@ -473,6 +509,24 @@ def test_the_report_shows_error_latencies_and_server_memory(refusing_server, tmp
     assert memory["rss_change_bytes"] == memory["rss_after_bytes"] - memory["rss_before_bytes"]
     assert 0.5 * rss_now <= memory["rss_after_bytes"] <= 1.5 * rss_now  # the server's RSS, not the client's or a stale value
     assert f"server RSS        {memory['rss_before_bytes'] / 2**20:.1f} MiB at the window's start" in done.stdout
+
+
+@pytest.mark.timeout(120)
+def test_against_a_sim_server_the_report_gives_its_cores_busy_fraction(artifact_dir, tmp_path):
+    argv = _serve_argv(artifact_dir, "--cores", "2")
+    sim = ServerProcess([*argv[: argv.index("--backend") + 1], "sim", *argv[argv.index("--backend") + 2 :]])
+    try:
+        out_json = tmp_path / "bench.json"
+        bench = [sys.executable, "-m", "neuronserve.bench", "--target", sim.target, "--peers", "32", "--rate", "100", "--duration-s", "1",
+                 "--warmup-s", "0.5", "--no-limits", "--quiet", "--json", str(out_json), "--metrics-url", sim.metrics_url]
+        done = subprocess.run(bench, capture_output=True, text=True, timeout=80)
+    finally:
+        sim.stop()
+    assert done.returncode == 0, done.stderr
+    device = json.loads(out_json.read_text())["sim_device"]
+    assert device["cores"] == 2 and device["device_seconds"] > 0
+    assert 0 < device["busy_fraction"] <= 1.0  # two cores' device time over the window, never more than the wall time
+    assert f"device busy       {100 * device['busy_fraction']:.1f}% of 2 simulated cores' time" in done.stdout
 
 
 @pytest.mark.timeout(120)
