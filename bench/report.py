@@ -229,7 +229,7 @@ class Measured:
     device: DeviceBusy | None = None  # the sim backend's cores, from --metrics-url
 
     def section(self, pairs_per_request: int) -> dict:
-        """This run as a report section: result, server_batches, server_cpu, server_memory."""
+        """This run as a report section: result, server_batches, server_cpu, server_memory, cpu_steal_pct, sim_device."""
         result = self.result.to_dict()
         result["pairs_per_s"] = round(self.result.achieved_rate_per_s * pairs_per_request, 1)
         return {
