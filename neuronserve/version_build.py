@@ -17,7 +17,6 @@ from pathlib import Path
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-
 from neuronserve.config import Placement, ServerConfig
 from neuronserve.errors import ArtifactError, ConfigError
 
