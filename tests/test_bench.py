@@ -327,7 +327,8 @@ def test_search_prints_the_rate_and_the_limits(server, artifact_dir, tmp_path):
     assert "transport limit" in done.stdout and "compute limit" in done.stdout
     report = json.loads(out_json.read_text())
     assert len(report["search"]["steps"]) == 3
-    assert report["search"]["best_rate_per_s"] == max(s["offered_rate_per_s"] for s in report["search"]["steps"] if s["passed"])
+    passed = [s["offered_rate_per_s"] for s in report["search"]["steps"] if s["passed"]]
+    assert report["search"]["best_rate_per_s"] == (max(passed) if passed else None)  # a slow host may fail every step
     assert report["limits"]["transport"]["requests_per_s"] > 0
     assert report["limits"]["transport"]["served_fraction"] > 0
     assert report["limits"]["compute"]["pairs_per_s"] > 0 and report["limits"]["compute"]["served_fraction"] > 0
@@ -505,8 +506,8 @@ def test_the_report_shows_error_latencies_and_server_memory(refusing_server, tmp
     refused = result["error_latency_ms"]["RESOURCE_EXHAUSTED"]
     assert set(refused) == {"count", "p50", "p90", "p99", "p99.9", "max", "mean"}  # full in the JSON
     compact = re.search(r"^  error latency ms  RESOURCE_EXHAUSTED: p50 ([0-9.]+)  p99 ([0-9.]+)  max ([0-9.]+)$", done.stdout, re.M)
-    assert compact is not None, done.stdout  # compact in the table, to 2 places; the JSON keeps 4
-    assert [float(x) for x in compact.groups()] == pytest.approx([refused["p50"], refused["p99"], refused["max"]], abs=0.0051)
+    assert compact is not None, done.stdout  # compact in the table, to 2 places; the JSON keeps 3
+    assert [float(x) for x in compact.groups()] == pytest.approx([refused["p50"], refused["p99"], refused["max"]], abs=0.006)
     memory = report["server_memory"]
     assert memory["source"].startswith("process_resident_memory_bytes")
     assert memory["rss_change_bytes"] == memory["rss_after_bytes"] - memory["rss_before_bytes"]
@@ -550,7 +551,8 @@ def test_a_rate_list_runs_in_order_against_the_same_server(server, tmp_path):
     for run in runs:
         assert run["server_memory"]["rss_before_bytes"] > 0 and run["server_cpu"]["requests"] == run["result"]["sent"]
     # each run's server counters cover its own window: the second run (no warm-up) sees only its own requests
-    assert abs(runs[1]["server_batches"]["requests"] - runs[1]["result"]["ok"]) <= 5  # read at the window's start, 8 ms apart
+    # the window's first scrape lands a few requests (8 ms apart) into run 2, so it may miss those; run 1's 90 would show as -90
+    assert 0 <= runs[1]["result"]["ok"] - runs[1]["server_batches"]["requests"] <= 30
     lines = done.stdout.splitlines()
     assert "run 1 of 2: 60.0/s" in lines and "run 2 of 2: 120.0/s, right after run 1" in lines
     summary = lines.index("the 2 runs in order, each right after the one before")

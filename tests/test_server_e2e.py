@@ -140,8 +140,12 @@ class Serve:
         )
         self.lines: "queue.Queue[str]" = queue.Queue()
         self.stderr: List[str] = []
-        threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines.put), daemon=True).start()
-        threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr.append), daemon=True).start()
+        self._pumps = [
+            threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines.put), daemon=True),
+            threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr.append), daemon=True),
+        ]
+        for pump in self._pumps:
+            pump.start()
 
     @staticmethod
     def _pump(stream, sink) -> None:
@@ -165,7 +169,8 @@ class Serve:
 
     def wait(self, timeout_s: float = 30.0) -> int:
         code = self.proc.wait(timeout_s)
-        time.sleep(0.1)  # let the pump threads take the last lines
+        for pump in self._pumps:  # EOF on both pipes: every line the process wrote has been taken
+            pump.join(10)
         return code
 
     def kill(self) -> None:

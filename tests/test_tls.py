@@ -420,8 +420,13 @@ def test_model_statistics_of_a_tls_pool_sum_both_workers(pki, tls_pool):
             (stats,) = stub.ModelStatistics(oip.ModelStatisticsRequest(name="twotower"), metadata=(WORKER_SCOPE,), timeout=10).model_stats
             own.append(stats.inference_count)
     with secure(pki, address(tls_pool)) as channel:
-        (pooled,) = oip_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(oip.ModelStatisticsRequest(name="twotower"), timeout=10).model_stats
-    assert pooled.inference_count == sum(own)
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+
+        def pooled() -> int:
+            return stub.ModelStatistics(oip.ModelStatisticsRequest(name="twotower"), timeout=10).model_stats[0].inference_count
+
+        # asked again if a worker missed the 1 s the pooled answer gives it (logged); a wrong sum never matches
+        poll(lambda: pooled() == sum(own), 10, lambda: f"pooled {pooled()} != {sum(own)}; " + tls_pool.log())
 
 
 # ---- SIGTERM with a drain delay, under load ----------------------------------------------------------
@@ -528,7 +533,7 @@ def test_sigterm_with_a_drain_delay_keeps_serving_after_health_goes_not_serving(
     assert not_serving - signalled < 1.0, f"health NOT_SERVING {not_serving - signalled:.2f} s after SIGTERM"
     served_during_delay = traffic.ok(after=not_serving, before=signalled + DRAIN_DELAY_S)
     assert served_during_delay >= 20, f"{served_during_delay} OK answers between NOT_SERVING and the end of the delay"
-    assert traffic.ok(after=not_serving + 1.0, before=signalled + DRAIN_DELAY_S) > 0  # still serving well into the delay
+    assert traffic.ok(after=signalled + DRAIN_DELAY_S / 2, before=signalled + DRAIN_DELAY_S) > 0  # still serving well into the delay
     refusals = [o.at for o in traffic.calls if o.code != "OK"]
     assert not refusals or min(refusals) >= signalled + DRAIN_DELAY_S, f"a call failed {min(refusals) - signalled:.2f} s after SIGTERM"
     assert exited - signalled >= DRAIN_DELAY_S

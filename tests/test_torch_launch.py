@@ -399,10 +399,13 @@ def test_the_loops_demand_counts_the_time_it_waits_for_a_cpu_held_by_another_pro
     def on_one_cpu(cpu: int) -> None:
         os.sched_setaffinity(0, {cpu})  # this thread only
         hog = subprocess.Popen(
-            [sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"]
+            [sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpu}}}); print(flush=True)\nwhile True: pass"],
+            stdout=subprocess.PIPE,
         )
         try:
-            _burn_s(0.1)  # the hog is running
+            assert hog.stdout is not None
+            hog.stdout.readline()  # the hog is on the CPU
+            _burn_s(0.1)  # and running
             demand_s, cpu_s, wall_s = thread_demand_s(), time.thread_time(), time.perf_counter()
             _burn_s(0.4)
             readings["demand"] = thread_demand_s() - demand_s
@@ -410,7 +413,7 @@ def test_the_loops_demand_counts_the_time_it_waits_for_a_cpu_held_by_another_pro
             readings["wall"] = time.perf_counter() - wall_s
         finally:
             hog.kill()
-            hog.wait()
+            hog.communicate()
 
     worker = threading.Thread(target=on_one_cpu, args=(min(os.sched_getaffinity(0)),))
     worker.start()
