@@ -34,11 +34,13 @@ def where(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return pos, sorted_ids[pos] == ids
 
 
-def not_found(kind: str, ids: np.ndarray, found: np.ndarray) -> NotFound:
+def not_found(field: str, kind: str, ids: np.ndarray, found: np.ndarray) -> NotFound:
+    """NotFound naming the request's `field`, the first missing ids of `kind` and how many of `ids` are missing."""
     missing = np.unique(ids[~found])
     named = ", ".join(str(int(i)) for i in missing[:MAX_NAMED_IDS]) + (", ..." if len(missing) > MAX_NAMED_IDS else "")
     return NotFound(
-        f"unknown {kind} ids: {named} ({np.count_nonzero(~found)} of {len(ids)} not in the cache; UpsertEmbeddings them first)"
+        f"{field}: unknown {kind} ids: {named} ({np.count_nonzero(~found)} of {len(ids)} not in the cache; "
+        "UpsertEmbeddings them first)"
     )
 
 

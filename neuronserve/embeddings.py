@@ -43,7 +43,7 @@ from neuronserve.shared_table import (
 )
 from neuronserve.cache_ids import check_ids, check_kind, checked_lists, not_found, where
 from neuronserve.cache_kernels import KERNEL as SCORE_IDS
-from neuronserve.errors import ConfigError, InvalidInput, NotFound, Unavailable
+from neuronserve.errors import ConfigError, InvalidInput, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -318,17 +318,19 @@ class EmbeddingCache:
         index_ids = mem.index(state, k)[0]
         return where(index_ids, ids)[1] if len(index_ids) else np.zeros(len(ids), bool)
 
-    def _count(self, kind: str, ids: np.ndarray, found: np.ndarray, hits: int | None = None) -> None:
+    def _count(self, field: str, kind: str, ids: np.ndarray, found: np.ndarray, hits: int | None = None) -> None:
         hits = int(np.count_nonzero(found)) if hits is None else hits
         with self._count_lock:
             self._hits += hits
             self._misses += len(ids) - hits
         if hits < len(ids):
-            raise not_found(kind, ids, found)
+            raise not_found(field, kind, ids, found)
 
-    def _gather_pair(self, user_ids: np.ndarray, peer_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Users' and peers' vectors and the label bias from one snapshot; NotFound for the users first
-        (peers then uncounted)."""
+    def _gather_pair(
+        self, user_ids: np.ndarray, peer_ids: np.ndarray, fields: tuple[str, str]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Users' and peers' vectors and the label bias from one snapshot; NotFound naming the users'
+        field first (peers then uncounted), else the peers'."""
         (users, user_found), (peers, peer_found), bias = self._read(
             lambda mem, state: (
                 self._gather(mem, state, 0, user_ids),
@@ -336,8 +338,8 @@ class EmbeddingCache:
                 mem.bias(state).copy(),
             )
         )
-        self._count("user", user_ids, user_found)
-        self._count("peer", peer_ids, peer_found)
+        self._count(fields[0], "user", user_ids, user_found)
+        self._count(fields[1], "peer", peer_ids, peer_found)
         assert users is not None and peers is not None
         return users, peers, bias
 
@@ -346,7 +348,7 @@ class EmbeddingCache:
         check_kind(kind)
         ids, k = check_ids(ids, f"{kind}_ids"), KINDS.index(kind)
         rows, found = self._read(lambda mem, state: self._gather(mem, state, k, ids))
-        self._count(kind, ids, found)
+        self._count(f"{kind}_ids", kind, ids, found)
         assert rows is not None
         return rows
 
@@ -357,10 +359,7 @@ class EmbeddingCache:
         checked = checked_lists(requests)
         results = self._read(lambda mem, state: [self._gather(mem, state, k, ids) for k, ids in checked])
         for (kind, _, field), (_, ids), (_, found) in zip(requests, checked, results, strict=False):
-            try:
-                self._count(kind, ids, found)
-            except NotFound as exc:
-                raise NotFound(f"{field}: {exc}") from None
+            self._count(field, kind, ids, found)
         return [rows for rows, _ in results]  # type: ignore[misc]
 
     def require(self, requests: Sequence[tuple[str, np.ndarray, str]]) -> None:
@@ -370,7 +369,7 @@ class EmbeddingCache:
         found = self._read(lambda mem, state: [self._present(mem, state, k, ids) for k, ids in checked])
         for (kind, _, field), (_, ids), ok in zip(requests, checked, found, strict=True):
             if not ok.all():
-                raise NotFound(f"{field}: {not_found(kind, ids, ok)}")
+                raise not_found(field, kind, ids, ok)
 
     @property
     def label_bias(self) -> np.ndarray:
@@ -384,17 +383,18 @@ class EmbeddingCache:
         user_ids, peer_ids = check_ids(np.array([user_id]), "user_id"), check_ids(peer_ids, "peer_ids")
         if SCORE_IDS is not None:  # compiled: each peer found and scored where it lies, no [M, K, D] copy
             scores, hits, found = self._read(lambda mem, s: SCORE_IDS(mem, s, user_ids[0], peer_ids, mem.bias(s)))
-            self._count("user", user_ids, np.array([hits >= 0]))
-            self._count("peer", peer_ids, found, hits)
+            self._count("user_id", "user", user_ids, np.array([hits >= 0]))
+            self._count("peer_ids", "peer", peer_ids, found, hits)
             return scores
-        users, peers, bias = self._gather_pair(user_ids, peer_ids)
+        users, peers, bias = self._gather_pair(user_ids, peer_ids, ("user_id", "peer_ids"))
         # per label a BLAS matrix-vector product over the M peers ([K, M, D] x [K, D, 1]): half einsum's time
         scores = np.matmul(peers.transpose(1, 0, 2), users[0][:, :, None])[:, :, 0]
         return np.ascontiguousarray(scores.T) + bias
 
     def score_matrix(self, user_ids: np.ndarray, peer_ids: np.ndarray) -> np.ndarray:
         """Scores float32 [N, M, K] of N cached users x M cached peers: per label one matmul U_k @ P_k^T + b_k."""
-        users, peers, bias = self._gather_pair(check_ids(user_ids, "user_ids"), check_ids(peer_ids, "peer_ids"))
+        fields = ("user_ids", "peer_ids")
+        users, peers, bias = self._gather_pair(check_ids(user_ids, fields[0]), check_ids(peer_ids, fields[1]), fields)
         scores = np.matmul(
             np.ascontiguousarray(users.transpose(1, 0, 2)), np.ascontiguousarray(peers.transpose(1, 2, 0))
         )  # [K, N, M]

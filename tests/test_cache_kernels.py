@@ -98,9 +98,9 @@ def small_cache(user_id: int, peers: int, max_rows: int) -> EmbeddingCache:
 @needs_kernel
 def test_missing_ids_are_named_and_counted_as_the_numpy_path_does():
     cache = small_cache(5, 40, 100)
-    with pytest.raises(NotFound, match=r"unknown user ids: 6 \(1 of 1"):
+    with pytest.raises(NotFound, match=r"^user_id: unknown user ids: 6 \(1 of 1"):
         cache.score_by_ids(6, np.arange(3))
-    with pytest.raises(NotFound, match=r"unknown peer ids: 40, 41 \(2 of 5"):
+    with pytest.raises(NotFound, match=r"^peer_ids: unknown peer ids: 40, 41 \(2 of 5"):
         cache.score_by_ids(5, np.array([0, 40, 1, 41, 2]))
     stats = cache.stats()  # the user miss leaves its peers uncounted; then 1 user hit, 3 peer hits, 2 misses
     assert (stats.hits, stats.misses) == (4, 3)

@@ -98,12 +98,12 @@ def test_unknown_ids_are_named_and_counted():
     cache.upsert("user", np.array([1]), vecs(rng, 1), "v1")
     cache.upsert("peer", np.arange(8), vecs(rng, 8), "v1")
     with pytest.raises(
-        NotFound, match=r"unknown peer ids: 9, 17 \(2 of 10 not in the cache; UpsertEmbeddings them first\)"
+        NotFound, match=r"^peer_ids: unknown peer ids: 9, 17 \(2 of 10 not in the cache; UpsertEmbeddings them first\)"
     ):
         cache.score_by_ids(1, np.array([0, 1, 2, 3, 17, 4, 5, 9, 6, 7]))
-    with pytest.raises(NotFound, match="unknown user ids: 2 "):
+    with pytest.raises(NotFound, match="^user_ids: unknown user ids: 2 "):
         cache.score_matrix(np.array([2]), np.array([0]))
-    with pytest.raises(NotFound, match=r"unknown peer ids: 100, 101, .*109, \.\.\. \(30 of 30"):
+    with pytest.raises(NotFound, match=r"^peer_ids: unknown peer ids: 100, 101, .*109, \.\.\. \(30 of 30"):
         cache.lookup("peer", np.arange(100, 130))
     cache.lookup("peer", np.array([3, 3]))
     stats = cache.stats()

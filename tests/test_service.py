@@ -411,7 +411,7 @@ BAD_INPUTS = [
     ("upsert-no-ids", "UpsertEmbeddings", pb.UpsertEmbeddingsRequest(kind=pb.PEER, features=tensor(GOOD_PEERS)), INVALID, ["ids", "empty"]),
     ("upsert-nan", "UpsertEmbeddings", pb.UpsertEmbeddingsRequest(kind=pb.PEER, ids=[1, 2, 3, 4], features=tensor(NAN_PEERS)), INVALID, ["features[2, 5]", "nan"]),
     ("upsert-duplicate-ids", "UpsertEmbeddings", pb.UpsertEmbeddingsRequest(kind=pb.PEER, ids=[5, 6, 5, 7], features=tensor(GOOD_PEERS)), INVALID, ["5"]),
-    ("by-ids-unknown", "ScoreByIds", pb.ScoreByIdsRequest(user_id=123456, peer_ids=[1]), NOT_FOUND, ["user", "123456"]),
+    ("by-ids-unknown", "ScoreByIds", pb.ScoreByIdsRequest(user_id=123456, peer_ids=[1]), NOT_FOUND, ["user_id", "123456"]),
     ("by-ids-empty", "ScoreByIds", pb.ScoreByIdsRequest(user_id=1), INVALID, ["peer_ids", "empty"]),
     ("by-ids-too-many", "ScoreByIds", pb.ScoreByIdsRequest(user_id=1, peer_ids=list(range(MAX_PEERS + 1))), INVALID, ["peer_ids", "max_peers"]),
     ("matrix-no-users", "ScoreMatrix", pb.ScoreMatrixRequest(peer_ids=[1]), INVALID, ["user_ids", "empty"]),
