@@ -29,7 +29,7 @@ install() {
   local extras=$1 stamp="$VENV/.installed-$1"
   if current "$stamp"; then return; fi
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-  echo "run.sh: installing neuronserve${extras:+[$extras]} into $VENV (first run only)" >&2
+  echo "run.sh: installing neuronserve${extras:+[$extras]} into $VENV (new, or its build inputs changed)" >&2
   "$VENV/bin/python" -m pip install -q --upgrade pip >&2
   # The CPU build of torch, pinned: an unpinned torch pulls gigabytes of CUDA packages.
   # (On an Inf1 image, torch 1.13.1 + torch-neuron are already installed and satisfy the range.)

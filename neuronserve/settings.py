@@ -284,7 +284,12 @@ SETTINGS: tuple[_Setting, ...] = (
         'JSON spec of an experiment between two versions of --model-repository, e.g. {"design": "ab", "control": 1, "candidate": 2, "share": 0.1} or {"design": "switchback", "control": 1, "candidate": 2, "seed": 7, "window_s": 1800, "burn_in_s": 300, "start": UNIX_S}; requests naming no version are routed by it (docs/lifecycle.md)',
     ),
     _Setting("max_queue_delay_ms", _number, "MS", "batching delay bound from the oldest queued request"),
-    _Setting("max_queue_rows", _integer, "ROWS", "queue bound in rows (memory); past it RESOURCE_EXHAUSTED at once"),
+    _Setting(
+        "max_queue_rows",
+        _integer,
+        "ROWS",
+        "queue bound in rows (memory); past it RESOURCE_EXHAUSTED at once (one request above it: INVALID_ARGUMENT)",
+    ),
     _Setting(
         "max_queue_wait_ms",
         _number,
