@@ -133,9 +133,14 @@ def with_one_cpu_batching(config: ServerConfig, usable_cpus: int) -> ServerConfi
     from neuronserve.worker_plan import lane_batching
 
     backend = config.backend if config.artifact is None else resolved_backend(config)
+    config = lane_batching(dataclasses.replace(config, backend=backend))
     if backend == "cpu":
-        log.info("one usable CPU: batches form in a lane, one in flight (--inline-below 0 --max-in-flight-batches 1)")
-    return lane_batching(dataclasses.replace(config, backend=backend))
+        log.info(
+            "one usable CPU: batches form in a lane when one is in flight (here --inline-below %g --max-in-flight-batches %s)",
+            config.inline_below,
+            config.batching.max_in_flight_batches,
+        )
+    return config
 
 
 def configure_logging(prefix: str = "") -> None:

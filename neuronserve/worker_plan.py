@@ -66,11 +66,11 @@ def member_config(config: ServerConfig, plan: WorkerPlan) -> ServerConfig:
 
 def lane_batching(config: ServerConfig) -> ServerConfig:
     """Unless set, --inline-below 0 (config.INLINE_BELOW says why) and, on the cpu backend, one batch in
-    flight: a batch lane (docs/pipeline.md). For a serving process whose event loop shares its CPUs, a
-    pool's worker or one process with one usable CPU (serve.py): the next batch forms while the running one
-    has the CPU, so it is bigger. `config.backend` is resolved."""
+    flight per executor (core group), not two: with one, a batch lane (docs/pipeline.md). For a serving
+    process whose event loop shares its CPUs, a pool's worker or one process with one usable CPU (serve.py):
+    the next batch forms while the running one has the CPU, so it is bigger. `config.backend` is resolved."""
     batching = config.batching
     if config.backend == "cpu" and batching.max_in_flight_batches is None:
-        batching = dataclasses.replace(batching, max_in_flight_batches=1)
+        batching = dataclasses.replace(batching, max_in_flight_batches=config.cores or 1)
     inline_below = 0.0 if config.inline_below is None else config.inline_below
     return dataclasses.replace(config, inline_below=inline_below, batching=batching)

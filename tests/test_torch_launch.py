@@ -337,7 +337,7 @@ def test_run_now_runs_at_once_only_while_the_launcher_is_idle_and_inline(fork):
 def test_a_pools_workers_run_no_batch_inline_and_one_in_flight_unless_set(small_artifact):
     """A pool's event loops share the CPUs: each worker's own CPU reading stays under the switch while it
     is the bottleneck, so a worker defaults to --inline-below 0, and to one batch in flight (bigger
-    batches); values the operator gave reach every worker."""
+    batches), one per executor where it has several; values the operator gave reach every worker."""
     import dataclasses
 
     from neuronserve.config import BatchingConfig, CoreGroup, ServerConfig
@@ -350,6 +350,8 @@ def test_a_pools_workers_run_no_batch_inline_and_one_in_flight_unless_set(small_
     assert worker.batching.max_in_flight_batches == 1 and config.batching.max_in_flight_batches is None
     device = member_config(dataclasses.replace(config, backend="sim"), plan)  # two in flight per core stay
     assert device.batching.max_in_flight_batches is None
+    bigger = member_config(config, WorkerPlan(1, CoreGroup(0, 3)))  # a bigger host: one in flight per executor
+    assert bigger.batching.max_in_flight_batches == 3
     given = ServerConfig(
         artifact=str(small_artifact.directory),
         workers=2,
