@@ -38,11 +38,11 @@ def test_a_loop_blocked_in_a_callback_is_noticed_by_the_thread_and_a_turning_loo
         stalls.append(silent_s)
         unblock.set()
 
-    dog = LoopWatchdog(0.4, on_stall=on_stall)
+    dog = LoopWatchdog(1.0, on_stall=on_stall)  # a busy host's scheduling pauses stay well under it
 
     async def main() -> None:
         dog.arm()
-        for _ in range(12):  # 1.2 s of a turning loop: beats keep it quiet
+        for _ in range(15):  # 1.5 s of a turning loop, longer than the timeout: beats keep it quiet
             await asyncio.sleep(0.1)
         assert stalls == []
         unblock.wait(20.0)  # the loop stops turning until the watchdog tells
@@ -51,4 +51,4 @@ def test_a_loop_blocked_in_a_callback_is_noticed_by_the_thread_and_a_turning_loo
         asyncio.run(main())
     finally:
         dog.stop()
-    assert len(stalls) == 1 and stalls[0] > 0.4
+    assert len(stalls) == 1 and stalls[0] > 1.0
