@@ -346,9 +346,10 @@ class EmbeddingCache:
     def lookup(self, kind: str, ids: np.ndarray) -> np.ndarray:
         """Cached vectors float32 [N, K, D] for `ids` (in their order); unknown ids -> NotFound naming them."""
         check_kind(kind)
-        ids, k = check_ids(ids, f"{kind}_ids"), KINDS.index(kind)
+        field = f"{kind}_ids"
+        ids, k = check_ids(ids, field), KINDS.index(kind)
         rows, found = self._read(lambda mem, state: self._gather(mem, state, k, ids))
-        self._count(f"{kind}_ids", kind, ids, found)
+        self._count(field, kind, ids, found)
         assert rows is not None
         return rows
 
@@ -393,8 +394,8 @@ class EmbeddingCache:
 
     def score_matrix(self, user_ids: np.ndarray, peer_ids: np.ndarray) -> np.ndarray:
         """Scores float32 [N, M, K] of N cached users x M cached peers: per label one matmul U_k @ P_k^T + b_k."""
-        fields = ("user_ids", "peer_ids")
-        users, peers, bias = self._gather_pair(check_ids(user_ids, fields[0]), check_ids(peer_ids, fields[1]), fields)
+        user_ids, peer_ids = check_ids(user_ids, "user_ids"), check_ids(peer_ids, "peer_ids")
+        users, peers, bias = self._gather_pair(user_ids, peer_ids, ("user_ids", "peer_ids"))
         scores = np.matmul(
             np.ascontiguousarray(users.transpose(1, 0, 2)), np.ascontiguousarray(peers.transpose(1, 2, 0))
         )  # [K, N, M]

@@ -1,8 +1,8 @@
 """OIP ModelStatistics summed over a pool's workers (Triton's statistics extension for `--workers N`).
 
 The worker that receives a ModelStatistics call adds the other live workers' counters to its own: it asks
-each on its Unix socket (PoolShared.local_address) with the header SCOPE_HEADER=worker (answered from that worker's counters alone)
-and sums: counts and durations add, last_inference is the latest. A worker that does not answer within
+each on its Unix socket (PoolShared.local_address) with the header SCOPE_HEADER=worker (answered from that
+worker's counters alone) and sums: counts and durations add, last_inference is the latest. A worker that does not answer within
 PEER_TIMEOUT_S (dying, being replaced) is left out of that answer, and the log says so.
 """
 
